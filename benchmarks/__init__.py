@@ -1,0 +1,1 @@
+"""Measurement: perplexity now; latency, memory and the benchmark runner as they land."""

@@ -1,0 +1,81 @@
+"""Perplexity exactly as BENCHMARK_PROTOCOL.md defines it.
+
+Non-overlapping windows of ``seq_len`` tokens cut from the start of the token stream (a partial
+last window is dropped); perplexity is ``exp(mean next-token NLL)`` over every predicted token of
+those windows (``seq_len - 1`` per window), in float32, eval mode, no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from surgeon.errors import SurgeonError
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    nll: float  # mean next-token negative log-likelihood (nats)
+    tokens: int  # predicted tokens
+    windows: int
+    seq_len: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows ``[W, seq_len]`` from the start of ``ids`` (first ``max_windows``)."""
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise SurgeonError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    count = available if max_windows is None else min(max_windows, available)
+    return ids[: count * seq_len].reshape(count, seq_len)
+
+
+@torch.inference_mode()
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    *,
+    seq_len: int = 512,
+    max_windows: int | None = 64,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Perplexity:
+    """Perplexity of ``model`` on the token stream ``ids`` ``[N]``.
+
+    Args:
+        ids: token ids ``[N]`` (long) of the whole evaluation text.
+        max_windows: evaluate the first this many windows; ``None`` for all (``--full``).
+        batch_size: windows per forward pass; changes speed and memory, not the result.
+
+    Example:
+        >>> perplexity(model, ids, max_windows=2).perplexity  # doctest: +SKIP
+    """
+    windows = eval_windows(ids, seq_len, max_windows)
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll = 0.0  # accumulated in Python float (double precision) over all windows
+    total_tokens = 0
+    bar = tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=not progress, leave=False)
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(device)  # [B, T]
+        logits = model(input_ids=batch, use_cache=False).logits.float()  # [B, T, V]
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        if not torch.isfinite(nll):
+            raise FloatingPointError("non-finite loss during perplexity evaluation")
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+        bar.update(batch.shape[0])
+    bar.close()
+    mean = total_nll / total_tokens
+    return Perplexity(math.exp(mean), mean, total_tokens, windows.shape[0], seq_len)

@@ -1,0 +1,35 @@
+"""Second moment of a linear layer's inputs, accumulated over streamed calibration batches.
+
+``A = (1/N) sum_t x_t x_t^T`` over all N calibration tokens (ALGORITHMS.md, notation). The same
+statistic serves SparseGPT (its Hessian is ``2 N A`` up to scale), Wanda (``||x_j||_2^2 = N A_jj``)
+and the input factor of LLM Surgeon's Kronecker curvature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SecondMoment:
+    """Running ``sum x x^T`` and token count; ``finalize()`` returns the mean ``A``.
+
+    Accumulates in float64 so that summing many batches of float32 activations loses nothing.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of vectors ``x`` of shape ``[..., dim]``."""
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # [tokens, dim]
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("non-finite values in calibration activations")
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """Mean second moment ``A`` of shape ``[dim, dim]`` (float64)."""
+        if self.count == 0:
+            raise ValueError("no calibration tokens were accumulated")
+        return self.sum / self.count

