@@ -39,6 +39,15 @@ class Adapter:
             f"{m}.{self.gate}", f"{m}.{self.up}", f"{m}.{self.down}",
         )
 
+    @property
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Linears of one layer that read the same input tensor (one input statistic serves each group)."""
+        a, m = self.attn, self.mlp
+        return (
+            (f"{a}.{self.q}", f"{a}.{self.k}", f"{a}.{self.v}"), (f"{a}.{self.o}",),
+            (f"{m}.{self.gate}", f"{m}.{self.up}"), (f"{m}.{self.down}",),
+        )
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The model's list of decoder layers."""
         return model.get_submodule(self.layers)  # type: ignore[return-value]

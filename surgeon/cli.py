@@ -104,6 +104,80 @@ def eval_cmd(
     ])
 
 
+@app.command("prune")
+def prune_cmd(
+    model: ModelArg = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned checkpoint here.")] = None,
+    method: Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt.")] = "sparsegpt",
+    sparsity: Annotated[Optional[float], typer.Option(help="Unstructured: fraction of each linear's weights to remove.")] = None,
+    pattern: Annotated[Optional[str], typer.Option(help="Semi-structured KEPT:BLOCK, e.g. 2:4.")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
+    calib_text: Annotated[Optional[Path], typer.Option(help="Calibrate on this text file.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for calibration window offsets.")] = 0,
+    true_sequential: Annotated[bool, typer.Option(help="Re-collect inputs after each group of linears.")] = False,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
+    data_dir: DataDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    threads: Threads = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Prune a model layer by layer (magnitude, Wanda, SparseGPT), optionally save and evaluate it."""
+    from benchmarks.env import environment
+    from benchmarks.metrics import perplexity
+    from export.checkpoint import prepare_target, save_checkpoint
+    from surgeon.data import calibration_windows, eval_tokens
+    from surgeon.driver import PRUNERS, PruneConfig, check_targets, prune_sequential_
+    from surgeon.loading import load_model
+    from surgeon.prune.patterns import NMPattern, check_sparsity
+
+    _setup(quiet, threads)
+    if method not in PRUNERS:
+        raise SurgeonError(f"unknown method {method!r}; choose one of {', '.join(PRUNERS)}")
+    if (sparsity is None) == (pattern is None):
+        raise SurgeonError("give exactly one of --sparsity (unstructured) or --pattern (e.g. 2:4)")
+    if calib_samples < 1:
+        raise SurgeonError(f"--calib-samples must be at least 1, got {calib_samples}")
+    cfg = PruneConfig(
+        method=method,  # type: ignore[arg-type]
+        sparsity=check_sparsity(sparsity) if sparsity is not None else None,
+        pattern=NMPattern.parse(pattern) if pattern is not None else None,
+        true_sequential=true_sequential,
+    )
+    if out is not None:
+        prepare_target(out, force)
+    lm = load_model(model)
+    check_targets(lm.model, lm.adapter, cfg)
+    windows = None
+    calib_origin = None
+    if method != "magnitude":
+        calib = calibration_windows(
+            lm.model, lm.tokenizer, n=calib_samples, seq_len=seq_len, seed=seed, text_file=calib_text, data_dir=data_dir
+        )
+        windows, calib_origin = calib.ids, calib.origin
+    report = prune_sequential_(lm.model, lm.adapter, windows, cfg, progress=not quiet)
+    payload = {"model": lm.source, "calibration": calib_origin, **report.to_dict()}
+    payload.pop("layers")
+    if evaluate:
+        tokens = eval_tokens(lm.tokenizer, None, data_dir)
+        payload["perplexity"] = perplexity(lm.model, tokens.ids, seq_len=seq_len, progress=not quiet).to_dict()
+    if out is not None:
+        full = {**payload, "layers": report.layers}
+        written = save_checkpoint(
+            lm.model, lm.tokenizer, out, full, list(lm.adapter.decoder_linears(lm.model)), force=force
+        )
+        payload.update(out=str(out), saved_sparsity=written["saved_sparsity"], bytes_on_disk=written["bytes_on_disk"])
+    payload["environment"] = environment()
+    lines = [f"{method} {cfg.pattern or f'{cfg.sparsity:.0%}'}: decoder-linear sparsity {report.sparsity:.2%}, "
+             f"pruned in {report.seconds:.0f} s"]
+    if evaluate:
+        lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")
+    if out is not None:
+        lines.append(f"saved to {out} (sparsity counted in the saved tensors: {payload['saved_sparsity']:.2%})")
+    _emit(payload, as_json, lines)
+
+
 @app.command("info")
 def info_cmd(model: ModelArg = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """Architecture, shapes, parameter counts and measured zeros of a model."""

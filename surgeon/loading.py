@@ -173,7 +173,7 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object
     adapter = get_adapter(config["model_type"])
     for f in weight_files(directory):
         check_safetensors(f)
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
                 directory,
@@ -248,7 +248,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             loaded = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
@@ -268,7 +268,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     clean.tie_weights()
     clean.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    with _quiet_transformers():
+    with quiet_transformers():
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True)
     for name, tensor in reloaded.state_dict().items():
         if not torch.equal(tensor, state[name]):
@@ -276,7 +276,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' progress bars and info logs around a load."""
     from transformers.utils import logging as hf_logging
 

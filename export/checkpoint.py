@@ -1,0 +1,96 @@
+"""Write a pruned model as a Hugging Face checkpoint directory, atomically.
+
+The directory holds ``config.json``, safetensors weights, the tokenizer files and
+``surgeon_report.json`` (what was pruned, how, and the zeros counted in the saved tensors). It is
+built in a temporary sibling directory and renamed into place, so an interrupted write never leaves
+a half-written checkpoint at the target path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from surgeon.errors import SurgeonError
+from surgeon.loading import quiet_transformers
+
+REPORT_FILE = "surgeon_report.json"
+REPORT_VERSION = 1
+
+
+def prepare_target(out: Path, force: bool) -> None:
+    """Refuse to overwrite a non-empty directory (or a file) unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise SurgeonError(f"output path exists and is not a directory: {out}")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise SurgeonError(f"output directory is not empty: {out} (use --force to replace it)")
+
+
+def count_saved_zeros(directory: Path, names: list[str]) -> dict[str, int]:
+    """Zeros of the named weight tensors as stored in the directory's safetensors files."""
+    zeros: dict[str, int] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                base = key.removesuffix(".weight")
+                if base in names:
+                    zeros[base] = int((f.get_tensor(key) == 0).sum())
+    return zeros
+
+
+def write_atomically(out: Path, force: bool, fill: Callable[[Path], None]) -> None:
+    """Create ``out`` by letting ``fill`` write into a temporary sibling directory, then renaming."""
+    out = out.expanduser()
+    prepare_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        fill(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    model: nn.Module, tokenizer: object, out: Path, report: dict, linear_names: list[str], *, force: bool = False
+) -> dict:
+    """Save ``model`` and ``tokenizer`` to ``out`` with a report; returns the report as written.
+
+    The report's ``saved_zeros`` and ``saved_sparsity`` are counted in the written tensors, not
+    taken from the pruner's word.
+    """
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+        zeros = count_saved_zeros(tmp, linear_names)
+        missing = set(linear_names) - set(zeros)
+        if missing:
+            raise RuntimeError(f"saved checkpoint lacks {sorted(missing)[0]}")
+        numel = sum(model.get_submodule(n).weight.numel() for n in linear_names)
+        report.update(
+            format_version=REPORT_VERSION,
+            saved_zeros=sum(zeros.values()),
+            saved_decoder_linear_params=numel,
+            saved_sparsity=sum(zeros.values()) / numel,
+            bytes_on_disk=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+        )
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+
+    with torch.no_grad(), quiet_transformers():
+        write_atomically(out, force, fill)
+    return report
