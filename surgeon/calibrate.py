@@ -3,19 +3,23 @@
 The sequential driver needs three things from a forward pass: the inputs of decoder layer 0
 (captured with a pre-hook that stops the pass with :class:`StopForward`, a dedicated exception),
 the outputs of one layer given its inputs (:func:`run_layer`), and the second moments of the inputs
-of each linear inside a layer (:func:`input_moments`).
+of each linear inside a layer (:func:`input_moments`). LLM Surgeon needs the Kronecker factors of
+every linear from forward and backward passes of the whole model (:func:`kfac_factors`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from surgeon.adapters import Adapter
 from surgeon.curvature.activations import SecondMoment
+from surgeon.curvature.kfac import KronFactor
 
 
 class StopForward(Exception):
@@ -94,3 +98,86 @@ def input_moments(
         for h in handles:
             h.remove()
     return moments
+
+
+FisherKind = Literal["empirical", "true"]
+
+
+def kfac_factors(
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    fisher: FisherKind = "empirical",
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, KronFactor]:
+    """Kronecker factors ``A`` (inputs) and ``G`` (output gradients) of every decoder linear.
+
+    Real forward and backward passes of the language-model loss over ``windows`` ``[N, T]``
+    (ALGORITHMS.md, notation). The loss is the *sum* of next-token NLLs, so each token's output
+    gradient enters ``G`` at the same scale in every layer. ``fisher="empirical"`` uses the data's
+    next tokens as labels; ``"true"`` samples labels from the model's own predictive distribution.
+    Memory is ``O(d_in² + d_out²)`` per linear; batches stream. Linears sharing an input share one
+    ``A`` tensor.
+
+    Returns:
+        ``{module name: KronFactor(A [d_in, d_in], G [d_out, d_out])}``, float64 means per token.
+    """
+    linears = adapter.decoder_linears(model)
+    A_acc: dict[str, SecondMoment] = {}
+    G_acc = {name: SecondMoment(m.out_features, device=m.weight.device) for name, m in linears.items()}
+    handles = []
+    for name, module in linears.items():
+        handles.append(module.register_full_backward_hook(
+            lambda _m, _gin, gout, acc=G_acc[name]: acc.update(gout[0])
+        ))
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for group in adapter.input_groups:
+            lead = layer.get_submodule(group[0])
+            acc = SecondMoment(lead.in_features, device=lead.weight.device)
+            for member in group:
+                A_acc[f"{adapter.layers}.{index}.{member}"] = acc
+            handles.append(lead.register_forward_hook(lambda _m, args, _out, acc=acc: acc.update(args[0])))
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # Gradients must flow through the linears' outputs, not into the weights: make the
+    # embeddings' output require grad so autograd builds the graph without weight gradients.
+    embed = model.get_input_embeddings()
+    handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+    try:
+        starts = range(0, windows.shape[0], batch_size)
+        for start in tqdm(starts, desc=f"K-FAC ({fisher} Fisher)", unit="batch", disable=not progress):
+            batch = windows[start : start + batch_size].to(device)  # [B, T]
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]  # [B, T-1, V]
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()  # the loss in at least float32
+            if fisher == "empirical":
+                labels = batch[:, 1:]
+            else:
+                probs = torch.softmax(logits.detach(), dim=-1).reshape(-1, logits.shape[-1]).cpu()
+                labels = torch.multinomial(probs, 1, generator=gen).reshape(batch.shape[0], -1).to(device)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss while estimating curvature")
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    finalized: dict[int, torch.Tensor] = {}
+    factors: dict[str, KronFactor] = {}
+    for name in linears:
+        acc = A_acc[name]
+        if id(acc) not in finalized:
+            finalized[id(acc)] = acc.finalize()
+        factors[name] = KronFactor(A=finalized[id(acc)], G=G_acc[name].finalize())
+    return factors

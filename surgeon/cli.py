@@ -50,6 +50,11 @@ def _setup(quiet: bool, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SurgeonError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -108,10 +113,15 @@ def eval_cmd(
 def prune_cmd(
     model: ModelArg = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned checkpoint here.")] = None,
-    method: Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt.")] = "sparsegpt",
+    method: Annotated[str, typer.Option(help="surgeon (LLM Surgeon), sparsegpt, wanda or magnitude.")] = "sparsegpt",
     sparsity: Annotated[Optional[float], typer.Option(help="Unstructured: fraction of each linear's weights to remove.")] = None,
     pattern: Annotated[Optional[str], typer.Option(help="Semi-structured KEPT:BLOCK, e.g. 2:4.")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
+    calib_samples: Annotated[Optional[int], typer.Option(help="Calibration windows (default 64; 16 for surgeon).")] = None,
+    shots: Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")] = 3,
+    allocation: Annotated[str, typer.Option(help="surgeon: global (compare costs across layers) or uniform.")] = "global",
+    correlation: Annotated[str, typer.Option(help="surgeon: rows (correlated updates across rows) or none.")] = "rows",
+    fisher: Annotated[str, typer.Option(help="surgeon: empirical or true Fisher.")] = "empirical",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="surgeon: save state after every shot here; rerun to resume.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
     calib_text: Annotated[Optional[Path], typer.Option(help="Calibrate on this text file.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for calibration window offsets.")] = 0,
@@ -123,40 +133,58 @@ def prune_cmd(
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Prune a model layer by layer (magnitude, Wanda, SparseGPT), optionally save and evaluate it."""
+    """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally save and evaluate it."""
     from benchmarks.env import environment
     from benchmarks.metrics import perplexity
     from export.checkpoint import prepare_target, save_checkpoint
     from surgeon.data import calibration_windows, eval_tokens
-    from surgeon.driver import PRUNERS, PruneConfig, check_targets, prune_sequential_
+    from surgeon.driver import PRUNERS, PruneConfig, prune_sequential_
+    from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
     from surgeon.loading import load_model
     from surgeon.prune.patterns import NMPattern, check_sparsity
 
     _setup(quiet, threads)
-    if method not in PRUNERS:
-        raise SurgeonError(f"unknown method {method!r}; choose one of {', '.join(PRUNERS)}")
+    methods = (*PRUNERS, "surgeon")
+    if method not in methods:
+        raise SurgeonError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
     if (sparsity is None) == (pattern is None):
         raise SurgeonError("give exactly one of --sparsity (unstructured) or --pattern (e.g. 2:4)")
-    if calib_samples < 1:
-        raise SurgeonError(f"--calib-samples must be at least 1, got {calib_samples}")
-    cfg = PruneConfig(
-        method=method,  # type: ignore[arg-type]
-        sparsity=check_sparsity(sparsity) if sparsity is not None else None,
-        pattern=NMPattern.parse(pattern) if pattern is not None else None,
-        true_sequential=true_sequential,
-    )
+    _choice("--allocation", allocation, ("global", "uniform"))
+    _choice("--correlation", correlation, ("rows", "none"))
+    _choice("--fisher", fisher, ("empirical", "true"))
+    n_calib = calib_samples if calib_samples is not None else (16 if method == "surgeon" else 64)
+    if n_calib < 1:
+        raise SurgeonError(f"--calib-samples must be at least 1, got {n_calib}")
+    target_sparsity = check_sparsity(sparsity) if sparsity is not None else None
+    target_pattern = NMPattern.parse(pattern) if pattern is not None else None
+    cfg: PruneConfig | SurgeonConfig
+    if method == "surgeon":
+        cfg = SurgeonConfig(
+            sparsity=target_sparsity, pattern=target_pattern, shots=shots, allocation=allocation,  # type: ignore[arg-type]
+            correlation=correlation, fisher=fisher,  # type: ignore[arg-type]
+        )
+    else:
+        cfg = PruneConfig(
+            method=method, sparsity=target_sparsity, pattern=target_pattern,  # type: ignore[arg-type]
+            true_sequential=true_sequential,
+        )
     if out is not None:
         prepare_target(out, force)
     lm = load_model(model)
-    check_targets(lm.model, lm.adapter, cfg)
+    if target_pattern is not None:
+        for name, linear in lm.adapter.decoder_linears(lm.model).items():
+            target_pattern.check_shape(linear.in_features, name)
     windows = None
     calib_origin = None
     if method != "magnitude":
         calib = calibration_windows(
-            lm.model, lm.tokenizer, n=calib_samples, seq_len=seq_len, seed=seed, text_file=calib_text, data_dir=data_dir
+            lm.model, lm.tokenizer, n=n_calib, seq_len=seq_len, seed=seed, text_file=calib_text, data_dir=data_dir
         )
         windows, calib_origin = calib.ids, calib.origin
-    report = prune_sequential_(lm.model, lm.adapter, windows, cfg, progress=not quiet)
+    if isinstance(cfg, SurgeonConfig):
+        report = prune_surgeon_(lm.model, lm.adapter, windows, cfg, checkpoint_dir=checkpoint, progress=not quiet)
+    else:
+        report = prune_sequential_(lm.model, lm.adapter, windows, cfg, progress=not quiet)
     payload = {"model": lm.source, "calibration": calib_origin, **report.to_dict()}
     payload.pop("layers")
     if evaluate:
@@ -169,7 +197,7 @@ def prune_cmd(
         )
         payload.update(out=str(out), saved_sparsity=written["saved_sparsity"], bytes_on_disk=written["bytes_on_disk"])
     payload["environment"] = environment()
-    lines = [f"{method} {cfg.pattern or f'{cfg.sparsity:.0%}'}: decoder-linear sparsity {report.sparsity:.2%}, "
+    lines = [f"{method} {target_pattern or f'{target_sparsity:.0%}'}: decoder-linear sparsity {report.sparsity:.2%}, "
              f"pruned in {report.seconds:.0f} s"]
     if evaluate:
         lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")
@@ -208,6 +236,60 @@ def info_cmd(model: ModelArg = None, quiet: Quiet = False, as_json: AsJson = Fal
         f"({zeros:.4%} zeros)",
         f"weights: {lm.path}",
     ])
+
+
+@app.command("bench")
+def bench_cmd(
+    models: Annotated[Optional[list[str]], typer.Argument(
+        help="Models as [LABEL=]PATH (or 'default'); the first is the baseline of every ratio.")] = None,
+    backend: Annotated[Optional[list[str]], typer.Option(help="Backend for all models, or once per model.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    prefill: Annotated[str, typer.Option(help="Prefill cells BATCHxLENGTH, comma-separated ('none' to skip).")] = "1x128,8x512",
+    decode: Annotated[str, typer.Option(help="Decode batch sizes, comma-separated ('none' to skip).")] = "1,8",
+    new_tokens: Annotated[int, typer.Option(help="Timed greedy decode steps per repetition.")] = 128,
+    prompt_len: Annotated[int, typer.Option(help="Synthetic prompt length before decoding.")] = 128,
+    repeat: Annotated[int, typer.Option(help="Timed repetitions per cell (at least 5).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up repetitions per cell.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic prompts.")] = 0,
+    ppl_windows: Annotated[int, typer.Option(help="Perplexity on the first N windows.")] = 64,
+    ppl_seq_len: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 512,
+    no_ppl: Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity.")] = False,
+    text: Annotated[Optional[Path], typer.Option(help="Perplexity on this text file instead of WikiText-2 test.")] = None,
+    data_dir: DataDir = None,
+    isolation: Annotated[str, typer.Option(help="process (one worker per model) or inline.")] = "process",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Result JSON; .md and .png files go beside it.")] = Path("benchmark.json"),
+    baseline: Annotated[Optional[Path], typer.Option(help="Stored result JSON to gate against (exit 1 on regression).")] = None,
+    max_regression: Annotated[str, typer.Option(help="Allowed worsening per gated metric, e.g. 5% or 0.05.")] = "5%",
+    threads: Threads = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Perplexity, prefill latency, decode tokens/s, memory and size of models; ratios to the first."""
+    import torch
+
+    from benchmarks.gate import gate_table, parse_tolerance
+    from benchmarks.report import markdown
+    from benchmarks.run import BenchConfig, PplConfig, bench, parse_batches, parse_models, parse_prefill, resolve_device
+
+    _setup(quiet, threads)
+    _choice("--isolation", isolation, ("process", "inline"))
+    tolerance = parse_tolerance(max_regression)
+    ppl = None if no_ppl else PplConfig(windows=ppl_windows, seq_len=ppl_seq_len, text=str(text) if text else None,
+                                        data_dir=str(data_dir) if data_dir else None)
+    cfg = BenchConfig(
+        models=parse_models(models or ["default"], backend or ["torch"]), device=resolve_device(device),
+        threads=torch.get_num_threads(), prefill=parse_prefill(prefill), decode=parse_batches(decode),
+        prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, warmup=warmup, seed=seed, ppl=ppl,
+        isolation=isolation, progress=not quiet,  # type: ignore[arg-type]
+    )
+    result = bench(cfg, out, baseline, tolerance)
+    written = ", ".join([str(out), result["outputs"]["markdown"], *result["outputs"]["plots"]])
+    _emit(result, as_json, [markdown(result), f"written: {written}"])  # markdown holds any gate table
+    gate = result["gate"]
+    if gate is not None and not gate["passed"]:
+        if as_json:
+            typer.echo(gate_table(gate), err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,273 @@
+"""LLM Surgeon: multi-shot pruning with Kronecker-factored curvature and global allocation.
+
+van der Ouderaa et al., "The LLM Surgeon", ICLR 2024 (arXiv 2312.17244); ALGORITHMS.md. Every shot:
+
+1. estimate ``A`` and ``G`` of every decoder linear on the current (already pruned and updated)
+   model with forward and backward passes of the LM loss (:func:`surgeon.calibrate.kfac_factors`);
+2. rescale, damp and invert the factors (:func:`surgeon.curvature.kfac.prepare`);
+3. compute every candidate's removal cost ``ΔL`` (elements, or coupled structures), compare them
+   across all layers, and remove the cheapest until this shot's target (linear schedule);
+4. apply the correlated weight update for what was removed and freeze the masks.
+
+Targets: unstructured (fraction of the decoder-linear weights), N:M (2:4), structured (coupled
+MLP channels and attention heads; :mod:`surgeon.structures`), and structured followed by N:M.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from surgeon.adapters import Adapter
+from surgeon.calibrate import FisherKind, kfac_factors
+from surgeon.curvature.kfac import DampedKron, prepare
+from surgeon.errors import SurgeonError
+from surgeon.prune.costs import element_costs
+from surgeon.prune.patterns import NMPattern, check_sparsity
+from surgeon.prune.update import Correlation, update_masked
+
+log = logging.getLogger(__name__)
+
+Allocation = Literal["global", "uniform"]
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class SurgeonConfig:
+    """Settings of one LLM Surgeon run. Give ``sparsity`` or ``pattern`` (or both: not allowed)."""
+
+    sparsity: float | None = None  # unstructured: fraction of decoder-linear weights removed
+    pattern: NMPattern | None = None  # semi-structured N:M
+    shots: int = 3
+    allocation: Allocation = "global"  # compare costs across layers, or the same fraction per linear
+    max_layer_sparsity: float = 0.9  # the per-layer floor of global allocation
+    lam_A: float = 0.01
+    lam_G: float = 0.1  # a larger G damping helps for unstructured and N:M (ALGORITHMS.md)
+    correlation: Correlation = "rows"
+    fisher: FisherKind = "empirical"
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if (self.sparsity is None) == (self.pattern is None):
+            raise SurgeonError("LLM Surgeon needs exactly one target: a sparsity or an N:M pattern")
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity)
+        if self.shots < 1:
+            raise SurgeonError(f"shots must be at least 1, got {self.shots}")
+        if self.sparsity is not None and self.allocation == "global" and self.sparsity > self.max_layer_sparsity:
+            raise SurgeonError(
+                f"sparsity {self.sparsity} exceeds the per-layer ceiling {self.max_layer_sparsity}"
+            )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["pattern"] = str(self.pattern) if self.pattern else None
+        return d
+
+    def shot_targets(self) -> list[float | NMPattern]:
+        """This run's target after each shot: a linear schedule of sparsity (or zeros per block)."""
+        if self.pattern is not None:
+            n = self.pattern.n_zero
+            zeros = sorted({max(1, round(n * k / self.shots)) for k in range(1, self.shots + 1)})
+            return [NMPattern(z, self.pattern.block) for z in zeros]
+        assert self.sparsity is not None
+        return [self.sparsity * k / self.shots for k in range(1, self.shots + 1)]
+
+
+@dataclass
+class SurgeonReport:
+    config: dict
+    shots: list[dict] = field(default_factory=list)
+    layers: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def sparsity(self) -> float:
+        total = sum(v["numel"] for v in self.layers.values())
+        return sum(v["zeros"] for v in self.layers.values()) / total
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "sparsity": self.sparsity, "seconds": self.seconds,
+                "shots": self.shots, "layers": self.layers}
+
+
+def global_keep_masks(
+    costs: dict[str, torch.Tensor], fraction: float, max_layer_fraction: float
+) -> dict[str, torch.Tensor]:
+    """Remove the cheapest ``fraction`` of all weights across layers, at most ``max_layer_fraction`` of any one.
+
+    Costs are comparable across layers (all estimate the same loss increase). Layers that would
+    exceed the ceiling are capped at it, and their excess is re-allocated to the others by
+    repeating the threshold search over the remaining layers.
+    """
+    total = sum(c.numel() for c in costs.values())
+    budget = round(fraction * total)
+    capped: dict[str, int] = {}
+    while True:
+        free = {n: c for n, c in costs.items() if n not in capped}
+        need = budget - sum(capped.values())
+        flat = torch.cat([c.flatten().float() for c in free.values()])
+        if need <= 0:
+            threshold = -float("inf")
+        else:
+            threshold = float(flat.kthvalue(min(need, flat.numel())).values)
+        over = {
+            n: int(max_layer_fraction * c.numel())
+            for n, c in free.items()
+            if int((c <= threshold).sum()) > int(max_layer_fraction * c.numel())
+        }
+        if not over:
+            break
+        capped.update(over)
+        if len(capped) == len(costs):
+            raise SurgeonError("sparsity target cannot be met under the per-layer ceiling")
+    masks: dict[str, torch.Tensor] = {}
+    for n, c in costs.items():
+        if n in capped:
+            masks[n] = _keep_lowest_removed(c, capped[n])
+        else:
+            masks[n] = c > threshold
+    # Ties at the threshold can overshoot by a handful of weights; that is within one element per tie.
+    return masks
+
+
+def _keep_lowest_removed(costs: torch.Tensor, count: int) -> torch.Tensor:
+    keep = torch.ones(costs.numel(), dtype=torch.bool)
+    if count > 0:
+        keep[costs.flatten().topk(count, largest=False).indices] = False
+    return keep.view_as(costs)
+
+
+def _select(costs: dict[str, torch.Tensor], target: float | NMPattern, cfg: SurgeonConfig) -> dict[str, torch.Tensor]:
+    if isinstance(target, NMPattern):
+        return {n: target.mask_from_scores(c) for n, c in costs.items()}
+    if cfg.allocation == "global":
+        return global_keep_masks(costs, target, cfg.max_layer_sparsity)
+    return {n: _keep_lowest_removed(c, round(target * c.numel())) for n, c in costs.items()}
+
+
+def prune_surgeon_(
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    cfg: SurgeonConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+) -> SurgeonReport:
+    """Prune ``model`` in place with LLM Surgeon; returns the report (allocation per layer, shots).
+
+    Args:
+        windows: calibration token ids ``[N, T]``.
+        checkpoint_dir: if given, the state after every shot is saved there, and a run with the
+            same config resumes after the last completed shot instead of starting over.
+    """
+    linears = adapter.decoder_linears(model)
+    if cfg.pattern is not None:
+        for name, m in linears.items():
+            cfg.pattern.check_shape(m.in_features, name)
+    start = time.perf_counter()
+    report = SurgeonReport(config=cfg.to_dict())
+    keep = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in linears.items()}
+    targets = cfg.shot_targets()
+    first = 0
+    if checkpoint_dir is not None:
+        first, report.shots = _resume(checkpoint_dir, cfg, linears, keep)
+    for shot in range(first, len(targets)):
+        target = targets[shot]
+        t0 = time.perf_counter()
+        factors = kfac_factors(model, adapter, windows, batch_size=cfg.batch_size, fisher=cfg.fisher,
+                               progress=progress)
+        t_curv = time.perf_counter() - t0
+        damped: dict[str, DampedKron] = {}
+        costs: dict[str, torch.Tensor] = {}
+        for name, m in linears.items():
+            f = factors.pop(name)
+            damped[name] = prepare(f.A, f.G, cfg.lam_A, cfg.lam_G)
+            c = element_costs(m.weight.detach().double(), damped[name].A_inv, damped[name].G_inv)
+            costs[name] = torch.where(keep[name], c, -1.0)  # removed weights stay removed
+        del factors
+        new_keep = _select(costs, target, cfg)
+        del costs
+        with torch.no_grad():
+            for name, m in linears.items():
+                k = new_keep[name] & keep[name]
+                d = damped.pop(name)
+                W = update_masked(m.weight.double(), d.A_inv, d.G_inv, k, cfg.correlation)
+                if not torch.isfinite(W).all():
+                    raise FloatingPointError(f"non-finite weights after the update of {name}")
+                m.weight.copy_(W.to(m.weight.dtype))
+                keep[name] = k
+        removed = sum(int((~k).sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
+        report.shots.append({
+            "shot": shot + 1, "target": str(target) if isinstance(target, NMPattern) else target,
+            "sparsity": removed, "curvature_seconds": round(t_curv, 1),
+            "seconds": round(time.perf_counter() - t0, 1),
+        })
+        log.info("shot %d/%d: sparsity %.2f%% (%.0f s)", shot + 1, len(targets), 100 * removed,
+                 time.perf_counter() - t0)
+        if checkpoint_dir is not None:
+            _save_checkpoint(checkpoint_dir, cfg, shot + 1, report.shots, linears, keep)
+    for name, m in linears.items():
+        zeros = int((m.weight == 0).sum())
+        report.layers[name] = {"shape": list(m.weight.shape), "numel": m.weight.numel(), "zeros": zeros,
+                               "sparsity": zeros / m.weight.numel()}
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _save_checkpoint(
+    directory: Path, cfg: SurgeonConfig, shots_done: int, shots: list[dict],
+    linears: dict[str, nn.Linear], keep: dict[str, torch.Tensor],
+) -> None:
+    """Write weights, masks and progress after a shot; atomic (temp file, then rename)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{n}.weight": m.weight.detach().contiguous() for n, m in linears.items()}
+    tensors.update({f"{n}.keep": k.to(torch.uint8) for n, k in keep.items()})
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    save_file(tensors, tmp)
+    os.replace(tmp, directory / "state.safetensors")
+    meta = {"version": CHECKPOINT_VERSION, "config": cfg.to_dict(), "shots_done": shots_done, "shots": shots}
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, directory / "progress.json")
+
+
+def _resume(
+    directory: Path, cfg: SurgeonConfig, linears: dict[str, nn.Linear], keep: dict[str, torch.Tensor]
+) -> tuple[int, list[dict]]:
+    progress_file = directory / "progress.json"
+    if not progress_file.is_file():
+        return 0, []
+    try:
+        meta = json.loads(progress_file.read_text())
+        state = load_file(str(directory / "state.safetensors"))
+    except Exception as exc:  # a damaged checkpoint must not be half-applied
+        raise SurgeonError(f"cannot resume from {directory}: {exc}") from None
+    if meta.get("version") != CHECKPOINT_VERSION or meta.get("config") != cfg.to_dict():
+        raise SurgeonError(
+            f"checkpoint in {directory} was made with other settings; remove it or use the same options"
+        )
+    with torch.no_grad():
+        for name, m in linears.items():
+            m.weight.copy_(state[f"{name}.weight"])
+            keep[name] = state[f"{name}.keep"].bool()
+    log.info("resuming after shot %d from %s", meta["shots_done"], directory)
+    return int(meta["shots_done"]), list(meta["shots"])
+
+
+def clear_checkpoint(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
