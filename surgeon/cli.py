@@ -116,6 +116,7 @@ def prune_cmd(
     method: Annotated[str, typer.Option(help="surgeon (LLM Surgeon), sparsegpt, wanda or magnitude.")] = "sparsegpt",
     sparsity: Annotated[Optional[float], typer.Option(help="Unstructured: fraction of each linear's weights to remove.")] = None,
     pattern: Annotated[Optional[str], typer.Option(help="Semi-structured KEPT:BLOCK, e.g. 2:4.")] = None,
+    structured: Annotated[Optional[float], typer.Option(help="surgeon: structured, fraction of decoder-linear weights to keep (e.g. 0.7); combine with --pattern for structured then N:M.")] = None,
     calib_samples: Annotated[Optional[int], typer.Option(help="Calibration windows (default 64; 16 for surgeon).")] = None,
     shots: Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")] = 3,
     allocation: Annotated[str, typer.Option(help="surgeon: global (compare costs across layers) or uniform.")] = "global",
@@ -147,8 +148,10 @@ def prune_cmd(
     methods = (*PRUNERS, "surgeon")
     if method not in methods:
         raise SurgeonError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
-    if (sparsity is None) == (pattern is None):
-        raise SurgeonError("give exactly one of --sparsity (unstructured) or --pattern (e.g. 2:4)")
+    if structured is not None and method != "surgeon":
+        raise SurgeonError("--structured needs --method surgeon")
+    if structured is None and (sparsity is None) == (pattern is None):
+        raise SurgeonError("give exactly one of --sparsity (unstructured), --pattern (e.g. 2:4) or --structured")
     _choice("--allocation", allocation, ("global", "uniform"))
     _choice("--correlation", correlation, ("rows", "none"))
     _choice("--fisher", fisher, ("empirical", "true"))
@@ -160,7 +163,8 @@ def prune_cmd(
     cfg: PruneConfig | SurgeonConfig
     if method == "surgeon":
         cfg = SurgeonConfig(
-            sparsity=target_sparsity, pattern=target_pattern, shots=shots, allocation=allocation,  # type: ignore[arg-type]
+            sparsity=target_sparsity, pattern=target_pattern, structured=structured, shots=shots,
+            allocation=allocation,  # type: ignore[arg-type]
             correlation=correlation, fisher=fisher,  # type: ignore[arg-type]
         )
     else:
@@ -197,13 +201,54 @@ def prune_cmd(
         )
         payload.update(out=str(out), saved_sparsity=written["saved_sparsity"], bytes_on_disk=written["bytes_on_disk"])
     payload["environment"] = environment()
-    lines = [f"{method} {target_pattern or f'{target_sparsity:.0%}'}: decoder-linear sparsity {report.sparsity:.2%}, "
+    what = " + ".join(x for x in (
+        f"structured {structured:.0%} kept" if structured is not None else "",
+        str(target_pattern) if target_pattern else "",
+        f"{target_sparsity:.0%}" if target_sparsity is not None else "",
+    ) if x)
+    lines = [f"{method} {what}: decoder-linear sparsity {report.sparsity:.2%}, "
              f"pruned in {report.seconds:.0f} s"]
     if evaluate:
         lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")
     if out is not None:
         lines.append(f"saved to {out} (sparsity counted in the saved tensors: {payload['saved_sparsity']:.2%})")
     _emit(payload, as_json, lines)
+
+
+@app.command("shrink")
+def shrink_cmd(
+    model: ModelArg = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the smaller checkpoint here.")] = None,
+    align: Annotated[int, typer.Option(help="Round every kept size to a multiple of N (1: off).")] = 1,
+    rounding: Annotated[str, typer.Option(help="Which multiple --align picks: up (keeps outputs), down or nearest.")] = "up",
+    uniform: Annotated[bool, typer.Option("--uniform", help="Same sizes in every layer: a stock-architecture checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Cut the fully zeroed MLP channels and attention heads out of a masked model and save it smaller."""
+    from export.pruned import ShrinkConfig, shrink_and_save
+    from surgeon.loading import load_model
+
+    _setup(quiet, None)
+    if out is None:
+        raise SurgeonError("give --out DIR for the smaller checkpoint")
+    if rounding not in ("up", "down", "nearest"):
+        raise SurgeonError(f"--rounding must be up, down or nearest, got {rounding!r}")
+    cfg = ShrinkConfig(align=align, rounding=rounding, uniform=uniform)  # type: ignore[arg-type]
+    lm = load_model(model)
+    report = shrink_and_save(
+        lm.model, lm.tokenizer, lm.adapter, out, cfg, report={"model": lm.source, "plan": "zero groups"}, force=force
+    )
+    shrink = report["shrink"]
+    payload = {"model": lm.source, "out": str(out), **{k: v for k, v in shrink.items() if k != "manifest"},
+               "checkpoint_format": report["checkpoint_format"], "layers": report["layers"],
+               "bytes_on_disk": report["bytes_on_disk"]}
+    _emit(payload, as_json, [
+        f"decoder linears: {shrink['decoder_linear_params_before']:,} -> {shrink['decoder_linear_params_after']:,} "
+        f"parameters ({shrink['remaining_fraction']:.2%}); largest logit change {shrink['max_logit_change']:.2e}",
+        f"saved {report['checkpoint_format']} checkpoint to {out}",
+    ])
 
 
 @app.command("info")

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from surgeon import structures
 from surgeon.adapters import Adapter
 from surgeon.calibrate import FisherKind, kfac_factors
 from surgeon.curvature.kfac import DampedKron, prepare
@@ -43,26 +44,51 @@ Allocation = Literal["global", "uniform"]
 CHECKPOINT_VERSION = 1
 
 
+@dataclass(frozen=True)
+class Remaining:
+    """Structured target: this fraction of the decoder-linear weights remains."""
+
+    fraction: float
+
+    def __str__(self) -> str:
+        return f"{self.fraction:.4g} remaining"
+
+
+Target = float | NMPattern | Remaining
+
+
 @dataclass
 class SurgeonConfig:
-    """Settings of one LLM Surgeon run. Give ``sparsity`` or ``pattern`` (or both: not allowed)."""
+    """Settings of one LLM Surgeon run.
+
+    One target: ``sparsity`` (unstructured), ``pattern`` (N:M) or ``structured`` (remaining
+    fraction of decoder-linear weights); ``structured`` with ``pattern`` runs the structured shots
+    first, then N:M on what remains.
+    """
 
     sparsity: float | None = None  # unstructured: fraction of decoder-linear weights removed
     pattern: NMPattern | None = None  # semi-structured N:M
+    structured: float | None = None  # structured: remaining fraction of decoder-linear weights
     shots: int = 3
     allocation: Allocation = "global"  # compare costs across layers, or the same fraction per linear
-    max_layer_sparsity: float = 0.9  # the per-layer floor of global allocation
+    max_layer_sparsity: float = 0.9  # the per-layer floor: no linear loses more than this fraction
     lam_A: float = 0.01
-    lam_G: float = 0.1  # a larger G damping helps for unstructured and N:M (ALGORITHMS.md)
+    lam_G: float | None = None  # default 0.1 for unstructured and N:M, 0.01 structured (ALGORITHMS.md)
     correlation: Correlation = "rows"
     fisher: FisherKind = "empirical"
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        if (self.sparsity is None) == (self.pattern is None):
-            raise SurgeonError("LLM Surgeon needs exactly one target: a sparsity or an N:M pattern")
+        given = [x is not None for x in (self.sparsity, self.pattern, self.structured)]
+        if sum(given) != 1 and not (self.structured is not None and self.pattern is not None and self.sparsity is None):
+            raise SurgeonError(
+                "LLM Surgeon needs exactly one target: a sparsity, an N:M pattern, or a structured "
+                "remaining fraction (structured may be combined with N:M)"
+            )
         if self.sparsity is not None:
             check_sparsity(self.sparsity)
+        if self.structured is not None and not 0.0 < self.structured <= 1.0:
+            raise SurgeonError(f"structured remaining fraction must be in (0, 1], got {self.structured}")
         if self.shots < 1:
             raise SurgeonError(f"shots must be at least 1, got {self.shots}")
         if self.sparsity is not None and self.allocation == "global" and self.sparsity > self.max_layer_sparsity:
@@ -70,19 +96,29 @@ class SurgeonConfig:
                 f"sparsity {self.sparsity} exceeds the per-layer ceiling {self.max_layer_sparsity}"
             )
 
+    def damping_G(self, target: Target) -> float:
+        if self.lam_G is not None:
+            return self.lam_G
+        return 0.01 if isinstance(target, Remaining) else 0.1
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["pattern"] = str(self.pattern) if self.pattern else None
         return d
 
-    def shot_targets(self) -> list[float | NMPattern]:
-        """This run's target after each shot: a linear schedule of sparsity (or zeros per block)."""
+    def shot_targets(self) -> list[Target]:
+        """The target after each shot: linear schedules of remaining size, sparsity, or zeros per block."""
+        targets: list[Target] = []
+        if self.structured is not None:
+            r = self.structured
+            targets += [Remaining(1.0 - (1.0 - r) * k / self.shots) for k in range(1, self.shots + 1)]
         if self.pattern is not None:
             n = self.pattern.n_zero
             zeros = sorted({max(1, round(n * k / self.shots)) for k in range(1, self.shots + 1)})
-            return [NMPattern(z, self.pattern.block) for z in zeros]
-        assert self.sparsity is not None
-        return [self.sparsity * k / self.shots for k in range(1, self.shots + 1)]
+            targets += [NMPattern(z, self.pattern.block) for z in zeros]
+        if self.sparsity is not None:
+            targets += [self.sparsity * k / self.shots for k in range(1, self.shots + 1)]
+        return targets
 
 
 @dataclass
@@ -174,6 +210,8 @@ def prune_surgeon_(
             same config resumes after the last completed shot instead of starting over.
     """
     linears = adapter.decoder_linears(model)
+    if cfg.structured is not None:
+        structures.check_supported(model, adapter)
     if cfg.pattern is not None:
         for name, m in linears.items():
             cfg.pattern.check_shape(m.in_features, name)
@@ -190,28 +228,16 @@ def prune_surgeon_(
         factors = kfac_factors(model, adapter, windows, batch_size=cfg.batch_size, fisher=cfg.fisher,
                                progress=progress)
         t_curv = time.perf_counter() - t0
-        damped: dict[str, DampedKron] = {}
-        costs: dict[str, torch.Tensor] = {}
-        for name, m in linears.items():
-            f = factors.pop(name)
-            damped[name] = prepare(f.A, f.G, cfg.lam_A, cfg.lam_G)
-            c = element_costs(m.weight.detach().double(), damped[name].A_inv, damped[name].G_inv)
-            costs[name] = torch.where(keep[name], c, -1.0)  # removed weights stay removed
+        damped = {name: prepare(f.A, f.G, cfg.lam_A, cfg.damping_G(target)) for name, f in factors.items()}
         del factors
-        new_keep = _select(costs, target, cfg)
-        del costs
-        with torch.no_grad():
-            for name, m in linears.items():
-                k = new_keep[name] & keep[name]
-                d = damped.pop(name)
-                W = update_masked(m.weight.double(), d.A_inv, d.G_inv, k, cfg.correlation)
-                if not torch.isfinite(W).all():
-                    raise FloatingPointError(f"non-finite weights after the update of {name}")
-                m.weight.copy_(W.to(m.weight.dtype))
-                keep[name] = k
+        if isinstance(target, Remaining):
+            _structured_step(model, adapter, target, damped, keep)
+        else:
+            _element_step(linears, target, damped, keep, cfg)
+        del damped
         removed = sum(int((~k).sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
         report.shots.append({
-            "shot": shot + 1, "target": str(target) if isinstance(target, NMPattern) else target,
+            "shot": shot + 1, "target": target if isinstance(target, float) else str(target),
             "sparsity": removed, "curvature_seconds": round(t_curv, 1),
             "seconds": round(time.perf_counter() - t0, 1),
         })
@@ -225,6 +251,44 @@ def prune_surgeon_(
                                "sparsity": zeros / m.weight.numel()}
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _element_step(
+    linears: dict[str, nn.Linear], target: float | NMPattern, damped: dict[str, DampedKron],
+    keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
+) -> None:
+    """Remove the cheapest weights (globally, per linear, or per N:M block) with correlated updates."""
+    costs: dict[str, torch.Tensor] = {}
+    for name, m in linears.items():
+        c = element_costs(m.weight.detach().double(), damped[name].A_inv, damped[name].G_inv)
+        costs[name] = torch.where(keep[name], c, -1.0)  # removed weights stay removed
+    new_keep = _select(costs, target, cfg)
+    del costs
+    with torch.no_grad():
+        for name, m in linears.items():
+            k = new_keep[name] & keep[name]
+            d = damped[name]
+            W = update_masked(m.weight.double(), d.A_inv, d.G_inv, k, cfg.correlation)
+            if not torch.isfinite(W).all():
+                raise FloatingPointError(f"non-finite weights after the update of {name}")
+            m.weight.copy_(W.to(m.weight.dtype))
+            keep[name] = k
+
+
+def _structured_step(
+    model: nn.Module, adapter: Adapter, target: Remaining, damped: dict[str, DampedKron],
+    keep: dict[str, torch.Tensor],
+) -> None:
+    """Remove the cheapest coupled groups (MLP channels, head slices) across all layers."""
+    linears = adapter.decoder_linears(model)
+    total = sum(m.weight.numel() for m in linears.values())
+    budget = round((1.0 - target.fraction) * total)
+    candidates = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        inter = layer.get_submodule(adapter.mlp).get_submodule(adapter.gate).out_features
+        candidates += structures.layer_candidates(model, adapter, i, damped, keep, min_channels=max(1, inter // 20))
+    chosen = structures.select(candidates, budget)
+    structures.apply_(model, adapter, chosen, damped, keep)
 
 
 def _save_checkpoint(

@@ -1,0 +1,168 @@
+"""Coupled structures of a decoder layer and their LLM Surgeon costs and updates.
+
+A row or column only shrinks the model when its coupled partners go too (ALGORITHMS.md,
+"Structured removal"), so the candidates are coupled groups and a group's cost is the sum of its
+members' costs (costs table of ALGORITHMS.md, rows and columns under ``F = G ⊗ A``):
+
+- MLP channel k: row k of gate and up (``½ w A wᵀ / [G⁻¹]_kk`` each), column k of down
+  (``½ wᵀ G w / [A⁻¹]_kk``); size ``3 · hidden``.
+- Attention slice s: the s-th cheapest query head of *every* KV group, so that all groups keep the
+  same size (standard kernels need it); a head's cost is the joint cost of its ``head_dim`` q rows
+  plus its ``head_dim`` o columns; RoPE acts within a head, so a head is never split. KV heads stay.
+
+Removed structures are zeroed here (masks and correlated updates); :mod:`surgeon.surgery` turns
+zeroed structures into physically smaller matrices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from surgeon.adapters import Adapter
+from surgeon.curvature.kfac import DampedKron
+from surgeon.errors import SurgeonError
+from surgeon.prune.costs import col_costs, cols_cost, row_costs, rows_cost
+from surgeon.prune.update import update_cols, update_rows
+
+
+@dataclass
+class Candidate:
+    """One removable coupled group: where it is, what it costs, how many weights it holds."""
+
+    layer: int
+    kind: str  # "channel" or "heads"
+    index: Tensor  # channel index [1], or the query-head indices of the slice [n_kv_heads]
+    cost: float
+    size: int
+
+
+def _layer_names(adapter: Adapter, i: int) -> dict[str, str]:
+    p = f"{adapter.layers}.{i}"
+    return {
+        "q": f"{p}.{adapter.attn}.{adapter.q}", "o": f"{p}.{adapter.attn}.{adapter.o}",
+        "gate": f"{p}.{adapter.mlp}.{adapter.gate}", "up": f"{p}.{adapter.mlp}.{adapter.up}",
+        "down": f"{p}.{adapter.mlp}.{adapter.down}",
+    }
+
+
+def head_layout(model: nn.Module) -> tuple[int, int, int]:
+    """``(n_heads, n_kv_heads, head_dim)`` from the config, with ``head_dim`` never re-derived if given."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_attention_heads, c.num_key_value_heads, head_dim
+
+
+def head_rows(h: Tensor, head_dim: int) -> Tensor:
+    """Row indices of q_proj (or column indices of o_proj) for query heads ``h`` ``[k]`` -> ``[k*head_dim]``."""
+    return (h[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def layer_candidates(
+    model: nn.Module, adapter: Adapter, i: int, damped: dict[str, DampedKron], keep: dict[str, Tensor],
+    min_channels: int,
+) -> list[Candidate]:
+    """Every coupled group of layer ``i`` that may still go, with its cost (already removed ones cost 0)."""
+    names = _layer_names(adapter, i)
+    W = {k: adapter_weight(model, n) for k, n in names.items()}
+    hidden = W["gate"].shape[1]
+    ch = (
+        row_costs(W["gate"], damped[names["gate"]].A, damped[names["gate"]].G_inv)
+        + row_costs(W["up"], damped[names["up"]].A, damped[names["up"]].G_inv)
+        + col_costs(W["down"], damped[names["down"]].G, damped[names["down"]].A_inv)
+    )
+    gone = ~keep[names["gate"]].any(1)  # channels already removed
+    ch = torch.where(gone, -1.0, ch)
+    order = ch.argsort()
+    out = [Candidate(i, "channel", order[j : j + 1], float(ch[order[j]]), 3 * hidden)
+           for j in range(len(order) - min_channels)]
+    n_heads, n_kv, head_dim = head_layout(model)
+    group = n_heads // n_kv
+    dq, do = damped[names["q"]], damped[names["o"]]
+    head_cost = torch.stack([
+        rows_cost(W["q"], dq.A, dq.G_inv, head_rows(torch.tensor([h]), head_dim))
+        + cols_cost(W["o"], do.G, do.A_inv, head_rows(torch.tensor([h]), head_dim))
+        for h in range(n_heads)
+    ])
+    heads_gone = ~keep[names["q"]].reshape(n_heads, head_dim, -1).any(2).any(1)
+    head_cost = torch.where(heads_gone, -1.0, head_cost).reshape(n_kv, group)  # [kv group, head in group]
+    ranked = head_cost.argsort(dim=1)  # cheapest first within each group
+    for s in range(group - 1):  # keep at least one query head per KV group
+        heads = ranked[:, s] + torch.arange(n_kv) * group
+        cost = float(head_cost.gather(1, ranked[:, s : s + 1]).clamp(min=0).sum())
+        out.append(Candidate(i, "heads", heads, cost if not heads_gone[heads].all() else -1.0,
+                             2 * n_kv * head_dim * hidden))
+    return out
+
+
+def adapter_weight(model: nn.Module, name: str) -> Tensor:
+    return model.get_submodule(name).weight.detach().double()
+
+
+def select(candidates: list[Candidate], budget: int) -> list[Candidate]:
+    """The cheapest candidates, by cost per weight, until ``budget`` weights are removed.
+
+    Sizes differ (a channel holds ``3·hidden`` weights, a head slice far more), so candidates are
+    ranked by cost per weight, the greedy answer to this knapsack; already removed ones come first.
+    """
+    # A layer's slice s costs at least as much as slice s-1 (same size), so the stable sort
+    # keeps them in order and no slice is taken before the ones cheaper than it.
+    ranked = sorted(candidates, key=lambda c: c.cost / c.size)
+    chosen: list[Candidate] = []
+    removed = 0
+    for c in ranked:
+        if removed >= budget:
+            break
+        chosen.append(c)
+        removed += c.size
+    if removed < budget:
+        raise SurgeonError("structured target cannot be reached under the per-layer floors")
+    return chosen
+
+
+def apply_(
+    model: nn.Module, adapter: Adapter, chosen: list[Candidate], damped: dict[str, DampedKron],
+    keep: dict[str, Tensor],
+) -> None:
+    """Zero the chosen structures with the joint (correlated) row and column updates; update masks."""
+    _, _, head_dim = head_layout(model)
+    by_layer: dict[int, dict[str, list[Tensor]]] = {}
+    for c in chosen:
+        by_layer.setdefault(c.layer, {"channel": [], "heads": []})[c.kind].append(c.index)
+    with torch.no_grad():
+        for i, parts in by_layer.items():
+            names = _layer_names(adapter, i)
+            if parts["channel"]:
+                R = torch.cat(parts["channel"]).unique()
+                for key in ("gate", "up"):
+                    _set(model, names[key], update_rows(adapter_weight(model, names[key]), damped[names[key]].G_inv, R))
+                    keep[names[key]][R] = False
+                _set(model, names["down"], update_cols(adapter_weight(model, names["down"]), damped[names["down"]].A_inv, R))
+                keep[names["down"]][:, R] = False
+            if parts["heads"]:
+                idx = head_rows(torch.cat(parts["heads"]).unique(), head_dim)
+                _set(model, names["q"], update_rows(adapter_weight(model, names["q"]), damped[names["q"]].G_inv, idx))
+                keep[names["q"]][idx] = False
+                _set(model, names["o"], update_cols(adapter_weight(model, names["o"]), damped[names["o"]].A_inv, idx))
+                keep[names["o"]][:, idx] = False
+
+
+def _set(model: nn.Module, name: str, W: Tensor) -> None:
+    if not torch.isfinite(W).all():
+        raise FloatingPointError(f"non-finite weights after the structured update of {name}")
+    weight = model.get_submodule(name).weight
+    weight.copy_(W.to(weight.dtype))
+
+
+def check_supported(model: nn.Module, adapter: Adapter) -> None:
+    """Structured pruning needs gated MLPs and whole KV groups; say so clearly otherwise."""
+    n_heads, n_kv, _ = head_layout(model)
+    if n_heads % n_kv:
+        raise SurgeonError(f"{n_heads} query heads do not split evenly into {n_kv} KV groups")
+    if n_heads // n_kv < 2:
+        raise SurgeonError("structured pruning needs at least 2 query heads per KV group")
+    layer = adapter.decoder_layers(model)[0]
+    for name in adapter.linear_names:
+        layer.get_submodule(name)

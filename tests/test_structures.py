@@ -1,0 +1,88 @@
+"""Structured LLM Surgeon: coupled groups are removed whole, GQA groups stay equal, targets are met."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from surgeon.adapters import LLAMA
+from surgeon.errors import SurgeonError
+from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
+from surgeon.prune.patterns import NMPattern
+from surgeon.structures import Candidate, head_rows, select
+from tests.conftest import make_tiny_llama
+
+
+def calib(model) -> torch.Tensor:
+    return torch.randint(2, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def structure_state(model):
+    """Per layer: removed MLP channels (checked coupled) and removed query heads (checked whole)."""
+    head_dim = model.config.head_dim
+    out = []
+    for layer in model.model.layers:
+        gate, up, down = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
+        ch = (gate == 0).all(1)
+        assert torch.equal(ch, (up == 0).all(1)) and torch.equal(ch, (down == 0).all(0))
+        q, o = layer.self_attn.q_proj.weight, layer.self_attn.o_proj.weight
+        q_heads = (q == 0).reshape(-1, head_dim, q.shape[1]).flatten(1).all(1)
+        o_heads = (o == 0).reshape(o.shape[0], -1, head_dim).permute(1, 0, 2).flatten(1).all(1)
+        assert torch.equal(q_heads, o_heads)
+        # nothing partially removed: a head's rows are all zero or none is
+        assert not ((q == 0).all(1).reshape(-1, head_dim).any(1) & ~q_heads).any()
+        assert (layer.self_attn.k_proj.weight != 0).any(1).all()  # KV heads are kept
+        out.append((ch, q_heads))
+    return out
+
+
+@pytest.mark.parametrize("remaining", [0.8, 0.6])
+def test_structured_removes_coupled_groups_and_meets_target(remaining: float) -> None:
+    model, _ = make_tiny_llama()
+    total = sum(m.weight.numel() for m in LLAMA.decoder_linears(model).values())
+    report = prune_surgeon_(model, LLAMA, calib(model), SurgeonConfig(structured=remaining, shots=2), progress=False)
+    state = structure_state(model)
+    n_kv, group = model.config.num_key_value_heads, model.config.num_attention_heads // model.config.num_key_value_heads
+    removed = 0
+    for ch, heads in state:
+        per_group = heads.reshape(n_kv, group).sum(1)
+        assert (per_group == per_group[0]).all()  # equal group sizes for GQA kernels
+        assert (per_group < group).all()  # at least one query head per group
+        assert int((~ch).sum()) >= 1
+        removed += int(ch.sum()) * 3 * 32 + int(heads.sum()) * 2 * model.config.head_dim * 32
+    assert removed >= (1 - remaining) * total
+    assert report.sparsity == pytest.approx(removed / total, abs=1e-3)  # every zero is a removed group
+
+
+def test_structured_then_two_four() -> None:
+    model, _ = make_tiny_llama()
+    cfg = SurgeonConfig(structured=0.8, pattern=NMPattern(2, 4), shots=1)
+    report = prune_surgeon_(model, LLAMA, calib(model), cfg, progress=False)
+    structure_state(model)
+    for name, m in LLAMA.decoder_linears(model).items():
+        assert NMPattern(2, 4).holds(m.weight != 0), name
+    assert report.sparsity > 0.5
+    assert [s["target"] for s in report.shots] == ["0.8 remaining", "2:4"]
+
+
+def test_select_ranks_by_cost_per_weight_and_reports_impossible() -> None:
+    heads = Candidate(0, "heads", torch.tensor([0, 2]), 4.0, 100)  # 0.04 per weight
+    cheap = Candidate(1, "channel", torch.tensor([3]), 0.5, 10)  # 0.05 per weight
+    dear = Candidate(0, "channel", torch.tensor([0]), 1.0, 10)  # 0.10 per weight
+    assert select([dear, cheap, heads], budget=100) == [heads]
+    assert select([dear, cheap, heads], budget=105) == [heads, cheap]
+    assert select([dear, cheap, heads], budget=120) == [heads, cheap, dear]
+    with pytest.raises(SurgeonError, match="cannot be reached"):
+        select([dear, cheap, heads], budget=1000)
+
+
+def test_head_rows() -> None:
+    assert head_rows(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
+
+
+def test_bad_structured_settings() -> None:
+    with pytest.raises(SurgeonError, match="remaining fraction"):
+        SurgeonConfig(structured=0.0)
+    model, _ = make_tiny_llama(num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    with pytest.raises(SurgeonError, match="at least 2 query heads per KV group"):
+        prune_surgeon_(model, LLAMA, calib(model), SurgeonConfig(structured=0.8), progress=False)
