@@ -1,4 +1,4 @@
-"""Tests for the pruning baselines: magnitude, Wanda (arXiv 2306.11695), SparseGPT (arXiv 2301.00774).
+"""Tests for the baselines: magnitude, Wanda (arXiv 2306.11695) and SparseGPT (arXiv 2301.00774).
 
 Known answers on hand-made matrices, brute force for N:M masks, the exact OBS solution for
 SparseGPT, and agreement with a test-only transcription of IST-DASLab ``fasterprune``.
@@ -15,21 +15,25 @@ import torch
 
 from surgeon.baselines.common import Target, mask_from_scores_matrix, mask_from_scores_per_row
 from surgeon.baselines.magnitude import prune_magnitude
-from surgeon.baselines.sparsegpt import prune_sparsegpt
+from surgeon.baselines.sparsegpt import MaskRule, prune_sparsegpt
 from surgeon.baselines.wanda import prune_wanda, wanda_scores
 from surgeon.errors import SurgeonError
 from surgeon.prune.patterns import NMPattern
 
 Pruner = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-PRUNERS: dict[str, Pruner] = {"magnitude": prune_magnitude, "wanda": prune_wanda, "sparsegpt": prune_sparsegpt}
+PRUNERS: dict[str, Pruner] = {
+    "magnitude": prune_magnitude, "wanda": prune_wanda, "sparsegpt": prune_sparsegpt,
+}
 F64 = torch.float64
 
 
-def correlated_layer(d_out: int, d_in: int, n: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def correlated_layer(
+    d_out: int, d_in: int, n: int = 2048, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random weight and the second moment of correlated inputs with uneven feature scales."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.eye(d_in, dtype=F64) + torch.randn(d_in, d_in, generator=g, dtype=F64) / d_in**0.5
-    scale = torch.randn(d_in, generator=g, dtype=F64).exp()  # log-normal feature norms, like LLM activations
+    scale = torch.randn(d_in, generator=g, dtype=F64).exp()  # log-normal norms, as in LLMs
     X = torch.randn(n, d_in, generator=g, dtype=F64) @ mix * scale  # [n, d_in]
     W = torch.randn(d_out, d_in, generator=g, dtype=F64)
     return W, X.T @ X / n
@@ -74,7 +78,9 @@ def reference_fasterprune(
             w = W1[:, i]
             d = Hinv1[i, i]
             if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i : (i + prunem)] ** 2 / (torch.diag(Hinv1)[i : (i + prunem)].reshape((1, -1))) ** 2
+                tmp = W1[:, i : (i + prunem)] ** 2 / (
+                    torch.diag(Hinv1)[i : (i + prunem)].reshape((1, -1))
+                ) ** 2
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
             q = w.clone()
             q[mask1[:, i]] = 0
@@ -102,7 +108,7 @@ def test_magnitude_known_answer_matrix_and_row_scope() -> None:
 
 
 def test_magnitude_known_answer_eight_weights() -> None:
-    W = torch.arange(1.0, 9.0, dtype=F64).reshape(1, 8)[:, [3, 7, 0, 5, 2, 6, 1, 4]]  # 4 8 1 6 3 7 2 5
+    W = torch.tensor([[4.0, 8.0, 1.0, 6.0, 3.0, 7.0, 2.0, 5.0]], dtype=F64)  # 1..8, shuffled
     _, keep = prune_magnitude(W, None, 0, 0.75)  # int(8 * 0.75) = 6 removed: keep 7 and 8
     assert W[keep].tolist() == [8.0, 7.0]
     _, keep = prune_magnitude(W, None, 0, 0.6)  # int(4.8) = 4 removed: keep 5..8
@@ -115,12 +121,14 @@ def test_wanda_known_answer_differs_from_magnitude_and_from_whole_matrix() -> No
     n_tokens = 4
     A = torch.diag(x_norm**2 / n_tokens)  # ‖x_j‖ = sqrt(n · A_jj)
     scores = wanda_scores(W, A, n_tokens)
-    assert torch.allclose(scores, torch.tensor([[4.0, 3.0, 20.0, 10.0], [0.01, 0.02, 0.3, 0.4]], dtype=F64))
+    expected = torch.tensor([[4.0, 3.0, 20.0, 10.0], [0.01, 0.02, 0.3, 0.4]], dtype=F64)
+    assert torch.allclose(scores, expected)
     W_new, keep = prune_wanda(W, A, n_tokens, 0.5)
     assert keep.tolist() == [[False, False, True, True]] * 2
     assert W_new.tolist() == [[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 0.03, 0.04]]
     # Magnitude keeps the other half of row 0; a whole-matrix Wanda comparison empties row 1.
-    assert prune_magnitude(W, A, n_tokens, 0.5, scope="row")[1][0].tolist() == [True, True, False, False]
+    _, keep_magnitude = prune_magnitude(W, A, n_tokens, 0.5, scope="row")
+    assert keep_magnitude[0].tolist() == [True, True, False, False]
     assert mask_from_scores_matrix(scores, 0.5).tolist() == [[True] * 4, [False] * 4]
 
 
@@ -176,7 +184,8 @@ def test_unstructured_counts_hit_the_target(sparsity: float) -> None:
     assert ((~keep).sum(1) == int(d_in * sparsity)).all()
     W_wanda, keep = prune_wanda(W, A, 1, sparsity)
     assert ((~keep).sum(1) == int(d_in * sparsity)).all() and (W_wanda[~keep] == 0).all()
-    for rule, extra in (("official", 1), ("exact", 0)):  # official thresholds "<= sorted[k]": k + 1
+    rules: tuple[tuple[MaskRule, int], ...] = (("official", 1), ("exact", 0))
+    for rule, extra in rules:  # the official threshold "<= sorted[k]" removes k + 1
         W_sgpt, keep = prune_sparsegpt(W, A, 1, sparsity, mask_rule=rule)
         assert (W_sgpt[~keep] == 0).all()
         for i1 in range(0, d_in, 128):
@@ -233,7 +242,7 @@ def test_sparsegpt_removing_leading_columns_is_the_least_squares_optimum() -> No
 @pytest.mark.parametrize("target", [0.5, NMPattern(2, 4)], ids=str)
 def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(target: Target) -> None:
     W, A = correlated_layer(32, 128, seed=6)
-    errors = {name: recon_error(W, prune(W, A, 2048, target)[0], A) for name, prune in PRUNERS.items()}
+    errors = {name: recon_error(W, f(W, A, 2048, target)[0], A) for name, f in PRUNERS.items()}
     assert errors["sparsegpt"] < 0.9 * errors["wanda"] < 0.9 * errors["magnitude"]
 
 
@@ -271,14 +280,27 @@ def test_sparsegpt_float32_sweep_stays_close_to_float64() -> None:
 
 
 def test_sparsegpt_raises_damping_when_cholesky_fails(caplog: pytest.LogCaptureFixture) -> None:
-    A = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5], dtype=F64))  # indefinite; mean diagonal 0.625
+    A = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5], dtype=F64))  # indefinite, mean diag 0.625
     W = torch.ones(2, 4, dtype=F64)
     with caplog.at_level(logging.WARNING, logger="surgeon.baselines.sparsegpt"):
         W_new, keep = prune_sparsegpt(W, A, 1, NMPattern(2, 4))
-    assert len([r for r in caplog.records if "Cholesky" in r.message]) == 2  # 0.01 -> 0.1 -> 1 (works)
+    retries = [r for r in caplog.records if "Cholesky" in r.message]
+    assert len(retries) == 2  # damping 0.01 -> 0.1 -> 1, which works
     assert torch.isfinite(W_new).all() and NMPattern(2, 4).holds(keep)
     with pytest.raises(SurgeonError, match="not positive definite"):
         prune_sparsegpt(W, -torch.eye(4, dtype=F64), 1, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method", list(PRUNERS))
+def test_dtype_kept_and_input_untouched(method: str, dtype: torch.dtype) -> None:
+    W, A = correlated_layer(8, 64, seed=10)
+    W = W.to(dtype).T.contiguous().T  # column-major: W.T is contiguous, a tempting in-place view
+    W_before = W.clone()
+    W_new, keep = PRUNERS[method](W, A, 2048, 0.5)
+    assert W_new.dtype == dtype and keep.dtype == torch.bool
+    assert torch.equal(W, W_before)
+    assert (W_new[~keep] == 0).all() and torch.isfinite(W_new).all()
 
 
 # --- input validation ----------------------------------------------------------------------------
@@ -307,4 +329,4 @@ def test_invalid_inputs_raise() -> None:
     with pytest.raises(SurgeonError, match="n_tokens"):
         prune_wanda(W, A, 0, 0.5)
     with pytest.raises(SurgeonError, match="scope"):
-        prune_magnitude(W, A, 10, 0.5, scope="column")
+        prune_magnitude(W, A, 10, 0.5, scope="column")  # type: ignore[arg-type]

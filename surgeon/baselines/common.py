@@ -30,7 +30,9 @@ def check_layer(W: torch.Tensor, A: torch.Tensor | None = None, name: str = "wei
     if A is not None:
         d_in = W.shape[1]
         if A.shape != (d_in, d_in):
-            raise SurgeonError(f"{name}: second moment is {tuple(A.shape)}, expected ({d_in}, {d_in})")
+            raise SurgeonError(
+                f"{name}: second moment is {tuple(A.shape)}, expected ({d_in}, {d_in})"
+            )
         if not torch.isfinite(A).all():
             raise SurgeonError(f"{name}: second moment has non-finite values")
 
@@ -43,11 +45,13 @@ def check_target(target: Target, d_in: int, name: str = "weight") -> None:
     elif isinstance(target, (int, float)) and not isinstance(target, bool):
         check_sparsity(float(target))
     else:
-        raise SurgeonError(f"{name}: target must be a sparsity fraction or an N:M pattern, got {target!r}")
+        raise SurgeonError(
+            f"{name}: target must be a sparsity fraction or an N:M pattern, got {target!r}"
+        )
 
 
 def n_removed(count: int, fraction: float) -> int:
-    """Number of weights removed out of ``count``: ``int(count * fraction)``, the official rounding."""
+    """Weights removed out of ``count``: ``int(count * fraction)``, the official codes' floor."""
     return int(count * fraction)
 
 

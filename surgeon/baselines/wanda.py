@@ -16,7 +16,7 @@ from surgeon.errors import SurgeonError
 
 
 def wanda_scores(W: torch.Tensor, A: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Saliency ``|W_ij| · ‖x_j‖₂``, float64 ``[d_out, d_in]``, from ``W`` and the diagonal of ``A``.
+    """Saliency ``|W_ij| · ‖x_j‖₂`` as float64 ``[d_out, d_in]``, from ``W`` and ``diag(A)``.
 
     Example:
         >>> wanda_scores(torch.tensor([[1.0, -2.0]]), torch.diag(torch.tensor([4.0, 1.0])), 1)
