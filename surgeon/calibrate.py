@@ -126,20 +126,12 @@ def kfac_factors(
         ``{module name: KronFactor(A [d_in, d_in], G [d_out, d_out])}``, float64 means per token.
     """
     linears = adapter.decoder_linears(model)
-    A_acc: dict[str, SecondMoment] = {}
+    A_acc, handles = _hook_inputs(model, adapter)
     G_acc = {name: SecondMoment(m.out_features, device=m.weight.device) for name, m in linears.items()}
-    handles = []
     for name, module in linears.items():
         handles.append(module.register_full_backward_hook(
             lambda _m, _gin, gout, acc=G_acc[name]: acc.update(gout[0])
         ))
-    for index, layer in enumerate(adapter.decoder_layers(model)):
-        for group in adapter.input_groups:
-            lead = layer.get_submodule(group[0])
-            acc = SecondMoment(lead.in_features, device=lead.weight.device)
-            for member in group:
-                A_acc[f"{adapter.layers}.{index}.{member}"] = acc
-            handles.append(lead.register_forward_hook(lambda _m, args, _out, acc=acc: acc.update(args[0])))
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     was_training = model.training
@@ -173,11 +165,45 @@ def kfac_factors(
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)
-    finalized: dict[int, torch.Tensor] = {}
-    factors: dict[str, KronFactor] = {}
-    for name in linears:
-        acc = A_acc[name]
-        if id(acc) not in finalized:
-            finalized[id(acc)] = acc.finalize()
-        factors[name] = KronFactor(A=finalized[id(acc)], G=G_acc[name].finalize())
-    return factors
+    A = _finalize_shared(A_acc)
+    return {name: KronFactor(A=A[name], G=G_acc[name].finalize()) for name in linears}
+
+
+@torch.no_grad()
+def input_factors(
+    model: nn.Module, adapter: Adapter, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """Second moment ``A`` ``[d_in, d_in]`` of the inputs of every decoder linear, forward passes only."""
+    A_acc, handles = _hook_inputs(model, adapter)
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc="input statistics", unit="batch",
+                          disable=not progress):
+            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return _finalize_shared(A_acc)
+
+
+def _hook_inputs(model: nn.Module, adapter: Adapter) -> tuple[dict[str, SecondMoment], list]:
+    """Forward hooks accumulating every decoder linear's input moment; one per input group."""
+    A_acc: dict[str, SecondMoment] = {}
+    handles = []
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for group in adapter.input_groups:
+            lead = layer.get_submodule(group[0])
+            acc = SecondMoment(lead.in_features, device=lead.weight.device)
+            for member in group:
+                A_acc[f"{adapter.layers}.{index}.{member}"] = acc
+            handles.append(lead.register_forward_hook(lambda _m, args, _out, acc=acc: acc.update(args[0])))
+    return A_acc, handles
+
+
+def _finalize_shared(accs: dict[str, SecondMoment]) -> dict[str, torch.Tensor]:
+    """Finalize accumulators, returning one tensor per shared accumulator (no copies)."""
+    done: dict[int, torch.Tensor] = {}
+    for acc in accs.values():
+        if id(acc) not in done:
+            done[id(acc)] = acc.finalize()
+    return {name: done[id(acc)] for name, acc in accs.items()}

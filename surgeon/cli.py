@@ -148,8 +148,8 @@ def prune_cmd(
     methods = (*PRUNERS, "surgeon")
     if method not in methods:
         raise SurgeonError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
-    if structured is not None and method != "surgeon":
-        raise SurgeonError("--structured needs --method surgeon")
+    if structured is not None and method == "sparsegpt":
+        raise SurgeonError("--structured works with --method surgeon, wanda or magnitude (scores on coupled groups)")
     if structured is None and (sparsity is None) == (pattern is None):
         raise SurgeonError("give exactly one of --sparsity (unstructured), --pattern (e.g. 2:4) or --structured")
     _choice("--allocation", allocation, ("global", "uniform"))
@@ -161,9 +161,11 @@ def prune_cmd(
     target_sparsity = check_sparsity(sparsity) if sparsity is not None else None
     target_pattern = NMPattern.parse(pattern) if pattern is not None else None
     cfg: PruneConfig | SurgeonConfig
-    if method == "surgeon":
+    if method == "surgeon" or structured is not None:
         cfg = SurgeonConfig(
-            sparsity=target_sparsity, pattern=target_pattern, structured=structured, shots=shots,
+            scoring="surgeon" if method == "surgeon" else method,  # type: ignore[arg-type]
+            sparsity=target_sparsity, pattern=target_pattern, structured=structured,
+            shots=shots if method == "surgeon" else 1,
             allocation=allocation,  # type: ignore[arg-type]
             correlation=correlation, fisher=fisher,  # type: ignore[arg-type]
         )
@@ -186,7 +188,7 @@ def prune_cmd(
         )
         windows, calib_origin = calib.ids, calib.origin
     if isinstance(cfg, SurgeonConfig):
-        report = prune_surgeon_(lm.model, lm.adapter, windows, cfg, checkpoint_dir=checkpoint, progress=not quiet)
+        report = prune_surgeon_(lm.model, lm.adapter, windows, cfg, checkpoint_dir=checkpoint, progress=not quiet)  # type: ignore[arg-type]
     else:
         report = prune_sequential_(lm.model, lm.adapter, windows, cfg, progress=not quiet)
     payload = {"model": lm.source, "calibration": calib_origin, **report.to_dict()}
@@ -227,6 +229,7 @@ def shrink_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Cut the fully zeroed MLP channels and attention heads out of a masked model and save it smaller."""
+    from export.checkpoint import prepare_target
     from export.pruned import ShrinkConfig, shrink_and_save
     from surgeon.loading import load_model
 
@@ -236,6 +239,7 @@ def shrink_cmd(
     if rounding not in ("up", "down", "nearest"):
         raise SurgeonError(f"--rounding must be up, down or nearest, got {rounding!r}")
     cfg = ShrinkConfig(align=align, rounding=rounding, uniform=uniform)  # type: ignore[arg-type]
+    prepare_target(out, force)
     lm = load_model(model)
     report = shrink_and_save(
         lm.model, lm.tokenizer, lm.adapter, out, cfg, report={"model": lm.source, "plan": "zero groups"}, force=force
@@ -255,28 +259,37 @@ def shrink_cmd(
 def info_cmd(model: ModelArg = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """Architecture, shapes, parameter counts and measured zeros of a model."""
     from surgeon.loading import count_parameters, load_model
+    from surgeon.surgery import layer_shapes
 
     _setup(quiet, None)
     lm = load_model(model)
     config = lm.model.config
     counts = count_parameters(lm.model, lm.adapter)
+    shapes = layer_shapes(lm.model, lm.adapter)  # read from the linears: per-layer sizes may differ
+
+    def span(values: list[int]) -> str:
+        return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+    widths = [s.intermediate_size for s in shapes]
+    heads = [s.num_attention_heads for s in shapes]
+    kv_heads = [s.num_key_value_heads for s in shapes]
     payload = {
         "model": lm.source,
         "path": str(lm.path),
         "model_type": config.model_type,
         "layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
+        "intermediate_size": max(widths),
+        "num_attention_heads": max(heads),
+        "num_key_value_heads": max(kv_heads),
+        "layer_shapes": [s.to_dict() for s in shapes],
         "vocab_size": config.vocab_size,
         "parameters": counts,
     }
     zeros = counts["decoder_linear_zeros"] / counts["decoder_linear"]
     _emit(payload, as_json, [
         f"{lm.source}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"intermediate {config.intermediate_size}, {config.num_attention_heads} query / "
-        f"{config.num_key_value_heads} KV heads",
+        f"intermediate {span(widths)}, {span(heads)} query / {span(kv_heads)} KV heads",
         f"parameters {counts['total']:,}; decoder linears {counts['decoder_linear']:,} "
         f"({zeros:.4%} zeros)",
         f"weights: {lm.path}",

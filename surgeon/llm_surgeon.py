@@ -31,12 +31,13 @@ from torch import nn
 
 from surgeon import structures
 from surgeon.adapters import Adapter
-from surgeon.calibrate import FisherKind, kfac_factors
+from surgeon.calibrate import FisherKind, input_factors, kfac_factors
 from surgeon.curvature.kfac import DampedKron, prepare
 from surgeon.errors import SurgeonError
 from surgeon.prune.costs import element_costs
 from surgeon.prune.patterns import NMPattern, check_sparsity
 from surgeon.prune.update import Correlation, update_masked
+from surgeon.structures import Scoring
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,11 @@ class SurgeonConfig:
     correlation: Correlation = "rows"
     fisher: FisherKind = "empirical"
     batch_size: int = 4
+    scoring: Scoring = "surgeon"  # "magnitude" / "wanda": structured baselines on the same groups
 
     def __post_init__(self) -> None:
+        if self.scoring != "surgeon" and (self.structured is None or self.pattern is not None):
+            raise SurgeonError("magnitude and Wanda scores on coupled groups need a structured target alone")
         given = [x is not None for x in (self.sparsity, self.pattern, self.structured)]
         if sum(given) != 1 and not (self.structured is not None and self.pattern is not None and self.sparsity is None):
             raise SurgeonError(
@@ -225,16 +229,21 @@ def prune_surgeon_(
     for shot in range(first, len(targets)):
         target = targets[shot]
         t0 = time.perf_counter()
-        factors = kfac_factors(model, adapter, windows, batch_size=cfg.batch_size, fisher=cfg.fisher,
-                               progress=progress)
-        t_curv = time.perf_counter() - t0
-        damped = {name: prepare(f.A, f.G, cfg.lam_A, cfg.damping_G(target)) for name, f in factors.items()}
-        del factors
-        if isinstance(target, Remaining):
-            _structured_step(model, adapter, target, damped, keep)
+        if cfg.scoring != "surgeon":  # baselines on the same coupled groups: scores, no update
+            A = input_factors(model, adapter, windows, batch_size=cfg.batch_size) if cfg.scoring == "wanda" else None
+            t_curv = time.perf_counter() - t0
+            _structured_step(model, adapter, target, keep, cfg.scoring, A=A)  # type: ignore[arg-type]
         else:
-            _element_step(linears, target, damped, keep, cfg)
-        del damped
+            factors = kfac_factors(model, adapter, windows, batch_size=cfg.batch_size, fisher=cfg.fisher,
+                                   progress=progress)
+            t_curv = time.perf_counter() - t0
+            damped = {name: prepare(f.A, f.G, cfg.lam_A, cfg.damping_G(target)) for name, f in factors.items()}
+            del factors
+            if isinstance(target, Remaining):
+                _structured_step(model, adapter, target, keep, "surgeon", damped=damped)
+            else:
+                _element_step(linears, target, damped, keep, cfg)
+            del damped
         removed = sum(int((~k).sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
         report.shots.append({
             "shot": shot + 1, "target": target if isinstance(target, float) else str(target),
@@ -276,8 +285,8 @@ def _element_step(
 
 
 def _structured_step(
-    model: nn.Module, adapter: Adapter, target: Remaining, damped: dict[str, DampedKron],
-    keep: dict[str, torch.Tensor],
+    model: nn.Module, adapter: Adapter, target: Remaining, keep: dict[str, torch.Tensor], scoring: Scoring,
+    damped: dict[str, DampedKron] | None = None, A: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Remove the cheapest coupled groups (MLP channels, head slices) across all layers."""
     linears = adapter.decoder_linears(model)
@@ -286,9 +295,12 @@ def _structured_step(
     candidates = []
     for i, layer in enumerate(adapter.decoder_layers(model)):
         inter = layer.get_submodule(adapter.mlp).get_submodule(adapter.gate).out_features
-        candidates += structures.layer_candidates(model, adapter, i, damped, keep, min_channels=max(1, inter // 20))
+        channel_cost, head_cost = structures.group_costs(model, adapter, i, scoring, damped, A)
+        candidates += structures.layer_candidates(
+            model, adapter, i, channel_cost, head_cost, keep, min_channels=max(1, inter // 20)
+        )
     chosen = structures.select(candidates, budget)
-    structures.apply_(model, adapter, chosen, damped, keep)
+    structures.apply_(model, adapter, chosen, damped if scoring == "surgeon" else None, keep)
 
 
 def _save_checkpoint(

@@ -17,6 +17,7 @@ zeroed structures into physically smaller matrices.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,38 +61,68 @@ def head_rows(h: Tensor, head_dim: int) -> Tensor:
     return (h[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
-def layer_candidates(
-    model: nn.Module, adapter: Adapter, i: int, damped: dict[str, DampedKron], keep: dict[str, Tensor],
-    min_channels: int,
-) -> list[Candidate]:
-    """Every coupled group of layer ``i`` that may still go, with its cost (already removed ones cost 0)."""
+Scoring = Literal["surgeon", "magnitude", "wanda"]
+
+
+def group_costs(
+    model: nn.Module, adapter: Adapter, i: int, scoring: Scoring,
+    damped: dict[str, DampedKron] | None = None, A: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Costs of layer ``i``'s MLP channels ``[inter]`` and query heads ``[n_heads]``.
+
+    ``surgeon``: the second-order costs above (needs ``damped`` factors). Baselines on the same
+    groups: ``magnitude`` sums the L2 norms of a group's rows and columns; ``wanda`` scores the
+    output-side matrix like Wanda, ``‖W[:, j]‖ · ‖x_j‖`` summed over the group's columns of
+    down_proj / o_proj (needs the input moments ``A``).
+    """
     names = _layer_names(adapter, i)
     W = {k: adapter_weight(model, n) for k, n in names.items()}
-    hidden = W["gate"].shape[1]
-    ch = (
-        row_costs(W["gate"], damped[names["gate"]].A, damped[names["gate"]].G_inv)
-        + row_costs(W["up"], damped[names["up"]].A, damped[names["up"]].G_inv)
-        + col_costs(W["down"], damped[names["down"]].G, damped[names["down"]].A_inv)
-    )
+    n_heads, _, head_dim = head_layout(model)
+    if scoring == "surgeon":
+        assert damped is not None
+        dq, do = damped[names["q"]], damped[names["o"]]
+        channels = (
+            row_costs(W["gate"], damped[names["gate"]].A, damped[names["gate"]].G_inv)
+            + row_costs(W["up"], damped[names["up"]].A, damped[names["up"]].G_inv)
+            + col_costs(W["down"], damped[names["down"]].G, damped[names["down"]].A_inv)
+        )
+        heads = torch.stack([
+            rows_cost(W["q"], dq.A, dq.G_inv, head_rows(torch.tensor([h]), head_dim))
+            + cols_cost(W["o"], do.G, do.A_inv, head_rows(torch.tensor([h]), head_dim))
+            for h in range(n_heads)
+        ])
+    elif scoring == "magnitude":
+        channels = W["gate"].norm(dim=1) + W["up"].norm(dim=1) + W["down"].norm(dim=0)
+        heads = (W["q"].reshape(n_heads, -1).norm(dim=1)
+                 + W["o"].reshape(W["o"].shape[0], n_heads, head_dim).permute(1, 0, 2).reshape(n_heads, -1).norm(dim=1))
+    else:
+        assert A is not None
+        down = W["down"].norm(dim=0) * A[names["down"]].diagonal().sqrt()  # [inter]
+        o = W["o"].norm(dim=0) * A[names["o"]].diagonal().sqrt()  # [n_heads * head_dim]
+        channels, heads = down, o.reshape(n_heads, head_dim).sum(1)
+    return channels, heads
+
+
+def layer_candidates(
+    model: nn.Module, adapter: Adapter, i: int, channel_cost: Tensor, head_cost: Tensor,
+    keep: dict[str, Tensor], min_channels: int,
+) -> list[Candidate]:
+    """Every coupled group of layer ``i`` that may still go, with its cost (already removed ones first)."""
+    names = _layer_names(adapter, i)
+    hidden = model.get_submodule(names["gate"]).in_features
     gone = ~keep[names["gate"]].any(1)  # channels already removed
-    ch = torch.where(gone, -1.0, ch)
+    ch = torch.where(gone, -1.0, channel_cost.double())
     order = ch.argsort()
     out = [Candidate(i, "channel", order[j : j + 1], float(ch[order[j]]), 3 * hidden)
            for j in range(len(order) - min_channels)]
     n_heads, n_kv, head_dim = head_layout(model)
     group = n_heads // n_kv
-    dq, do = damped[names["q"]], damped[names["o"]]
-    head_cost = torch.stack([
-        rows_cost(W["q"], dq.A, dq.G_inv, head_rows(torch.tensor([h]), head_dim))
-        + cols_cost(W["o"], do.G, do.A_inv, head_rows(torch.tensor([h]), head_dim))
-        for h in range(n_heads)
-    ])
     heads_gone = ~keep[names["q"]].reshape(n_heads, head_dim, -1).any(2).any(1)
-    head_cost = torch.where(heads_gone, -1.0, head_cost).reshape(n_kv, group)  # [kv group, head in group]
-    ranked = head_cost.argsort(dim=1)  # cheapest first within each group
+    hc = torch.where(heads_gone, -1.0, head_cost.double()).reshape(n_kv, group)  # [kv group, head in group]
+    ranked = hc.argsort(dim=1)  # cheapest first within each group
     for s in range(group - 1):  # keep at least one query head per KV group
         heads = ranked[:, s] + torch.arange(n_kv) * group
-        cost = float(head_cost.gather(1, ranked[:, s : s + 1]).clamp(min=0).sum())
+        cost = float(hc.gather(1, ranked[:, s : s + 1]).clamp(min=0).sum())
         out.append(Candidate(i, "heads", heads, cost if not heads_gone[heads].all() else -1.0,
                              2 * n_kv * head_dim * hidden))
     return out
@@ -123,10 +154,14 @@ def select(candidates: list[Candidate], budget: int) -> list[Candidate]:
 
 
 def apply_(
-    model: nn.Module, adapter: Adapter, chosen: list[Candidate], damped: dict[str, DampedKron],
+    model: nn.Module, adapter: Adapter, chosen: list[Candidate], damped: dict[str, DampedKron] | None,
     keep: dict[str, Tensor],
 ) -> None:
-    """Zero the chosen structures with the joint (correlated) row and column updates; update masks."""
+    """Zero the chosen structures and update the masks.
+
+    With ``damped`` factors the remaining weights get LLM Surgeon's joint (correlated) row and
+    column updates; without (the baselines), the structures are only zeroed.
+    """
     _, _, head_dim = head_layout(model)
     by_layer: dict[int, dict[str, list[Tensor]]] = {}
     for c in chosen:
@@ -137,16 +172,34 @@ def apply_(
             if parts["channel"]:
                 R = torch.cat(parts["channel"]).unique()
                 for key in ("gate", "up"):
-                    _set(model, names[key], update_rows(adapter_weight(model, names[key]), damped[names[key]].G_inv, R))
-                    keep[names[key]][R] = False
-                _set(model, names["down"], update_cols(adapter_weight(model, names["down"]), damped[names["down"]].A_inv, R))
-                keep[names["down"]][:, R] = False
+                    _remove(model, names[key], R, "rows", damped, keep)
+                _remove(model, names["down"], R, "cols", damped, keep)
             if parts["heads"]:
                 idx = head_rows(torch.cat(parts["heads"]).unique(), head_dim)
-                _set(model, names["q"], update_rows(adapter_weight(model, names["q"]), damped[names["q"]].G_inv, idx))
-                keep[names["q"]][idx] = False
-                _set(model, names["o"], update_cols(adapter_weight(model, names["o"]), damped[names["o"]].A_inv, idx))
-                keep[names["o"]][:, idx] = False
+                _remove(model, names["q"], idx, "rows", damped, keep)
+                _remove(model, names["o"], idx, "cols", damped, keep)
+
+
+def _remove(
+    model: nn.Module, name: str, idx: Tensor, axis: Literal["rows", "cols"],
+    damped: dict[str, DampedKron] | None, keep: dict[str, Tensor],
+) -> None:
+    W = adapter_weight(model, name)
+    if damped is None:
+        W = W.clone()
+        if axis == "rows":
+            W[idx] = 0.0
+        else:
+            W[:, idx] = 0.0
+    elif axis == "rows":
+        W = update_rows(W, damped[name].G_inv, idx)
+    else:
+        W = update_cols(W, damped[name].A_inv, idx)
+    _set(model, name, W)
+    if axis == "rows":
+        keep[name][idx] = False
+    else:
+        keep[name][:, idx] = False
 
 
 def _set(model: nn.Module, name: str, W: Tensor) -> None:

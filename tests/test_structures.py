@@ -36,11 +36,13 @@ def structure_state(model):
     return out
 
 
+@pytest.mark.parametrize("scoring", ["surgeon", "magnitude", "wanda"])
 @pytest.mark.parametrize("remaining", [0.8, 0.6])
-def test_structured_removes_coupled_groups_and_meets_target(remaining: float) -> None:
+def test_structured_removes_coupled_groups_and_meets_target(remaining: float, scoring: str) -> None:
     model, _ = make_tiny_llama()
     total = sum(m.weight.numel() for m in LLAMA.decoder_linears(model).values())
-    report = prune_surgeon_(model, LLAMA, calib(model), SurgeonConfig(structured=remaining, shots=2), progress=False)
+    cfg = SurgeonConfig(structured=remaining, shots=2, scoring=scoring)  # type: ignore[arg-type]
+    report = prune_surgeon_(model, LLAMA, calib(model), cfg, progress=False)
     state = structure_state(model)
     n_kv, group = model.config.num_key_value_heads, model.config.num_attention_heads // model.config.num_key_value_heads
     removed = 0
@@ -86,3 +88,17 @@ def test_bad_structured_settings() -> None:
     model, _ = make_tiny_llama(num_attention_heads=2, num_key_value_heads=2, head_dim=16)
     with pytest.raises(SurgeonError, match="at least 2 query heads per KV group"):
         prune_surgeon_(model, LLAMA, calib(model), SurgeonConfig(structured=0.8), progress=False)
+
+
+def test_magnitude_scores_remove_the_smallest_channel_first() -> None:
+    model, _ = make_tiny_llama()
+    layer = model.model.layers[1].mlp
+    with torch.no_grad():
+        for w in (layer.gate_proj.weight[5], layer.up_proj.weight[5], layer.down_proj.weight[:, 5]):
+            w.mul_(1e-3)
+    total = sum(m.weight.numel() for m in LLAMA.decoder_linears(model).values())
+    one_channel = 3 * 32 / total
+    prune_surgeon_(model, LLAMA, None, SurgeonConfig(structured=1 - one_channel, shots=1, scoring="magnitude"),
+                   progress=False)
+    removed = [(i, int(k)) for i, l in enumerate(model.model.layers) for k in (l.mlp.gate_proj.weight == 0).all(1).nonzero()]
+    assert removed == [(1, 5)]
