@@ -135,7 +135,7 @@ def prune_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally save and evaluate it."""
-    from benchmarks.env import environment
+    from benchmarks.env import environment, peak_rss_mib
     from benchmarks.metrics import perplexity
     from export.checkpoint import prepare_target, save_checkpoint
     from surgeon.data import calibration_windows, eval_tokens
@@ -202,6 +202,7 @@ def prune_cmd(
             lm.model, lm.tokenizer, out, full, list(lm.adapter.decoder_linears(lm.model)), force=force
         )
         payload.update(out=str(out), saved_sparsity=written["saved_sparsity"], bytes_on_disk=written["bytes_on_disk"])
+    payload["peak_rss_mib"] = peak_rss_mib()
     payload["environment"] = environment()
     what = " + ".join(x for x in (
         f"structured {structured:.0%} kept" if structured is not None else "",
@@ -356,6 +357,9 @@ def main() -> None:
         app()
     except SurgeonError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except FloatingPointError as exc:
+        typer.echo(f"error: numerical failure ({exc}); try more damping or other calibration data", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
