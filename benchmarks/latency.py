@@ -1,0 +1,205 @@
+"""Latency and peak-memory primitives (BENCHMARK_PROTOCOL.md, "Latency and memory").
+
+- Prompts are synthetic: uniformly random token ids from a seeded generator, identical for every
+  model of a run (nanoGPT:bench.py offers the same), so no corpus is read for timing.
+- Prefill: one forward pass over a ``[B, T]`` prompt, keeping only the last position's logits
+  (``logits_to_keep=1``, as generation does).
+- Decode: an untimed prefill, then ``N`` timed greedy steps with the Hugging Face KV cache, one
+  token per sequence each, no stop tokens; tokens/s = ``B * N / seconds``. A plain loop rather than
+  ``model.generate``, whose logits processors and stopping criteria would be timed too.
+- Clocks: CUDA events after ``torch.cuda.synchronize()`` on GPU, ``time.perf_counter`` on CPU.
+- Peak memory: ``torch.cuda.max_memory_allocated`` on GPU. On CPU the peak resident set size of the
+  process (``VmHWM``), reset before each measurement by writing ``5`` to ``/proc/self/clear_refs``
+  after ``malloc_trim(0)`` has handed freed heap back to the kernel; where that is not possible,
+  ``ru_maxrss`` (the peak over the whole process life) and the JSON says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def synthetic_prompt(batch: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
+    """Random token ids ``[batch, length]`` (long), the same for every model given the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=gen)
+
+
+class Stopwatch:
+    """Wall time of a region: CUDA events on GPU (after synchronising), ``perf_counter`` on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        """Mark the start, after all queued GPU work has finished."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._event = torch.cuda.Event(enable_timing=True)
+            self._event.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """Seconds since :meth:`start`, after all queued GPU work has finished."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            torch.cuda.synchronize()
+            return self._event.elapsed_time(end) / 1000.0
+        return time.perf_counter() - self._t0
+
+
+@torch.inference_mode()
+def time_prefill(model: nn.Module, prompt: torch.Tensor) -> float:
+    """Seconds for one forward pass over ``prompt`` ``[B, T]`` (last-position logits only)."""
+    watch = Stopwatch(prompt.device)
+    watch.start()
+    model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    return watch.stop()
+
+
+@torch.inference_mode()
+def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """Greedy decode with the KV cache: returns the ``[B, new_tokens]`` tokens fed to the timed steps and their seconds.
+
+    Args:
+        prompt: token ids ``[B, T]`` on the model's device; its prefill is not timed.
+        new_tokens: number of timed decode steps (one token per sequence each, no stop tokens).
+    """
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
+    past = out.past_key_values
+    fed = []
+    watch = Stopwatch(prompt.device)
+    watch.start()
+    for _ in range(new_tokens):
+        fed.append(token)
+        out = model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
+    seconds = watch.stop()
+    return torch.cat(fed, dim=1), seconds
+
+
+def _vm_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    if match is None:
+        raise OSError(f"{field} not in {_STATUS}")
+    return int(match.group(1))
+
+
+def memory_method(device: torch.device) -> str:
+    """How :func:`read_peak` measures on this device (recorded in every result)."""
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    try:
+        _vm_kib("VmHWM")
+        with _CLEAR_REFS.open("w"):
+            pass
+        return "peak RSS (VmHWM, reset per measurement)"
+    except OSError:
+        return "peak RSS (ru_maxrss, whole process life)"
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory window (see the module docstring for how, per device)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages so they do not count
+    except (OSError, AttributeError):
+        pass  # not glibc: the peak may then include memory freed by earlier measurements
+    try:
+        _CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current RSS (proc(5))
+    except OSError:
+        pass  # read_peak falls back to ru_maxrss, as memory_method reports
+
+
+def read_peak(device: torch.device) -> int:
+    """Peak bytes since :func:`reset_peak`: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        return _vm_kib("VmHWM") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new allocations: ``cudaMemGetInfo`` on GPU, ``MemAvailable`` on CPU; None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def estimate_bytes(config: Any, batch: int, length: int, element_size: int = 4) -> int:
+    """Rough working memory of a forward pass over ``[batch, length]`` tokens with a KV cache of ``length``.
+
+    Counts the KV cache (2 x layers x B x T x kv_heads x head_dim), the widest activations of one
+    layer (hidden and MLP states), one attention score matrix (B x heads x T x T, the worst case
+    for kernels that materialise it) and the last-position logits. Used only to skip cells that
+    cannot fit, not as a measurement.
+    """
+    c = config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv = 2 * c.num_hidden_layers * batch * length * c.num_key_value_heads * head_dim
+    acts = batch * length * (4 * c.hidden_size + 3 * c.intermediate_size)
+    scores = batch * heads * length * length
+    return element_size * (kv + acts + scores + batch * c.vocab_size)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception is an allocation failure (CUDA OOM or the CPU allocator giving up)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        text in str(exc) for text in ("out of memory", "can't allocate memory")
+    )
+
+
+@dataclass
+class Stats:
+    """Median and spread of repeated measurements (raw samples kept, in repetition order)."""
+
+    median: float
+    min: float
+    max: float
+    q1: float
+    q3: float
+    n: int
+    samples: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(samples: list[float]) -> Stats:
+    """Median, min/max and quartiles (inclusive method) of at least one sample."""
+    if not samples:
+        raise ValueError("no samples to summarize")
+    if len(samples) == 1:
+        q1 = q3 = samples[0]
+    else:
+        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return Stats(statistics.median(samples), min(samples), max(samples), q1, q3, len(samples), list(samples))

@@ -1,0 +1,176 @@
+"""Turn a benchmark result into files: the JSON record, a markdown table and PNG plots.
+
+Everything is rendered in memory first and each file is written to a temporary sibling and renamed
+into place, the JSON last: a JSON file on disk is always complete, and its presence means the
+markdown and plots next to it belong to it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: the rename is atomic
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _mib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _x(r: float | None, digits: int = 3) -> str:
+    return "–" if r is None else f"{r:.{digits}f}×"
+
+
+def _cell_ratio(model: dict, kind: str, cell: str, key: str) -> float | None:
+    entry = model["ratios"][kind].get(cell)
+    return None if entry is None else entry[key]
+
+
+def markdown(result: dict) -> str:
+    """Three tables (models, prefill, decode) plus the environment line and any gate result."""
+    env, cfg, models = result["environment"], result["config"], result["models"]
+    base = models[0]
+    lines = [
+        f"# Benchmark {result['created']}", "",
+        f"{env['device']} ({env['device_type']}); torch {env['torch']}, transformers {env['transformers']}, "
+        f"onnxruntime {env['onnxruntime']}; {env['dtype']}; threads: {base['environment']['threads']}; "
+        f"commit {env['git_commit']}. Baseline: **{base['label']}**; ratios are to it, measured in this run. "
+        f"{cfg['repeat']} repetitions after {cfg['warmup']} warm-up, interleaved between models; "
+        f"peak memory: {base['memory_method']}.", "",
+        "| model | backend | parameters | decoder-linear zeros | size on disk | size × | perplexity | ppl × |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for m in models:
+        a, ppl = m["artefact"], m["perplexity"]
+        lines.append(
+            f"| {m['label']} | {m['backend']} | {a['parameters']['total']:,} | {a['sparsity']:.2%} | "
+            f"{_mib(a['bytes_on_disk'])} | {_x(m['ratios']['bytes_on_disk'])} | "
+            f"{'–' if ppl is None else format(ppl['perplexity'], '.3f')} | {_x(m['ratios']['perplexity'])} |")
+    if cfg["prefill"]:
+        lines += ["", "Prefill (one forward pass over a synthetic prompt):", "",
+                  "| model | batch×length | median ms | min–max ms | tokens/s | peak memory | latency × | speed-up |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for m in models:
+            for c in m["prefill"]:
+                lines.append(_row(m, "prefill", c, f"{c['batch']}×{c['length']}"))
+    if cfg["decode"]:
+        lines += ["", f"Decode ({cfg['new_tokens']} greedy KV-cache steps after a {cfg['prompt_len']}-token prompt):", "",
+                  "| model | batch | median ms/step | min–max ms/step | tokens/s | peak memory | latency × | speed-up |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for m in models:
+            for c in m["decode"]:
+                lines.append(_row(m, "decode", c, str(c["batch"]), steps=cfg["new_tokens"]))
+    if result.get("gate"):
+        from benchmarks.gate import gate_table
+
+        lines += ["", gate_table(result["gate"])]
+    return "\n".join(lines) + "\n"
+
+
+def _row(m: dict, kind: str, c: dict, cell: str, steps: int = 1) -> str:
+    if c["status"] != "ok":
+        return f"| {m['label']} | {cell} | skipped: {c['reason']} | | | | | |"
+    s = c["seconds"]
+    ms = [1000 * v / steps for v in (s["median"], s["min"], s["max"])]
+    return (f"| {m['label']} | {cell} | {ms[0]:.2f} | {ms[1]:.2f}–{ms[2]:.2f} | "
+            f"{c['tokens_per_s']['median']:,.0f} | {_mib(c['peak_memory_bytes'])} | "
+            f"{_x(_cell_ratio(m, kind, c['cell'], 'latency'))} | "
+            f"{_x(_cell_ratio(m, kind, c['cell'], 'throughput'), 2)} |")
+
+
+def plot_quality(result: dict) -> bytes | None:
+    """Perplexity against remaining decoder-linear weights (nonzeros relative to the baseline's), a line per method.
+
+    Each method's line starts at the baseline (when the baseline has perplexity), the unpruned end
+    of every curve; models without a pruning record are grouped as ``unpruned``.
+    """
+    base = result["models"][0]
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    for m in result["models"][1:]:
+        if m["perplexity"] is None or m["ratios"]["remaining_decoder_linear"] is None:
+            continue
+        method = (m["artefact"].get("pruning") or {}).get("method") or "unpruned"
+        points.setdefault(method, []).append(
+            (100 * m["ratios"]["remaining_decoder_linear"], m["perplexity"]["perplexity"], m["label"]))
+    anchor = None if base["perplexity"] is None else (100.0, base["perplexity"]["perplexity"], base["label"])
+    if not points and anchor is None:
+        return None
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for method, pts in sorted(points.items()):
+        pts = sorted(pts + ([anchor] if anchor else []), reverse=True)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if anchor:
+        ax.plot([anchor[0]], [anchor[1]], marker="*", markersize=12, color="black", linestyle="",
+                label=f"baseline ({anchor[2]})")
+    ys = [p[1] for pts in points.values() for p in pts] + ([anchor[1]] if anchor else [])
+    ax.set(xlabel="remaining decoder-linear weights (% of baseline nonzeros)", ylabel="perplexity",
+           yscale="log" if max(ys) > 10 * min(ys) else "linear", title="Perplexity vs remaining size")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_speedup(result: dict) -> bytes | None:
+    """Speed-up (tokens/s ratio to the baseline) per grid cell, one bar per model and backend."""
+    models = result["models"][1:]
+    cells = [("prefill", c["cell"], f"prefill {c['batch']}×{c['length']}") for c in result["models"][0]["prefill"]]
+    cells += [("decode", c["cell"], f"decode b{c['batch']}") for c in result["models"][0]["decode"]]
+    if not models or not cells:
+        return None
+    fig = Figure(figsize=(max(6.0, 1.2 * len(cells) * max(1, len(models)) ** 0.5), 4), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(models)
+    for j, m in enumerate(models):
+        heights = [_cell_ratio(m, kind, key, "throughput") or 0.0 for kind, key, _ in cells]
+        ax.bar([i + j * width for i in range(len(cells))], heights, width, label=f"{m['label']} ({m['backend']})")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(cells))], [c[2] for c in cells], fontsize=8)
+    ax.set(ylabel=f"speed-up vs {result['models'][0]['label']}", title="Speed-up by batch × length (0: skipped)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def write_outputs(result: dict, json_path: Path) -> list[Path]:
+    """Write ``json_path``, a ``.md`` beside it and ``.<plot>.png`` plots; returns the paths written.
+
+    Args:
+        result: a document from :func:`benchmarks.run.run_benchmark` (with ``gate`` if one ran).
+        json_path: where the JSON goes; the other files share its stem.
+    """
+    stem = json_path.with_suffix("")
+    files: dict[Path, bytes] = {}
+    for name, png in (("ppl_vs_size", plot_quality(result)), ("speedup", plot_speedup(result))):
+        if png is not None:
+            files[stem.with_name(f"{stem.name}.{name}.png")] = png
+    md_path = stem.with_name(f"{stem.name}.md")
+    result["outputs"] = {"markdown": md_path.name, "plots": [p.name for p in files]}
+    files[md_path] = markdown(result).encode()
+    files[json_path] = (json.dumps(result, indent=2) + "\n").encode()  # last: complete or absent
+    for path, data in files.items():
+        atomic_write(path, data)
+    return list(files)

@@ -1,0 +1,180 @@
+"""One model per worker: the runner's side of the benchmark, in its own process or inline.
+
+Why a process per model: on CPU the only honest peak memory is the process's peak resident set
+size, and a process that holds every model of a run would count all of them in each. A worker
+holds one model, so its peak RSS (reset before each measurement, see :mod:`benchmarks.latency`)
+is that model's footprint; a crash or an out-of-memory kill also takes down one model, not the
+run; and a backend may name another interpreter (another torch install) for its worker. The
+coordinator (:mod:`benchmarks.run`) sends one request at a time, round-robin over the workers, so
+repetitions interleave between models while only one of them computes at any moment.
+
+Protocol: one JSON object per line on stdin, one reply per line on a private copy of stdout
+(``fd 1`` itself is redirected to stderr, so stray prints cannot corrupt the stream). Replies
+are ``{"ok": ...}`` or ``{"error": "user" | "oom" | "bug", "message": ...}``. ``inline`` mode
+calls :meth:`Worker.handle` directly (tests, or when processes are not wanted); its memory
+numbers then cover every model of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from benchmarks import latency
+from benchmarks.backends import Runner, get_backend
+from surgeon.errors import SurgeonError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class OutOfMemory(Exception):
+    """A measurement ran out of memory; the coordinator skips that cell for that model."""
+
+
+class Worker:
+    """Serves requests for one model: load, describe, check, perplexity, prefill, decode."""
+
+    def __init__(self) -> None:
+        self.runner: Runner | None = None
+
+    def handle(self, request: dict) -> dict:
+        """Answer one request; user errors and out-of-memory become error replies, bugs raise."""
+        try:
+            return {"ok": self._dispatch(request)}
+        except SurgeonError as exc:
+            return {"error": "user", "message": str(exc)}
+        except Exception as exc:  # only allocation failures are answered; anything else re-raises
+            if not latency.is_out_of_memory(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return {"error": "oom", "message": str(exc).strip().splitlines()[0][:200]}
+
+    def _dispatch(self, r: dict) -> object:
+        op = r["op"]
+        if op == "load":
+            from benchmarks.env import environment
+
+            if r.get("threads"):
+                torch.set_num_threads(r["threads"])
+            self.runner = get_backend(r["backend"]).load(r["spec"], r["device"])
+            return {"artefact": self.runner.describe(),
+                    "environment": environment(self.runner.device),
+                    "memory_method": latency.memory_method(self.runner.device)}
+        runner = self.runner
+        if runner is None:
+            raise RuntimeError(f"request {op!r} before load")
+        if op == "check":
+            return runner.check(r["batch"], r["length"])
+        if op == "perplexity":
+            return runner.perplexity(r["windows"], r["seq_len"], r["batch_size"], r["text"],
+                                     r["data_dir"], r["progress"])
+        if op in ("prefill", "decode"):
+            latency.reset_peak(runner.device)
+            if op == "prefill":
+                seconds = runner.prefill(r["batch"], r["length"], r["seed"])
+            else:
+                seconds = runner.decode(r["batch"], r["length"], r["new_tokens"], r["seed"])
+            return {"seconds": seconds, "peak_bytes": latency.read_peak(runner.device)}
+        raise RuntimeError(f"unknown request {op!r}")
+
+
+class InlineClient:
+    """A worker in this process."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.worker = label, Worker()
+
+    def call(self, request: dict) -> object:
+        return _unwrap(self.worker.handle(request), self.label)
+
+    def close(self) -> None:
+        self.worker.runner = None
+
+
+class ProcessClient:
+    """A worker in a child process (``python -m benchmarks.worker``)."""
+
+    def __init__(self, label: str, python: str | None, quiet: bool) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+        self.label = label
+        try:
+            self.proc = subprocess.Popen(
+                [python or sys.executable, "-m", "benchmarks.worker", *(["--quiet"] if quiet else [])],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            )
+        except OSError as exc:
+            raise SurgeonError(f"cannot start the benchmark worker for {label} with {python}: {exc}") from None
+
+    def call(self, request: dict) -> object:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            code = self.proc.wait()
+            hint = " (killed: likely out of memory; shrink the grid)" if code in (-9, 137) else ""
+            raise SurgeonError(
+                f"benchmark worker for {self.label} exited with code {code} during {request['op']}{hint}")
+        return _unwrap(json.loads(line), self.label)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _unwrap(reply: dict, label: str) -> object:
+    if "ok" in reply:
+        return reply["ok"]
+    if reply["error"] == "user":
+        raise SurgeonError(reply["message"])
+    if reply["error"] == "oom":
+        raise OutOfMemory(reply["message"])
+    raise RuntimeError(f"benchmark worker for {label} failed:\n{reply['message']}")
+
+
+def serve(requests: IO[str], replies: IO[str]) -> None:
+    """Answer requests line by line until ``quit`` or end of input; bugs are sent back as tracebacks."""
+    worker = Worker()
+    for line in requests:
+        request = json.loads(line)
+        if request["op"] == "quit":
+            return
+        try:
+            reply = worker.handle(request)
+        except Exception:  # a bug: the coordinator raises it with this traceback
+            reply = {"error": "bug", "message": traceback.format_exc()}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+def main() -> None:
+    """Worker entry point: keep a private copy of stdout for replies, send fd 1 to stderr."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    logging.basicConfig(level=logging.WARNING if "--quiet" in sys.argv else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    serve(sys.stdin, replies)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The benchmark runner on tiny random models: schema, ratios, skipped cells, files, decode loop."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import latency
+from benchmarks.backends import TorchRunner
+from benchmarks.metrics import perplexity
+from benchmarks.worker import ProcessClient, serve
+from benchmarks.run import (
+    SCHEMA_VERSION, BenchConfig, ModelSpec, PplConfig, bench, parse_batches, parse_models, parse_prefill,
+    run_benchmark,
+)
+from export.checkpoint import save_checkpoint
+from surgeon.data import tokenize
+from surgeon.errors import SurgeonError
+from surgeon.loading import load_model
+from tests.conftest import CORPUS, make_tiny_llama
+
+PRUNED_ZEROS = 3 * 64  # zeroed weights per decoder linear in the "pruned" model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A dense tiny Llama, and a copy with 192 zeros per decoder linear saved by the real checkpoint writer."""
+    root = tmp_path_factory.mktemp("bench-models")
+    model, tokenizer = make_tiny_llama()
+    model.save_pretrained(root / "dense")
+    tokenizer.save_pretrained(root / "dense")
+    lm = load_model(root / "dense")
+    linears = lm.adapter.decoder_linears(lm.model)
+    with torch.no_grad():
+        for linear in linears.values():
+            linear.weight.view(-1)[:PRUNED_ZEROS] = 0
+    save_checkpoint(lm.model, lm.tokenizer, root / "pruned", {"config": {"method": "magnitude", "sparsity": 0.5}},
+                    list(linears))
+    (root / "text.txt").write_text(CORPUS * 40)
+    return {"dense": root / "dense", "pruned": root / "pruned", "text": root / "text.txt",
+            "linears": len(linears)}  # type: ignore[dict-item]
+
+
+def config(paths: dict, **overrides: object) -> BenchConfig:
+    kwargs: dict = dict(
+        models=[ModelSpec("dense", str(paths["dense"])), ModelSpec("pruned", str(paths["pruned"]))],
+        prefill=[(1, 8), (2, 16)], decode=[1, 2], prompt_len=8, new_tokens=4, isolation="inline",
+        ppl=PplConfig(windows=3, seq_len=32, text=str(paths["text"])), progress=False,
+    )
+    kwargs.update(overrides)
+    return BenchConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def result(models: dict) -> dict:
+    return run_benchmark(config(models))
+
+
+def test_parsers() -> None:
+    assert parse_prefill("1x128, 8×512") == [(1, 128), (8, 512)]
+    assert parse_prefill("none") == [] and parse_batches("1,8") == [1, 8]
+    for bad in ("1x", "0x128", "axb"):
+        with pytest.raises(SurgeonError, match="BATCHxLENGTH"):
+            parse_prefill(bad)
+    with pytest.raises(SurgeonError):
+        parse_batches("1,x")
+    specs = parse_models(["a/dense", "b/dense", "p=out/x", "default"], ["torch"])
+    assert [s.label for s in specs] == ["dense", "dense#2", "p", "default"]
+    assert specs[3].spec is None and specs[2].spec == "out/x"
+    with pytest.raises(SurgeonError, match="one --backend"):
+        parse_models(["a", "b", "c"], ["torch", "torch"])
+
+
+def test_summarize_known_answer() -> None:
+    s = latency.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (s.median, s.min, s.max, s.q1, s.q3, s.n) == (3.0, 1.0, 5.0, 2.0, 4.0, 5)
+    assert s.samples == [5.0, 1.0, 4.0, 2.0, 3.0]
+
+
+def test_greedy_decode_matches_recomputation_without_cache() -> None:
+    model, _ = make_tiny_llama(dtype=torch.float64)
+    prompt = latency.synthetic_prompt(2, 6, model.config.vocab_size, seed=3)
+    fed, seconds = latency.greedy_decode(model, prompt, new_tokens=5)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(5):  # reference: full forward over the whole sequence, no KV cache
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert fed.shape == (2, 5) and torch.equal(fed, seq[:, 6:]) and seconds > 0
+
+
+def test_schema_fields(result: dict, models: dict) -> None:
+    assert result["schema_version"] == SCHEMA_VERSION and result["kind"] == "surgeon-export benchmark"
+    for key in ("device", "torch", "transformers", "onnxruntime", "dtype", "threads", "date", "git_commit"):
+        assert key in result["environment"]
+    assert [m["label"] for m in result["models"]] == ["dense", "pruned"]
+    assert [m["baseline"] for m in result["models"]] == [True, False]
+    for m in result["models"]:
+        assert m["memory_method"] and m["environment"]["threads"] >= 1
+        assert [c["cell"] for c in m["prefill"]] == ["1x8", "2x16"]
+        assert [c["cell"] for c in m["decode"]] == ["b1", "b2"]
+        for kind, tokens in (("prefill", lambda c: c["batch"] * c["length"]), ("decode", lambda c: c["batch"] * 4)):
+            for c in m[kind]:
+                s = c["seconds"]
+                assert c["status"] == "ok" and s["n"] == 5 == len(s["samples"])
+                assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+                assert c["tokens_per_s"]["samples"] == pytest.approx([tokens(c) / x for x in s["samples"]])
+                assert c["peak_memory_bytes"] > 0
+    pruned = result["models"][1]["artefact"]
+    assert pruned["parameters"]["decoder_linear_zeros"] == PRUNED_ZEROS * models["linears"]
+    zeros = PRUNED_ZEROS * models["linears"]
+    assert pruned["sparsity"] == zeros / pruned["parameters"]["decoder_linear"] == zeros / 18432  # 2 x 9216
+    assert pruned["pruning"] == {"method": "magnitude", "sparsity": 0.5}
+    assert result["models"][0]["artefact"]["pruning"] is None
+
+
+def test_perplexity_matches_library(result: dict, models: dict) -> None:
+    lm = load_model(models["pruned"])
+    ids = tokenize(lm.tokenizer, models["text"].read_text())
+    expected = perplexity(lm.model, ids, seq_len=32, max_windows=3, progress=False).perplexity
+    assert result["models"][1]["perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_ratios_equal_computed_values(result: dict) -> None:
+    base, pruned = result["models"]
+    r = pruned["ratios"]
+    assert r["perplexity"] == pruned["perplexity"]["perplexity"] / base["perplexity"]["perplexity"]
+    assert r["bytes_on_disk"] == pruned["artefact"]["bytes_on_disk"] / base["artefact"]["bytes_on_disk"]
+    assert r["remaining_decoder_linear"] == pytest.approx(1 - PRUNED_ZEROS * 14 / 18432)
+    for kind in ("prefill", "decode"):
+        for mine, ref in zip(pruned[kind], base[kind]):
+            got = r[kind][mine["cell"]]
+            assert got["latency"] == mine["seconds"]["median"] / ref["seconds"]["median"]
+            assert got["throughput"] == mine["tokens_per_s"]["median"] / ref["tokens_per_s"]["median"]
+            paired = [a / b for a, b in zip(mine["seconds"]["samples"], ref["seconds"]["samples"])]
+            assert got["latency_spread"] == [min(paired), max(paired)]
+    assert all(v["latency"] == 1.0 for v in base["ratios"]["prefill"].values())
+
+
+def test_files_written_atomically(result: dict, tmp_path: Path) -> None:
+    from benchmarks.report import write_outputs
+
+    written = write_outputs(dict(result), tmp_path / "run.json")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["run.json", "run.md", "run.ppl_vs_size.png", "run.speedup.png"]  # no temporary files
+    assert written[-1].name == "run.json"
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "run.md").read_text()
+    assert "| dense |" in md and "| pruned |" in md and "2×16" in md
+    assert json.loads((tmp_path / "run.json").read_text())["outputs"]["markdown"] == "run.md"
+
+
+def test_no_partial_files_when_a_measurement_raises(models: dict, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "res" / "b.json"
+    out.parent.mkdir()
+    out.write_text('{"old": true}')
+
+    def broken(self: TorchRunner, batch: int, length: int, new_tokens: int, seed: int) -> float:
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(TorchRunner, "decode", broken)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        bench(config(models, ppl=None), out)
+    assert [p.name for p in out.parent.iterdir()] == ["b.json"] and out.read_text() == '{"old": true}'
+
+
+def test_cells_that_cannot_run_are_skipped(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = TorchRunner.prefill
+
+    def oom_for_pruned(self: TorchRunner, batch: int, length: int, seed: int) -> float:
+        if "pruned" in str(self.lm.path) and batch == 2:
+            raise torch.OutOfMemoryError("simulated: out of memory")
+        return real(self, batch, length, seed)
+
+    monkeypatch.setattr(TorchRunner, "prefill", oom_for_pruned)
+    res = run_benchmark(config(models, prefill=[(1, 8), (1, 500), (10**9, 8), (2, 8)], decode=[1],
+                               new_tokens=200, ppl=None))
+    dense, pruned = res["models"]
+    assert [c["status"] for c in dense["prefill"]] == ["ok", "skipped", "skipped", "ok"]
+    assert "context" in dense["prefill"][1]["reason"] and "GiB" in dense["prefill"][2]["reason"]
+    assert pruned["prefill"][3]["status"] == "skipped" and "out of memory" in pruned["prefill"][3]["reason"]
+    assert "context" in dense["decode"][0]["reason"]  # 8 prompt + 200 new tokens > 128
+    assert pruned["ratios"]["prefill"]["2x8"] is None and pruned["ratios"]["prefill"]["1x8"] is not None
+    from benchmarks.report import markdown, plot_speedup
+
+    assert "skipped: out of memory" in markdown(res) and plot_speedup(res) is not None
+
+
+def test_bad_inputs_are_user_errors(models: dict, tmp_path: Path) -> None:
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07")
+    with pytest.raises(SurgeonError, match="backend torch cannot run .*model.onnx"):
+        run_benchmark(config(models, models=[ModelSpec("dense", str(models["dense"])), ModelSpec("x", str(onnx))]))
+    with pytest.raises(SurgeonError, match="unknown backend 'tensorrt'"):
+        run_benchmark(config(models, models=[ModelSpec("d", str(models["dense"]), "tensorrt")]))
+    with pytest.raises(SurgeonError, match="at least 5"):
+        run_benchmark(config(models, repeat=3))
+
+
+def test_process_isolation(models: dict, tmp_path: Path) -> None:
+    """A worker process per model (one model here, to keep it quick): same schema, per-process peak RSS."""
+    cfg = config(models, isolation="process", ppl=None, prefill=[(1, 8)], decode=[],
+                 models=[ModelSpec("dense", str(models["dense"]))])
+    res = bench(cfg, tmp_path / "p.json")
+    cell = res["models"][0]["prefill"][0]
+    assert cell["status"] == "ok" and cell["peak_memory_bytes"] > 2**20
+    assert res["models"][0]["ratios"]["prefill"]["1x8"]["latency"] == 1.0
+    assert json.loads((tmp_path / "p.json").read_text())["config"]["isolation"] == "process"
+
+
+def test_dead_worker_is_a_clear_error() -> None:
+    client = ProcessClient("broken", python="/bin/false", quiet=True)
+    with pytest.raises(SurgeonError, match="worker for broken exited with code 1 during load"):
+        client.call({"op": "load"})
+    client.close()
+    with pytest.raises(SurgeonError, match="cannot start the benchmark worker for x"):
+        ProcessClient("x", python="/no/such/python", quiet=True)
+
+
+def test_worker_protocol_replies(models: dict) -> None:
+    """User errors and bugs come back as error replies, one JSON line each; quit ends the loop."""
+    requests = [{"op": "check", "batch": 1, "length": 8},  # before load: a bug, sent as a traceback
+                {"op": "load", "backend": "torch", "spec": "/no/such/dir", "device": "cpu", "threads": None},
+                {"op": "load", "backend": "torch", "spec": str(models["dense"]), "device": "cpu", "threads": None},
+                {"op": "prefill", "batch": 1, "length": 4, "seed": 0},
+                {"op": "quit"}, {"op": "never reached"}]
+    replies = io.StringIO()
+    serve(io.StringIO("".join(json.dumps(r) + "\n" for r in requests)), replies)
+    out = [json.loads(line) for line in replies.getvalue().splitlines()]
+    assert len(out) == 4
+    assert out[0]["error"] == "bug" and "before load" in out[0]["message"]
+    assert out[1] == {"error": "user", "message": "backend torch cannot run /no/such/dir: model path not found: /no/such/dir"}
+    assert out[2]["ok"]["artefact"]["parameters"]["total"] == 26848
+    assert out[3]["ok"]["seconds"] > 0 and out[3]["ok"]["peak_bytes"] > 0
