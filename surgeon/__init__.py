@@ -5,3 +5,9 @@ them all): ``surgeon`` (loading, calibration, pruning) -> ``export`` -> ``runtim
 """
 
 __version__ = "0.1.0"
+
+# Make AutoConfig/AutoModelForCausalLM load our per-layer-shape checkpoints (model types
+# ``surgeon_*``) without running code from the checkpoint directory.
+from surgeon.modeling import register as _register  # noqa: E402
+
+_register()

@@ -1,7 +1,12 @@
-"""Where the prunable linears live in each supported model family.
+"""Where the prunable linears live in each supported model family, and how they are coupled.
 
 One small declarative description per family; every other module asks this one where
-q/k/v/o/gate/up/down are, so no driver is copied per architecture.
+q/k/v/o/gate/up/down are, so no driver is copied per architecture. Besides the names, an adapter
+says which linears share a structured group (ALGORITHMS.md, "Structured removal in a decoder
+layer"): the rows of ``gate``/``up`` (``fc1`` in OPT) and the columns of ``down`` (``fc2``) are
+the MLP channels; the rows of ``q`` and columns of ``o`` are the query heads; the rows of ``k``
+and ``v`` are the key/value groups. Model types prefixed ``surgeon_`` are our per-layer-shape
+variants of each family (``surgeon/modeling.py``); their layout is the family's own.
 """
 
 from __future__ import annotations
@@ -12,41 +17,76 @@ from torch import nn
 
 from surgeon.errors import SurgeonError
 
+PER_LAYER_PREFIX = "surgeon_"  # model_type prefix of the per-layer-shape variants (surgeon/modeling.py)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
 
 @dataclass(frozen=True)
 class Adapter:
-    """Module layout of a decoder-only family (names relative to the model root)."""
+    """Module layout of a decoder-only family (names relative to the model root, or to one layer)."""
 
     family: str
-    model_types: tuple[str, ...]
+    model_types: tuple[str, ...]  # stock model types; the ``surgeon_`` variants are accepted too
     layers: str = "model.layers"
     attn: str = "self_attn"
-    mlp: str = "mlp"
+    mlp: str = "mlp"  # "" when the MLP linears sit on the decoder layer itself (OPT)
     q: str = "q_proj"
     k: str = "k_proj"
     v: str = "v_proj"
     o: str = "o_proj"
-    gate: str = "gate_proj"
+    gate: str | None = "gate_proj"  # None for a plain two-linear MLP (OPT: fc1 -> act -> fc2)
     up: str = "up_proj"
     down: str = "down_proj"
+    intermediate_key: str = "intermediate_size"  # config field holding the MLP width
+    grouped_kv: bool = True  # config has num_key_value_heads; False: one KV head per query head
+    head_dim_derived: bool = False  # stock code computes head_dim = hidden_size // num_attention_heads
+    kv_groups_attr: str | None = "num_key_value_groups"  # attention attribute: query heads per KV head
+    heads_attr: str | None = None  # attention attribute: number of query heads, where the code keeps one
+    mlp_width_attr: str | None = "intermediate_size"  # MLP-module attribute holding its width
 
     @property
     def linear_names(self) -> tuple[str, ...]:
         """Names of the prunable linears inside one decoder layer, in execution order."""
-        a, m = self.attn, self.mlp
-        return (
-            f"{a}.{self.q}", f"{a}.{self.k}", f"{a}.{self.v}", f"{a}.{self.o}",
-            f"{m}.{self.gate}", f"{m}.{self.up}", f"{m}.{self.down}",
-        )
+        return self.head_rows + self.kv_rows + self.head_cols + self.channel_rows + self.channel_cols
 
     @property
     def input_groups(self) -> tuple[tuple[str, ...], ...]:
         """Linears of one layer that read the same input tensor (one input statistic serves each group)."""
-        a, m = self.attn, self.mlp
-        return (
-            (f"{a}.{self.q}", f"{a}.{self.k}", f"{a}.{self.v}"), (f"{a}.{self.o}",),
-            (f"{m}.{self.gate}", f"{m}.{self.up}"), (f"{m}.{self.down}",),
-        )
+        return (self.head_rows + self.kv_rows, self.head_cols, self.channel_rows, self.channel_cols)
+
+    @property
+    def head_rows(self) -> tuple[str, ...]:
+        """Linears whose output rows come in query heads of ``head_dim`` rows (q)."""
+        return (_join(self.attn, self.q),)
+
+    @property
+    def kv_rows(self) -> tuple[str, ...]:
+        """Linears whose output rows come in key/value heads of ``head_dim`` rows (k, v)."""
+        return (_join(self.attn, self.k), _join(self.attn, self.v))
+
+    @property
+    def head_cols(self) -> tuple[str, ...]:
+        """Linears whose input columns come in query heads of ``head_dim`` columns (o)."""
+        return (_join(self.attn, self.o),)
+
+    @property
+    def channel_rows(self) -> tuple[str, ...]:
+        """Linears whose output rows are the MLP channels (gate and up; OPT's fc1)."""
+        names = (self.gate, self.up) if self.gate is not None else (self.up,)
+        return tuple(_join(self.mlp, n) for n in names)
+
+    @property
+    def channel_cols(self) -> tuple[str, ...]:
+        """Linears whose input columns are the MLP channels (down; OPT's fc2)."""
+        return (_join(self.mlp, self.down),)
+
+    @property
+    def all_model_types(self) -> tuple[str, ...]:
+        """Stock model types and their per-layer-shape ``surgeon_`` variants."""
+        return self.model_types + tuple(PER_LAYER_PREFIX + t for t in self.model_types)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The model's list of decoder layers."""
@@ -57,23 +97,67 @@ class Adapter:
         out: dict[str, nn.Linear] = {}
         for i, layer in enumerate(self.decoder_layers(model)):
             for name in self.linear_names:
-                out[f"{self.layers}.{i}.{name}"] = layer.get_submodule(name)
+                out[f"{self.layers}.{i}.{name}"] = self.linear(layer, name)
         return out
+
+    @staticmethod
+    def linear(layer: nn.Module, name: str) -> nn.Linear:
+        """The linear ``name`` of one decoder layer (checked to be an ``nn.Linear``)."""
+        module = layer.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name} is a {type(module).__name__}, not nn.Linear")
+        return module
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module of one decoder layer."""
+        return layer.get_submodule(self.attn)
+
+    def mlp_module(self, layer: nn.Module) -> nn.Module:
+        """The module holding the MLP linears of one decoder layer (the layer itself for OPT)."""
+        return layer.get_submodule(self.mlp) if self.mlp else layer
+
+    def head_dim(self, config: object) -> int:
+        """Size of one attention head: the config's explicit ``head_dim``, else hidden / heads."""
+        explicit = getattr(config, "head_dim", None)
+        if explicit:
+            return int(explicit)
+        return int(config.hidden_size) // int(config.num_attention_heads)  # type: ignore[attr-defined]
 
 
 LLAMA = Adapter(family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"))
-ADAPTERS: tuple[Adapter, ...] = (LLAMA,)
+# Gemma's extra norms (pre/post feed-forward, and Gemma3's q_norm/k_norm within head_dim) act on the
+# hidden size or within a head, neither of which structured removal ever cuts.
+GEMMA = Adapter(family="gemma", model_types=("gemma", "gemma2", "gemma3_text"))
+OPT = Adapter(
+    family="opt",
+    model_types=("opt",),
+    layers="model.decoder.layers",
+    mlp="",
+    o="out_proj",
+    gate=None,
+    up="fc1",
+    down="fc2",
+    intermediate_key="ffn_dim",
+    grouped_kv=False,
+    head_dim_derived=True,
+    kv_groups_attr=None,
+    heads_attr="num_heads",
+    mlp_width_attr=None,
+)
+ADAPTERS: tuple[Adapter, ...] = (LLAMA, GEMMA, OPT)
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for a in ADAPTERS for t in a.model_types)
+    """Stock model types we support, family by family (each also has a ``surgeon_`` variant)."""
+    return [t for a in ADAPTERS for t in a.model_types]
 
 
 def get_adapter(model_type: str) -> Adapter:
     """The adapter for a config's ``model_type``; a clear error for anything else."""
     for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
+        if model_type in adapter.all_model_types:
             return adapter
     raise SurgeonError(
-        f"unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
+        f"unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())} "
+        f"(and their {PER_LAYER_PREFIX}* per-layer-shape variants)"
     )

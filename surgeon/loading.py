@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surgeon.adapters import Adapter, get_adapter
+from surgeon.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
 from surgeon.errors import SurgeonError
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,11 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object
 
     config = read_config(directory)
     adapter = get_adapter(config["model_type"])
-    for f in weight_files(directory):
+    files = weight_files(directory)
+    for f in files:
         check_safetensors(f)
+    if str(config["model_type"]).startswith(PER_LAYER_PREFIX):
+        check_per_layer_checkpoint(directory, config, files)
     with quiet_transformers():
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
@@ -198,6 +201,58 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object
         raise SurgeonError(f"cannot load tokenizer from {directory}: {_first_line(exc)}") from None
     model.eval()
     return model, tokenizer, adapter
+
+
+def check_per_layer_checkpoint(directory: Path, config: dict, files: list[Path]) -> None:
+    """Check a ``surgeon_*`` checkpoint: format version, config fields, and every tensor's shape.
+
+    The expected tensors come from the model the config describes (built on the meta device), the
+    actual ones from the safetensors headers; any difference names the tensor. Shapes are never
+    guessed from the weights.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from surgeon.modeling import FORMAT_VERSION
+
+    config_path = directory / "config.json"
+    version = config.get("surgeon_format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SurgeonError(f"{config_path}: field surgeon_format_version missing or not an integer ({version!r})")
+    if version > FORMAT_VERSION:
+        raise SurgeonError(
+            f"{config_path}: surgeon_format_version {version} is newer than this surgeon-export reads "
+            f"({FORMAT_VERSION}); upgrade surgeon-export"
+        )
+    with quiet_transformers():
+        try:
+            parsed = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        except (ValueError, TypeError, KeyError, StrictDataclassError) as exc:
+            raise SurgeonError(f"{config_path}: {_last_line(exc)}") from None
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(parsed, trust_remote_code=False)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if not _is_tied(skeleton, k)}
+    actual: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                actual[key] = tuple(st.get_slice(key).get_shape())
+    for key, shape in expected.items():
+        if key not in actual:
+            raise SurgeonError(f"{directory}: tensor {key} {list(shape)} is missing from the checkpoint")
+        if actual[key] != shape:
+            raise SurgeonError(
+                f"{directory}: tensor {key} has shape {list(actual[key])}, but config.json says {list(shape)}"
+            )
+    extra = sorted(k for k in actual if k not in expected and not _is_tied(skeleton, k))
+    if extra:
+        raise SurgeonError(f"{directory}: tensor {extra[0]} is not part of the model config.json describes")
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1].strip() if text else type(exc).__name__
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

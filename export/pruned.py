@@ -1,0 +1,232 @@
+"""Write a structurally pruned model as a checkpoint that is physically smaller.
+
+Two formats, both a Hugging Face directory with ``config.json``, safetensors weights, the tokenizer
+files and ``surgeon_report.json`` (what was removed, how, and what was measured in the written
+files), written atomically by :func:`export.checkpoint.write_atomically`:
+
+- per-layer (default): ``model_type`` ``surgeon_<family>`` with per-layer sizes in the config
+  (see ``surgeon/modeling.py``) and a copy of that file as ``modeling_surgeon.py`` plus an
+  ``auto_map``, so it loads with ``import surgeon`` (no code from the directory runs) or, without
+  surgeon-export, with ``trust_remote_code=True``;
+- uniform: the family's stock architecture with the same sizes in every layer, for unmodified
+  transformers (choose the sizes with :func:`export.shapes.uniform_plan` before shrinking).
+
+The weights are moved into a skeleton of the target class built on the meta device from the new
+config, with a strict ``load_state_dict``: a checkpoint whose config does not describe its tensors
+is never written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from export.checkpoint import REPORT_FILE, REPORT_VERSION, count_saved_zeros, prepare_target, write_atomically
+from export.compress import find_zero_groups
+from export.shapes import Rounding, align_plan, stock_config, uniform_plan
+from surgeon import modeling
+from surgeon.adapters import PER_LAYER_PREFIX, Adapter
+from surgeon.errors import SurgeonError
+from surgeon.loading import quiet_transformers
+from surgeon.surgery import LayerCosts, RemovalPlan, layer_shapes, shrink_
+
+MODELING_FILE = "modeling_surgeon.py"
+
+
+@dataclass
+class ShrinkConfig:
+    """How to turn a plan into a smaller checkpoint."""
+
+    align: int = 1  # round every kept size to a multiple of this (1: no rounding)
+    rounding: Rounding = "up"  # which multiple --align picks: up (lossless for masked models), down, nearest
+    uniform: bool = False  # same sizes in every layer, stock architecture
+    check_tokens: int = 16  # measure the largest logit change on this many tokens (0: skip)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def per_layer_config(model: nn.Module, adapter: Adapter) -> Any:
+    """The ``surgeon_<family>`` config describing ``model``'s current per-layer sizes."""
+    shapes = layer_shapes(model, adapter)
+    hd = adapter.head_dim(model.config)
+    d = _config(model).to_dict()
+    stock_type = str(d.pop("model_type")).removeprefix(PER_LAYER_PREFIX)
+    if stock_type not in modeling.PER_LAYER_CLASSES:
+        raise SurgeonError(f"no per-layer model class for {stock_type!r}")
+    config_cls, model_cls = modeling.PER_LAYER_CLASSES[stock_type]
+    for key in (*modeling.LAYER_FIELDS, "surgeon_format_version", "auto_map", "architectures",
+                "transformers_version", "head_dim"):
+        d.pop(key, None)
+    config = config_cls(
+        **d,
+        head_dim=hd,
+        layer_intermediate_sizes=[s.intermediate_size for s in shapes],
+        layer_num_attention_heads=[s.num_attention_heads for s in shapes],
+        layer_num_key_value_heads=[s.num_key_value_heads for s in shapes],
+        surgeon_format_version=modeling.FORMAT_VERSION,
+    )
+    module = Path(MODELING_FILE).stem
+    config.auto_map = {
+        "AutoConfig": f"{module}.{config_cls.__name__}",
+        "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
+    }
+    return config
+
+
+def _skeleton_with_weights(model: nn.Module, config: Any) -> Any:
+    """A model of ``config``'s class built on meta, holding ``model``'s tensors (strict)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.load_state_dict(model.state_dict(), assign=True, strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        skeleton.tie_weights()
+    return skeleton
+
+
+def save_pruned_checkpoint(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    out: Path,
+    *,
+    report: dict | None = None,
+    uniform: bool = False,
+    force: bool = False,
+) -> dict:
+    """Save a shrunk ``model`` (per-layer or uniform format) with its tokenizer; returns the report.
+
+    Args:
+        model: a causal LM after :func:`surgeon.surgery.shrink_` (or any supported model).
+        tokenizer: saved beside it.
+        adapter: the model's layout.
+        out: target directory (refused if not empty, unless ``force``).
+        report: what the caller did (method, plan, manifest); measured sizes are added.
+        uniform: write the stock architecture; every layer must then have the same sizes.
+        force: replace a non-empty ``out``.
+
+    Example:
+        >>> save_pruned_checkpoint(model, tok, LLAMA, Path("small"), report={"method": "zeros"})  # doctest: +SKIP
+    """
+    shapes = layer_shapes(model, adapter)
+    hd = adapter.head_dim(model.config)
+    if uniform:
+        if len(set(shapes)) != 1:
+            distinct = sorted({(s.intermediate_size, s.num_attention_heads, s.num_key_value_heads) for s in shapes})
+            raise SurgeonError(
+                "--uniform needs the same sizes in every layer; choose them with uniform_plan before shrinking "
+                f"((MLP width, heads, KV heads) now: {distinct})"
+            )
+        config = stock_config(_config(model), adapter, shapes[0], hd)
+    else:
+        config = per_layer_config(model, adapter)
+    linears = adapter.decoder_linears(model)
+    linear_names = list(linears)
+    numel = sum(m.weight.numel() for m in linears.values())
+    itemsize = next(model.parameters()).element_size()
+    report = dict(report or {})
+
+    def fill(tmp: Path) -> None:
+        skeleton = _skeleton_with_weights(model, config)
+        skeleton.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+        if not uniform:
+            shutil.copyfile(Path(modeling.__file__), tmp / MODELING_FILE)
+        zeros = count_saved_zeros(tmp, linear_names)
+        missing = set(linear_names) - set(zeros)
+        if missing:
+            raise RuntimeError(f"saved checkpoint lacks {sorted(missing)[0]}")
+        report.update(
+            format_version=REPORT_VERSION,
+            checkpoint_format="uniform" if uniform else "per-layer",
+            model_type=config.model_type,
+            head_dim=hd,
+            layers=[s.to_dict() for s in shapes],
+            saved_decoder_linear_params=numel,
+            decoder_linear_bytes=numel * itemsize,
+            saved_zeros=sum(zeros.values()),
+            saved_sparsity=sum(zeros.values()) / numel,
+            bytes_on_disk=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+        )
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+
+    with torch.no_grad(), quiet_transformers():
+        write_atomically(out, force, fill)
+    return report
+
+
+def shrink_and_save(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: Adapter,
+    out: Path,
+    cfg: ShrinkConfig,
+    *,
+    plan: RemovalPlan | None = None,
+    costs: dict[int, LayerCosts] | None = None,
+    report: dict | None = None,
+    force: bool = False,
+) -> dict:
+    """Shrink ``model`` in place by ``plan`` (default: its zero groups), then save it; returns the report.
+
+    The plan is first adjusted by ``cfg`` (``uniform``: one size for all layers; ``align``: kept
+    sizes rounded to multiples), choosing groups by ``costs`` (default: magnitude proxy).
+
+    Example:
+        >>> shrink_and_save(lm.model, lm.tokenizer, lm.adapter, Path("small"), ShrinkConfig(align=64))  # doctest: +SKIP
+    """
+    prepare_target(out.expanduser(), force)
+    before = sum(m.weight.numel() for m in adapter.decoder_linears(model).values())
+    ids = _check_ids(model, cfg.check_tokens)
+    reference = _logits(model, ids)
+    plan = plan if plan is not None else find_zero_groups(model, adapter)
+    if cfg.uniform:
+        plan = uniform_plan(model, adapter, plan, costs, multiple=cfg.align)
+    elif cfg.align > 1:
+        plan = align_plan(model, adapter, plan, cfg.align, costs, cfg.rounding)
+    manifest = shrink_(model, adapter, plan)
+    after = sum(m.weight.numel() for m in adapter.decoder_linears(model).values())
+    shrunk = _logits(model, ids)
+    full = {
+        **(report or {}),
+        "shrink": {
+            **cfg.to_dict(),
+            "decoder_linear_params_before": before,
+            "decoder_linear_params_after": after,
+            "remaining_fraction": after / before,
+            "max_logit_change": _max_change(reference, shrunk),
+            "manifest": manifest.to_dict(),
+        },
+    }
+    return save_pruned_checkpoint(model, tokenizer, adapter, out, report=full, uniform=cfg.uniform, force=force)
+
+
+def _check_ids(model: nn.Module, n: int) -> torch.Tensor | None:
+    """``n`` fixed token ids spread over the vocabulary, as ``[1, n]`` (None when ``n`` is 0)."""
+    if n <= 0:
+        return None
+    vocab = int(_config(model).vocab_size)
+    return (torch.arange(n) * 7919 % vocab)[None].to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor | None) -> torch.Tensor | None:
+    return None if ids is None else model(ids).logits.float()
+
+
+def _max_change(reference: torch.Tensor | None, shrunk: torch.Tensor | None) -> float | None:
+    if reference is None or shrunk is None:
+        return None
+    return float((shrunk - reference).abs().max())
+
+
+def _config(model: nn.Module) -> Any:
+    return model.config

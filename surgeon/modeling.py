@@ -1,0 +1,239 @@
+"""Decoder-only language models whose layers differ in size, on top of transformers' own modules.
+
+After structured pruning (ALGORITHMS.md, "Structured removal in a decoder layer") each decoder
+layer has its own MLP width and its own numbers of query and key/value heads; hidden size,
+``head_dim`` and vocabulary are unchanged. This file describes such a model for each supported
+family: a config (``model_type`` ``surgeon_<family>``) that lists the sizes of every layer, and a
+causal LM that builds each layer with the family's own transformers class from a copy of the config
+holding that layer's sizes. No forward pass is copied from transformers.
+
+Config fields added to the family's config:
+
+- ``layer_intermediate_sizes``: MLP width of each layer (the family's ``intermediate_size``;
+  ``ffn_dim`` in OPT);
+- ``layer_num_attention_heads`` and ``layer_num_key_value_heads``: query and KV heads of each layer
+  (equal in OPT, which has no grouped-query attention);
+- ``head_dim``: explicit, never recomputed from hidden size and heads;
+- ``surgeon_format_version``: the format of these fields (newer versions are refused).
+
+The global ``intermediate_size``/``num_attention_heads``/``num_key_value_heads`` keep the values of
+the unpruned model; the per-layer lists are what every layer is built from.
+
+This file imports only torch and transformers, so a checkpoint can ship a copy of it for
+``trust_remote_code=True``; with surgeon-export installed, ``import surgeon`` registers the same
+classes with ``AutoConfig`` and ``AutoModelForCausalLM`` and no code from a checkpoint runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+FORMAT_VERSION = 1
+MODEL_TYPE_PREFIX = "surgeon_"
+LAYER_FIELDS = ("layer_intermediate_sizes", "layer_num_attention_heads", "layer_num_key_value_heads")
+
+
+class PerLayerConfigMixin:
+    """Per-layer sizes on top of a family config; checked when the config is built."""
+
+    intermediate_key = "intermediate_size"  # the family's name for the MLP width
+    grouped_kv = True  # False: one KV head per query head (OPT)
+    # Defaults for the added fields; the values given to a config are set on the instance.
+    layer_intermediate_sizes: list[int] | None = None
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    surgeon_format_version: int = FORMAT_VERSION
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)  # type: ignore[misc]
+        cfg: Any = self
+        cfg.surgeon_format_version = cfg.surgeon_format_version  # an instance value, so it is always saved
+        if not isinstance(cfg.surgeon_format_version, int) or cfg.surgeon_format_version < 1:
+            raise ValueError(f"config field surgeon_format_version must be a positive integer, got {cfg.surgeon_format_version!r}")
+        if cfg.surgeon_format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"surgeon_format_version {cfg.surgeon_format_version} is newer than this code supports "
+                f"({FORMAT_VERSION}); upgrade surgeon-export"
+            )
+        if getattr(cfg, "head_dim", None) is None:
+            # Only a config built without per-layer sizes lands here: the global head count is the
+            # unpruned one, so this is the family's own head size.
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        n = cfg.num_hidden_layers
+        kv_default = cfg.num_key_value_heads if self.grouped_kv else cfg.num_attention_heads
+        defaults = (getattr(cfg, self.intermediate_key), cfg.num_attention_heads, kv_default)
+        for field, default in zip(LAYER_FIELDS, defaults):
+            value = getattr(cfg, field)
+            if value is None:
+                value = [int(default)] * n
+                setattr(cfg, field, value)
+            if not isinstance(value, list) or len(value) != n:
+                raise ValueError(f"config field {field} must be a list of {n} sizes (one per layer), got {value!r}")
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value):
+                raise ValueError(f"config field {field} must hold positive integers, got {value!r}")
+        for i, (heads, kv) in enumerate(zip(cfg.layer_num_attention_heads, cfg.layer_num_key_value_heads)):
+            if heads % kv != 0 or (not self.grouped_kv and heads != kv):
+                raise ValueError(
+                    f"config layer {i}: {heads} query heads cannot be grouped over {kv} key/value heads"
+                )
+
+
+def layer_config(config: Any, index: int) -> Any:
+    """A shallow copy of ``config`` holding layer ``index``'s own sizes."""
+    out = copy.copy(config)
+    setattr(out, config.intermediate_key, config.layer_intermediate_sizes[index])
+    if config.grouped_kv:
+        out.num_attention_heads = config.layer_num_attention_heads[index]
+        out.num_key_value_heads = config.layer_num_key_value_heads[index]
+    return out
+
+
+class PerLayerModelMixin:
+    """Rebuilds the decoder layers of a family's causal LM with each layer's own sizes."""
+
+    layers_path = "model.layers"
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)  # type: ignore[call-arg]
+        model: Any = self
+        layers: nn.ModuleList = model.get_submodule(self.layers_path)
+        for index, old in enumerate(layers):
+            cfg = layer_config(config, index)
+            layer = type(old)(cfg, index)
+            self._shape_attention(layer, config, index)
+            # Forward passes read the attention implementation from ``module.config``: point every
+            # module at the model's config so later changes (set_attn_implementation) reach them.
+            for module in layer.modules():
+                if getattr(module, "config", None) is cfg:
+                    module.config = config
+            layers[index] = layer
+        model.post_init()  # initialises the new layers only (the others are marked initialised)
+
+    def _shape_attention(self, layer: nn.Module, config: Any, index: int) -> None:
+        """Hook for families whose attention cannot take its head counts from the config."""
+
+
+class OPTPerLayerModelMixin(PerLayerModelMixin):
+    """OPT derives head_dim from hidden size and heads, so its projections are built here."""
+
+    layers_path = "model.decoder.layers"
+
+    def _shape_attention(self, layer: nn.Module, config: Any, index: int) -> None:
+        attn: Any = layer.get_submodule("self_attn")
+        heads, hidden = config.layer_num_attention_heads[index], config.hidden_size
+        width = heads * config.head_dim
+        attn.num_heads = heads
+        attn.head_dim = config.head_dim
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, nn.Linear(hidden, width, bias=config.enable_bias))
+        attn.out_proj = nn.Linear(width, hidden, bias=config.enable_bias)
+
+
+class SurgeonLlamaConfig(PerLayerConfigMixin, LlamaConfig):
+    model_type = "surgeon_llama"
+
+
+class SurgeonMistralConfig(PerLayerConfigMixin, MistralConfig):
+    model_type = "surgeon_mistral"
+
+
+class SurgeonQwen2Config(PerLayerConfigMixin, Qwen2Config):
+    model_type = "surgeon_qwen2"
+
+
+class SurgeonQwen3Config(PerLayerConfigMixin, Qwen3Config):
+    model_type = "surgeon_qwen3"
+
+
+class SurgeonGemmaConfig(PerLayerConfigMixin, GemmaConfig):
+    model_type = "surgeon_gemma"
+
+
+class SurgeonGemma2Config(PerLayerConfigMixin, Gemma2Config):
+    model_type = "surgeon_gemma2"
+
+
+class SurgeonGemma3TextConfig(PerLayerConfigMixin, Gemma3TextConfig):
+    model_type = "surgeon_gemma3_text"
+
+
+class SurgeonOPTConfig(PerLayerConfigMixin, OPTConfig):
+    model_type = "surgeon_opt"
+    intermediate_key = "ffn_dim"
+    grouped_kv = False
+    head_dim: int | None = None
+
+
+class SurgeonLlamaForCausalLM(PerLayerModelMixin, LlamaForCausalLM):
+    config_class = SurgeonLlamaConfig
+
+
+class SurgeonMistralForCausalLM(PerLayerModelMixin, MistralForCausalLM):
+    config_class = SurgeonMistralConfig
+
+
+class SurgeonQwen2ForCausalLM(PerLayerModelMixin, Qwen2ForCausalLM):
+    config_class = SurgeonQwen2Config
+
+
+class SurgeonQwen3ForCausalLM(PerLayerModelMixin, Qwen3ForCausalLM):
+    config_class = SurgeonQwen3Config
+
+
+class SurgeonGemmaForCausalLM(PerLayerModelMixin, GemmaForCausalLM):
+    config_class = SurgeonGemmaConfig
+
+
+class SurgeonGemma2ForCausalLM(PerLayerModelMixin, Gemma2ForCausalLM):
+    config_class = SurgeonGemma2Config
+
+
+class SurgeonGemma3ForCausalLM(PerLayerModelMixin, Gemma3ForCausalLM):
+    config_class = SurgeonGemma3TextConfig
+
+
+class SurgeonOPTForCausalLM(OPTPerLayerModelMixin, OPTForCausalLM):
+    config_class = SurgeonOPTConfig
+
+
+# Stock model_type -> (per-layer config class, per-layer causal LM class).
+PER_LAYER_CLASSES: dict[str, tuple[Any, Any]] = {
+    "llama": (SurgeonLlamaConfig, SurgeonLlamaForCausalLM),
+    "mistral": (SurgeonMistralConfig, SurgeonMistralForCausalLM),
+    "qwen2": (SurgeonQwen2Config, SurgeonQwen2ForCausalLM),
+    "qwen3": (SurgeonQwen3Config, SurgeonQwen3ForCausalLM),
+    "gemma": (SurgeonGemmaConfig, SurgeonGemmaForCausalLM),
+    "gemma2": (SurgeonGemma2Config, SurgeonGemma2ForCausalLM),
+    "gemma3_text": (SurgeonGemma3TextConfig, SurgeonGemma3ForCausalLM),
+    "opt": (SurgeonOPTConfig, SurgeonOPTForCausalLM),
+}
+
+
+def register() -> None:
+    """Make ``AutoConfig``/``AutoModelForCausalLM`` know every ``surgeon_*`` model type (idempotent)."""
+    for config_cls, model_cls in PER_LAYER_CLASSES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
