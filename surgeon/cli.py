@@ -127,6 +127,7 @@ def prune_cmd(
     calib_text: Annotated[Optional[Path], typer.Option(help="Calibrate on this text file.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for calibration window offsets.")] = 0,
     true_sequential: Annotated[bool, typer.Option(help="Re-collect inputs after each group of linears.")] = False,
+    align: Annotated[int, typer.Option(help="structured: round kept sizes up to a multiple of N in the saved checkpoint.")] = 1,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
     data_dir: DataDir = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
@@ -138,6 +139,7 @@ def prune_cmd(
     from benchmarks.env import environment, peak_rss_mib
     from benchmarks.metrics import perplexity
     from export.checkpoint import prepare_target, save_checkpoint
+    from export.pruned import ShrinkConfig, shrink_and_save
     from surgeon.data import calibration_windows, eval_tokens
     from surgeon.driver import PRUNERS, PruneConfig, prune_sequential_
     from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
@@ -198,10 +200,16 @@ def prune_cmd(
         payload["perplexity"] = perplexity(lm.model, tokens.ids, seq_len=seq_len, progress=not quiet).to_dict()
     if out is not None:
         full = {**payload, "layers": report.layers}
-        written = save_checkpoint(
-            lm.model, lm.tokenizer, out, full, list(lm.adapter.decoder_linears(lm.model)), force=force
-        )
-        payload.update(out=str(out), saved_sparsity=written["saved_sparsity"], bytes_on_disk=written["bytes_on_disk"])
+        if structured is not None:  # zeroed groups become physically smaller matrices
+            written = shrink_and_save(
+                lm.model, lm.tokenizer, lm.adapter, out, ShrinkConfig(align=align), report=full, force=force
+            )
+            payload["remaining_fraction"] = written["shrink"]["remaining_fraction"]
+        else:
+            written = save_checkpoint(
+                lm.model, lm.tokenizer, out, full, list(lm.adapter.decoder_linears(lm.model)), force=force
+            )
+        payload.update(out=str(out), saved_sparsity=written.get("saved_sparsity"), bytes_on_disk=written.get("bytes_on_disk"))
     payload["peak_rss_mib"] = peak_rss_mib()
     payload["environment"] = environment()
     what = " + ".join(x for x in (
@@ -213,7 +221,9 @@ def prune_cmd(
              f"pruned in {report.seconds:.0f} s"]
     if evaluate:
         lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")
-    if out is not None:
+    if out is not None and structured is not None:
+        lines.append(f"saved a smaller model to {out}: {payload['remaining_fraction']:.2%} of decoder-linear weights remain")
+    elif out is not None:
         lines.append(f"saved to {out} (sparsity counted in the saved tensors: {payload['saved_sparsity']:.2%})")
     _emit(payload, as_json, lines)
 

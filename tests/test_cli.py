@@ -74,3 +74,40 @@ def test_info_json(tiny_llama_dir: Path) -> None:
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert (info["layers"], info["num_attention_heads"], info["num_key_value_heads"]) == (2, 4, 2)
+
+
+def test_prune_structured_writes_a_smaller_model(tiny_llama_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "small"
+    result = run_cli(
+        "prune", str(tiny_llama_dir), "--method", "surgeon", "--structured", "0.7", "--shots", "1",
+        "--calib-text", str(text_file), "--calib-samples", "4", "--seq-len", "32", "--no-eval",
+        "--out", str(out), "--json", "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["remaining_fraction"] <= 0.7 + 1e-9
+    small = load_model(out)
+    dense = load_model(tiny_llama_dir)
+    n_small = sum(m.weight.numel() for m in small.adapter.decoder_linears(small.model).values())
+    n_dense = sum(m.weight.numel() for m in dense.adapter.decoder_linears(dense.model).values())
+    assert n_small / n_dense == pytest.approx(payload["remaining_fraction"])
+    again = run_cli("prune", str(tiny_llama_dir), "--method", "magnitude", "--sparsity", "0.5", "--no-eval",
+                    "--out", str(out), "--quiet")
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--method", "sparsegpt", "--structured", "0.5"), "--structured works with"),
+        (("--method", "nope", "--sparsity", "0.5"), "unknown method 'nope'"),
+        (("--method", "wanda"), "give exactly one of"),
+        (("--method", "wanda", "--sparsity", "1.5"), "sparsity must be in [0, 1)"),
+        (("--method", "wanda", "--pattern", "4:4"), "invalid N:M pattern"),
+        (("--method", "surgeon", "--sparsity", "0.5", "--fisher", "fake"), "--fisher must be one of"),
+    ],
+)
+def test_prune_bad_options(tiny_llama_dir: Path, args: tuple[str, ...], message: str) -> None:
+    out = run_cli("prune", str(tiny_llama_dir), *args, "--no-eval", "--quiet")
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
