@@ -266,6 +266,126 @@ def shrink_cmd(
     ])
 
 
+@app.command("run")
+def run_cmd(
+    model: ModelArg = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the pruned model and the benchmark.")] = Path("surgeon-out"),
+    structured: Annotated[float, typer.Option(help="Fraction of decoder-linear weights to keep.")] = 0.8,
+    shots: Annotated[int, typer.Option(help="LLM Surgeon shots.")] = 2,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows of 512 tokens.")] = 8,
+    ppl_windows: Annotated[int, typer.Option(help="Perplexity windows in the benchmark (protocol: 64).")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
+    text: Annotated[Optional[Path], typer.Option(help="Calibrate and evaluate on this text instead of WikiText-2.")] = None,
+    data_dir: DataDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")] = False,
+    threads: Threads = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """The main job: prune the model with structured LLM Surgeon, write the smaller model, benchmark dense vs pruned."""
+    import torch
+
+    from benchmarks.report import markdown
+    from benchmarks.run import BenchConfig, ModelSpec, PplConfig, bench
+    from export.checkpoint import prepare_target
+    from export.pruned import ShrinkConfig, shrink_and_save
+    from surgeon.data import calibration_windows
+    from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
+    from surgeon.loading import load_model
+
+    _setup(quiet, threads)
+    prepare_target(out, force)
+    log = logging.getLogger("surgeon.run")
+    cfg = SurgeonConfig(structured=structured, shots=shots)
+    lm = load_model(model)
+    calib = calibration_windows(lm.model, lm.tokenizer, n=calib_samples, seq_len=seq_len, text_file=text,
+                                data_dir=data_dir)
+    log.info("1/3 pruning with LLM Surgeon: keep %.0f%% of decoder-linear weights, %d shots, %d x %d calibration tokens (%s)",
+             100 * structured, shots, calib_samples, seq_len, calib.origin)
+    report = prune_surgeon_(lm.model, lm.adapter, calib.ids, cfg, progress=not quiet)
+    pruned_dir = out / "pruned"
+    log.info("2/3 writing the smaller model to %s", pruned_dir)
+    full = {"model": lm.source, "calibration": calib.origin, **report.to_dict()}
+    written = shrink_and_save(lm.model, lm.tokenizer, lm.adapter, pruned_dir, ShrinkConfig(), report=full, force=True)
+    del lm
+    log.info("3/3 benchmarking dense vs pruned")
+    bench_cfg = BenchConfig(
+        models=[ModelSpec(label="dense", spec=model), ModelSpec(label="pruned", spec=str(pruned_dir))],
+        threads=torch.get_num_threads(), prefill=[(1, 128)], decode=[1], prompt_len=64, new_tokens=32,
+        repeat=5, ppl=PplConfig(windows=ppl_windows, seq_len=seq_len, text=str(text) if text else None,
+                                data_dir=str(data_dir) if data_dir else None),
+        progress=not quiet,
+    )
+    result = bench(bench_cfg, out / "benchmark.json")
+    payload = {"prune": {k: v for k, v in report.to_dict().items() if k != "layers"},
+               "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result}
+    _emit(payload, as_json, [
+        markdown(result),
+        f"pruned model: {pruned_dir} ({written['shrink']['remaining_fraction']:.1%} of decoder-linear weights remain); "
+        f"benchmark: {out / 'benchmark.json'}",
+    ])
+
+
+@app.command("pack")
+def pack_cmd(
+    model: ModelArg = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the compressed checkpoint here.")] = None,
+    layout: Annotated[str, typer.Option("--format", help="2:4 (semi-structured), csr or bsr (unstructured).")] = "2:4",
+    dtype: Annotated[Optional[str], typer.Option(help="Store as float32, float16 or bfloat16 (default: as loaded, float32).")] = None,
+    blocksize: Annotated[str, typer.Option(help="bsr: block ROWSxCOLS dividing every decoder linear.")] = "4x4",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Pack every decoder linear of a pruned model as 2:4, CSR or BSR (pattern checked in the weights)."""
+    from export.checkpoint import prepare_target
+    from export.sparse_checkpoint import PackConfig, pack_checkpoint
+    from surgeon.loading import load_model
+
+    _setup(quiet, None)
+    if out is None:
+        raise SurgeonError("give --out DIR for the compressed checkpoint")
+    try:
+        block = tuple(int(b) for b in blocksize.lower().split("x"))
+    except ValueError:
+        raise SurgeonError(f"--blocksize must be ROWSxCOLS, e.g. 4x4, got {blocksize!r}") from None
+    if len(block) != 2 or min(block) < 1:
+        raise SurgeonError(f"--blocksize must be ROWSxCOLS with positive sizes, got {blocksize!r}")
+    cfg = PackConfig(layout=layout, dtype=dtype, blocksize=block)  # type: ignore[arg-type]
+    prepare_target(out, force)
+    lm = load_model(model)
+    manifest = pack_checkpoint(lm, out, cfg, force=force)
+    size, lin = manifest["bytes"], manifest["decoder_linear"]
+    _emit({"model": lm.source, "out": str(out), **manifest}, as_json, [
+        f"packed {manifest['packed_tensors']} decoder linears as {layout} ({manifest['dtype']}; "
+        f"{lin['sparsity']:.2%} zeros, checked) to {out}",
+        f"bytes on disk {size['file']:,} vs dense {size['dense_tensors']:,} ({size['file_vs_dense']:.3f}x); "
+        f"decoder linears {size['decoder_linear_packed']:,} vs {size['decoder_linear_dense']:,} "
+        f"({size['decoder_linear_ratio']:.4f}x)",
+    ])
+
+
+@app.command("densify")
+def densify_cmd(
+    directory: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `surgeon-export pack`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the dense checkpoint here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Write a compressed checkpoint back as a normal dense one that plain transformers loads."""
+    from export.checkpoint import prepare_target
+    from export.sparse_checkpoint import densify
+
+    _setup(quiet, None)
+    if out is None:
+        raise SurgeonError("give --out DIR for the dense checkpoint")
+    prepare_target(out, force)
+    result = densify(directory, out, force=force)
+    _emit(result, as_json, [f"wrote a dense checkpoint ({result['tensors']} tensors, "
+                            f"{result['bytes_on_disk']:,} bytes) to {out}"])
+
+
 @app.command("info")
 def info_cmd(model: ModelArg = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """Architecture, shapes, parameter counts and measured zeros of a model."""

@@ -37,6 +37,7 @@ from surgeon.curvature.kfac import DampedKron, prepare
 from surgeon.errors import SurgeonError
 from surgeon.prune.costs import element_costs
 from surgeon.prune.patterns import NMPattern, check_sparsity
+from surgeon.prune.threshold import global_keep_masks, linear_schedule, per_layer_fraction_mask
 from surgeon.prune.update import Correlation, update_masked
 from surgeon.structures import Scoring
 
@@ -118,7 +119,7 @@ class SurgeonConfig:
         targets: list[Target] = []
         if self.structured is not None:
             r = self.structured
-            targets += [Remaining(1.0 - (1.0 - r) * k / self.shots) for k in range(1, self.shots + 1)]
+            targets += [Remaining(f) for f in linear_schedule(self.structured, self.shots)]
         if self.pattern is not None:
             n = self.pattern.n_zero
             zeros = sorted({max(1, round(n * k / self.shots)) for k in range(1, self.shots + 1)})
@@ -145,59 +146,12 @@ class SurgeonReport:
                 "shots": self.shots, "layers": self.layers}
 
 
-def global_keep_masks(
-    costs: dict[str, torch.Tensor], fraction: float, max_layer_fraction: float
-) -> dict[str, torch.Tensor]:
-    """Remove the cheapest ``fraction`` of all weights across layers, at most ``max_layer_fraction`` of any one.
-
-    Costs are comparable across layers (all estimate the same loss increase). Layers that would
-    exceed the ceiling are capped at it, and their excess is re-allocated to the others by
-    repeating the threshold search over the remaining layers.
-    """
-    total = sum(c.numel() for c in costs.values())
-    budget = round(fraction * total)
-    capped: dict[str, int] = {}
-    while True:
-        free = {n: c for n, c in costs.items() if n not in capped}
-        need = budget - sum(capped.values())
-        flat = torch.cat([c.flatten().float() for c in free.values()])
-        if need <= 0:
-            threshold = -float("inf")
-        else:
-            threshold = float(flat.kthvalue(min(need, flat.numel())).values)
-        over = {
-            n: int(max_layer_fraction * c.numel())
-            for n, c in free.items()
-            if int((c <= threshold).sum()) > int(max_layer_fraction * c.numel())
-        }
-        if not over:
-            break
-        capped.update(over)
-        if len(capped) == len(costs):
-            raise SurgeonError("sparsity target cannot be met under the per-layer ceiling")
-    masks: dict[str, torch.Tensor] = {}
-    for n, c in costs.items():
-        if n in capped:
-            masks[n] = _keep_lowest_removed(c, capped[n])
-        else:
-            masks[n] = c > threshold
-    # Ties at the threshold can overshoot by a handful of weights; that is within one element per tie.
-    return masks
-
-
-def _keep_lowest_removed(costs: torch.Tensor, count: int) -> torch.Tensor:
-    keep = torch.ones(costs.numel(), dtype=torch.bool)
-    if count > 0:
-        keep[costs.flatten().topk(count, largest=False).indices] = False
-    return keep.view_as(costs)
-
-
 def _select(costs: dict[str, torch.Tensor], target: float | NMPattern, cfg: SurgeonConfig) -> dict[str, torch.Tensor]:
     if isinstance(target, NMPattern):
         return {n: target.mask_from_scores(c) for n, c in costs.items()}
     if cfg.allocation == "global":
         return global_keep_masks(costs, target, cfg.max_layer_sparsity)
-    return {n: _keep_lowest_removed(c, round(target * c.numel())) for n, c in costs.items()}
+    return {n: per_layer_fraction_mask(c, target) for n, c in costs.items()}
 
 
 def prune_surgeon_(

@@ -111,3 +111,20 @@ def test_prune_bad_options(tiny_llama_dir: Path, args: tuple[str, ...], message:
     out = run_cli("prune", str(tiny_llama_dir), *args, "--no-eval", "--quiet")
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    result = run_cli(
+        "run", str(tiny_llama_dir), "--out", str(out), "--text", str(text_file), "--seq-len", "32",
+        "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.7", "--shots", "1", "--json", "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["remaining_fraction"] <= 0.7 + 1e-9
+    bench = json.loads((out / "benchmark.json").read_text())
+    assert [m["label"] for m in bench["models"]] == ["dense", "pruned"]
+    assert bench["models"][1]["ratios"]["parameters"] < 1.0
+    assert (out / "pruned" / "config.json").is_file()
+    again = run_cli("run", str(tiny_llama_dir), "--out", str(out), "--quiet")
+    assert again.returncode == 2 and "not empty" in again.stderr

@@ -9,7 +9,8 @@ import torch
 
 from surgeon.adapters import LLAMA
 from surgeon.errors import SurgeonError
-from surgeon.llm_surgeon import SurgeonConfig, global_keep_masks, prune_surgeon_
+from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
+from surgeon.prune.threshold import global_keep_masks
 from surgeon.prune.patterns import NMPattern
 from tests.conftest import make_tiny_llama
 
