@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +57,14 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {}
+FLOP_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def flops_table(config: object) -> dict[str, float]:
+    """Matmul FLOPs per token (export/flops.py) at several sequence lengths, for FLOP ratios per cell."""
+    from export.flops import matmul_flops_per_token
+
+    return {str(n): matmul_flops_per_token(config, n)["total"] for n in FLOP_LENGTHS}
 
 
 def register_backend(backend: Backend) -> None:
@@ -101,6 +110,7 @@ class TorchRunner:
             "sparsity": counts["decoder_linear_zeros"] / counts["decoder_linear"],
             "pruning": pruning,
             "dtype": str(next(iter(unique)).dtype).removeprefix("torch."),
+            "flops_per_token": flops_table(self.model.config),
         }
 
     def check(self, batch: int, length: int) -> str | None:
@@ -139,3 +149,35 @@ class TorchRunner:
 
 
 register_backend(Backend("torch", TorchRunner))
+
+
+class CompressedRunner(TorchRunner):
+    """A compressed checkpoint (``surgeon-export pack``) through :func:`runtime.load.load_compressed`.
+
+    ``torch-24``: 2:4 weights as semi-structured sparse tensors in float16 on a CUDA sm80+ GPU
+    (dense float32 on CPU). ``torch-csr``: CSR/BSR weights through ``torch.sparse.mm``, float32.
+    """
+
+    def __init__(self, spec: str | None, device: str, layouts: tuple[str, ...] = ("2:4",)) -> None:
+        from runtime.load import load_compressed
+
+        name = "torch-24" if layouts == ("2:4",) else "torch-csr"
+        if spec is None:
+            raise SurgeonError(f"backend {name} needs a directory written by `surgeon-export pack`, not the default model")
+        self.device = torch.device(device)
+        dtype = torch.float16 if layouts == ("2:4",) and self.device.type == "cuda" else torch.float32
+        try:
+            self.compressed = load_compressed(spec, device=self.device, dtype=dtype, layouts=layouts)
+        except SurgeonError as exc:
+            raise SurgeonError(f"backend {name} cannot run {spec}: {exc}") from None
+        self.lm = self.compressed.lm
+        self.model = self.lm.model
+        self.config = self.model.config
+        self._prompts = {}
+
+    def describe(self) -> dict:
+        return self.compressed.describe()
+
+
+register_backend(Backend("torch-24", CompressedRunner))
+register_backend(Backend("torch-csr", partial(CompressedRunner, layouts=("csr", "bsr"))))

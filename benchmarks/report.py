@@ -65,15 +65,15 @@ def markdown(result: dict) -> str:
             f"{'–' if ppl is None else format(ppl['perplexity'], '.3f')} | {_x(m['ratios']['perplexity'])} |")
     if cfg["prefill"]:
         lines += ["", "Prefill (one forward pass over a synthetic prompt):", "",
-                  "| model | batch×length | median ms | min–max ms | tokens/s | peak memory | latency × | speed-up |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| model | batch×length | median ms | min–max ms | tokens/s | peak memory | latency × | speed-up | FLOPs × |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for m in models:
             for c in m["prefill"]:
                 lines.append(_row(m, "prefill", c, f"{c['batch']}×{c['length']}"))
     if cfg["decode"]:
         lines += ["", f"Decode ({cfg['new_tokens']} greedy KV-cache steps after a {cfg['prompt_len']}-token prompt):", "",
-                  "| model | batch | median ms/step | min–max ms/step | tokens/s | peak memory | latency × | speed-up |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| model | batch | median ms/step | min–max ms/step | tokens/s | peak memory | latency × | speed-up | FLOPs × |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for m in models:
             for c in m["decode"]:
                 lines.append(_row(m, "decode", c, str(c["batch"]), steps=cfg["new_tokens"]))
@@ -86,13 +86,14 @@ def markdown(result: dict) -> str:
 
 def _row(m: dict, kind: str, c: dict, cell: str, steps: int = 1) -> str:
     if c["status"] != "ok":
-        return f"| {m['label']} | {cell} | skipped: {c['reason']} | | | | | |"
+        return f"| {m['label']} | {cell} | skipped: {c['reason']} | | | | | | |"
     s = c["seconds"]
     ms = [1000 * v / steps for v in (s["median"], s["min"], s["max"])]
     return (f"| {m['label']} | {cell} | {ms[0]:.2f} | {ms[1]:.2f}–{ms[2]:.2f} | "
             f"{c['tokens_per_s']['median']:,.0f} | {_mib(c['peak_memory_bytes'])} | "
             f"{_x(_cell_ratio(m, kind, c['cell'], 'latency'))} | "
-            f"{_x(_cell_ratio(m, kind, c['cell'], 'throughput'), 2)} |")
+            f"{_x(_cell_ratio(m, kind, c['cell'], 'throughput'), 2)} | "
+            f"{_x(_cell_ratio(m, kind, c['cell'], 'flops'))} |")
 
 
 def plot_quality(result: dict) -> bytes | None:

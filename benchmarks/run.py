@@ -182,6 +182,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def _flops_ratio(a: dict, b: dict, length: int) -> float | None:
+    """Matmul FLOPs per token, model / baseline, at the table length nearest ``length``."""
+    fa, fb = a.get("flops_per_token"), b.get("flops_per_token")
+    if not fa or not fb:
+        return None
+    key = min(fa, key=lambda n: abs(int(n) - length))
+    return _ratio(fa[key], fb.get(key))
+
+
 def ratios(model: dict, base: dict) -> dict:
     """Ratios of ``model`` to the baseline entry ``base``: quality, size and every shared grid cell.
 
@@ -203,6 +212,7 @@ def ratios(model: dict, base: dict) -> dict:
                 continue
             paired = [x / y for x, y in zip(mine["seconds"]["samples"], ref["seconds"]["samples"])]
             out[kind][mine["cell"]] = {
+                "flops": _flops_ratio(a, b, mine["length"]),
                 "latency": mine["seconds"]["median"] / ref["seconds"]["median"],
                 "throughput": mine["tokens_per_s"]["median"] / ref["tokens_per_s"]["median"],
                 "latency_spread": [min(paired), max(paired)],

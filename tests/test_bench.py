@@ -237,3 +237,13 @@ def test_worker_protocol_replies(models: dict) -> None:
     assert out[1] == {"error": "user", "message": "backend torch cannot run /no/such/dir: model path not found: /no/such/dir"}
     assert out[2]["ok"]["artefact"]["parameters"]["total"] == 26848
     assert out[3]["ok"]["seconds"] > 0 and out[3]["ok"]["peak_bytes"] > 0
+
+
+def test_flops_ratio_uses_the_nearest_length() -> None:
+    from benchmarks.run import _flops_ratio
+
+    a = {"flops_per_token": {"128": 50.0, "512": 80.0}}
+    b = {"flops_per_token": {"128": 100.0, "512": 100.0}}
+    assert _flops_ratio(a, b, 130) == 0.5
+    assert _flops_ratio(a, b, 500) == 0.8
+    assert _flops_ratio({}, b, 128) is None
