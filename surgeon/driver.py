@@ -67,14 +67,22 @@ class PruneReport:
     config: dict
     layers: dict[str, dict] = field(default_factory=dict)  # linear name -> {shape, zeros, sparsity}
     seconds: float = 0.0
+    shots: list[dict] = field(default_factory=list)  # multi-shot methods: one record per shot
 
     @property
     def sparsity(self) -> float:
         total = sum(v["numel"] for v in self.layers.values())
         return sum(v["zeros"] for v in self.layers.values()) / total
 
+    def record(self, name: str, linear: nn.Linear) -> None:
+        """Count the zeros of ``linear`` as it is now (measured, not taken from the pruner)."""
+        zeros = int((linear.weight == 0).sum())
+        self.layers[name] = {"shape": list(linear.weight.shape), "numel": linear.weight.numel(),
+                             "zeros": zeros, "sparsity": zeros / linear.weight.numel()}
+
     def to_dict(self) -> dict:
-        return {"config": self.config, "sparsity": self.sparsity, "seconds": self.seconds, "layers": self.layers}
+        return {"config": self.config, "sparsity": self.sparsity, "seconds": self.seconds,
+                "shots": self.shots, "layers": self.layers}
 
 
 def check_targets(model: nn.Module, adapter: Adapter, cfg: PruneConfig) -> None:
@@ -124,12 +132,7 @@ def prune_sequential_(
                 A = moments[name].finalize() if needs_data else None
                 W_new, keep = prune(linear.weight.data, A, n_tokens, cfg.target)
                 linear.weight.data.copy_(W_new)
-                full = f"{adapter.layers}.{index}.{name}"
-                zeros = int((linear.weight == 0).sum())
-                report.layers[full] = {
-                    "shape": list(linear.weight.shape), "numel": linear.weight.numel(),
-                    "zeros": zeros, "sparsity": zeros / linear.weight.numel(),
-                }
+                report.record(f"{adapter.layers}.{index}.{name}", linear)
         if needs_data:
             batches = run_layer(layer, batches)
     report.seconds = time.perf_counter() - start

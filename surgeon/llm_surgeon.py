@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +33,7 @@ from surgeon import structures
 from surgeon.adapters import Adapter
 from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.calibrate import FisherKind, input_factors, kfac_factors
+from surgeon.driver import PruneReport
 from surgeon.curvature.kfac import DampedKron, prepare
 from surgeon.errors import SurgeonError
 from surgeon.prune.costs import element_costs
@@ -118,7 +119,6 @@ class SurgeonConfig:
         """The target after each shot: linear schedules of remaining size, sparsity, or zeros per block."""
         targets: list[Target] = []
         if self.structured is not None:
-            r = self.structured
             targets += [Remaining(f) for f in linear_schedule(self.structured, self.shots)]
         if self.pattern is not None:
             n = self.pattern.n_zero
@@ -127,23 +127,6 @@ class SurgeonConfig:
         if self.sparsity is not None:
             targets += [self.sparsity * k / self.shots for k in range(1, self.shots + 1)]
         return targets
-
-
-@dataclass
-class SurgeonReport:
-    config: dict
-    shots: list[dict] = field(default_factory=list)
-    layers: dict[str, dict] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def sparsity(self) -> float:
-        total = sum(v["numel"] for v in self.layers.values())
-        return sum(v["zeros"] for v in self.layers.values()) / total
-
-    def to_dict(self) -> dict:
-        return {"config": self.config, "sparsity": self.sparsity, "seconds": self.seconds,
-                "shots": self.shots, "layers": self.layers}
 
 
 def _select(costs: dict[str, torch.Tensor], target: float | NMPattern, cfg: SurgeonConfig) -> dict[str, torch.Tensor]:
@@ -162,7 +145,7 @@ def prune_surgeon_(
     *,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
-) -> SurgeonReport:
+) -> PruneReport:
     """Prune ``model`` in place with LLM Surgeon; returns the report (allocation per layer, shots).
 
     Args:
@@ -177,7 +160,7 @@ def prune_surgeon_(
         for name, m in linears.items():
             cfg.pattern.check_shape(m.in_features, name)
     start = time.perf_counter()
-    report = SurgeonReport(config=cfg.to_dict())
+    report = PruneReport(config=cfg.to_dict())
     keep = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in linears.items()}
     targets = cfg.shot_targets()
     first = 0
@@ -212,9 +195,7 @@ def prune_surgeon_(
         if checkpoint_dir is not None:
             _save_checkpoint(checkpoint_dir, cfg, shot + 1, report.shots, linears, keep)
     for name, m in linears.items():
-        zeros = int((m.weight == 0).sum())
-        report.layers[name] = {"shape": list(m.weight.shape), "numel": m.weight.numel(), "zeros": zeros,
-                               "sparsity": zeros / m.weight.numel()}
+        report.record(name, m)
     report.seconds = time.perf_counter() - start
     return report
 
