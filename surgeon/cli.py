@@ -273,7 +273,7 @@ def run_cmd(
     structured: Annotated[float, typer.Option(help="Fraction of decoder-linear weights to keep.")] = 0.8,
     shots: Annotated[int, typer.Option(help="LLM Surgeon shots.")] = 2,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows of 512 tokens.")] = 8,
-    ppl_windows: Annotated[int, typer.Option(help="Perplexity windows in the benchmark (protocol: 64).")] = 16,
+    ppl_windows: Annotated[int, typer.Option(help="Perplexity windows in the benchmark (protocol: 64).")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
     text: Annotated[Optional[Path], typer.Option(help="Calibrate and evaluate on this text instead of WikiText-2.")] = None,
     data_dir: DataDir = None,
@@ -384,6 +384,111 @@ def densify_cmd(
     result = densify(directory, out, force=force)
     _emit(result, as_json, [f"wrote a dense checkpoint ({result['tensors']} tensors, "
                             f"{result['bytes_on_disk']:,} bytes) to {out}"])
+
+
+@app.command("onnx")
+def onnx_cmd(
+    model: ModelArg = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the ONNX export directory here.")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights and KV cache of the graph: float32 or float16.")] = "float32",
+    opset: Annotated[int, typer.Option(help="ONNX opset, 14 to 20.")] = 17,
+    external_data: Annotated[str, typer.Option(help="Weights in model.onnx_data: auto (above 1 GiB), always or never.")] = "auto",
+    simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Fold traced shape arithmetic into constants.")] = True,
+    optimize: Annotated[bool, typer.Option("--optimize", help="Also fuse with onnxruntime's transformer optimizer (ONNX Runtime-only ops).")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare ONNX Runtime with torch before keeping the graph.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    threads: Threads = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Export a model to ONNX with KV cache (optimum's input/output names), checked against torch."""
+    from export.checkpoint import prepare_target
+    from export.onnx import OnnxConfig, export_onnx
+    from surgeon.loading import load_model
+
+    _setup(quiet, threads)
+    if out is None:
+        raise SurgeonError("give --out DIR for the ONNX export")
+    cfg = OnnxConfig(opset=opset, dtype=dtype, external_data=external_data,  # type: ignore[arg-type]
+                     simplify=simplify, optimize=optimize, verify=verify)
+    cfg.validate()
+    prepare_target(out, force)
+    lm = load_model(model)
+    manifest = export_onnx(lm.model, lm.tokenizer, out, cfg, source=lm.source, source_dir=lm.path, force=force)
+    graph, check = manifest["graph"], manifest.get("verification")
+    _emit({k: v for k, v in manifest.items() if k != "decoder_linears"} | {"out": str(out)}, as_json, [
+        f"wrote {out} in {manifest['export_seconds']:.0f} s: opset {graph['opset']}, {graph['dtype']}, "
+        f"{graph['num_layers']} layers, KV heads {sorted(set(graph['kv_heads']))}, {manifest['bytes_on_disk'] / 2**20:.1f} MiB",
+        f"decoder-linear zeros in the graph: {manifest['sparsity']:.2%}; "
+        f"2:4 blocks {manifest['blocks_2_4']['with_two_zeros']:,} of {manifest['blocks_2_4']['blocks']:,}",
+        f"ONNX Runtime vs torch: largest logit difference {check['max_abs_diff']:.2e}" if check else "not verified",
+    ])
+
+
+@app.command("generate")
+def generate_cmd(
+    model: Annotated[str, typer.Argument(help="Model directory (torch), ONNX export directory (onnxruntime), or 'default'.")] = "default",
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")] = None,
+    backend: Annotated[str, typer.Option(help="Runtime backend: torch or onnxruntime (and any registered one).")] = "torch",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt at most.")] = 32,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of taking the argmax.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample from the smallest set with this probability (1: all).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    stop: Annotated[Optional[list[int]], typer.Option(help="Stop token id (repeatable; default: the model's EOS).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")] = False,
+    threads: Threads = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Generate text with the KV cache on one backend (greedy or sampling, stop tokens, batch)."""
+    from dataclasses import asdict
+
+    from runtime.generate import GenerationConfig, generate, load_decoder
+
+    _setup(quiet, threads)
+    decoder = load_decoder(backend, model, device, threads)
+    directory = Path(getattr(decoder, "directory", None) or model)
+    tokenizer = getattr(decoder, "tokenizer", None) or _tokenizer(directory)
+    texts = prompt or ["The capital of France is"]
+    if chat:
+        ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False)) for t in texts]
+    else:
+        ids = [tokenizer(t)["input_ids"] for t in texts]
+    stops = tuple(stop) if stop else _eos_ids(directory, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
+                           top_p=top_p, stop_tokens=stops, pad_token_id=pad, seed=seed)
+    out = generate(decoder, ids, cfg)
+    rows = [{"prompt": t, "tokens": toks, "stopped": s, "text": tokenizer.decode(toks, skip_special_tokens=True)}
+            for t, toks, s in zip(texts, out.tokens, out.stopped)]
+    speed = len(ids) * out.steps / out.decode_seconds if out.steps else None
+    payload = {"model": model, "backend": backend, "config": asdict(cfg), "outputs": rows,
+               "prefill_seconds": out.prefill_seconds, "decode_tokens_per_s": speed}
+    lines = [f"{r['prompt']!r} -> {r['text']!r}" for r in rows]
+    lines.append(f"{backend}: prefill {out.prefill_seconds:.3f} s" + (f", decode {speed:.1f} tokens/s" if speed else ""))
+    _emit(payload, as_json, lines)
+
+
+def _tokenizer(directory: Path) -> object:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SurgeonError(f"cannot load a tokenizer from {directory}: {str(exc).splitlines()[0]}") from None
+
+
+def _eos_ids(directory: Path, tokenizer: object) -> tuple[int, ...]:
+    """EOS ids of ``generation_config.json`` (one or a list), else the tokenizer's."""
+    path = directory / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
 
 
 @app.command("info")

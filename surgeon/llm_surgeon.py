@@ -172,7 +172,7 @@ def prune_surgeon_(
         if cfg.scoring != "surgeon":  # baselines on the same coupled groups: scores, no update
             A = input_factors(model, adapter, windows, batch_size=cfg.batch_size) if cfg.scoring == "wanda" else None
             t_curv = time.perf_counter() - t0
-            _structured_step(model, adapter, target, keep, cfg.scoring, A=A)  # type: ignore[arg-type]
+            _structured_step(model, adapter, target, keep, cfg.scoring, cfg.allocation, A=A)  # type: ignore[arg-type]
         else:
             factors = kfac_factors(model, adapter, windows, batch_size=cfg.batch_size, fisher=cfg.fisher,
                                    progress=progress)
@@ -180,7 +180,7 @@ def prune_surgeon_(
             damped = {name: prepare(f.A, f.G, cfg.lam_A, cfg.damping_G(target)) for name, f in factors.items()}
             del factors
             if isinstance(target, Remaining):
-                _structured_step(model, adapter, target, keep, "surgeon", damped=damped)
+                _structured_step(model, adapter, target, keep, "surgeon", cfg.allocation, damped=damped)
             else:
                 _element_step(linears, target, damped, keep, cfg)
             del damped
@@ -231,20 +231,34 @@ def _element_step(
 
 def _structured_step(
     model: nn.Module, adapter: Adapter, target: Remaining, keep: dict[str, torch.Tensor], scoring: Scoring,
-    damped: dict[str, DampedKron] | None = None, A: dict[str, torch.Tensor] | None = None,
+    allocation: Allocation, damped: dict[str, DampedKron] | None = None, A: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Remove the cheapest coupled groups (MLP channels, head slices) across all layers."""
+    """Remove the cheapest coupled groups (MLP channels, head slices).
+
+    ``global``: candidates of all layers compete by cost per weight. ``uniform``: every layer loses
+    the same number of MLP channels and no heads (the reference Wanda-style channel baseline).
+    """
     linears = adapter.decoder_linears(model)
     total = sum(m.weight.numel() for m in linears.values())
     budget = round((1.0 - target.fraction) * total)
-    candidates = []
-    for i, layer in enumerate(adapter.decoder_layers(model)):
+    layers = adapter.decoder_layers(model)
+    chosen: list[structures.Candidate] = []
+    candidates: list[structures.Candidate] = []
+    for i, layer in enumerate(layers):
         inter = layer.get_submodule(adapter.mlp).get_submodule(adapter.gate).out_features
         channel_cost, head_cost = structures.group_costs(model, adapter, i, scoring, damped, A)
-        candidates += structures.layer_candidates(
+        found = structures.layer_candidates(
             model, adapter, i, channel_cost, head_cost, keep, min_channels=max(1, inter // 20)
         )
-    chosen = structures.select(candidates, budget)
+        if allocation == "uniform":
+            channels = [c for c in found if c.kind == "channel"]  # cheapest first
+            per_layer = -(-budget // (len(layers) * channels[0].size)) if channels else 0
+            if per_layer > len(channels):
+                raise SurgeonError("structured target cannot be reached with MLP channels alone under the floors")
+            chosen += channels[:per_layer]
+        candidates += found
+    if allocation == "global":
+        chosen = structures.select(candidates, budget)
     structures.apply_(model, adapter, chosen, damped if scoring == "surgeon" else None, keep)
 
 

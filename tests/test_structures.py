@@ -102,3 +102,14 @@ def test_magnitude_scores_remove_the_smallest_channel_first() -> None:
                    progress=False)
     removed = [(i, int(k)) for i, l in enumerate(model.model.layers) for k in (l.mlp.gate_proj.weight == 0).all(1).nonzero()]
     assert removed == [(1, 5)]
+
+
+@pytest.mark.parametrize("scoring", ["surgeon", "wanda"])
+def test_uniform_structured_removes_equal_channels_and_no_heads(scoring: str) -> None:
+    model, _ = make_tiny_llama()
+    cfg = SurgeonConfig(structured=0.8, shots=1, allocation="uniform", scoring=scoring)  # type: ignore[arg-type]
+    prune_surgeon_(model, LLAMA, calib(model), cfg, progress=False)
+    state = structure_state(model)
+    counts = {int(ch.sum()) for ch, _ in state}
+    assert len(counts) == 1 and counts.pop() > 0
+    assert not any(bool(heads.any()) for _, heads in state)
