@@ -151,33 +151,37 @@ class TorchRunner:
 register_backend(Backend("torch", TorchRunner))
 
 
+def _load_onnxruntime(spec: str | None, device: str) -> Runner:
+    from benchmarks.onnx_backend import OrtRunner  # onnxruntime is imported only when this backend is used
+
+    return OrtRunner(spec, device)
+
+
+register_backend(Backend("onnxruntime", _load_onnxruntime))
+
+
 class CompressedRunner(TorchRunner):
-    """A compressed checkpoint (``surgeon-export pack``) through :func:`runtime.load.load_compressed`.
+    """A compressed checkpoint (``surgeon-export pack``) through :func:`runtime.load.load_backend`.
 
     ``torch-24``: 2:4 weights as semi-structured sparse tensors in float16 on a CUDA sm80+ GPU
     (dense float32 on CPU). ``torch-csr``: CSR/BSR weights through ``torch.sparse.mm``, float32.
     """
 
-    def __init__(self, spec: str | None, device: str, layouts: tuple[str, ...] = ("2:4",)) -> None:
-        from runtime.load import load_compressed
+    def __init__(self, spec: str | None, device: str, backend: str = "torch-24") -> None:
+        from runtime.load import load_backend
 
-        name = "torch-24" if layouts == ("2:4",) else "torch-csr"
         if spec is None:
-            raise SurgeonError(f"backend {name} needs a directory written by `surgeon-export pack`, not the default model")
+            raise SurgeonError(f"backend {backend} needs a directory written by `surgeon-export pack`, not the default model")
         self.device = torch.device(device)
-        dtype = torch.float16 if layouts == ("2:4",) and self.device.type == "cuda" else torch.float32
-        try:
-            self.compressed = load_compressed(spec, device=self.device, dtype=dtype, layouts=layouts)
-        except SurgeonError as exc:
-            raise SurgeonError(f"backend {name} cannot run {spec}: {exc}") from None
+        self.compressed = load_backend(backend, spec, self.device)
         self.lm = self.compressed.lm
         self.model = self.lm.model
         self.config = self.model.config
         self._prompts = {}
 
     def describe(self) -> dict:
-        return self.compressed.describe()
+        return {**self.compressed.describe(), "flops_per_token": flops_table(self.model.config)}
 
 
-register_backend(Backend("torch-24", CompressedRunner))
-register_backend(Backend("torch-csr", partial(CompressedRunner, layouts=("csr", "bsr"))))
+register_backend(Backend("torch-24", partial(CompressedRunner, backend="torch-24")))
+register_backend(Backend("torch-csr", partial(CompressedRunner, backend="torch-csr")))

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -79,7 +80,9 @@ def measure_cpu(shapes: tuple[tuple[int, int], ...] = CPU_SHAPES, tokens: tuple[
             calls = max(1, math.ceil(TARGET_SECONDS / max(once, 1e-7)))
             for sparsity in sparsities:
                 W = W_full * (torch.rand(out_f, in_f, generator=gen) >= sparsity)
-                W_csr = W.to_sparse_csr()
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                    W_csr = W.to_sparse_csr()
                 torch.testing.assert_close(sparse_linear(x, W_csr), F.linear(x, W), rtol=1e-4, atol=1e-4)
                 s = _paired({"dense": lambda: F.linear(x, W), "csr": lambda: sparse_linear(x, W_csr)}, repeat, calls)
                 paired = [c / d for c, d in zip(s["csr"], s["dense"])]

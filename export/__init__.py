@@ -5,4 +5,6 @@
 - ``shapes.py``: aligned (``--align N``) and uniform (``--uniform``) sizes, chosen by cost;
 - ``pruned.py``: physically smaller checkpoints, per-layer (``surgeon_*``) or stock;
 - ``flops.py``: matmul FLOPs per token of a (shrunk) config.
+- ``onnx.py``, ``onnx_graph.py``, ``onnx_simplify.py``: ONNX decoder graph with KV cache (optimum's
+  names, per-layer KV heads), shape folding, verification against torch.
 """

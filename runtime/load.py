@@ -1,0 +1,253 @@
+"""Load a compressed checkpoint (``surgeon-export pack``) into a runnable Hugging Face model.
+
+As gpt-fast:generate.py ``_load_model`` does: the model ``config.json`` describes is built on the
+meta device, and the stored tensors are assigned into it. Reading and every check (manifest,
+version, header, metadata against values, shapes against the config) happen in
+:func:`export.sparse_checkpoint.read_compressed`; the config and tokenizer come through the pieces
+of :mod:`surgeon.loading`. Then the packed decoder linears are placed:
+
+- 2:4: unpacked; on a CUDA GPU each layer becomes a semi-structured sparse tensor on the kernel
+  :func:`runtime.semi_structured.choose_backend` picks, and layers it cannot take stay dense with
+  the reason recorded (:attr:`CompressedModel.placements`); on CPU all stay dense, with a one-line
+  notice;
+- CSR / BSR: each ``nn.Linear`` is replaced by a :class:`runtime.sparse_linear.SparseLinear`.
+
+Non-persistent buffers (the rotary ``inv_freq``) are not stored; the model's own ``_init_weights``
+computes them, as transformers does after its own meta-device load.
+
+:func:`load_backend` is what the runtime backends ``torch-24`` and ``torch-csr`` run (layouts and
+dtype per backend); :func:`register_decoders` puts them behind :mod:`runtime.generate`'s interface,
+and ``benchmarks/backends.py`` registers them for ``surgeon-export bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from export.checkpoint import REPORT_FILE
+from export.sparse_checkpoint import DTYPES, WEIGHTS_FILE, CompressedCheckpoint, read_compressed
+from runtime.semi_structured import Dispatch, Prefer, device_dispatch, to_semi_structured_linear
+from runtime.sparse_linear import SparseLinear
+from surgeon.adapters import get_adapter
+from surgeon.errors import SurgeonError
+from surgeon.loading import LoadedModel, quiet_transformers
+
+log = logging.getLogger(__name__)
+BACKEND_LAYOUTS = {"torch-24": ("2:4",), "torch-csr": ("csr", "bsr")}  # runtime backend -> layouts it reads
+
+
+def backend_dtype(backend: str, device: torch.device) -> torch.dtype:
+    """``torch-24``: float16 on CUDA (the 2:4 kernels' dtype), float32 on CPU; ``torch-csr``: float32."""
+    return torch.float16 if backend == "torch-24" and device.type == "cuda" else torch.float32
+
+
+@dataclass
+class CompressedModel:
+    """A loaded compressed checkpoint: the model, where each packed linear runs, and stored counts."""
+
+    lm: LoadedModel
+    layout: str
+    placements: dict[str, Dispatch]  # packed weight key -> kernel, reason and kernel shape
+    counts: dict[str, int] = field(default_factory=dict)  # parameters and zeros counted in the stored tensors
+
+    def kernels(self) -> dict[str, int]:
+        """How many packed linears run on each kernel."""
+        return dict(Counter(d.kernel for d in self.placements.values()))
+
+    def fallbacks(self) -> dict[str, str]:
+        """Packed 2:4 linears left dense on a GPU, with the reason (empty on CPU and for CSR/BSR)."""
+        if self.lm.model.device.type != "cuda" or self.layout != "2:4":
+            return {}
+        return {k: d.reason for k, d in self.placements.items() if d.kernel == "dense"}
+
+    def describe(self) -> dict:
+        """Artefact facts in the benchmark runner's schema (``docs/benchmarks.md``), plus the kernels used."""
+        model = self.lm.model
+        tensors = [*model.parameters(), *model.buffers()]  # each shared tensor once
+        report = self.lm.path / REPORT_FILE
+        dtype = next(p.dtype for p in model.parameters())
+        return {
+            "source": self.lm.source,
+            "path": str(self.lm.path),
+            "bytes_on_disk": (self.lm.path / WEIGHTS_FILE).stat().st_size,
+            "weight_bytes": sum(tensor_bytes(t) for t in tensors),
+            "parameters": {k: self.counts[k] for k in ("total", "decoder_linear", "decoder_linear_zeros", "total_zeros")},
+            "sparsity": self.counts["decoder_linear_zeros"] / self.counts["decoder_linear"],
+            "pruning": json.loads(report.read_text()).get("config") if report.is_file() else None,
+            "dtype": str(dtype).removeprefix("torch."),
+            "format": self.layout,
+            "kernels": self.kernels(),
+            "fallbacks": self.fallbacks(),
+        }
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: the index and value parts of CSR/BSR, the packed parts of 2:4 tensors."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    parts: list[torch.Tensor | None] = [t]
+    if isinstance(t, SparseSemiStructuredTensor):
+        parts = [t.packed, t.meta, t.packed_t, t.meta_t, t.compressed_swizzled_bitmask]
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = [t.crow_indices(), t.col_indices(), t.values()]
+    return sum(p.numel() * p.element_size() for p in parts if p is not None)
+
+
+def _count(ckpt: CompressedCheckpoint) -> dict[str, int]:
+    """Parameters and zeros as stored: dense tensors, and the packed weights' full shapes."""
+    stored_zeros = {k: p.shape[0] * p.shape[1] - int((p.parts["values"] != 0).sum()) for k, p in ckpt.packed.items()}
+    linear = sum(p.shape[0] * p.shape[1] for p in ckpt.packed.values())
+    dense = sum(t.numel() for t in ckpt.dense.values())
+    dense_zeros = sum(int((t == 0).sum()) for t in ckpt.dense.values())
+    return {"total": dense + linear, "decoder_linear": linear, "decoder_linear_zeros": sum(stored_zeros.values()),
+            "total_zeros": dense_zeros + sum(stored_zeros.values())}
+
+
+def _materialise_buffers(model: nn.Module) -> None:
+    """Compute the non-persistent buffers still on meta with the model's own initialiser (on CPU)."""
+    for key, buffer in list(model.named_non_persistent_buffers()):  # type: ignore[operator]
+        if buffer.is_meta:
+            owner, _, name = key.rpartition(".")
+            module = model.get_submodule(owner)
+            setattr(module, name, torch.empty_like(buffer, device="cpu"))
+            model._init_weights(module)  # type: ignore[operator]
+
+
+def _tokenizer(directory: Path) -> object:
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SurgeonError(f"cannot load tokenizer from {directory}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def load_compressed(
+    spec: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    prefer: Prefer = "auto",
+    layouts: tuple[str, ...] | None = None,
+) -> CompressedModel:
+    """Build the model stored in a compressed directory, in eval mode.
+
+    Args:
+        spec: the directory ``surgeon-export pack`` wrote.
+        device: where to run; 2:4 kernels are used on CUDA sm80+ GPUs only.
+        dtype: floating dtype of the loaded model (default: the stored dtype).
+        prefer: 2:4 kernel choice on GPU (``auto``, ``cusparselt`` or ``cutlass``).
+        layouts: accept only these layouts (a backend's), else a SurgeonError.
+
+    Example:
+        >>> cm = load_compressed("m24-packed")  # doctest: +SKIP
+        >>> cm.kernels()  # doctest: +SKIP
+        {'dense': 210}
+    """
+    directory = Path(spec).expanduser()
+    if not directory.is_dir():
+        raise SurgeonError(f"compressed checkpoint directory not found: {directory}")
+    device = torch.device(device)
+    ckpt = read_compressed(directory)
+    layout = str(ckpt.manifest["layout"])
+    if layouts is not None and layout not in layouts:
+        raise SurgeonError(f"{directory} holds {layout} weights; this backend reads {' or '.join(layouts)}")
+    dtype = dtype or DTYPES.get(str(ckpt.manifest.get("dtype")), torch.float32)
+    if layout != "2:4" and device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+        raise SurgeonError(f"torch's CPU sparse matmul has no {str(dtype).removeprefix('torch.')} kernel; "
+                           "load CSR/BSR checkpoints as float32 on CPU")
+    adapter = get_adapter(ckpt.config["model_type"])
+    model: Any = ckpt.skeleton  # a transformers PreTrainedModel on the meta device
+    linears = {f"{name}.weight": name for name in adapter.decoder_linears(model)}
+    outside = [k for k in ckpt.packed if k not in linears]
+    if outside:
+        raise SurgeonError(f"{directory}: tensor {outside[0]} is packed but is not a decoder linear weight")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.dense.items()}
+    for key, packed in ckpt.packed.items():
+        name = linears[key]
+        if packed.layout == "2:4":
+            state[key] = packed.dense().to(dtype)
+        else:
+            model.set_submodule(name, SparseLinear(packed.sparse().to(dtype), state.pop(f"{name}.bias", None)))
+    model.load_state_dict(state, assign=True, strict=False)  # keys and shapes checked by read_compressed
+    model.tie_weights()
+    _materialise_buffers(model)
+    left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise SurgeonError(f"{directory}: tensor {left[0]} is missing from the checkpoint")
+    model.to(device).eval()
+    placements = _place(model, ckpt, linears, device, dtype, prefer)
+    lm = LoadedModel(model=model, tokenizer=_tokenizer(directory), adapter=adapter, path=directory,
+                     source=f"{directory} ({layout})")
+    return CompressedModel(lm=lm, layout=layout, placements=placements, counts=_count(ckpt))
+
+
+def _place(model: nn.Module, ckpt: CompressedCheckpoint, linears: dict[str, str], device: torch.device,
+           dtype: torch.dtype, prefer: Prefer) -> dict[str, Dispatch]:
+    """Put every packed linear on its kernel; returns the decision per weight key."""
+    placements: dict[str, Dispatch] = {}
+    for key, packed in ckpt.packed.items():
+        if packed.layout != "2:4":
+            placements[key] = Dispatch(packed.layout, "SparseLinear (torch.sparse.mm)", packed.shape)
+            continue
+        name = linears[key]
+        decision = device_dispatch(device, dtype, packed.shape, prefer)
+        if decision.kernel != "dense":
+            linear = model.get_submodule(name)
+            assert isinstance(linear, nn.Linear), name
+            try:
+                module = to_semi_structured_linear(linear, decision)
+            except RuntimeError as exc:  # a kernel the device turned down: this layer stays dense
+                decision = Dispatch("dense", f"conversion failed: {str(exc).strip().splitlines()[0][:160]}", packed.shape)
+            else:
+                if module is not linear:
+                    model.set_submodule(name, module)
+        placements[key] = decision
+    dense = [d for d in placements.values() if d.kernel == "dense"]
+    if ckpt.manifest["layout"] == "2:4" and device.type != "cuda":
+        log.warning("2:4 weights loaded dense on %s: semi-structured kernels need a CUDA sm80+ GPU", device.type)
+    elif dense:
+        log.warning("2:4 kernels: %s; %d layers fell back to dense (e.g. %s)",
+                    dict(Counter(d.kernel for d in placements.values())), len(dense), dense[0].reason)
+    return placements
+
+
+def load_backend(backend: str, path: str | Path, device: str | torch.device = "cpu") -> CompressedModel:
+    """:func:`load_compressed` as the runtime backend ``torch-24`` or ``torch-csr`` runs it (layouts, dtype)."""
+    if backend not in BACKEND_LAYOUTS:
+        raise SurgeonError(f"unknown sparse backend {backend!r}; available: {', '.join(BACKEND_LAYOUTS)}")
+    device = torch.device(device)
+    try:
+        return load_compressed(path, device=device, dtype=backend_dtype(backend, device),
+                               layouts=BACKEND_LAYOUTS[backend])
+    except SurgeonError as exc:
+        raise SurgeonError(f"backend {backend} cannot run {path}: {exc}") from None
+
+
+def _decoder_loader(backend: str) -> Callable[[str, str, int | None], Any]:
+    def load(path: str, device: str = "cpu", threads: int | None = None) -> Any:
+        from runtime.torch_backend import TorchDecoder
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return TorchDecoder(load_backend(backend, path, device).lm.model)
+
+    return load
+
+
+def register_decoders() -> None:
+    """Add ``torch-24`` and ``torch-csr`` to :mod:`runtime.generate`'s loaders (same Decoder as ``torch``)."""
+    from runtime.generate import register_loader
+
+    for backend in BACKEND_LAYOUTS:
+        register_loader(backend, _decoder_loader(backend))

@@ -1,0 +1,254 @@
+"""2:4 packing: known answers, exact round trips, rejection, sizes, the kernel dispatch table, and
+a pruned tiny Llama through pack -> runtime loader with identical logits. ``gpu`` tests need sm80+."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from export.semi_structured import check_24, meta_columns, pack_24, packed_bytes, unpack_24
+from export.sparse_checkpoint import PackConfig, pack_checkpoint
+from runtime.load import load_compressed
+from runtime.semi_structured import (
+    MULTIPLE, Dispatch, PaddedLinear, choose_backend, force_cutlass, pad_weight, to_semi_structured_linear,
+)
+from surgeon.adapters import LLAMA
+from surgeon.errors import SurgeonError
+from surgeon.loading import load_model
+from surgeon.prune.patterns import NMPattern
+from tests.conftest import make_tiny_llama
+
+IDS = torch.tensor([[1, 7, 30, 2, 55, 12, 9, 40]])
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+needs_sm80 = pytest.mark.skipif(not SM80, reason="needs a CUDA GPU with sm80+")
+
+
+def random_24(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A random 2:4 weight with some blocks holding 3 or 4 zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=gen)
+    W = W * NMPattern().mask_from_scores(torch.rand(rows, cols, generator=gen))
+    W[torch.rand(rows, cols, generator=gen) < 0.1] = 0
+    return W.to(dtype)
+
+
+def pruned_24_dir(tmp_path: Path, **overrides: object) -> tuple[nn.Module, Path]:
+    """A tiny Llama magnitude-pruned to 2:4 in every decoder linear, saved as a normal checkpoint."""
+    model, tokenizer = make_tiny_llama(**overrides)
+    with torch.no_grad():
+        for linear in LLAMA.decoder_linears(model).values():
+            linear.weight.mul_(NMPattern().mask_from_scores(linear.weight.abs()))
+    path = tmp_path / "pruned24"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, path
+
+
+def test_known_answer_1x8_row() -> None:
+    W = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0]])
+    values, meta = pack_24(W, "w")
+    assert values.tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    # block 0 keeps positions 1, 3 -> nibble 1 | 3 << 2 = 0xD; block 1 keeps 0, 3 -> 0xC (high nibble)
+    assert meta.dtype == torch.uint8 and meta.tolist() == [[0xCD]]
+    assert torch.equal(unpack_24(values, meta, (1, 8), torch.float32, "w"), W)
+
+
+def test_known_answer_sparse_blocks_and_odd_block_count() -> None:
+    W = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 6.0, 0.0, 0.0, 0.0]])
+    values, meta = pack_24(W, "w")
+    # fewer than two nonzeros: the nonzero first, then the first zeros, kept in column order:
+    # block 0 keeps (0, 1) -> 0x4, block 1 keeps (0, 2) -> 0x8, block 2 keeps (0, 1) -> 0x4; padding nibble 0
+    assert values.tolist() == [[0.0, 0.0, 0.0, 5.0, 6.0, 0.0]]
+    assert meta.tolist() == [[0x84, 0x04]]
+    assert meta_columns(12) == 2
+    assert torch.equal(unpack_24(values, meta, (1, 12), torch.float32, "w"), W)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(12, 40), (5, 12), (1, 4)])
+def test_round_trip_is_bitwise_exact(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    W = random_24(*shape, dtype)  # W * mask: holds -0.0 where negative weights were masked
+    W[0, :4] = torch.tensor([0.0, float("nan"), float("-inf"), 0.0])  # NaN and inf come back bit for bit
+    values, meta = pack_24(W, "w")
+    assert values.shape == (shape[0], shape[1] // 2) and values.dtype == dtype
+    back = unpack_24(values, meta, shape, dtype, "w")
+    nonzero = W != 0  # NaN included
+    assert torch.equal(back.view(BITS[dtype])[nonzero], W.view(BITS[dtype])[nonzero])
+    assert bool((back[~nonzero] == 0).all())
+    canonical = torch.where(W == 0, torch.zeros_like(W), W)  # zeros as +0.0: exact bit for bit
+    assert torch.equal(unpack_24(*pack_24(canonical, "w"), shape, dtype, "w").view(BITS[dtype]),
+                       canonical.view(BITS[dtype]))
+
+
+def test_negative_zero_not_stored_comes_back_as_positive_zero() -> None:
+    W = torch.tensor([[-0.0, 0.0, 3.0, 0.0, -0.0, 1.0, 2.0, 0.0]])
+    back = unpack_24(*pack_24(W, "w"), (1, 8), torch.float32, "w")
+    assert torch.equal(back, W)  # equal in value
+    assert torch.signbit(back[0, 0])  # stored (block 0 keeps positions 0 and 2): sign kept
+    assert not torch.signbit(back[0, 4])  # block 1 keeps 1.0 and 2.0; its -0.0 comes back as +0.0
+
+
+def test_rejects_non_24_naming_tensor_and_row() -> None:
+    W = random_24(6, 16, torch.float32)
+    W[3, 4:8] = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    with pytest.raises(SurgeonError, match=r"^layer\.q\.weight: not 2:4 sparse: row 3 has 3 nonzeros in columns 4\.\.7"):
+        check_24(W, "layer.q.weight")
+    with pytest.raises(SurgeonError, match="1 of 6 rows fail"):
+        pack_24(W, "layer.q.weight")
+    with pytest.raises(SurgeonError, match="not a multiple of the 2:4 block size"):
+        pack_24(torch.zeros(2, 6), "w")
+
+
+def test_packed_size_is_at_most_057_of_dense_in_float16() -> None:
+    for shape in [(1536, 576), (576, 1536), (11008, 4096)]:
+        dense = shape[0] * shape[1] * 2
+        assert packed_bytes(shape, torch.float16) / dense == 0.5 + 1 / 16 <= 0.57
+    values, meta = pack_24(random_24(64, 96, torch.float16), "w")
+    assert values.numel() * 2 + meta.numel() == packed_bytes((64, 96), torch.float16)
+
+
+def test_unpack_rejects_inconsistent_parts() -> None:
+    values, meta = pack_24(random_24(4, 16, torch.float16), "w")
+    with pytest.raises(SurgeonError, match=r"^w: values have shape \[4, 8\], expected \[4, 16\]"):
+        unpack_24(values, meta, (4, 32), torch.float16, "w")
+    with pytest.raises(SurgeonError, match="values are torch.float16, metadata says torch.float32"):
+        unpack_24(values, meta, (4, 16), torch.float32, "w")
+    with pytest.raises(SurgeonError, match=r"2:4 metadata is torch.uint8 \[4, 2\], expected torch.uint8 \[4, 3\]"):
+        unpack_24(torch.zeros(4, 12, dtype=torch.float16), meta, (4, 24), torch.float16, "w")
+    bad = meta.clone()
+    bad[2, 1] = 0x55  # positions 1, 1
+    with pytest.raises(SurgeonError, match=r"^w: 2:4 metadata row 2, block 2 holds positions 1, 1"):
+        unpack_24(values, bad, (4, 16), torch.float16, "w")
+    odd_values, odd_meta = pack_24(random_24(3, 12, torch.float32), "w")
+    odd_meta[1, 1] |= 0x40
+    with pytest.raises(SurgeonError, match="row 1 has a nonzero padding nibble"):
+        unpack_24(odd_values, odd_meta, (3, 12), torch.float32, "w")
+
+
+HALF, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+DISPATCH_TABLE = [
+    # capability, dtype, shape, cusparselt available, prefer -> kernel, kernel shape, words in the reason
+    (None, HALF, (1536, 576), True, "auto", "dense", (1536, 576), "no CUDA device"),
+    ((7, 5), HALF, (1536, 576), True, "auto", "dense", (1536, 576), "sm75: 2:4 sparse tensor cores need sm80"),
+    ((8, 0), F32, (1536, 576), True, "auto", "dense", (1536, 576), "float32: 2:4 kernels take float16 or bfloat16"),
+    ((8, 0), HALF, (1536, 576), True, "auto", "cusparselt", (1536, 576), "sm80 cusparselt"),
+    ((8, 6), BF16, (576, 1536), False, "auto", "cutlass", (576, 1536), "sm86 cutlass"),
+    ((9, 0), HALF, (11008, 4096), True, "auto", "cusparselt", (11008, 4096), "sm90 cusparselt"),
+    ((9, 0), HALF, (1536, 576), False, "auto", "dense", (1536, 576), "CUTLASS needs sm8x"),
+    ((9, 0), HALF, (1536, 576), True, "cutlass", "dense", (1536, 576), "built for sm8x only"),
+    ((8, 0), HALF, (1536, 576), True, "cutlass", "cutlass", (1536, 576), "sm80 cutlass"),
+    ((8, 0), HALF, (1536, 576), False, "cusparselt", "dense", (1536, 576), "cuSPARSELt is not available"),
+    ((8, 0), HALF, (200, 576), True, "auto", "cusparselt", (208, 576), "padded from [200, 576] to [208, 576]"),
+    ((8, 0), HALF, (200, 576), False, "auto", "cutlass", (224, 576), "padded from [200, 576] to [224, 576]"),
+    ((8, 0), HALF, (8, 16), True, "auto", "dense", (8, 16), "would need padding to [16, 16]"),
+    ((8, 0), HALF, (64, 96), False, "auto", "dense", (64, 96), "+33%, more than 25%"),
+]
+
+
+@pytest.mark.parametrize("cap, dtype, shape, cslt, prefer, kernel, kshape, reason", DISPATCH_TABLE)
+def test_dispatch_table(cap: tuple[int, int] | None, dtype: torch.dtype, shape: tuple[int, int], cslt: bool,
+                        prefer: str, kernel: str, kshape: tuple[int, int], reason: str) -> None:
+    d = choose_backend(cap, dtype, shape, cusparselt=cslt, prefer=prefer)  # type: ignore[arg-type]
+    assert (d.kernel, d.shape) == (kernel, kshape)
+    assert reason in d.reason
+
+
+def test_dispatch_multiples_match_installed_torch() -> None:
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as Cslt, SparseSemiStructuredTensorCUTLASS as Cutlass
+
+    for name, cls in (("cusparselt", Cslt), ("cutlass", Cutlass)):
+        for dtype in (HALF, BF16):
+            c = cls._DTYPE_SHAPE_CONSTRAINTS[dtype]
+            assert MULTIPLE[name] == (c.sparse_min_rows, c.sparse_min_cols)
+
+
+def test_padded_linear_matches_the_original_on_cpu() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(20, 10, bias=True)
+    padded = PaddedLinear(pad_weight(linear.weight.detach(), (16, 32)), linear.bias.detach(), 20, 10)
+    x = torch.randn(2, 3, 20)
+    torch.testing.assert_close(padded(x), linear(x))
+    assert padded(x).shape == (2, 3, 10)
+
+
+def test_force_cutlass_restores_the_flag() -> None:
+    from torch.sparse import SparseSemiStructuredTensor
+
+    before = SparseSemiStructuredTensor._FORCE_CUTLASS
+    with pytest.raises(RuntimeError), force_cutlass(not before):
+        assert SparseSemiStructuredTensor._FORCE_CUTLASS is (not before)
+        raise RuntimeError("conversion failed")
+    assert SparseSemiStructuredTensor._FORCE_CUTLASS is before
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_packed_tiny_llama_loads_with_identical_logits_on_cpu(
+    tmp_path: Path, dtype: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, src = pruned_24_dir(tmp_path)
+    manifest = pack_checkpoint(load_model(src), tmp_path / "packed", PackConfig("2:4", dtype))
+    assert manifest["packed_tensors"] == 14 and manifest["decoder_linear"]["sparsity"] >= 0.5
+    ratio = manifest["bytes"]["decoder_linear_ratio"]
+    assert ratio == (0.5625 if dtype == "float16" else 0.53125)
+    with caplog.at_level(logging.WARNING, logger="runtime.load"):
+        cm = load_compressed(tmp_path / "packed")
+    assert [r.getMessage() for r in caplog.records] == [
+        "2:4 weights loaded dense on cpu: semi-structured kernels need a CUDA sm80+ GPU"]
+    assert cm.kernels() == {"dense": 14} and cm.fallbacks() == {}
+    reference = model.to(torch.float16) if dtype == "float16" else model
+    with torch.no_grad():
+        assert torch.equal(cm.lm.model(IDS).logits, reference(IDS).logits)
+    described = cm.describe()
+    assert described["format"] == "2:4" and described["sparsity"] >= 0.5
+    assert described["dtype"] == (dtype or "float32")
+
+
+def test_pack_refuses_a_model_that_is_not_24(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SurgeonError, match=r"^model\.layers\.0\.self_attn\.q_proj\.weight: not 2:4 sparse: row 0 .*"
+                                           r"\(14 of 14 decoder linears are not 2:4\)$"):
+        pack_checkpoint(load_model(tiny_llama_dir), tmp_path / "packed", PackConfig("2:4"))
+    assert not (tmp_path / "packed").exists()
+
+
+@pytest.mark.parametrize("dtype", [HALF, BF16])
+@pytest.mark.parametrize("kernel", ["cusparselt", "cutlass"])
+@pytest.mark.parametrize("shape", [(128, 256), (200, 576)])
+@pytest.mark.gpu
+@needs_sm80
+def test_gpu_semi_structured_linear_matches_dense(dtype: torch.dtype, kernel: str, shape: tuple[int, int]) -> None:
+    cap = torch.cuda.get_device_capability()
+    d = choose_backend(cap, dtype, shape, cusparselt=torch.backends.cusparselt.is_available(), prefer=kernel)  # type: ignore[arg-type]
+    if d.kernel == "dense":
+        pytest.skip(d.reason)
+    W = random_24(*shape, dtype).cuda()
+    linear = nn.Linear(shape[1], shape[0], bias=False, device="cuda", dtype=dtype)
+    linear.weight = nn.Parameter(W.clone(), requires_grad=False)
+    module = to_semi_structured_linear(linear, d)
+    x = torch.randn(3, 17, shape[1], device="cuda", dtype=dtype)
+    assert isinstance(module, PaddedLinear) == (d.shape != shape)
+    torch.testing.assert_close(module(x), x @ W.T, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_sm80
+def test_gpu_packed_tiny_llama_runs_on_24_kernels(tmp_path: Path) -> None:
+    model, src = pruned_24_dir(tmp_path)
+    pack_checkpoint(load_model(src), tmp_path / "packed", PackConfig("2:4", "float16"))
+    cm = load_compressed(tmp_path / "packed", device="cuda")
+    assert set(cm.kernels()) - {"dense"}, cm.placements
+    assert all(d.kernel != "dense" or d.reason in cm.fallbacks().values() for d in cm.placements.values())
+    ids = IDS.cuda()
+    with torch.no_grad():
+        dense = model.to("cuda", torch.float16)(ids).logits.float()
+        torch.testing.assert_close(cm.lm.model(ids).logits.float(), dense, rtol=2e-2, atol=2e-2)
+
+
+def test_dispatch_is_a_plain_value() -> None:
+    d = choose_backend((8, 0), HALF, (32, 64))
+    assert d == Dispatch("cusparselt", "sm80 cusparselt", (32, 64))
+    assert d.to_dict() == {"kernel": "cusparselt", "reason": "sm80 cusparselt", "shape": [32, 64]}
