@@ -4,8 +4,9 @@
 eager torch with ONNX Runtime in one run. The model is an export of ``surgeon-export onnx``; it
 runs through :class:`runtime.ort.OrtDecoder` (KV cache bound in place with IO binding) with as
 many intra-op threads as torch uses in the worker (``--threads``). The cells mean what they mean
-for torch (docs/benchmarks.md): prefill is one forward pass returning last-position logits only
-(the graph's ``num_logits_to_keep`` input), decode an untimed prefill then greedy steps. Parameters,
+for torch (docs/benchmarks.md): prefill turns a prompt into last-position logits only (the graph's
+``num_logits_to_keep`` input; prompts longer than 128 tokens go through the cache in chunks of 128,
+see ``runtime/ort.py``), decode is an untimed prefill then greedy steps. Parameters,
 zeros and bytes are counted in the graph's initializers; decoder linears are the initializers
 ``surgeon_onnx.json`` names.
 """
@@ -74,34 +75,51 @@ class OrtRunner:
         self._prompts: dict[tuple[int, int, int], Tensor] = {}
 
     def describe(self) -> dict:
+        import ctypes
+        import gc
+
         import onnx
         from onnx import numpy_helper
 
-        proto = onnx.load(str(self.decoder.path))  # with its external data: zeros are counted, not read from a report
-        weights = {t.name: t for t in proto.graph.initializer if t.data_type in FLOAT_TYPES}
-        arrays = {name: numpy_helper.to_array(t) for name, t in weights.items()}
-        linears = [v["initializer"] for v in (self.manifest or {}).get("decoder_linears", {}).values()]
+        linears = {v["initializer"] for v in (self.manifest or {}).get("decoder_linears", {}).values()}
         if not linears:
             raise SurgeonError(f"{self.directory}: no {MANIFEST_FILE} naming the decoder linears; re-export with surgeon-export onnx")
+        proto = onnx.load(str(self.decoder.path))  # with its external data: zeros are counted, not read from a report
+        counts = dict.fromkeys(("total", "decoder_linear", "decoder_linear_zeros", "total_zeros"), 0)
+        weight_bytes = 0
+        for tensor in proto.graph.initializer:
+            if tensor.data_type not in FLOAT_TYPES:
+                continue  # shapes and other integer constants are not parameters
+            array = numpy_helper.to_array(tensor)
+            zeros = int((array == 0).sum())
+            counts["total"] += array.size
+            counts["total_zeros"] += zeros
+            weight_bytes += array.nbytes
+            if tensor.name in linears:
+                counts["decoder_linear"] += array.size
+                counts["decoder_linear_zeros"] += zeros
+        del proto
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the parsed graph back before memory is measured
+        except (OSError, AttributeError):
+            pass
         report = self.directory / PRUNING_REPORT
-        counts = {"total": sum(a.size for a in arrays.values()),
-                  "decoder_linear": sum(arrays[n].size for n in linears),
-                  "decoder_linear_zeros": sum(int((arrays[n] == 0).sum()) for n in linears),
-                  "total_zeros": sum(int((a == 0).sum()) for a in arrays.values())}
         files = [f for f in (self.decoder.path, self.directory / "model.onnx_data") if f.is_file()]
         graph = (self.manifest or {}).get("graph", {})
         return {
             "source": (self.manifest or {}).get("source") or str(self.directory),
             "path": str(self.directory),
             "bytes_on_disk": sum(f.stat().st_size for f in files),
-            "weight_bytes": sum(a.nbytes for a in arrays.values()),
+            "weight_bytes": weight_bytes,
             "parameters": counts,
             "sparsity": counts["decoder_linear_zeros"] / counts["decoder_linear"],
             "pruning": json.loads(report.read_text()).get("config") if report.is_file() else None,
             "dtype": np.dtype(self.decoder.dtype).name,
             "onnx": {"opset": graph.get("opset"), "simplified": graph.get("simplified"),
                      "optimized": (self.manifest or {}).get("config", {}).get("optimize"),
-                     "providers": self.decoder.session.get_providers()},
+                     "providers": self.decoder.session.get_providers(),
+                     "prefill_chunk": self.decoder.prefill_chunk},
         }
 
     def check(self, batch: int, length: int) -> str | None:

@@ -42,7 +42,15 @@ import torch
 from torch import nn
 
 from export.checkpoint import REPORT_FILE, prepare_target, write_atomically
-from export.onnx_graph import KEEP, DecoderWithPast, GraphSpec, dummy_inputs, graph_spec, is_per_layer
+from export.onnx_graph import (
+    KEEP,
+    DecoderWithPast,
+    GraphSpec,
+    dummy_inputs,
+    graph_spec,
+    is_per_layer,
+    register_attention,
+)
 from export.onnx_simplify import fold_shapes, initializer_nbytes
 from surgeon.adapters import Adapter, get_adapter
 from surgeon.errors import SurgeonError
@@ -148,22 +156,22 @@ def export_onnx(
         _write_beside(tmp, model, tokenizer, source_dir)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
-    with torch.no_grad(), quiet_transformers(), eager_attention(model):
+    with torch.no_grad(), quiet_transformers(), export_attention(model):
         write_atomically(out, force, fill)
     return json.loads((out / MANIFEST_FILE).read_text())
 
 
 @contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Trace HF's eager attention (explicit matmuls, float32 softmax), then restore the model's own.
+def export_attention(model: nn.Module) -> Iterator[None]:
+    """Trace :func:`export.onnx_graph.grouped_attention` (eager's math), then restore the model's own.
 
-    torch's TorchScript symbolic for ``scaled_dot_product_attention`` returns float32 from float16
-    inputs, which turns the following ``o_proj`` weight into a float32 initializer; the eager
-    path exports with every weight in its own dtype, and differs from sdpa by rounding only.
+    Not sdpa: torch's TorchScript symbolic for ``scaled_dot_product_attention`` returns float32
+    from float16 inputs, which turns the following ``o_proj`` weight into a float32 initializer,
+    and repeats every key and value over its query group.
     """
     config: Any = model.config
     previous = config._attn_implementation
-    model.set_attn_implementation("eager")  # type: ignore[operator]
+    model.set_attn_implementation(register_attention())  # type: ignore[operator]
     try:
         yield
     finally:

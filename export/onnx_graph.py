@@ -144,6 +144,43 @@ def dummy_inputs(model: nn.Module, spec: GraphSpec, batch: int = 2, seq: int = 3
     return (ids, mask, positions, *kv, torch.tensor(0))
 
 
+ATTENTION = "surgeon_onnx"  # the attention implementation traced into the graph
+
+
+def grouped_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None, softcap: float | None = None,
+                      **kwargs: Any) -> tuple[Tensor, None]:
+    """Hugging Face's eager attention, with each KV head broadcast over its query group, not copied.
+
+    ``repeat_kv`` would write every key and value ``n_heads / n_kv_heads`` times per step (an
+    ``Expand`` over the whole cache); grouping the query heads as ``[B, kv, group, T, D]`` lets
+    ``MatMul`` broadcast instead. Same products and sums as eager (float32 softmax, Gemma 2's
+    soft-capping, additive mask), in the same order.
+    """
+    batch, heads, length, dim = query.shape
+    kv = key.shape[1]
+    q = query.reshape(batch, kv, heads // kv, length, dim)  # [B, kv, g, T, D]
+    scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2))  # [B, kv, g, T, S]
+    scores = scores * (scaling if scaling is not None else dim**-0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask.unsqueeze(2)  # mask [B, 1, T, S] -> [B, 1, 1, T, S]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value.unsqueeze(2))  # [B, kv, g, T, D]
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None  # [B, T, H, D]
+
+
+def register_attention() -> str:
+    """Make :func:`grouped_attention` (with eager's additive mask) selectable by name; returns the name."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register(ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(ATTENTION, eager_mask)
+    return ATTENTION
+
+
 class _TiedHead(torch.autograd.Function):
     """``h @ W.T (+ b)``, exported as one ``Gemm(transB=1)`` that reads ``W`` as stored.
 

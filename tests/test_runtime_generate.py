@@ -107,6 +107,23 @@ def test_left_pad_and_bad_settings() -> None:
         load_decoder("tensorrt", "x")
 
 
+def test_chunked_prefill_gives_the_same_logits(dirs: dict) -> None:
+    whole, chunked = OrtDecoder(dirs["onnx"], prefill_chunk=0), OrtDecoder(dirs["onnx"], prefill_chunk=4)
+    ids, mask = left_pad([list(range(3, 20)), [7, 8, 9, 10, 11, 12]], pad_token_id=0)  # 17 tokens: 4+4+4+4+1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    results = []
+    for decoder in (whole, chunked):
+        decoder.reset(2)
+        first = decoder.forward(ids, mask, positions, last_only=True)
+        step = decoder.forward(torch.tensor([[5], [6]]), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                               positions[:, -1:] + 1, last_only=True)
+        results.append((first, step))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    cfg = GenerationConfig(max_new_tokens=8)
+    assert generate(chunked, PROMPTS, cfg).tokens == generate(whole, PROMPTS, cfg).tokens
+
+
 def test_cache_stays_bound_between_steps(decoders: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each step's present OrtValues are the very objects bound as the next step's past (no host copy)."""
     decoder: OrtDecoder = decoders["onnxruntime"]
