@@ -271,6 +271,7 @@ def run_cmd(
     model: ModelArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the pruned model and the benchmark.")] = Path("surgeon-out"),
     structured: Annotated[float, typer.Option(help="Fraction of decoder-linear weights to keep.")] = 0.8,
+    method: Annotated[str, typer.Option(help="Structured scores: wanda (same MLP channels per layer; best measured so far) or surgeon (LLM Surgeon).")] = "wanda",
     shots: Annotated[int, typer.Option(help="LLM Surgeon shots.")] = 2,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows of 512 tokens.")] = 8,
     ppl_windows: Annotated[int, typer.Option(help="Perplexity windows in the benchmark (protocol: 64).")] = 64,
@@ -282,7 +283,7 @@ def run_cmd(
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """The main job: prune the model with structured LLM Surgeon, write the smaller model, benchmark dense vs pruned."""
+    """The main job: structured pruning, write the physically smaller model, benchmark dense vs pruned."""
     import torch
 
     from benchmarks.report import markdown
@@ -296,12 +297,14 @@ def run_cmd(
     _setup(quiet, threads)
     prepare_target(out, force)
     log = logging.getLogger("surgeon.run")
-    cfg = SurgeonConfig(structured=structured, shots=shots)
+    _choice("--method", method, ("wanda", "surgeon"))
+    cfg = (SurgeonConfig(structured=structured, shots=shots) if method == "surgeon"
+           else SurgeonConfig(structured=structured, shots=1, scoring="wanda", allocation="uniform"))
     lm = load_model(model)
     calib = calibration_windows(lm.model, lm.tokenizer, n=calib_samples, seq_len=seq_len, text_file=text,
                                 data_dir=data_dir)
-    log.info("1/3 pruning with LLM Surgeon: keep %.0f%% of decoder-linear weights, %d shots, %d x %d calibration tokens (%s)",
-             100 * structured, shots, calib_samples, seq_len, calib.origin)
+    log.info("1/3 structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration tokens (%s)",
+             method, 100 * structured, cfg.shots, calib_samples, seq_len, calib.origin)
     report = prune_surgeon_(lm.model, lm.adapter, calib.ids, cfg, progress=not quiet)
     pruned_dir = out / "pruned"
     log.info("2/3 writing the smaller model to %s", pruned_dir)

@@ -117,7 +117,8 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     out = tmp_path / "job"
     result = run_cli(
         "run", str(tiny_llama_dir), "--out", str(out), "--text", str(text_file), "--seq-len", "32",
-        "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.7", "--shots", "1", "--json", "--quiet",
+        "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.7", "--method", "surgeon", "--shots", "1",
+        "--json", "--quiet",
     )
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
@@ -128,3 +129,9 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     assert (out / "pruned" / "config.json").is_file()
     again = run_cli("run", str(tiny_llama_dir), "--out", str(out), "--quiet")
     assert again.returncode == 2 and "not empty" in again.stderr
+    default = run_cli("run", str(tiny_llama_dir), "--out", str(tmp_path / "job2"), "--text", str(text_file),
+                      "--seq-len", "32", "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.75", "--quiet")
+    assert default.returncode == 0, default.stderr
+    small = load_model(tmp_path / "job2" / "pruned")
+    sizes = {layer.mlp.gate_proj.out_features for layer in small.model.model.layers}
+    assert len(sizes) == 1 and sizes.pop() < 64  # the default removes the same MLP channels in every layer
