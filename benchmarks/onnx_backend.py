@@ -5,8 +5,8 @@ eager torch with ONNX Runtime in one run. The model is an export of ``surgeon-ex
 runs through :class:`runtime.ort.OrtDecoder` (KV cache bound in place with IO binding) with as
 many intra-op threads as torch uses in the worker (``--threads``). The cells mean what they mean
 for torch (docs/benchmarks.md): prefill turns a prompt into last-position logits only (the graph's
-``num_logits_to_keep`` input; prompts longer than 128 tokens go through the cache in chunks of 128,
-see ``runtime/ort.py``), decode is an untimed prefill then greedy steps. Parameters,
+``num_logits_to_keep`` input; long prompts go through the cache in chunks of about 512 tokens per
+pass, see ``runtime/ort.py``), decode is an untimed prefill then greedy steps. Parameters,
 zeros and bytes are counted in the graph's initializers; decoder linears are the initializers
 ``surgeon_onnx.json`` names.
 """
@@ -119,7 +119,7 @@ class OrtRunner:
             "onnx": {"opset": graph.get("opset"), "simplified": graph.get("simplified"),
                      "optimized": (self.manifest or {}).get("config", {}).get("optimize"),
                      "providers": self.decoder.session.get_providers(),
-                     "prefill_chunk": self.decoder.prefill_chunk},
+                     "prefill_tokens_per_pass": self.decoder.prefill_tokens},
         }
 
     def check(self, batch: int, length: int) -> str | None:

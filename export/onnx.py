@@ -4,9 +4,9 @@
 
 - ``model.onnx`` (weights in ``model.onnx_data`` when large): the graph of ``export/onnx_graph.py``
   (optimum's input/output names and dynamic axes, per-layer KV head counts, an optional
-  ``num_logits_to_keep`` input), traced with the TorchScript exporter over HF's eager attention,
-  its shape arithmetic folded into constants (``export/onnx_simplify.py``), passing
-  ``onnx.checker``'s full check;
+  ``num_logits_to_keep`` input), traced with the TorchScript exporter over HF's eager attention
+  math (grouped KV heads broadcast, not copied), its shape arithmetic folded into constants
+  (``export/onnx_simplify.py``), passing ``onnx.checker``'s full check;
 - ``config.json``, ``generation_config.json`` and the tokenizer files, as optimum lays them out
   (plus ``modeling_surgeon.py`` for per-layer-shape configs, and the source's ``surgeon_report.json``);
 - ``surgeon_onnx.json``: the graph's inputs and outputs, per-layer KV heads, and what was measured in

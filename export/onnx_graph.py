@@ -1,4 +1,4 @@
-"""The decoder graph that ``export/onnx.py`` traces: names, dynamic axes, dummy inputs, a wrapper.
+"""The decoder graph that ``export/onnx.py`` traces: names, dynamic axes, dummy inputs, attention, a wrapper.
 
 The graph follows the convention of the ONNX Runtime / Hugging Face optimum ecosystem for a causal
 LM with KV cache (optimum's ``TextDecoderWithPositionIdsOnnxConfig``), so tools written for

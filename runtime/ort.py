@@ -9,11 +9,12 @@ numpy between steps. Only the logits come back to the host. (The graph itself ap
 keys with a ``Concat``; sharing one preallocated buffer between past and present would need
 ONNX Runtime's ``GroupQueryAttention`` contrib operator, which this portable graph does not use.)
 
-Long prompts are prefilled in chunks of :data:`PREFILL_CHUNK` tokens through the cache when only
-the last logits are wanted (chunked prefill; the logits are the same). The portable graph's
-attention materialises every ``T x (P + T)`` score, and ONNX Runtime's CPU softmax is several times
-slower on the masked (underflowing) entries of a causal block: one 8x512 pass of SmolLM2 took 9.5 s,
-four chunks of 128 tokens 7.4 s.
+Long prompts are prefilled through the cache in chunks of about :data:`PREFILL_TOKENS` tokens per
+pass (``batch x chunk``, at least :data:`MIN_CHUNK` per row) when only the last logits are wanted
+(chunked prefill; the logits are the same). The portable graph's attention materialises every
+``T x (P + T)`` score, and ONNX Runtime's CPU softmax is about 3x slower on the masked (underflowing)
+entries of a causal block: one 8x512 pass of SmolLM2 took 9.5 s, eight chunks of 64 tokens 7.3 s,
+while a single row gains nothing from chunks under 512 tokens.
 
 CPU uses the CPU execution provider; ``cuda`` the CUDA provider (``onnxruntime-gpu``).
 """
@@ -34,7 +35,8 @@ ONNX_FILE = "model.onnx"  # as export/onnx.py writes it (runtime does not import
 KEEP = "num_logits_to_keep"  # optional input of our graphs: logits of the last k positions only
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-PREFILL_CHUNK = 128  # tokens per pass when a long prompt needs only its last logits
+PREFILL_TOKENS = 512  # batch x chunk tokens per prefill pass when only the last logits are wanted
+MIN_CHUNK = 64  # smaller chunks make the linears' matrix products too thin
 
 
 def model_file(path: str | Path) -> Path:
@@ -68,10 +70,10 @@ class OrtDecoder:
     """:class:`runtime.generate.Decoder` over an ONNX decoder graph with KV cache."""
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_tokens: int = PREFILL_TOKENS, min_chunk: int = MIN_CHUNK) -> None:
         import onnxruntime as ort
 
-        self.prefill_chunk = prefill_chunk  # 0: one pass whatever the length
+        self.prefill_tokens, self.min_chunk = prefill_tokens, min_chunk  # prefill_tokens 0: one pass
         self.path = model_file(path)
         self.directory = self.path.parent  # config.json, generation_config.json and the tokenizer live here
         providers, self.device_type, self.device_id = providers_for(device)
@@ -104,6 +106,10 @@ class OrtDecoder:
             if KEEP in inputs or KEEP in optional else None
         self.io = self.session.io_binding()
         self.past: list[Any] = []
+        # After a multi-token pass, hand the arena's free chunks back: without this, one perplexity
+        # batch would keep the process at its peak for good. Single-token steps reuse the arena.
+        self.shrink = ort.RunOptions()
+        self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"{self.device_type}:{self.device_id}")
 
     @property
     def num_layers(self) -> int:
@@ -117,7 +123,8 @@ class OrtDecoder:
             for shape in self.past_shapes]  # [B, kv_heads_i, 0, head_dim] on the device
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, last_only: bool = False) -> Tensor:
-        length, chunk = input_ids.shape[1], self.prefill_chunk
+        batch, length = input_ids.shape
+        chunk = max(self.min_chunk, self.prefill_tokens // batch) if self.prefill_tokens else 0
         if last_only and 0 < chunk < length:  # chunked prefill: same logits, less attention work
             seen = attention_mask.shape[1] - length  # tokens already in the cache
             for lo in range(0, length - chunk, chunk):
@@ -142,7 +149,7 @@ class OrtDecoder:
         io.bind_output("logits", "cpu")
         for name in self.present_names:
             io.bind_output(name, self.device_type, self.device_id)  # allocated on the device by ORT
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self.shrink if input_ids.shape[1] > 1 else None)
         outputs = io.get_outputs()
         self.past = list(outputs[1:])  # bound as the next step's past: the cache stays where it is
         logits = torch.from_numpy(outputs[0].numpy())  # [B, T or 1, V]

@@ -108,7 +108,7 @@ def test_left_pad_and_bad_settings() -> None:
 
 
 def test_chunked_prefill_gives_the_same_logits(dirs: dict) -> None:
-    whole, chunked = OrtDecoder(dirs["onnx"], prefill_chunk=0), OrtDecoder(dirs["onnx"], prefill_chunk=4)
+    whole, chunked = OrtDecoder(dirs["onnx"], prefill_tokens=0), OrtDecoder(dirs["onnx"], prefill_tokens=8, min_chunk=4)
     ids, mask = left_pad([list(range(3, 20)), [7, 8, 9, 10, 11, 12]], pad_token_id=0)  # 17 tokens: 4+4+4+4+1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     results = []
