@@ -203,3 +203,15 @@ def summarize(samples: list[float]) -> Stats:
     else:
         q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return Stats(statistics.median(samples), min(samples), max(samples), q1, q3, len(samples), list(samples))
+
+
+def cell_problem(config: object, device: str, batch: int, length: int) -> str | None:
+    """Why a forward over ``[batch, length]`` cannot run on ``device`` (context or memory), or None."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        return f"{length} tokens exceed the model's context ({limit})"
+    need = estimate_bytes(config, batch, length)
+    free = available_memory(device)
+    if free is not None and need > 0.8 * free:
+        return f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
+    return None

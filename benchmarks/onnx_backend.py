@@ -14,7 +14,6 @@ zeros and bytes are counted in the graph's initializers; decoder linears are the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -123,14 +122,7 @@ class OrtRunner:
         }
 
     def check(self, batch: int, length: int) -> str | None:
-        limit = getattr(self.config, "max_position_embeddings", None)
-        if limit is not None and length > limit:
-            return f"{length} tokens exceed the model's context ({limit})"
-        need = latency.estimate_bytes(self.config, batch, length)
-        free = latency.available_memory(self.device)
-        if free is not None and need > 0.8 * free:
-            return f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
-        return None
+        return latency.cell_problem(self.config, self.device, batch, length)
 
     def perplexity(self, windows: int | None, seq_len: int, batch_size: int, text: str | None,
                    data_dir: str | None, progress: bool) -> dict:

@@ -46,6 +46,20 @@ def count_saved_zeros(directory: Path, names: list[str]) -> dict[str, int]:
     return zeros
 
 
+def saved_accounting(directory: Path, linear_names: list[str], numel: int) -> dict:
+    """Zeros, sparsity and bytes as written in ``directory``; every named linear must be there."""
+    zeros = count_saved_zeros(directory, linear_names)
+    missing = set(linear_names) - set(zeros)
+    if missing:
+        raise RuntimeError(f"saved checkpoint lacks {sorted(missing)[0]}")
+    return {
+        "saved_decoder_linear_params": numel,
+        "saved_zeros": sum(zeros.values()),
+        "saved_sparsity": sum(zeros.values()) / numel,
+        "bytes_on_disk": sum(f.stat().st_size for f in directory.glob("*.safetensors")),
+    }
+
+
 def write_atomically(out: Path, force: bool, fill: Callable[[Path], None]) -> None:
     """Create ``out`` by letting ``fill`` write into a temporary sibling directory, then renaming."""
     out = out.expanduser()
@@ -77,18 +91,8 @@ def save_checkpoint(
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-        zeros = count_saved_zeros(tmp, linear_names)
-        missing = set(linear_names) - set(zeros)
-        if missing:
-            raise RuntimeError(f"saved checkpoint lacks {sorted(missing)[0]}")
         numel = sum(model.get_submodule(n).weight.numel() for n in linear_names)
-        report.update(
-            format_version=REPORT_VERSION,
-            saved_zeros=sum(zeros.values()),
-            saved_decoder_linear_params=numel,
-            saved_sparsity=sum(zeros.values()) / numel,
-            bytes_on_disk=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
-        )
+        report.update(format_version=REPORT_VERSION, **saved_accounting(tmp, linear_names, numel))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
 
     with torch.no_grad(), quiet_transformers():

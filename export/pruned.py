@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.checkpoint import REPORT_FILE, REPORT_VERSION, count_saved_zeros, prepare_target, write_atomically
+from export.checkpoint import REPORT_FILE, REPORT_VERSION, prepare_target, saved_accounting, write_atomically
 from export.compress import find_zero_groups
 from export.shapes import Rounding, align_plan, stock_config, uniform_plan
 from surgeon import modeling
@@ -140,21 +140,14 @@ def save_pruned_checkpoint(
         tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
         if not uniform:
             shutil.copyfile(Path(modeling.__file__), tmp / MODELING_FILE)
-        zeros = count_saved_zeros(tmp, linear_names)
-        missing = set(linear_names) - set(zeros)
-        if missing:
-            raise RuntimeError(f"saved checkpoint lacks {sorted(missing)[0]}")
         report.update(
             format_version=REPORT_VERSION,
             checkpoint_format="uniform" if uniform else "per-layer",
             model_type=config.model_type,
             head_dim=hd,
             layers=[s.to_dict() for s in shapes],
-            saved_decoder_linear_params=numel,
             decoder_linear_bytes=numel * itemsize,
-            saved_zeros=sum(zeros.values()),
-            saved_sparsity=sum(zeros.values()) / numel,
-            bytes_on_disk=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+            **saved_accounting(tmp, linear_names, numel),
         )
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
 
