@@ -34,7 +34,10 @@ PRESETS: dict[str, list[str]] = {
 
 
 def cell_args(cell: str) -> list[str]:
-    """``"sparsegpt:0.5"`` / ``"surgeon:2:4"`` / ``"wanda:s0.8"`` (structured, 80% kept) -> CLI options."""
+    """``"sparsegpt:0.5"`` / ``"surgeon:2:4"`` / ``"wanda:s0.8"`` (structured, 80% kept) -> CLI options;
+    a ``+sds`` suffix adds SDS refinement (``"wanda:2:4+sds"``)."""
+    if cell.endswith("+sds"):
+        return [*cell_args(cell.removesuffix("+sds")), "--refine", "sds"]
     method, target = cell.split(":", 1)
     if target.startswith("s"):
         return ["--method", method, "--structured", target[1:]]
@@ -89,6 +92,8 @@ def run_cell(cell: str, extra: list[str], threads: int) -> dict:
         "calibration": payload["calibration"],
         "config": payload["config"],
         "shots": payload.get("shots"),
+        "refine": payload.get("refine"),
+        "layer_seconds": payload.get("layer_seconds"),
         "command": cmd[2:],
     }
 

@@ -4,6 +4,7 @@ one library function. User mistakes (:class:`SurgeonError`) print one line and e
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -14,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from surgeon.errors import SurgeonError
+from surgeon.sds import SDSConfig
 
 app = typer.Typer(
     name="surgeon-export",
@@ -127,6 +129,11 @@ def prune_cmd(
     calib_text: Annotated[Optional[Path], typer.Option(help="Calibrate on this text file.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for calibration window offsets.")] = 0,
     true_sequential: Annotated[bool, typer.Option(help="Re-collect inputs after each group of linears.")] = False,
+    refine: Annotated[Optional[str], typer.Option(help="sds: sparse-dense-sparse refinement after the first pruning (unstructured and N:M).")] = None,
+    sds_l1: Annotated[float, typer.Option(help="SDS: L1 weight of the dense step (units of mean |W| x mean input energy).")] = SDSConfig.l1,
+    sds_l2: Annotated[float, typer.Option(help="SDS: L2 weight of the dense step (units of mean input energy).")] = SDSConfig.l2,
+    sds_epochs: Annotated[int, typer.Option(help="SDS: dense-step iterations (each a full pass over the calibration statistics).")] = SDSConfig.epochs,
+    sds_adjust_epochs: Annotated[int, typer.Option(help="SDS: soft mask adjustment iterations after re-pruning.")] = SDSConfig.adjust_epochs,
     align: Annotated[int, typer.Option(help="structured: round kept sizes up to a multiple of N in the saved checkpoint.")] = 1,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
     data_dir: DataDir = None,
@@ -154,6 +161,11 @@ def prune_cmd(
         raise SurgeonError("--structured works with --method surgeon, wanda or magnitude (scores on coupled groups)")
     if structured is None and (sparsity is None) == (pattern is None):
         raise SurgeonError("give exactly one of --sparsity (unstructured), --pattern (e.g. 2:4) or --structured")
+    if refine is not None:
+        _choice("--refine", refine, ("sds",))
+        if structured is not None:
+            raise SurgeonError("--refine sds works on unstructured (--sparsity) and N:M (--pattern) pruning, not --structured")
+    sds = SDSConfig(l1=sds_l1, l2=sds_l2, epochs=sds_epochs, adjust_epochs=sds_adjust_epochs) if refine else None
     _choice("--allocation", allocation, ("global", "uniform"))
     _choice("--correlation", correlation, ("rows", "none"))
     _choice("--fisher", fisher, ("empirical", "true"))
@@ -174,7 +186,7 @@ def prune_cmd(
     else:
         cfg = PruneConfig(
             method=method, sparsity=target_sparsity, pattern=target_pattern,  # type: ignore[arg-type]
-            true_sequential=true_sequential,
+            true_sequential=true_sequential, refine=sds,
         )
     if out is not None:
         prepare_target(out, force)
@@ -190,11 +202,21 @@ def prune_cmd(
         )
         windows, calib_origin = calib.ids, calib.origin
     if isinstance(cfg, SurgeonConfig):
+        dense = copy.deepcopy(lm.model) if sds else None  # SDS's teacher
         report = prune_surgeon_(lm.model, lm.adapter, windows, cfg, checkpoint_dir=checkpoint, progress=not quiet)  # type: ignore[arg-type]
+        if sds:  # LLM Surgeon's model is the first round; each linear is re-pruned to its own sparsity
+            refined = prune_sequential_(
+                lm.model, lm.adapter, windows, PruneConfig("sparsegpt", pattern=target_pattern, refine=sds),
+                teacher=dense, progress=not quiet)
+            report.refine, report.layers = refined.refine, refined.layers
+            report.seconds += refined.seconds
+            del dense
     else:
         report = prune_sequential_(lm.model, lm.adapter, windows, cfg, progress=not quiet)
     payload = {"model": lm.source, "calibration": calib_origin, **report.to_dict()}
     payload.pop("layers")
+    if "refine" in payload:
+        payload["refine"].pop("linears")
     if evaluate:
         tokens = eval_tokens(lm.tokenizer, None, data_dir)
         payload["perplexity"] = perplexity(lm.model, tokens.ids, seq_len=seq_len, progress=not quiet).to_dict()
@@ -217,8 +239,13 @@ def prune_cmd(
         str(target_pattern) if target_pattern else "",
         f"{target_sparsity:.0%}" if target_sparsity is not None else "",
     ) if x)
-    lines = [f"{method} {what}: decoder-linear sparsity {report.sparsity:.2%}, "
+    lines = [f"{method}{' + SDS' if sds else ''} {what}: decoder-linear sparsity {report.sparsity:.2%}, "
              f"pruned in {report.seconds:.0f} s"]
+    if sds:
+        summary = payload["refine"]["summary"]
+        lines.append(f"SDS: mean relative layer error {summary['mean_error']['first']:.4f} (first round) -> "
+                     f"{summary['mean_error_used']:.4f}, {summary['fallbacks']} linears kept their first-round weights, "
+                     f"{summary['seconds']:.0f} s in refinement")
     if evaluate:
         lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")
     if out is not None and structured is not None:

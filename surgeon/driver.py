@@ -8,9 +8,9 @@ to become the inputs of layer l+1. Magnitude pruning needs no data and skips the
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -24,13 +24,13 @@ from surgeon.baselines.magnitude import prune_magnitude
 from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.baselines.wanda import prune_wanda
 from surgeon.calibrate import capture_layer_inputs, input_moments, run_layer
+from surgeon.errors import SurgeonError
 from surgeon.prune.patterns import NMPattern, check_sparsity
+from surgeon.sds import LayerPruner, SDSConfig, pair_moments, refine_linear
 
 log = logging.getLogger(__name__)
 
 LayerwiseMethod = Literal["magnitude", "wanda", "sparsegpt"]
-LayerPruner = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
 PRUNERS: dict[str, LayerPruner] = {
     "magnitude": prune_magnitude,
     "wanda": prune_wanda,
@@ -47,6 +47,7 @@ class PruneConfig:
     pattern: NMPattern | None = None
     batch_size: int = 8  # calibration windows per forward pass
     true_sequential: bool = False  # re-collect inputs after each group of linears (q/k/v, o, gate/up, down)
+    refine: SDSConfig | None = None  # SDS: re-densify and prune again, layer by layer (surgeon/sds.py)
 
     @property
     def target(self) -> Target:
@@ -68,6 +69,8 @@ class PruneReport:
     layers: dict[str, dict] = field(default_factory=dict)  # linear name -> {shape, zeros, sparsity}
     seconds: float = 0.0
     shots: list[dict] = field(default_factory=list)  # multi-shot methods: one record per shot
+    refine: dict[str, dict] = field(default_factory=dict)  # SDS: linear name -> errors per step, seconds
+    layer_seconds: list[float] = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
@@ -81,8 +84,21 @@ class PruneReport:
                              "zeros": zeros, "sparsity": zeros / linear.weight.numel()}
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "sparsity": self.sparsity, "seconds": self.seconds,
-                "shots": self.shots, "layers": self.layers}
+        out = {"config": self.config, "sparsity": self.sparsity, "seconds": self.seconds,
+               "layer_seconds": [round(t, 2) for t in self.layer_seconds], "shots": self.shots, "layers": self.layers}
+        if self.refine:
+            out["refine"] = {"summary": refine_summary(self.refine), "linears": self.refine}
+        return out
+
+
+def refine_summary(records: dict[str, dict]) -> dict:
+    """Mean relative layer error after each SDS step, fallbacks and seconds, over all linears."""
+    n = len(records)
+    mean = {k: sum(r[k] for r in records.values()) / n for k in ("first", "dense", "reprune", "final")}
+    used = [r["first"] if r["fallback"] else r["final"] for r in records.values()]
+    return {"linears": n, "mean_error": mean, "mean_error_used": sum(used) / n,
+            "fallbacks": sum(r["fallback"] for r in records.values()),
+            "seconds": sum(r["seconds"] for r in records.values())}
 
 
 def check_targets(model: nn.Module, adapter: Adapter, cfg: PruneConfig) -> None:
@@ -100,41 +116,79 @@ def prune_sequential_(
     windows: torch.Tensor | None,
     cfg: PruneConfig,
     *,
+    teacher: nn.Module | None = None,
     progress: bool = True,
 ) -> PruneReport:
     """Prune every decoder linear of ``model`` in place, layer by layer; returns the report.
 
     Args:
         windows: calibration token ids ``[N, T]``; may be None for magnitude pruning.
-        cfg: method and target.
+        cfg: method and target; with ``cfg.refine`` each linear is refined by SDS right after its
+            first-round pruning, against the dense layer on the dense model's own inputs.
+        teacher: SDS after a global pruner (LLM Surgeon): ``model`` is already pruned and is the
+            first round; ``teacher`` is the dense model. ``cfg.method`` re-prunes each linear to
+            its own first-round sparsity (or ``cfg.pattern``), so the global allocation stays.
 
     Example:
         >>> report = prune_sequential_(lm.model, lm.adapter, windows, PruneConfig("wanda", 0.5))  # doctest: +SKIP
     """
-    check_targets(model, adapter, cfg)
+    refine = cfg.refine
+    if teacher is not None and refine is None:
+        raise ValueError("a teacher model is only used by SDS refinement (cfg.refine)")
+    if teacher is None or cfg.pattern is not None:  # after a global pruner, each linear keeps its own sparsity
+        check_targets(model, adapter, cfg)
     prune = PRUNERS[cfg.method]
-    needs_data = cfg.method != "magnitude"
+    needs_data = cfg.method != "magnitude" or refine is not None
     if needs_data and windows is None:
-        raise ValueError(f"{cfg.method} needs calibration windows")
+        raise SurgeonError(f"{cfg.method}{' with SDS' if refine else ''} needs calibration windows")
     start = time.perf_counter()
     report = PruneReport(config=cfg.to_dict())
     layers = adapter.decoder_layers(model)
+    teachers = adapter.decoder_layers(teacher) if teacher is not None else None
     batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size) if needs_data else []
+    t_batches = batches
     n_tokens = int(windows.numel()) if needs_data else 0
     # One pass collects every group's statistics; true-sequential re-collects each group's after
     # the groups before it were pruned (q/k/v, then o, then gate/up, then down).
     steps = tuple((g,) for g in adapter.input_groups) if cfg.true_sequential else (adapter.input_groups,)
-    for index, layer in enumerate(tqdm(layers, desc=f"prune ({cfg.method})", unit="layer", disable=not progress)):
-        for step in steps:
-            moments = input_moments(layer, adapter, batches, step) if needs_data else {}
+    desc = f"prune ({cfg.method}{' + SDS' if refine else ''})"
+    for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress)):
+        layer_start = time.perf_counter()
+        # SDS's teacher: the dense layer (a copy, as this one is about to change), run on the dense stream.
+        t_layer = (teachers[index] if teachers is not None else copy.deepcopy(layer)) if refine else None
+        next_t: list | None = None
+        for k, step in enumerate(steps):
+            if refine:
+                stats, outs = pair_moments(layer, t_layer, adapter, batches, t_batches, step, teacher_outputs=k == 0)
+                next_t = outs if k == 0 else next_t  # the teacher's outputs come from its first pass
+            else:
+                moments = input_moments(layer, adapter, batches, step) if needs_data else {}
             for name in (n for group in step for n in group):
                 linear = layer.get_submodule(name)
-                A = moments[name].finalize() if needs_data else None
-                W_new, keep = prune(linear.weight.data, A, n_tokens, cfg.target)
+                full = f"{adapter.layers}.{index}.{name}"
+                if refine:
+                    W = linear.weight.data
+                    if teacher is None:
+                        W1, _ = prune(W, stats[name].A, n_tokens, cfg.target)
+                        target = cfg.target
+                    else:  # the model holds the first round already
+                        W1 = W.clone()
+                        target = cfg.pattern if cfg.pattern is not None else float((W == 0).sum()) / W.numel()
+                    W_new, report.refine[full] = refine_linear(
+                        t_layer.get_submodule(name).weight.data, W1, stats[name], target, prune, refine, full)
+                else:
+                    A = moments[name].finalize() if needs_data else None
+                    W_new, _ = prune(linear.weight.data, A, n_tokens, cfg.target)
                 linear.weight.data.copy_(W_new)
-                report.record(f"{adapter.layers}.{index}.{name}", linear)
+                report.record(full, linear)
         if needs_data:
             batches = run_layer(layer, batches)
+            t_batches = next_t if refine else batches  # type: ignore[assignment]
+        report.layer_seconds.append(time.perf_counter() - layer_start)
     report.seconds = time.perf_counter() - start
     log.info("pruned %d linears to %.2f%% sparsity in %.0f s", len(report.layers), 100 * report.sparsity, report.seconds)
+    if refine:
+        summary = refine_summary(report.refine)
+        log.info("SDS: mean relative layer error %.4g (first round) -> %.4g (refined), %d fallbacks, %.0f s in refinement",
+                 summary["mean_error"]["first"], summary["mean_error_used"], summary["fallbacks"], summary["seconds"])
     return report

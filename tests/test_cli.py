@@ -96,6 +96,27 @@ def test_prune_structured_writes_a_smaller_model(tiny_llama_dir: Path, text_file
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
+@pytest.mark.parametrize("method", ["wanda", "surgeon"])
+def test_prune_with_sds_refinement_writes_a_2_4_checkpoint(
+    method: str, tiny_llama_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sds"
+    result = run_cli(
+        "prune", str(tiny_llama_dir), "--method", method, "--pattern", "2:4", "--refine", "sds", "--shots", "1",
+        "--sds-epochs", "20", "--sds-adjust-epochs", "20", "--calib-text", str(text_file),
+        "--calib-samples", "8", "--seq-len", "32", "--no-eval", "--out", str(out), "--json", "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    summary = payload["refine"]["summary"]
+    assert summary["linears"] == 14 and summary["mean_error_used"] <= summary["mean_error"]["first"]
+    assert payload["config"]["refine"]["epochs"] == 20 if method == "wanda" else True
+    saved = load_model(out)
+    for name, linear in saved.adapter.decoder_linears(saved.model).items():
+        w = linear.weight.reshape(linear.weight.shape[0], -1, 4)
+        assert bool(((w != 0).sum(-1) <= 2).all()), name
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -105,6 +126,9 @@ def test_prune_structured_writes_a_smaller_model(tiny_llama_dir: Path, text_file
         (("--method", "wanda", "--sparsity", "1.5"), "sparsity must be in [0, 1)"),
         (("--method", "wanda", "--pattern", "4:4"), "invalid N:M pattern"),
         (("--method", "surgeon", "--sparsity", "0.5", "--fisher", "fake"), "--fisher must be one of"),
+        (("--method", "wanda", "--sparsity", "0.5", "--refine", "lora"), "--refine must be one of"),
+        (("--method", "wanda", "--structured", "0.5", "--refine", "sds"), "--refine sds works on unstructured"),
+        (("--method", "wanda", "--sparsity", "0.5", "--refine", "sds", "--sds-l1", "-1"), "SDS l1 must be"),
     ],
 )
 def test_prune_bad_options(tiny_llama_dir: Path, args: tuple[str, ...], message: str) -> None:

@@ -1,0 +1,242 @@
+"""SDS (sparse-dense-sparse) refinement of one linear layer, on exact calibration statistics.
+
+ALGORITHMS.md, "SDS". For each linear, with the dense (original) weights ``W0``, the dense model's
+inputs ``X`` (teacher stream) and the pruned model's inputs ``X~`` (student stream; the sequential
+driver's inputs, which carry the error of the layers already pruned), the layer-wise
+reconstruction loss of weights ``W`` is
+
+    f(W) = ||W X~ - W0 X||^2 / N = tr(W A W^T) - 2 tr(W B^T) + y,
+
+with ``A = X~ X~^T / N`` (the student's second moment), ``B = W0 C``, ``C = X X~^T / N`` (the
+cross moment) and ``y = ||W0 X||^2 / N``. Everything below works on these three statistics, so one
+"epoch" over all calibration tokens costs one ``[d_out, d_in] x [d_in, d_in]`` product however
+many tokens there are, and the optimisation is exact full-batch gradient descent.
+
+1. *Sparse*: the first-round weights ``W1`` come from the one-shot pruner.
+2. *Dense*: starting from ``W1`` with every weight re-activated, FISTA (accelerated proximal
+   gradient) on ``f(W) + d (l2 ||W||^2 + 2 l1 s ||W||_1)``, where ``d = mean diag A`` and
+   ``s = mean |W0|`` make the regulariser scale-free: at the optimum a weight is exactly zero
+   when its loss gradient at zero is below about ``l1 s`` times its curvature, so small weights
+   settle at zero and the dense weights take a pruning-friendly shape.
+3. *Sparse again*: the same pruner on the dense weights and ``A``, then the soft adjustment: a few
+   projected-gradient steps on ``f`` over the kept weights only (the mask stays fixed).
+
+The layer's relative error ``f(W) / y`` is measured after each step; if the refined weights end
+up worse than ``W1`` (or anything becomes non-finite), the layer falls back to ``W1`` (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from surgeon.adapters import Adapter
+from surgeon.baselines.common import Target
+from surgeon.calibrate import LayerBatch, _hidden
+from surgeon.curvature.activations import SecondMoment
+from surgeon.errors import SurgeonError
+
+log = logging.getLogger(__name__)
+
+LayerPruner = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SDSConfig:
+    """Hyper-parameters of the refinement (defaults measured on SmolLM2-135M, see docs/sds.md)."""
+
+    l1: float = 0.1  # L1 weight, in units of mean |W0| x mean diag(A)
+    l2: float = 0.01  # L2 weight, in units of mean diag(A) (a relative ridge)
+    epochs: int = 100  # dense-step FISTA iterations (each one full pass over the statistics)
+    adjust_epochs: int = 100  # soft mask adjustment: projected-gradient iterations after re-pruning
+
+    def __post_init__(self) -> None:
+        for name in ("l1", "l2"):
+            value = getattr(self, name)
+            if not (value >= 0 and value < float("inf")):
+                raise SurgeonError(f"SDS {name} must be a finite number >= 0, got {value}")
+        for name in ("epochs", "adjust_epochs"):
+            if getattr(self, name) < 0:
+                raise SurgeonError(f"SDS {name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PairStats:
+    """Statistics of one linear's inputs on the student and teacher streams."""
+
+    A: torch.Tensor  # [d_in, d_in] student second moment (float64)
+    C: torch.Tensor  # [d_in, d_in] cross moment, teacher inputs x student inputs (float64)
+    y: float  # mean squared norm of the teacher linear's output per token
+    tokens: int
+
+
+class _Cross:
+    """Running ``sum x_t^T x_s`` over tokens (float32 products, float64 sum)."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, x_t: torch.Tensor, x_s: torch.Tensor) -> None:
+        x_t, x_s = (x.detach().reshape(-1, x.shape[-1]).float() for x in (x_t, x_s))
+        prod = x_t.T @ x_s
+        if not torch.isfinite(prod).all():
+            raise FloatingPointError("non-finite values in calibration activations")
+        self.sum += prod.to(torch.float64)
+
+
+@torch.no_grad()
+def pair_moments(
+    student: nn.Module,
+    teacher: nn.Module,
+    adapter: Adapter,
+    s_batches: list[LayerBatch],
+    t_batches: list[LayerBatch],
+    groups: tuple[tuple[str, ...], ...],
+    *,
+    teacher_outputs: bool = False,
+) -> tuple[dict[str, PairStats], list[LayerBatch] | None]:
+    """:class:`PairStats` of every linear in ``groups`` of decoder layer ``student`` / ``teacher``.
+
+    Batch by batch, the teacher layer runs on the teacher stream and the student layer on the
+    student stream (same windows, so tokens pair up). With ``teacher_outputs`` the teacher layer's
+    outputs are returned as the next layer's teacher stream (the same forward pass).
+    """
+    if student is teacher:
+        raise ValueError("the teacher layer must be a separate module (a copy of the dense layer)")
+    seen: dict[tuple[str, str], torch.Tensor] = {}
+    energy = {name: 0.0 for group in groups for name in group}
+    moments: dict[tuple[str, ...], SecondMoment] = {}
+    cross: dict[tuple[str, ...], _Cross] = {}
+    handles = []
+    for group in groups:
+        lead = student.get_submodule(group[0])
+        moments[group] = SecondMoment(lead.in_features, device=lead.weight.device)
+        cross[group] = _Cross(lead.in_features, lead.weight.device)
+        handles.append(lead.register_forward_hook(
+            lambda _m, args, _o, key=("s", group[0]): seen.__setitem__(key, args[0])))
+        handles.append(teacher.get_submodule(group[0]).register_forward_hook(
+            lambda _m, args, _o, key=("t", group[0]): seen.__setitem__(key, args[0])))
+        for name in group:
+            handles.append(teacher.get_submodule(name).register_forward_hook(
+                lambda _m, _a, out, name=name: energy.__setitem__(name, energy[name] + float(out.double().pow(2).sum()))))
+    outputs: list[LayerBatch] = []
+    tokens = 0
+    try:
+        for s_b, t_b in zip(s_batches, t_batches, strict=True):
+            out = teacher(t_b.hidden, **t_b.kwargs)
+            if teacher_outputs:
+                outputs.append(LayerBatch(_hidden(out), t_b.kwargs))
+            student(s_b.hidden, **s_b.kwargs)
+            for group in groups:
+                x_s, x_t = seen.pop(("s", group[0])), seen.pop(("t", group[0]))
+                moments[group].update(x_s)
+                cross[group].update(x_t, x_s)
+            tokens += s_b.hidden.shape[0] * s_b.hidden.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for group in groups:
+        A, C = moments[group].finalize(), cross[group].sum / tokens
+        for name in group:
+            stats[name] = PairStats(A, C, energy[name] / tokens, tokens)
+    return stats, (outputs if teacher_outputs else None)
+
+
+def relative_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: float) -> float:
+    """``f(W) / y``: the layer's output error against the dense layer on the dense stream."""
+    W = W.double()
+    f = float(((W @ A) * W).sum() - 2 * (W * B).sum() + y)
+    return max(f, 0.0) / y if y > 0 else 0.0
+
+
+def _fista(
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    steps: int,
+    *,
+    ridge: float = 0.0,
+    threshold: float = 0.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Accelerated proximal gradient on ``tr(W A W^T) - 2 tr(W B^T) + ridge ||W||^2 + 2 threshold ||W||_1``.
+
+    Activations have outlier channels, so ``A`` is badly conditioned; the iteration runs in the
+    Jacobi-scaled variables ``V = W diag(A)^(1/2)`` (unit-diagonal curvature; the L1 term becomes
+    a per-column threshold). With ``mask`` the iterate stays on the kept weights (pruned weights
+    stay zero).
+    """
+    if steps == 0:
+        return W
+    diag = A.diagonal().clamp_min(1e-12 * float(A.diagonal().max()) + 1e-30)
+    scale = diag.rsqrt()  # W = V * scale (per column)
+    A_s = A * scale[:, None] * scale[None, :]
+    col_ridge = ridge / diag  # ridge ||W||^2 = sum_j ridge / d_j ||V_:j||^2
+    lipschitz = 2 * float(torch.linalg.eigvalsh(A_s + torch.diag(col_ridge))[-1])
+    t = 1.0 / lipschitz
+    A32, B32, ridge32 = A_s.float(), (B * scale).float(), col_ridge.float()
+    cut = (2 * t * threshold * scale).float()  # per-column soft threshold
+    x = (W.double() / scale).float()
+    keep = mask.to(torch.float32) if mask is not None else None
+    z, momentum = x.clone(), 1.0
+    for _ in range(steps):
+        nxt = z - t * 2 * (z @ A32 - B32 + ridge32 * z)
+        if threshold > 0:
+            nxt = torch.sign(nxt) * torch.clamp(nxt.abs() - cut, min=0)
+        if keep is not None:
+            nxt = nxt * keep
+        following = (1 + (1 + 4 * momentum**2) ** 0.5) / 2
+        z = nxt + ((momentum - 1) / following) * (nxt - x)
+        x, momentum = nxt, following
+    return (x.double() * scale).to(W.dtype)
+
+
+def refine_linear(
+    W0: torch.Tensor,
+    W1: torch.Tensor,
+    stats: PairStats,
+    target: Target,
+    reprune: LayerPruner,
+    cfg: SDSConfig,
+    name: str = "weight",
+) -> tuple[torch.Tensor, dict]:
+    """SDS steps 2 and 3 for one linear: returns the refined weights and a record of the errors.
+
+    Args:
+        W0: dense (original) weights ``[d_out, d_in]``.
+        W1: first-round pruned weights (same shape).
+        stats: statistics from :func:`pair_moments`.
+        target: what ``reprune`` removes (the first round's sparsity or N:M pattern).
+        reprune: a layer-wise pruner ``(W, A, n_tokens, target) -> (W_new, keep)``.
+    """
+    start = time.perf_counter()
+    A, y = stats.A, stats.y
+    B = W0.double() @ stats.C
+    d = float(A.diagonal().mean())
+    s = float(W0.abs().mean())
+    record = {"first": relative_error(W1, A, B, y)}
+    dense = _fista(W1, A, B, cfg.epochs, ridge=cfg.l2 * d, threshold=cfg.l1 * s * d)
+    record["dense"] = relative_error(dense, A, B, y)
+    pruned, keep = reprune(dense, A, stats.tokens, target)
+    record["reprune"] = relative_error(pruned, A, B, y)
+    final = _fista(pruned, A, B, cfg.adjust_epochs, mask=keep)
+    record["final"] = relative_error(final, A, B, y)
+    record["seconds"] = time.perf_counter() - start
+    ok = all(math.isfinite(v) for v in record.values()) and bool(torch.isfinite(final).all())
+    if not ok or record["final"] >= record["first"]:
+        log.warning("SDS %s: refined error %.4g is not below the first round's %.4g; keeping the first-round weights",
+                    name, record["final"], record["first"])
+        record["fallback"] = True
+        return W1, record
+    record["fallback"] = False
+    return final, record
