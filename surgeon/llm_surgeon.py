@@ -205,6 +205,20 @@ def _element_step(
     keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
 ) -> None:
     """Remove the cheapest weights (globally, per linear, or per N:M block) with correlated updates."""
+    if isinstance(target, NMPattern) and cfg.row_solver == "sparsegpt":
+        # N:M: ``G`` scales every weight of a row alike, so K-FAC's element costs rank a row's
+        # blocks exactly as OBS with ``A`` does; choosing each block's zeros adaptively inside
+        # SparseGPT's sweep (from weights already updated for the blocks to their left) is much
+        # better than choosing them all at once (2:4 on the default model: 78.5 vs 124 perplexity).
+        # ``G`` still correlates the rows' updates.
+        with torch.no_grad():
+            for name, m in linears.items():
+                d, W = damped[name], m.weight.double()
+                W_rows, k = prune_sparsegpt(W, d.A, 0, target, percdamp=0.0, allowed=keep[name])
+                W = update_masked(W, d.A_inv, d.G_inv, k, cfg.correlation, U=W - W_rows)
+                _store(m, W, name)
+                keep[name] = k
+        return
     costs: dict[str, torch.Tensor] = {}
     for name, m in linears.items():
         c = element_costs(m.weight.detach().double(), damped[name].A_inv, damped[name].G_inv)
@@ -223,10 +237,14 @@ def _element_step(
                 W_rows, _ = prune_sparsegpt(W, d.A, 0, 0.0, keep_mask=k, percdamp=0.0)
                 U = W - W_rows
             W = update_masked(W, d.A_inv, d.G_inv, k, cfg.correlation, U=U)
-            if not torch.isfinite(W).all():
-                raise FloatingPointError(f"non-finite weights after the update of {name}")
-            m.weight.copy_(W.to(m.weight.dtype))
+            _store(m, W, name)
             keep[name] = k
+
+
+def _store(m: nn.Linear, W: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(W).all():
+        raise FloatingPointError(f"non-finite weights after the update of {name}")
+    m.weight.copy_(W.to(m.weight.dtype))
 
 
 def _structured_step(

@@ -8,10 +8,14 @@ import pytest
 import torch
 
 from surgeon.adapters import LLAMA
+from surgeon.baselines.sparsegpt import prune_sparsegpt
+from surgeon.calibrate import kfac_factors
+from surgeon.curvature.kfac import prepare
 from surgeon.errors import SurgeonError
 from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
 from surgeon.prune.threshold import global_keep_masks
 from surgeon.prune.patterns import NMPattern
+from surgeon.prune.update import update_masked
 from tests.conftest import make_tiny_llama
 
 
@@ -89,6 +93,42 @@ def test_two_four_pattern_holds() -> None:
     for name, m in LLAMA.decoder_linears(model).items():
         assert NMPattern(2, 4).holds(m.weight != 0), name
     assert report.sparsity == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("correlation", ["none", "rows"])
+def test_nm_shot_is_sparsegpt_sweep_with_kfac_A_then_G_correlation(correlation: str) -> None:
+    """One N:M shot = SparseGPT's adaptive sweep on K-FAC's damped A; "rows" then spreads each
+    row's update through G^-1 (update_masked), "none" keeps the sweep's weights."""
+    model, _ = make_tiny_llama()
+    windows = calib(model)
+    factors = kfac_factors(model, LLAMA, windows)
+    cfg = SurgeonConfig(pattern=NMPattern(2, 4), shots=1, correlation=correlation)
+    expected = {}
+    for name, m in LLAMA.decoder_linears(model).items():
+        d = prepare(factors[name].A, factors[name].G, cfg.lam_A, cfg.damping_G(NMPattern(2, 4)))
+        W = m.weight.detach().double()
+        W_rows, keep = prune_sparsegpt(W, d.A, 0, NMPattern(2, 4), percdamp=0.0)
+        expected[name] = update_masked(W, d.A_inv, d.G_inv, keep, correlation, U=W - W_rows).float()
+    prune_surgeon_(model, LLAMA, windows, cfg, progress=False)
+    for name, m in LLAMA.decoder_linears(model).items():
+        torch.testing.assert_close(m.weight.detach(), expected[name], rtol=1e-5, atol=1e-6)
+        assert NMPattern(2, 4).holds(m.weight != 0), name
+
+
+def test_sparsegpt_nm_selection_removes_forced_weights_first() -> None:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 16, generator=g)
+    X = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    A = X.T @ X / 64
+    allowed = torch.ones_like(W, dtype=torch.bool)
+    allowed[:, ::4] = False  # the first weight of every block must go
+    W_new, keep = prune_sparsegpt(W, A, 0, NMPattern(2, 4), allowed=allowed)
+    assert not keep[~allowed].any() and NMPattern(2, 4).holds(keep)
+    assert torch.equal(W_new == 0, ~keep)
+    free = prune_sparsegpt(W, A, 0, NMPattern(2, 4), allowed=torch.ones_like(allowed))
+    torch.testing.assert_close(free[0], prune_sparsegpt(W, A, 0, NMPattern(2, 4))[0])
+    with pytest.raises(SurgeonError, match="allowed"):
+        prune_sparsegpt(W, A, 0, 0.5, allowed=allowed)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -92,6 +92,7 @@ def prune_sparsegpt(
     percdamp: float = 0.01,
     mask_rule: MaskRule = "official",
     keep_mask: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one linear layer with SparseGPT and reconstruct the kept weights.
@@ -106,6 +107,8 @@ def prune_sparsegpt(
         mask_rule: unstructured threshold per block: ``"official"`` prunes ``score <= sorted[k]``
             (``k + 1`` weights, ``k = int(d_out·B·sparsity)``), ``"exact"`` exactly ``k``.
         keep_mask: optional fixed bool ``[d_out, d_in]`` mask (True = keep); skips mask selection.
+        allowed: N:M only: bool ``[d_out, d_in]``, False where a weight must go whatever its
+            score (removed by an earlier shot); those are chosen first in their blocks.
         dtype: dtype of the column sweep; default float32 as the reference, float64 when ``W``
             is float64.
 
@@ -145,6 +148,9 @@ def prune_sparsegpt(
     else:
         pruned = torch.zeros(d_in, d_out, dtype=torch.bool, device=W.device)
     nm = target if isinstance(target, NMPattern) and keep_mask is None else None
+    if allowed is not None and (nm is None or allowed.shape != W.shape):
+        raise SurgeonError("allowed applies to N:M selection, with the weight's shape")
+    forced = (~allowed.bool()).T.contiguous() if allowed is not None else None  # [d_in, d_out]
     fraction = 0.0 if isinstance(target, NMPattern) else float(target)
 
     for i1 in range(0, d_in, blocksize):
@@ -160,6 +166,8 @@ def prune_sparsegpt(
             if nm is not None and i % nm.block == 0:
                 j = i + nm.block
                 scores = (W1[i:j].square() / d1[i:j, None].square()).T  # [d_out, block]
+                if forced is not None:
+                    scores = scores.masked_fill(forced[i1 + i : i1 + j].T, -1.0)
                 P1[i:j] = ~nm.mask_from_scores(scores).T
             w = W1[i]  # [d_out]
             q = w.masked_fill(P1[i], 0.0)
