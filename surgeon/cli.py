@@ -123,6 +123,7 @@ def prune_cmd(
     shots: Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")] = 3,
     allocation: Annotated[str, typer.Option(help="surgeon: global (compare costs across layers) or uniform.")] = "global",
     correlation: Annotated[str, typer.Option(help="surgeon: rows (correlated updates across rows) or none.")] = "rows",
+    group_cost: Annotated[str, typer.Option(help="surgeon --structured: sum (every member of a coupled group) or output (down/o columns only).")] = "sum",
     fisher: Annotated[str, typer.Option(help="surgeon: empirical or true Fisher.")] = "empirical",
     checkpoint: Annotated[Optional[Path], typer.Option(help="surgeon: save state after every shot here; rerun to resume.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
@@ -168,6 +169,7 @@ def prune_cmd(
     sds = SDSConfig(l1=sds_l1, l2=sds_l2, epochs=sds_epochs, adjust_epochs=sds_adjust_epochs) if refine else None
     _choice("--allocation", allocation, ("global", "uniform"))
     _choice("--correlation", correlation, ("rows", "none"))
+    _choice("--group-cost", group_cost, ("sum", "output"))
     _choice("--fisher", fisher, ("empirical", "true"))
     n_calib = calib_samples if calib_samples is not None else (16 if method == "surgeon" else 64)
     if n_calib < 1:
@@ -181,7 +183,7 @@ def prune_cmd(
             sparsity=target_sparsity, pattern=target_pattern, structured=structured,
             shots=shots if method == "surgeon" else 1,
             allocation=allocation,  # type: ignore[arg-type]
-            correlation=correlation, fisher=fisher,  # type: ignore[arg-type]
+            correlation=correlation, fisher=fisher, group_cost=group_cost,  # type: ignore[arg-type]
         )
     else:
         cfg = PruneConfig(

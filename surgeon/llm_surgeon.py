@@ -40,7 +40,7 @@ from surgeon.prune.costs import element_costs
 from surgeon.prune.patterns import NMPattern, check_sparsity
 from surgeon.prune.threshold import global_keep_masks, linear_schedule, per_layer_fraction_mask
 from surgeon.prune.update import Correlation, update_masked
-from surgeon.structures import Scoring
+from surgeon.structures import GroupCost, Scoring
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class SurgeonConfig:
     batch_size: int = 4
     scoring: Scoring = "surgeon"  # "magnitude" / "wanda": structured baselines on the same groups
     row_solver: RowSolver = "sparsegpt"  # per-row OBS updates: SparseGPT's fast sweep, or exact solves
+    group_cost: GroupCost = "sum"  # structured: sum of members' costs and updates, or output side only
 
     def __post_init__(self) -> None:
         if self.scoring != "surgeon" and (self.structured is None or self.pattern is not None):
@@ -172,7 +173,7 @@ def prune_surgeon_(
         if cfg.scoring != "surgeon":  # baselines on the same coupled groups: scores, no update
             A = input_factors(model, adapter, windows, batch_size=cfg.batch_size) if cfg.scoring == "wanda" else None
             t_curv = time.perf_counter() - t0
-            _structured_step(model, adapter, target, keep, cfg.scoring, cfg.allocation, A=A)  # type: ignore[arg-type]
+            _structured_step(model, adapter, target, keep, cfg, A=A)  # type: ignore[arg-type]
         else:
             factors = kfac_factors(model, adapter, windows, batch_size=cfg.batch_size, fisher=cfg.fisher,
                                    progress=progress)
@@ -180,7 +181,7 @@ def prune_surgeon_(
             damped = {name: prepare(f.A, f.G, cfg.lam_A, cfg.damping_G(target)) for name, f in factors.items()}
             del factors
             if isinstance(target, Remaining):
-                _structured_step(model, adapter, target, keep, "surgeon", cfg.allocation, damped=damped)
+                _structured_step(model, adapter, target, keep, cfg, damped=damped)
             else:
                 _element_step(linears, target, damped, keep, cfg)
             del damped
@@ -248,14 +249,15 @@ def _store(m: nn.Linear, W: torch.Tensor, name: str) -> None:
 
 
 def _structured_step(
-    model: nn.Module, adapter: Adapter, target: Remaining, keep: dict[str, torch.Tensor], scoring: Scoring,
-    allocation: Allocation, damped: dict[str, DampedKron] | None = None, A: dict[str, torch.Tensor] | None = None,
+    model: nn.Module, adapter: Adapter, target: Remaining, keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
+    damped: dict[str, DampedKron] | None = None, A: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Remove the cheapest coupled groups (MLP channels, head slices).
 
     ``global``: candidates of all layers compete by cost per weight. ``uniform``: every layer loses
     the same number of MLP channels and no heads (the reference Wanda-style channel baseline).
     """
+    scoring, allocation = cfg.scoring, cfg.allocation
     linears = adapter.decoder_linears(model)
     total = sum(m.weight.numel() for m in linears.values())
     budget = round((1.0 - target.fraction) * total)
@@ -264,7 +266,7 @@ def _structured_step(
     candidates: list[structures.Candidate] = []
     for i, layer in enumerate(layers):
         inter = layer.get_submodule(adapter.mlp).get_submodule(adapter.gate).out_features
-        channel_cost, head_cost = structures.group_costs(model, adapter, i, scoring, damped, A)
+        channel_cost, head_cost = structures.group_costs(model, adapter, i, scoring, damped, A, cfg.group_cost)
         found = structures.layer_candidates(
             model, adapter, i, channel_cost, head_cost, keep, min_channels=max(1, inter // 20)
         )
@@ -277,7 +279,7 @@ def _structured_step(
         candidates += found
     if allocation == "global":
         chosen = structures.select(candidates, budget)
-    structures.apply_(model, adapter, chosen, damped if scoring == "surgeon" else None, keep)
+    structures.apply_(model, adapter, chosen, damped if scoring == "surgeon" else None, keep, cfg.group_cost)
 
 
 def _save_checkpoint(

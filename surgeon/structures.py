@@ -62,11 +62,18 @@ def head_rows(h: Tensor, head_dim: int) -> Tensor:
 
 
 Scoring = Literal["surgeon", "magnitude", "wanda"]
+# "sum": a group's cost is the sum of its members' costs and every member gets its K-FAC update
+# (ALGORITHMS.md read literally). "output": only the output-side member counts and moves (down_proj
+# columns, o_proj columns): once a channel's down_proj column is gone its gate/up rows no longer
+# reach the loss, so their costs are counted twice and their G-correlated row updates move live
+# channels to make up for a change that has no effect. The input-side rows are just zeroed.
+GroupCost = Literal["sum", "output"]
 
 
 def group_costs(
     model: nn.Module, adapter: Adapter, i: int, scoring: Scoring,
     damped: dict[str, DampedKron] | None = None, A: dict[str, Tensor] | None = None,
+    group_cost: GroupCost = "sum",
 ) -> tuple[Tensor, Tensor]:
     """Costs of layer ``i``'s MLP channels ``[inter]`` and query heads ``[n_heads]``.
 
@@ -81,16 +88,16 @@ def group_costs(
     if scoring == "surgeon":
         assert damped is not None
         dq, do = damped[names["q"]], damped[names["o"]]
-        channels = (
-            row_costs(W["gate"], damped[names["gate"]].A, damped[names["gate"]].G_inv)
-            + row_costs(W["up"], damped[names["up"]].A, damped[names["up"]].G_inv)
-            + col_costs(W["down"], damped[names["down"]].G, damped[names["down"]].A_inv)
-        )
-        heads = torch.stack([
-            rows_cost(W["q"], dq.A, dq.G_inv, head_rows(torch.tensor([h]), head_dim))
-            + cols_cost(W["o"], do.G, do.A_inv, head_rows(torch.tensor([h]), head_dim))
-            for h in range(n_heads)
-        ])
+        channels = col_costs(W["down"], damped[names["down"]].G, damped[names["down"]].A_inv)
+        heads = torch.stack([cols_cost(W["o"], do.G, do.A_inv, head_rows(torch.tensor([h]), head_dim))
+                             for h in range(n_heads)])
+        if group_cost == "sum":
+            channels = channels + (
+                row_costs(W["gate"], damped[names["gate"]].A, damped[names["gate"]].G_inv)
+                + row_costs(W["up"], damped[names["up"]].A, damped[names["up"]].G_inv)
+            )
+            heads = heads + torch.stack([rows_cost(W["q"], dq.A, dq.G_inv, head_rows(torch.tensor([h]), head_dim))
+                                         for h in range(n_heads)])
     elif scoring == "magnitude":
         channels = W["gate"].norm(dim=1) + W["up"].norm(dim=1) + W["down"].norm(dim=0)
         heads = (W["q"].reshape(n_heads, -1).norm(dim=1)
@@ -155,13 +162,15 @@ def select(candidates: list[Candidate], budget: int) -> list[Candidate]:
 
 def apply_(
     model: nn.Module, adapter: Adapter, chosen: list[Candidate], damped: dict[str, DampedKron] | None,
-    keep: dict[str, Tensor],
+    keep: dict[str, Tensor], group_cost: GroupCost = "sum",
 ) -> None:
     """Zero the chosen structures and update the masks.
 
     With ``damped`` factors the remaining weights get LLM Surgeon's joint (correlated) row and
-    column updates; without (the baselines), the structures are only zeroed.
+    column updates (``group_cost="output"``: column updates only); without (the baselines), the
+    structures are only zeroed.
     """
+    rows_damped = damped if group_cost == "sum" else None
     _, _, head_dim = head_layout(model)
     by_layer: dict[int, dict[str, list[Tensor]]] = {}
     for c in chosen:
@@ -172,11 +181,11 @@ def apply_(
             if parts["channel"]:
                 R = torch.cat(parts["channel"]).unique()
                 for key in ("gate", "up"):
-                    _remove(model, names[key], R, "rows", damped, keep)
+                    _remove(model, names[key], R, "rows", rows_damped, keep)
                 _remove(model, names["down"], R, "cols", damped, keep)
             if parts["heads"]:
                 idx = head_rows(torch.cat(parts["heads"]).unique(), head_dim)
-                _remove(model, names["q"], idx, "rows", damped, keep)
+                _remove(model, names["q"], idx, "rows", rows_damped, keep)
                 _remove(model, names["o"], idx, "cols", damped, keep)
 
 

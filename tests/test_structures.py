@@ -113,3 +113,33 @@ def test_uniform_structured_removes_equal_channels_and_no_heads(scoring: str) ->
     counts = {int(ch.sum()) for ch, _ in state}
     assert len(counts) == 1 and counts.pop() > 0
     assert not any(bool(heads.any()) for _, heads in state)
+
+
+def test_output_group_cost_updates_only_the_output_side() -> None:
+    """group_cost="output": channel cost = down_proj column cost; down_proj's remaining columns get
+    the exact joint column update through A^-1; gate/up rows are only zeroed, the rest untouched."""
+    from surgeon.calibrate import kfac_factors
+    from surgeon.curvature.kfac import prepare
+    from surgeon.prune.costs import col_costs
+    from surgeon.prune.update import update_cols
+
+    model, _ = make_tiny_llama()
+    windows = calib(model)
+    factors = kfac_factors(model, LLAMA, windows)
+    cfg = SurgeonConfig(structured=0.85, shots=1, allocation="uniform", group_cost="output")
+    before = {n: m.weight.detach().clone() for n, m in LLAMA.decoder_linears(model).items()}
+    prune_surgeon_(model, LLAMA, windows, cfg, progress=False)
+    for i, layer in enumerate(model.model.layers):
+        down = f"model.layers.{i}.mlp.down_proj"
+        d = prepare(factors[down].A, factors[down].G, cfg.lam_A, 0.01)  # structured G damping
+        removed = (layer.mlp.gate_proj.weight == 0).all(1).nonzero().squeeze(1)
+        assert len(removed) > 0
+        cost = col_costs(before[down].double(), d.G, d.A_inv)
+        assert set(removed.tolist()) == set(cost.argsort()[: len(removed)].tolist())  # the cheapest columns
+        want = update_cols(before[down].double(), d.A_inv, removed).float()
+        torch.testing.assert_close(layer.mlp.down_proj.weight.detach(), want, rtol=1e-5, atol=1e-6)
+        for key in ("gate_proj", "up_proj"):
+            W, W0 = layer.mlp.get_submodule(key).weight, before[f"model.layers.{i}.mlp.{key}"]
+            kept = torch.ones(W.shape[0], dtype=torch.bool)
+            kept[removed] = False
+            assert torch.equal(W[kept], W0[kept]) and (W[removed] == 0).all()
