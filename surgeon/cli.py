@@ -121,6 +121,7 @@ def prune_cmd(
     structured: Annotated[Optional[float], typer.Option(help="surgeon: structured, fraction of decoder-linear weights to keep (e.g. 0.7); combine with --pattern for structured then N:M.")] = None,
     calib_samples: Annotated[Optional[int], typer.Option(help="Calibration windows (default 64; 16 for surgeon).")] = None,
     shots: Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")] = 3,
+    kfac_samples: Annotated[Optional[int], typer.Option(help="surgeon: windows for K-FAC's backward passes (G); A then comes from all --calib-samples, forward only.")] = None,
     allocation: Annotated[str, typer.Option(help="surgeon: global (compare costs across layers) or uniform.")] = "global",
     correlation: Annotated[str, typer.Option(help="surgeon: rows (correlated updates across rows) or none.")] = "rows",
     group_cost: Annotated[str, typer.Option(help="surgeon --structured: sum (every member of a coupled group) or output (down/o columns only).")] = "sum",
@@ -184,6 +185,7 @@ def prune_cmd(
             shots=shots if method == "surgeon" else 1,
             allocation=allocation,  # type: ignore[arg-type]
             correlation=correlation, fisher=fisher, group_cost=group_cost,  # type: ignore[arg-type]
+            kfac_windows=kfac_samples,
         )
     else:
         cfg = PruneConfig(

@@ -34,7 +34,7 @@ from surgeon.adapters import Adapter
 from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.calibrate import FisherKind, input_factors, kfac_factors
 from surgeon.driver import PruneReport
-from surgeon.curvature.kfac import DampedKron, prepare
+from surgeon.curvature.kfac import DampedKron, KronFactor, prepare
 from surgeon.errors import SurgeonError
 from surgeon.prune.costs import element_costs
 from surgeon.prune.patterns import NMPattern, check_sparsity
@@ -85,6 +85,7 @@ class SurgeonConfig:
     scoring: Scoring = "surgeon"  # "magnitude" / "wanda": structured baselines on the same groups
     row_solver: RowSolver = "sparsegpt"  # per-row OBS updates: SparseGPT's fast sweep, or exact solves
     group_cost: GroupCost = "sum"  # structured: sum of members' costs and updates, or output side only
+    kfac_windows: int | None = None  # backward passes (G) on the first this many windows; A on all, forward only
 
     def __post_init__(self) -> None:
         if self.scoring != "surgeon" and (self.structured is None or self.pattern is not None):
@@ -101,6 +102,8 @@ class SurgeonConfig:
             raise SurgeonError(f"structured remaining fraction must be in (0, 1], got {self.structured}")
         if self.shots < 1:
             raise SurgeonError(f"shots must be at least 1, got {self.shots}")
+        if self.kfac_windows is not None and self.kfac_windows < 1:
+            raise SurgeonError(f"K-FAC windows must be at least 1, got {self.kfac_windows}")
         if self.sparsity is not None and self.allocation == "global" and self.sparsity > self.max_layer_sparsity:
             raise SurgeonError(
                 f"sparsity {self.sparsity} exceeds the per-layer ceiling {self.max_layer_sparsity}"
@@ -175,8 +178,13 @@ def prune_surgeon_(
             t_curv = time.perf_counter() - t0
             _structured_step(model, adapter, target, keep, cfg, A=A)  # type: ignore[arg-type]
         else:
-            factors = kfac_factors(model, adapter, windows, batch_size=cfg.batch_size, fisher=cfg.fisher,
-                                   progress=progress)
+            split = cfg.kfac_windows is not None and cfg.kfac_windows < windows.shape[0]
+            factors = kfac_factors(model, adapter, windows[: cfg.kfac_windows] if split else windows,
+                                   batch_size=cfg.batch_size, fisher=cfg.fisher, progress=progress)
+            if split:  # A is cheap (forward passes only): estimate it from every window
+                for name, A in input_factors(model, adapter, windows, batch_size=cfg.batch_size,
+                                             progress=progress).items():
+                    factors[name] = KronFactor(A, factors[name].G)
             t_curv = time.perf_counter() - t0
             damped = {name: prepare(f.A, f.G, cfg.lam_A, cfg.damping_G(target)) for name, f in factors.items()}
             del factors

@@ -160,3 +160,33 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(SurgeonError, match="other settings"):
         prune_surgeon_(fresh, LLAMA, calib(fresh), SurgeonConfig(sparsity=0.5, shots=2), checkpoint_dir=tmp_path,
                        progress=False)
+
+
+def test_kfac_windows_split_G_from_few_A_from_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--kfac-samples: backward passes see the first k windows; A comes from every window."""
+    import surgeon.llm_surgeon as ls
+
+    model, _ = make_tiny_llama()
+    windows = calib(model, n=6)
+    seen: dict[str, int] = {}
+    real_kfac, real_inputs = ls.kfac_factors, ls.input_factors
+
+    def kfac(m, a, w, **kw):
+        seen["kfac"] = w.shape[0]
+        return real_kfac(m, a, w, **kw)
+
+    def inputs(m, a, w, **kw):
+        seen["inputs"] = w.shape[0]
+        out = real_inputs(m, a, w, **kw)
+        seen["A"] = out
+        return out
+
+    monkeypatch.setattr(ls, "kfac_factors", kfac)
+    monkeypatch.setattr(ls, "input_factors", inputs)
+    prune_surgeon_(model, LLAMA, windows, SurgeonConfig(sparsity=0.5, shots=1, kfac_windows=2), progress=False)
+    assert seen["kfac"] == 2 and seen["inputs"] == 6
+    fresh, _ = make_tiny_llama()
+    full_A = real_inputs(fresh, LLAMA, windows)
+    torch.testing.assert_close(seen["A"]["model.layers.0.mlp.down_proj"], full_A["model.layers.0.mlp.down_proj"])
+    with pytest.raises(SurgeonError, match="K-FAC windows"):
+        SurgeonConfig(sparsity=0.5, kfac_windows=0)
