@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -96,9 +97,15 @@ def refine_summary(records: dict[str, dict]) -> dict:
     n = len(records)
     mean = {k: sum(r[k] for r in records.values()) / n for k in ("first", "dense", "reprune", "final")}
     used = [r["first"] if r["fallback"] else r["final"] for r in records.values()]
+    per_layer: dict[str, float] = {}
+    for name, r in records.items():  # "model.layers.7.mlp.up_proj" -> layer "7"
+        match = re.search(r"\.(\d+)\.", name)
+        layer = match.group(1) if match else name
+        per_layer[layer] = per_layer.get(layer, 0.0) + r["seconds"]
     return {"linears": n, "mean_error": mean, "mean_error_used": sum(used) / n,
             "fallbacks": sum(r["fallback"] for r in records.values()),
-            "seconds": sum(r["seconds"] for r in records.values())}
+            "seconds": sum(r["seconds"] for r in records.values()),
+            "seconds_per_layer": {k: round(v, 2) for k, v in per_layer.items()}}
 
 
 def check_targets(model: nn.Module, adapter: Adapter, cfg: PruneConfig) -> None:
