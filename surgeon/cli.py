@@ -200,7 +200,7 @@ def prune_cmd(
             target_pattern.check_shape(linear.in_features, name)
     windows = None
     calib_origin = None
-    if method != "magnitude":
+    if method != "magnitude" or sds is not None:  # SDS needs data whatever the first round
         calib = calibration_windows(
             lm.model, lm.tokenizer, n=n_calib, seq_len=seq_len, seed=seed, text_file=calib_text, data_dir=data_dir
         )

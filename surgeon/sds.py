@@ -19,7 +19,10 @@ many tokens there are, and the optimisation is exact full-batch gradient descent
    when its loss gradient at zero is below about ``l1 s`` times its curvature, so small weights
    settle at zero and the dense weights take a pruning-friendly shape.
 3. *Sparse again*: the same pruner on the dense weights and ``A``, then the soft adjustment: a few
-   projected-gradient steps on ``f`` over the kept weights only (the mask stays fixed).
+   projected-gradient steps on ``f + d l2 ||W||^2`` over the kept weights only (the mask stays
+   fixed). The ridge matters here as in SparseGPT's 1% damping: without it the adjustment fitted
+   nearly dead input channels with huge weights that did not generalise (SparseGPT 2:4 + SDS came
+   out at perplexity 1344 on the default model).
 
 The layer's relative error ``f(W) / y`` is measured after each step; if the refined weights end
 up worse than ``W1`` (or anything becomes non-finite), the layer falls back to ``W1`` (logged).
@@ -172,25 +175,24 @@ def _fista(
     """Accelerated proximal gradient on ``tr(W A W^T) - 2 tr(W B^T) + ridge ||W||^2 + 2 threshold ||W||_1``.
 
     Activations have outlier channels, so ``A`` is badly conditioned; the iteration runs in the
-    Jacobi-scaled variables ``V = W diag(A)^(1/2)`` (unit-diagonal curvature; the L1 term becomes
-    a per-column threshold). With ``mask`` the iterate stays on the kept weights (pruned weights
-    stay zero).
+    Jacobi-scaled variables ``V = W diag(A + ridge I)^(1/2)`` (unit-diagonal curvature; the L1 term
+    becomes a per-column threshold). With ``mask`` the iterate stays on the kept weights (pruned
+    weights stay zero).
     """
     if steps == 0:
         return W
-    diag = A.diagonal().clamp_min(1e-12 * float(A.diagonal().max()) + 1e-30)
+    M = A + ridge * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    diag = M.diagonal().clamp_min(1e-30)
     scale = diag.rsqrt()  # W = V * scale (per column)
-    A_s = A * scale[:, None] * scale[None, :]
-    col_ridge = ridge / diag  # ridge ||W||^2 = sum_j ridge / d_j ||V_:j||^2
-    lipschitz = 2 * float(torch.linalg.eigvalsh(A_s + torch.diag(col_ridge))[-1])
-    t = 1.0 / lipschitz
-    A32, B32, ridge32 = A_s.float(), (B * scale).float(), col_ridge.float()
+    M_s = M * scale[:, None] * scale[None, :]
+    t = 1.0 / (2 * float(torch.linalg.eigvalsh(M_s)[-1]))
+    M32, B32 = M_s.float(), (B * scale).float()
     cut = (2 * t * threshold * scale).float()  # per-column soft threshold
     x = (W.double() / scale).float()
     keep = mask.to(torch.float32) if mask is not None else None
     z, momentum = x.clone(), 1.0
     for _ in range(steps):
-        nxt = z - t * 2 * (z @ A32 - B32 + ridge32 * z)
+        nxt = z - t * 2 * (z @ M32 - B32)
         if threshold > 0:
             nxt = torch.sign(nxt) * torch.clamp(nxt.abs() - cut, min=0)
         if keep is not None:
@@ -229,7 +231,7 @@ def refine_linear(
     record["dense"] = relative_error(dense, A, B, y)
     pruned, keep = reprune(dense, A, stats.tokens, target)
     record["reprune"] = relative_error(pruned, A, B, y)
-    final = _fista(pruned, A, B, cfg.adjust_epochs, mask=keep)
+    final = _fista(pruned, A, B, cfg.adjust_epochs, ridge=cfg.l2 * d, mask=keep)
     record["final"] = relative_error(final, A, B, y)
     record["seconds"] = time.perf_counter() - start
     ok = all(math.isfinite(v) for v in record.values()) and bool(torch.isfinite(final).all())
