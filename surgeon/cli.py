@@ -124,7 +124,7 @@ def prune_cmd(
     kfac_samples: Annotated[Optional[int], typer.Option(help="surgeon: windows for K-FAC's backward passes (G); A then comes from all --calib-samples, forward only.")] = None,
     allocation: Annotated[str, typer.Option(help="surgeon: global (compare costs across layers) or uniform.")] = "global",
     correlation: Annotated[str, typer.Option(help="surgeon: rows (correlated updates across rows) or none.")] = "rows",
-    group_cost: Annotated[str, typer.Option(help="surgeon --structured: sum (every member of a coupled group) or output (down/o columns only).")] = "sum",
+    group_cost: Annotated[str, typer.Option(help="surgeon --structured: output (down/o column costs and updates; default, measured best) or sum (every member of a coupled group).")] = "output",
     fisher: Annotated[str, typer.Option(help="surgeon: empirical or true Fisher.")] = "empirical",
     checkpoint: Annotated[Optional[Path], typer.Option(help="surgeon: save state after every shot here; rerun to resume.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,

@@ -157,7 +157,11 @@ def prune_sequential_(
     n_tokens = int(windows.numel()) if needs_data else 0
     # One pass collects every group's statistics; true-sequential re-collects each group's after
     # the groups before it were pruned (q/k/v, then o, then gate/up, then down).
-    steps = tuple((g,) for g in adapter.input_groups) if cfg.true_sequential else (adapter.input_groups,)
+    # SDS always re-collects: its refit weights are tuned to their inputs, and o_proj / down_proj
+    # statistics from the unpruned q/k/v and gate/up misjudged them badly (SparseGPT 2:4 + SDS:
+    # down_proj errors 2-3x the predicted ones in the real model, perplexity 2500).
+    per_group = cfg.true_sequential or refine is not None
+    steps = tuple((g,) for g in adapter.input_groups) if per_group else (adapter.input_groups,)
     desc = f"prune ({cfg.method}{' + SDS' if refine else ''})"
     for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress)):
         layer_start = time.perf_counter()

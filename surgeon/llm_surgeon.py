@@ -84,7 +84,7 @@ class SurgeonConfig:
     batch_size: int = 4
     scoring: Scoring = "surgeon"  # "magnitude" / "wanda": structured baselines on the same groups
     row_solver: RowSolver = "sparsegpt"  # per-row OBS updates: SparseGPT's fast sweep, or exact solves
-    group_cost: GroupCost = "sum"  # structured: sum of members' costs and updates, or output side only
+    group_cost: GroupCost = "output"  # structured: output side only (measured best), or the sum of members
     kfac_windows: int | None = None  # backward passes (G) on the first this many windows; A on all, forward only
 
     def __post_init__(self) -> None:
