@@ -27,7 +27,7 @@ from surgeon.baselines.wanda import prune_wanda
 from surgeon.calibrate import capture_layer_inputs, input_moments, run_layer
 from surgeon.errors import SurgeonError
 from surgeon.prune.patterns import NMPattern, check_sparsity
-from surgeon.sds import LayerPruner, SDSConfig, pair_moments, refine_linear
+from surgeon.sds import LayerPruner, SDSConfig, pair_moments, refine_linear, self_stats
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,14 @@ def prune_sequential_(
         t_layer = (teachers[index] if teachers is not None else copy.deepcopy(layer)) if refine else None
         next_t: list | None = None
         for k, step in enumerate(steps):
-            if refine:
-                stats, outs = pair_moments(layer, t_layer, adapter, batches, t_batches, step, teacher_outputs=k == 0)
+            if refine and refine.teacher == "self":
+                moments = input_moments(layer, adapter, batches, step)
+                stats = {n: self_stats(moments[n].finalize(), t_layer.get_submodule(n).weight.data, n_tokens)
+                         for group in step for n in group}
+            elif refine:  # "dense": the dense model's own stream; "layer": the pruned model's stream
+                own = refine.teacher == "dense"
+                stats, outs = pair_moments(layer, t_layer, adapter, batches, t_batches if own else batches, step,
+                                           teacher_outputs=own and k == 0)
                 next_t = outs if k == 0 else next_t  # the teacher's outputs come from its first pass
             else:
                 moments = input_moments(layer, adapter, batches, step) if needs_data else {}
@@ -194,7 +200,7 @@ def prune_sequential_(
                 report.record(full, linear)
         if needs_data:
             batches = run_layer(layer, batches)
-            t_batches = next_t if refine else batches  # type: ignore[assignment]
+            t_batches = next_t if refine and refine.teacher == "dense" else batches  # type: ignore[assignment]
         report.layer_seconds.append(time.perf_counter() - layer_start)
     report.seconds = time.perf_counter() - start
     log.info("pruned %d linears to %.2f%% sparsity in %.0f s", len(report.layers), 100 * report.sparsity, report.seconds)

@@ -35,6 +35,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -58,12 +59,19 @@ class SDSConfig:
     l2: float = 0.01  # L2 weight, in units of mean diag(A) (a relative ridge)
     epochs: int = 100  # dense-step FISTA iterations (each one full pass over the statistics)
     adjust_epochs: int = 100  # soft mask adjustment: projected-gradient iterations after re-pruning
+    # The target each linear reconstructs: "self", the dense weights on the linear's own inputs
+    # (the paper's layer-wise distillation); "layer", the dense layer run on the pruned model's
+    # stream (also corrects errors made earlier in the same layer); "dense", the dense model's own
+    # activations (also corrects the error of the layers before).
+    teacher: Literal["self", "layer", "dense"] = "self"
 
     def __post_init__(self) -> None:
         for name in ("l1", "l2"):
             value = getattr(self, name)
             if not (value >= 0 and value < float("inf")):
                 raise SurgeonError(f"SDS {name} must be a finite number >= 0, got {value}")
+        if self.teacher not in ("self", "layer", "dense"):
+            raise SurgeonError(f"SDS teacher must be self, layer or dense, got {self.teacher!r}")
         for name in ("epochs", "adjust_epochs"):
             if getattr(self, name) < 0:
                 raise SurgeonError(f"SDS {name} must be >= 0, got {getattr(self, name)}")
@@ -80,6 +88,12 @@ class PairStats:
     C: torch.Tensor  # [d_in, d_in] cross moment, teacher inputs x student inputs (float64)
     y: float  # mean squared norm of the teacher linear's output per token
     tokens: int
+
+
+def self_stats(A: torch.Tensor, W0: torch.Tensor, tokens: int) -> PairStats:
+    """Statistics for the ``"self"`` teacher: the dense weights on the linear's own inputs (``C = A``)."""
+    W = W0.double()
+    return PairStats(A, A, float(((W @ A) * W).sum()), tokens)
 
 
 class _Cross:
