@@ -309,12 +309,13 @@ def run_cmd(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
     text: Annotated[Optional[Path], typer.Option(help="Calibrate and evaluate on this text instead of WikiText-2.")] = None,
     data_dir: DataDir = None,
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the pruned model to ONNX and benchmark it on ONNX Runtime.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")] = False,
     threads: Threads = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """The main job: structured pruning, write the physically smaller model, benchmark dense vs pruned."""
+    """The main job: structured pruning, write the physically smaller model, export it to ONNX, benchmark dense vs pruned."""
     import torch
 
     from benchmarks.report import markdown
@@ -334,17 +335,29 @@ def run_cmd(
     lm = load_model(model)
     calib = calibration_windows(lm.model, lm.tokenizer, n=calib_samples, seq_len=seq_len, text_file=text,
                                 data_dir=data_dir)
-    log.info("1/3 structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration tokens (%s)",
-             method, 100 * structured, cfg.shots, calib_samples, seq_len, calib.origin)
+    log.info("1/%d structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration tokens (%s)",
+             4 if onnx else 3, method, 100 * structured, cfg.shots, calib_samples, seq_len, calib.origin)
     report = prune_surgeon_(lm.model, lm.adapter, calib.ids, cfg, progress=not quiet)
     pruned_dir = out / "pruned"
-    log.info("2/3 writing the smaller model to %s", pruned_dir)
+    log.info("2/%d writing the smaller model to %s", 4 if onnx else 3, pruned_dir)
     full = {"model": lm.source, "calibration": calib.origin, **report.to_dict()}
     written = shrink_and_save(lm.model, lm.tokenizer, lm.adapter, pruned_dir, ShrinkConfig(), report=full, force=True)
     del lm
-    log.info("3/3 benchmarking dense vs pruned")
+    models = [ModelSpec(label="dense", spec=model), ModelSpec(label="pruned", spec=str(pruned_dir))]
+    if onnx:
+        from export.onnx import export_onnx
+
+        onnx_dir = out / "pruned-onnx"
+        log.info("3/4 exporting the pruned model to ONNX (%s)", onnx_dir)
+        small = load_model(pruned_dir)
+        manifest = export_onnx(small.model, small.tokenizer, onnx_dir, source=small.source, source_dir=small.path, force=True)
+        log.info("exported in %.0f s; ONNX Runtime vs torch: largest logit difference %.1e",
+                 manifest["export_seconds"], manifest["verification"]["max_abs_diff"])
+        del small
+        models.append(ModelSpec(label="pruned-onnx", spec=str(onnx_dir), backend="onnxruntime"))
+    log.info("%s benchmarking dense vs pruned", "4/4" if onnx else "3/3")
     bench_cfg = BenchConfig(
-        models=[ModelSpec(label="dense", spec=model), ModelSpec(label="pruned", spec=str(pruned_dir))],
+        models=models,
         threads=torch.get_num_threads(), prefill=[(1, 128)], decode=[1], prompt_len=64, new_tokens=32,
         repeat=5, ppl=PplConfig(windows=ppl_windows, seq_len=seq_len, text=str(text) if text else None,
                                 data_dir=str(data_dir) if data_dir else None),

@@ -148,13 +148,16 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     payload = json.loads(result.stdout)
     assert payload["remaining_fraction"] <= 0.7 + 1e-9
     bench = json.loads((out / "benchmark.json").read_text())
-    assert [m["label"] for m in bench["models"]] == ["dense", "pruned"]
+    assert [m["label"] for m in bench["models"]] == ["dense", "pruned", "pruned-onnx"]
     assert bench["models"][1]["ratios"]["parameters"] < 1.0
     assert (out / "pruned" / "config.json").is_file()
+    onnx_model = bench["models"][2]
+    assert onnx_model["backend"] == "onnxruntime" and (out / "pruned-onnx" / "model.onnx").is_file()
+    assert onnx_model["perplexity"]["perplexity"] == pytest.approx(bench["models"][1]["perplexity"]["perplexity"], rel=1e-4)
     again = run_cli("run", str(tiny_llama_dir), "--out", str(out), "--quiet")
     assert again.returncode == 2 and "not empty" in again.stderr
     default = run_cli("run", str(tiny_llama_dir), "--out", str(tmp_path / "job2"), "--text", str(text_file),
-                      "--seq-len", "32", "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.75", "--quiet")
+                      "--seq-len", "32", "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.75", "--no-onnx", "--quiet")
     assert default.returncode == 0, default.stderr
     small = load_model(tmp_path / "job2" / "pruned")
     sizes = {layer.mlp.gate_proj.out_features for layer in small.model.model.layers}
