@@ -302,9 +302,10 @@ def run_cmd(
     model: ModelArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the pruned model and the benchmark.")] = Path("surgeon-out"),
     structured: Annotated[float, typer.Option(help="Fraction of decoder-linear weights to keep.")] = 0.8,
-    method: Annotated[str, typer.Option(help="Structured scores: wanda (same MLP channels per layer; best measured so far) or surgeon (LLM Surgeon).")] = "wanda",
-    shots: Annotated[int, typer.Option(help="LLM Surgeon shots.")] = 2,
-    calib_samples: Annotated[int, typer.Option(help="Calibration windows of 512 tokens.")] = 8,
+    method: Annotated[str, typer.Option(help="Structured scores: surgeon (LLM Surgeon: K-FAC costs, correlated updates) or wanda (Wanda-style channel scores, no update).")] = "surgeon",
+    allocation: Annotated[str, typer.Option(help="uniform (the same MLP channels in every layer; measured best at 80%) or global (channels and heads compete across layers; surgeon only).")] = "uniform",
+    shots: Annotated[int, typer.Option(help="LLM Surgeon shots.")] = 3,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows of 512 tokens.")] = 16,
     ppl_windows: Annotated[int, typer.Option(help="Perplexity windows in the benchmark (protocol: 64).")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
     text: Annotated[Optional[Path], typer.Option(help="Calibrate and evaluate on this text instead of WikiText-2.")] = None,
@@ -329,9 +330,10 @@ def run_cmd(
     _setup(quiet, threads)
     prepare_target(out, force)
     log = logging.getLogger("surgeon.run")
-    _choice("--method", method, ("wanda", "surgeon"))
-    cfg = (SurgeonConfig(structured=structured, shots=shots) if method == "surgeon"
-           else SurgeonConfig(structured=structured, shots=1, scoring="wanda", allocation="uniform"))
+    _choice("--method", method, ("surgeon", "wanda"))
+    _choice("--allocation", allocation, ("uniform", "global"))
+    cfg = (SurgeonConfig(structured=structured, shots=shots, allocation=allocation)  # type: ignore[arg-type]
+           if method == "surgeon" else SurgeonConfig(structured=structured, shots=1, scoring="wanda", allocation=allocation))  # type: ignore[arg-type]
     lm = load_model(model)
     calib = calibration_windows(lm.model, lm.tokenizer, n=calib_samples, seq_len=seq_len, text_file=text,
                                 data_dir=data_dir)

@@ -141,9 +141,8 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     out = tmp_path / "job"
     result = run_cli(
         "run", str(tiny_llama_dir), "--out", str(out), "--text", str(text_file), "--seq-len", "32",
-        "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.7", "--method", "surgeon", "--shots", "1",
-        "--json", "--quiet",
-    )
+        "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.7", "--shots", "1", "--json", "--quiet",
+    )  # the default method: LLM Surgeon, the same MLP channels removed in every layer
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert payload["remaining_fraction"] <= 0.7 + 1e-9
@@ -151,14 +150,18 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     assert [m["label"] for m in bench["models"]] == ["dense", "pruned", "pruned-onnx"]
     assert bench["models"][1]["ratios"]["parameters"] < 1.0
     assert (out / "pruned" / "config.json").is_file()
+    assert payload["prune"]["config"]["scoring"] == "surgeon" and payload["prune"]["config"]["allocation"] == "uniform"
+    assert len({layer.mlp.gate_proj.out_features for layer in load_model(out / "pruned").model.model.layers}) == 1
     onnx_model = bench["models"][2]
     assert onnx_model["backend"] == "onnxruntime" and (out / "pruned-onnx" / "model.onnx").is_file()
     assert onnx_model["perplexity"]["perplexity"] == pytest.approx(bench["models"][1]["perplexity"]["perplexity"], rel=1e-4)
     again = run_cli("run", str(tiny_llama_dir), "--out", str(out), "--quiet")
     assert again.returncode == 2 and "not empty" in again.stderr
-    default = run_cli("run", str(tiny_llama_dir), "--out", str(tmp_path / "job2"), "--text", str(text_file),
-                      "--seq-len", "32", "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.75", "--no-onnx", "--quiet")
-    assert default.returncode == 0, default.stderr
+    wanda = run_cli("run", str(tiny_llama_dir), "--out", str(tmp_path / "job2"), "--text", str(text_file),
+                    "--seq-len", "32", "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.75",
+                    "--method", "wanda", "--no-onnx", "--quiet")
+    assert wanda.returncode == 0, wanda.stderr
     small = load_model(tmp_path / "job2" / "pruned")
     sizes = {layer.mlp.gate_proj.out_features for layer in small.model.model.layers}
-    assert len(sizes) == 1 and sizes.pop() < 64  # the default removes the same MLP channels in every layer
+    assert len(sizes) == 1 and sizes.pop() < 64
+    assert not (tmp_path / "job2" / "pruned-onnx").exists()
