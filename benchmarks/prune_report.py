@@ -78,6 +78,15 @@ def row(payload: dict, source: str) -> dict | None:
     }
 
 
+def _target_key(target: str) -> tuple[int, float]:
+    """Structured levels from most kept to least; sparsities and patterns from least removed."""
+    if target.endswith("kept"):
+        return 0, -float(target.split("%")[0])
+    if target.endswith("%"):
+        return 0, float(target[:-1])
+    return 1, 0.0
+
+
 def collect(directory: Path) -> list[dict]:
     rows = []
     for path in sorted(directory.glob("*.json")):
@@ -89,7 +98,7 @@ def collect(directory: Path) -> list[dict]:
             payloads = [data]
         rows += [r for r in (row(p, path.name) for p in payloads) if r is not None]
     order = {"unstructured": 0, "N:M": 1, "structured": 2}
-    return sorted(rows, key=lambda r: (order[r["kind"]], r["target"], r["perplexity"]))
+    return sorted(rows, key=lambda r: (order[r["kind"]], _target_key(r["target"]), r["perplexity"]))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -109,9 +118,37 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['target']} | {r['method']} | {r['settings']} | {r['perplexity']:.2f} | "
             f"{ref if ref is not None else ''} | {r['calibration_windows']} | {secs} | {rss} | {r['source']} |"
         )
+    lines += pivot(rows)
     lines += ["", "References (same protocol, public reference code):", ""]
     lines += [f"- {m}, {t}: {v}" for (m, t), v in REFERENCES.items()]
     return "\n".join(lines) + "\n"
+
+
+def pivot(rows: list[dict]) -> list[str]:
+    """Best perplexity per target and method, one table per kind; the best of each row in bold."""
+    lines: list[str] = []
+    for kind, title in (("structured", "Structured (coupled groups removed; remaining fraction of decoder-linear weights)"),
+                        ("unstructured", "Unstructured"), ("N:M", "Semi-structured")):
+        best: dict[tuple[str, str], float] = {}
+        for r in rows:
+            if r["kind"] == kind:
+                key = (r["target"], r["method"])
+                best[key] = min(r["perplexity"], best.get(key, float("inf")))
+        if not best:
+            continue
+        methods = sorted({m for _, m in best}, key=lambda m: (not m.startswith("LLM Surgeon"), m))
+        targets = sorted({t for t, _ in best}, key=_target_key)
+        lines += ["", f"### {title}: best perplexity per method", "",
+                  "| target | " + " | ".join(methods) + " | references |", "| --- |" + " ---: |" * len(methods) + " --- |"]
+        for t in targets:
+            low = min(v for (tt, _), v in best.items() if tt == t)
+            cells = []
+            for m in methods:
+                v = best.get((t, m))
+                cells.append("" if v is None else (f"**{v:.2f}**" if v == low else f"{v:.2f}"))
+            refs = "; ".join(f"{m} {v}" for (m, tt), v in REFERENCES.items() if tt == t)
+            lines.append(f"| {t} | " + " | ".join(cells) + f" | {refs} |")
+    return lines
 
 
 def plot(rows: list[dict]) -> bytes | None:

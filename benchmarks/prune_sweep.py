@@ -5,10 +5,15 @@ is its own) and records perplexity, measured sparsity, prune time and peak memor
 ``benchmarks/results/prune_sweep.json`` and a markdown table beside it, written atomically and
 after every cell, so an interrupted sweep keeps the cells it finished and ``--resume`` skips them.
 
+When the results go to ``benchmarks/results/prune_runs/`` (the default), the summary over every
+recorded run (:mod:`benchmarks.prune_report`: ``SUMMARY.md`` and ``ppl_vs_size.png``) is rewritten
+after every cell too, so one command regenerates the protocol sweep with its tables and plots.
+
 Usage::
 
-    python -m benchmarks.prune_sweep --preset unstructured --threads 2
-    python -m benchmarks.prune_sweep --cells "sparsegpt:0.5,surgeon:2:4" --resume
+    python -m benchmarks.prune_sweep --preset protocol --resume     # the whole sweep, hours on 2 cores
+    python -m benchmarks.prune_sweep --preset structured --threads 2
+    python -m benchmarks.prune_sweep --cells "sparsegpt:0.5,surgeon:2:4,wanda:2:4+sds,surgeon:s0.8@uniform"
 """
 
 from __future__ import annotations
@@ -22,20 +27,30 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import prune_report
 from benchmarks.env import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = RESULTS / "prune_runs"
 SCHEMA_VERSION = 1
 
 PRESETS: dict[str, list[str]] = {
     "unstructured": [f"{m}:{t}" for t in ("0.5", "2:4", "0.6") for m in ("magnitude", "wanda", "sparsegpt", "surgeon")],
-    "structured": [f"{m}:s{r}" for r in ("0.9", "0.8", "0.7", "0.6", "0.5") for m in ("magnitude", "wanda", "surgeon")],
+    # Every method removes the same MLP channels in every layer (the reference channel baseline's
+    # allocation), so the scores and updates are compared on exactly the same coupled groups.
+    "structured": [f"{m}:s{r}@uniform" for r in ("0.9", "0.8", "0.7", "0.6", "0.5") for m in ("magnitude", "wanda", "surgeon")],
+    "sds": [f"{m}:{t}{r}" for t in ("2:4", "0.5") for m in ("sparsegpt", "wanda") for r in ("", "+sds")],
 }
+PRESETS["protocol"] = PRESETS["unstructured"] + PRESETS["structured"] + [c for c in PRESETS["sds"] if c.endswith("+sds")]
 
 
 def cell_args(cell: str) -> list[str]:
     """``"sparsegpt:0.5"`` / ``"surgeon:2:4"`` / ``"wanda:s0.8"`` (structured, 80% kept) -> CLI options;
-    a ``+sds`` suffix adds SDS refinement (``"wanda:2:4+sds"``)."""
+    a ``+sds`` suffix adds SDS refinement (``"wanda:2:4+sds"``), an ``@uniform`` / ``@global`` suffix
+    the allocation (``"surgeon:s0.8@uniform"``)."""
+    if "@" in cell:
+        cell, allocation = cell.rsplit("@", 1)
+        return [*cell_args(cell), "--allocation", allocation]
     if cell.endswith("+sds"):
         return [*cell_args(cell.removesuffix("+sds")), "--refine", "sds"]
     method, target = cell.split(":", 1)
@@ -102,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--cells", help="comma-separated cells, e.g. sparsegpt:0.5,surgeon:2:4,wanda:s0.8")
-    parser.add_argument("--out", type=Path, default=RESULTS / "prune_sweep.json")
+    parser.add_argument("--out", type=Path, default=RUNS / "prune_sweep.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="skip cells already in --out")
     parser.add_argument("extra", nargs="*", help="further options passed to every prune command (after --)")
@@ -126,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         write_atomic(args.out, json.dumps(results, indent=2))
         write_atomic(args.out.with_suffix(".md"), markdown(results))
+        if args.out.parent.resolve() == RUNS.resolve():
+            prune_report.main(["--runs", str(RUNS)])
     return 0
 
 
