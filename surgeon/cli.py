@@ -123,7 +123,7 @@ def prune_cmd(
     shots: Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")] = 3,
     kfac_samples: Annotated[Optional[int], typer.Option(help="surgeon: windows for K-FAC's backward passes (G); A then comes from all --calib-samples, forward only.")] = None,
     allocation: Annotated[str, typer.Option(help="surgeon: global (compare costs across layers) or uniform.")] = "global",
-    correlation: Annotated[str, typer.Option(help="surgeon: rows (correlated updates across rows) or none.")] = "rows",
+    correlation: Annotated[str, typer.Option(help="surgeon: joint (exact OBS update of all removals under G x A), rows (per-row updates spread through G) or none (per row, G ignored).")] = "rows",
     group_cost: Annotated[str, typer.Option(help="surgeon --structured: output (down/o column costs and updates; default, measured best) or sum (every member of a coupled group).")] = "output",
     fisher: Annotated[str, typer.Option(help="surgeon: empirical or true Fisher.")] = "empirical",
     checkpoint: Annotated[Optional[Path], typer.Option(help="surgeon: save state after every shot here; rerun to resume.")] = None,
@@ -169,7 +169,7 @@ def prune_cmd(
             raise SurgeonError("--refine sds works on unstructured (--sparsity) and N:M (--pattern) pruning, not --structured")
     sds = SDSConfig(l1=sds_l1, l2=sds_l2, epochs=sds_epochs, adjust_epochs=sds_adjust_epochs) if refine else None
     _choice("--allocation", allocation, ("global", "uniform"))
-    _choice("--correlation", correlation, ("rows", "none"))
+    _choice("--correlation", correlation, ("joint", "rows", "none"))
     _choice("--group-cost", group_cost, ("sum", "output"))
     _choice("--fisher", fisher, ("empirical", "true"))
     n_calib = calib_samples if calib_samples is not None else (16 if method == "surgeon" else 64)

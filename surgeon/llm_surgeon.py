@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,7 +35,7 @@ from surgeon.adapters import Adapter
 from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.calibrate import FisherKind, input_factors, kfac_factors
 from surgeon.driver import PruneReport
-from surgeon.curvature.kfac import DampedKron, KronFactor, prepare
+from surgeon.curvature.kfac import DampedKron, KronFactor, LazyDamped
 from surgeon.errors import SurgeonError
 from surgeon.prune.costs import element_costs
 from surgeon.prune.patterns import NMPattern, check_sparsity
@@ -186,13 +187,12 @@ def prune_surgeon_(
                                              progress=progress).items():
                     factors[name] = KronFactor(A, factors[name].G)
             t_curv = time.perf_counter() - t0
-            damped = {name: prepare(f.A, f.G, cfg.lam_A, cfg.damping_G(target)) for name, f in factors.items()}
-            del factors
+            damped = LazyDamped(factors, cfg.lam_A, cfg.damping_G(target))
             if isinstance(target, Remaining):
                 _structured_step(model, adapter, target, keep, cfg, damped=damped)
             else:
                 _element_step(linears, target, damped, keep, cfg)
-            del damped
+            del damped, factors
         removed = sum(int((~k).sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
         report.shots.append({
             "shot": shot + 1, "target": target if isinstance(target, float) else str(target),
@@ -210,7 +210,7 @@ def prune_surgeon_(
 
 
 def _element_step(
-    linears: dict[str, nn.Linear], target: float | NMPattern, damped: dict[str, DampedKron],
+    linears: dict[str, nn.Linear], target: float | NMPattern, damped: Mapping[str, DampedKron],
     keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
 ) -> None:
     """Remove the cheapest weights (globally, per linear, or per N:M block) with correlated updates."""
@@ -224,7 +224,7 @@ def _element_step(
             for name, m in linears.items():
                 d, W = damped[name], m.weight.double()
                 W_rows, k = prune_sparsegpt(W, d.A, 0, target, percdamp=0.0, allowed=keep[name])
-                W = update_masked(W, d.A_inv, d.G_inv, k, cfg.correlation, U=W - W_rows)
+                W = update_masked(W, d.A_inv, d.G_inv, k, cfg.correlation, U=W - W_rows, A=d.A, G=d.G)
                 _store(m, W, name)
                 keep[name] = k
         return
@@ -245,7 +245,7 @@ def _element_step(
                 # O(d_in^3) for the whole matrix instead of O(d_out |Q|^3) for exact per-row solves.
                 W_rows, _ = prune_sparsegpt(W, d.A, 0, 0.0, keep_mask=k, percdamp=0.0)
                 U = W - W_rows
-            W = update_masked(W, d.A_inv, d.G_inv, k, cfg.correlation, U=U)
+            W = update_masked(W, d.A_inv, d.G_inv, k, cfg.correlation, U=U, A=d.A, G=d.G)
             _store(m, W, name)
             keep[name] = k
 
@@ -258,7 +258,7 @@ def _store(m: nn.Linear, W: torch.Tensor, name: str) -> None:
 
 def _structured_step(
     model: nn.Module, adapter: Adapter, target: Remaining, keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
-    damped: dict[str, DampedKron] | None = None, A: dict[str, torch.Tensor] | None = None,
+    damped: Mapping[str, DampedKron] | None = None, A: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Remove the cheapest coupled groups (MLP channels, head slices).
 

@@ -16,6 +16,7 @@ zeroed structures into physically smaller matrices.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,7 +73,7 @@ GroupCost = Literal["sum", "output"]
 
 def group_costs(
     model: nn.Module, adapter: Adapter, i: int, scoring: Scoring,
-    damped: dict[str, DampedKron] | None = None, A: dict[str, Tensor] | None = None,
+    damped: Mapping[str, DampedKron] | None = None, A: dict[str, Tensor] | None = None,
     group_cost: GroupCost = "sum",
 ) -> tuple[Tensor, Tensor]:
     """Costs of layer ``i``'s MLP channels ``[inter]`` and query heads ``[n_heads]``.
@@ -161,7 +162,7 @@ def select(candidates: list[Candidate], budget: int) -> list[Candidate]:
 
 
 def apply_(
-    model: nn.Module, adapter: Adapter, chosen: list[Candidate], damped: dict[str, DampedKron] | None,
+    model: nn.Module, adapter: Adapter, chosen: list[Candidate], damped: Mapping[str, DampedKron] | None,
     keep: dict[str, Tensor], group_cost: GroupCost = "sum",
 ) -> None:
     """Zero the chosen structures and update the masks.
@@ -191,7 +192,7 @@ def apply_(
 
 def _remove(
     model: nn.Module, name: str, idx: Tensor, axis: Literal["rows", "cols"],
-    damped: dict[str, DampedKron] | None, keep: dict[str, Tensor],
+    damped: Mapping[str, DampedKron] | None, keep: dict[str, Tensor],
 ) -> None:
     W = adapter_weight(model, name)
     if damped is None:

@@ -45,6 +45,7 @@ from surgeon.prune.update import (
     update_elements_chunked,
     update_elements_exact,
     update_masked,
+    update_masked_joint,
     update_row,
     update_rows,
 )
@@ -231,6 +232,33 @@ def test_exact_solve_is_optimal_over_row_modes(seed: int) -> None:
     assert loss["exact"] < loss["none"]  # strictly: G couples the rows here
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_joint_masked_update_is_the_dense_obs_solve(seed: int) -> None:
+    """Conjugate gradients on the masked K-FAC system land on the explicit |Q|x|Q| OBS solution."""
+    L = make_layer(40 + seed, d_out=7, d_in=8)
+    mask = random_mask(200 + seed, 0.5, (7, 8))
+    _, W_ref = dense_obs(L.W, L.F_inv, flat_of(mask))
+    W_joint, iters = update_masked_joint(L.W, L.A, L.G, mask, rtol=1e-12, max_iter=200)
+    assert 0 < iters <= int(mask.sum()) + 5  # CG: about one step per unknown at most (exact arithmetic: exactly)
+    assert (W_joint[~mask] == 0).all()
+    torch.testing.assert_close(W_joint, torch.where(mask, W_ref, 0.0), atol=1e-9, rtol=1e-9)
+    # through update_masked (float32, warm-started from the per-row solution): the same optimum
+    W_rows = update_masked(L.W, L.A_inv, L.G_inv, mask, correlation="none")
+    _, warm_iters = update_masked_joint(L.W, L.A, L.G, mask, start=W_rows, rtol=1e-12, max_iter=200)
+    assert warm_iters <= iters
+    W_fast = update_masked(L.W, L.A_inv, L.G_inv, mask, correlation="joint", A=L.A, G=L.G)
+    assert W_fast.dtype == F64 and (W_fast[~mask] == 0).all()
+    best = quad_loss(L.F, L.W, W_joint)
+    assert best < quad_loss(L.F, L.W, W_rows)
+    assert float(quad_loss(L.F, L.W, W_fast)) == pytest.approx(float(best), rel=1e-4)
+
+
+def test_joint_masked_update_needs_the_factors() -> None:
+    L = make_layer(3)
+    with pytest.raises(ValueError, match="damped factors"):
+        update_masked(L.W, L.A_inv, L.G_inv, random_mask(3), correlation="joint")
+
+
 def test_row_obs_updates_batching_and_padding() -> None:
     L = make_layer(7, d_out=8, d_in=8)
     mask = random_mask(7, 0.5, (8, 8))
@@ -350,3 +378,17 @@ def test_per_layer_fraction_mask(fraction: float) -> None:
         assert costs[~keep].max() <= costs[keep].min()
     with pytest.raises(SurgeonError):
         per_layer_fraction_mask(costs, 1.0)
+
+
+def test_lazy_damped_factors_equal_prepare_and_keep_few() -> None:
+    from surgeon.curvature.kfac import KronFactor, LazyDamped
+
+    layers = {f"l{i}": make_layer(60 + i) for i in range(5)}
+    raw = {n: KronFactor(L.A * (1 + i), L.G / (1 + i)) for i, (n, L) in enumerate(layers.items())}
+    lazy = LazyDamped(raw, 0.01, 0.1, cache=2)
+    assert list(lazy) == list(raw) and len(lazy) == 5
+    for n, f in raw.items():
+        for got, want in zip(lazy[n], prepare(f.A, f.G, 0.01, 0.1), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(lazy._cache) == 2 and list(lazy._cache) == ["l3", "l4"]
+    assert lazy["l4"] is lazy["l4"]  # cached: the same tensors, not recomputed
