@@ -32,6 +32,7 @@ ModelArg = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log messages.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")]
 DataDir = Annotated[
     Optional[Path],
     typer.Option(help="Shared corpora directory (default: $SURGEON_EXPORT_DATA or ../shared/data)."),
@@ -123,7 +124,7 @@ def prune_cmd(
     shots: Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")] = 3,
     kfac_samples: Annotated[Optional[int], typer.Option(help="surgeon: windows for K-FAC's backward passes (G); A then comes from all --calib-samples, forward only.")] = None,
     allocation: Annotated[str, typer.Option(help="surgeon: global (compare costs across layers) or uniform.")] = "global",
-    correlation: Annotated[str, typer.Option(help="surgeon: joint (exact OBS update of all removals under G x A), rows (per-row updates spread through G) or none (per row, G ignored).")] = "rows",
+    correlation: Annotated[str, typer.Option(help="surgeon: joint (exact OBS update of all removals under G x A), rows (per-row updates spread through G) or none (per row, G ignored).")] = "joint",
     group_cost: Annotated[str, typer.Option(help="surgeon --structured: output (down/o column costs and updates; default, measured best) or sum (every member of a coupled group).")] = "output",
     fisher: Annotated[str, typer.Option(help="surgeon: empirical or true Fisher.")] = "empirical",
     checkpoint: Annotated[Optional[Path], typer.Option(help="surgeon: save state after every shot here; rerun to resume.")] = None,
@@ -139,7 +140,7 @@ def prune_cmd(
     align: Annotated[int, typer.Option(help="structured: round kept sizes up to a multiple of N in the saved checkpoint.")] = 1,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
     data_dir: DataDir = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    force: Force = False,
     threads: Threads = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -266,7 +267,7 @@ def shrink_cmd(
     align: Annotated[int, typer.Option(help="Round every kept size to a multiple of N (1: off).")] = 1,
     rounding: Annotated[str, typer.Option(help="Which multiple --align picks: up (keeps outputs), down or nearest.")] = "up",
     uniform: Annotated[bool, typer.Option("--uniform", help="Same sizes in every layer: a stock-architecture checkpoint.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    force: Force = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -311,7 +312,7 @@ def run_cmd(
     text: Annotated[Optional[Path], typer.Option(help="Calibrate and evaluate on this text instead of WikiText-2.")] = None,
     data_dir: DataDir = None,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the pruned model to ONNX and benchmark it on ONNX Runtime.")] = True,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")] = False,
+    force: Force = False,
     threads: Threads = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -382,7 +383,7 @@ def pack_cmd(
     layout: Annotated[str, typer.Option("--format", help="2:4 (semi-structured), csr or bsr (unstructured).")] = "2:4",
     dtype: Annotated[Optional[str], typer.Option(help="Store as float32, float16 or bfloat16 (default: as loaded, float32).")] = None,
     blocksize: Annotated[str, typer.Option(help="bsr: block ROWSxCOLS dividing every decoder linear.")] = "4x4",
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    force: Force = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -418,7 +419,7 @@ def pack_cmd(
 def densify_cmd(
     directory: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `surgeon-export pack`.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the dense checkpoint here.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    force: Force = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -445,7 +446,7 @@ def onnx_cmd(
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Fold traced shape arithmetic into constants.")] = True,
     optimize: Annotated[bool, typer.Option("--optimize", help="Also fuse with onnxruntime's transformer optimizer (ONNX Runtime-only ops).")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare ONNX Runtime with torch before keeping the graph.")] = True,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    force: Force = False,
     threads: Threads = None,
     quiet: Quiet = False,
     as_json: AsJson = False,

@@ -80,7 +80,7 @@ class SurgeonConfig:
     max_layer_sparsity: float = 0.9  # the per-layer floor: no linear loses more than this fraction
     lam_A: float = 0.01
     lam_G: float | None = None  # default 0.1 for unstructured and N:M, 0.01 structured (ALGORITHMS.md)
-    correlation: Correlation = "rows"
+    correlation: Correlation = "joint"  # exact OBS update of each linear's whole mask (2:4: 76.4 vs 104.9 with "rows")
     fisher: FisherKind = "empirical"
     batch_size: int = 4
     scoring: Scoring = "surgeon"  # "magnitude" / "wanda": structured baselines on the same groups

@@ -62,7 +62,7 @@ def test_bad_configs(kwargs: dict, message: str) -> None:
 
 
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
-@pytest.mark.parametrize("correlation", ["rows", "none"])
+@pytest.mark.parametrize("correlation", ["joint", "rows", "none"])
 def test_unstructured_hits_target_and_freezes_masks(allocation: str, correlation: str) -> None:
     model, _ = make_tiny_llama()
     cfg = SurgeonConfig(sparsity=0.5, shots=2, allocation=allocation, correlation=correlation)  # type: ignore[arg-type]
@@ -95,10 +95,11 @@ def test_two_four_pattern_holds() -> None:
     assert report.sparsity == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("correlation", ["none", "rows"])
+@pytest.mark.parametrize("correlation", ["none", "rows", "joint"])
 def test_nm_shot_is_sparsegpt_sweep_with_kfac_A_then_G_correlation(correlation: str) -> None:
     """One N:M shot = SparseGPT's adaptive sweep on K-FAC's damped A; "rows" then spreads each
-    row's update through G^-1 (update_masked), "none" keeps the sweep's weights."""
+    row's update through G^-1, "joint" solves the whole mask exactly under G x A (update_masked),
+    "none" keeps the sweep's weights."""
     model, _ = make_tiny_llama()
     windows = calib(model)
     factors = kfac_factors(model, LLAMA, windows)
@@ -108,7 +109,7 @@ def test_nm_shot_is_sparsegpt_sweep_with_kfac_A_then_G_correlation(correlation: 
         d = prepare(factors[name].A, factors[name].G, cfg.lam_A, cfg.damping_G(NMPattern(2, 4)))
         W = m.weight.detach().double()
         W_rows, keep = prune_sparsegpt(W, d.A, 0, NMPattern(2, 4), percdamp=0.0)
-        expected[name] = update_masked(W, d.A_inv, d.G_inv, keep, correlation, U=W - W_rows).float()
+        expected[name] = update_masked(W, d.A_inv, d.G_inv, keep, correlation, U=W - W_rows, A=d.A, G=d.G).float()
     prune_surgeon_(model, LLAMA, windows, cfg, progress=False)
     for name, m in LLAMA.decoder_linears(model).items():
         torch.testing.assert_close(m.weight.detach(), expected[name], rtol=1e-5, atol=1e-6)
