@@ -96,6 +96,19 @@ def test_prune_structured_writes_a_smaller_model(tiny_llama_dir: Path, text_file
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
+@pytest.mark.parametrize(("target", "kfac"), [(("--pattern", "2:4"), 16), (("--structured", "0.8"), None)])
+def test_surgeon_takes_A_from_every_window_and_G_from_16_for_element_targets(
+    target: tuple[str, str], kfac: int | None, tiny_llama_dir: Path, text_file: Path
+) -> None:
+    result = run_cli(
+        "prune", str(tiny_llama_dir), "--method", "surgeon", *target, "--shots", "1", "--calib-text", str(text_file),
+        "--calib-samples", "20", "--seq-len", "16", "--no-eval", "--json", "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["config"]["kfac_windows"] == kfac and payload["config"]["correlation"] == "joint"
+
+
 @pytest.mark.parametrize("method", ["wanda", "surgeon"])
 def test_prune_with_sds_refinement_writes_a_2_4_checkpoint(
     method: str, tiny_llama_dir: Path, text_file: Path, tmp_path: Path
