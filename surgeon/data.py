@@ -108,6 +108,11 @@ def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0) -> to
         raise SurgeonError(
             f"calibration text has {ids.numel()} tokens, too few for a window of {seq_len}"
         )
+    if ids.numel() < n * seq_len:  # the windows would mostly repeat the same tokens
+        raise SurgeonError(
+            f"calibration text has {ids.numel():,} tokens, too few for {n} windows of {seq_len} "
+            f"({n * seq_len:,} tokens); give fewer --calib-samples, a shorter --seq-len or more text"
+        )
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seq_len - 1) for _ in range(n)]
     return torch.stack([ids[s : s + seq_len] for s in starts])

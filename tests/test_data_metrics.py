@@ -31,6 +31,9 @@ def test_too_short_text_and_bad_counts() -> None:
         data.random_windows(torch.arange(100), n=4, seq_len=512)
     with pytest.raises(SurgeonError, match="at least 1"):
         data.random_windows(torch.arange(1000), n=0, seq_len=10)
+    with pytest.raises(SurgeonError, match="too few for 64 windows of 512"):
+        data.random_windows(torch.arange(32_767), n=64, seq_len=512)
+    assert data.random_windows(torch.arange(32_768), n=64, seq_len=512).shape == (64, 512)
 
 
 def test_read_text_errors(tmp_path: Path) -> None:
