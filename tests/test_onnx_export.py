@@ -31,7 +31,7 @@ from tests.conftest import make_tokenizer
 from tests.test_surgery import make_model
 from tests.test_surgery_checkpoint import _masked
 
-FAMILIES = ("llama", "qwen2", "gemma2", "gemma3_text", "opt")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt")  # every adapter
 VARIANTS = ("stock", "per-layer")
 
 
