@@ -341,8 +341,8 @@ def run_cmd(
     log = logging.getLogger("surgeon.run")
     _choice("--method", method, ("surgeon", "wanda"))
     _choice("--allocation", allocation, ("uniform", "global"))
-    cfg = (SurgeonConfig(structured=structured, shots=shots, allocation=allocation)  # type: ignore[arg-type]
-           if method == "surgeon" else SurgeonConfig(structured=structured, shots=1, scoring="wanda", allocation=allocation))  # type: ignore[arg-type]
+    cfg = SurgeonConfig(structured=structured, shots=shots if method == "surgeon" else 1,
+                        scoring=method, allocation=allocation)  # type: ignore[arg-type]
     lm = load_model(model)
     calib = calibration_windows(lm.model, lm.tokenizer, n=calib_samples, seq_len=seq_len, text_file=text,
                                 data_dir=data_dir)
