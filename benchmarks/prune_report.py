@@ -88,20 +88,26 @@ def _target_key(target: str) -> tuple[int, float]:
 
 
 def collect(directory: Path) -> list[dict]:
-    rows = []
+    return collect_all(directory)[0]
+
+
+def collect_all(directory: Path) -> tuple[list[dict], dict[str, dict]]:
+    """Every run as a row, and every benchmarked sweep cell (``"file: cell"`` -> cell record)."""
+    rows, benched = [], {}
     for path in sorted(directory.glob("*.json")):
         data = json.loads(path.read_text())
         if "cells" in data:
             env = data.get("environment") or {}
             payloads = [{**c, "environment": env} for c in data["cells"].values() if "error" not in c]
+            benched.update({f"{path.stem}: {c}": r for c, r in data["cells"].items() if "error" not in r and r.get("bench")})
         else:
             payloads = [data]
         rows += [r for r in (row(p, path.name) for p in payloads) if r is not None]
     order = {"unstructured": 0, "N:M": 1, "structured": 2}
-    return sorted(rows, key=lambda r: (order[r["kind"]], _target_key(r["target"]), r["perplexity"]))
+    return sorted(rows, key=lambda r: (order[r["kind"]], _target_key(r["target"]), r["perplexity"])), benched
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], benched: dict[str, dict] | None = None) -> str:
     lines = [
         "Every recorded pruning run on SmolLM2-135M-Instruct, BENCHMARK_PROTOCOL.md perplexity "
         "(WikiText-2 test, 64 x 512 tokens, float32; dense 29.53). Prune times are from a shared "
@@ -119,6 +125,7 @@ def markdown(rows: list[dict]) -> str:
             f"{ref if ref is not None else ''} | {r['calibration_windows']} | {secs} | {rss} | {r['source']} |"
         )
     lines += pivot(rows)
+    lines += bench_table(benched or {})
     lines += ["", "References (same protocol, public reference code):", ""]
     lines += [f"- {m}, {t}: {v}" for (m, t), v in REFERENCES.items()]
     return "\n".join(lines) + "\n"
@@ -148,6 +155,46 @@ def pivot(rows: list[dict]) -> list[str]:
                 cells.append("" if v is None else (f"**{v:.2f}**" if v == low else f"{v:.2f}"))
             refs = "; ".join(f"{m} {v}" for (m, tt), v in REFERENCES.items() if tt == t)
             lines.append(f"| {t} | " + " | ".join(cells) + f" | {refs} |")
+    return lines
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def bench_table(cells: dict[str, dict]) -> list[str]:
+    """Size and speed per backend of every benchmarked cell (``prune_sweep --bench``), as table lines.
+
+    Ratios to dense torch in the same benchmark run; for ONNX Runtime also to the dense model's own
+    export (in brackets). Latency below 1 and tokens/s above 1 are faster.
+    """
+    benched = {c: r for c, r in cells.items() if r.get("bench")}
+    if not benched:
+        return []
+    prefill = sorted({k for r in benched.values() for a in r["bench"].get("artefacts", {}).values()
+                      for k in a["vs_dense"]["prefill_latency"]}, key=lambda k: [int(x) for x in k.split("x")])
+    decode = sorted({k for r in benched.values() for a in r["bench"].get("artefacts", {}).values()
+                     for k in a["vs_dense"]["decode_throughput"]}, key=lambda k: int(k.lstrip("b")) if k.lstrip("b").isdigit() else 0)
+    lines = ["", "### Size and speed per backend (ratios to dense torch, same run; ONNX Runtime: [to dense ONNX Runtime])", "",
+             "| cell | perplexity | backend | file size | " + " | ".join(f"prefill {k} latency" for k in prefill)
+             + (" | " if prefill and decode else "") + " | ".join(f"decode {k} tokens/s" for k in decode) + " | device | file |",
+             "| --- | ---: | --- | ---: |" + " ---: |" * (len(prefill) + len(decode)) + " --- | --- |"]
+    for cell, r in benched.items():
+        b = r["bench"]
+        for label, a in b.get("artefacts", {}).items():
+            same = a.get("vs_same_backend")
+
+            def both(kind: str, key: str, a=a, same=same) -> str:
+                mine = _fmt(a["vs_dense"][kind].get(key))
+                return f"{mine} [{_fmt(same[kind].get(key))}]" if same and mine else mine
+
+            size = _fmt(a["bytes_on_disk"]) + (f" [{_fmt(a['bytes_vs_same_backend'])}]" if same else "")
+            cols = [both("prefill_latency", k) for k in prefill] + [both("decode_throughput", k) for k in decode]
+            lines.append(f"| {cell} | {r['perplexity']:.2f} | {a['backend']} | {size} | " + " | ".join(cols)
+                         + f" | {b.get('device', '')} | {b.get('file', '')} |")
+        for backend, why in {**b.get("skipped", {}), **b.get("errors", {})}.items():
+            kind = "skipped" if backend in b.get("skipped", {}) else "failed"
+            lines.append(f"| {cell} | {r['perplexity']:.2f} | {backend} | {kind}: {why} |" + " |" * (len(prefill) + len(decode) + 2))
     return lines
 
 
@@ -185,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.runs.is_dir():
         print(f"error: no such directory: {args.runs}", file=sys.stderr)
         return 2
-    rows = collect(args.runs)
-    atomic_write(args.runs / "SUMMARY.md", markdown(rows).encode())
+    rows, benched = collect_all(args.runs)
+    atomic_write(args.runs / "SUMMARY.md", markdown(rows, benched).encode())
     png = plot(rows)
     if png is not None:
         atomic_write(args.runs / "ppl_vs_size.png", png)

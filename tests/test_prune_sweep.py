@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import prune_report
-from benchmarks.prune_sweep import PRESETS, cell_args
+from benchmarks.prune_sweep import PRESETS, bench_skip, bench_summary, cell_args, cell_kind, parse_bench
 
 
 def test_cell_grammar_maps_to_cli_options() -> None:
@@ -42,3 +44,47 @@ def test_summary_pivots_best_per_method_and_bolds_the_best(tmp_path: Path) -> No
     assert pivot.index("| 80% kept |") < pivot.index("| 70% kept |")  # most kept first
     assert "| 2:4 | **78.50** | sparsegpt 82.74; wanda 180.45; magnitude 1625.4; LLM Surgeon (official code) 86.48 |" in text
     assert (tmp_path / "ppl_vs_size.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_backends_apply_per_kind_of_cell() -> None:
+    assert [cell_kind(c) for c in ("wanda:0.5+sds", "surgeon:2:4@global", "surgeon:s0.8@uniform")] == \
+        ["unstructured", "N:M", "structured"]
+    assert bench_skip("torch-24", "N:M") is None and bench_skip("torch-csr", "N:M") is None
+    assert "N:M" in bench_skip("torch-24", "unstructured")
+    assert bench_skip("torch-csr", "structured") and bench_skip("onnxruntime", "structured") is None
+    assert parse_bench("torch, onnxruntime,torch") == ["torch", "onnxruntime"]
+    with pytest.raises(SystemExit, match="torch-24"):
+        parse_bench("torch,tensorrt")
+
+
+def _bench_model(label: str, backend: str, size: float, prefill: float, decode: float) -> dict:
+    return {"label": label, "backend": backend, "baseline": label == "dense",
+            "ratios": {"bytes_on_disk": size, "prefill": {"1x128": {"latency": prefill}, "8x512": None},
+                       "decode": {"b1": {"throughput": decode}}}}
+
+
+def test_bench_summary_gives_ratios_to_dense_and_to_the_same_backend(tmp_path: Path) -> None:
+    doc = {"environment": {"device": "cpu"}, "models": [
+        _bench_model("dense", "torch", 1.0, 1.0, 1.0),
+        _bench_model("pruned", "torch", 0.8, 0.75, 1.2),
+        _bench_model("dense-ort", "onnxruntime", 1.0, 0.8, 1.25),
+        _bench_model("pruned-ort", "onnxruntime", 0.8, 0.6, 1.5),
+    ]}
+    summary = bench_summary(doc)
+    assert set(summary) == {"pruned", "pruned-ort"}
+    assert summary["pruned"]["vs_dense"] == {"prefill_latency": {"1x128": 0.75, "8x512": None},
+                                             "decode_throughput": {"b1": 1.2}}
+    assert "vs_same_backend" not in summary["pruned"]
+    same = summary["pruned-ort"]["vs_same_backend"]
+    assert same["prefill_latency"]["1x128"] == pytest.approx(0.75) and same["prefill_latency"]["8x512"] is None
+    assert same["decode_throughput"]["b1"] == pytest.approx(1.2)
+    cell = _cell(78.5, 0.5, {"method": "sparsegpt", "pattern": "2:4"})
+    cell["bench"] = {"artefacts": summary, "skipped": {"torch-24": "no pattern"}, "errors": {"torch-csr": "boom"},
+                     "device": "cpu", "file": "sweep.bench/sparsegpt_2_4.json"}
+    lines = prune_report.bench_table({"sparsegpt:2:4": cell})
+    text = "\n".join(lines)
+    assert "| sparsegpt:2:4 | 78.50 | onnxruntime | 0.800 [0.800] | 0.600 [0.750] |  | 1.500 [1.200] | cpu |" in text
+    assert "| torch-24 | skipped: no pattern |" in text and "| torch-csr | failed: boom |" in text
+    (tmp_path / "sweep.json").write_text(json.dumps({"environment": {}, "cells": {"sparsegpt:2:4": cell}}))
+    assert prune_report.main(["--runs", str(tmp_path)]) == 0
+    assert "### Size and speed per backend" in (tmp_path / "SUMMARY.md").read_text()
