@@ -102,11 +102,15 @@ def parse_bench(text: str | None) -> list[str]:
     return list(dict.fromkeys(backends))
 
 
-def _cli(args: list[str], threads: int) -> str | None:
+def _cli(args: list[str], threads: int | None) -> str | None:
     """Run one ``surgeon-export`` command; its last error line on failure, else None."""
-    out = subprocess.run([sys.executable, "-m", "surgeon.cli", *args, "--quiet", "--threads", str(threads)],
+    extra = ["--threads", str(threads)] if threads is not None else []
+    out = subprocess.run([sys.executable, "-m", "surgeon.cli", *args, "--quiet", *extra],
                          capture_output=True, text=True, check=False)
-    return None if out.returncode == 0 else (out.stderr.strip().splitlines() or ["failed"])[-1]
+    if out.returncode == 0:
+        return None
+    lines = [ln.strip(" │╭╮╰╯─") for ln in out.stderr.splitlines()]  # typer draws usage errors in a box
+    return ([ln for ln in lines if ln] or [f"exit code {out.returncode}"])[-1]
 
 
 def _slug(cell: str) -> str:
@@ -170,7 +174,7 @@ def bench_cell(cell: str, model_dir: Path, backends: list[str], work: Path, out_
         else:
             layout = "2:4" if backend == "torch-24" else "csr"
             packed = model_dir.parent / backend
-            if (err := _cli(["pack", str(model_dir), "--format", layout, "--out", str(packed)], threads)) is not None:
+            if (err := _cli(["pack", str(model_dir), "--format", layout, "--out", str(packed)], None)) is not None:
                 record["errors"][backend] = f"pack --format {layout}: {err}"
                 continue
             models.append((f"pruned-{backend.removeprefix('torch-')}", str(packed), backend))

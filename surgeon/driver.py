@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -37,6 +38,9 @@ PRUNERS: dict[str, LayerPruner] = {
     "wanda": prune_wanda,
     "sparsegpt": prune_sparsegpt,
 }
+# SDS re-prunes weights whose L1 step left many exact zeros: SparseGPT's reference rule ("prune
+# everything at or below the k-th score") would remove every tied zero and overshoot the target.
+REPRUNERS: dict[str, LayerPruner] = {**PRUNERS, "sparsegpt": partial(prune_sparsegpt, mask_rule="exact")}
 
 
 @dataclass
@@ -192,7 +196,8 @@ def prune_sequential_(
                         W1 = W.clone()
                         target = cfg.pattern if cfg.pattern is not None else float((W == 0).sum()) / W.numel()
                     W_new, report.refine[full] = refine_linear(
-                        t_layer.get_submodule(name).weight.data, W1, stats[name], target, prune, refine, full)
+                        t_layer.get_submodule(name).weight.data, W1, stats[name], target, REPRUNERS[cfg.method],
+                        refine, full)
                 else:
                     A = moments[name].finalize() if needs_data else None
                     W_new, _ = prune(linear.weight.data, A, n_tokens, cfg.target)

@@ -183,10 +183,14 @@ def _fista(
     steps: int,
     *,
     ridge: float = 0.0,
+    anchor: torch.Tensor | None = None,
     threshold: float = 0.0,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Accelerated proximal gradient on ``tr(W A W^T) - 2 tr(W B^T) + ridge ||W||^2 + 2 threshold ||W||_1``.
+    """Accelerated proximal gradient on ``tr(W A W^T) - 2 tr(W B^T) + ridge ||W - anchor||^2 + 2 threshold ||W||_1``.
+
+    ``anchor`` (default zero) is where the ridge pulls: the dense weights, in SDS, as in SparseGPT's
+    damping, so directions the calibration inputs never excite keep the dense layer's behaviour.
 
     Activations have outlier channels, so ``A`` is badly conditioned; the iteration runs in the
     Jacobi-scaled variables ``V = W diag(A + ridge I)^(1/2)`` (unit-diagonal curvature; the L1 term
@@ -198,6 +202,8 @@ def _fista(
     M = A + ridge * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     diag = M.diagonal().clamp_min(1e-30)
     scale = diag.rsqrt()  # W = V * scale (per column)
+    if anchor is not None and ridge > 0:  # ridge ||W - anchor||^2 = ridge ||W||^2 - 2 tr(W (ridge anchor)^T) + const
+        B = B + ridge * anchor.to(B.dtype)
     M_s = M * scale[:, None] * scale[None, :]
     t = 1.0 / (2 * float(torch.linalg.eigvalsh(M_s)[-1]))
     M32, B32 = M_s.float(), (B * scale).float()
@@ -241,11 +247,11 @@ def refine_linear(
     d = float(A.diagonal().mean())
     s = float(W0.abs().mean())
     record = {"first": relative_error(W1, A, B, y)}
-    dense = _fista(W1, A, B, cfg.epochs, ridge=cfg.l2 * d, threshold=cfg.l1 * s * d)
+    dense = _fista(W1, A, B, cfg.epochs, ridge=cfg.l2 * d, anchor=W0, threshold=cfg.l1 * s * d)
     record["dense"] = relative_error(dense, A, B, y)
     pruned, keep = reprune(dense, A, stats.tokens, target)
     record["reprune"] = relative_error(pruned, A, B, y)
-    final = _fista(pruned, A, B, cfg.adjust_epochs, ridge=cfg.l2 * d, mask=keep)
+    final = _fista(pruned, A, B, cfg.adjust_epochs, ridge=cfg.l2 * d, anchor=W0, mask=keep)
     record["final"] = relative_error(final, A, B, y)
     record["seconds"] = time.perf_counter() - start
     ok = all(math.isfinite(v) for v in record.values()) and bool(torch.isfinite(final).all())

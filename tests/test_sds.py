@@ -116,6 +116,22 @@ def test_masked_adjustment_keeps_the_mask_and_solves_each_row_exactly() -> None:
         torch.testing.assert_close(got[r, idx], exact, atol=1e-4, rtol=1e-4)
 
 
+def test_ridge_pulls_towards_the_anchor_like_sparsegpt_damping() -> None:
+    """Masked, with ridge l toward W0: each row solves (A_KK + l I) w = B_K + l W0_K (SparseGPT's damped OBS)."""
+    W0, _, _, stats = _random_stats()
+    B = W0 @ stats.C
+    keep = P24.mask_from_scores(W0.abs())
+    ridge = 0.3 * float(stats.A.diagonal().mean())
+    got = _fista(W0 * keep, stats.A, B, 4000, ridge=ridge, anchor=W0, mask=keep.double()).double()
+    shrunk = _fista(W0 * keep, stats.A, B, 4000, ridge=ridge, mask=keep.double()).double()
+    for r in range(W0.shape[0]):
+        idx = keep[r].nonzero().squeeze(1)
+        M = stats.A[idx][:, idx] + ridge * torch.eye(len(idx), dtype=torch.float64)
+        torch.testing.assert_close(got[r, idx], torch.linalg.solve(M, B[r, idx] + ridge * W0[r, idx]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(shrunk[r, idx], torch.linalg.solve(M, B[r, idx]), atol=1e-4, rtol=1e-4)
+    assert (got - W0 * keep).norm() < (shrunk - W0 * keep).norm()  # the anchor keeps the dense weights closer
+
+
 def test_refine_linear_lowers_the_error_and_keeps_the_pattern() -> None:
     W0, _, _, stats = _random_stats(d_out=16, d_in=32)
     W1, _ = prune_sparsegpt(W0, stats.A, stats.tokens, P24)
