@@ -257,7 +257,9 @@ def prune_cmd(
     if sds:
         summary = payload["refine"]["summary"]
         lines.append(f"SDS: mean relative layer error {summary['mean_error']['first']:.4f} (first round) -> "
-                     f"{summary['mean_error_used']:.4f}, {summary['fallbacks']} linears kept their first-round weights, "
+                     f"{summary['mean_error_used']:.4f}; linears using the re-pruned mask "
+                     f"{summary['choices'].get('sds', 0)}, their first-round mask adjusted "
+                     f"{summary['choices'].get('first mask', 0)}, first-round weights {summary['fallbacks']}; "
                      f"{summary['seconds']:.0f} s in refinement")
     if evaluate:
         lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")

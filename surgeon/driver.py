@@ -99,15 +99,17 @@ class PruneReport:
 def refine_summary(records: dict[str, dict]) -> dict:
     """Mean relative layer error after each SDS step, fallbacks and seconds, over all linears."""
     n = len(records)
-    mean = {k: sum(r[k] for r in records.values()) / n for k in ("first", "dense", "reprune", "final")}
-    used = [r["first"] if r["fallback"] else r["final"] for r in records.values()]
+    mean = {k: sum(r[k] for r in records.values()) / n for k in ("first", "dense", "reprune", "final", "adjusted")}
+    choices: dict[str, int] = {}
+    for r in records.values():
+        choices[r["choice"]] = choices.get(r["choice"], 0) + 1
     per_layer: dict[str, float] = {}
     for name, r in records.items():  # "model.layers.7.mlp.up_proj" -> layer "7"
         match = re.search(r"\.(\d+)\.", name)
         layer = match.group(1) if match else name
         per_layer[layer] = per_layer.get(layer, 0.0) + r["seconds"]
-    return {"linears": n, "mean_error": mean, "mean_error_used": sum(used) / n,
-            "fallbacks": sum(r["fallback"] for r in records.values()),
+    return {"linears": n, "mean_error": mean, "mean_error_used": sum(r["used"] for r in records.values()) / n,
+            "fallbacks": sum(r["fallback"] for r in records.values()), "choices": choices,
             "seconds": sum(r["seconds"] for r in records.values()),
             "seconds_per_layer": {k: round(v, 2) for k, v in per_layer.items()}}
 

@@ -137,9 +137,11 @@ def test_refine_linear_lowers_the_error_and_keeps_the_pattern() -> None:
     W1, _ = prune_sparsegpt(W0, stats.A, stats.tokens, P24)
     W, record = refine_linear(W0, W1, stats, P24, prune_sparsegpt, SDSConfig())
     assert P24.holds(W != 0) and not record["fallback"]
-    assert record["final"] < record["first"]
+    assert record["final"] < record["first"] and record["adjusted"] < record["first"]
     assert record["dense"] < record["first"]  # re-densified weights reconstruct better than the sparse ones
-    assert relative_error(W, stats.A, W0 @ stats.C, stats.y) == pytest.approx(record["final"])
+    assert record["used"] == min(record["final"], record["adjusted"])  # the better of the two masks
+    assert record["choice"] == ("sds" if record["final"] < record["adjusted"] else "first mask")
+    assert relative_error(W, stats.A, W0 @ stats.C, stats.y) == pytest.approx(record["used"])
 
 
 def test_refine_falls_back_to_first_round_when_refinement_fails(caplog: pytest.LogCaptureFixture) -> None:
@@ -151,8 +153,11 @@ def test_refine_falls_back_to_first_round_when_refinement_fails(caplog: pytest.L
 
     with caplog.at_level(logging.WARNING, logger="surgeon.sds"):
         W, record = refine_linear(W0, W1, stats, 0.5, broken, SDSConfig(epochs=5, adjust_epochs=5), "layer.x")
-    assert record["fallback"] and torch.equal(W, W1)
-    assert "layer.x" in caplog.text and "first-round" in caplog.text
+    assert record["choice"] == "first mask" and torch.isfinite(W).all() and torch.equal(W != 0, W1 != 0)
+    assert record["used"] < record["first"]
+    assert "layer.x" in caplog.text and "non-finite" in caplog.text
+    W, record = refine_linear(W0, W1, stats, 0.5, broken, SDSConfig(epochs=5, adjust_epochs=0), "layer.x")
+    assert record["fallback"] and record["choice"] == "first" and torch.equal(W, W1)  # nothing better: W1 itself
 
 
 @pytest.mark.parametrize("bad", [dict(l1=-1.0), dict(l2=float("nan")), dict(epochs=-1)])
