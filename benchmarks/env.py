@@ -19,15 +19,23 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """The short commit of this checkout, with ``+dirty`` when tracked files under surgeon/, export/,
+    runtime/ or benchmarks/ differ from it (the numbers then come from uncommitted code)."""
     repo = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, timeout=5, check=False,
         )
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--",
+             "surgeon", "export", "runtime", "benchmarks/*.py"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    commit = out.stdout.strip()
+    return (commit + ("+dirty" if dirty.stdout.strip() else "")) if commit else None
 
 
 def peak_rss_mib() -> float:

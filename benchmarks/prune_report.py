@@ -60,6 +60,12 @@ def row(payload: dict, source: str) -> dict | None:
         method = cfg.get("method", "?")
     if cfg.get("refine"):
         method += " + SDS"
+        refine = cfg["refine"]
+        settings += [f"{k} {refine[k]}" for k, default in (("epochs", 100), ("l2", 0.01), ("teacher", "self"))
+                     if k in refine and refine[k] != default]
+    calibration = payload.get("calibration")
+    if isinstance(calibration, str) and not calibration.endswith("wikitext-2/valid.txt"):
+        settings.append(f"calibration {Path(calibration).name}")
     if cfg.get("structured") is not None:
         target, remaining = f"{cfg['structured']:.0%} kept", 1 - payload["sparsity"]
         kind = "structured"
@@ -91,6 +97,16 @@ def collect(directory: Path) -> list[dict]:
     return collect_all(directory)[0]
 
 
+def notes(directory: Path) -> list[str]:
+    """The ``note`` of every run file that has one, as markdown list items."""
+    out = []
+    for path in sorted(directory.glob("*.json")):
+        note = json.loads(path.read_text()).get("note")
+        if note:
+            out.append(f"- {path.name}: {note}")
+    return out
+
+
 def collect_all(directory: Path) -> tuple[list[dict], dict[str, dict]]:
     """Every run as a row, and every benchmarked sweep cell (``"file: cell"`` -> cell record)."""
     rows, benched = [], {}
@@ -107,7 +123,7 @@ def collect_all(directory: Path) -> tuple[list[dict], dict[str, dict]]:
     return sorted(rows, key=lambda r: (order[r["kind"]], _target_key(r["target"]), r["perplexity"])), benched
 
 
-def markdown(rows: list[dict], benched: dict[str, dict] | None = None) -> str:
+def markdown(rows: list[dict], benched: dict[str, dict] | None = None, file_notes: list[str] | None = None) -> str:
     lines = [
         "Every recorded pruning run on SmolLM2-135M-Instruct, BENCHMARK_PROTOCOL.md perplexity "
         "(WikiText-2 test, 64 x 512 tokens, float32; dense 29.53). Prune times are from a shared "
@@ -126,6 +142,8 @@ def markdown(rows: list[dict], benched: dict[str, dict] | None = None) -> str:
         )
     lines += pivot(rows)
     lines += bench_table(benched or {})
+    if file_notes:
+        lines += ["", "Notes on run files:", "", *file_notes]
     lines += ["", "References (same protocol, public reference code):", ""]
     lines += [f"- {m}, {t}: {v}" for (m, t), v in REFERENCES.items()]
     return "\n".join(lines) + "\n"
@@ -233,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no such directory: {args.runs}", file=sys.stderr)
         return 2
     rows, benched = collect_all(args.runs)
-    atomic_write(args.runs / "SUMMARY.md", markdown(rows, benched).encode())
+    atomic_write(args.runs / "SUMMARY.md", markdown(rows, benched, notes(args.runs)).encode())
     png = plot(rows)
     if png is not None:
         atomic_write(args.runs / "ppl_vs_size.png", png)
