@@ -134,7 +134,7 @@ def prune_cmd(
     true_sequential: Annotated[bool, typer.Option(help="Re-collect inputs after each group of linears.")] = False,
     refine: Annotated[Optional[str], typer.Option(help="sds: sparse-dense-sparse refinement after the first pruning (unstructured and N:M).")] = None,
     sds_l1: Annotated[float, typer.Option(help="SDS: L1 weight of the dense step (units of mean |W| x mean input energy).")] = SDSConfig.l1,
-    sds_l2: Annotated[float, typer.Option(help="SDS: L2 weight of the dense step (units of mean input energy).")] = SDSConfig.l2,
+    sds_l2: Annotated[float, typer.Option(help="SDS: ridge toward the dense weights in the dense step and the adjustment (units of mean input energy; SparseGPT's damping is 0.01).")] = SDSConfig.l2,
     sds_epochs: Annotated[int, typer.Option(help="SDS: dense-step iterations (each a full pass over the calibration statistics).")] = SDSConfig.epochs,
     sds_adjust_epochs: Annotated[int, typer.Option(help="SDS: soft mask adjustment iterations after re-pruning.")] = SDSConfig.adjust_epochs,
     sds_teacher: Annotated[str, typer.Option(help="SDS: what each linear reconstructs: self (the dense weights on the pruned model's inputs), layer (the dense layer on the pruned stream) or dense (the dense model's own activations).")] = SDSConfig.teacher,
