@@ -61,7 +61,7 @@ def row(payload: dict, source: str) -> dict | None:
     if cfg.get("refine"):
         method += " + SDS"
         refine = cfg["refine"]
-        settings += [f"{k} {refine[k]}" for k, default in (("epochs", 100), ("l2", 0.01), ("teacher", "self"))
+        settings += [f"{k} {refine[k]}" for k, default in (("epochs", 100), ("l1", 0.1), ("l2", 0.01), ("teacher", "self"))
                      if k in refine and refine[k] != default]
     calibration = payload.get("calibration")
     if isinstance(calibration, str) and not calibration.endswith("wikitext-2/valid.txt"):
