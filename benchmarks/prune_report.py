@@ -199,6 +199,7 @@ def bench_table(cells: dict[str, dict]) -> list[str]:
              "| --- | ---: | --- | ---: |" + " ---: |" * (len(prefill) + len(decode)) + " --- | --- |"]
     for cell, r in benched.items():
         b = r["bench"]
+        ppl = "" if r.get("perplexity") is None else f"{r['perplexity']:.2f}"
         for label, a in b.get("artefacts", {}).items():
             same = a.get("vs_same_backend")
 
@@ -208,11 +209,11 @@ def bench_table(cells: dict[str, dict]) -> list[str]:
 
             size = _fmt(a["bytes_on_disk"]) + (f" [{_fmt(a['bytes_vs_same_backend'])}]" if same else "")
             cols = [both("prefill_latency", k) for k in prefill] + [both("decode_throughput", k) for k in decode]
-            lines.append(f"| {cell} | {r['perplexity']:.2f} | {a['backend']} | {size} | " + " | ".join(cols)
+            lines.append(f"| {cell} | {ppl} | {a['backend']} | {size} | " + " | ".join(cols)
                          + f" | {b.get('device', '')} | {b.get('file', '')} |")
         for backend, why in {**b.get("skipped", {}), **b.get("errors", {})}.items():
             kind = "skipped" if backend in b.get("skipped", {}) else "failed"
-            lines.append(f"| {cell} | {r['perplexity']:.2f} | {backend} | {kind}: {why} |" + " |" * (len(prefill) + len(decode) + 2))
+            lines.append(f"| {cell} | {ppl} | {backend} | {kind}: {why} |" + " |" * (len(prefill) + len(decode) + 2))
     return lines
 
 

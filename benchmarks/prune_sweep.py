@@ -149,11 +149,12 @@ def bench_summary(doc: dict) -> dict:
 
 
 def bench_cell(cell: str, model_dir: Path, backends: list[str], work: Path, out_json: Path, threads: int,
-               bench_args: list[str]) -> dict:
-    """Build each backend's artefact of a pruned model and benchmark them all against dense in one run."""
+               bench_args: list[str], dense: str | None = None) -> dict:
+    """Build each backend's artefact of a pruned model and benchmark them all against ``dense`` (the
+    unpruned model; None: the default one) in one run."""
     kind = cell_kind(cell)
     record: dict = {"skipped": {}, "errors": {}}
-    models: list[tuple[str, str, str]] = [("dense", "default", "torch")]
+    models: list[tuple[str, str, str]] = [("dense", dense or "default", "torch")]
     for backend in backends:
         reason = bench_skip(backend, kind)
         if reason is not None:
@@ -164,7 +165,7 @@ def bench_cell(cell: str, model_dir: Path, backends: list[str], work: Path, out_
         elif backend == "onnxruntime":
             dense_onnx = work / "dense-onnx"  # exported once per sweep
             if not dense_onnx.is_dir():
-                if (err := _cli(["onnx", "--out", str(dense_onnx)], threads)) is not None:
+                if (err := _cli(["onnx", *([dense] if dense else []), "--out", str(dense_onnx)], threads)) is not None:
                     record["errors"][backend] = f"dense ONNX export: {err}"
                     continue
             if (err := _cli(["onnx", str(model_dir), "--out", str(model_dir.parent / "onnx")], threads)) is not None:
@@ -214,17 +215,18 @@ def markdown(results: dict) -> str:
         if "error" in r:
             lines.append(f"| {cell} | failed: {r['error']} | | | | |")
             continue
+        ppl = "not evaluated" if r["perplexity"] is None else f"{r['perplexity']:.2f}"
         lines.append(
-            f"| {cell} | {r['perplexity']:.2f} | {r['sparsity']:.2%} | {r['prune_seconds']:.0f} | "
+            f"| {cell} | {ppl} | {r['sparsity']:.2%} | {r['prune_seconds']:.0f} | "
             f"{r['wall_seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
         )
     lines += prune_report.bench_table(results["cells"])
     return "\n".join(lines) + "\n"
 
 
-def run_cell(cell: str, extra: list[str], threads: int, save_to: Path | None = None) -> dict:
-    cmd = [sys.executable, "-m", "surgeon.cli", "prune", *cell_args(cell), "--json", "--quiet",
-           "--threads", str(threads), *extra]
+def run_cell(cell: str, extra: list[str], threads: int, save_to: Path | None = None, model: str | None = None) -> dict:
+    cmd = [sys.executable, "-m", "surgeon.cli", "prune", *([model] if model else []), *cell_args(cell), "--json",
+           "--quiet", "--threads", str(threads), *extra]
     if save_to is not None:
         cmd += ["--out", str(save_to)]
     start = time.perf_counter()
@@ -234,7 +236,7 @@ def run_cell(cell: str, extra: list[str], threads: int, save_to: Path | None = N
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1], "command": cmd[2:]}
     payload = json.loads(out.stdout)
     return {
-        "perplexity": payload["perplexity"]["perplexity"],
+        "perplexity": (payload.get("perplexity") or {}).get("perplexity"),  # None with --no-eval
         "sparsity": payload["sparsity"],
         "prune_seconds": payload["seconds"],
         "wall_seconds": wall,
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--cells", help="comma-separated cells, e.g. sparsegpt:0.5,surgeon:2:4,wanda:s0.8")
+    parser.add_argument("--model", help="model to prune (a directory or .gguf file; default: the default model)")
     parser.add_argument("--out", type=Path, default=RUNS / "prune_sweep.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="skip cells already in --out")
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         cells += [c.strip() for c in args.cells.split(",") if c.strip()]
     if not cells:
         parser.error("give --preset or --cells")
-    results = {"schema_version": SCHEMA_VERSION, "model": "SmolLM2-135M-Instruct (default)", "cells": {}}
+    results = {"schema_version": SCHEMA_VERSION, "model": args.model or "SmolLM2-135M-Instruct (default)", "cells": {}}
     if args.resume and args.out.is_file():
         results = json.loads(args.out.read_text())
     results["environment"] = environment()
@@ -285,13 +288,13 @@ def main(argv: list[str] | None = None) -> int:
             cell_dir = work / _slug(cell)
             shutil.rmtree(cell_dir, ignore_errors=True)
             save_to = cell_dir / "model" if backends else None
-            record = run_cell(cell, args.extra, args.threads, save_to)
+            record = run_cell(cell, args.extra, args.threads, save_to, args.model)
             print(f"[sweep] {cell}: {record.get('perplexity', record.get('error'))}", file=sys.stderr, flush=True)
             if backends and "error" not in record:
                 print(f"[sweep] {cell}: benchmarking on {', '.join(backends)} ...", file=sys.stderr, flush=True)
                 out_json = args.out.with_name(args.out.stem + ".bench") / f"{_slug(cell)}.json"
                 out_json.parent.mkdir(parents=True, exist_ok=True)
-                record["bench"] = bench_cell(cell, save_to, backends, work, out_json, args.threads, bench_args)
+                record["bench"] = bench_cell(cell, save_to, backends, work, out_json, args.threads, bench_args, args.model)
             shutil.rmtree(cell_dir, ignore_errors=True)
             results["cells"][cell] = record
             write_atomic(args.out, json.dumps(results, indent=2))

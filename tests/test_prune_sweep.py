@@ -88,3 +88,33 @@ def test_bench_summary_gives_ratios_to_dense_and_to_the_same_backend(tmp_path: P
     (tmp_path / "sweep.json").write_text(json.dumps({"environment": {}, "cells": {"sparsegpt:2:4": cell}}))
     assert prune_report.main(["--runs", str(tmp_path)]) == 0
     assert "### Size and speed per backend" in (tmp_path / "SUMMARY.md").read_text()
+
+
+def test_sweep_benchmarks_each_cell_on_every_backend_that_applies(tiny_llama_dir: Path, text_file: Path,
+                                                                   tmp_path: Path) -> None:
+    """End to end on a tiny model: prune, save, pack, benchmark against the dense model, summarise."""
+    from benchmarks import prune_sweep
+
+    out = tmp_path / "runs" / "sweep.json"
+    grid = "--prefill 1x16 --decode 1 --new-tokens 4 --prompt-len 8 --repeat 5 --warmup 1"
+    code = prune_sweep.main([
+        "--model", str(tiny_llama_dir), "--cells", "wanda:2:4,magnitude:s0.5", "--threads", "1", "--out", str(out),
+        "--bench", "torch,torch-24,torch-csr", "--bench-args", grid, "--",
+        "--calib-text", str(text_file), "--calib-samples", "4", "--seq-len", "16", "--no-eval", "--shots", "1",
+    ])
+    assert code == 0
+    cells = json.loads(out.read_text())["cells"]
+    nm, structured = cells["wanda:2:4"], cells["magnitude:s0.5"]
+    assert "error" not in nm and nm["perplexity"] is None and nm["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert "artefacts" in nm["bench"], nm["bench"]
+    arts = nm["bench"]["artefacts"]
+    assert {a["backend"] for a in arts.values()} == {"torch", "torch-24", "torch-csr"} and not nm["bench"]["errors"]
+    for a in arts.values():
+        assert a["bytes_on_disk"] > 0 and a["vs_dense"]["prefill_latency"]["1x16"] > 0
+        assert a["vs_dense"]["decode_throughput"]["b1"] > 0
+    assert arts["pruned"]["bytes_on_disk"] == pytest.approx(1.0, abs=0.05)  # zeros stored densely
+    assert arts["pruned-24"]["bytes_on_disk"] < arts["pruned"]["bytes_on_disk"]  # the 2:4 pack stores half
+    assert set(structured["bench"]["skipped"]) == {"torch-24", "torch-csr"}
+    assert structured["bench"]["artefacts"]["pruned"]["bytes_on_disk"] < 0.9  # physically smaller
+    assert (out.parent / "sweep.bench" / "wanda_2_4.json").is_file()
+    assert "### Size and speed per backend" in out.with_suffix(".md").read_text()
