@@ -14,12 +14,12 @@ many tokens there are, and the optimisation is exact full-batch gradient descent
 
 1. *Sparse*: the first-round weights ``W1`` come from the one-shot pruner.
 2. *Dense*: starting from ``W1`` with every weight re-activated, FISTA (accelerated proximal
-   gradient) on ``f(W) + d (l2 ||W||^2 + 2 l1 s ||W||_1)``, where ``d = mean diag A`` and
+   gradient) on ``f(W) + d (l2 ||W - W0||^2 + 2 l1 s ||W||_1)``, where ``d = mean diag A`` and
    ``s = mean |W0|`` make the regulariser scale-free: at the optimum a weight is exactly zero
    when its loss gradient at zero is below about ``l1 s`` times its curvature, so small weights
    settle at zero and the dense weights take a pruning-friendly shape.
 3. *Sparse again*: the same pruner on the dense weights and ``A``, then the soft adjustment: a few
-   projected-gradient steps on ``f + d l2 ||W||^2`` over the kept weights only (the mask stays
+   projected-gradient steps on ``f + d l2 ||W - W0||^2`` over the kept weights only (the mask stays
    fixed). The ridge matters here as in SparseGPT's 1% damping: without it the adjustment fitted
    nearly dead input channels with huge weights that did not generalise (SparseGPT 2:4 + SDS came
    out at perplexity 1344 on the default model).
@@ -274,7 +274,6 @@ def refine_linear(
     err, choice, W = min(candidates, key=lambda c: c[0])
     record.update(used=err, choice=choice, fallback=choice == "first")
     if choice != "sds":
-        log.info("SDS %s: the re-pruned mask's error %.4g is not below the %s's %.4g; keeping the %s",
-                 name, record["final"], choice if choice == "first mask" else "first round", err,
-                 "first-round mask, adjusted" if choice == "first mask" else "first-round weights")
+        kept = "first-round mask, adjusted" if choice == "first mask" else "first-round weights"
+        log.info("SDS %s: keeping the %s (error %.4g; the re-pruned mask's %.4g)", name, kept, err, record["final"])
     return W, record
