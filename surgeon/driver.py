@@ -12,6 +12,7 @@ import copy
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Literal
@@ -100,9 +101,7 @@ def refine_summary(records: dict[str, dict]) -> dict:
     """Mean relative layer error after each SDS step, fallbacks and seconds, over all linears."""
     n = len(records)
     mean = {k: sum(r[k] for r in records.values()) / n for k in ("first", "dense", "reprune", "final", "adjusted")}
-    choices: dict[str, int] = {}
-    for r in records.values():
-        choices[r["choice"]] = choices.get(r["choice"], 0) + 1
+    choices = dict(Counter(r["choice"] for r in records.values()))
     per_layer: dict[str, float] = {}
     for name, r in records.items():  # "model.layers.7.mlp.up_proj" -> layer "7"
         match = re.search(r"\.(\d+)\.", name)
