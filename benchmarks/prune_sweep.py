@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("extra", nargs="*", help="further options passed to every prune command (after --)")
     args = parser.parse_args(argv)
     backends = parse_bench(args.bench)
-    bench_args = shlex.split(args.bench_args)
+    try:
+        bench_args = shlex.split(args.bench_args)
+    except ValueError as exc:
+        parser.error(f"--bench-args: {exc}")
     cells = PRESETS[args.preset] if args.preset else []
     if args.cells:
         cells += [c.strip() for c in args.cells.split(",") if c.strip()]
