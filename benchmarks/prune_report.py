@@ -18,6 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from benchmarks.report import _png, atomic_write
+from surgeon.sds import SDSConfig
 
 RUNS = Path(__file__).resolve().parent / "results" / "prune_runs"
 REFERENCES = {  # BENCHMARK_PROTOCOL.md, same protocol
@@ -60,9 +61,8 @@ def row(payload: dict, source: str) -> dict | None:
         method = cfg.get("method", "?")
     if cfg.get("refine"):
         method += " + SDS"
-        refine = cfg["refine"]
-        settings += [f"{k} {refine[k]}" for k, default in (("epochs", 100), ("l1", 0.1), ("l2", 0.01), ("teacher", "self"))
-                     if k in refine and refine[k] != default]
+        defaults = SDSConfig().to_dict()
+        settings += [f"{k} {v}" for k, v in cfg["refine"].items() if defaults.get(k, v) != v]
     calibration = payload.get("calibration")
     if isinstance(calibration, str) and not calibration.endswith("wikitext-2/valid.txt"):
         settings.append(f"calibration {Path(calibration).name}")
@@ -192,7 +192,7 @@ def bench_table(cells: dict[str, dict]) -> list[str]:
     prefill = sorted({k for r in benched.values() for a in r["bench"].get("artefacts", {}).values()
                       for k in a["vs_dense"]["prefill_latency"]}, key=lambda k: [int(x) for x in k.split("x")])
     decode = sorted({k for r in benched.values() for a in r["bench"].get("artefacts", {}).values()
-                     for k in a["vs_dense"]["decode_throughput"]}, key=lambda k: int(k.lstrip("b")) if k.lstrip("b").isdigit() else 0)
+                     for k in a["vs_dense"]["decode_throughput"]}, key=lambda k: int(k[1:]))  # "b8"
     lines = ["", "### Size and speed per backend (ratios to dense torch, same run; ONNX Runtime: [to dense ONNX Runtime])", "",
              "| cell | perplexity | backend | file size | " + " | ".join(f"prefill {k} latency" for k in prefill)
              + (" | " if prefill and decode else "") + " | ".join(f"decode {k} tokens/s" for k in decode) + " | device | file |",
