@@ -156,8 +156,10 @@ register_backend(Backend("onnxruntime", _load_onnxruntime))
 class CompressedRunner(TorchRunner):
     """A compressed checkpoint (``surgeon-export pack``) through :func:`runtime.load.load_backend`.
 
-    ``torch-24``: 2:4 weights as semi-structured sparse tensors in float16 on a CUDA sm80+ GPU
-    (dense float32 on CPU). ``torch-csr``: CSR/BSR weights through ``torch.sparse.mm``, float32.
+    ``torch-24``: 2:4 weights as semi-structured sparse tensors in float16 on a CUDA sm80+ GPU where
+    they were measured faster than dense (dense below the token count where they are not; dense
+    float32 on CPU); ``torch-24-sparse``: 2:4 kernels wherever they run (least memory).
+    ``torch-csr``: CSR/BSR weights through ``torch.sparse.mm``, float32.
     """
 
     def __init__(self, spec: str | None, device: str, backend: str = "torch-24") -> None:
@@ -176,5 +178,5 @@ class CompressedRunner(TorchRunner):
         return {**self.compressed.describe(), "flops_per_token": flops_table(self.model.config)}
 
 
-register_backend(Backend("torch-24", partial(CompressedRunner, backend="torch-24")))
-register_backend(Backend("torch-csr", partial(CompressedRunner, backend="torch-csr")))
+for _name in ("torch-24", "torch-24-sparse", "torch-csr"):
+    register_backend(Backend(_name, partial(CompressedRunner, backend=_name)))

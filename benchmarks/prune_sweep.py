@@ -18,7 +18,7 @@ Usage::
 
 With ``--bench BACKENDS`` each cell also keeps its pruned model, builds the artefact each backend
 runs (the checkpoint itself for ``torch``, an ONNX export for ``onnxruntime``, a 2:4 pack for
-``torch-24``, a CSR pack for ``torch-csr``) and measures them with ``surgeon-export bench`` against
+``torch-24`` and ``torch-24-sparse``, a CSR pack for ``torch-csr``) and measures them with ``surgeon-export bench`` against
 the dense model in the same run (and the dense model's own ONNX export beside the pruned one, so
 ONNX Runtime is also compared with ONNX Runtime). A backend that does not apply to a cell (2:4 packs
 of unstructured masks, sparse packs of structurally pruned models) is recorded as skipped, with the
@@ -74,7 +74,7 @@ def cell_args(cell: str) -> list[str]:
     return ["--method", method, "--sparsity", target]
 
 
-BENCH_BACKENDS = ("torch", "onnxruntime", "torch-24", "torch-csr")
+BENCH_BACKENDS = ("torch", "onnxruntime", "torch-24", "torch-24-sparse", "torch-csr")
 
 
 def cell_kind(cell: str) -> str:
@@ -85,8 +85,8 @@ def cell_kind(cell: str) -> str:
 
 def bench_skip(backend: str, kind: str) -> str | None:
     """Why ``backend`` has nothing to measure for a cell of ``kind``, or None when it applies."""
-    if backend == "torch-24" and kind != "N:M":
-        return "torch-24 runs 2:4 packs; this cell's mask has no N:M pattern"
+    if backend.startswith("torch-24") and kind != "N:M":
+        return f"{backend} runs 2:4 packs; this cell's mask has no N:M pattern"
     if backend == "torch-csr" and kind == "structured":
         return "structured pruning leaves smaller dense matrices, no zeros to store sparsely"
     return None
@@ -173,9 +173,10 @@ def bench_cell(cell: str, model_dir: Path, backends: list[str], work: Path, out_
                 continue
             models += [("dense-ort", str(dense_onnx), "onnxruntime"), ("pruned-ort", str(model_dir.parent / "onnx"), "onnxruntime")]
         else:
-            layout = "2:4" if backend == "torch-24" else "csr"
-            packed = model_dir.parent / backend
-            if (err := _cli(["pack", str(model_dir), "--format", layout, "--out", str(packed)], None)) is not None:
+            layout = "2:4" if backend.startswith("torch-24") else "csr"
+            packed = model_dir.parent / ("torch-24" if layout == "2:4" else backend)  # one 2:4 pack for both 2:4 backends
+            if not packed.is_dir() and (err := _cli(["pack", str(model_dir), "--format", layout, "--out", str(packed)],
+                                                    None)) is not None:
                 record["errors"][backend] = f"pack --format {layout}: {err}"
                 continue
             models.append((f"pruned-{backend.removeprefix('torch-')}", str(packed), backend))

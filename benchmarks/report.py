@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -77,11 +78,29 @@ def markdown(result: dict) -> str:
         for m in models:
             for c in m["decode"]:
                 lines.append(_row(m, "decode", c, str(c["batch"]), steps=cfg["new_tokens"]))
+    lines += _kernel_lines(models)
     if result.get("gate"):
         from benchmarks.gate import gate_table
 
         lines += ["", gate_table(result["gate"])]
     return "\n".join(lines) + "\n"
+
+
+def _kernel_lines(models: list[dict]) -> list[str]:
+    """Where the packed linears of compressed models ran: kernels, layers left dense, dense copies for small calls."""
+    lines = []
+    for m in models:
+        a = m["artefact"]
+        if "kernels" not in a:
+            continue
+        text = ", ".join(f"{k} {n}" for k, n in sorted(a["kernels"].items()))
+        if a.get("fallbacks"):
+            text += f"; {len(a['fallbacks'])} left dense on the GPU, e.g. {next(iter(a['fallbacks'].values()))}"
+        if a.get("dense_below"):
+            counts = Counter(a["dense_below"].values())
+            text += "; dense copy for calls under " + ", ".join(f"{t} tokens ({n} layers)" for t, n in sorted(counts.items()))
+        lines.append(f"- **{m['label']}** ({m['backend']}): {text}")
+    return ["", "Packed linears, where they ran:", "", *lines] if lines else []
 
 
 def _row(m: dict, kind: str, c: dict, cell: str, steps: int = 1) -> str:

@@ -35,7 +35,7 @@ from torch import nn
 from benchmarks.env import environment
 from benchmarks.latency import summarize
 from benchmarks.report import atomic_write
-from runtime.semi_structured import choose_backend, to_semi_structured_linear
+from runtime.semi_structured import choose_backend, cuda_paired, to_semi_structured_linear, winning_tail
 from runtime.sparse_linear import sparse_linear
 from surgeon.prune.patterns import NMPattern
 
@@ -99,11 +99,7 @@ def break_even(rows: list[dict]) -> list[dict]:
     out = []
     for key in dict.fromkeys((tuple(r["shape"]), r["tokens"]) for r in rows):
         cells = sorted((r for r in rows if (tuple(r["shape"]), r["tokens"]) == key), key=lambda r: r["sparsity"])
-        start = None
-        for r in reversed(cells):
-            if r["ratio"] >= 1:
-                break
-            start = r["sparsity"]
+        start = winning_tail({r["sparsity"]: r["ratio"] < 1 for r in cells})
         shape = f"{key[0][0]}x{key[0][1]}"
         text = (f"CSR beats dense from {start:.0%} sparsity on" if start is not None
                 else f"CSR never beats dense up to {cells[-1]['sparsity']:.0%}")
@@ -139,32 +135,12 @@ def measure_cuda(shapes: tuple[tuple[int, int], ...] = CUDA_SHAPES, tokens: tupl
                 module = to_semi_structured_linear(linear, d)
                 torch.testing.assert_close(module(x), F.linear(x, W), rtol=1e-2, atol=1e-1)
                 fns[kernel] = partial(module, x)
-            samples = _cuda_paired(fns, repeat)
+            samples = cuda_paired(fns, repeat)
             stats = {k: summarize(v).to_dict() for k, v in samples.items()}
             rows.append({"shape": [out_f, in_f], "tokens": n_tok, "seconds": stats, "skipped": skipped,
                          "speedup": {k: stats["dense"]["median"] / s["median"] for k, s in stats.items() if k != "dense"}})
     return {"status": "ok", "environment": environment(device, torch.float16), "capability": list(capability),
             "cusparselt_available": available, "rows": rows}
-
-
-def _cuda_paired(fns: dict[str, Callable[[], object]], repeat: int, calls: int = 20) -> dict[str, list[float]]:
-    """Like :func:`_paired`, timed with CUDA events after synchronising."""
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    samples: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    for rep in range(repeat):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fns[name]()
-            end.record()
-            torch.cuda.synchronize()
-            samples[name].append(start.elapsed_time(end) / 1000 / calls)
-    return samples
 
 
 def markdown(result: dict) -> str:

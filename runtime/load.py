@@ -8,15 +8,18 @@ of :mod:`surgeon.loading`. Then the packed decoder linears are placed:
 
 - 2:4: unpacked; on a CUDA GPU each layer becomes a semi-structured sparse tensor on the kernel
   :func:`runtime.semi_structured.choose_backend` picks, and layers it cannot take stay dense with
-  the reason recorded (:attr:`CompressedModel.placements`); on CPU all stay dense, with a one-line
-  notice;
+  the reason recorded (:attr:`CompressedModel.placements`); under the ``auto`` policy each distinct
+  kernel shape is first timed against dense on the device (:func:`runtime.semi_structured.tune`):
+  layers whose kernel is never faster stay dense, and layers whose kernel is faster only from some
+  token count on keep a dense copy for smaller calls (decode). On CPU all stay dense, with a
+  one-line notice;
 - CSR / BSR: each ``nn.Linear`` is replaced by a :class:`runtime.sparse_linear.SparseLinear`.
 
 Non-persistent buffers (the rotary ``inv_freq``) are not stored; the model's own ``_init_weights``
 computes them, as transformers does after its own meta-device load.
 
-:func:`load_backend` is what the runtime backends ``torch-24`` and ``torch-csr`` run (layouts and
-dtype per backend); :func:`register_decoders` puts them behind :mod:`runtime.generate`'s interface,
+:func:`load_backend` is what the runtime backends ``torch-24``, ``torch-24-sparse`` and ``torch-csr``
+run (layouts, dtype and 2:4 policy per backend); :func:`register_decoders` puts them behind :mod:`runtime.generate`'s interface,
 and ``benchmarks/backends.py`` registers them for ``surgeon-export bench``.
 """
 
@@ -35,19 +38,20 @@ from torch import nn
 
 from export.checkpoint import REPORT_FILE
 from export.sparse_checkpoint import DTYPES, WEIGHTS_FILE, CompressedCheckpoint, read_compressed
-from runtime.semi_structured import Dispatch, Prefer, device_dispatch, to_semi_structured_linear
+from runtime.semi_structured import Dispatch, Policy, Prefer, device_dispatch, to_semi_structured_linear, tune, tuned
 from runtime.sparse_linear import SparseLinear
 from surgeon.adapters import get_adapter
 from surgeon.errors import SurgeonError
 from surgeon.loading import LoadedModel, quiet_transformers
 
 log = logging.getLogger(__name__)
-BACKEND_LAYOUTS = {"torch-24": ("2:4",), "torch-csr": ("csr", "bsr")}  # runtime backend -> layouts it reads
+BACKEND_LAYOUTS = {"torch-24": ("2:4",), "torch-24-sparse": ("2:4",), "torch-csr": ("csr", "bsr")}  # layouts read
+BACKEND_POLICY: dict[str, Policy] = {"torch-24-sparse": "sparse"}  # 2:4 policy per backend; others "auto"
 
 
 def backend_dtype(backend: str, device: torch.device) -> torch.dtype:
-    """``torch-24``: float16 on CUDA (the 2:4 kernels' dtype), float32 on CPU; ``torch-csr``: float32."""
-    return torch.float16 if backend == "torch-24" and device.type == "cuda" else torch.float32
+    """2:4 backends: float16 on CUDA (the 2:4 kernels' dtype), float32 on CPU; ``torch-csr``: float32."""
+    return torch.float16 if "2:4" in BACKEND_LAYOUTS[backend] and device.type == "cuda" else torch.float32
 
 
 @dataclass
@@ -69,6 +73,10 @@ class CompressedModel:
             return {}
         return {k: d.reason for k, d in self.placements.items() if d.kernel == "dense"}
 
+    def dense_below(self) -> dict[str, int]:
+        """Packed 2:4 linears that run dense (on a kept dense copy) for calls of fewer tokens than this."""
+        return {k: d.dense_below for k, d in self.placements.items() if d.dense_below}
+
     def describe(self) -> dict:
         """Artefact facts in the benchmark runner's schema (``docs/benchmarks.md``), plus the kernels used."""
         model = self.lm.model
@@ -87,6 +95,7 @@ class CompressedModel:
             "format": self.layout,
             "kernels": self.kernels(),
             "fallbacks": self.fallbacks(),
+            "dense_below": self.dense_below(),
         }
 
 
@@ -138,6 +147,7 @@ def load_compressed(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     prefer: Prefer = "auto",
+    policy: Policy = "auto",
     layouts: tuple[str, ...] | None = None,
 ) -> CompressedModel:
     """Build the model stored in a compressed directory, in eval mode.
@@ -147,6 +157,9 @@ def load_compressed(
         device: where to run; 2:4 kernels are used on CUDA sm80+ GPUs only.
         dtype: floating dtype of the loaded model (default: the stored dtype).
         prefer: 2:4 kernel choice on GPU (``auto``, ``cusparselt`` or ``cutlass``).
+        policy: ``auto``: time each 2:4 kernel shape against dense on the GPU and use whichever is
+            faster per layer and call size (dense copies cost memory); ``sparse``: 2:4 kernels
+            wherever they run, nothing timed (the least memory).
         layouts: accept only these layouts (a backend's), else a SurgeonError.
 
     Example:
@@ -186,22 +199,32 @@ def load_compressed(
     if left:
         raise SurgeonError(f"{directory}: tensor {left[0]} is missing from the checkpoint")
     model.to(device).eval()
-    placements = _place(model, ckpt, linears, device, dtype, prefer)
+    placements = _place(model, ckpt, linears, device, dtype, prefer, policy)
     lm = LoadedModel(model=model, tokenizer=_tokenizer(directory), adapter=adapter, path=directory,
                      source=f"{directory} ({layout})")
     return CompressedModel(lm=lm, layout=layout, placements=placements, counts=_count(ckpt))
 
 
 def _place(model: nn.Module, ckpt: CompressedCheckpoint, linears: dict[str, str], device: torch.device,
-           dtype: torch.dtype, prefer: Prefer) -> dict[str, Dispatch]:
+           dtype: torch.dtype, prefer: Prefer, policy: Policy) -> dict[str, Dispatch]:
     """Put every packed linear on its kernel; returns the decision per weight key."""
     placements: dict[str, Dispatch] = {}
+    timings: dict[tuple[Dispatch, tuple[int, int]], dict[int, tuple[float, float]]] = {}  # one tuning per shape
     for key, packed in ckpt.packed.items():
         if packed.layout != "2:4":
             placements[key] = Dispatch(packed.layout, "SparseLinear (torch.sparse.mm)", packed.shape)
             continue
         name = linears[key]
         decision = device_dispatch(device, dtype, packed.shape, prefer)
+        if decision.kernel != "dense" and policy == "auto":
+            if (decision, packed.shape) not in timings:
+                try:
+                    timings[decision, packed.shape] = tune(decision, packed.shape, dtype, device)
+                except RuntimeError as exc:  # the kernel refused the shape: conversion below says so too
+                    log.debug("2:4 tuning of %s failed: %s", packed.shape, exc)
+                    timings[decision, packed.shape] = {}
+            if timings[decision, packed.shape]:
+                decision = tuned(decision, packed.shape, timings[decision, packed.shape])
         if decision.kernel != "dense":
             linear = model.get_submodule(name)
             assert isinstance(linear, nn.Linear), name
@@ -219,17 +242,22 @@ def _place(model: nn.Module, ckpt: CompressedCheckpoint, linears: dict[str, str]
     elif dense:
         log.warning("2:4 kernels: %s; %d layers fell back to dense (e.g. %s)",
                     dict(Counter(d.kernel for d in placements.values())), len(dense), dense[0].reason)
+    switched = [d for d in placements.values() if d.dense_below]
+    if switched:
+        log.warning("2:4 kernels: %d layers keep a dense copy for calls under %s tokens, where dense was faster "
+                    "(backend torch-24-sparse keeps 2:4 weights only)", len(switched),
+                    "/".join(str(t) for t in sorted({d.dense_below for d in switched})))
     return placements
 
 
 def load_backend(backend: str, path: str | Path, device: str | torch.device = "cpu") -> CompressedModel:
-    """:func:`load_compressed` as the runtime backend ``torch-24`` or ``torch-csr`` runs it (layouts, dtype)."""
+    """:func:`load_compressed` as a runtime backend of :data:`BACKEND_LAYOUTS` runs it (layouts, dtype, policy)."""
     if backend not in BACKEND_LAYOUTS:
         raise SurgeonError(f"unknown sparse backend {backend!r}; available: {', '.join(BACKEND_LAYOUTS)}")
     device = torch.device(device)
     try:
         return load_compressed(path, device=device, dtype=backend_dtype(backend, device),
-                               layouts=BACKEND_LAYOUTS[backend])
+                               policy=BACKEND_POLICY.get(backend, "auto"), layouts=BACKEND_LAYOUTS[backend])
     except SurgeonError as exc:
         raise SurgeonError(f"backend {backend} cannot run {path}: {exc}") from None
 
@@ -246,7 +274,7 @@ def _decoder_loader(backend: str) -> Callable[[str, str, int | None], Any]:
 
 
 def register_decoders() -> None:
-    """Add ``torch-24`` and ``torch-csr`` to :mod:`runtime.generate`'s loaders (same Decoder as ``torch``)."""
+    """Add the compressed backends to :mod:`runtime.generate`'s loaders (same Decoder as ``torch``)."""
     from runtime.generate import register_loader
 
     for backend in BACKEND_LAYOUTS:

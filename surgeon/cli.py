@@ -510,7 +510,7 @@ def generate_cmd(
     from runtime.load import register_decoders
 
     _setup(quiet, threads)
-    register_decoders()  # torch-24 and torch-csr next to the built-in torch and onnxruntime
+    register_decoders()  # torch-24(-sparse) and torch-csr next to the built-in torch and onnxruntime
     decoder = load_decoder(backend, model, device, threads)
     directory = Path(getattr(decoder, "directory", None) or model)
     tokenizer = getattr(decoder, "tokenizer", None) or _tokenizer(directory)

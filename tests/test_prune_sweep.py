@@ -50,7 +50,7 @@ def test_bench_backends_apply_per_kind_of_cell() -> None:
     assert [cell_kind(c) for c in ("wanda:0.5+sds", "surgeon:2:4@global", "surgeon:s0.8@uniform")] == \
         ["unstructured", "N:M", "structured"]
     assert bench_skip("torch-24", "N:M") is None and bench_skip("torch-csr", "N:M") is None
-    assert "N:M" in bench_skip("torch-24", "unstructured")
+    assert "N:M" in bench_skip("torch-24", "unstructured") and "N:M" in bench_skip("torch-24-sparse", "structured")
     assert bench_skip("torch-csr", "structured") and bench_skip("onnxruntime", "structured") is None
     assert parse_bench("torch, onnxruntime,torch") == ["torch", "onnxruntime"]
     with pytest.raises(SystemExit, match="torch-24"):
@@ -99,7 +99,7 @@ def test_sweep_benchmarks_each_cell_on_every_backend_that_applies(tiny_llama_dir
     grid = "--prefill 1x16 --decode 1 --new-tokens 4 --prompt-len 8 --repeat 5 --warmup 1"
     code = prune_sweep.main([
         "--model", str(tiny_llama_dir), "--cells", "wanda:2:4,magnitude:s0.5", "--threads", "1", "--out", str(out),
-        "--bench", "torch,torch-24,torch-csr", "--bench-args", grid, "--",
+        "--bench", "torch,torch-24,torch-24-sparse,torch-csr", "--bench-args", grid, "--",
         "--calib-text", str(text_file), "--calib-samples", "4", "--seq-len", "16", "--no-eval", "--shots", "1",
     ])
     assert code == 0
@@ -108,13 +108,15 @@ def test_sweep_benchmarks_each_cell_on_every_backend_that_applies(tiny_llama_dir
     assert "error" not in nm and nm["perplexity"] is None and nm["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert "artefacts" in nm["bench"], nm["bench"]
     arts = nm["bench"]["artefacts"]
-    assert {a["backend"] for a in arts.values()} == {"torch", "torch-24", "torch-csr"} and not nm["bench"]["errors"]
+    assert {a["backend"] for a in arts.values()} == {"torch", "torch-24", "torch-24-sparse", "torch-csr"}
+    assert not nm["bench"]["errors"]
     for a in arts.values():
         assert a["bytes_on_disk"] > 0 and a["vs_dense"]["prefill_latency"]["1x16"] > 0
         assert a["vs_dense"]["decode_throughput"]["b1"] > 0
     assert arts["pruned"]["bytes_on_disk"] == pytest.approx(1.0, abs=0.05)  # zeros stored densely
     assert arts["pruned-24"]["bytes_on_disk"] < arts["pruned"]["bytes_on_disk"]  # the 2:4 pack stores half
-    assert set(structured["bench"]["skipped"]) == {"torch-24", "torch-csr"}
+    assert arts["pruned-24-sparse"]["bytes_on_disk"] == arts["pruned-24"]["bytes_on_disk"]  # the same pack
+    assert set(structured["bench"]["skipped"]) == {"torch-24", "torch-24-sparse", "torch-csr"}
     assert structured["bench"]["artefacts"]["pruned"]["bytes_on_disk"] < 0.9  # physically smaller
     assert (out.parent / "sweep.bench" / "wanda_2_4.json").is_file()
     assert "### Size and speed per backend" in out.with_suffix(".md").read_text()

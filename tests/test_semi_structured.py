@@ -14,7 +14,8 @@ from export.semi_structured import check_24, meta_columns, pack_24, packed_bytes
 from export.sparse_checkpoint import PackConfig, pack_checkpoint
 from runtime.load import load_compressed
 from runtime.semi_structured import (
-    MULTIPLE, Dispatch, PaddedLinear, choose_backend, force_cutlass, pad_weight, to_semi_structured_linear,
+    MULTIPLE, PROBE_TOKENS, Dispatch, SemiStructuredLinear, choose_backend, force_cutlass, pad_weight, switch_point,
+    to_semi_structured_linear, tuned, winning_tail,
 )
 from surgeon.adapters import LLAMA
 from surgeon.errors import SurgeonError
@@ -170,10 +171,92 @@ def test_dispatch_multiples_match_installed_torch() -> None:
 def test_padded_linear_matches_the_original_on_cpu() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(20, 10, bias=True)
-    padded = PaddedLinear(pad_weight(linear.weight.detach(), (16, 32)), linear.bias.detach(), 20, 10)
+    padded = SemiStructuredLinear(pad_weight(linear.weight.detach(), (16, 32)), linear.bias.detach(), 20, 10)
     x = torch.randn(2, 3, 20)
     torch.testing.assert_close(padded(x), linear(x))
     assert padded(x).shape == (2, 3, 10)
+
+
+def test_switching_linear_runs_the_dense_copy_below_its_token_count() -> None:
+    torch.manual_seed(0)
+    W, b = torch.randn(10, 20), torch.randn(10)
+    # the "sparse" weight is 2W (padded) so that the path taken shows in the result
+    module = SemiStructuredLinear(pad_weight(2 * W, (16, 32)), b, 20, 10, dense=W, dense_below=8)
+    for shape, factor in [((1, 1, 20), 1), ((2, 3, 20), 1), ((7, 20), 1), ((8, 20), 2), ((2, 4, 20), 2), ((3, 64, 20), 2)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(module(x), x @ (factor * W).T + b)
+
+
+def test_winning_tail_and_switch_point() -> None:
+    assert winning_tail({}) is None
+    assert winning_tail({0.5: True, 0.9: False}) is None  # the largest loses
+    assert winning_tail({0.5: True, 0.9: True}) == 0.5
+    assert winning_tail({1: True, 8: False, 32: True, 128: True}) == 32  # a win below a loss does not count
+    times = {1: (2.0, 1.0), 8: (1.0, 1.0), 32: (0.98, 1.0), 128: (0.96, 1.0), 2048: (0.6, 1.0)}
+    assert switch_point(times) == 128  # 2% faster at 32 is within the 3% margin
+    assert switch_point(times, min_gain=0.0) == 32
+    assert switch_point({1: (0.5, 1.0), 2048: (0.5, 1.0)}) == 1
+    assert switch_point({1: (0.5, 1.0), 2048: (1.0, 1.0)}) is None
+
+
+def test_tuned_decisions_name_the_measurement() -> None:
+    d = choose_backend((9, 0), HALF, (200, 576))  # padded to (208, 576)
+    never = tuned(d, (200, 576), {1: (2.0, 1.0), 2048: (1.0, 1.0)})
+    assert (never.kernel, never.shape, never.dense_below) == ("dense", (200, 576), 0)
+    assert "not faster than dense at 2048 tokens" in never.reason and "1: 2.00, 2048: 1.00" in never.reason
+    always = tuned(d, (200, 576), {1: (0.5, 1.0), 2048: (0.5, 1.0)})
+    assert (always.kernel, always.shape, always.dense_below) == ("cusparselt", (208, 576), 0)
+    switched = tuned(d, (200, 576), {1: (2.0, 1.0), 128: (0.8, 1.0), 2048: (0.5, 1.0)})
+    assert (switched.kernel, switched.shape, switched.dense_below) == ("cusparselt", (208, 576), 128)
+    assert "from 128 tokens; dense below" in switched.reason
+
+
+def test_auto_policy_places_layers_by_measured_speed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The load-time wiring of the auto policy, on CPU: a fake sm90 device whose "2:4 conversion" keeps
+    the dense tensor and whose timings are given per shape (MLP: faster from 32 tokens; the square
+    attention projections: always; k/v: never)."""
+    import runtime.load as load
+
+    model, src = pruned_24_dir(tmp_path)
+    pack_checkpoint(load_model(src), tmp_path / "packed", PackConfig("2:4"))
+    linears = LLAMA.decoder_linears(model)
+    mlp = {tuple(linears[n].weight.shape) for n in linears if ".mlp." in n}
+    square = {tuple(linears[n].weight.shape) for n in linears if n.endswith("q_proj")}
+    assert not mlp & square
+    tuned_shapes: list[tuple[int, int]] = []
+
+    def fake_tune(decision: Dispatch, shape: tuple[int, int], *args: object) -> dict[int, tuple[float, float]]:
+        tuned_shapes.append(shape)
+        if shape in mlp:
+            return {m: (0.5 if m >= 32 else 2.0, 1.0) for m in PROBE_TOKENS}
+        return {m: (0.5 if shape in square else 1.5, 1.0) for m in PROBE_TOKENS}
+
+    monkeypatch.setattr(load, "device_dispatch", lambda device, dtype, shape, prefer: Dispatch("cusparselt", "sm90 cusparselt", shape))
+    monkeypatch.setattr(load, "tune", fake_tune)
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda W: W.clone())
+    with caplog.at_level(logging.WARNING, logger="runtime.load"):
+        cm = load_compressed(tmp_path / "packed")
+    assert sorted(tuned_shapes) == sorted({tuple(l.weight.shape) for l in linears.values()})  # once per shape
+    for name, linear in linears.items():
+        d, module = cm.placements[f"{name}.weight"], cm.lm.model.get_submodule(name)
+        shape = tuple(linear.weight.shape)
+        if shape in mlp:
+            assert (d.kernel, d.dense_below) == ("cusparselt", 32) and isinstance(module, SemiStructuredLinear)
+            assert module.dense is not None and module.dense_below == 32
+        elif shape in square:
+            assert (d.kernel, d.dense_below) == ("cusparselt", 0) and type(module) is nn.Linear
+        else:
+            assert d.kernel == "dense" and "not faster than dense" in d.reason and type(module) is nn.Linear
+    assert set(cm.dense_below()) == {f"{n}.weight" for n in linears if ".mlp." in n}
+    assert cm.describe()["dense_below"] == cm.dense_below()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("keep a dense copy for calls under 32 tokens" in m for m in messages), messages
+    with torch.no_grad():
+        for ids in (IDS, IDS[:, :1]):
+            torch.testing.assert_close(cm.lm.model(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    sparse = load_compressed(tmp_path / "packed", policy="sparse")
+    assert sparse.kernels() == {"cusparselt": 14} and sparse.dense_below() == {}
 
 
 def test_force_cutlass_restores_the_flag() -> None:
@@ -230,7 +313,7 @@ def test_gpu_semi_structured_linear_matches_dense(dtype: torch.dtype, kernel: st
     linear.weight = nn.Parameter(W.clone(), requires_grad=False)
     module = to_semi_structured_linear(linear, d)
     x = torch.randn(3, 17, shape[1], device="cuda", dtype=dtype)
-    assert isinstance(module, PaddedLinear) == (d.shape != shape)
+    assert isinstance(module, SemiStructuredLinear) == (d.shape != shape)
     torch.testing.assert_close(module(x), x @ W.T, rtol=2e-2, atol=2e-2)
 
 
@@ -239,7 +322,7 @@ def test_gpu_semi_structured_linear_matches_dense(dtype: torch.dtype, kernel: st
 def test_gpu_packed_tiny_llama_runs_on_24_kernels(tmp_path: Path) -> None:
     model, src = pruned_24_dir(tmp_path)
     pack_checkpoint(load_model(src), tmp_path / "packed", PackConfig("2:4", "float16"))
-    cm = load_compressed(tmp_path / "packed", device="cuda")
+    cm = load_compressed(tmp_path / "packed", device="cuda", policy="sparse")
     assert set(cm.kernels()) - {"dense"}, cm.placements
     assert all(d.kernel != "dense" or d.reason in cm.fallbacks().values() for d in cm.placements.values())
     ids = IDS.cuda()
@@ -248,7 +331,23 @@ def test_gpu_packed_tiny_llama_runs_on_24_kernels(tmp_path: Path) -> None:
         torch.testing.assert_close(cm.lm.model(ids).logits.float(), dense, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
+@needs_sm80
+def test_gpu_auto_policy_measures_and_keeps_the_logits(tmp_path: Path) -> None:
+    model, src = pruned_24_dir(tmp_path, hidden_size=256, intermediate_size=1024)
+    pack_checkpoint(load_model(src), tmp_path / "packed", PackConfig("2:4", "float16"))
+    cm = load_compressed(tmp_path / "packed", device="cuda")  # policy auto: timed on this GPU
+    for d in cm.placements.values():
+        assert d.kernel != "dense" or "not faster than dense" in d.reason or d.reason in cm.fallbacks().values()
+        assert "2:4/dense" in d.reason or "faster than dense" in d.reason or "dense below" in d.reason or d.kernel == "dense"
+    ids = IDS.cuda()
+    with torch.no_grad():
+        reference = model.to("cuda", torch.float16)
+        for x in (ids, ids[:, :1]):
+            torch.testing.assert_close(cm.lm.model(x).logits.float(), reference(x).logits.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_dispatch_is_a_plain_value() -> None:
     d = choose_backend((8, 0), HALF, (32, 64))
     assert d == Dispatch("cusparselt", "sm80 cusparselt", (32, 64))
-    assert d.to_dict() == {"kernel": "cusparselt", "reason": "sm80 cusparselt", "shape": [32, 64]}
+    assert d.to_dict() == {"kernel": "cusparselt", "reason": "sm80 cusparselt", "shape": [32, 64], "dense_below": 0}

@@ -279,7 +279,7 @@ def test_cli_pack_and_densify(tmp_path: Path, tiny_llama_dir: Path) -> None:
 
 
 def test_backends_are_registered_and_describe(packed24: tuple[nn.Module, Path], tmp_path: Path) -> None:
-    assert {"torch-24", "torch-csr"} <= set(BACKENDS)
+    assert {"torch-24", "torch-24-sparse", "torch-csr"} <= set(BACKENDS)
     _, directory = packed24
     runner = BACKENDS["torch-24"].load(str(directory), "cpu")
     assert isinstance(runner, CompressedRunner)
@@ -306,6 +306,14 @@ def test_bench_runs_the_sparse_backends(packed24: tuple[nn.Module, Path], tmp_pa
     packed = result["models"][1]
     assert packed["artefact"]["format"] == "2:4" and packed["prefill"][0]["status"] == "ok"
     assert packed["ratios"]["remaining_decoder_linear"] == pytest.approx(1.0)
+    from benchmarks.report import markdown
+
+    text = markdown(result)
+    assert "- **24** (torch-24): dense 14" in text  # on CPU every packed linear runs dense
+    packed["artefact"].update(kernels={"cusparselt": 10, "dense": 4}, fallbacks={"k": "sm90: why"},
+                              dense_below={"a": 32, "b": 32, "c": 8})
+    assert ("- **24** (torch-24): cusparselt 10, dense 4; 1 left dense on the GPU, e.g. sm90: why; "
+            "dense copy for calls under 8 tokens (1 layers), 32 tokens (2 layers)") in markdown(result)
 
 
 def test_benchmark_helpers_on_a_tiny_grid() -> None:
