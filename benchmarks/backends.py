@@ -52,7 +52,7 @@ class Backend:
     """A registered backend: how to load a runner, and which interpreter its worker needs."""
 
     name: str
-    load: Callable[[str | None, str], Runner]  # (model spec, device) -> Runner
+    load: Callable[[str | None, str, str], Runner]  # (model spec, device, dtype name or "auto") -> Runner
     python: str | None = None  # interpreter for process isolation; None: the current one
 
 
@@ -65,6 +65,19 @@ def flops_table(config: object) -> dict[str, float]:
     from export.flops import matmul_flops_per_token
 
     return {str(n): matmul_flops_per_token(config, n)["total"] for n in FLOP_LENGTHS}
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def bench_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``--dtype`` of ``bench``: ``auto`` is float16 on CUDA (what GPU inference runs) and float32 on
+    CPU (torch's CPU half-precision matmuls are slow and the protocol's perplexity is float32)."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise SurgeonError(f"--dtype {name}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def register_backend(backend: Backend) -> None:
@@ -80,14 +93,14 @@ def get_backend(name: str) -> Backend:
 
 
 class TorchRunner:
-    """Eager PyTorch, float32, through the project's one loader."""
+    """Eager PyTorch through the project's one loader (float32 on CPU, float16 on CUDA by default)."""
 
-    def __init__(self, spec: str | None, device: str) -> None:
+    def __init__(self, spec: str | None, device: str, dtype: str = "auto") -> None:
         from surgeon.loading import load_model
 
         self.device = torch.device(device)
         try:
-            self.lm = load_model(spec, device=self.device)
+            self.lm = load_model(spec, device=self.device, dtype=bench_dtype(dtype, self.device))
         except SurgeonError as exc:
             raise SurgeonError(f"backend torch cannot run {spec or 'the default model'}: {exc}") from None
         self.model = self.lm.model
@@ -144,10 +157,14 @@ class TorchRunner:
 register_backend(Backend("torch", TorchRunner))
 
 
-def _load_onnxruntime(spec: str | None, device: str) -> Runner:
+def _load_onnxruntime(spec: str | None, device: str, dtype: str = "auto") -> Runner:
     from benchmarks.onnx_backend import OrtRunner  # onnxruntime is imported only when this backend is used
 
-    return OrtRunner(spec, device)
+    runner = OrtRunner(spec, device)
+    if dtype != "auto" and runner.describe()["dtype"] != dtype:
+        raise SurgeonError(f"backend onnxruntime runs {spec} in the dtype it was exported in "
+                           f"({runner.describe()['dtype']}), not {dtype}; export with `surgeon-export onnx --dtype`")
+    return runner
 
 
 register_backend(Backend("onnxruntime", _load_onnxruntime))
@@ -162,13 +179,13 @@ class CompressedRunner(TorchRunner):
     ``torch-csr``: CSR/BSR weights through ``torch.sparse.mm``, float32.
     """
 
-    def __init__(self, spec: str | None, device: str, backend: str = "torch-24") -> None:
+    def __init__(self, spec: str | None, device: str, dtype: str = "auto", backend: str = "torch-24") -> None:
         from runtime.load import load_backend
 
         if spec is None:
             raise SurgeonError(f"backend {backend} needs a directory written by `surgeon-export pack`, not the default model")
         self.device = torch.device(device)
-        self.compressed = load_backend(backend, spec, self.device)
+        self.compressed = load_backend(backend, spec, self.device, None if dtype == "auto" else bench_dtype(dtype, device))
         self.lm = self.compressed.lm
         self.model = self.lm.model
         self.config = self.model.config

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from benchmarks import latency
-from benchmarks.backends import get_backend
+from benchmarks.backends import bench_dtype, get_backend
 from benchmarks.env import environment
 from benchmarks.worker import InlineClient, OutOfMemory, ProcessClient
 from surgeon.errors import SurgeonError
@@ -56,6 +56,7 @@ class BenchConfig:
 
     models: list[ModelSpec]
     device: str = "cpu"
+    dtype: str = "auto"  # float32 on CPU, float16 on CUDA (benchmarks.backends.bench_dtype)
     threads: int | None = None
     prefill: list[tuple[int, int]] = field(default_factory=lambda: [(1, 128), (8, 512)])  # (batch, length)
     decode: list[int] = field(default_factory=lambda: [1, 8])  # batch sizes
@@ -82,6 +83,7 @@ class BenchConfig:
             raise SurgeonError(f"--ppl-windows must be at least 1, got {self.ppl.windows}")
         for m in self.models:
             get_backend(m.backend)
+        bench_dtype(self.dtype, self.device)
 
 
 def resolve_device(name: str) -> str:
@@ -242,7 +244,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         for m, c in zip(cfg.models, clients):
             log.info("loading %s (%s)", m.label, m.backend)
             loaded = c.call({"op": "load", "backend": m.backend, "spec": m.spec,
-                             "device": cfg.device, "threads": cfg.threads})
+                             "device": cfg.device, "dtype": cfg.dtype, "threads": cfg.threads})
             entries.append({"label": m.label, "spec": m.spec, "backend": m.backend, **loaded})
             if cfg.isolation == "inline":
                 entries[-1]["memory_method"] += "; inline: the process holds every model of the run"
@@ -272,7 +274,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         "schema_version": SCHEMA_VERSION,
         "kind": "surgeon-export benchmark",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(cfg.device),
+        "environment": environment(cfg.device, bench_dtype(cfg.dtype, cfg.device)),
         "config": {**asdict(cfg), "models": [asdict(m) for m in cfg.models]},
         "models": entries,
     }

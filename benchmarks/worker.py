@@ -65,9 +65,10 @@ class Worker:
 
             if r.get("threads"):
                 torch.set_num_threads(r["threads"])
-            self.runner = get_backend(r["backend"]).load(r["spec"], r["device"])
-            return {"artefact": self.runner.describe(),
-                    "environment": environment(self.runner.device),
+            self.runner = get_backend(r["backend"]).load(r["spec"], r["device"], r.get("dtype", "auto"))
+            artefact = self.runner.describe()
+            return {"artefact": artefact,
+                    "environment": {**environment(self.runner.device), "dtype": artefact["dtype"]},
                     "memory_method": latency.memory_method(self.runner.device)}
         runner = self.runner
         if runner is None:

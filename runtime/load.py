@@ -250,13 +250,14 @@ def _place(model: nn.Module, ckpt: CompressedCheckpoint, linears: dict[str, str]
     return placements
 
 
-def load_backend(backend: str, path: str | Path, device: str | torch.device = "cpu") -> CompressedModel:
+def load_backend(backend: str, path: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> CompressedModel:
     """:func:`load_compressed` as a runtime backend of :data:`BACKEND_LAYOUTS` runs it (layouts, dtype, policy)."""
     if backend not in BACKEND_LAYOUTS:
         raise SurgeonError(f"unknown sparse backend {backend!r}; available: {', '.join(BACKEND_LAYOUTS)}")
     device = torch.device(device)
     try:
-        return load_compressed(path, device=device, dtype=backend_dtype(backend, device),
+        return load_compressed(path, device=device, dtype=dtype or backend_dtype(backend, device),
                                policy=BACKEND_POLICY.get(backend, "auto"), layouts=BACKEND_LAYOUTS[backend])
     except SurgeonError as exc:
         raise SurgeonError(f"backend {backend} cannot run {path}: {exc}") from None

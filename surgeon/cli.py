@@ -600,6 +600,7 @@ def bench_cmd(
         help="Models as [LABEL=]PATH (or 'default'); the first is the baseline of every ratio.")] = None,
     backend: Annotated[Optional[list[str]], typer.Option(help="Backend for all models, or once per model.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, float16 on CUDA), float32, float16 or bfloat16.")] = "auto",
     prefill: Annotated[str, typer.Option(help="Prefill cells BATCHxLENGTH, comma-separated ('none' to skip).")] = "1x128,8x512",
     decode: Annotated[str, typer.Option(help="Decode batch sizes, comma-separated ('none' to skip).")] = "1,8",
     new_tokens: Annotated[int, typer.Option(help="Timed greedy decode steps per repetition.")] = 128,
@@ -633,7 +634,7 @@ def bench_cmd(
     ppl = None if no_ppl else PplConfig(windows=ppl_windows, seq_len=ppl_seq_len, text=str(text) if text else None,
                                         data_dir=str(data_dir) if data_dir else None)
     cfg = BenchConfig(
-        models=parse_models(models or ["default"], backend or ["torch"]), device=resolve_device(device),
+        models=parse_models(models or ["default"], backend or ["torch"]), device=resolve_device(device), dtype=dtype,
         threads=torch.get_num_threads(), prefill=parse_prefill(prefill), decode=parse_batches(decode),
         prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, warmup=warmup, seed=seed, ppl=ppl,
         isolation=isolation, progress=not quiet,  # type: ignore[arg-type]

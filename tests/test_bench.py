@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import latency
-from benchmarks.backends import TorchRunner
+from benchmarks.backends import TorchRunner, bench_dtype
 from benchmarks.metrics import perplexity
 from benchmarks.worker import ProcessClient, serve
 from benchmarks.run import (
@@ -200,6 +200,19 @@ def test_bad_inputs_are_user_errors(models: dict, tmp_path: Path) -> None:
         run_benchmark(config(models, models=[ModelSpec("d", str(models["dense"]), "tensorrt")]))
     with pytest.raises(SurgeonError, match="at least 5"):
         run_benchmark(config(models, repeat=3))
+    with pytest.raises(SurgeonError, match=r"^--dtype half: choose auto, float32, float16, bfloat16$"):
+        run_benchmark(config(models, dtype="half"))
+
+
+def test_dtype_choice_reaches_the_model_and_the_record(models: dict) -> None:
+    assert bench_dtype("auto", "cpu") == torch.float32 and bench_dtype("auto", "cuda") == torch.float16
+    assert bench_dtype("bfloat16", "cpu") == torch.bfloat16
+    res = run_benchmark(config(models, dtype="bfloat16", ppl=None, prefill=[(1, 8)], decode=[],
+                               models=[ModelSpec("dense", str(models["dense"]))]))
+    m = res["models"][0]
+    assert m["artefact"]["dtype"] == "bfloat16" and m["environment"]["dtype"] == "bfloat16"
+    assert res["environment"]["dtype"] == "bfloat16" and m["prefill"][0]["status"] == "ok"
+    assert res["config"]["dtype"] == "bfloat16"
 
 
 def test_process_isolation(models: dict, tmp_path: Path) -> None:
