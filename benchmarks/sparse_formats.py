@@ -10,7 +10,7 @@ the dense one to take about 20 ms); per cell the median of the repetitions, the 
 
 CUDA (only when a GPU is visible): float16 dense ``F.linear`` against semi-structured 2:4 weights on
 each kernel :func:`runtime.semi_structured.choose_backend` allows (cuSPARSELt, CUTLASS), in the
-default model's shapes and a 7B model's (11008x4096, 4096x11008) at 2048 and 4096 tokens, timed
+default model's shapes and a 7B model's (11008x4096, 4096x11008) from 1 to 4096 tokens, timed
 with CUDA events after synchronising. Without a GPU that section reads ``skipped: no CUDA``.
 
 Usage: ``python -m benchmarks.sparse_formats [--out benchmarks/results/sparse_formats.json] [--repeat 7]``
@@ -43,7 +43,7 @@ CPU_SHAPES = ((1536, 576), (576, 1536))  # W [out, in]: gate/up, down of SmolLM2
 CPU_TOKENS = (1, 128)
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 CUDA_SHAPES = ((1536, 576), (576, 1536), (11008, 4096), (4096, 11008))  # default model, Llama-2-7B MLP
-CUDA_TOKENS = (2048, 4096)
+CUDA_TOKENS = (1, 16, 64, 512, 2048, 4096)  # decode-sized calls too: where does 2:4 start to win?
 TARGET_SECONDS = 0.02  # per timed repetition of the dense linear
 
 
