@@ -77,16 +77,21 @@ def cell_args(cell: str) -> list[str]:
 BENCH_BACKENDS = ("torch", "onnxruntime", "torch-24", "torch-24-sparse", "torch-csr")
 
 
+def cell_target(cell: str) -> str:
+    """``"wanda:4:8+sds@global"`` -> ``"4:8"``: the cell's sparsity target as written."""
+    return cell.split("@", 1)[0].removesuffix("+sds").split(":", 1)[1]
+
+
 def cell_kind(cell: str) -> str:
     """``"structured"``, ``"N:M"`` or ``"unstructured"``: what a cell's target removes."""
-    target = cell.split("@", 1)[0].removesuffix("+sds").split(":", 1)[1]
+    target = cell_target(cell)
     return "structured" if target.startswith("s") else ("N:M" if ":" in target else "unstructured")
 
 
 def bench_skip(backend: str, kind: str) -> str | None:
     """Why ``backend`` has nothing to measure for a cell of ``kind``, or None when it applies."""
     if backend.startswith("torch-24") and kind != "N:M":
-        return f"{backend} runs 2:4 packs; this cell's mask has no N:M pattern"
+        return f"{backend} runs N:M packs; this cell's mask has no N:M pattern"
     if backend == "torch-csr" and kind == "structured":
         return "structured pruning leaves smaller dense matrices, no zeros to store sparsely"
     return None
@@ -173,8 +178,8 @@ def bench_cell(cell: str, model_dir: Path, backends: list[str], work: Path, out_
                 continue
             models += [("dense-ort", str(dense_onnx), "onnxruntime"), ("pruned-ort", str(model_dir.parent / "onnx"), "onnxruntime")]
         else:
-            layout = "2:4" if backend.startswith("torch-24") else "csr"
-            packed = model_dir.parent / ("torch-24" if layout == "2:4" else backend)  # one 2:4 pack for both 2:4 backends
+            layout = cell_target(cell) if backend.startswith("torch-24") else "csr"  # the cell's N:M pattern
+            packed = model_dir.parent / ("torch-24" if backend.startswith("torch-24") else backend)  # one N:M pack for both
             if not packed.is_dir() and (err := _cli(["pack", str(model_dir), "--format", layout, "--out", str(packed)],
                                                     None)) is not None:
                 record["errors"][backend] = f"pack --format {layout}: {err}"

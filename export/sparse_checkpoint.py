@@ -1,4 +1,4 @@
-"""Compressed checkpoint directories: decoder linears as 2:4, CSR or BSR parts in one safetensors file.
+"""Compressed checkpoint directories: decoder linears as N:M (2:4), CSR or BSR parts in one safetensors file.
 
 A directory written by :func:`pack_checkpoint` (``surgeon-export pack``), atomically:
 
@@ -25,7 +25,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -33,10 +33,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from export.checkpoint import REPORT_FILE, write_atomically
-from export.semi_structured import check_24, pack_24, unpack_24
+from export.semi_structured import check_nm, pack_24, pack_nm, unpack_24, unpack_nm
 from export.sparse_csr import PARTS, pack_bsr, pack_csr, unpack_compressed
 from surgeon.errors import SurgeonError
 from surgeon.loading import LoadedModel, check_safetensors, quiet_transformers, read_config
+from surgeon.prune.patterns import NMPattern
 
 FORMAT = "surgeon-sparse"
 FORMAT_VERSION = 1
@@ -45,9 +46,7 @@ MANIFEST_FILE = "surgeon_sparse.json"
 README_FILE = "README.md"
 OWN_FILES = (WEIGHTS_FILE, MANIFEST_FILE, README_FILE)
 EXTRA_FILES = ("modeling_surgeon.py", REPORT_FILE)  # copied from the source directory when present
-Layout = Literal["2:4", "csr", "bsr"]
-LAYOUTS: tuple[str, ...] = ("2:4", "csr", "bsr")
-LAYOUT_PARTS = {"2:4": ("values", "meta"), "csr": PARTS, "bsr": PARTS}
+LAYOUTS: tuple[str, ...] = ("2:4", "csr", "bsr")  # and any other N:M as "K:M" (4:8, 1:4, ...)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -55,17 +54,38 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def nm_pattern(layout: object) -> NMPattern | None:
+    """The N:M pattern a layout name ``"K:M"`` stands for; None for csr, bsr and anything else."""
+    if not isinstance(layout, str) or layout.count(":") != 1:
+        return None
+    try:
+        return NMPattern.parse(layout)
+    except SurgeonError:
+        return None
+
+
+def is_layout(layout: object) -> bool:
+    return layout in LAYOUTS or nm_pattern(layout) is not None
+
+
+def layout_parts(layout: str) -> tuple[str, ...]:
+    """The tensors a packed weight of ``layout`` is stored as (``KEY.PART``)."""
+    if layout == "2:4":
+        return ("values", "meta")
+    return PARTS if layout in ("csr", "bsr") else ("values", "mask")
+
+
 @dataclass
 class PackConfig:
     """How ``surgeon-export pack`` writes the decoder linears."""
 
-    layout: Layout = "2:4"
+    layout: str = "2:4"  # "K:M" (2:4, 4:8, 1:4, ...), "csr" or "bsr"
     dtype: str | None = None  # float32, float16 or bfloat16; None keeps the loaded dtype
     blocksize: tuple[int, int] = (4, 4)  # BSR block (rows, cols)
 
     def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise SurgeonError(f"--format must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if not is_layout(self.layout):
+            raise SurgeonError(f"--format must be 2:4 (or another N:M such as 4:8), csr or bsr, got {self.layout!r}")
         if self.dtype is not None and self.dtype not in ("float32", "float16", "bfloat16"):
             raise SurgeonError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
@@ -88,12 +108,15 @@ class PackedTensor:
         """The dense ``[R, C]`` weight (parts checked first)."""
         if self.layout == "2:4":
             return unpack_24(self.parts["values"], self.parts["meta"], self.shape, self.dtype, self.key)
+        pattern = nm_pattern(self.layout)
+        if pattern is not None:
+            return unpack_nm(self.parts["values"], self.parts["mask"], self.shape, self.dtype, pattern, self.key)
         return self.sparse().to_dense()
 
     def sparse(self) -> torch.Tensor:
-        """The weight as a checked torch sparse CSR or BSR tensor (not for 2:4)."""
-        if self.layout == "2:4":
-            raise ValueError("2:4 weights become semi-structured tensors in runtime/semi_structured.py")
+        """The weight as a checked torch sparse CSR or BSR tensor (not for N:M)."""
+        if nm_pattern(self.layout) is not None:
+            raise ValueError("N:M weights load dense, or as semi-structured tensors (runtime/semi_structured.py)")
         return unpack_compressed(self.parts, self.shape, self.dtype, self.key, self.blocksize)
 
     @property
@@ -120,11 +143,15 @@ class CompressedCheckpoint:
 
 
 def pack_tensor(W: torch.Tensor, key: str, cfg: PackConfig) -> PackedTensor:
-    """Pack one 2-D weight in ``cfg.layout`` (2:4 is checked first: a SurgeonError names the row)."""
+    """Pack one 2-D weight in ``cfg.layout`` (N:M is checked first: a SurgeonError names the row)."""
     shape = (int(W.shape[0]), int(W.shape[1]))
     if cfg.layout == "2:4":
         values, meta = pack_24(W, key)
         return PackedTensor(key, "2:4", shape, W.dtype, {"values": values, "meta": meta})
+    pattern = nm_pattern(cfg.layout)
+    if pattern is not None:
+        values, mask = pack_nm(W, pattern, key)
+        return PackedTensor(key, cfg.layout, shape, W.dtype, {"values": values, "mask": mask})
     if cfg.layout == "csr":
         return PackedTensor(key, "csr", shape, W.dtype, pack_csr(W))
     block = (int(cfg.blocksize[0]), int(cfg.blocksize[1]))
@@ -155,8 +182,8 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
 def pack_checkpoint(lm: LoadedModel, out: Path, cfg: PackConfig, *, force: bool = False) -> dict:
     """Write ``lm`` as a compressed directory at ``out``; returns the manifest (with measured sizes).
 
-    Every decoder linear's pattern is checked in the tensors being written (2:4: at least 2 zeros in
-    every 4 consecutive inputs), never taken from the pruner's word; the written file is read back
+    Every decoder linear's pattern is checked in the tensors being written (N:M: at least M - N
+    zeros in every M consecutive inputs), never taken from the pruner's word; the written file is read back
     and every packed weight compared with its source before the directory is renamed into place.
 
     Args:
@@ -172,15 +199,16 @@ def pack_checkpoint(lm: LoadedModel, out: Path, cfg: PackConfig, *, force: bool 
     dtype = DTYPES[cfg.dtype] if cfg.dtype else next(iter(state.values())).dtype
     keys = [f"{name}.weight" for name in lm.adapter.decoder_linears(model)]
     state = {k: _cast(v, dtype, k) for k, v in state.items()}
-    if cfg.layout == "2:4":
+    pattern = nm_pattern(cfg.layout)
+    if pattern is not None:
         failing = []
         for key in keys:
             try:
-                check_24(state[key], key)
+                check_nm(state[key], pattern, key)
             except SurgeonError as exc:
                 failing.append(str(exc))
         if failing:
-            raise SurgeonError(f"{failing[0]} ({len(failing)} of {len(keys)} decoder linears are not 2:4)")
+            raise SurgeonError(f"{failing[0]} ({len(failing)} of {len(keys)} decoder linears are not {pattern})")
     packed = {key: pack_tensor(state[key], key, cfg) for key in keys}
     tensors = {k: v for k, v in state.items() if k not in packed}
     for key, p in packed.items():
@@ -238,7 +266,7 @@ def _readme(manifest: dict) -> str:
         f"{layout} parts in `{WEIGHTS_FILE}` (layout: export/semi_structured.py and export/sparse_csr.py of "
         "surgeon-export); every other tensor is dense. There is no `model.safetensors`: plain transformers "
         "cannot load this directory directly.\n\n"
-        "- run it: `surgeon-export bench DIR --backend torch-24` (2:4) or `--backend torch-csr` (CSR/BSR), "
+        "- run it: `surgeon-export bench DIR --backend torch-24` (N:M) or `--backend torch-csr` (CSR/BSR), "
         "or `runtime.load.load_compressed(DIR)`;\n"
         "- make a normal checkpoint: `surgeon-export densify DIR --out DENSE_DIR`.\n"
     )
@@ -270,7 +298,7 @@ def _entry(key: str, raw: object) -> tuple[str, tuple[int, int], torch.dtype, tu
     if not isinstance(raw, dict):
         raise SurgeonError(f"{key}: packed metadata entry is not an object")
     layout, shape, dtype, block = raw.get("layout"), raw.get("shape"), raw.get("dtype"), raw.get("blocksize")
-    if layout not in LAYOUTS:
+    if not is_layout(layout):
         raise SurgeonError(f"{key}: unknown layout {layout!r} in the metadata")
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
         raise SurgeonError(f"{key}: metadata shape {shape!r} is not [rows, cols]")
@@ -319,7 +347,7 @@ def read_compressed(directory: Path, *, check_manifest: bool = True) -> Compress
         version = meta.get("format_version")
         _check_version(int(version) if isinstance(version, str) and version.isdigit() else version, str(path))
         file_layout = meta.get("layout")
-        if file_layout not in LAYOUTS or file_layout != manifest.get("layout", file_layout):
+        if not is_layout(file_layout) or file_layout != manifest.get("layout", file_layout):
             raise SurgeonError(f"{path}: header layout {file_layout!r} does not match the manifest's "
                                f"{manifest.get('layout')!r}")
         try:
@@ -334,7 +362,7 @@ def read_compressed(directory: Path, *, check_manifest: bool = True) -> Compress
         layout, shape, dtype, block = _entry(key, raw)
         if layout != file_layout:
             raise SurgeonError(f"{key}: layout {layout} in a {file_layout} file")
-        names = {part: f"{key}.{part}" for part in LAYOUT_PARTS[layout]}
+        names = {part: f"{key}.{part}" for part in layout_parts(layout)}
         missing = [n for n in names.values() if n not in stored]
         if missing:
             raise SurgeonError(f"{key}: packed part {missing[0]} is missing from {path.name}")

@@ -6,7 +6,7 @@ version, header, metadata against values, shapes against the config) happen in
 :func:`export.sparse_checkpoint.read_compressed`; the config and tokenizer come through the pieces
 of :mod:`surgeon.loading`. Then the packed decoder linears are placed:
 
-- 2:4: unpacked; on a CUDA GPU each layer becomes a semi-structured sparse tensor on the kernel
+- N:M (2:4, and 4:8, 1:4, ... whose weights are also 2:4 where a layer's are): unpacked; on a CUDA GPU each layer becomes a semi-structured sparse tensor on the kernel
   :func:`runtime.semi_structured.choose_backend` picks, and layers it cannot take stay dense with
   the reason recorded (:attr:`CompressedModel.placements`); under the ``auto`` policy each distinct
   kernel shape is first timed against dense on the device (:func:`runtime.semi_structured.tune`):
@@ -37,21 +37,22 @@ import torch
 from torch import nn
 
 from export.checkpoint import REPORT_FILE
-from export.sparse_checkpoint import DTYPES, WEIGHTS_FILE, CompressedCheckpoint, read_compressed
+from export.sparse_checkpoint import DTYPES, WEIGHTS_FILE, CompressedCheckpoint, nm_pattern, read_compressed
 from runtime.semi_structured import Dispatch, Policy, Prefer, device_dispatch, to_semi_structured_linear, tune, tuned
 from runtime.sparse_linear import SparseLinear
 from surgeon.adapters import get_adapter
 from surgeon.errors import SurgeonError
 from surgeon.loading import LoadedModel, quiet_transformers
+from surgeon.prune.patterns import NMPattern
 
 log = logging.getLogger(__name__)
-BACKEND_LAYOUTS = {"torch-24": ("2:4",), "torch-24-sparse": ("2:4",), "torch-csr": ("csr", "bsr")}  # layouts read
+BACKEND_LAYOUTS = {"torch-24": ("N:M",), "torch-24-sparse": ("N:M",), "torch-csr": ("csr", "bsr")}  # layouts read
 BACKEND_POLICY: dict[str, Policy] = {"torch-24-sparse": "sparse"}  # 2:4 policy per backend; others "auto"
 
 
 def backend_dtype(backend: str, device: torch.device) -> torch.dtype:
     """2:4 backends: float16 on CUDA (the 2:4 kernels' dtype), float32 on CPU; ``torch-csr``: float32."""
-    return torch.float16 if "2:4" in BACKEND_LAYOUTS[backend] and device.type == "cuda" else torch.float32
+    return torch.float16 if "N:M" in BACKEND_LAYOUTS[backend] and device.type == "cuda" else torch.float32
 
 
 @dataclass
@@ -68,8 +69,8 @@ class CompressedModel:
         return dict(Counter(d.kernel for d in self.placements.values()))
 
     def fallbacks(self) -> dict[str, str]:
-        """Packed 2:4 linears left dense on a GPU, with the reason (empty on CPU and for CSR/BSR)."""
-        if self.lm.model.device.type != "cuda" or self.layout != "2:4":
+        """Packed N:M linears left dense on a GPU, with the reason (empty on CPU and for CSR/BSR)."""
+        if self.lm.model.device.type != "cuda" or nm_pattern(self.layout) is None:
             return {}
         return {k: d.reason for k, d in self.placements.items() if d.kernel == "dense"}
 
@@ -160,7 +161,7 @@ def load_compressed(
         policy: ``auto``: time each 2:4 kernel shape against dense on the GPU and use whichever is
             faster per layer and call size (dense copies cost memory); ``sparse``: 2:4 kernels
             wherever they run, nothing timed (the least memory).
-        layouts: accept only these layouts (a backend's), else a SurgeonError.
+        layouts: accept only these layouts (a backend's; ``"N:M"`` stands for every N:M pattern), else a SurgeonError.
 
     Example:
         >>> cm = load_compressed("m24-packed")  # doctest: +SKIP
@@ -173,10 +174,10 @@ def load_compressed(
     device = torch.device(device)
     ckpt = read_compressed(directory)
     layout = str(ckpt.manifest["layout"])
-    if layouts is not None and layout not in layouts:
+    if layouts is not None and not (layout in layouts or ("N:M" in layouts and nm_pattern(layout) is not None)):
         raise SurgeonError(f"{directory} holds {layout} weights; this backend reads {' or '.join(layouts)}")
     dtype = dtype or DTYPES.get(str(ckpt.manifest.get("dtype")), torch.float32)
-    if layout != "2:4" and device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+    if nm_pattern(layout) is None and device.type == "cpu" and dtype not in (torch.float32, torch.float64):
         raise SurgeonError(f"torch's CPU sparse matmul has no {str(dtype).removeprefix('torch.')} kernel; "
                            "load CSR/BSR checkpoints as float32 on CPU")
     adapter = get_adapter(ckpt.config["model_type"])
@@ -188,7 +189,7 @@ def load_compressed(
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.dense.items()}
     for key, packed in ckpt.packed.items():
         name = linears[key]
-        if packed.layout == "2:4":
+        if nm_pattern(packed.layout) is not None:
             state[key] = packed.dense().to(dtype)
         else:
             model.set_submodule(name, SparseLinear(packed.sparse().to(dtype), state.pop(f"{name}.bias", None)))
@@ -211,11 +212,15 @@ def _place(model: nn.Module, ckpt: CompressedCheckpoint, linears: dict[str, str]
     placements: dict[str, Dispatch] = {}
     timings: dict[tuple[Dispatch, tuple[int, int]], dict[int, tuple[float, float]]] = {}  # one tuning per shape
     for key, packed in ckpt.packed.items():
-        if packed.layout != "2:4":
+        if nm_pattern(packed.layout) is None:
             placements[key] = Dispatch(packed.layout, "SparseLinear (torch.sparse.mm)", packed.shape)
             continue
         name = linears[key]
         decision = device_dispatch(device, dtype, packed.shape, prefer)
+        if decision.kernel != "dense" and packed.layout != "2:4":  # another N:M: 2:4 kernels only where it is also 2:4
+            if not NMPattern().holds(model.get_submodule(name).weight != 0):
+                decision = Dispatch("dense", f"{packed.layout} weight is not also 2:4, the only pattern of the "
+                                             "sparse kernels", packed.shape)
         if decision.kernel != "dense" and policy == "auto":
             if (decision, packed.shape) not in timings:
                 try:
@@ -237,8 +242,9 @@ def _place(model: nn.Module, ckpt: CompressedCheckpoint, linears: dict[str, str]
                     model.set_submodule(name, module)
         placements[key] = decision
     dense = [d for d in placements.values() if d.kernel == "dense"]
-    if ckpt.manifest["layout"] == "2:4" and device.type != "cuda":
-        log.warning("2:4 weights loaded dense on %s: semi-structured kernels need a CUDA sm80+ GPU", device.type)
+    if nm_pattern(ckpt.manifest["layout"]) is not None and device.type != "cuda":
+        log.warning("%s weights loaded dense on %s: semi-structured kernels need a CUDA sm80+ GPU",
+                    ckpt.manifest["layout"], device.type)
     elif dense:
         log.warning("2:4 kernels: %s; %d layers fell back to dense (e.g. %s)",
                     dict(Counter(d.kernel for d in placements.values())), len(dense), dense[0].reason)

@@ -390,14 +390,14 @@ def run_cmd(
 def pack_cmd(
     model: ModelArg = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the compressed checkpoint here.")] = None,
-    layout: Annotated[str, typer.Option("--format", help="2:4 (semi-structured), csr or bsr (unstructured).")] = "2:4",
+    layout: Annotated[str, typer.Option("--format", help="2:4 or another N:M such as 4:8 (semi-structured), csr or bsr (unstructured).")] = "2:4",
     dtype: Annotated[Optional[str], typer.Option(help="Store as float32, float16 or bfloat16 (default: as loaded, float32).")] = None,
     blocksize: Annotated[str, typer.Option(help="bsr: block ROWSxCOLS dividing every decoder linear.")] = "4x4",
     force: Force = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Pack every decoder linear of a pruned model as 2:4, CSR or BSR (pattern checked in the weights)."""
+    """Pack every decoder linear of a pruned model as N:M (2:4), CSR or BSR (pattern checked in the weights)."""
     from export.checkpoint import prepare_target
     from export.sparse_checkpoint import PackConfig, pack_checkpoint
     from surgeon.loading import load_model

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import prune_report
-from benchmarks.prune_sweep import PRESETS, bench_skip, bench_summary, cell_args, cell_kind, parse_bench
+from benchmarks.prune_sweep import PRESETS, bench_skip, bench_summary, cell_args, cell_kind, cell_target, parse_bench
 
 
 def test_cell_grammar_maps_to_cli_options() -> None:
@@ -49,6 +49,7 @@ def test_summary_pivots_best_per_method_and_bolds_the_best(tmp_path: Path) -> No
 def test_bench_backends_apply_per_kind_of_cell() -> None:
     assert [cell_kind(c) for c in ("wanda:0.5+sds", "surgeon:2:4@global", "surgeon:s0.8@uniform")] == \
         ["unstructured", "N:M", "structured"]
+    assert cell_target("wanda:4:8+sds@global") == "4:8" and cell_target("surgeon:s0.8@uniform") == "s0.8"
     assert bench_skip("torch-24", "N:M") is None and bench_skip("torch-csr", "N:M") is None
     assert "N:M" in bench_skip("torch-24", "unstructured") and "N:M" in bench_skip("torch-24-sparse", "structured")
     assert bench_skip("torch-csr", "structured") and bench_skip("onnxruntime", "structured") is None

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from export.semi_structured import check_24, meta_columns, pack_24, packed_bytes, unpack_24
+from export.semi_structured import (
+    check_24, mask_columns, meta_columns, nm_bytes, pack_24, pack_nm, packed_bytes, unpack_24, unpack_nm,
+)
 from export.sparse_checkpoint import PackConfig, pack_checkpoint
 from runtime.load import load_compressed
 from runtime.semi_structured import (
@@ -29,22 +31,22 @@ SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 needs_sm80 = pytest.mark.skipif(not SM80, reason="needs a CUDA GPU with sm80+")
 
 
-def random_24(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """A random 2:4 weight with some blocks holding 3 or 4 zeros."""
+def random_24(rows: int, cols: int, dtype: torch.dtype, seed: int = 0, pattern: NMPattern = NMPattern()) -> torch.Tensor:
+    """A random weight with ``pattern`` (2:4) and some blocks holding more zeros."""
     gen = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=gen)
-    W = W * NMPattern().mask_from_scores(torch.rand(rows, cols, generator=gen))
+    W = W * pattern.mask_from_scores(torch.rand(rows, cols, generator=gen))
     W[torch.rand(rows, cols, generator=gen) < 0.1] = 0
     return W.to(dtype)
 
 
-def pruned_24_dir(tmp_path: Path, **overrides: object) -> tuple[nn.Module, Path]:
-    """A tiny Llama magnitude-pruned to 2:4 in every decoder linear, saved as a normal checkpoint."""
+def pruned_24_dir(tmp_path: Path, pattern: NMPattern = NMPattern(), **overrides: object) -> tuple[nn.Module, Path]:
+    """A tiny Llama magnitude-pruned to ``pattern`` (2:4) in every decoder linear, saved as a normal checkpoint."""
     model, tokenizer = make_tiny_llama(**overrides)
     with torch.no_grad():
         for linear in LLAMA.decoder_linears(model).values():
-            linear.weight.mul_(NMPattern().mask_from_scores(linear.weight.abs()))
-    path = tmp_path / "pruned24"
+            linear.weight.mul_(pattern.mask_from_scores(linear.weight.abs()))
+    path = tmp_path / f"pruned{pattern.block - pattern.n_zero}{pattern.block}"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, path
@@ -351,3 +353,107 @@ def test_dispatch_is_a_plain_value() -> None:
     d = choose_backend((8, 0), HALF, (32, 64))
     assert d == Dispatch("cusparselt", "sm80 cusparselt", (32, 64))
     assert d.to_dict() == {"kernel": "cusparselt", "reason": "sm80 cusparselt", "shape": [32, 64], "dense_below": 0}
+
+
+# ---- other N:M patterns: values plus a one-bit-per-weight mask ----
+
+def test_nm_known_answers() -> None:
+    W = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0]])
+    values, mask = pack_nm(W, NMPattern(4, 8), "w")
+    assert values.tolist() == [[1.0, 2.0, 3.0, 4.0]] and mask.tolist() == [[0x9A]]  # columns 1, 3, 4, 7
+    # 1:4 over 12 columns: a block of zeros stores its lowest position; 12 bits need 2 bytes, the rest 0
+    W = torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -6.0]])
+    values, mask = pack_nm(W, NMPattern(3, 4), "w")
+    assert values.tolist() == [[5.0, 0.0, -6.0]] and mask.tolist() == [[0x14, 0x08]]  # columns 2, 4, 11
+    assert torch.equal(unpack_nm(values, mask, (1, 12), torch.float32, NMPattern(3, 4), "w"), W)
+
+
+@pytest.mark.parametrize("text", ["1:4", "3:4", "2:8", "4:8", "1:2", "8:16", "2:4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nm_round_trip_is_exact_and_stores_the_nonzeros(text: str, dtype: torch.dtype) -> None:
+    pattern = NMPattern.parse(text)
+    W = random_24(24, 48, dtype, seed=3, pattern=pattern)
+    W = torch.where(W == 0, torch.zeros_like(W), W)  # zeros as +0.0 (a -0.0 not stored comes back +0.0, as for 2:4)
+    W[:2, : pattern.block] = 0
+    W[0, 1], W[1, 0] = float("nan"), float("-inf")  # NaN and inf come back bit for bit
+    values, mask = pack_nm(W, pattern, "w")
+    kept = pattern.block - pattern.n_zero
+    assert values.shape == (24, 48 // pattern.block * kept) and mask.shape == (24, mask_columns(48))
+    back = unpack_nm(values, mask, (24, 48), dtype, pattern, "w")
+    assert back.view(BITS[dtype]).equal(W.view(BITS[dtype]))  # bit for bit
+    # brute force: every nonzero is stored, and each block stores exactly `kept` positions
+    bits = torch.tensor([[(int(mask[r, j // 8]) >> (j % 8)) & 1 for j in range(48)] for r in range(24)], dtype=torch.bool)
+    assert bool(bits[W != 0].all()) and bool((bits.reshape(24, -1, pattern.block).sum(-1) == kept).all())
+    assert values.numel() * values.element_size() + mask.numel() == nm_bytes((24, 48), dtype, pattern)
+
+
+def test_nm_sizes_in_float16() -> None:
+    shape = (1536, 576)
+    dense = shape[0] * shape[1] * 2
+    assert nm_bytes(shape, torch.float16, NMPattern(4, 8)) / dense == 0.5625
+    assert nm_bytes(shape, torch.float16, NMPattern(3, 4)) / dense == 0.3125  # 1:4
+    assert nm_bytes(shape, torch.float16, NMPattern()) == packed_bytes(shape, torch.float16)  # same size as 2:4's nibbles
+
+
+def test_nm_rejects_a_weight_without_the_pattern_and_tampered_parts() -> None:
+    pattern = NMPattern(4, 8)
+    W = random_24(4, 16, torch.float32, pattern=pattern)
+    W[2, 9:14] = 1.0  # 5 nonzeros in columns 8..15 (block 1 of row 2)
+    with pytest.raises(SurgeonError, match=r"^w: not 4:8 sparse: row 2 has \d nonzeros in columns 8\.\.15 "
+                                           r"\(every 8 consecutive inputs need at least 4 zeros\); 1 of 4 rows fail$"):
+        pack_nm(W, pattern, "w")
+    with pytest.raises(SurgeonError, match="12 input columns are not a multiple of the 4:8 block size 8"):
+        pack_nm(torch.zeros(2, 12), pattern, "w")
+    values, mask = pack_nm(random_24(4, 12, torch.float32, pattern=NMPattern(3, 4)), NMPattern(3, 4), "w")
+    cases = [
+        (values, mask | torch.tensor([0, 0x10], dtype=torch.uint8), "mask row 0 has a bit set past column 11"),
+        (values, mask ^ torch.tensor([1, 0], dtype=torch.uint8) * (mask[:, :1] & 1 == 0), "row 0, block 0 marks 2 stored"),
+        (values[:, :2], mask, r"values have shape \[4, 2\], expected \[4, 3\]"),
+        (values.half(), mask, "values are torch.float16, metadata says torch.float32"),
+        (values, mask.to(torch.int16), "mask is torch.int16"),
+    ]
+    for v, m, message in cases:
+        with pytest.raises(SurgeonError, match=message):
+            unpack_nm(v, m, (4, 12), torch.float32, NMPattern(3, 4), "w")
+
+
+def test_48_checkpoint_packs_loads_and_densifies(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from export.sparse_checkpoint import densify
+
+    pattern = NMPattern(4, 8)
+    model, src = pruned_24_dir(tmp_path, pattern)
+    with pytest.raises(SurgeonError, match=r"not 2:4 sparse: .*decoder linears are not 2:4\)$"):
+        pack_checkpoint(load_model(src), tmp_path / "as24", PackConfig("2:4"))  # 4:8 is not 2:4
+    manifest = pack_checkpoint(load_model(src), tmp_path / "packed", PackConfig("4:8"))
+    assert manifest["layout"] == "4:8" and manifest["bytes"]["decoder_linear_ratio"] == 0.53125  # float32: 1/2 + 1/32
+    cm = load_compressed(tmp_path / "packed")
+    with torch.no_grad():
+        assert torch.equal(cm.lm.model(IDS).logits, model(IDS).logits)
+    from benchmarks.backends import BACKENDS
+
+    assert BACKENDS["torch-24"].load(str(tmp_path / "packed"), "cpu", "auto").describe()["format"] == "4:8"
+    with pytest.raises(SurgeonError, match="holds 4:8 weights; this backend reads csr or bsr"):
+        BACKENDS["torch-csr"].load(str(tmp_path / "packed"), "cpu", "auto")
+    densify(tmp_path / "packed", tmp_path / "dense")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", local_files_only=True)
+    for name, linear in LLAMA.decoder_linears(model).items():
+        assert torch.equal(plain.get_submodule(name).weight, linear.weight)
+
+
+def test_nm_layers_take_24_kernels_only_where_they_are_also_24(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake sm90 device (sparse policy, no timing): a 1:4 pack is 2:4 everywhere; a 4:8 pack of
+    random weights is 2:4 nowhere, and its layers stay dense with the reason."""
+    import runtime.load as load
+
+    monkeypatch.setattr(load, "device_dispatch", lambda device, dtype, shape, prefer: Dispatch("cusparselt", "sm90 cusparselt", shape))
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda W: W.clone())
+    for text, kernels in (("1:4", {"cusparselt": 14}), ("4:8", {"dense": 14})):
+        pattern = NMPattern.parse(text)
+        _, src = pruned_24_dir(tmp_path, pattern)
+        pack_checkpoint(load_model(src), tmp_path / f"packed{text}", PackConfig(text))
+        cm = load_compressed(tmp_path / f"packed{text}", policy="sparse")
+        assert cm.kernels() == kernels
+        if text == "4:8":
+            assert all("4:8 weight is not also 2:4" in d.reason for d in cm.placements.values())

@@ -200,8 +200,11 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], None], str]] = [
     ("metadata not JSON", lambda d: rewrite_header(
         d / WEIGHTS_FILE, lambda h: h["__metadata__"].update(packed="{not json")), "'packed' is not valid JSON"),
     ("unknown layout", lambda d: rewrite_header(
+        d / WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(layout="4:2"))),
+     f"{Q}: unknown layout '4:2'"),
+    ("another N:M layout in a 2:4 file", lambda d: rewrite_header(
         d / WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(layout="3:8"))),
-     f"{Q}: unknown layout '3:8'"),
+     f"{Q}: layout 3:8 in a 2:4 file"),
     ("layout differs from the manifest", lambda d: rewrite_header(
         d / WEIGHTS_FILE, lambda h: h["__metadata__"].update(layout="csr")),
      "header layout 'csr' does not match the manifest's '2:4'"),
