@@ -38,6 +38,8 @@ index by, at the same size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from surgeon.errors import SurgeonError
@@ -92,6 +94,23 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+def _check_parts(values: torch.Tensor, index: torch.Tensor, what: str, index_columns: Callable[[int], int],
+                 shape: tuple[int, int], dtype: torch.dtype, pattern: NMPattern, name: str) -> None:
+    """The shapes and dtypes of a packed N:M weight's ``values`` and uint8 ``index`` against its metadata."""
+    m, kept = pattern.block, pattern.block - pattern.n_zero
+    if len(shape) != 2 or shape[1] % m or min(shape) < 1:
+        raise SurgeonError(f"{name}: {pattern} shape {list(shape)} is not [rows, cols] with cols a multiple of {m}")
+    rows, cols = shape
+    if tuple(values.shape) != (rows, cols // m * kept):
+        raise SurgeonError(f"{name}: values have shape {list(values.shape)}, expected {[rows, cols // m * kept]} "
+                           f"for a {pattern} weight of shape {[rows, cols]}")
+    if values.dtype != dtype:
+        raise SurgeonError(f"{name}: values are {values.dtype}, metadata says {dtype}")
+    if index.dtype != torch.uint8 or tuple(index.shape) != (rows, index_columns(cols)):
+        raise SurgeonError(f"{name}: {pattern} {what} is {index.dtype} {list(index.shape)}, "
+                           f"expected torch.uint8 {[rows, index_columns(cols)]}")
+
+
 def _kept_positions(blocks: torch.Tensor, kept: int) -> torch.Tensor:
     """``[R, B, K]`` increasing in-block positions to store from ``blocks [R, B, M]``: nonzeros
     first, then zeros, lowest position first."""
@@ -138,17 +157,8 @@ def unpack_24(
     Raises:
         SurgeonError: naming ``name`` (and the row) when shapes, dtypes or metadata are inconsistent.
     """
-    if len(shape) != 2 or shape[1] % BLOCK or min(shape) < 1:
-        raise SurgeonError(f"{name}: 2:4 shape {list(shape)} is not [rows, cols] with cols a multiple of 4")
+    _check_parts(values, meta, "metadata", meta_columns, shape, dtype, NMPattern(), name)
     rows, cols = shape
-    if tuple(values.shape) != (rows, cols // 2):
-        raise SurgeonError(f"{name}: values have shape {list(values.shape)}, expected {[rows, cols // 2]} "
-                           f"for a 2:4 weight of shape {[rows, cols]}")
-    if values.dtype != dtype:
-        raise SurgeonError(f"{name}: values are {values.dtype}, metadata says {dtype}")
-    if meta.dtype != torch.uint8 or tuple(meta.shape) != (rows, meta_columns(cols)):
-        raise SurgeonError(f"{name}: 2:4 metadata is {meta.dtype} {list(meta.shape)}, "
-                           f"expected torch.uint8 {[rows, meta_columns(cols)]}")
     nibbles = torch.stack([meta & 15, meta >> 4], dim=-1).reshape(rows, -1)  # [R, 2 * ceil(C/8)]
     n_blocks = cols // BLOCK
     if nibbles.shape[1] > n_blocks and bool((nibbles[:, n_blocks:] != 0).any()):
@@ -208,18 +218,9 @@ def unpack_nm(values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int], 
     Raises:
         SurgeonError: naming ``name`` (and the row) when shapes, dtypes or the mask are inconsistent.
     """
+    _check_parts(values, mask, "mask", mask_columns, shape, dtype, pattern, name)
     m, kept = pattern.block, pattern.block - pattern.n_zero
-    if len(shape) != 2 or shape[1] % m or min(shape) < 1:
-        raise SurgeonError(f"{name}: {pattern} shape {list(shape)} is not [rows, cols] with cols a multiple of {m}")
     rows, cols = shape
-    if tuple(values.shape) != (rows, cols // m * kept):
-        raise SurgeonError(f"{name}: values have shape {list(values.shape)}, expected {[rows, cols // m * kept]} "
-                           f"for a {pattern} weight of shape {[rows, cols]}")
-    if values.dtype != dtype:
-        raise SurgeonError(f"{name}: values are {values.dtype}, metadata says {dtype}")
-    if mask.dtype != torch.uint8 or tuple(mask.shape) != (rows, mask_columns(cols)):
-        raise SurgeonError(f"{name}: {pattern} mask is {mask.dtype} {list(mask.shape)}, "
-                           f"expected torch.uint8 {[rows, mask_columns(cols)]}")
     bits = ((mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).bool().reshape(rows, -1)  # [R, 8*ceil(C/8)]
     if bool(bits[:, cols:].any()):
         row = int(bits[:, cols:].any(-1).nonzero()[0])
