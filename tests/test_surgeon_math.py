@@ -392,3 +392,24 @@ def test_lazy_damped_factors_equal_prepare_and_keep_few() -> None:
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert len(lazy._cache) == 2 and list(lazy._cache) == ["l3", "l4"]
     assert lazy["l4"] is lazy["l4"]  # cached: the same tensors, not recomputed
+
+
+def test_lazy_damped_recomputes_with_the_damping_that_worked(caplog: pytest.LogCaptureFixture) -> None:
+    """A factor that needs more damping than asked is factorised with it again after eviction:
+    the same tensors, and its Cholesky warnings logged once, not at every recomputation."""
+    import logging
+
+    from surgeon.curvature.kfac import KronFactor, LazyDamped
+
+    bad = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # eigenvalues 3 and -1: needs damping
+    good = make_layer(7)
+    raw = {"bad": KronFactor(bad, torch.eye(3, dtype=torch.float64)), "good": KronFactor(good.A, good.G)}
+    lazy = LazyDamped(raw, 0.01, 0.01, cache=1)
+    with caplog.at_level(logging.WARNING, logger="surgeon.curvature.kfac"):
+        first = lazy["bad"]
+        warnings = len(caplog.records)
+        lazy["good"]  # evicts "bad"
+        again = lazy["bad"]
+    assert warnings >= 2 and len(caplog.records) == warnings
+    assert again is not first and all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    assert bool((torch.linalg.eigvalsh(first.A) > 0).all())

@@ -145,10 +145,15 @@ def prepare(A: Tensor, G: Tensor, lam_A: float = 0.01, lam_G: float = 0.01) -> D
         >>> bool(torch.allclose(A @ A_inv, torch.eye(3, dtype=torch.float64)))
         True
     """
+    return _prepare(A, G, lam_A, lam_G)[0]
+
+
+def _prepare(A: Tensor, G: Tensor, lam_A: float, lam_G: float) -> tuple[DampedKron, float, float]:
+    """:func:`prepare`, and the dampings it ended up using (raised where Cholesky needed it)."""
     A, G = rescale(A.to(torch.float64), G.to(torch.float64))
     A_inv, lam_A = inverse_spd(A, lam_A)
     G_inv, lam_G = inverse_spd(G, lam_G)
-    return DampedKron(damp(A, lam_A), damp(G, lam_G), A_inv, G_inv)
+    return DampedKron(damp(A, lam_A), damp(G, lam_G), A_inv, G_inv), lam_A, lam_G
 
 
 class LazyDamped(Mapping[str, DampedKron]):
@@ -158,18 +163,23 @@ class LazyDamped(Mapping[str, DampedKron]):
     (four ``d²`` matrices per linear, shared ``A`` copied per linear by the rescaling); a pass that
     goes layer by layer needs only the current layer's, so the most recently used ``cache`` are kept
     and the rest recomputed on demand (one Cholesky inverse of each factor, cheap next to K-FAC).
+    A recomputation starts from the damping the first one ended with, so a factor that needed more
+    damping is factorised once, and its warning logged once.
     """
 
     def __init__(self, factors: KronFactors, lam_A: float, lam_G: float, cache: int = 8) -> None:
-        self._factors, self._lam_A, self._lam_G, self._size = factors, lam_A, lam_G, cache
+        self._factors, self._size = factors, cache
         self._cache: OrderedDict[str, DampedKron] = OrderedDict()
+        self._lams: dict[str, tuple[float, float]] = {}  # per linear: the dampings that worked
+        self._default = (lam_A, lam_G)
 
     def __getitem__(self, name: str) -> DampedKron:
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
         f = self._factors[name]
-        damped = prepare(f.A, f.G, self._lam_A, self._lam_G)
+        damped, lam_A, lam_G = _prepare(f.A, f.G, *self._lams.get(name, self._default))
+        self._lams[name] = (lam_A, lam_G)
         self._cache[name] = damped
         while len(self._cache) > self._size:
             self._cache.popitem(last=False)
