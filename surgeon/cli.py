@@ -123,6 +123,7 @@ def prune_cmd(
     calib_samples: Annotated[Optional[int], typer.Option(help="Calibration windows (default 64; 16 for surgeon --structured).")] = None,
     shots: Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")] = 3,
     kfac_samples: Annotated[Optional[int], typer.Option(help="surgeon: windows for K-FAC's backward passes (G); A then comes from all --calib-samples, forward only (default 16 for unstructured and N:M, all windows for --structured).")] = None,
+    kfac_batch: Annotated[int, typer.Option(help="surgeon: windows per K-FAC forward/backward pass; 1 cuts the default model's peak memory from 9.3 to 5.7 GiB for ~25% more K-FAC time (same factors up to rounding).")] = 4,
     allocation: Annotated[str, typer.Option(help="surgeon: global (compare costs across layers) or uniform.")] = "global",
     correlation: Annotated[str, typer.Option(help="surgeon: joint (exact OBS update of all removals under G x A), rows (per-row updates spread through G) or none (per row, G ignored).")] = "joint",
     group_cost: Annotated[str, typer.Option(help="surgeon --structured: output (down/o column costs and updates; default, measured best) or sum (every member of a coupled group).")] = "output",
@@ -182,6 +183,8 @@ def prune_cmd(
     n_calib = calib_samples if calib_samples is not None else (16 if surgeon_structured else 64)
     if n_calib < 1:
         raise SurgeonError(f"--calib-samples must be at least 1, got {n_calib}")
+    if kfac_batch < 1:
+        raise SurgeonError(f"--kfac-batch must be at least 1, got {kfac_batch}")
     if kfac_samples is None and method == "surgeon" and not surgeon_structured and n_calib > 16:
         kfac_samples = 16
     target_sparsity = check_sparsity(sparsity) if sparsity is not None else None
@@ -194,7 +197,7 @@ def prune_cmd(
             shots=shots if method == "surgeon" else 1,
             allocation=allocation,  # type: ignore[arg-type]
             correlation=correlation, fisher=fisher, group_cost=group_cost,  # type: ignore[arg-type]
-            kfac_windows=kfac_samples,
+            kfac_windows=kfac_samples, batch_size=kfac_batch,
         )
     else:
         cfg = PruneConfig(

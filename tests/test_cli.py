@@ -142,6 +142,7 @@ def test_prune_with_sds_refinement_writes_a_2_4_checkpoint(
         (("--method", "wanda", "--sparsity", "0.5", "--refine", "lora"), "--refine must be one of"),
         (("--method", "wanda", "--structured", "0.5", "--refine", "sds"), "--refine sds works on unstructured"),
         (("--method", "wanda", "--sparsity", "0.5", "--refine", "sds", "--sds-l1", "-1"), "SDS l1 must be"),
+        (("--method", "surgeon", "--sparsity", "0.5", "--kfac-batch", "0"), "--kfac-batch must be at least 1"),
     ],
 )
 def test_prune_bad_options(tiny_llama_dir: Path, args: tuple[str, ...], message: str) -> None:

@@ -41,8 +41,11 @@ def test_kfac_factors_match_autograd() -> None:
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
     expected = explicit_factors(model, windows)
     assert set(factors) == set(expected)
+    one_at_a_time = kfac_factors(model, LLAMA, windows, batch_size=1)  # prune --kfac-batch 1: the same factors
     for name, (A, G) in expected.items():
         torch.testing.assert_close(factors[name].A, A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(one_at_a_time[name].A, A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(one_at_a_time[name].G, factors[name].G, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(factors[name].G, G, rtol=1e-10, atol=1e-12)
     q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
     assert factors[q].A is factors[k].A  # one tensor for linears sharing an input
