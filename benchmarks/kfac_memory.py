@@ -41,7 +41,11 @@ def measure(batch: int, windows: int, factors_out: Path) -> dict:
     factors = kfac_factors(lm.model, lm.adapter, ids, batch_size=batch)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    save_file({f"{n}.{k}": getattr(f, k).contiguous() for n, f in factors.items() for k in ("A", "G")}, str(factors_out))
+    unique: dict[int, tuple[str, torch.Tensor]] = {}  # linears of one input group share their A
+    for n, f in factors.items():
+        for k in ("A", "G"):
+            unique.setdefault(getattr(f, k).data_ptr(), (f"{n}.{k}", getattr(f, k)))
+    save_file({name: t.contiguous() for name, t in unique.values()}, str(factors_out))
     return {"batch": batch, "windows": windows, "seconds": seconds, "peak_rss_bytes": peak}
 
 
