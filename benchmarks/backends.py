@@ -158,12 +158,15 @@ register_backend(Backend("torch", TorchRunner))
 
 
 def _load_onnxruntime(spec: str | None, device: str, dtype: str = "auto") -> Runner:
+    import numpy as np
+
     from benchmarks.onnx_backend import OrtRunner  # onnxruntime is imported only when this backend is used
 
     runner = OrtRunner(spec, device)
-    if dtype != "auto" and runner.describe()["dtype"] != dtype:
-        raise SurgeonError(f"backend onnxruntime runs {spec} in the dtype it was exported in "
-                           f"({runner.describe()['dtype']}), not {dtype}; export with `surgeon-export onnx --dtype`")
+    exported = np.dtype(runner.decoder.dtype).name  # "float32" or "float16"
+    if dtype != "auto" and exported != dtype:
+        raise SurgeonError(f"backend onnxruntime runs {spec} in the dtype it was exported in ({exported}), "
+                           f"not {dtype}; export with `surgeon-export onnx --dtype`")
     return runner
 
 

@@ -6,8 +6,8 @@ version, header, metadata against values, shapes against the config) happen in
 :func:`export.sparse_checkpoint.read_compressed`; the config and tokenizer come through the pieces
 of :mod:`surgeon.loading`. Then the packed decoder linears are placed:
 
-- N:M (2:4, and 4:8, 1:4, ... whose weights are also 2:4 where a layer's are): unpacked; on a CUDA GPU each layer becomes a semi-structured sparse tensor on the kernel
-  :func:`runtime.semi_structured.choose_backend` picks, and layers it cannot take stay dense with
+- N:M (2:4; another N:M layer only where its weights are also 2:4): unpacked; on a CUDA GPU each
+  layer becomes a semi-structured sparse tensor on the kernel :func:`runtime.semi_structured.choose_backend` picks, and layers it cannot take stay dense with
   the reason recorded (:attr:`CompressedModel.placements`); under the ``auto`` policy each distinct
   kernel shape is first timed against dense on the device (:func:`runtime.semi_structured.tune`):
   layers whose kernel is never faster stay dense, and layers whose kernel is faster only from some
@@ -19,8 +19,9 @@ Non-persistent buffers (the rotary ``inv_freq``) are not stored; the model's own
 computes them, as transformers does after its own meta-device load.
 
 :func:`load_backend` is what the runtime backends ``torch-24``, ``torch-24-sparse`` and ``torch-csr``
-run (layouts, dtype and 2:4 policy per backend); :func:`register_decoders` puts them behind :mod:`runtime.generate`'s interface,
-and ``benchmarks/backends.py`` registers them for ``surgeon-export bench``.
+run (layouts, dtype and 2:4 policy per backend); :func:`register_decoders` puts them behind
+:mod:`runtime.generate`'s interface, and ``benchmarks/backends.py`` registers them for
+``surgeon-export bench``.
 """
 
 from __future__ import annotations

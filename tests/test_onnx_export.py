@@ -267,3 +267,12 @@ def test_cli_onnx_and_generate(tmp_path: Path, tiny_llama_dir: Path) -> None:
         assert run.exit_code == 0, run.output
         texts[backend] = [o["tokens"] for o in json.loads(run.stdout)["outputs"]]
     assert texts["torch"] == texts["onnxruntime"] and all(texts["torch"])
+
+
+def test_bench_backend_refuses_a_dtype_the_export_does_not_hold(exports: dict) -> None:
+    from benchmarks.backends import BACKENDS
+
+    _, out = exports["llama", "stock"]
+    assert BACKENDS["onnxruntime"].load(str(out), "cpu", "float32").describe()["dtype"] == "float32"
+    with pytest.raises(SurgeonError, match=r"runs .* in the dtype it was exported in \(float32\), not float16"):
+        BACKENDS["onnxruntime"].load(str(out), "cpu", "float16")
