@@ -43,8 +43,6 @@ from benchmarks.report import atomic_write
 
 PREFILL = [(1, 128), (1, 2048), (8, 512), (16, 2048)]
 DECODE = [1, 8, 32, 64]
-CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json", "chat_template.jinja")
 
 
 def prepare(spec: str | None, out: Path) -> None:

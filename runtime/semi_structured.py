@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.prune.patterns import NMPattern
+
 Kernel = Literal["cusparselt", "cutlass", "dense"]
 Prefer = Literal["auto", "cusparselt", "cutlass"]
 Policy = Literal["auto", "sparse"]  # measure and use the faster per layer and token count / 2:4 wherever it runs
@@ -257,8 +259,8 @@ def tune(decision: Dispatch, shape: tuple[int, int], dtype: torch.dtype, device:
     weight of ``shape``, and of ``F.linear`` with that weight dense, at each token count."""
     rows, cols = shape
     gen = torch.Generator(device=device).manual_seed(0)
-    keep = torch.rand(rows, cols // 4, 4, generator=gen, device=device).argsort(-1) < 2  # 2 of every 4
-    W = torch.randn(rows, cols, generator=gen, device=device, dtype=dtype) * keep.reshape(rows, cols)
+    keep = NMPattern().mask_from_scores(torch.rand(rows, cols, generator=gen, device=device))  # 2 of every 4
+    W = torch.randn(rows, cols, generator=gen, device=device, dtype=dtype) * keep
     linear = nn.Linear(cols, rows, bias=False, device=device, dtype=dtype)
     linear.weight = nn.Parameter(W.clone(), requires_grad=False)
     module = to_semi_structured_linear(linear, replace(decision, dense_below=0))
