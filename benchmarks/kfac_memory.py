@@ -62,9 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from safetensors.torch import load_file
 
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if min(batches) < 1 or args.windows < 1:
+        parser.error("--batches and --windows must be at least 1")
     rows, reference = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in batches:
             path = Path(tmp) / f"b{batch}.safetensors"
             proc = subprocess.run([sys.executable, "-m", "benchmarks.kfac_memory", "--one", str(batch),
                                    "--windows", str(args.windows), "--factors", str(path)],
