@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.run import SCHEMA_VERSION
-from surgeon.errors import SurgeonError
+from base.errors import SurgeonError
+
+SCHEMA_VERSION = 1  # of the benchmark result document (docs/benchmarks.md); the gate reads this version only
 
 
 def parse_tolerance(text: str) -> float:

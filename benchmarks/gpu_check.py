@@ -47,7 +47,7 @@ DECODE = [1, 8, 32, 64]
 
 def prepare(spec: str | None, out: Path) -> None:
     """Config and tokenizer of ``spec`` (default: the default model) into ``out``, no weights."""
-    from surgeon.loading import load_model
+    from base.loading import load_model
 
     lm = load_model(spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,10 +61,10 @@ def build_24_model(spec: Path, work: Path, device: torch.device, seed: int = 0) 
     saved as a float16 checkpoint, and its 2:4 pack (float16). Returns both directories."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from base.adapters import get_adapter
+    from base.loading import load_model
+    from base.patterns import NMPattern
     from export.sparse_checkpoint import PackConfig, pack_checkpoint
-    from surgeon.adapters import get_adapter
-    from surgeon.loading import load_model
-    from surgeon.prune.patterns import NMPattern
 
     config = AutoConfig.from_pretrained(spec, local_files_only=True)
     torch.manual_seed(seed)

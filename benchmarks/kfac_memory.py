@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.env import environment
+from base.env import environment
 from benchmarks.report import atomic_write
 
 
@@ -30,9 +30,9 @@ def measure(batch: int, windows: int, factors_out: Path) -> dict:
     """In this process: K-FAC over ``windows`` calibration windows in batches of ``batch``."""
     from safetensors.torch import save_file
 
+    from base.data import calibration_windows
+    from base.loading import load_model
     from surgeon.calibrate import kfac_factors
-    from surgeon.data import calibration_windows
-    from surgeon.loading import load_model
 
     torch.set_num_threads(1)
     lm = load_model(None)

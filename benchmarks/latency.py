@@ -2,12 +2,13 @@
 
 - Prompts are synthetic: uniformly random token ids from a seeded generator, identical for every
   model of a run (nanoGPT:bench.py offers the same), so no corpus is read for timing.
-- Prefill: one forward pass over a ``[B, T]`` prompt, keeping only the last position's logits
-  (``logits_to_keep=1``, as generation does).
-- Decode: an untimed prefill, then ``N`` timed greedy steps with the Hugging Face KV cache, one
-  token per sequence each, no stop tokens; tokens/s = ``B * N / seconds``. A plain loop rather than
-  ``model.generate``, whose logits processors and stopping criteria would be timed too.
-- Clocks: CUDA events after ``torch.cuda.synchronize()`` on GPU, ``time.perf_counter`` on CPU.
+- Prefill: one forward pass of the backend over a ``[B, T]`` prompt into an empty cache, keeping
+  only the last position's logits (as generation does).
+- Decode: an untimed prefill, then ``N`` timed greedy steps with the backend's KV cache, one token
+  per sequence each, no stop tokens, by the one decode loop every backend shares
+  (:func:`runtime.generate.generate`); tokens/s = ``B * N / seconds``.
+- Clocks: :class:`runtime.generate.Stopwatch` (CUDA events after ``torch.cuda.synchronize()`` on
+  GPU, ``time.perf_counter`` on CPU).
 - Peak memory: ``torch.cuda.max_memory_allocated`` on GPU. On CPU the peak resident set size of the
   process (``VmHWM``), reset before each measurement by writing ``5`` to ``/proc/self/clear_refs``
   after ``malloc_trim(0)`` has handed freed heap back to the kernel; where that is not possible,
@@ -20,13 +21,14 @@ import ctypes
 import re
 import resource
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+
+from runtime.backend import Backend
+from runtime.generate import GenerationConfig, Stopwatch, generate
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -38,61 +40,23 @@ def synthetic_prompt(batch: int, length: int, vocab_size: int, seed: int) -> tor
     return torch.randint(0, vocab_size, (batch, length), generator=gen)
 
 
-class Stopwatch:
-    """Wall time of a region: CUDA events on GPU (after synchronising), ``perf_counter`` on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def start(self) -> None:
-        """Mark the start, after all queued GPU work has finished."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            self._event = torch.cuda.Event(enable_timing=True)
-            self._event.record()
-        else:
-            self._t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        """Seconds since :meth:`start`, after all queued GPU work has finished."""
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            torch.cuda.synchronize()
-            return self._event.elapsed_time(end) / 1000.0
-        return time.perf_counter() - self._t0
-
-
-@torch.inference_mode()
-def time_prefill(model: nn.Module, prompt: torch.Tensor) -> float:
-    """Seconds for one forward pass over ``prompt`` ``[B, T]`` (last-position logits only)."""
-    watch = Stopwatch(prompt.device)
+def time_prefill(backend: Backend, prompt: torch.Tensor) -> float:
+    """Seconds for one prefill of ``prompt`` ``[B, T]`` into an empty cache (last-position logits only)."""
+    batch, length = prompt.shape
+    backend.reset(batch)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    watch = Stopwatch(backend.device)
     watch.start()
-    model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    return watch.stop()
+    backend.forward(prompt, mask, torch.arange(length).expand(batch, length), last_only=True)
+    return watch.stop()  # logits are back on the host: the device has finished
 
 
-@torch.inference_mode()
-def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
-    """Greedy decode with the KV cache: returns the ``[B, new_tokens]`` tokens fed to the timed steps and their seconds.
-
-    Args:
-        prompt: token ids ``[B, T]`` on the model's device; its prefill is not timed.
-        new_tokens: number of timed decode steps (one token per sequence each, no stop tokens).
-    """
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
-    past = out.past_key_values
-    fed = []
-    watch = Stopwatch(prompt.device)
-    watch.start()
-    for _ in range(new_tokens):
-        fed.append(token)
-        out = model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
-    seconds = watch.stop()
-    return torch.cat(fed, dim=1), seconds
+def time_decode(backend: Backend, prompt: torch.Tensor, new_tokens: int) -> tuple[list[list[int]], float]:
+    """``new_tokens`` greedy KV-cache steps after an untimed prefill of ``prompt`` ``[B, T]``, by the one
+    decode loop (:func:`runtime.generate.generate`, no stop tokens): the tokens fed to the timed
+    steps (``[B][new_tokens]``) and their seconds."""
+    out = generate(backend, prompt.tolist(), GenerationConfig(max_new_tokens=new_tokens + 1))
+    return [row[:new_tokens] for row in out.tokens], out.decode_seconds
 
 
 def _vm_kib(field: str) -> int:
@@ -205,7 +169,7 @@ def summarize(samples: list[float]) -> Stats:
     return Stats(statistics.median(samples), min(samples), max(samples), q1, q3, len(samples), list(samples))
 
 
-def cell_problem(config: object, device: str, batch: int, length: int) -> str | None:
+def cell_problem(config: object, device: torch.device, batch: int, length: int) -> str | None:
     """Why a forward over ``[batch, length]`` cannot run on ``device`` (context or memory), or None."""
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and length > limit:

@@ -40,8 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from base.env import environment
 from benchmarks import prune_report
-from benchmarks.env import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "prune_runs"
@@ -110,7 +110,7 @@ def parse_bench(text: str | None) -> list[str]:
 def _cli(args: list[str], threads: int | None) -> str | None:
     """Run one ``surgeon-export`` command; its last error line on failure, else None."""
     extra = ["--threads", str(threads)] if threads is not None else []
-    out = subprocess.run([sys.executable, "-m", "surgeon.cli", *args, "--quiet", *extra],
+    out = subprocess.run([sys.executable, "-m", "surgeon_export.cli", *args, "--quiet", *extra],
                          capture_output=True, text=True, check=False)
     if out.returncode == 0:
         return None
@@ -231,7 +231,7 @@ def markdown(results: dict) -> str:
 
 
 def run_cell(cell: str, extra: list[str], threads: int, save_to: Path | None = None, model: str | None = None) -> dict:
-    cmd = [sys.executable, "-m", "surgeon.cli", "prune", *([model] if model else []), *cell_args(cell), "--json",
+    cmd = [sys.executable, "-m", "surgeon_export.cli", "prune", *([model] if model else []), *cell_args(cell), "--json",
            "--quiet", "--threads", str(threads), *extra]
     if save_to is not None:
         cmd += ["--out", str(save_to)]

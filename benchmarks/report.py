@@ -15,6 +15,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from benchmarks.gate import gate_table
+
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
@@ -80,8 +82,6 @@ def markdown(result: dict) -> str:
                 lines.append(_row(m, "decode", c, str(c["batch"]), steps=cfg["new_tokens"]))
     lines += _kernel_lines(models)
     if result.get("gate"):
-        from benchmarks.gate import gate_table
-
         lines += ["", gate_table(result["gate"])]
     return "\n".join(lines) + "\n"
 

@@ -17,15 +17,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from base.env import environment
+from base.errors import SurgeonError
 from benchmarks import latency
-from benchmarks.backends import bench_dtype, get_backend
-from benchmarks.env import environment
+from benchmarks.gate import SCHEMA_VERSION, check_comparable, compare, load_baseline
+from benchmarks.report import write_outputs
 from benchmarks.worker import InlineClient, OutOfMemory, ProcessClient
-from surgeon.errors import SurgeonError
+from runtime.backend import check_backend, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 MIN_REPEAT = 5  # the protocol's minimum number of timed repetitions
 Isolation = Literal["process", "inline"]
 
@@ -56,7 +57,7 @@ class BenchConfig:
 
     models: list[ModelSpec]
     device: str = "cpu"
-    dtype: str = "auto"  # float32 on CPU, float16 on CUDA (benchmarks.backends.bench_dtype)
+    dtype: str = "auto"  # float32 on CPU, float16 on CUDA (runtime.backend.resolve_dtype)
     threads: int | None = None
     prefill: list[tuple[int, int]] = field(default_factory=lambda: [(1, 128), (8, 512)])  # (batch, length)
     decode: list[int] = field(default_factory=lambda: [1, 8])  # batch sizes
@@ -82,8 +83,8 @@ class BenchConfig:
         if self.ppl is not None and (self.ppl.windows is not None and self.ppl.windows < 1):
             raise SurgeonError(f"--ppl-windows must be at least 1, got {self.ppl.windows}")
         for m in self.models:
-            get_backend(m.backend)
-        bench_dtype(self.dtype, self.device)
+            check_backend(m.backend)
+        resolve_dtype(self.dtype, self.device)
 
 
 def resolve_device(name: str) -> str:
@@ -237,9 +238,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     clients: list = []
     try:
         for m in cfg.models:
-            python = get_backend(m.backend).python
             clients.append(InlineClient(m.label) if cfg.isolation == "inline"
-                           else ProcessClient(m.label, python, quiet=not cfg.progress))
+                           else ProcessClient(m.label, quiet=not cfg.progress))
         entries = []
         for m, c in zip(cfg.models, clients):
             log.info("loading %s (%s)", m.label, m.backend)
@@ -274,7 +274,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         "schema_version": SCHEMA_VERSION,
         "kind": "surgeon-export benchmark",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(cfg.device, bench_dtype(cfg.dtype, cfg.device)),
+        "environment": environment(cfg.device, resolve_dtype(cfg.dtype, cfg.device)),
         "config": {**asdict(cfg), "models": [asdict(m) for m in cfg.models]},
         "models": entries,
     }
@@ -291,9 +291,6 @@ def bench(cfg: BenchConfig, out: Path, baseline: Path | None = None, max_regress
 
     Returns the result document, with ``gate`` (``passed`` false on a regression) when ``baseline``.
     """
-    from benchmarks.gate import check_comparable, compare, load_baseline  # they import this module
-    from benchmarks.report import write_outputs
-
     stored = None
     if baseline is not None:
         stored = load_baseline(baseline)

@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.env import environment
+from base.env import environment
+from base.patterns import NMPattern
 from benchmarks.latency import summarize
 from benchmarks.report import atomic_write
 from runtime.semi_structured import choose_backend, cuda_paired, to_semi_structured_linear, winning_tail
 from runtime.sparse_linear import sparse_linear
-from surgeon.prune.patterns import NMPattern
 
 CPU_SHAPES = ((1536, 576), (576, 1536))  # W [out, in]: gate/up, down of SmolLM2-135M
 CPU_TOKENS = (1, 128)

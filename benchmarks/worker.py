@@ -28,9 +28,11 @@ from typing import IO
 
 import torch
 
+from base.data import check_window, eval_tokens
+from base.errors import SurgeonError
+from base.perplexity import perplexity
 from benchmarks import latency
-from benchmarks.backends import Runner, get_backend
-from surgeon.errors import SurgeonError
+from runtime.backend import Backend, load_backend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,10 +42,11 @@ class OutOfMemory(Exception):
 
 
 class Worker:
-    """Serves requests for one model: load, describe, check, perplexity, prefill, decode."""
+    """Serves requests for one model on one runtime backend: load, check, perplexity, prefill, decode."""
 
     def __init__(self) -> None:
-        self.runner: Runner | None = None
+        self.backend: Backend | None = None
+        self._prompts: dict[tuple[int, int, int], torch.Tensor] = {}  # the last synthetic prompt, reused
 
     def handle(self, request: dict) -> dict:
         """Answer one request; user errors and out-of-memory become error replies, bugs raise."""
@@ -61,31 +64,40 @@ class Worker:
     def _dispatch(self, r: dict) -> object:
         op = r["op"]
         if op == "load":
-            from benchmarks.env import environment
+            from base.env import environment
 
-            if r.get("threads"):
-                torch.set_num_threads(r["threads"])
-            self.runner = get_backend(r["backend"]).load(r["spec"], r["device"], r.get("dtype", "auto"))
-            artefact = self.runner.describe()
+            self.backend = backend = load_backend(r["backend"], r["spec"], device=r["device"],
+                                                  dtype=r.get("dtype", "auto"), threads=r.get("threads"))
+            artefact = backend.describe()
             return {"artefact": artefact,
-                    "environment": {**environment(self.runner.device), "dtype": artefact["dtype"]},
-                    "memory_method": latency.memory_method(self.runner.device)}
-        runner = self.runner
-        if runner is None:
+                    "environment": {**environment(backend.device), "dtype": artefact["dtype"]},
+                    "memory_method": latency.memory_method(backend.device)}
+        backend = self.backend
+        if backend is None:
             raise RuntimeError(f"request {op!r} before load")
         if op == "check":
-            return runner.check(r["batch"], r["length"])
+            return latency.cell_problem(backend.config, backend.device, r["batch"], r["length"])
         if op == "perplexity":
-            return runner.perplexity(r["windows"], r["seq_len"], r["batch_size"], r["text"],
-                                     r["data_dir"], r["progress"])
+            check_window(r["seq_len"], backend.config)
+            tokens = eval_tokens(backend.tokenizer, r["text"], r["data_dir"])
+            result = perplexity(backend, tokens.ids, seq_len=r["seq_len"], max_windows=r["windows"],
+                                batch_size=r["batch_size"], progress=r["progress"])
+            return {**result.to_dict(), "text": tokens.origin}
         if op in ("prefill", "decode"):
-            latency.reset_peak(runner.device)
+            prompt = self._prompt(r["batch"], r["length"], r["seed"], backend.vocab_size)
+            latency.reset_peak(backend.device)
             if op == "prefill":
-                seconds = runner.prefill(r["batch"], r["length"], r["seed"])
+                seconds = latency.time_prefill(backend, prompt)
             else:
-                seconds = runner.decode(r["batch"], r["length"], r["new_tokens"], r["seed"])
-            return {"seconds": seconds, "peak_bytes": latency.read_peak(runner.device)}
+                seconds = latency.time_decode(backend, prompt, r["new_tokens"])[1]
+            return {"seconds": seconds, "peak_bytes": latency.read_peak(backend.device)}
         raise RuntimeError(f"unknown request {op!r}")
+
+    def _prompt(self, batch: int, length: int, seed: int, vocab_size: int) -> torch.Tensor:
+        key = (batch, length, seed)
+        if key not in self._prompts:
+            self._prompts = {key: latency.synthetic_prompt(batch, length, vocab_size, seed)}
+        return self._prompts[key]
 
 
 class InlineClient:
@@ -98,13 +110,13 @@ class InlineClient:
         return _unwrap(self.worker.handle(request), self.label)
 
     def close(self) -> None:
-        self.worker.runner = None
+        self.worker.backend = None
 
 
 class ProcessClient:
     """A worker in a child process (``python -m benchmarks.worker``)."""
 
-    def __init__(self, label: str, python: str | None, quiet: bool) -> None:
+    def __init__(self, label: str, quiet: bool = False, python: str | None = None) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
         self.label = label

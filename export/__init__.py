@@ -1,7 +1,7 @@
 """Writers for deployable formats (smaller dense checkpoints, ONNX, 2:4 and CSR/BSR safetensors).
 
 - ``checkpoint.py``: atomic checkpoint writing and the pruning report;
-- ``compress.py``: zeroed coupled groups of a masked model -> a removal plan for ``surgeon.surgery``;
+- ``compress.py``: zeroed coupled groups of a masked model -> a removal plan for ``base.surgery``;
 - ``shapes.py``: aligned (``--align N``) and uniform (``--uniform``) sizes, chosen by cost;
 - ``pruned.py``: physically smaller checkpoints, per-layer (``surgeon_*``) or stock;
 - ``flops.py``: matmul FLOPs per token of a (shrunk) config.

@@ -19,10 +19,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from surgeon.errors import SurgeonError
-from surgeon.loading import quiet_transformers
+from base.errors import SurgeonError
+from base.formats import REPORT_FILE
+from base.loading import quiet_transformers
 
-REPORT_FILE = "surgeon_report.json"
 REPORT_VERSION = 1
 
 

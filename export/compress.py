@@ -9,7 +9,7 @@ changing any output:
 - query head ``h``: its ``head_dim`` columns of o are zero;
 - KV group ``g``: every one of its query heads is zero.
 
-:func:`find_zero_groups` finds them and returns a :class:`~surgeon.surgery.RemovalPlan` that obeys
+:func:`find_zero_groups` finds them and returns a :class:`~base.surgery.RemovalPlan` that obeys
 the coupling rules: query heads are removed in equal numbers from every kept KV group (surplus zero
 heads stay as zeros), and each layer keeps at least one channel and one KV group.
 """
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from surgeon.adapters import Adapter
-from surgeon.surgery import LayerPlan, RemovalPlan, layer_shapes
+from base.adapters import Adapter
+from base.surgery import LayerPlan, RemovalPlan, layer_shapes
 
 
 def _zero_rows(linear: nn.Linear, size: int) -> Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgeon.adapters import get_adapter
+from base.adapters import get_adapter
 
 
 def matmul_flops_per_token(config: Any, seq_len: int) -> dict[str, float]:
@@ -66,3 +66,11 @@ def matmul_flops_per_token(config: Any, seq_len: int) -> dict[str, float]:
     proj = int(getattr(config, "word_embed_proj_dim", None) or hidden)
     lm_head = 2.0 * proj * config.vocab_size + (2 * 2 * hidden * proj if proj != hidden else 0)
     return {"linears": linears, "attention": attention, "lm_head": lm_head, "total": linears + attention + lm_head}
+
+
+FLOP_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def flops_table(config: Any) -> dict[str, float]:
+    """Matmul FLOPs per token at several sequence lengths (the benchmark's FLOP ratio per cell)."""
+    return {str(n): matmul_flops_per_token(config, n)["total"] for n in FLOP_LENGTHS}

@@ -41,7 +41,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.checkpoint import REPORT_FILE, prepare_target, write_atomically
+from base.adapters import Adapter, get_adapter
+from base.errors import SurgeonError
+from base.formats import DTYPES, MODELING_FILE, ONNX_DATA_FILE, ONNX_FILE, ONNX_MANIFEST_FILE, REPORT_FILE
+from base.loading import quiet_transformers
+from export.checkpoint import prepare_target, write_atomically
 from export.onnx_graph import (
     KEEP,
     DecoderWithPast,
@@ -52,13 +56,7 @@ from export.onnx_graph import (
     register_attention,
 )
 from export.onnx_simplify import fold_shapes, initializer_nbytes
-from surgeon.adapters import Adapter, get_adapter
-from surgeon.errors import SurgeonError
-from surgeon.loading import quiet_transformers
 
-ONNX_FILE = "model.onnx"
-DATA_FILE = "model.onnx_data"
-MANIFEST_FILE = "surgeon_onnx.json"
 MANIFEST_VERSION = 1
 MIN_OPSET = 7  # the TorchScript exporter's range; the graph itself needs about 11 (dynamic Slice)
 MAX_OPSET = 20
@@ -70,7 +68,7 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 
 Dtype = Literal["float32", "float16"]
 ExternalData = Literal["auto", "always", "never"]
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+ONNX_DTYPES = ("float32", "float16")  # what the graph stores (weights and KV cache)
 FLOAT_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights, not shapes
 
 
@@ -87,8 +85,8 @@ class OnnxConfig:
 
     def validate(self) -> None:
         """Refuse impossible settings before anything is traced."""
-        if self.dtype not in DTYPES:
-            raise SurgeonError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in ONNX_DTYPES:
+            raise SurgeonError(f"--dtype must be one of {', '.join(ONNX_DTYPES)}, got {self.dtype!r}")
         if self.external_data not in ("auto", "always", "never"):
             raise SurgeonError(f"--external-data must be auto, always or never, got {self.external_data!r}")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -154,11 +152,11 @@ def export_onnx(
             manifest["verification"] = verify(tmp, model, spec, cfg.dtype)
         manifest["export_seconds"] = time.perf_counter() - start
         _write_beside(tmp, model, tokenizer, source_dir)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        (tmp / ONNX_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
     with torch.no_grad(), quiet_transformers(), export_attention(model):
         write_atomically(out, force, fill)
-    return json.loads((out / MANIFEST_FILE).read_text())
+    return json.loads((out / ONNX_MANIFEST_FILE).read_text())
 
 
 @contextmanager
@@ -252,7 +250,7 @@ def _optimize(path: Path, config: Any, external: bool) -> None:
 
     optimized = optimize_model(onnx.load(str(path)), model_type="gpt2", num_heads=int(config.num_attention_heads),
                                hidden_size=int(config.hidden_size), opt_level=0, use_gpu=False)
-    for file in (path, path.with_name(DATA_FILE)):
+    for file in (path, path.with_name(ONNX_DATA_FILE)):
         file.unlink(missing_ok=True)
     _save(optimized.model, path, external)
 
@@ -261,7 +259,7 @@ def _save(proto: Any, path: Path, external: bool) -> None:
     import onnx
 
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+                    location=ONNX_DATA_FILE, size_threshold=1024)
 
 
 def _check(path: Path) -> None:
@@ -301,7 +299,7 @@ def _manifest(directory: Path, model: nn.Module, adapter: Adapter, spec: GraphSp
     lin_params = sum(int(np.prod(v["shape"])) for v in per_linear.values())
     lin_zeros = sum(v["zeros"] for v in per_linear.values())
     blocks = sum(v["blocks"] for v in per_linear.values())
-    files = [f for f in (directory / ONNX_FILE, directory / DATA_FILE) if f.is_file()]
+    files = [f for f in (directory / ONNX_FILE, directory / ONNX_DATA_FILE) if f.is_file()]
     return {
         "format_version": MANIFEST_VERSION,
         "source": source,
@@ -312,7 +310,7 @@ def _manifest(directory: Path, model: nn.Module, adapter: Adapter, spec: GraphSp
         "graph": {**spec.to_dict(), "dtype": cfg.dtype, "opset": cfg.opset,
                   "inputs": [_value_info(v) for v in proto.graph.input],
                   "outputs": [_value_info(v) for v in proto.graph.output],
-                  "external_data": DATA_FILE if (directory / DATA_FILE).is_file() else None},
+                  "external_data": ONNX_DATA_FILE if (directory / ONNX_DATA_FILE).is_file() else None},
         "parameters": {"total": params, "decoder_linear": lin_params, "decoder_linear_zeros": lin_zeros},
         "sparsity": lin_zeros / lin_params,
         "blocks_2_4": {"blocks": blocks, "with_two_zeros": sum(v["blocks_2_4"] for v in per_linear.values())},
@@ -379,8 +377,7 @@ def _write_beside(directory: Path, model: nn.Module, tokenizer: Any, source_dir:
     """config.json, generation_config.json, tokenizer files, and the per-layer modeling file."""
     from transformers import GenerationConfig
 
-    from export.pruned import MODELING_FILE
-    from surgeon import modeling
+    from base import modeling
 
     config: Any = model.config
     config.save_pretrained(directory)

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgeon.adapters import PER_LAYER_PREFIX, Adapter
-from surgeon.surgery import layer_shapes
+from base.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
+from base.surgery import layer_shapes
 
 INPUTS = ("input_ids", "attention_mask", "position_ids")
 KEEP = "num_logits_to_keep"  # optional (a default initializer of 0): logits of the last k positions only
@@ -103,24 +103,11 @@ def is_per_layer(config: Any) -> bool:
 
 
 def optimum_past_generator(config: Any, batch: int, past: int) -> Any:
-    """optimum's past key/value dummy generator for a stock config, as optimum-onnx registers it.
+    """optimum's past key/value dummy generator for a stock config, the one its family's adapter names."""
+    import optimum.utils
 
-    LlamaOnnxConfig (and Mistral, Qwen2, Qwen3) use ``MistralDummyPastKeyValuesGenerator``,
-    GemmaOnnxConfig (Gemma, Gemma2, Gemma3) ``GemmaDummyPastKeyValuesGenerator``, OPT the default
-    ``DummyPastKeyValuesGenerator`` (one KV head per query head).
-    """
-    from optimum.utils import (
-        DummyPastKeyValuesGenerator,
-        GemmaDummyPastKeyValuesGenerator,
-        MistralDummyPastKeyValuesGenerator,
-        NormalizedTextConfig,
-    )
-
-    family = str(config.model_type).removeprefix(PER_LAYER_PREFIX)
-    generator = {"opt": DummyPastKeyValuesGenerator}.get(family, MistralDummyPastKeyValuesGenerator)
-    if family.startswith("gemma"):
-        generator = GemmaDummyPastKeyValuesGenerator
-    return generator("text-generation", NormalizedTextConfig(config), batch_size=batch, sequence_length=past)
+    generator = getattr(optimum.utils, get_adapter(str(config.model_type)).optimum_past_generator)
+    return generator("text-generation", optimum.utils.NormalizedTextConfig(config), batch_size=batch, sequence_length=past)
 
 
 def dummy_inputs(model: nn.Module, spec: GraphSpec, batch: int = 2, seq: int = 3, past: int = 4) -> tuple[Tensor, ...]:

@@ -5,7 +5,7 @@ files and ``surgeon_report.json`` (what was removed, how, and what was measured 
 files), written atomically by :func:`export.checkpoint.write_atomically`:
 
 - per-layer (default): ``model_type`` ``surgeon_<family>`` with per-layer sizes in the config
-  (see ``surgeon/modeling.py``) and a copy of that file as ``modeling_surgeon.py`` plus an
+  (see ``base/modeling.py``) and a copy of that file as ``modeling_surgeon.py`` plus an
   ``auto_map``, so it loads with ``import surgeon`` (no code from the directory runs) or, without
   surgeon-export, with ``trust_remote_code=True``;
 - uniform: the family's stock architecture with the same sizes in every layer, for unmodified
@@ -27,16 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.checkpoint import REPORT_FILE, REPORT_VERSION, prepare_target, saved_accounting, write_atomically
+from base import modeling
+from base.adapters import Adapter
+from base.errors import SurgeonError
+from base.formats import MODELING_FILE, REPORT_FILE
+from base.loading import quiet_transformers
+from base.surgery import LayerCosts, RemovalPlan, layer_shapes, shrink_
+from export.checkpoint import REPORT_VERSION, saved_accounting, write_atomically
 from export.compress import find_zero_groups
 from export.shapes import Rounding, align_plan, stock_config, uniform_plan
-from surgeon import modeling
-from surgeon.adapters import PER_LAYER_PREFIX, Adapter
-from surgeon.errors import SurgeonError
-from surgeon.loading import quiet_transformers
-from surgeon.surgery import LayerCosts, RemovalPlan, layer_shapes, shrink_
-
-MODELING_FILE = "modeling_surgeon.py"
 
 
 @dataclass
@@ -57,10 +56,7 @@ def per_layer_config(model: nn.Module, adapter: Adapter) -> Any:
     shapes = layer_shapes(model, adapter)
     hd = adapter.head_dim(model.config)
     d = _config(model).to_dict()
-    stock_type = str(d.pop("model_type")).removeprefix(PER_LAYER_PREFIX)
-    if stock_type not in modeling.PER_LAYER_CLASSES:
-        raise SurgeonError(f"no per-layer model class for {stock_type!r}")
-    config_cls, model_cls = modeling.PER_LAYER_CLASSES[stock_type]
+    config_cls, model_cls = adapter.per_layer_classes(str(d.pop("model_type")))
     for key in (*modeling.LAYER_FIELDS, "surgeon_format_version", "auto_map", "architectures",
                 "transformers_version", "head_dim"):
         d.pop(key, None)
@@ -105,7 +101,7 @@ def save_pruned_checkpoint(
     """Save a shrunk ``model`` (per-layer or uniform format) with its tokenizer; returns the report.
 
     Args:
-        model: a causal LM after :func:`surgeon.surgery.shrink_` (or any supported model).
+        model: a causal LM after :func:`base.surgery.shrink_` (or any supported model).
         tokenizer: saved beside it.
         adapter: the model's layout.
         out: target directory (refused if not empty, unless ``force``).
@@ -176,7 +172,6 @@ def shrink_and_save(
     Example:
         >>> shrink_and_save(lm.model, lm.tokenizer, lm.adapter, Path("small"), ShrinkConfig(align=64))  # doctest: +SKIP
     """
-    prepare_target(out.expanduser(), force)
     before = sum(m.weight.numel() for m in adapter.decoder_linears(model).values())
     ids = _check_ids(model, cfg.check_tokens)
     reference = _logits(model, ids)

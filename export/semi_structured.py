@@ -2,7 +2,7 @@
 
 Layout (format version 1). A weight ``W [R, C]`` (``C`` a multiple of 4) qualifies when every
 block of 4 consecutive inputs of every row holds at least 2 zeros (``NMPattern(n_zero=2,
-block=4)`` of ``surgeon/prune/patterns.py``). It is stored as
+block=4)`` of ``base/patterns.py``). It is stored as
 
 - ``values [R, C/2]``, W's dtype: block ``b`` of row ``r`` keeps two weights, at
   ``values[r, 2b]`` and ``values[r, 2b + 1]``, in column order;
@@ -42,8 +42,8 @@ from collections.abc import Callable
 
 import torch
 
-from surgeon.errors import SurgeonError
-from surgeon.prune.patterns import NMPattern
+from base.errors import SurgeonError
+from base.patterns import NMPattern
 
 BLOCK = 4  # inputs per block
 KEPT = 2  # values stored per block

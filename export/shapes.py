@@ -24,10 +24,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from surgeon.adapters import PER_LAYER_PREFIX, Adapter
-from surgeon.errors import SurgeonError
-from surgeon.modeling import LAYER_FIELDS
-from surgeon.surgery import LayerCosts, LayerPlan, LayerShape, RemovalPlan, layer_shapes, resolve
+from base.adapters import PER_LAYER_PREFIX, Adapter
+from base.errors import SurgeonError
+from base.modeling import LAYER_FIELDS
+from base.surgery import LayerCosts, LayerPlan, LayerShape, RemovalPlan, layer_shapes, resolve
 
 Rounding = Literal["up", "down", "nearest"]
 

@@ -32,22 +32,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from base.errors import SurgeonError
+from base.formats import DTYPES, PACK_MANIFEST_FILE, PACK_WEIGHTS_FILE
+from base.loading import LoadedModel, check_safetensors, quiet_transformers, read_config
+from base.patterns import NMPattern
 from export.checkpoint import REPORT_FILE, write_atomically
 from export.semi_structured import check_nm, pack_24, pack_nm, unpack_24, unpack_nm
 from export.sparse_csr import PARTS, pack_bsr, pack_csr, unpack_compressed
-from surgeon.errors import SurgeonError
-from surgeon.loading import LoadedModel, check_safetensors, quiet_transformers, read_config
-from surgeon.prune.patterns import NMPattern
 
 FORMAT = "surgeon-sparse"
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.sparse.safetensors"
-MANIFEST_FILE = "surgeon_sparse.json"
 README_FILE = "README.md"
-OWN_FILES = (WEIGHTS_FILE, MANIFEST_FILE, README_FILE)
+OWN_FILES = (PACK_WEIGHTS_FILE, PACK_MANIFEST_FILE, README_FILE)
 EXTRA_FILES = ("modeling_surgeon.py", REPORT_FILE)  # copied from the source directory when present
 LAYOUTS: tuple[str, ...] = ("2:4", "csr", "bsr")  # and any other N:M as "K:M" (4:8, 1:4, ...)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -187,7 +185,7 @@ def pack_checkpoint(lm: LoadedModel, out: Path, cfg: PackConfig, *, force: bool 
     and every packed weight compared with its source before the directory is renamed into place.
 
     Args:
-        lm: a model from :func:`surgeon.loading.load_model`.
+        lm: a model from :func:`base.loading.load_model`.
         out: target directory (refused if not empty, unless ``force``).
         cfg: layout, dtype and BSR block size.
 
@@ -221,13 +219,13 @@ def pack_checkpoint(lm: LoadedModel, out: Path, cfg: PackConfig, *, force: bool 
     n_linear = sum(state[k].numel() for k in keys)
     manifest: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "layout": cfg.layout, "dtype": dtype_name(dtype),
-        "weights_file": WEIGHTS_FILE, "source": lm.source, "config": cfg.to_dict(),
+        "weights_file": PACK_WEIGHTS_FILE, "source": lm.source, "config": cfg.to_dict(),
         "packed_tensors": len(packed),
         "decoder_linear": {"parameters": n_linear, "zeros": zeros, "sparsity": zeros / n_linear},
     }
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=header)
+        save_file(tensors, str(tmp / PACK_WEIGHTS_FILE), metadata=header)
         model.config.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         config["dtype"] = dtype_name(dtype)  # what the file holds, not what the source was loaded as
@@ -244,13 +242,13 @@ def pack_checkpoint(lm: LoadedModel, out: Path, cfg: PackConfig, *, force: bool 
             if not bool(((got == want) | (got.isnan() & want.isnan())).all()):
                 raise RuntimeError(f"{key}: the written {cfg.layout} weight does not read back equal")
         packed_linear = sum(p.nbytes for p in packed.values())
-        file_bytes = (tmp / WEIGHTS_FILE).stat().st_size
+        file_bytes = (tmp / PACK_WEIGHTS_FILE).stat().st_size
         manifest["bytes"] = {
             "file": file_bytes, "dense_tensors": dense_all, "file_vs_dense": file_bytes / dense_all,
             "decoder_linear_packed": packed_linear, "decoder_linear_dense": dense_linear,
             "decoder_linear_ratio": packed_linear / dense_linear,
         }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / PACK_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / README_FILE).write_text(_readme(manifest))
 
     with torch.no_grad(), quiet_transformers():
@@ -263,7 +261,7 @@ def _readme(manifest: dict) -> str:
     return (
         f"# Compressed checkpoint ({FORMAT} v{FORMAT_VERSION}, {layout}, {manifest['dtype']})\n\n"
         f"Written by `surgeon-export pack` from {manifest['source']}. The decoder linears are stored as "
-        f"{layout} parts in `{WEIGHTS_FILE}` (layout: export/semi_structured.py and export/sparse_csr.py of "
+        f"{layout} parts in `{PACK_WEIGHTS_FILE}` (layout: export/semi_structured.py and export/sparse_csr.py of "
         "surgeon-export); every other tensor is dense. There is no `model.safetensors`: plain transformers "
         "cannot load this directory directly.\n\n"
         "- run it: `surgeon-export bench DIR --backend torch-24` (N:M) or `--backend torch-csr` (CSR/BSR), "
@@ -273,9 +271,9 @@ def _readme(manifest: dict) -> str:
 
 
 def _read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST_FILE
+    path = directory / PACK_MANIFEST_FILE
     if not path.is_file():
-        raise SurgeonError(f"{directory} is not a compressed checkpoint ({MANIFEST_FILE} missing; write one "
+        raise SurgeonError(f"{directory} is not a compressed checkpoint ({PACK_MANIFEST_FILE} missing; write one "
                            "with `surgeon-export pack`)")
     try:
         manifest = json.loads(path.read_text())
@@ -334,11 +332,11 @@ def read_compressed(directory: Path, *, check_manifest: bool = True) -> Compress
     """
     directory = Path(directory).expanduser()
     manifest = _read_manifest(directory) if check_manifest else {"format": FORMAT, "format_version": FORMAT_VERSION}
-    _check_version(manifest.get("format_version"), str(directory / MANIFEST_FILE))
+    _check_version(manifest.get("format_version"), str(directory / PACK_MANIFEST_FILE))
     config = read_config(directory)
-    path = directory / WEIGHTS_FILE
+    path = directory / PACK_WEIGHTS_FILE
     if not path.is_file():
-        raise SurgeonError(f"{directory}: {WEIGHTS_FILE} is missing")
+        raise SurgeonError(f"{directory}: {PACK_WEIGHTS_FILE} is missing")
     check_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from surgeon.errors import SurgeonError
+from base.errors import SurgeonError
 
 INDEX_PARTS = ("crow_indices", "col_indices")
 PARTS = (*INDEX_PARTS, "values")

@@ -1,8 +1,10 @@
-"""Loaders and one generate interface over the exported artefacts (torch dense, torch 2:4 and CSR, ONNX Runtime).
+"""Runtime backends and the one decode loop, used by ``generate`` and by ``bench``.
 
-- ``generate.py``: the ``Decoder`` protocol every backend implements, the generate loop (greedy or
-  sampling, stop tokens, batches) and the registry of backends by name;
+- ``backend.py``: the :class:`~runtime.backend.Backend` protocol every runtime implements and the
+  one registry (:func:`~runtime.backend.load_backend`); a new runtime is one module plus one
+  registration there;
+- ``generate.py``: the decode loop (greedy or sampling, stop tokens, batches, timed prefill and decode);
 - ``torch_backend.py``: eager Hugging Face models; ``ort.py``: ONNX exports on ONNX Runtime, with
-  the KV cache bound in place between steps;
-- ``load.py`` and its helpers: compressed (2:4, CSR/BSR) checkpoints.
+  the KV cache bound in place between steps; ``load.py`` and its helpers (``semi_structured.py``,
+  ``sparse_linear.py``): packed (2:4, N:M, CSR/BSR) checkpoints on torch.
 """

@@ -1,43 +1,53 @@
-"""One generate loop over any backend that keeps its own KV cache: greedy or sampling, stop tokens, batch.
+"""The one decode loop, over any backend (:class:`runtime.backend.Backend`): greedy or sampling, stop tokens, batch.
 
-A backend implements :class:`Decoder` (a small Protocol: ``reset`` and ``forward``); the loop owns
+The backend keeps its own KV cache (``reset`` and ``forward``); the loop owns
 the tokens, the attention mask and the positions, so every backend sees exactly the same inputs.
 Prompts of different lengths are left-padded: the mask is 0 on padding, positions count only real
 tokens (``cumsum(mask) - 1``), as Hugging Face generation does. Sampling draws from a seeded
 ``torch.Generator`` after temperature, top-k and top-p (nucleus, Holtzman et al. 2020) filtering,
-so two backends with the same logits draw the same tokens.
-
-Backends register a loader by name (:func:`register_loader`); ``torch`` and ``onnxruntime`` are
-built in, others (for instance the 2:4 and CSR loaders) add themselves the same way.
+so two backends with the same logits draw the same tokens. Prefill and decode are timed apart
+(:class:`Stopwatch`: CUDA events on GPU), so the benchmark runner times decode with this same loop.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from surgeon.errors import SurgeonError
+from base.errors import SurgeonError
+from runtime.backend import Backend
 
 
-class Decoder(Protocol):
-    """A causal LM that keeps the keys and values of every token it has seen since ``reset``."""
+class Stopwatch:
+    """Wall time of a region: CUDA events on GPU (after synchronising), ``perf_counter`` on CPU."""
 
-    vocab_size: int
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
 
-    def reset(self, batch_size: int) -> None:
-        """Drop the cache; the next ``forward`` starts ``batch_size`` new sequences."""
+    def start(self) -> None:
+        """Mark the start, after all queued GPU work has finished."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._event = torch.cuda.Event(enable_timing=True)
+            self._event.record()
+        else:
+            self._t0 = time.perf_counter()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, last_only: bool = False) -> Tensor:
-        """Run new tokens ``[B, T]`` after the cached ones and cache them; returns float32 logits.
-
-        ``attention_mask`` ``[B, P + T]`` covers cached and new tokens, ``position_ids`` ``[B, T]``;
-        all int64 on CPU. Logits are ``[B, T, V]``, or ``[B, 1, V]`` (last position) if ``last_only``.
-        """
+    def stop(self) -> float:
+        """Seconds since :meth:`start`, after all queued GPU work has finished."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            torch.cuda.synchronize()
+            return self._event.elapsed_time(end) / 1000.0
+        return time.perf_counter() - self._t0
 
 
 @dataclass
@@ -105,16 +115,16 @@ def pick(logits: Tensor, cfg: GenerationConfig, generator: torch.Generator) -> T
 
 
 @torch.inference_mode()
-def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: GenerationConfig | None = None) -> Generation:
+def generate(decoder: Backend, prompts: Sequence[Sequence[int]], cfg: GenerationConfig | None = None) -> Generation:
     """Continue every prompt with up to ``cfg.max_new_tokens`` tokens.
 
     Args:
-        decoder: any backend (:class:`Decoder`); its cache is reset first.
+        decoder: any backend (:class:`runtime.backend.Backend`); its cache is reset first.
         prompts: token ids per sequence, of any lengths (left-padded into one batch).
         cfg: greedy or sampling, stop tokens, seed.
 
     Example:
-        >>> out = generate(load_decoder("onnxruntime", "small-onnx"), [[1, 2, 3]], GenerationConfig())  # doctest: +SKIP
+        >>> out = generate(load_backend("onnxruntime", "small-onnx"), [[1, 2, 3]], GenerationConfig())  # doctest: +SKIP
         >>> len(out.tokens[0])  # doctest: +SKIP
         32
     """
@@ -125,13 +135,14 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: Generation
     batch = ids.shape[0]
     generator = torch.Generator().manual_seed(cfg.seed)
     stop = torch.tensor(cfg.stop_tokens, dtype=torch.long)
+    watch = Stopwatch(decoder.device)
     decoder.reset(batch)
-    start = time.perf_counter()
+    watch.start()
     logits = decoder.forward(ids, mask, positions, last_only=True)[:, -1]  # [B, V]
-    prefill = time.perf_counter() - start
+    prefill = watch.stop()
     done = torch.zeros(batch, dtype=torch.bool)
     out: list[Tensor] = []
-    start = time.perf_counter()
+    watch.start()
     for step in range(cfg.max_new_tokens):
         token = pick(logits, cfg, generator).cpu()  # [B]
         token = torch.where(done, torch.full_like(token, cfg.pad_token_id), token)
@@ -143,7 +154,7 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: Generation
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)  # [B, P + 1]
         positions = positions[:, -1:] + 1  # [B, 1]
         logits = decoder.forward(token[:, None], mask, positions, last_only=True)[:, -1]
-    decode = time.perf_counter() - start
+    decode = watch.stop()
     tokens = torch.stack(out, dim=1)  # [B, N]
     rows: list[list[int]] = []
     stopped: list[bool] = []
@@ -154,33 +165,20 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: Generation
     return Generation(rows, stopped, prefill, decode, steps=len(out) - 1)
 
 
-DecoderLoader = Callable[[str, str, int | None], Decoder]  # (model path, device, threads) -> Decoder
-LOADERS: dict[str, DecoderLoader] = {}
+def encode_prompts(tokenizer: Any, texts: Sequence[str], chat: bool = False) -> list[list[int]]:
+    """Token ids of each prompt; ``chat`` wraps each in the tokenizer's chat template (a user turn)."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise SurgeonError("--chat: this model's tokenizer has no chat template")
+        return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)) for t in texts]
+    return [tokenizer(t)["input_ids"] for t in texts]
 
 
-def register_loader(name: str, loader: DecoderLoader) -> None:
-    """Make a backend available to :func:`load_decoder` (and ``surgeon-export generate --backend``)."""
-    LOADERS[name] = loader
-
-
-def load_decoder(backend: str, path: str, device: str = "cpu", threads: int | None = None) -> Decoder:
-    """A :class:`Decoder` for the model at ``path`` on ``backend`` (``torch``, ``onnxruntime``, ...)."""
-    if backend not in LOADERS:
-        raise SurgeonError(f"unknown runtime backend {backend!r}; available: {', '.join(sorted(LOADERS))}")
-    return LOADERS[backend](path, device, threads)
-
-
-def _load_torch(path: str, device: str, threads: int | None) -> Decoder:
-    from runtime.torch_backend import TorchDecoder
-
-    return TorchDecoder.load(path, device, threads)
-
-
-def _load_onnxruntime(path: str, device: str, threads: int | None) -> Decoder:
-    from runtime.ort import OrtDecoder
-
-    return OrtDecoder(path, device, threads)
-
-
-register_loader("torch", _load_torch)
-register_loader("onnxruntime", _load_onnxruntime)
+def eos_ids(directory: Path, tokenizer: Any) -> tuple[int, ...]:
+    """EOS ids of ``generation_config.json`` (one or a list), else the tokenizer's."""
+    path = Path(directory) / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))

@@ -4,7 +4,7 @@ As gpt-fast:generate.py ``_load_model`` does: the model ``config.json`` describe
 meta device, and the stored tensors are assigned into it. Reading and every check (manifest,
 version, header, metadata against values, shapes against the config) happen in
 :func:`export.sparse_checkpoint.read_compressed`; the config and tokenizer come through the pieces
-of :mod:`surgeon.loading`. Then the packed decoder linears are placed:
+of :mod:`base.loading`. Then the packed decoder linears are placed:
 
 - N:M (2:4; another N:M layer only where its weights are also 2:4): unpacked; on a CUDA GPU each
   layer becomes a semi-structured sparse tensor on the kernel :func:`runtime.semi_structured.choose_backend` picks, and layers it cannot take stay dense with
@@ -18,18 +18,14 @@ of :mod:`surgeon.loading`. Then the packed decoder linears are placed:
 Non-persistent buffers (the rotary ``inv_freq``) are not stored; the model's own ``_init_weights``
 computes them, as transformers does after its own meta-device load.
 
-:func:`load_backend` is what the runtime backends ``torch-24``, ``torch-24-sparse`` and ``torch-csr``
-run (layouts, dtype and 2:4 policy per backend); :func:`register_decoders` puts them behind
-:mod:`runtime.generate`'s interface, and ``benchmarks/backends.py`` registers them for
-``surgeon-export bench``.
+:func:`load_packed` is what the runtime backends ``torch-24``, ``torch-24-sparse`` and ``torch-csr``
+run (layouts, dtype and 2:4 policy per backend; registered in :mod:`runtime.backend`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.checkpoint import REPORT_FILE
-from export.sparse_checkpoint import DTYPES, WEIGHTS_FILE, CompressedCheckpoint, nm_pattern, read_compressed
+from base.adapters import get_adapter
+from base.errors import SurgeonError
+from base.formats import DTYPES, PACK_WEIGHTS_FILE, dtype_name
+from base.loading import LoadedModel, load_tokenizer
+from base.patterns import NMPattern
+from export.flops import flops_table
+from export.sparse_checkpoint import CompressedCheckpoint, nm_pattern, read_compressed
+from runtime.backend import pruning_config, resolve_dtype
 from runtime.semi_structured import Dispatch, Policy, Prefer, device_dispatch, to_semi_structured_linear, tune, tuned
 from runtime.sparse_linear import SparseLinear
-from surgeon.adapters import get_adapter
-from surgeon.errors import SurgeonError
-from surgeon.loading import LoadedModel, quiet_transformers
-from surgeon.prune.patterns import NMPattern
+from runtime.torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
 BACKEND_LAYOUTS = {"torch-24": ("N:M",), "torch-24-sparse": ("N:M",), "torch-csr": ("csr", "bsr")}  # layouts read
@@ -83,17 +82,16 @@ class CompressedModel:
         """Artefact facts in the benchmark runner's schema (``docs/benchmarks.md``), plus the kernels used."""
         model = self.lm.model
         tensors = [*model.parameters(), *model.buffers()]  # each shared tensor once
-        report = self.lm.path / REPORT_FILE
         dtype = next(p.dtype for p in model.parameters())
         return {
             "source": self.lm.source,
             "path": str(self.lm.path),
-            "bytes_on_disk": (self.lm.path / WEIGHTS_FILE).stat().st_size,
+            "bytes_on_disk": (self.lm.path / PACK_WEIGHTS_FILE).stat().st_size,
             "weight_bytes": sum(tensor_bytes(t) for t in tensors),
             "parameters": {k: self.counts[k] for k in ("total", "decoder_linear", "decoder_linear_zeros", "total_zeros")},
             "sparsity": self.counts["decoder_linear_zeros"] / self.counts["decoder_linear"],
-            "pruning": json.loads(report.read_text()).get("config") if report.is_file() else None,
-            "dtype": str(dtype).removeprefix("torch."),
+            "pruning": pruning_config(self.lm.path),
+            "dtype": dtype_name(dtype),
             "format": self.layout,
             "kernels": self.kernels(),
             "fallbacks": self.fallbacks(),
@@ -131,16 +129,6 @@ def _materialise_buffers(model: nn.Module) -> None:
             module = model.get_submodule(owner)
             setattr(module, name, torch.empty_like(buffer, device="cpu"))
             model._init_weights(module)  # type: ignore[operator]
-
-
-def _tokenizer(directory: Path) -> object:
-    from transformers import AutoTokenizer
-
-    try:
-        with quiet_transformers():
-            return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as exc:
-        raise SurgeonError(f"cannot load tokenizer from {directory}: {str(exc).strip().splitlines()[0]}") from None
 
 
 def load_compressed(
@@ -202,7 +190,7 @@ def load_compressed(
         raise SurgeonError(f"{directory}: tensor {left[0]} is missing from the checkpoint")
     model.to(device).eval()
     placements = _place(model, ckpt, linears, device, dtype, prefer, policy)
-    lm = LoadedModel(model=model, tokenizer=_tokenizer(directory), adapter=adapter, path=directory,
+    lm = LoadedModel(model=model, tokenizer=load_tokenizer(directory), adapter=adapter, path=directory,
                      source=f"{directory} ({layout})")
     return CompressedModel(lm=lm, layout=layout, placements=placements, counts=_count(ckpt))
 
@@ -257,33 +245,30 @@ def _place(model: nn.Module, ckpt: CompressedCheckpoint, linears: dict[str, str]
     return placements
 
 
-def load_backend(backend: str, path: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> CompressedModel:
-    """:func:`load_compressed` as a runtime backend of :data:`BACKEND_LAYOUTS` runs it (layouts, dtype, policy)."""
-    if backend not in BACKEND_LAYOUTS:
-        raise SurgeonError(f"unknown sparse backend {backend!r}; available: {', '.join(BACKEND_LAYOUTS)}")
-    device = torch.device(device)
+def load_packed(spec: str | None, device: str, dtype: str, threads: int | None, *, backend: str) -> PackedBackend:
+    """The packed backends (``torch-24``, ``torch-24-sparse``, ``torch-csr``): :func:`load_compressed`
+    with the backend's layouts, dtype and 2:4 policy (:data:`BACKEND_LAYOUTS`)."""
+    if spec is None:
+        raise SurgeonError(f"backend {backend} needs a directory written by `surgeon-export pack`, not the default model")
+    target = torch.device(device)
     try:
-        return load_compressed(path, device=device, dtype=dtype or backend_dtype(backend, device),
-                               policy=BACKEND_POLICY.get(backend, "auto"), layouts=BACKEND_LAYOUTS[backend])
+        compressed = load_compressed(spec, device=target,
+                                     dtype=backend_dtype(backend, target) if dtype == "auto" else resolve_dtype(dtype, target),
+                                     policy=BACKEND_POLICY.get(backend, "auto"), layouts=BACKEND_LAYOUTS[backend])
     except SurgeonError as exc:
-        raise SurgeonError(f"backend {backend} cannot run {path}: {exc}") from None
+        raise SurgeonError(f"backend {backend} cannot run {spec}: {exc}") from None
+    return PackedBackend(compressed, backend)
 
 
-def _decoder_loader(backend: str) -> Callable[[str, str, int | None], Any]:
-    def load(path: str, device: str = "cpu", threads: int | None = None) -> Any:
-        from runtime.torch_backend import TorchDecoder
+class PackedBackend(TorchBackend):
+    """A compressed checkpoint on torch: ``torch-24`` (2:4 weights as semi-structured sparse tensors in
+    float16 on a CUDA sm80+ GPU where measured faster than dense; dense float32 on CPU),
+    ``torch-24-sparse`` (2:4 kernels wherever they run, least memory), ``torch-csr`` (CSR/BSR weights
+    through ``torch.sparse.mm``, float32)."""
 
-        if threads is not None:
-            torch.set_num_threads(threads)
-        return TorchDecoder(load_backend(backend, path, device).lm.model)
+    def __init__(self, compressed: CompressedModel, name: str) -> None:
+        super().__init__(compressed.lm.model, compressed.lm.tokenizer, compressed.lm.path, compressed.lm.source)
+        self.compressed, self.name = compressed, name
 
-    return load
-
-
-def register_decoders() -> None:
-    """Add the compressed backends to :mod:`runtime.generate`'s loaders (same Decoder as ``torch``)."""
-    from runtime.generate import register_loader
-
-    for backend in BACKEND_LAYOUTS:
-        register_loader(backend, _decoder_loader(backend))
+    def describe(self) -> dict:
+        return {**self.compressed.describe(), "flops_per_token": flops_table(self.config)}

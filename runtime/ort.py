@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend of ``runtime.generate``: an exported decoder graph with its KV cache bound in place.
+"""The ``onnxruntime`` backend: an exported decoder graph with its KV cache bound in place.
 
 The graph (``export/onnx.py``; any export with optimum's decoder names works) maps ``input_ids``,
 ``attention_mask``, ``position_ids`` and ``past_key_values.{i}.key/value`` to ``logits`` and
@@ -16,11 +16,15 @@ pass (``batch x chunk``, at least :data:`MIN_CHUNK` per row) when only the last 
 entries of a causal block: one 8x512 pass of SmolLM2 took 9.5 s, eight chunks of 64 tokens 7.3 s,
 while a single row gains nothing from chunks under 512 tokens.
 
-CPU uses the CPU execution provider; ``cuda`` the CUDA provider (``onnxruntime-gpu``).
+CPU uses the CPU execution provider; ``cuda`` the CUDA provider (``onnxruntime-gpu``). The backend
+runs with as many intra-op threads as torch uses (``--threads``). For ``describe``, parameters,
+zeros and bytes are counted in the graph's initializers; decoder linears are the initializers
+``surgeon_onnx.json`` names.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -29,11 +33,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from surgeon.errors import SurgeonError
+from base.errors import SurgeonError
+from base.formats import ONNX_DATA_FILE, ONNX_FILE, ONNX_MANIFEST_FILE
+from base.loading import load_tokenizer, quiet_transformers
+from export.flops import flops_table
+from runtime.backend import CachedLogits, pruning_config
 
-ONNX_FILE = "model.onnx"  # as export/onnx.py writes it (runtime does not import export)
 KEEP = "num_logits_to_keep"  # optional input of our graphs: logits of the last k positions only
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+FLOAT_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 PREFILL_TOKENS = 512  # batch x chunk tokens per prefill pass when only the last logits are wanted
 MIN_CHUNK = 64  # smaller chunks make the linears' matrix products too thin
@@ -66,8 +74,10 @@ def providers_for(device: str) -> tuple[list[str], str, int]:
     raise SurgeonError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
 
 
-class OrtDecoder:
-    """:class:`runtime.generate.Decoder` over an ONNX decoder graph with KV cache."""
+class OrtBackend(CachedLogits):
+    """:class:`runtime.backend.Backend` over an ONNX decoder graph with KV cache."""
+
+    name = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
                  prefill_tokens: int = PREFILL_TOKENS, min_chunk: int = MIN_CHUNK) -> None:
@@ -76,6 +86,7 @@ class OrtDecoder:
         self.prefill_tokens, self.min_chunk = prefill_tokens, min_chunk  # prefill_tokens 0: one pass
         self.path = model_file(path)
         self.directory = self.path.parent  # config.json, generation_config.json and the tokenizer live here
+        self.device = torch.device(device)
         providers, self.device_type, self.device_id = providers_for(device)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # the project's --threads
@@ -98,8 +109,9 @@ class OrtDecoder:
             raise SurgeonError(f"{self.path}: past_key_values inputs and present outputs do not pair up")
         self.past_shapes = [tuple(inputs[n].shape) for n in self.past_names]  # [batch, kv_heads_i, past, head_dim]
         self.dtype = ELEMENT_TYPES[inputs[self.past_names[0]].type]
+        self.config: Any = _config(self.directory)
         vocab = self.session.get_outputs()[0].shape[-1]
-        self.vocab_size = int(vocab) if isinstance(vocab, int) else -1
+        self.vocab_size = int(vocab) if isinstance(vocab, int) else int(self.config.vocab_size)
         optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with a default
         # bind_cpu_input refuses inputs that have a default initializer; bind an OrtValue instead.
         self.keep_last = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64)) \
@@ -110,10 +122,62 @@ class OrtDecoder:
         # batch would keep the process at its peak for good. Single-token steps reuse the arena.
         self.shrink = ort.RunOptions()
         self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"{self.device_type}:{self.device_id}")
+        self.tokenizer = load_tokenizer(self.directory)
+        manifest = self.directory / ONNX_MANIFEST_FILE
+        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
 
     @property
     def num_layers(self) -> int:
         return len(self.past_names) // 2
+
+    def describe(self) -> dict:
+        import ctypes
+        import gc
+
+        import onnx
+        from onnx import numpy_helper
+
+        linears = {v["initializer"] for v in (self.manifest or {}).get("decoder_linears", {}).values()}
+        if not linears:
+            raise SurgeonError(f"{self.directory}: no {ONNX_MANIFEST_FILE} naming the decoder linears; "
+                               "re-export with surgeon-export onnx")
+        proto = onnx.load(str(self.path))  # with its external data: zeros are counted, not read from a report
+        counts = dict.fromkeys(("total", "decoder_linear", "decoder_linear_zeros", "total_zeros"), 0)
+        weight_bytes = 0
+        for tensor in proto.graph.initializer:
+            if tensor.data_type not in FLOAT_TYPES:
+                continue  # shapes and other integer constants are not parameters
+            array = numpy_helper.to_array(tensor)
+            zeros = int((array == 0).sum())
+            counts["total"] += array.size
+            counts["total_zeros"] += zeros
+            weight_bytes += array.nbytes
+            if tensor.name in linears:
+                counts["decoder_linear"] += array.size
+                counts["decoder_linear_zeros"] += zeros
+        del proto
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the parsed graph back before memory is measured
+        except (OSError, AttributeError):
+            pass
+        files = [f for f in (self.path, self.directory / ONNX_DATA_FILE) if f.is_file()]
+        graph = (self.manifest or {}).get("graph", {})
+        return {
+            "source": (self.manifest or {}).get("source") or str(self.directory),
+            "path": str(self.directory),
+            "bytes_on_disk": sum(f.stat().st_size for f in files),
+            "weight_bytes": weight_bytes,
+            "parameters": counts,
+            "sparsity": counts["decoder_linear_zeros"] / counts["decoder_linear"],
+            "pruning": pruning_config(self.directory),
+            "dtype": np.dtype(self.dtype).name,
+            "flops_per_token": flops_table(self.config),
+            "onnx": {"opset": graph.get("opset"), "simplified": graph.get("simplified"),
+                     "optimized": (self.manifest or {}).get("config", {}).get("optimize"),
+                     "providers": self.session.get_providers(),
+                     "prefill_tokens_per_pass": self.prefill_tokens},
+        }
 
     def reset(self, batch_size: int) -> None:
         import onnxruntime as ort
@@ -160,3 +224,29 @@ class OrtDecoder:
 
 def _int64(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.int64)
+
+
+def _config(directory: Path) -> Any:
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        try:
+            return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise SurgeonError(f"{directory}: no usable config.json beside the graph ({exc})") from None
+
+
+def load_onnxruntime(spec: str | None, device: str, dtype: str, threads: int | None) -> OrtBackend:
+    """The ``onnxruntime`` backend: an export directory of ``surgeon-export onnx``, in the dtype it was exported in."""
+    if spec is None:
+        raise SurgeonError("backend onnxruntime needs an ONNX export directory "
+                           "(write one with `surgeon-export onnx MODEL --out DIR`), not the default model")
+    try:
+        backend = OrtBackend(spec, device, threads or torch.get_num_threads())
+    except SurgeonError as exc:
+        raise SurgeonError(f"backend onnxruntime cannot run {spec}: {exc}") from None
+    exported = np.dtype(backend.dtype).name  # "float32" or "float16"
+    if dtype != "auto" and exported != dtype:
+        raise SurgeonError(f"backend onnxruntime runs {spec} in the dtype it was exported in ({exported}), "
+                           f"not {dtype}; export with `surgeon-export onnx --dtype`")
+    return backend

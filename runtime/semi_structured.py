@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.prune.patterns import NMPattern
+from base.patterns import NMPattern
 
 Kernel = Literal["cusparselt", "cutlass", "dense"]
 Prefer = Literal["auto", "cusparselt", "cutlass"]

@@ -1,13 +1,11 @@
-"""surgeon-export: prune language models, export them to deployable formats, run and measure them.
+"""Pruning: calibration, curvature, LLM Surgeon, the layer-wise baselines, SDS, and one entry point.
 
-The pipeline, left to right (a stage imports only from stages to its left; ``surgeon.cli`` imports
-them all): ``surgeon`` (loading, calibration, pruning) -> ``export`` -> ``runtime`` -> ``benchmarks``.
+:func:`surgeon.api.prune` dispatches on its config (:mod:`surgeon.api`). Importing ``surgeon``
+also registers the per-layer-shape model types (``surgeon_*``) with transformers' Auto classes,
+through :mod:`base`, so ``import surgeon`` then ``AutoModelForCausalLM.from_pretrained(dir)``
+loads our smaller checkpoints without running code from the directory.
 """
 
+import base  # noqa: F401  (registers the surgeon_* model types)
+
 __version__ = "0.1.0"
-
-# Make AutoConfig/AutoModelForCausalLM load our per-layer-shape checkpoints (model types
-# ``surgeon_*``) without running code from the checkpoint directory.
-from surgeon.modeling import register as _register  # noqa: E402
-
-_register()

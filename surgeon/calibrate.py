@@ -1,4 +1,4 @@
-"""Run calibration batches through a model; the only module that registers hooks.
+"""Run calibration batches through a model: layer inputs, per-layer outputs, input moments, K-FAC factors.
 
 The sequential driver needs three things from a forward pass: the inputs of decoder layer 0
 (captured with a pre-hook that stops the pass with :class:`StopForward`, a dedicated exception),
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from surgeon.adapters import Adapter
+from base.adapters import Adapter
 from surgeon.curvature.activations import SecondMoment
 from surgeon.curvature.kfac import KronFactor
 

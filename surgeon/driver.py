@@ -21,14 +21,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from surgeon.adapters import Adapter
+from base.adapters import Adapter
+from base.errors import SurgeonError
+from base.patterns import NMPattern, check_sparsity
 from surgeon.baselines.common import Target
 from surgeon.baselines.magnitude import prune_magnitude
 from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.baselines.wanda import prune_wanda
 from surgeon.calibrate import capture_layer_inputs, input_moments, run_layer
-from surgeon.errors import SurgeonError
-from surgeon.prune.patterns import NMPattern, check_sparsity
 from surgeon.sds import LayerPruner, SDSConfig, pair_moments, refine_linear, self_stats
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ class PruneReport:
     shots: list[dict] = field(default_factory=list)  # multi-shot methods: one record per shot
     refine: dict[str, dict] = field(default_factory=dict)  # SDS: linear name -> errors per step, seconds
     layer_seconds: list[float] = field(default_factory=list)
+    removal: dict | None = None  # structured: the removed groups, a base.surgery.RemovalPlan as a dict
+    calibration: str | None = None  # where the calibration windows came from
 
     @property
     def sparsity(self) -> float:
@@ -90,10 +92,13 @@ class PruneReport:
                              "zeros": zeros, "sparsity": zeros / linear.weight.numel()}
 
     def to_dict(self) -> dict:
-        out = {"config": self.config, "sparsity": self.sparsity, "seconds": self.seconds,
-               "layer_seconds": [round(t, 2) for t in self.layer_seconds], "shots": self.shots, "layers": self.layers}
+        out = {"calibration": self.calibration, "config": self.config, "sparsity": self.sparsity,
+               "seconds": self.seconds, "layer_seconds": [round(t, 2) for t in self.layer_seconds],
+               "shots": self.shots, "layers": self.layers}
         if self.refine:
             out["refine"] = {"summary": refine_summary(self.refine), "linears": self.refine}
+        if self.removal is not None:
+            out["removal"] = self.removal
         return out
 
 

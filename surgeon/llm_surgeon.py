@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -30,17 +29,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from base.adapters import Adapter
+from base.errors import SurgeonError
+from base.patterns import NMPattern, check_sparsity
 from surgeon import structures
-from surgeon.adapters import Adapter
 from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.calibrate import FisherKind, input_factors, kfac_factors
-from surgeon.driver import PruneReport
 from surgeon.curvature.kfac import DampedKron, KronFactor, LazyDamped
-from surgeon.errors import SurgeonError
+from surgeon.driver import PruneReport
 from surgeon.prune.costs import element_costs
-from surgeon.prune.patterns import NMPattern, check_sparsity
 from surgeon.prune.threshold import global_keep_masks, linear_schedule, per_layer_fraction_mask
 from surgeon.prune.update import Correlation, update_masked
+from surgeon.sds import SDSConfig
 from surgeon.structures import GroupCost, Scoring
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,11 @@ class SurgeonConfig:
     row_solver: RowSolver = "sparsegpt"  # per-row OBS updates: SparseGPT's fast sweep, or exact solves
     group_cost: GroupCost = "output"  # structured: output side only (measured best), or the sum of members
     kfac_windows: int | None = None  # backward passes (G) on the first this many windows; A on all, forward only
+    refine: SDSConfig | None = None  # SDS after the shots (unstructured and N:M; surgeon.api.prune_ runs it)
 
     def __post_init__(self) -> None:
+        if self.refine is not None and self.structured is not None:
+            raise SurgeonError("SDS refinement works on unstructured and N:M targets, not structured ones")
         if self.scoring != "surgeon" and (self.structured is None or self.pattern is not None):
             raise SurgeonError("magnitude and Wanda scores on coupled groups need a structured target alone")
         given = [x is not None for x in (self.sparsity, self.pattern, self.structured)]
@@ -118,6 +121,8 @@ class SurgeonConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["pattern"] = str(self.pattern) if self.pattern else None
+        if self.refine is None:  # as before SDS could follow LLM Surgeon: checkpoints and reports compare equal
+            d.pop("refine")
         return d
 
     def shot_targets(self) -> list[Target]:
@@ -205,6 +210,8 @@ def prune_surgeon_(
             _save_checkpoint(checkpoint_dir, cfg, shot + 1, report.shots, linears, keep)
     for name, m in linears.items():
         report.record(name, m)
+    if cfg.structured is not None:
+        report.removal = structures.removal_plan(model, adapter, keep).to_dict()
     report.seconds = time.perf_counter() - start
     return report
 
@@ -273,7 +280,7 @@ def _structured_step(
     chosen: list[structures.Candidate] = []
     candidates: list[structures.Candidate] = []
     for i, layer in enumerate(layers):
-        inter = layer.get_submodule(adapter.mlp).get_submodule(adapter.gate).out_features
+        inter = adapter.linear(layer, adapter.channel_rows[0]).out_features
         channel_cost, head_cost = structures.group_costs(model, adapter, i, scoring, damped, A, cfg.group_cost)
         found = structures.layer_candidates(
             model, adapter, i, channel_cost, head_cost, keep, min_channels=max(1, inter // 20)
@@ -332,5 +339,3 @@ def _resume(
     return int(meta["shots_done"]), list(meta["shots"])
 
 
-def clear_checkpoint(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)

@@ -46,11 +46,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from surgeon.adapters import Adapter
+from base.adapters import Adapter
+from base.errors import SurgeonError
 from surgeon.baselines.common import Target
 from surgeon.calibrate import LayerBatch, _hidden
 from surgeon.curvature.activations import SecondMoment
-from surgeon.errors import SurgeonError
 
 log = logging.getLogger(__name__)
 

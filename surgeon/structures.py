@@ -2,16 +2,19 @@
 
 A row or column only shrinks the model when its coupled partners go too (ALGORITHMS.md,
 "Structured removal"), so the candidates are coupled groups and a group's cost is the sum of its
-members' costs (costs table of ALGORITHMS.md, rows and columns under ``F = G ⊗ A``):
+members' costs (costs table of ALGORITHMS.md, rows and columns under ``F = G ⊗ A``). Which linears
+form each group comes from the family's adapter (:mod:`base.adapters`), never from names here:
 
-- MLP channel k: row k of gate and up (``½ w A wᵀ / [G⁻¹]_kk`` each), column k of down
-  (``½ wᵀ G w / [A⁻¹]_kk``); size ``3 · hidden``.
+- MLP channel k: row k of every channel-row linear (gate and up; OPT's fc1) (``½ w A wᵀ / [G⁻¹]_kk``
+  each), column k of down (fc2) (``½ wᵀ G w / [A⁻¹]_kk``); size ``(rows + 1) · hidden``.
 - Attention slice s: the s-th cheapest query head of *every* KV group, so that all groups keep the
   same size (standard kernels need it); a head's cost is the joint cost of its ``head_dim`` q rows
-  plus its ``head_dim`` o columns; RoPE acts within a head, so a head is never split. KV heads stay.
+  plus its ``head_dim`` o columns; RoPE acts within a head, so a head is never split. KV heads stay
+  where they are shared (grouped-query attention); without GQA (one KV head per query head, OPT) a
+  head is its own KV group, and removing it takes its k and v rows too.
 
-Removed structures are zeroed here (masks and correlated updates); :mod:`surgeon.surgery` turns
-zeroed structures into physically smaller matrices.
+Removed structures are zeroed here (masks and correlated updates); :func:`removal_plan` says which
+groups went, and :mod:`base.surgery` cuts them into physically smaller matrices.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from surgeon.adapters import Adapter
+from base.adapters import Adapter
+from base.errors import SurgeonError
+from base.surgery import LayerPlan, RemovalPlan, head_rows
 from surgeon.curvature.kfac import DampedKron
-from surgeon.errors import SurgeonError
 from surgeon.prune.costs import col_costs, cols_cost, row_costs, rows_cost
 from surgeon.prune.update import update_cols, update_rows
 
@@ -41,25 +45,22 @@ class Candidate:
     size: int
 
 
-def _layer_names(adapter: Adapter, i: int) -> dict[str, str]:
-    p = f"{adapter.layers}.{i}"
-    return {
-        "q": f"{p}.{adapter.attn}.{adapter.q}", "o": f"{p}.{adapter.attn}.{adapter.o}",
-        "gate": f"{p}.{adapter.mlp}.{adapter.gate}", "up": f"{p}.{adapter.mlp}.{adapter.up}",
-        "down": f"{p}.{adapter.mlp}.{adapter.down}",
-    }
+@dataclass(frozen=True)
+class LayerNames:
+    """Full module names of one layer's coupled linears, from the family's adapter."""
 
+    q: str  # rows in query heads
+    kv: tuple[str, ...]  # rows in KV heads (k, v)
+    o: str  # columns in query heads
+    channel_rows: tuple[str, ...]  # rows in MLP channels (gate and up; OPT's fc1)
+    down: str  # columns in MLP channels (down; OPT's fc2)
 
-def head_layout(model: nn.Module) -> tuple[int, int, int]:
-    """``(n_heads, n_kv_heads, head_dim)`` from the config, with ``head_dim`` never re-derived if given."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_attention_heads, c.num_key_value_heads, head_dim
-
-
-def head_rows(h: Tensor, head_dim: int) -> Tensor:
-    """Row indices of q_proj (or column indices of o_proj) for query heads ``h`` ``[k]`` -> ``[k*head_dim]``."""
-    return (h[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    @classmethod
+    def of(cls, adapter: Adapter, i: int) -> LayerNames:
+        p = f"{adapter.layers}.{i}"
+        return cls(f"{p}.{adapter.head_rows[0]}", tuple(f"{p}.{n}" for n in adapter.kv_rows),
+                   f"{p}.{adapter.head_cols[0]}", tuple(f"{p}.{n}" for n in adapter.channel_rows),
+                   f"{p}.{adapter.channel_cols[0]}")
 
 
 Scoring = Literal["surgeon", "magnitude", "wanda"]
@@ -81,52 +82,62 @@ def group_costs(
     ``surgeon``: the second-order costs above (needs ``damped`` factors). Baselines on the same
     groups: ``magnitude`` sums the L2 norms of a group's rows and columns; ``wanda`` scores the
     output-side matrix like Wanda, ``‖W[:, j]‖ · ‖x_j‖`` summed over the group's columns of
-    down_proj / o_proj (needs the input moments ``A``).
+    down / o (needs the input moments ``A``).
     """
-    names = _layer_names(adapter, i)
-    W = {k: adapter_weight(model, n) for k, n in names.items()}
-    n_heads, _, head_dim = head_layout(model)
+    names = LayerNames.of(adapter, i)
+    W_q, W_o, W_down = (weight(model, n) for n in (names.q, names.o, names.down))
+    W_rows = [weight(model, n) for n in names.channel_rows]
+    n_heads, _, head_dim = adapter.head_layout(model.config)
     if scoring == "surgeon":
         assert damped is not None
-        dq, do = damped[names["q"]], damped[names["o"]]
-        channels = col_costs(W["down"], damped[names["down"]].G, damped[names["down"]].A_inv)
-        heads = torch.stack([cols_cost(W["o"], do.G, do.A_inv, head_rows(torch.tensor([h]), head_dim))
+        dq, do, dd = damped[names.q], damped[names.o], damped[names.down]
+        channels = col_costs(W_down, dd.G, dd.A_inv)
+        heads = torch.stack([cols_cost(W_o, do.G, do.A_inv, head_rows(torch.tensor([h]), head_dim))
                              for h in range(n_heads)])
         if group_cost == "sum":
-            channels = channels + (
-                row_costs(W["gate"], damped[names["gate"]].A, damped[names["gate"]].G_inv)
-                + row_costs(W["up"], damped[names["up"]].A, damped[names["up"]].G_inv)
-            )
-            heads = heads + torch.stack([rows_cost(W["q"], dq.A, dq.G_inv, head_rows(torch.tensor([h]), head_dim))
+            for name, W in zip(names.channel_rows, W_rows):
+                channels = channels + row_costs(W, damped[name].A, damped[name].G_inv)
+            heads = heads + torch.stack([rows_cost(W_q, dq.A, dq.G_inv, head_rows(torch.tensor([h]), head_dim))
                                          for h in range(n_heads)])
     elif scoring == "magnitude":
-        channels = W["gate"].norm(dim=1) + W["up"].norm(dim=1) + W["down"].norm(dim=0)
-        heads = (W["q"].reshape(n_heads, -1).norm(dim=1)
-                 + W["o"].reshape(W["o"].shape[0], n_heads, head_dim).permute(1, 0, 2).reshape(n_heads, -1).norm(dim=1))
+        channels = sum(W.norm(dim=1) for W in W_rows) + W_down.norm(dim=0)
+        heads = (W_q.reshape(n_heads, -1).norm(dim=1)
+                 + W_o.reshape(W_o.shape[0], n_heads, head_dim).permute(1, 0, 2).reshape(n_heads, -1).norm(dim=1))
     else:
         assert A is not None
-        down = W["down"].norm(dim=0) * A[names["down"]].diagonal().sqrt()  # [inter]
-        o = W["o"].norm(dim=0) * A[names["o"]].diagonal().sqrt()  # [n_heads * head_dim]
-        channels, heads = down, o.reshape(n_heads, head_dim).sum(1)
-    return channels, heads
+        channels = W_down.norm(dim=0) * A[names.down].diagonal().sqrt()  # [inter]
+        o = W_o.norm(dim=0) * A[names.o].diagonal().sqrt()  # [n_heads * head_dim]
+        heads = o.reshape(n_heads, head_dim).sum(1)
+    return channels, heads  # type: ignore[return-value]
 
 
 def layer_candidates(
     model: nn.Module, adapter: Adapter, i: int, channel_cost: Tensor, head_cost: Tensor,
     keep: dict[str, Tensor], min_channels: int,
 ) -> list[Candidate]:
-    """Every coupled group of layer ``i`` that may still go, with its cost (already removed ones first)."""
-    names = _layer_names(adapter, i)
-    hidden = model.get_submodule(names["gate"]).in_features
-    gone = ~keep[names["gate"]].any(1)  # channels already removed
+    """Every coupled group of layer ``i`` that may still go, with its cost (already removed ones first).
+
+    Floors: ``min_channels`` MLP channels, one query head per KV group, and (without GQA, where a
+    head is its own KV group) one head per layer.
+    """
+    names = LayerNames.of(adapter, i)
+    hidden = model.get_submodule(names.channel_rows[0]).in_features
+    gone = ~keep[names.channel_rows[0]].any(1)  # channels already removed
     ch = torch.where(gone, -1.0, channel_cost.double())
     order = ch.argsort()
-    out = [Candidate(i, "channel", order[j : j + 1], float(ch[order[j]]), 3 * hidden)
+    channel_size = (len(names.channel_rows) + 1) * hidden
+    out = [Candidate(i, "channel", order[j : j + 1], float(ch[order[j]]), channel_size)
            for j in range(len(order) - min_channels)]
-    n_heads, n_kv, head_dim = head_layout(model)
+    n_heads, n_kv, head_dim = adapter.head_layout(model.config)
     group = n_heads // n_kv
-    heads_gone = ~keep[names["q"]].reshape(n_heads, head_dim, -1).any(2).any(1)
-    hc = torch.where(heads_gone, -1.0, head_cost.double()).reshape(n_kv, group)  # [kv group, head in group]
+    heads_gone = ~keep[names.q].reshape(n_heads, head_dim, -1).any(2).any(1)
+    hc = torch.where(heads_gone, -1.0, head_cost.double())
+    if group == 1:  # each head is its own KV group: q, k, v rows and o columns go together
+        ranked = hc.argsort()
+        out += [Candidate(i, "heads", ranked[j : j + 1], float(hc[ranked[j]]), 4 * head_dim * hidden)
+                for j in range(n_heads - 1)]
+        return out
+    hc = hc.reshape(n_kv, group)  # [kv group, head in group]
     ranked = hc.argsort(dim=1)  # cheapest first within each group
     for s in range(group - 1):  # keep at least one query head per KV group
         heads = ranked[:, s] + torch.arange(n_kv) * group
@@ -136,7 +147,7 @@ def layer_candidates(
     return out
 
 
-def adapter_weight(model: nn.Module, name: str) -> Tensor:
+def weight(model: nn.Module, name: str) -> Tensor:
     return model.get_submodule(name).weight.detach().double()
 
 
@@ -169,32 +180,53 @@ def apply_(
 
     With ``damped`` factors the remaining weights get LLM Surgeon's joint (correlated) row and
     column updates (``group_cost="output"``: column updates only); without (the baselines), the
-    structures are only zeroed.
+    structures are only zeroed. Without GQA a removed head's k and v rows are zeroed too.
     """
     rows_damped = damped if group_cost == "sum" else None
-    _, _, head_dim = head_layout(model)
+    n_heads, n_kv, head_dim = adapter.head_layout(model.config)
     by_layer: dict[int, dict[str, list[Tensor]]] = {}
     for c in chosen:
         by_layer.setdefault(c.layer, {"channel": [], "heads": []})[c.kind].append(c.index)
     with torch.no_grad():
         for i, parts in by_layer.items():
-            names = _layer_names(adapter, i)
+            names = LayerNames.of(adapter, i)
             if parts["channel"]:
                 R = torch.cat(parts["channel"]).unique()
-                for key in ("gate", "up"):
-                    _remove(model, names[key], R, "rows", rows_damped, keep)
-                _remove(model, names["down"], R, "cols", damped, keep)
+                for name in names.channel_rows:
+                    _remove(model, name, R, "rows", rows_damped, keep)
+                _remove(model, names.down, R, "cols", damped, keep)
             if parts["heads"]:
                 idx = head_rows(torch.cat(parts["heads"]).unique(), head_dim)
-                _remove(model, names["q"], idx, "rows", rows_damped, keep)
-                _remove(model, names["o"], idx, "cols", damped, keep)
+                _remove(model, names.q, idx, "rows", rows_damped, keep)
+                _remove(model, names.o, idx, "cols", damped, keep)
+                if n_heads == n_kv:
+                    for name in names.kv:
+                        _remove(model, name, idx, "rows", None, keep)
+
+
+def removal_plan(model: nn.Module, adapter: Adapter, keep: Mapping[str, Tensor]) -> RemovalPlan:
+    """The groups the masks ``keep`` removed, per layer: what the smaller checkpoint is cut by.
+
+    A channel is removed when none of its channel-row weights is kept, a query head when none of
+    its q rows is; without GQA such a head is a whole KV group and is recorded as one.
+    """
+    n_heads, n_kv, head_dim = adapter.head_layout(model.config)
+    plan = RemovalPlan()
+    for i in range(len(adapter.decoder_layers(model))):
+        names = LayerNames.of(adapter, i)
+        channels = torch.nonzero(~keep[names.channel_rows[0]].any(1)).flatten().tolist()
+        heads = torch.nonzero(~keep[names.q].reshape(n_heads, head_dim, -1).any(2).any(1)).flatten().tolist()
+        if channels or heads:
+            plan.layers[i] = (LayerPlan.of(channels=channels, kv_groups=heads) if n_heads == n_kv
+                              else LayerPlan.of(channels=channels, heads=heads))
+    return plan
 
 
 def _remove(
     model: nn.Module, name: str, idx: Tensor, axis: Literal["rows", "cols"],
     damped: Mapping[str, DampedKron] | None, keep: dict[str, Tensor],
 ) -> None:
-    W = adapter_weight(model, name)
+    W = weight(model, name)
     if damped is None:
         W = W.clone()
         if axis == "rows":
@@ -215,17 +247,15 @@ def _remove(
 def _set(model: nn.Module, name: str, W: Tensor) -> None:
     if not torch.isfinite(W).all():
         raise FloatingPointError(f"non-finite weights after the structured update of {name}")
-    weight = model.get_submodule(name).weight
-    weight.copy_(W.to(weight.dtype))
+    param = model.get_submodule(name).weight
+    param.copy_(W.to(param.dtype))
 
 
 def check_supported(model: nn.Module, adapter: Adapter) -> None:
-    """Structured pruning needs gated MLPs and whole KV groups; say so clearly otherwise."""
-    n_heads, n_kv, _ = head_layout(model)
+    """Structured pruning needs whole KV groups; say so clearly otherwise."""
+    n_heads, n_kv, _ = adapter.head_layout(model.config)
     if n_heads % n_kv:
         raise SurgeonError(f"{n_heads} query heads do not split evenly into {n_kv} KV groups")
-    if n_heads // n_kv < 2:
-        raise SurgeonError("structured pruning needs at least 2 query heads per KV group")
     layer = adapter.decoder_layers(model)[0]
     for name in adapter.linear_names:
-        layer.get_submodule(name)
+        adapter.linear(layer, name)

@@ -9,18 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from base.data import tokenize
+from base.errors import SurgeonError
+from base.loading import load_model
+from base.perplexity import perplexity
 from benchmarks import latency
-from benchmarks.backends import TorchRunner, bench_dtype
-from benchmarks.metrics import perplexity
-from benchmarks.worker import ProcessClient, serve
+from runtime.backend import resolve_dtype
+from runtime.torch_backend import TorchBackend
 from benchmarks.run import (
-    SCHEMA_VERSION, BenchConfig, ModelSpec, PplConfig, bench, parse_batches, parse_models, parse_prefill,
+    SCHEMA_VERSION,
+    BenchConfig,
+    ModelSpec,
+    PplConfig,
+    bench,
+    parse_batches,
+    parse_models,
+    parse_prefill,
     run_benchmark,
 )
+from benchmarks.worker import ProcessClient, serve
 from export.checkpoint import save_checkpoint
-from surgeon.data import tokenize
-from surgeon.errors import SurgeonError
-from surgeon.loading import load_model
 from tests.conftest import CORPUS, make_tiny_llama
 
 PRUNED_ZEROS = 3 * 64  # zeroed weights per decoder linear in the "pruned" model
@@ -81,10 +89,11 @@ def test_summarize_known_answer() -> None:
     assert s.samples == [5.0, 1.0, 4.0, 2.0, 3.0]
 
 
-def test_greedy_decode_matches_recomputation_without_cache() -> None:
+def test_timed_decode_matches_recomputation_without_cache() -> None:
     model, _ = make_tiny_llama(dtype=torch.float64)
     prompt = latency.synthetic_prompt(2, 6, model.config.vocab_size, seed=3)
-    fed, seconds = latency.greedy_decode(model, prompt, new_tokens=5)
+    fed, seconds = latency.time_decode(TorchBackend(model), prompt, new_tokens=5)
+    fed = torch.tensor(fed)
     seq = prompt
     with torch.no_grad():
         for _ in range(5):  # reference: full forward over the whole sequence, no KV cache
@@ -160,24 +169,24 @@ def test_no_partial_files_when_a_measurement_raises(models: dict, tmp_path: Path
     out.parent.mkdir()
     out.write_text('{"old": true}')
 
-    def broken(self: TorchRunner, batch: int, length: int, new_tokens: int, seed: int) -> float:
+    def broken(backend: TorchBackend, prompt: torch.Tensor, new_tokens: int) -> float:
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(TorchRunner, "decode", broken)
+    monkeypatch.setattr(latency, "time_decode", broken)
     with pytest.raises(RuntimeError, match="simulated failure"):
         bench(config(models, ppl=None), out)
     assert [p.name for p in out.parent.iterdir()] == ["b.json"] and out.read_text() == '{"old": true}'
 
 
 def test_cells_that_cannot_run_are_skipped(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = TorchRunner.prefill
+    real = latency.time_prefill
 
-    def oom_for_pruned(self: TorchRunner, batch: int, length: int, seed: int) -> float:
-        if "pruned" in str(self.lm.path) and batch == 2:
+    def oom_for_pruned(backend: TorchBackend, prompt: torch.Tensor) -> float:
+        if "pruned" in str(backend.directory) and prompt.shape[0] == 2:
             raise torch.OutOfMemoryError("simulated: out of memory")
-        return real(self, batch, length, seed)
+        return real(backend, prompt)
 
-    monkeypatch.setattr(TorchRunner, "prefill", oom_for_pruned)
+    monkeypatch.setattr(latency, "time_prefill", oom_for_pruned)
     res = run_benchmark(config(models, prefill=[(1, 8), (1, 500), (10**9, 8), (2, 8)], decode=[1],
                                new_tokens=200, ppl=None))
     dense, pruned = res["models"]
@@ -196,7 +205,7 @@ def test_bad_inputs_are_user_errors(models: dict, tmp_path: Path) -> None:
     onnx.write_bytes(b"\x08\x07")
     with pytest.raises(SurgeonError, match="backend torch cannot run .*model.onnx"):
         run_benchmark(config(models, models=[ModelSpec("dense", str(models["dense"])), ModelSpec("x", str(onnx))]))
-    with pytest.raises(SurgeonError, match="unknown backend 'tensorrt'"):
+    with pytest.raises(SurgeonError, match="unknown runtime backend 'tensorrt'"):
         run_benchmark(config(models, models=[ModelSpec("d", str(models["dense"]), "tensorrt")]))
     with pytest.raises(SurgeonError, match="at least 5"):
         run_benchmark(config(models, repeat=3))
@@ -205,8 +214,8 @@ def test_bad_inputs_are_user_errors(models: dict, tmp_path: Path) -> None:
 
 
 def test_dtype_choice_reaches_the_model_and_the_record(models: dict) -> None:
-    assert bench_dtype("auto", "cpu") == torch.float32 and bench_dtype("auto", "cuda") == torch.float16
-    assert bench_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda") == torch.float16
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     res = run_benchmark(config(models, dtype="bfloat16", ppl=None, prefill=[(1, 8)], decode=[],
                                models=[ModelSpec("dense", str(models["dense"]))]))
     m = res["models"][0]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from base.errors import SurgeonError
 from benchmarks.gate import compare, gate_table, load_baseline, parse_tolerance
-from surgeon.cli import main
-from surgeon.errors import SurgeonError
+from surgeon_export.cli import main
 from tests.conftest import CORPUS, make_tiny_llama
 
 

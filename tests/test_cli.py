@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.metrics import perplexity
-from surgeon.data import tokenize
-from surgeon.loading import load_model
+from base.data import tokenize
+from base.loading import load_model
+from base.perplexity import perplexity
 
 
-def run_cli(*args: str, env_data: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "surgeon.cli", *args], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "surgeon_export.cli", *args], capture_output=True, text=True, timeout=300,
     )
 
 

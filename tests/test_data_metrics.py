@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.metrics import eval_windows, perplexity
-from surgeon import data
-from surgeon.errors import SurgeonError
+from base import data
+from base.errors import SurgeonError
+from base.perplexity import eval_windows, perplexity
 
 
 def test_random_windows_follow_python_random_seed0() -> None:
@@ -52,7 +52,7 @@ def test_read_text_errors(tmp_path: Path) -> None:
 def test_window_longer_than_context(tiny_llama) -> None:
     model, _ = tiny_llama
     with pytest.raises(SurgeonError, match="longer than the model's context \\(128\\)"):
-        data.check_window(256, model)
+        data.check_window(256, model.config)
 
 
 def test_find_data_dir_env_and_explicit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from base.adapters import LLAMA
+from base.errors import SurgeonError
+from base.loading import load_model
+from base.patterns import NMPattern
 from export.checkpoint import REPORT_FILE, save_checkpoint, write_atomically
-from surgeon.adapters import LLAMA
 from surgeon.baselines.magnitude import prune_magnitude
 from surgeon.baselines.wanda import prune_wanda
 from surgeon.calibrate import capture_layer_inputs, input_moments
 from surgeon.curvature.activations import SecondMoment
 from surgeon.driver import PruneConfig, prune_sequential_
-from surgeon.errors import SurgeonError
-from surgeon.loading import load_model
-from surgeon.prune.patterns import NMPattern
 from tests.conftest import make_tiny_llama
 
 

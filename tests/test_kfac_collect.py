@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from surgeon.adapters import LLAMA
+from base.adapters import LLAMA
 from surgeon.calibrate import kfac_factors
 from tests.conftest import make_tiny_llama
 

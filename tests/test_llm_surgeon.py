@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgeon.adapters import LLAMA
+from base.adapters import LLAMA
+from base.errors import SurgeonError
+from base.patterns import NMPattern
 from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.calibrate import kfac_factors
 from surgeon.curvature.kfac import prepare
-from surgeon.errors import SurgeonError
 from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
 from surgeon.prune.threshold import global_keep_masks
-from surgeon.prune.patterns import NMPattern
 from surgeon.prune.update import update_masked
 from tests.conftest import make_tiny_llama
 

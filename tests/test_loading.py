@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgeon import loading
-from surgeon.errors import SurgeonError
-from surgeon.loading import check_safetensors, count_parameters, load_model
+from base import loading
+from base.errors import SurgeonError
+from base.loading import check_safetensors, count_parameters, load_model
 from tests.conftest import make_tiny_llama
 
 

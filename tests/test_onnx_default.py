@@ -9,11 +9,12 @@ import onnx
 import pytest
 import torch
 
-from export.onnx import MANIFEST_FILE, ONNX_FILE, export_onnx
+from base.formats import ONNX_FILE, ONNX_MANIFEST_FILE
+from base.loading import load_model
+from export.onnx import export_onnx
 from runtime.generate import GenerationConfig, generate
-from runtime.ort import OrtDecoder
-from runtime.torch_backend import TorchDecoder
-from surgeon.loading import load_model
+from runtime.ort import OrtBackend
+from runtime.torch_backend import TorchBackend
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def test_export_is_fast_small_and_valid(exported: tuple) -> None:
     assert abs(manifest["bytes_on_disk"] / safetensors - 1) < 0.01  # the tied embedding is stored once
     assert manifest["parameters"]["decoder_linear"] == 106_168_320
     assert manifest["graph"]["kv_heads"] == [3] * 30 and manifest["graph"]["head_dim"] == 64
-    assert json.loads((out / MANIFEST_FILE).read_text())["verification"]["max_abs_diff"] < 1e-3
+    assert json.loads((out / ONNX_MANIFEST_FILE).read_text())["verification"]["max_abs_diff"] < 1e-3
 
 
 def test_logits_match_torch_with_and_without_past(exported: tuple) -> None:
@@ -44,7 +45,7 @@ def test_logits_match_torch_with_and_without_past(exported: tuple) -> None:
     attention already differ by up to ~3e-4 on the same inputs.
     """
     lm, out, _ = exported
-    torch_dec, ort_dec = TorchDecoder(lm.model), OrtDecoder(out)
+    torch_dec, ort_dec = TorchBackend(lm.model), OrtBackend(out)
     ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
     cases = [[ids[:, :1]], [ids[:, :7]], [ids], [ids[:, :40], ids[:, 40:41], ids[:, 41:48], ids[:, 48:]]]
     for chunks in cases:
@@ -60,8 +61,8 @@ def test_greedy_32_tokens_identical(exported: tuple) -> None:
                                    add_generation_prompt=True, tokenize=True, return_dict=False)
     prompts = [list(chat), tok("The history of the Roman Empire")["input_ids"]]
     cfg = GenerationConfig(max_new_tokens=32)  # no stop tokens: all 32 steps
-    want = generate(TorchDecoder(lm.model), prompts, cfg)
-    got = generate(OrtDecoder(out), prompts, cfg)
+    want = generate(TorchBackend(lm.model), prompts, cfg)
+    got = generate(OrtBackend(out), prompts, cfg)
     assert got.tokens == want.tokens and [len(t) for t in got.tokens] == [32, 32]
 
 

@@ -16,17 +16,19 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export.onnx import DATA_FILE, MANIFEST_FILE, ONNX_FILE, OnnxConfig, export_onnx
+from base.adapters import get_adapter
+from base.errors import SurgeonError
+from base.formats import ONNX_DATA_FILE, ONNX_FILE, ONNX_MANIFEST_FILE
+from base.loading import load_model
+from base.patterns import NMPattern
+from base.surgery import layer_shapes
+from export.onnx import OnnxConfig, export_onnx
 from export.onnx_graph import dummy_inputs, graph_spec, optimum_past_generator
 from export.pruned import ShrinkConfig, shrink_and_save
 from runtime.generate import GenerationConfig, generate
-from runtime.ort import OrtDecoder
-from runtime.torch_backend import TorchDecoder
-from surgeon.adapters import get_adapter
-from surgeon.errors import SurgeonError
-from surgeon.loading import load_model
-from surgeon.prune.patterns import NMPattern
-from surgeon.surgery import layer_shapes
+from runtime.backend import load_backend
+from runtime.ort import OrtBackend
+from runtime.torch_backend import TorchBackend
 from tests.conftest import make_tokenizer
 from tests.test_surgery import make_model
 from tests.test_surgery_checkpoint import _masked
@@ -76,7 +78,7 @@ def _logits(decoder: object, chunks: list[torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_torch_with_and_without_past(family: str, variant: str, exports: dict) -> None:
     checkpoint, out = exports[family, variant]
-    torch_dec, ort_dec = TorchDecoder.load(str(checkpoint)), OrtDecoder(out)
+    torch_dec, ort_dec = load_backend("torch", checkpoint), OrtBackend(out)
     ids = torch.randint(0, 90, (2, 17), generator=torch.Generator().manual_seed(1))
     cases = [[ids[:, :1]], [ids[:, :5]], [ids], [ids[:, :9], ids[:, 9:10], ids[:, 10:13], ids[:, 13:]]]
     for chunks in cases:  # prompts of 1, 5 and 17 tokens without past; 9 then 1, 3, 4 tokens with past
@@ -91,8 +93,8 @@ def test_greedy_32_tokens_identical(family: str, variant: str, exports: dict) ->
     checkpoint, out = exports[family, variant]
     prompts = [[5, 9, 14, 2, 33, 8, 70], [11, 3], [40, 41, 42, 43]]  # left-padded into one batch
     cfg = GenerationConfig(max_new_tokens=32)
-    want = generate(TorchDecoder.load(str(checkpoint)), prompts, cfg)
-    got = generate(OrtDecoder(out), prompts, cfg)
+    want = generate(load_backend("torch", checkpoint), prompts, cfg)
+    got = generate(OrtBackend(out), prompts, cfg)
     assert got.tokens == want.tokens and all(len(t) == 32 for t in got.tokens)
 
 
@@ -118,7 +120,7 @@ def test_graph_inputs_outputs_and_files(family: str, exports: dict) -> None:
     assert [v.name for v in graph.output] == ["logits", *[f"present.{i}.{k}" for i in range(len(kv)) for k in ("key", "value")]]
     for name in ("config.json", "generation_config.json", "tokenizer.json", "modeling_surgeon.py", "surgeon_report.json"):
         assert (out / name).is_file(), name
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest = json.loads((out / ONNX_MANIFEST_FILE).read_text())
     assert manifest["graph"]["kv_heads"] == kv and manifest["per_layer_shapes"]
     assert manifest["verification"]["max_abs_diff"] < 1e-4
     assert manifest["graph"]["simplified"]["nodes_after"] < manifest["graph"]["simplified"]["nodes_before"]
@@ -127,7 +129,7 @@ def test_graph_inputs_outputs_and_files(family: str, exports: dict) -> None:
 def test_tied_embedding_stored_once(exports: dict) -> None:
     _, out = exports["llama", "stock"]
     graph = onnx.load(str(out / ONNX_FILE)).graph
-    vocab = json.loads((out / MANIFEST_FILE).read_text())["graph"]["vocab_size"]
+    vocab = json.loads((out / ONNX_MANIFEST_FILE).read_text())["graph"]["vocab_size"]
     vocab_sized = [t.name for t in graph.initializer if vocab in t.dims]
     assert vocab_sized == ["model.embed_tokens.weight"]  # read by Gather and by the LM head's Gemm
 
@@ -149,7 +151,7 @@ def test_optimum_generators_serve_stock_but_not_per_layer(exports: dict) -> None
 
 def _weights_in_graph(out: Path) -> dict[str, np.ndarray]:
     """Every decoder linear's weight as stored in the graph, back in ``[out, in]`` layout."""
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest = json.loads((out / ONNX_MANIFEST_FILE).read_text())
     inits = {t.name: t for t in onnx.load(str(out / ONNX_FILE)).graph.initializer}
     weights = {}
     for module, where in manifest["decoder_linears"].items():
@@ -192,18 +194,18 @@ def test_float16_external_data_and_optimized_graphs(tmp_path: Path) -> None:
     model = make_model("llama", dtype=torch.float32, vocab_size=len(tokenizer))
     half = export_onnx(model, tokenizer, tmp_path / "half", OnnxConfig(dtype="float16", external_data="always"))
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
-    assert (tmp_path / "half" / DATA_FILE).stat().st_size > (tmp_path / "half" / ONNX_FILE).stat().st_size
+    assert (tmp_path / "half" / ONNX_DATA_FILE).stat().st_size > (tmp_path / "half" / ONNX_FILE).stat().st_size
     types = {v["name"]: v["dtype"] for v in half["graph"]["inputs"] + half["graph"]["outputs"]}
     assert types["past_key_values.0.key"] == types["present.2.value"] == types["logits"] == "float16"
     onnx.checker.check_model(str(tmp_path / "half" / ONNX_FILE), full_check=True)
     assert half["verification"]["max_abs_diff"] <= half["verification"]["limit"]
     prompts = [[5, 9, 14, 2], [7, 7]]
-    reference = generate(TorchDecoder(model), prompts, GenerationConfig(max_new_tokens=8))
-    assert generate(OrtDecoder(tmp_path / "half"), prompts, GenerationConfig(max_new_tokens=8)).tokens == reference.tokens
+    reference = generate(TorchBackend(model), prompts, GenerationConfig(max_new_tokens=8))
+    assert generate(OrtBackend(tmp_path / "half"), prompts, GenerationConfig(max_new_tokens=8)).tokens == reference.tokens
     fused = export_onnx(model, tokenizer, tmp_path / "fused", OnnxConfig(optimize=True))
     ops = {n.op_type for n in onnx.load(str(tmp_path / "fused" / ONNX_FILE)).graph.node}
     assert "SkipSimplifiedLayerNormalization" in ops and fused["verification"]["max_abs_diff"] < 1e-4
-    assert generate(OrtDecoder(tmp_path / "fused"), prompts, GenerationConfig(max_new_tokens=8)).tokens == reference.tokens
+    assert generate(OrtBackend(tmp_path / "fused"), prompts, GenerationConfig(max_new_tokens=8)).tokens == reference.tokens
 
 
 def test_bad_input_is_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:
@@ -228,7 +230,7 @@ def test_bad_input_is_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:
     export_onnx(model, tokenizer, busy, force=True)
     assert (busy / ONNX_FILE).is_file() and not (busy / "keep.txt").exists()
     with pytest.raises(SurgeonError, match="is not an ONNX export directory"):
-        OrtDecoder(tiny_llama_dir)
+        OrtBackend(tiny_llama_dir)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left
 
 
@@ -249,7 +251,7 @@ def test_interrupted_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
 def test_cli_onnx_and_generate(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from typer.testing import CliRunner
 
-    from surgeon.cli import app
+    from surgeon_export.cli import app
 
     out = tmp_path / "tiny-onnx"
     done = CliRunner().invoke(app, ["onnx", str(tiny_llama_dir), "--out", str(out), "--json", "--quiet"])
@@ -270,9 +272,8 @@ def test_cli_onnx_and_generate(tmp_path: Path, tiny_llama_dir: Path) -> None:
 
 
 def test_bench_backend_refuses_a_dtype_the_export_does_not_hold(exports: dict) -> None:
-    from benchmarks.backends import BACKENDS
 
     _, out = exports["llama", "stock"]
-    assert BACKENDS["onnxruntime"].load(str(out), "cpu", "float32").describe()["dtype"] == "float32"
+    assert load_backend("onnxruntime", out, dtype="float32").describe()["dtype"] == "float32"
     with pytest.raises(SurgeonError, match=r"runs .* in the dtype it was exported in \(float32\), not float16"):
-        BACKENDS["onnxruntime"].load(str(out), "cpu", "float16")
+        load_backend("onnxruntime", out, dtype="float16")

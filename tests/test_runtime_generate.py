@@ -10,14 +10,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from base.errors import SurgeonError
+from base.loading import load_model
 from benchmarks.run import BenchConfig, ModelSpec, PplConfig, run_benchmark
 from export.checkpoint import save_checkpoint
 from export.onnx import export_onnx
-from runtime.generate import GenerationConfig, generate, left_pad, load_decoder, pick
-from runtime.ort import OrtDecoder
-from runtime.torch_backend import TorchDecoder
-from surgeon.errors import SurgeonError
-from surgeon.loading import load_model
+from runtime.backend import load_backend
+from runtime.generate import GenerationConfig, generate, left_pad, pick
+from runtime.ort import OrtBackend
 from tests.conftest import CORPUS, make_tiny_llama
 
 PROMPTS = [[5, 9, 14, 2, 33, 8, 70], [11, 3], [40, 41, 42, 43]]
@@ -47,7 +47,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def decoders(dirs: dict) -> dict:
-    return {"torch": TorchDecoder.load(str(dirs["torch"])), "onnxruntime": OrtDecoder(dirs["onnx"])}
+    return {"torch": load_backend("torch", dirs["torch"]), "onnxruntime": OrtBackend(dirs["onnx"])}
 
 
 @pytest.mark.parametrize("backend", ("torch", "onnxruntime"))
@@ -104,11 +104,11 @@ def test_left_pad_and_bad_settings() -> None:
     with pytest.raises(SurgeonError, match="every prompt needs at least one token"):
         left_pad([[1], []], 0)
     with pytest.raises(SurgeonError, match="unknown runtime backend 'tensorrt'"):
-        load_decoder("tensorrt", "x")
+        load_backend("tensorrt", "x")
 
 
 def test_chunked_prefill_gives_the_same_logits(dirs: dict) -> None:
-    whole, chunked = OrtDecoder(dirs["onnx"], prefill_tokens=0), OrtDecoder(dirs["onnx"], prefill_tokens=8, min_chunk=4)
+    whole, chunked = OrtBackend(dirs["onnx"], prefill_tokens=0), OrtBackend(dirs["onnx"], prefill_tokens=8, min_chunk=4)
     ids, mask = left_pad([list(range(3, 20)), [7, 8, 9, 10, 11, 12]], pad_token_id=0)  # 17 tokens: 4+4+4+4+1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     results = []
@@ -126,7 +126,7 @@ def test_chunked_prefill_gives_the_same_logits(dirs: dict) -> None:
 
 def test_cache_stays_bound_between_steps(decoders: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each step's present OrtValues are the very objects bound as the next step's past (no host copy)."""
-    decoder: OrtDecoder = decoders["onnxruntime"]
+    decoder: OrtBackend = decoders["onnxruntime"]
     bound: list[tuple[str, int]] = []
     original = decoder.io.bind_ortvalue_input
 

@@ -5,7 +5,6 @@ sparse-format benchmark's helpers."""
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 import sys
@@ -17,17 +16,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from benchmarks.backends import BACKENDS, CompressedRunner
+from base.adapters import LLAMA
+from base.errors import SurgeonError
+from base.formats import PACK_MANIFEST_FILE, PACK_WEIGHTS_FILE
+from base.loading import load_model
+from benchmarks import latency
+from runtime.backend import BACKENDS, load_backend
+from runtime.load import PackedBackend
 from benchmarks.sparse_formats import break_even, measure_cpu, measure_cuda
 from export.sparse_checkpoint import (
-    MANIFEST_FILE, WEIGHTS_FILE, PackConfig, densify, pack_checkpoint, read_compressed,
+    PackConfig,
+    densify,
+    pack_checkpoint,
+    read_compressed,
 )
 from export.sparse_csr import check_compressed, pack_bsr, pack_csr, unpack_compressed
 from runtime.load import load_compressed
 from runtime.sparse_linear import SparseLinear, sparse_linear
-from surgeon.adapters import LLAMA
-from surgeon.errors import SurgeonError
-from surgeon.loading import load_model
 from tests.conftest import make_tiny_llama
 from tests.test_semi_structured import IDS, pruned_24_dir
 
@@ -178,50 +183,50 @@ def _packed_meta(header: dict, edit: Callable[[dict], None]) -> None:
 
 
 BAD_INPUTS: list[tuple[str, Callable[[Path], None], str]] = [
-    ("manifest version", lambda d: (d / MANIFEST_FILE).write_text(
-        (d / MANIFEST_FILE).read_text().replace('"format_version": 1', '"format_version": 2')),
+    ("manifest version", lambda d: (d / PACK_MANIFEST_FILE).write_text(
+        (d / PACK_MANIFEST_FILE).read_text().replace('"format_version": 1', '"format_version": 2')),
      "surgeon-sparse format version 2; this surgeon-export reads version 1 \\(upgrade surgeon-export\\)"),
-    ("header version", lambda d: rewrite_header(d / WEIGHTS_FILE, lambda h: h["__metadata__"].update(format_version="0")),
-     f"{WEIGHTS_FILE}: surgeon-sparse format version 0"),
-    ("not a compressed directory", lambda d: (d / MANIFEST_FILE).unlink(), "is not a compressed checkpoint"),
-    ("truncated file", lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:-10]),
-     f"corrupt or truncated safetensors file .*{WEIGHTS_FILE}"),
-    ("tampered header length", lambda d: (d / WEIGHTS_FILE).write_bytes(
-        b"\xff" + (d / WEIGHTS_FILE).read_bytes()[1:]), "corrupt or truncated safetensors file"),
+    ("header version", lambda d: rewrite_header(d / PACK_WEIGHTS_FILE, lambda h: h["__metadata__"].update(format_version="0")),
+     f"{PACK_WEIGHTS_FILE}: surgeon-sparse format version 0"),
+    ("not a compressed directory", lambda d: (d / PACK_MANIFEST_FILE).unlink(), "is not a compressed checkpoint"),
+    ("truncated file", lambda d: (d / PACK_WEIGHTS_FILE).write_bytes((d / PACK_WEIGHTS_FILE).read_bytes()[:-10]),
+     f"corrupt or truncated safetensors file .*{PACK_WEIGHTS_FILE}"),
+    ("tampered header length", lambda d: (d / PACK_WEIGHTS_FILE).write_bytes(
+        b"\xff" + (d / PACK_WEIGHTS_FILE).read_bytes()[1:]), "corrupt or truncated safetensors file"),
     ("tampered tensor shape in the header", lambda d: rewrite_header(
-        d / WEIGHTS_FILE, lambda h: h[f"{Q}.values"].update(shape=h[f"{Q}.values"]["shape"][::-1])),
+        d / PACK_WEIGHTS_FILE, lambda h: h[f"{Q}.values"].update(shape=h[f"{Q}.values"]["shape"][::-1])),
      f"{Q}: values have shape \\[16, 32\\], expected \\[32, 16\\]"),
     ("metadata shape does not match values", lambda d: rewrite_header(
-        d / WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(shape=[32, 64]))),
+        d / PACK_WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(shape=[32, 64]))),
      f"tensor {Q} has shape \\[32, 64\\], but config.json says \\[32, 32\\]"),
     ("metadata dtype does not match values", lambda d: rewrite_header(
-        d / WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(dtype="float16"))),
+        d / PACK_WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(dtype="float16"))),
      f"{Q}: values are torch.float32, metadata says torch.float16"),
     ("metadata not JSON", lambda d: rewrite_header(
-        d / WEIGHTS_FILE, lambda h: h["__metadata__"].update(packed="{not json")), "'packed' is not valid JSON"),
+        d / PACK_WEIGHTS_FILE, lambda h: h["__metadata__"].update(packed="{not json")), "'packed' is not valid JSON"),
     ("unknown layout", lambda d: rewrite_header(
-        d / WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(layout="4:2"))),
+        d / PACK_WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(layout="4:2"))),
      f"{Q}: unknown layout '4:2'"),
     ("another N:M layout in a 2:4 file", lambda d: rewrite_header(
-        d / WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(layout="3:8"))),
+        d / PACK_WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(layout="3:8"))),
      f"{Q}: layout 3:8 in a 2:4 file"),
     ("layout differs from the manifest", lambda d: rewrite_header(
-        d / WEIGHTS_FILE, lambda h: h["__metadata__"].update(layout="csr")),
+        d / PACK_WEIGHTS_FILE, lambda h: h["__metadata__"].update(layout="csr")),
      "header layout 'csr' does not match the manifest's '2:4'"),
     ("entry layout differs from the file's", lambda d: rewrite_header(
-        d / WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(layout="csr"))),
+        d / PACK_WEIGHTS_FILE, lambda h: _packed_meta(h, lambda p: p[Q].update(layout="csr"))),
      f"{Q}: layout csr in a 2:4 file"),
-    ("missing metadata part", lambda d: rewrite_tensors(d / WEIGHTS_FILE, lambda t, m: t.pop(f"{Q}.meta")),
+    ("missing metadata part", lambda d: rewrite_tensors(d / PACK_WEIGHTS_FILE, lambda t, m: t.pop(f"{Q}.meta")),
      f"{Q}: packed part {Q}.meta is missing"),
     ("invalid positions", lambda d: rewrite_tensors(
-        d / WEIGHTS_FILE, lambda t, m: t[f"{Q}.meta"][5].fill_(0x00)), f"{Q}: 2:4 metadata row 5, block 0 holds positions 0, 0"),
+        d / PACK_WEIGHTS_FILE, lambda t, m: t[f"{Q}.meta"][5].fill_(0x00)), f"{Q}: 2:4 metadata row 5, block 0 holds positions 0, 0"),
     ("config does not describe the tensors", lambda d: (d / "config.json").write_text(
         (d / "config.json").read_text().replace('"intermediate_size": 64', '"intermediate_size": 48')),
      "tensor model.layers.0.mlp.gate_proj.weight has shape \\[64, 32\\], but config.json says \\[48, 32\\]"),
     ("dense tensor missing", lambda d: rewrite_tensors(
-        d / WEIGHTS_FILE, lambda t, m: t.pop("model.norm.weight")), "tensor model.norm.weight \\[32\\] is missing"),
+        d / PACK_WEIGHTS_FILE, lambda t, m: t.pop("model.norm.weight")), "tensor model.norm.weight \\[32\\] is missing"),
     ("extra tensor", lambda d: rewrite_tensors(
-        d / WEIGHTS_FILE, lambda t, m: t.update(stray=torch.zeros(2))), "tensor stray is not part of the model"),
+        d / PACK_WEIGHTS_FILE, lambda t, m: t.update(stray=torch.zeros(2))), "tensor stray is not part of the model"),
 ]
 
 
@@ -241,7 +246,7 @@ def test_compressed_directory_declares_itself(packed24: tuple[nn.Module, Path]) 
     from transformers import AutoModelForCausalLM
 
     _, directory = packed24
-    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    manifest = json.loads((directory / PACK_MANIFEST_FILE).read_text())
     assert (manifest["format"], manifest["format_version"], manifest["layout"]) == ("surgeon-sparse", 1, "2:4")
     assert "surgeon-export densify" in (directory / "README.md").read_text()
     assert not (directory / "model.safetensors").exists()
@@ -263,7 +268,7 @@ def test_densify_loads_in_plain_transformers_with_identical_logits(packed24: tup
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "surgeon.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "surgeon_export.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_pack_and_densify(tmp_path: Path, tiny_llama_dir: Path) -> None:
@@ -284,17 +289,17 @@ def test_cli_pack_and_densify(tmp_path: Path, tiny_llama_dir: Path) -> None:
 def test_backends_are_registered_and_describe(packed24: tuple[nn.Module, Path], tmp_path: Path) -> None:
     assert {"torch-24", "torch-24-sparse", "torch-csr"} <= set(BACKENDS)
     _, directory = packed24
-    runner = BACKENDS["torch-24"].load(str(directory), "cpu")
-    assert isinstance(runner, CompressedRunner)
-    described = runner.describe()
+    backend = load_backend("torch-24", directory)
+    assert isinstance(backend, PackedBackend) and backend.name == "torch-24"
+    described = backend.describe()
     assert {"source", "path", "bytes_on_disk", "weight_bytes", "parameters", "sparsity", "pruning", "dtype",
             "flops_per_token"} <= set(described)
     assert described["kernels"] == {"dense": 14} and described["sparsity"] >= 0.5
-    assert runner.check(1, 8) is None and runner.prefill(1, 8, seed=0) > 0
+    assert latency.time_prefill(backend, latency.synthetic_prompt(1, 8, backend.vocab_size, seed=0)) > 0
     with pytest.raises(SurgeonError, match="backend torch-csr cannot run .* holds 2:4 weights"):
-        BACKENDS["torch-csr"].load(str(directory), "cpu")
+        load_backend("torch-csr", directory)
     with pytest.raises(SurgeonError, match="needs a directory written by `surgeon-export pack`"):
-        BACKENDS["torch-24"].load(None, "cpu")
+        load_backend("torch-24", None)
 
 
 def test_bench_runs_the_sparse_backends(packed24: tuple[nn.Module, Path], tmp_path: Path) -> None:
@@ -327,25 +332,27 @@ def test_benchmark_helpers_on_a_tiny_grid() -> None:
     assert break_even(fake)[0]["from_sparsity"] == 0.9
     fake[1]["ratio"] = 1.1
     assert break_even(fake)[0]["from_sparsity"] == 0.99
-    if not torch.cuda.is_available():
-        assert measure_cuda() == {"status": "skipped: no CUDA"}
+    cuda = measure_cuda(shapes=((128, 128),), tokens=(16,), repeat=5)
+    if torch.cuda.is_available():  # the GPU run (benchmarks/gpu_check.py): timed rows with speed-ups
+        assert cuda["status"] == "ok" and [r["shape"] for r in cuda["rows"]] == [[128, 128]]
+        assert all(x > 0 for r in cuda["rows"] for x in r["speedup"].values())
+    else:
+        assert cuda == {"status": "skipped: no CUDA"}
 
 
 def test_sparse_backends_behind_the_generate_interface(packed24: tuple[nn.Module, Path], tmp_path: Path,
                                                        unstructured_dir: tuple[nn.Module, Path]) -> None:
-    from runtime.generate import GenerationConfig, generate, load_decoder
-    from runtime.load import register_decoders
+    from runtime.generate import GenerationConfig, generate
 
-    register_decoders()
     _, directory = packed24
     cfg = GenerationConfig(max_new_tokens=6)
     prompts = [[1, 7, 30, 2], [5, 9]]
-    dense = generate(load_decoder("torch", str(directory.parent / "pruned24")), prompts, cfg)
-    sparse = generate(load_decoder("torch-24", str(directory)), prompts, cfg)
+    dense = generate(load_backend("torch", str(directory.parent / "pruned24")), prompts, cfg)
+    sparse = generate(load_backend("torch-24", str(directory)), prompts, cfg)
     assert sparse.tokens == dense.tokens
     _, src = unstructured_dir
     pack_checkpoint(load_model(src), tmp_path / "csr", PackConfig("csr"))
-    csr = generate(load_decoder("torch-csr", str(tmp_path / "csr")), prompts, cfg)
+    csr = generate(load_backend("torch-csr", str(tmp_path / "csr")), prompts, cfg)
     assert [len(t) for t in csr.tokens] == [6, 6]
     with pytest.raises(SurgeonError, match="backend torch-csr cannot run"):
-        load_decoder("torch-csr", str(directory))
+        load_backend("torch-csr", str(directory))

@@ -5,12 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgeon.adapters import LLAMA
-from surgeon.errors import SurgeonError
+from base.adapters import LLAMA, get_adapter
+from base.errors import SurgeonError
+from base.patterns import NMPattern
+from base.surgery import RemovalPlan, head_rows, shrink_
+from export.compress import find_zero_groups
 from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
-from surgeon.prune.patterns import NMPattern
-from surgeon.structures import Candidate, head_rows, select
+from surgeon.sds import SDSConfig
+from surgeon.structures import Candidate, select
 from tests.conftest import make_tiny_llama
+from tests.test_surgery import FAMILIES, make_model
 
 
 def calib(model) -> torch.Tensor:
@@ -85,9 +89,38 @@ def test_head_rows() -> None:
 def test_bad_structured_settings() -> None:
     with pytest.raises(SurgeonError, match="remaining fraction"):
         SurgeonConfig(structured=0.0)
-    model, _ = make_tiny_llama(num_attention_heads=2, num_key_value_heads=2, head_dim=16)
-    with pytest.raises(SurgeonError, match="at least 2 query heads per KV group"):
-        prune_surgeon_(model, LLAMA, calib(model), SurgeonConfig(structured=0.8), progress=False)
+    with pytest.raises(SurgeonError, match="SDS refinement works on unstructured and N:M targets"):
+        SurgeonConfig(structured=0.8, refine=SDSConfig())
+
+
+@pytest.mark.parametrize("scoring", ["surgeon", "magnitude", "wanda"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_structured_scoring_in_every_family(family: str, scoring: str) -> None:
+    """Every family surgery supports: coupled groups through the adapter (OPT: fc1/fc2, no GQA, so a
+    head goes with its k and v rows), the recorded plan cuts the model without changing its logits."""
+    model = make_model(family, dtype=torch.float32)
+    adapter = get_adapter(model.config.model_type)
+    with torch.no_grad():  # heads 0 and 3 (one per KV group) nearly silent: every scoring must take them
+        for layer in adapter.decoder_layers(model):
+            idx = head_rows(torch.tensor([0, 3]), 8)
+            adapter.linear(layer, adapter.head_rows[0]).weight[idx] *= 1e-3
+            adapter.linear(layer, adapter.head_cols[0]).weight[:, idx] *= 1e-3
+    ids = torch.randint(2, 96, (4, 12), generator=torch.Generator().manual_seed(0))
+    before = sum(m.weight.numel() for m in adapter.decoder_linears(model).values())
+    cfg = SurgeonConfig(structured=0.6, shots=1, scoring=scoring, allocation="global")  # type: ignore[arg-type]
+    report = prune_surgeon_(model, adapter, ids, cfg, progress=False)
+    plan = RemovalPlan.from_dict(report.removal)
+    heads = "heads" if adapter.grouped_kv else "kv_groups"  # without GQA a head is its KV group
+    assert all(set(getattr(plan.get(i), heads)) >= {0, 3} for i in range(3))
+    assert plan == find_zero_groups(model, adapter)  # the plan is exactly what was zeroed
+    with torch.no_grad():
+        masked = model(ids).logits
+    manifest = shrink_(model, adapter, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, masked, rtol=0, atol=1e-5)
+    assert sum(m.weight.numel() for m in adapter.decoder_linears(model).values()) <= 0.6 * before
+    if not adapter.grouped_kv:  # a removed head took its KV head along
+        assert any(a.num_key_value_heads < b.num_key_value_heads for a, b in zip(manifest.after, manifest.before))
 
 
 def test_magnitude_scores_remove_the_smallest_channel_first() -> None:

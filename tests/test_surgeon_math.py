@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from base.errors import SurgeonError
+from base.patterns import NMPattern
 from surgeon.curvature.kfac import (
     GradSecondMoment,
     KronFactor,
@@ -23,7 +25,6 @@ from surgeon.curvature.kfac import (
     prepare,
     rescale,
 )
-from surgeon.errors import SurgeonError
 from surgeon.prune.costs import (
     col_costs,
     cols_cost,
@@ -32,7 +33,6 @@ from surgeon.prune.costs import (
     row_costs,
     rows_cost,
 )
-from surgeon.prune.patterns import NMPattern
 from surgeon.prune.threshold import (
     linear_schedule,
     per_layer_fraction_mask,

@@ -13,12 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from export.compress import find_zero_groups
-from export.flops import matmul_flops_per_token
-from export.shapes import align_plan, magnitude_costs, stock_config, uniform_plan
-from surgeon.adapters import GEMMA, LLAMA, OPT, get_adapter, supported_model_types
-from surgeon.errors import SurgeonError
-from surgeon.surgery import (
+from base.adapters import GEMMA, LLAMA, OPT, get_adapter, supported_model_types
+from base.errors import SurgeonError
+from base.surgery import (
     LayerCosts,
     LayerPlan,
     LayerShape,
@@ -30,6 +27,9 @@ from surgeon.surgery import (
     shrink_,
     zero_groups_,
 )
+from export.compress import find_zero_groups
+from export.flops import matmul_flops_per_token
+from export.shapes import align_plan, magnitude_costs, stock_config, uniform_plan
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt")
 IDS = torch.tensor([[0, 5, 9, 17, 3, 8, 2, 11, 4], [7, 1, 2, 3, 60, 12, 9, 9, 30]])

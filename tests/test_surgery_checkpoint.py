@@ -18,11 +18,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from export.pruned import MODELING_FILE, ShrinkConfig, save_pruned_checkpoint, shrink_and_save
-from surgeon.adapters import get_adapter
-from surgeon.errors import SurgeonError
-from surgeon.loading import load_model
-from surgeon.surgery import LayerPlan, RemovalPlan, layer_shapes, shrink_, zero_groups_
+from base.adapters import get_adapter
+from base.errors import SurgeonError
+from base.formats import MODELING_FILE
+from base.loading import load_model
+from base.surgery import LayerPlan, RemovalPlan, layer_shapes, shrink_, zero_groups_
+from export.pruned import ShrinkConfig, save_pruned_checkpoint, shrink_and_save
 from tests.conftest import make_tokenizer
 from tests.test_surgery import IDS, make_model, random_plan
 
@@ -34,7 +35,7 @@ import importlib.abc, json, sys
 
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("surgeon", "export", "runtime", "benchmarks", "tests"):
+        if name.split(".")[0] in ("base", "surgeon", "surgeon_export", "export", "runtime", "benchmarks", "tests"):
             raise ImportError(f"{name} must not be importable here")
         return None
 
@@ -54,7 +55,8 @@ for spec in sys.argv[3:]:
         logits[name] = model(ids).logits.contiguous()
     classes[name] = type(model).__module__ + "." + type(model).__name__
 save_file(logits, out)
-print(json.dumps({"classes": classes, "surgeon_modules": [m for m in sys.modules if m.startswith("surgeon")]}))
+ours = ("base", "surgeon", "surgeon_export", "export", "runtime", "benchmarks")
+print(json.dumps({"classes": classes, "surgeon_modules": [m for m in sys.modules if m.split(".")[0] in ours]}))
 '''
 
 
@@ -100,7 +102,7 @@ def test_per_layer_checkpoint_loads_with_import_surgeon(family: str, checkpoints
     assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_surgeon.Surgeon")
     assert ck["report"]["shrink"]["max_logit_change"] < 1e-5
     model = AutoModelForCausalLM.from_pretrained(ck["per_layer"], dtype=torch.float32)
-    assert type(model).__module__ == "surgeon.modeling"  # our registered class, not the directory's copy
+    assert type(model).__module__ == "base.modeling"  # our registered class, not the directory's copy
     lm = load_model(ck["per_layer"])
     assert lm.adapter is get_adapter(family)
     with torch.no_grad():
@@ -126,7 +128,7 @@ def test_uniform_checkpoint_is_stock(family: str, checkpoints: dict) -> None:
 
 
 def test_transformers_alone_loads_all_three_formats(checkpoints: dict, tmp_path: Path) -> None:
-    modeling = (Path(__file__).parents[1] / "surgeon" / "modeling.py").read_text()
+    modeling = (Path(__file__).parents[1] / "base" / "modeling.py").read_text()
     imports = [line for line in modeling.splitlines() if line.startswith(("import ", "from "))]
     assert all(line.split()[1].split(".")[0] in ("__future__", "copy", "typing", "torch", "transformers")
                for line in imports), imports
@@ -249,7 +251,7 @@ def test_uniform_requires_equal_layers(tmp_path: Path) -> None:
 def test_cli_shrink_align_end_to_end(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from surgeon.cli import app
+    from surgeon_export.cli import app
 
     tokenizer = make_tokenizer()
     model, reference = _masked("llama", tokenizer)
@@ -275,7 +277,7 @@ def test_cli_shrink_align_end_to_end(tmp_path: Path) -> None:
 def test_cli_info_reports_per_layer_sizes(family: str, checkpoints: dict) -> None:
     from typer.testing import CliRunner
 
-    from surgeon.cli import app
+    from surgeon_export.cli import app
 
     done = CliRunner().invoke(app, ["info", str(checkpoints[family]["per_layer"]), "--json", "--quiet"])
     assert done.exit_code == 0, done.output

@@ -13,8 +13,8 @@ from typing import Literal, TypeAlias
 
 import torch
 
-from surgeon.errors import SurgeonError
-from surgeon.prune.patterns import NMPattern, check_sparsity
+from base.errors import SurgeonError
+from base.patterns import NMPattern, check_sparsity
 
 Target: TypeAlias = float | NMPattern
 Scope = Literal["matrix", "row"]

@@ -22,9 +22,9 @@ from typing import Literal
 
 import torch
 
+from base.errors import SurgeonError
+from base.patterns import NMPattern
 from surgeon.baselines.common import Target, check_layer, check_target, n_removed
-from surgeon.errors import SurgeonError
-from surgeon.prune.patterns import NMPattern
 
 log = logging.getLogger(__name__)
 

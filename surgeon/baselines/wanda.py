@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from base.errors import SurgeonError
 from surgeon.baselines.common import Target, check_layer, check_target, mask_for_target
-from surgeon.errors import SurgeonError
 
 
 def wanda_scores(W: torch.Tensor, A: torch.Tensor, n_tokens: int) -> torch.Tensor:

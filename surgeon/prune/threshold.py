@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from surgeon.errors import SurgeonError
-from surgeon.prune.patterns import check_sparsity
+from base.errors import SurgeonError
+from base.patterns import check_sparsity
 
 
 def linear_schedule(end: float, shots: int, start: float = 1.0) -> list[float]:

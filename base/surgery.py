@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from surgeon.adapters import Adapter
-from surgeon.errors import SurgeonError
+from base.adapters import Adapter
+from base.errors import SurgeonError
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,7 @@ def _shrink_layer_(layer: nn.Module, adapter: Adapter, kept: Kept, head_dim: int
 
 
 def set_config_shapes(config: object, shapes: list[LayerShape], head_dim: int) -> None:
-    """Record per-layer sizes (and an explicit ``head_dim``) on a config, as surgeon/modeling.py reads them."""
+    """Record per-layer sizes (and an explicit ``head_dim``) on a config, as base/modeling.py reads them."""
     config.head_dim = head_dim  # type: ignore[attr-defined]
     config.layer_intermediate_sizes = [s.intermediate_size for s in shapes]  # type: ignore[attr-defined]
     config.layer_num_attention_heads = [s.num_attention_heads for s in shapes]  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from surgeon.errors import SurgeonError
+from base.errors import SurgeonError
 
 
 @dataclass(frozen=True)

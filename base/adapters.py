@@ -6,18 +6,19 @@ says which linears share a structured group (ALGORITHMS.md, "Structured removal 
 layer"): the rows of ``gate``/``up`` (``fc1`` in OPT) and the columns of ``down`` (``fc2``) are
 the MLP channels; the rows of ``q`` and columns of ``o`` are the query heads; the rows of ``k``
 and ``v`` are the key/value groups. Model types prefixed ``surgeon_`` are our per-layer-shape
-variants of each family (``surgeon/modeling.py``); their layout is the family's own.
+variants of each family (``base/modeling.py``); their layout is the family's own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from surgeon.errors import SurgeonError
+from base.errors import SurgeonError
 
-PER_LAYER_PREFIX = "surgeon_"  # model_type prefix of the per-layer-shape variants (surgeon/modeling.py)
+PER_LAYER_PREFIX = "surgeon_"  # model_type prefix of the per-layer-shape variants (base/modeling.py)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -46,6 +47,9 @@ class Adapter:
     kv_groups_attr: str | None = "num_key_value_groups"  # attention attribute: query heads per KV head
     heads_attr: str | None = None  # attention attribute: number of query heads, where the code keeps one
     mlp_width_attr: str | None = "intermediate_size"  # MLP-module attribute holding its width
+    # optimum's dummy past key/value generator for the stock config (what optimum-onnx registers:
+    # Llama, Mistral, Qwen2 and Qwen3 the Mistral one, Gemma its own, OPT the default one).
+    optimum_past_generator: str = "MistralDummyPastKeyValuesGenerator"
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -116,6 +120,22 @@ class Adapter:
         """The module holding the MLP linears of one decoder layer (the layer itself for OPT)."""
         return layer.get_submodule(self.mlp) if self.mlp else layer
 
+    def head_layout(self, config: object) -> tuple[int, int, int]:
+        """``(query heads, KV heads, head_dim)`` of a config (one KV head per query head without GQA)."""
+        c: Any = config
+        n_heads = int(c.num_attention_heads)
+        n_kv = int(getattr(c, "num_key_value_heads", None) or n_heads) if self.grouped_kv else n_heads
+        return n_heads, n_kv, self.head_dim(config)
+
+    def per_layer_classes(self, model_type: str) -> tuple[Any, Any]:
+        """The per-layer-shape ``(config class, causal LM class)`` of a stock or ``surgeon_`` model type."""
+        from base.modeling import PER_LAYER_CLASSES
+
+        stock = model_type.removeprefix(PER_LAYER_PREFIX)
+        if stock not in self.model_types or stock not in PER_LAYER_CLASSES:
+            raise SurgeonError(f"no per-layer model class for {model_type!r} in the {self.family} family")
+        return PER_LAYER_CLASSES[stock]
+
     def head_dim(self, config: object) -> int:
         """Size of one attention head: the config's explicit ``head_dim``, else hidden / heads."""
         explicit = getattr(config, "head_dim", None)
@@ -127,7 +147,8 @@ class Adapter:
 LLAMA = Adapter(family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"))
 # Gemma's extra norms (pre/post feed-forward, and Gemma3's q_norm/k_norm within head_dim) act on the
 # hidden size or within a head, neither of which structured removal ever cuts.
-GEMMA = Adapter(family="gemma", model_types=("gemma", "gemma2", "gemma3_text"))
+GEMMA = Adapter(family="gemma", model_types=("gemma", "gemma2", "gemma3_text"),
+                optimum_past_generator="GemmaDummyPastKeyValuesGenerator")
 OPT = Adapter(
     family="opt",
     model_types=("opt",),
@@ -143,6 +164,7 @@ OPT = Adapter(
     kv_groups_attr=None,
     heads_attr="num_heads",
     mlp_width_attr=None,
+    optimum_past_generator="DummyPastKeyValuesGenerator",
 )
 ADAPTERS: tuple[Adapter, ...] = (LLAMA, GEMMA, OPT)
 

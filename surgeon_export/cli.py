@@ -4,7 +4,6 @@ one library function. User mistakes (:class:`SurgeonError`) print one line and e
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -14,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from surgeon.errors import SurgeonError
+from base.errors import SurgeonError, check_choice
 from surgeon.sds import SDSConfig
 
 app = typer.Typer(
@@ -53,11 +52,6 @@ def _setup(quiet: bool, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise SurgeonError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-
-
 def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -80,34 +74,26 @@ def eval_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Perplexity of a model on the protocol (WikiText-2 test, 512-token windows, first 64)."""
-    from benchmarks.env import environment
-    from benchmarks.metrics import perplexity
-    from surgeon.data import check_window, eval_tokens
-    from surgeon.loading import count_parameters, load_model
+    from base.env import environment
+    from surgeon_export import api
 
     _setup(quiet, threads)
-    if windows < 1 or batch_size < 1:
-        raise SurgeonError("--windows and --batch-size must be at least 1")
     start = time.perf_counter()
-    lm = load_model(model)
-    check_window(seq_len, lm.model)
-    tokens = eval_tokens(lm.tokenizer, text, data_dir)
-    result = perplexity(
-        lm.model, tokens.ids, seq_len=seq_len, max_windows=None if full else windows,
-        batch_size=batch_size, progress=not quiet,
-    )
+    lm = api.load(model)
+    result, origin = api.evaluate(lm, text=text, data_dir=data_dir, seq_len=seq_len,
+                                  windows=None if full else windows, batch_size=batch_size, progress=not quiet)
     elapsed = time.perf_counter() - start
     payload = {
         "model": lm.source,
-        "text": tokens.origin,
+        "text": origin,
         **result.to_dict(),
-        "parameters": count_parameters(lm.model, lm.adapter),
+        "parameters": api.count_parameters(lm.model, lm.adapter),
         "seconds": round(elapsed, 2),
         "environment": environment(),
     }
     _emit(payload, as_json, [
         f"perplexity {result.perplexity:.3f}  ({result.windows} windows x {seq_len} tokens, "
-        f"{result.tokens} predicted; {Path(tokens.origin).name}; {elapsed:.0f} s)",
+        f"{result.tokens} predicted; {Path(origin).name}; {elapsed:.0f} s)",
         f"model: {lm.source}",
     ])
 
@@ -148,112 +134,45 @@ def prune_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally save and evaluate it."""
-    from benchmarks.env import environment, peak_rss_mib
-    from benchmarks.metrics import perplexity
-    from export.checkpoint import prepare_target, save_checkpoint
-    from export.pruned import ShrinkConfig, shrink_and_save
-    from surgeon.data import calibration_windows, eval_tokens
-    from surgeon.driver import PRUNERS, PruneConfig, prune_sequential_
-    from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
-    from surgeon.loading import load_model
-    from surgeon.prune.patterns import NMPattern, check_sparsity
+    from base.env import environment, peak_rss_mib
+    from export.checkpoint import prepare_target
+    from surgeon_export import api
 
     _setup(quiet, threads)
-    methods = (*PRUNERS, "surgeon")
-    if method not in methods:
-        raise SurgeonError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
-    if structured is not None and method == "sparsegpt":
-        raise SurgeonError("--structured works with --method surgeon, wanda or magnitude (scores on coupled groups)")
-    if structured is None and (sparsity is None) == (pattern is None):
-        raise SurgeonError("give exactly one of --sparsity (unstructured), --pattern (e.g. 2:4) or --structured")
     if refine is not None:
-        _choice("--refine", refine, ("sds",))
-        if structured is not None:
-            raise SurgeonError("--refine sds works on unstructured (--sparsity) and N:M (--pattern) pruning, not --structured")
-    sds = (SDSConfig(l1=sds_l1, l2=sds_l2, epochs=sds_epochs, adjust_epochs=sds_adjust_epochs,
-                     teacher=sds_teacher) if refine else None)  # type: ignore[arg-type]
-    _choice("--allocation", allocation, ("global", "uniform"))
-    _choice("--correlation", correlation, ("joint", "rows", "none"))
-    _choice("--group-cost", group_cost, ("sum", "output"))
-    _choice("--fisher", fisher, ("empirical", "true"))
-    # LLM Surgeon defaults, as measured on the default model: element targets take A from 64
-    # windows and G from the first 16 (2:4: 72.1 vs 76.4 with both from 16); structured runs use
-    # 16 windows for both (the recorded structured tables).
-    surgeon_structured = method == "surgeon" and structured is not None
-    n_calib = calib_samples if calib_samples is not None else (16 if surgeon_structured else 64)
-    if n_calib < 1:
-        raise SurgeonError(f"--calib-samples must be at least 1, got {n_calib}")
-    if kfac_batch < 1:
-        raise SurgeonError(f"--kfac-batch must be at least 1, got {kfac_batch}")
-    if kfac_samples is None and method == "surgeon" and not surgeon_structured and n_calib > 16:
-        kfac_samples = 16
-    target_sparsity = check_sparsity(sparsity) if sparsity is not None else None
-    target_pattern = NMPattern.parse(pattern) if pattern is not None else None
-    cfg: PruneConfig | SurgeonConfig
-    if method == "surgeon" or structured is not None:
-        cfg = SurgeonConfig(
-            scoring="surgeon" if method == "surgeon" else method,  # type: ignore[arg-type]
-            sparsity=target_sparsity, pattern=target_pattern, structured=structured,
-            shots=shots if method == "surgeon" else 1,
-            allocation=allocation,  # type: ignore[arg-type]
-            correlation=correlation, fisher=fisher, group_cost=group_cost,  # type: ignore[arg-type]
-            kfac_windows=kfac_samples, batch_size=kfac_batch,
-        )
-    else:
-        cfg = PruneConfig(
-            method=method, sparsity=target_sparsity, pattern=target_pattern,  # type: ignore[arg-type]
-            true_sequential=true_sequential, refine=sds,
-        )
+        check_choice("--refine", refine, ("sds",))
+    sds = (api.SDSConfig(l1=sds_l1, l2=sds_l2, epochs=sds_epochs, adjust_epochs=sds_adjust_epochs,
+                         teacher=sds_teacher) if refine else None)  # type: ignore[arg-type]
+    cfg = api.build_config(
+        method, sparsity=sparsity, pattern=pattern, structured=structured, shots=shots, allocation=allocation,
+        correlation=correlation, group_cost=group_cost, fisher=fisher, kfac_samples=kfac_samples,
+        kfac_batch=kfac_batch, calib_samples=calib_samples, true_sequential=true_sequential, refine=sds,
+    )
     if out is not None:
         prepare_target(out, force)
-    lm = load_model(model)
-    if target_pattern is not None:
-        for name, linear in lm.adapter.decoder_linears(lm.model).items():
-            target_pattern.check_shape(linear.in_features, name)
-    windows = None
-    calib_origin = None
-    if method != "magnitude" or sds is not None:  # SDS needs data whatever the first round
-        calib = calibration_windows(
-            lm.model, lm.tokenizer, n=n_calib, seq_len=seq_len, seed=seed, text_file=calib_text, data_dir=data_dir
-        )
-        windows, calib_origin = calib.ids, calib.origin
-    if isinstance(cfg, SurgeonConfig):
-        dense = copy.deepcopy(lm.model) if sds else None  # SDS's teacher
-        report = prune_surgeon_(lm.model, lm.adapter, windows, cfg, checkpoint_dir=checkpoint, progress=not quiet)  # type: ignore[arg-type]
-        if sds:  # LLM Surgeon's model is the first round; each linear is re-pruned to its own sparsity
-            refined = prune_sequential_(
-                lm.model, lm.adapter, windows, PruneConfig("sparsegpt", pattern=target_pattern, refine=sds),
-                teacher=dense, progress=not quiet)
-            report.refine, report.layers = refined.refine, refined.layers
-            report.seconds += refined.seconds
-            del dense
-    else:
-        report = prune_sequential_(lm.model, lm.adapter, windows, cfg, progress=not quiet)
-    payload = {"model": lm.source, "calibration": calib_origin, **report.to_dict()}
-    payload.pop("layers")
+    lm = api.load(model)
+    report = api.prune(lm, cfg, calib_samples=calib_samples, seq_len=seq_len, seed=seed, calib_text=calib_text,
+                       data_dir=data_dir, checkpoint=checkpoint, progress=not quiet)
+    payload = {"model": lm.source, **report.to_dict()}
+    for key in ("layers", "removal"):
+        payload.pop(key, None)
     if "refine" in payload:
         payload["refine"].pop("linears")
+    extra = {}
     if evaluate:
-        tokens = eval_tokens(lm.tokenizer, None, data_dir)
-        payload["perplexity"] = perplexity(lm.model, tokens.ids, seq_len=seq_len, progress=not quiet).to_dict()
+        ppl, _ = api.evaluate(lm, data_dir=data_dir, seq_len=seq_len, progress=not quiet)
+        payload["perplexity"] = extra["perplexity"] = ppl.to_dict()
     if out is not None:
-        full = {**payload, "layers": report.layers}
-        if structured is not None:  # zeroed groups become physically smaller matrices
-            written = shrink_and_save(
-                lm.model, lm.tokenizer, lm.adapter, out, ShrinkConfig(align=align), report=full, force=force
-            )
+        written = api.save(lm, out, report, align=align, extra=extra, force=force)
+        if structured is not None:
             payload["remaining_fraction"] = written["shrink"]["remaining_fraction"]
-        else:
-            written = save_checkpoint(
-                lm.model, lm.tokenizer, out, full, list(lm.adapter.decoder_linears(lm.model)), force=force
-            )
         payload.update(out=str(out), saved_sparsity=written.get("saved_sparsity"), bytes_on_disk=written.get("bytes_on_disk"))
     payload["peak_rss_mib"] = peak_rss_mib()
     payload["environment"] = environment()
     what = " + ".join(x for x in (
         f"structured {structured:.0%} kept" if structured is not None else "",
-        str(target_pattern) if target_pattern else "",
-        f"{target_sparsity:.0%}" if target_sparsity is not None else "",
+        str(cfg.pattern) if cfg.pattern else "",
+        f"{sparsity:.0%}" if sparsity is not None else "",
     ) if x)
     lines = [f"{method}{' + SDS' if sds else ''} {what}: decoder-linear sparsity {report.sparsity:.2%}, "
              f"pruned in {report.seconds:.0f} s"]
@@ -286,20 +205,17 @@ def shrink_cmd(
 ) -> None:
     """Cut the fully zeroed MLP channels and attention heads out of a masked model and save it smaller."""
     from export.checkpoint import prepare_target
-    from export.pruned import ShrinkConfig, shrink_and_save
-    from surgeon.loading import load_model
+    from surgeon_export import api
 
     _setup(quiet, None)
     if out is None:
         raise SurgeonError("give --out DIR for the smaller checkpoint")
     if rounding not in ("up", "down", "nearest"):
         raise SurgeonError(f"--rounding must be up, down or nearest, got {rounding!r}")
-    cfg = ShrinkConfig(align=align, rounding=rounding, uniform=uniform)  # type: ignore[arg-type]
+    cfg = api.ShrinkConfig(align=align, rounding=rounding, uniform=uniform)  # type: ignore[arg-type]
     prepare_target(out, force)
-    lm = load_model(model)
-    report = shrink_and_save(
-        lm.model, lm.tokenizer, lm.adapter, out, cfg, report={"model": lm.source, "plan": "zero groups"}, force=force
-    )
+    lm = api.load(model)
+    report = api.shrink(lm, out, cfg, force=force)
     shrink = report["shrink"]
     payload = {"model": lm.source, "out": str(out), **{k: v for k, v in shrink.items() if k != "manifest"},
                "checkpoint_format": report["checkpoint_format"], "layers": report["layers"],
@@ -331,60 +247,19 @@ def run_cmd(
     as_json: AsJson = False,
 ) -> None:
     """The main job: structured pruning, write the physically smaller model, export it to ONNX, benchmark dense vs pruned."""
-    import torch
-
     from benchmarks.report import markdown
-    from benchmarks.run import BenchConfig, ModelSpec, PplConfig, bench
-    from export.checkpoint import prepare_target
-    from export.pruned import ShrinkConfig, shrink_and_save
-    from surgeon.data import calibration_windows
-    from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
-    from surgeon.loading import load_model
+    from surgeon_export import api
 
     _setup(quiet, threads)
-    prepare_target(out, force)
-    log = logging.getLogger("surgeon.run")
-    _choice("--method", method, ("surgeon", "wanda"))
-    _choice("--allocation", allocation, ("uniform", "global"))
-    cfg = SurgeonConfig(structured=structured, shots=shots if method == "surgeon" else 1,
-                        scoring=method, allocation=allocation)  # type: ignore[arg-type]
-    lm = load_model(model)
-    calib = calibration_windows(lm.model, lm.tokenizer, n=calib_samples, seq_len=seq_len, text_file=text,
-                                data_dir=data_dir)
-    log.info("1/%d structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration tokens (%s)",
-             4 if onnx else 3, method, 100 * structured, cfg.shots, calib_samples, seq_len, calib.origin)
-    report = prune_surgeon_(lm.model, lm.adapter, calib.ids, cfg, progress=not quiet)
-    pruned_dir = out / "pruned"
-    log.info("2/%d writing the smaller model to %s", 4 if onnx else 3, pruned_dir)
-    full = {"model": lm.source, "calibration": calib.origin, **report.to_dict()}
-    written = shrink_and_save(lm.model, lm.tokenizer, lm.adapter, pruned_dir, ShrinkConfig(), report=full, force=True)
-    del lm
-    models = [ModelSpec(label="dense", spec=model), ModelSpec(label="pruned", spec=str(pruned_dir))]
-    if onnx:
-        from export.onnx import export_onnx
-
-        onnx_dir = out / "pruned-onnx"
-        log.info("3/4 exporting the pruned model to ONNX (%s)", onnx_dir)
-        small = load_model(pruned_dir)
-        manifest = export_onnx(small.model, small.tokenizer, onnx_dir, source=small.source, source_dir=small.path, force=True)
-        log.info("exported in %.0f s; ONNX Runtime vs torch: largest logit difference %.1e",
-                 manifest["export_seconds"], manifest["verification"]["max_abs_diff"])
-        del small
-        models.append(ModelSpec(label="pruned-onnx", spec=str(onnx_dir), backend="onnxruntime"))
-    log.info("%s benchmarking dense vs pruned", "4/4" if onnx else "3/3")
-    bench_cfg = BenchConfig(
-        models=models,
-        threads=torch.get_num_threads(), prefill=[(1, 128)], decode=[1], prompt_len=64, new_tokens=32,
-        repeat=5, ppl=PplConfig(windows=ppl_windows, seq_len=seq_len, text=str(text) if text else None,
-                                data_dir=str(data_dir) if data_dir else None),
-        progress=not quiet,
-    )
-    result = bench(bench_cfg, out / "benchmark.json")
-    payload = {"prune": {k: v for k, v in report.to_dict().items() if k != "layers"},
-               "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result}
+    check_choice("--allocation", allocation, ("uniform", "global"))
+    payload = api.run(api.RunConfig(
+        model=model, out=out, structured=structured, method=method, allocation=allocation, shots=shots,
+        calib_samples=calib_samples, ppl_windows=ppl_windows, seq_len=seq_len, text=text, data_dir=data_dir,
+        onnx=onnx, progress=not quiet, force=force,
+    ))
     _emit(payload, as_json, [
-        markdown(result),
-        f"pruned model: {pruned_dir} ({written['shrink']['remaining_fraction']:.1%} of decoder-linear weights remain); "
+        markdown(payload["benchmark"]),
+        f"pruned model: {out / 'pruned'} ({payload['remaining_fraction']:.1%} of decoder-linear weights remain); "
         f"benchmark: {out / 'benchmark.json'}",
     ])
 
@@ -402,8 +277,7 @@ def pack_cmd(
 ) -> None:
     """Pack every decoder linear of a pruned model as N:M (2:4), CSR or BSR (pattern checked in the weights)."""
     from export.checkpoint import prepare_target
-    from export.sparse_checkpoint import PackConfig, pack_checkpoint
-    from surgeon.loading import load_model
+    from surgeon_export import api
 
     _setup(quiet, None)
     if out is None:
@@ -414,10 +288,10 @@ def pack_cmd(
         raise SurgeonError(f"--blocksize must be ROWSxCOLS, e.g. 4x4, got {blocksize!r}") from None
     if len(block) != 2 or min(block) < 1:
         raise SurgeonError(f"--blocksize must be ROWSxCOLS with positive sizes, got {blocksize!r}")
-    cfg = PackConfig(layout=layout, dtype=dtype, blocksize=block)  # type: ignore[arg-type]
+    cfg = api.PackConfig(layout=layout, dtype=dtype, blocksize=block)  # type: ignore[arg-type]
     prepare_target(out, force)
-    lm = load_model(model)
-    manifest = pack_checkpoint(lm, out, cfg, force=force)
+    lm = api.load(model)
+    manifest = api.pack(lm, out, cfg, force=force)
     size, lin = manifest["bytes"], manifest["decoder_linear"]
     _emit({"model": lm.source, "out": str(out), **manifest}, as_json, [
         f"packed {manifest['packed_tensors']} decoder linears as {layout} ({manifest['dtype']}; "
@@ -438,13 +312,13 @@ def densify_cmd(
 ) -> None:
     """Write a compressed checkpoint back as a normal dense one that plain transformers loads."""
     from export.checkpoint import prepare_target
-    from export.sparse_checkpoint import densify
+    from surgeon_export import api
 
     _setup(quiet, None)
     if out is None:
         raise SurgeonError("give --out DIR for the dense checkpoint")
     prepare_target(out, force)
-    result = densify(directory, out, force=force)
+    result = api.densify(directory, out, force=force)
     _emit(result, as_json, [f"wrote a dense checkpoint ({result['tensors']} tensors, "
                             f"{result['bytes_on_disk']:,} bytes) to {out}"])
 
@@ -465,9 +339,9 @@ def onnx_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Export a model to ONNX with KV cache (optimum's input/output names), checked against torch."""
+    from base.loading import load_model
     from export.checkpoint import prepare_target
     from export.onnx import OnnxConfig, export_onnx
-    from surgeon.loading import load_model
 
     _setup(quiet, threads)
     if out is None:
@@ -509,28 +383,18 @@ def generate_cmd(
     """Generate text with the KV cache on one backend (greedy or sampling, stop tokens, batch)."""
     from dataclasses import asdict
 
-    from runtime.generate import GenerationConfig, generate, load_decoder
-    from runtime.load import register_decoders
+    from surgeon_export import api
 
     _setup(quiet, threads)
-    register_decoders()  # torch-24(-sparse) and torch-csr next to the built-in torch and onnxruntime
-    decoder = load_decoder(backend, model, device, threads)
-    directory = Path(getattr(decoder, "directory", None) or model)
-    tokenizer = getattr(decoder, "tokenizer", None) or _tokenizer(directory)
     texts = prompt or ["The capital of France is"]
-    if chat:
-        ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False)) for t in texts]
-    else:
-        ids = [tokenizer(t)["input_ids"] for t in texts]
-    stops = tuple(stop) if stop else _eos_ids(directory, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
-                           top_p=top_p, stop_tokens=stops, pad_token_id=pad, seed=seed)
-    out = generate(decoder, ids, cfg)
-    rows = [{"prompt": t, "tokens": toks, "stopped": s, "text": tokenizer.decode(toks, skip_special_tokens=True)}
-            for t, toks, s in zip(texts, out.tokens, out.stopped)]
-    speed = len(ids) * out.steps / out.decode_seconds if out.steps else None
+    cfg = api.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed)
+    cfg.validate()  # before the model loads
+    out, decoded, cfg = api.generate_text(backend, model, texts, cfg, stop=tuple(stop) if stop else None,
+                                          device=device, threads=threads, chat=chat)
+    rows = [{"prompt": t, "tokens": toks, "stopped": s, "text": d}
+            for t, toks, s, d in zip(texts, out.tokens, out.stopped, decoded)]
+    speed = len(texts) * out.steps / out.decode_seconds if out.steps else None
     payload = {"model": model, "backend": backend, "config": asdict(cfg), "outputs": rows,
                "prefill_seconds": out.prefill_seconds, "decode_tokens_per_s": speed}
     lines = [f"{r['prompt']!r} -> {r['text']!r}" for r in rows]
@@ -538,34 +402,16 @@ def generate_cmd(
     _emit(payload, as_json, lines)
 
 
-def _tokenizer(directory: Path) -> object:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as exc:
-        raise SurgeonError(f"cannot load a tokenizer from {directory}: {str(exc).splitlines()[0]}") from None
-
-
-def _eos_ids(directory: Path, tokenizer: object) -> tuple[int, ...]:
-    """EOS ids of ``generation_config.json`` (one or a list), else the tokenizer's."""
-    path = directory / "generation_config.json"
-    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-
-
 @app.command("info")
 def info_cmd(model: ModelArg = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """Architecture, shapes, parameter counts and measured zeros of a model."""
-    from surgeon.loading import count_parameters, load_model
-    from surgeon.surgery import layer_shapes
+    from base.surgery import layer_shapes
+    from surgeon_export import api
 
     _setup(quiet, None)
-    lm = load_model(model)
+    lm = api.load(model)
     config = lm.model.config
-    counts = count_parameters(lm.model, lm.adapter)
+    counts = api.count_parameters(lm.model, lm.adapter)
     shapes = layer_shapes(lm.model, lm.adapter)  # read from the linears: per-layer sizes may differ
 
     def span(values: list[int]) -> str:
@@ -629,20 +475,21 @@ def bench_cmd(
 
     from benchmarks.gate import gate_table, parse_tolerance
     from benchmarks.report import markdown
-    from benchmarks.run import BenchConfig, PplConfig, bench, parse_batches, parse_models, parse_prefill, resolve_device
+    from benchmarks.run import parse_batches, parse_models, parse_prefill, resolve_device
+    from surgeon_export import api
 
     _setup(quiet, threads)
-    _choice("--isolation", isolation, ("process", "inline"))
+    check_choice("--isolation", isolation, ("process", "inline"))
     tolerance = parse_tolerance(max_regression)
-    ppl = None if no_ppl else PplConfig(windows=ppl_windows, seq_len=ppl_seq_len, text=str(text) if text else None,
+    ppl = None if no_ppl else api.PplConfig(windows=ppl_windows, seq_len=ppl_seq_len, text=str(text) if text else None,
                                         data_dir=str(data_dir) if data_dir else None)
-    cfg = BenchConfig(
+    cfg = api.BenchConfig(
         models=parse_models(models or ["default"], backend or ["torch"]), device=resolve_device(device), dtype=dtype,
         threads=torch.get_num_threads(), prefill=parse_prefill(prefill), decode=parse_batches(decode),
         prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, warmup=warmup, seed=seed, ppl=ppl,
         isolation=isolation, progress=not quiet,  # type: ignore[arg-type]
     )
-    result = bench(cfg, out, baseline, tolerance)
+    result = api.bench(cfg, out, baseline, tolerance)
     written = ", ".join([str(out), result["outputs"]["markdown"], *result["outputs"]["plots"]])
     _emit(result, as_json, [markdown(result), f"written: {written}"])  # markdown holds any gate table
     gate = result["gate"]

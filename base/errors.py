@@ -8,3 +8,9 @@ CLI prints that line and exits with code 2, without a traceback; anything else i
 
 class SurgeonError(Exception):
     """A problem with the user's input, reported as one line (CLI exit code 2)."""
+
+
+def check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Refuse ``value`` for ``option`` unless it is one of ``allowed`` (one line naming them)."""
+    if value not in allowed:
+        raise SurgeonError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")

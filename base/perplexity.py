@@ -8,14 +8,16 @@ those windows (``seq_len - 1`` per window), in float32, eval mode, no gradient.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from surgeon.errors import SurgeonError
+from base.errors import SurgeonError
 
 
 @dataclass
@@ -41,7 +43,7 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> to
 
 @torch.inference_mode()
 def perplexity(
-    model: nn.Module,
+    model: nn.Module | Scorer,
     ids: torch.Tensor,
     *,
     seq_len: int = 512,
@@ -52,6 +54,8 @@ def perplexity(
     """Perplexity of ``model`` on the token stream ``ids`` ``[N]``.
 
     Args:
+        model: a Hugging Face causal LM, or anything with ``logits(input_ids) -> [B, T, V]`` (every
+            runtime backend, :class:`runtime.backend.Backend`).
         ids: token ids ``[N]`` (long) of the whole evaluation text.
         max_windows: evaluate the first this many windows; ``None`` for all (``--full``).
         batch_size: windows per forward pass; changes speed and memory, not the result.
@@ -60,22 +64,30 @@ def perplexity(
         >>> perplexity(model, ids, max_windows=2).perplexity  # doctest: +SKIP
     """
     windows = eval_windows(ids, seq_len, max_windows)
-    model.eval()
-    device = next(model.parameters()).device
+    logits_of = _hf_logits(model) if isinstance(model, nn.Module) else model.logits
     total_nll = 0.0  # accumulated in Python float (double precision) over all windows
     total_tokens = 0
     bar = tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=not progress, leave=False)
     for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size].to(device)  # [B, T]
-        logits = model(input_ids=batch, use_cache=False).logits.float()  # [B, T, V]
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
+        batch = windows[start : start + batch_size]  # [B, T]
+        logits = logits_of(batch).float()  # [B, T, V]
+        targets = batch[:, 1:].to(logits.device)
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         if not torch.isfinite(nll):
             raise FloatingPointError("non-finite loss during perplexity evaluation")
         total_nll += float(nll)
-        total_tokens += batch[:, 1:].numel()
+        total_tokens += targets.numel()
         bar.update(batch.shape[0])
     bar.close()
     mean = total_nll / total_tokens
     return Perplexity(math.exp(mean), mean, total_tokens, windows.shape[0], seq_len)
+
+
+class Scorer(Protocol):
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def _hf_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    model.eval()
+    device = next(model.parameters()).device
+    return lambda batch: model(input_ids=batch.to(device), use_cache=False).logits

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surgeon.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
-from surgeon.errors import SurgeonError
+from base.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
+from base.errors import SurgeonError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def check_safetensors(path: Path) -> int:
 
 
 def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object, Adapter]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     config = read_config(directory)
     adapter = get_adapter(config["model_type"])
@@ -195,12 +195,19 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object
             f"{directory}: checkpoint does not match its config ({len(problems)} tensors missing "
             f"or misshapen, e.g. {problems[0]}); refusing to initialise them randomly"
         )
+    model.eval()
+    return model, load_tokenizer(directory), adapter
+
+
+def load_tokenizer(directory: Path) -> object:
+    """The tokenizer files of a model (or export) directory, offline, no code from the directory."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
         raise SurgeonError(f"cannot load tokenizer from {directory}: {_first_line(exc)}") from None
-    model.eval()
-    return model, tokenizer, adapter
 
 
 def check_per_layer_checkpoint(directory: Path, config: dict, files: list[Path]) -> None:
@@ -214,7 +221,7 @@ def check_per_layer_checkpoint(directory: Path, config: dict, files: list[Path])
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from surgeon.modeling import FORMAT_VERSION
+    from base.modeling import FORMAT_VERSION
 
     config_path = directory / "config.json"
     version = config.get("surgeon_format_version")

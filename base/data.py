@@ -2,37 +2,43 @@
 
 BENCHMARK_PROTOCOL.md: evaluation on ``wikitext-2-raw/wiki.test.raw``, calibration on
 ``wikitext-2/valid.txt`` (never the test split), 64 windows of 512 tokens at random offsets drawn
-with Python's ``random`` seeded 0 (``randint(0, N - T - 1)``). The shared corpora are found through
-``--data-dir``, ``$SURGEON_EXPORT_DATA``, or ``../shared/data`` beside the checkout; where they are
-absent, calibration text is sampled from the model itself (and logged as such).
+with Python's ``random`` seeded 0 (``randint(0, N - T - 1)``). Both files ship inside the package
+(``base/corpora/``, gzip, checksummed on every read; provenance and licence in its README);
+``--data-dir`` or ``$SURGEON_EXPORT_DATA`` name a directory to read them from instead. Where an
+explicit directory lacks the calibration file, calibration text is sampled from the model itself
+(and logged as such).
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from surgeon.errors import SurgeonError
+from base.errors import SurgeonError
 
 log = logging.getLogger(__name__)
 
 DATA_ENV = "SURGEON_EXPORT_DATA"
 EVAL_FILE = "wikitext-2-raw/wiki.test.raw"
 CALIB_FILE = "wikitext-2/valid.txt"
+CORPORA = Path(__file__).resolve().parent / "corpora"  # the packaged copies, gzip (README.md there)
+CORPUS_SHA256 = {  # of the uncompressed texts, as in ../shared/data/README.md
+    EVAL_FILE: "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a",
+    CALIB_FILE: "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+}
 
 
 def find_data_dir(explicit: str | Path | None = None) -> Path | None:
-    """The shared data directory: ``explicit``, then ``$SURGEON_EXPORT_DATA``, then ``../shared/data``.
-
-    Returns None when no candidate exists (an explicit path that does not exist is an error).
-    """
+    """A corpus directory the user named: ``explicit``, then ``$SURGEON_EXPORT_DATA``; None: the packaged copies."""
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_dir():
@@ -43,11 +49,31 @@ def find_data_dir(explicit: str | Path | None = None) -> Path | None:
         if not path.is_dir():
             raise SurgeonError(f"${DATA_ENV} points to a missing directory: {path}")
         return path
-    repo = Path(__file__).resolve().parents[1]
-    for candidate in (repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate
     return None
+
+
+def packaged_corpus(name: str) -> tuple[str, str]:
+    """The text of a packaged corpus (``EVAL_FILE`` or ``CALIB_FILE``), checksum verified, and its origin."""
+    file = CORPORA / (Path(name).name + ".gz")
+    try:
+        data = gzip.decompress(file.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise SurgeonError(f"packaged corpus {file} is unreadable ({exc}); reinstall surgeon-export") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != CORPUS_SHA256[name]:
+        raise SurgeonError(f"packaged corpus {file} is corrupt (sha256 {digest[:12]}..., expected "
+                           f"{CORPUS_SHA256[name][:12]}...); reinstall surgeon-export")
+    return data.decode("utf-8"), f"{name} (packaged copy, sha256 {digest[:12]})"
+
+
+def corpus(name: str, data_dir: str | Path | None) -> tuple[str, str] | None:
+    """Text and origin of corpus ``name``: from the user's directory when one is named (None if it lacks
+    the file), else the packaged copy."""
+    root = find_data_dir(data_dir)
+    if root is None:
+        return packaged_corpus(name)
+    path = root / name
+    return (read_text(path), str(path)) if path.is_file() else None
 
 
 def read_text(path: str | Path) -> str:
@@ -79,23 +105,22 @@ class TokenSource:
 
 
 def eval_tokens(tokenizer: object, text_file: str | Path | None, data_dir: str | Path | None) -> TokenSource:
-    """Evaluation tokens: the user's text file, else the shared WikiText-2 test split."""
+    """Evaluation tokens: the user's text file, else the WikiText-2 test split."""
     if text_file is not None:
         return TokenSource(tokenize(tokenizer, read_text(text_file)), str(text_file))
-    root = find_data_dir(data_dir)
-    if root is None or not (root / EVAL_FILE).is_file():
-        raise SurgeonError(
-            f"no evaluation text: the shared corpus {EVAL_FILE} was not found (set --data-dir or "
-            f"${DATA_ENV}), and no --text file was given"
-        )
-    return TokenSource(tokenize(tokenizer, read_text(root / EVAL_FILE)), str(root / EVAL_FILE))
+    found = corpus(EVAL_FILE, data_dir)
+    if found is None:
+        raise SurgeonError(f"no evaluation text: {find_data_dir(data_dir)} has no {EVAL_FILE} "
+                           "(drop --data-dir / $SURGEON_EXPORT_DATA to use the packaged copy, or give --text)")
+    text, origin = found
+    return TokenSource(tokenize(tokenizer, text), origin)
 
 
-def check_window(seq_len: int, model: nn.Module) -> None:
-    """Refuse windows longer than the model's context."""
+def check_window(seq_len: int, config: Any) -> None:
+    """Refuse windows longer than the context of a model with this (Hugging Face) config."""
     if seq_len < 2:
         raise SurgeonError(f"window length must be at least 2 tokens, got {seq_len}")
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise SurgeonError(f"window of {seq_len} tokens is longer than the model's context ({limit})")
 
@@ -169,21 +194,18 @@ def calibration_windows(
         source: ``"auto"`` uses text where there is some and falls back to generation with a logged
             message; ``"wikitext"`` insists on the shared corpus; ``"generated"`` always samples.
     """
-    check_window(seq_len, model)
+    check_window(seq_len, model.config)
     if source != "generated":
         if text_file is not None:
             ids = tokenize(tokenizer, read_text(text_file))
             return TokenSource(random_windows(ids, n, seq_len, seed), str(text_file))
-        root = find_data_dir(data_dir)
-        if root is not None and (root / CALIB_FILE).is_file():
-            ids = tokenize(tokenizer, read_text(root / CALIB_FILE))
-            return TokenSource(random_windows(ids, n, seq_len, seed), str(root / CALIB_FILE))
+        found = corpus(CALIB_FILE, data_dir)
+        if found is not None:
+            text, origin = found
+            return TokenSource(random_windows(tokenize(tokenizer, text), n, seq_len, seed), origin)
         if source == "wikitext":
-            raise SurgeonError(f"calibration corpus {CALIB_FILE} not found (set --data-dir or ${DATA_ENV})")
-        log.warning(
-            "no calibration text found (%s missing; set --data-dir or $%s): sampling %d x %d "
-            "tokens from the model itself",
-            CALIB_FILE, DATA_ENV, n, seq_len,
-        )
+            raise SurgeonError(f"calibration corpus {CALIB_FILE} not found in {find_data_dir(data_dir)}")
+        log.warning("no calibration text found (%s has no %s): sampling %d x %d tokens from the model itself",
+                    find_data_dir(data_dir), CALIB_FILE, n, seq_len)
     ids = generate_calibration(model, tokenizer, n, seq_len, seed)
     return TokenSource(ids, f"generated by the model (seed {seed})")

@@ -1,0 +1,27 @@
+"""Names shared by the writers and the readers of our files, defined once.
+
+Writers live in :mod:`export`, readers in :mod:`runtime` and :mod:`benchmarks`; both import the
+names from here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+REPORT_FILE = "surgeon_report.json"  # beside pruned weights: what was pruned, how, measured in the saved files
+MODELING_FILE = "modeling_surgeon.py"  # a copy of base/modeling.py beside per-layer-shape checkpoints
+ONNX_FILE = "model.onnx"  # the decoder graph of an ONNX export directory
+ONNX_DATA_FILE = "model.onnx_data"  # its external weights, when written
+ONNX_MANIFEST_FILE = "surgeon_onnx.json"  # beside the graph: export settings, decoder-linear initializers
+PACK_WEIGHTS_FILE = "model.sparse.safetensors"  # compressed (N:M, CSR, BSR) tensors
+PACK_MANIFEST_FILE = "surgeon_sparse.json"  # beside them: layout, dtype, checksums
+
+# Floating dtypes by the names our options, configs and manifests use.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``."""
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,221 @@
+"""The Python API: what the ``surgeon-export`` commands do, one function each, in a few lines.
+
+Example (load, prune, save smaller, export, bench)::
+
+    import surgeon_export as se
+
+    lm = se.load()                                                    # the default model
+    report = se.prune(lm, se.build_config("surgeon", structured=0.8))  # LLM Surgeon, 80% kept
+    se.save(lm, "small", report)                                      # physically smaller checkpoint
+    se.export_onnx(se.load("small"), "small-onnx")                    # ONNX with KV cache, parity-checked
+    result = se.bench(se.BenchConfig([se.ModelSpec("dense", None), se.ModelSpec("small", "small")]),
+                      "bench.json")
+
+Every function takes and returns plain objects: a :class:`LoadedModel`, a pruning config
+(:func:`build_config`, or :class:`SurgeonConfig` / :class:`PruneConfig` / :class:`SDSConfig`
+directly), a :class:`PruneReport`, result dicts. User mistakes raise :class:`SurgeonError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from base.data import TokenSource, calibration_windows, check_window, eval_tokens
+from base.errors import SurgeonError, check_choice
+from base.loading import LoadedModel, count_parameters, load_model
+from base.perplexity import Perplexity, perplexity
+from base.surgery import RemovalPlan
+from benchmarks.run import BenchConfig, ModelSpec, PplConfig
+from benchmarks.run import bench as _bench
+from export.checkpoint import prepare_target, save_checkpoint
+from export.onnx import OnnxConfig
+from export.onnx import export_onnx as _export_onnx
+from export.pruned import ShrinkConfig, shrink_and_save
+from export.sparse_checkpoint import PackConfig, densify, pack_checkpoint
+from runtime.backend import load_backend
+from runtime.generate import Generation, GenerationConfig, encode_prompts, eos_ids, generate
+from surgeon.api import Config, build_config, calibration_size, check_model, needs_calibration, prune_
+from surgeon.driver import PruneConfig, PruneReport
+from surgeon.llm_surgeon import SurgeonConfig
+from surgeon.sds import SDSConfig
+
+log = logging.getLogger("surgeon_export")
+
+__all__ = [
+    "BenchConfig", "Generation", "GenerationConfig", "LoadedModel", "ModelSpec", "OnnxConfig", "PackConfig",
+    "PplConfig", "PruneConfig", "PruneReport", "RunConfig", "SDSConfig", "ShrinkConfig", "SurgeonConfig",
+    "SurgeonError", "bench", "build_config", "calibrate", "densify", "evaluate", "export_onnx", "generate",
+    "load", "load_backend", "pack", "prune", "run", "save", "shrink",
+]
+
+
+def load(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """A model directory, a ``.gguf`` file, or ``None`` for the default model (:func:`base.loading.load_model`)."""
+    return load_model(spec, dtype=dtype, device=device)
+
+
+def evaluate(
+    lm: LoadedModel, *, text: str | Path | None = None, data_dir: str | Path | None = None, seq_len: int = 512,
+    windows: int | None = 64, batch_size: int = 4, progress: bool = False,
+) -> tuple[Perplexity, str]:
+    """Protocol perplexity (WikiText-2 test unless ``text``; ``windows=None``: every window) and the text's origin."""
+    if (windows is not None and windows < 1) or batch_size < 1:
+        raise SurgeonError("--windows and --batch-size must be at least 1")
+    check_window(seq_len, lm.model.config)
+    tokens = eval_tokens(lm.tokenizer, text, data_dir)
+    result = perplexity(lm.model, tokens.ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size,
+                        progress=progress)
+    return result, tokens.origin
+
+
+def calibrate(
+    lm: LoadedModel, n: int, *, seq_len: int = 512, seed: int = 0, text: str | Path | None = None,
+    data_dir: str | Path | None = None,
+) -> TokenSource:
+    """``n`` calibration windows of ``seq_len`` tokens (WikiText-2 validation unless ``text``; seeded offsets)."""
+    return calibration_windows(lm.model, lm.tokenizer, n=n, seq_len=seq_len, seed=seed, text_file=text,
+                               data_dir=data_dir)
+
+
+def prune(
+    lm: LoadedModel, config: Config, *, calibration: TokenSource | None = None, calib_samples: int | None = None,
+    seq_len: int = 512, seed: int = 0, calib_text: str | Path | None = None, data_dir: str | Path | None = None,
+    checkpoint: Path | None = None, progress: bool = False,
+) -> PruneReport:
+    """Prune ``lm.model`` in place as ``config`` says (:func:`surgeon.api.prune_`), calibrating first if needed.
+
+    ``calibration`` given windows; else ``calib_samples`` windows (default: the config's,
+    :func:`surgeon.api.calibration_size`) from ``calib_text`` or the corpus. The report's
+    ``calibration`` key says where they came from.
+    """
+    check_model(lm.model, lm.adapter, config)  # before calibration: a bad target fails at once
+    if calibration is None and needs_calibration(config):
+        n = calib_samples if calib_samples is not None else calibration_size(config)
+        if n < 1:
+            raise SurgeonError(f"--calib-samples must be at least 1, got {n}")
+        calibration = calibrate(lm, n, seq_len=seq_len, seed=seed, text=calib_text, data_dir=data_dir)
+    report = prune_(lm.model, lm.adapter, calibration.ids if calibration else None, config,
+                    checkpoint_dir=checkpoint, progress=progress)
+    report.calibration = calibration.origin if calibration else None
+    return report
+
+
+def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *, align: int = 1,
+         extra: dict | None = None, force: bool = False) -> dict:
+    """Write the pruned model: structured runs physically smaller (cut by ``report.removal``), others masked.
+
+    ``extra`` joins the written report (the CLI adds the model, calibration and perplexity).
+    Returns the report as written (``saved_sparsity``, ``bytes_on_disk``, ``shrink`` for structured).
+    """
+    out = Path(out)
+    full = {"model": lm.source, **(extra or {}), **(report.to_dict() if report else {})}
+    if report is not None and report.removal is not None:  # zeroed groups become smaller matrices
+        return shrink_and_save(lm.model, lm.tokenizer, lm.adapter, out, ShrinkConfig(align=align),
+                               plan=RemovalPlan.from_dict(report.removal), report=full, force=force)
+    return save_checkpoint(lm.model, lm.tokenizer, out, full, list(lm.adapter.decoder_linears(lm.model)), force=force)
+
+
+def shrink(lm: LoadedModel, out: str | Path, config: ShrinkConfig | None = None, *, force: bool = False) -> dict:
+    """Cut the fully zeroed MLP channels and heads out of a masked model and save it smaller."""
+    return shrink_and_save(lm.model, lm.tokenizer, lm.adapter, Path(out), config or ShrinkConfig(),
+                           report={"model": lm.source, "plan": "zero groups"}, force=force)
+
+
+def export_onnx(lm: LoadedModel, out: str | Path, config: OnnxConfig | None = None, *, force: bool = False) -> dict:
+    """ONNX decoder graph with KV cache, checked against torch (:func:`export.onnx.export_onnx`); the manifest."""
+    return _export_onnx(lm.model, lm.tokenizer, Path(out), config or OnnxConfig(), source=lm.source,
+                        source_dir=lm.path, force=force)
+
+
+def pack(lm: LoadedModel, out: str | Path, config: PackConfig | None = None, *, force: bool = False) -> dict:
+    """Compressed safetensors (N:M, CSR or BSR) of a pruned model, pattern checked; the manifest."""
+    return pack_checkpoint(lm, Path(out), config or PackConfig(), force=force)
+
+
+def bench(config: BenchConfig, out: str | Path, baseline: str | Path | None = None,
+          max_regression: float = 0.05) -> dict:
+    """Benchmark the models of ``config`` (the first is the baseline); writes JSON, markdown and plots."""
+    return _bench(config, Path(out), Path(baseline) if baseline else None, max_regression)
+
+
+@dataclass
+class RunConfig:
+    """The main job: structured pruning, the smaller checkpoint, ONNX, dense-vs-pruned benchmark."""
+
+    model: str | None = None
+    out: Path = Path("surgeon-out")
+    structured: float = 0.8
+    method: str = "surgeon"  # surgeon or wanda
+    allocation: str = "uniform"
+    shots: int = 3
+    calib_samples: int = 16
+    ppl_windows: int = 64
+    seq_len: int = 512
+    text: Path | None = None
+    data_dir: Path | None = None
+    onnx: bool = True
+    threads: int | None = None
+    progress: bool = True
+    force: bool = False
+
+
+def run(cfg: RunConfig) -> dict:
+    """The main job; returns ``{"prune", "remaining_fraction", "benchmark"}`` and writes under ``cfg.out``."""
+    prepare_target(cfg.out, cfg.force)
+    check_choice("--method", cfg.method, ("surgeon", "wanda"))
+    config = build_config(cfg.method, structured=cfg.structured, shots=cfg.shots, allocation=cfg.allocation)
+    steps = 4 if cfg.onnx else 3
+    lm = load(cfg.model)
+    calib = calibrate(lm, cfg.calib_samples, seq_len=cfg.seq_len, text=cfg.text, data_dir=cfg.data_dir)
+    log.info("1/%d structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration tokens (%s)",
+             steps, cfg.method, 100 * cfg.structured, config.shots, cfg.calib_samples, cfg.seq_len, calib.origin)
+    report = prune(lm, config, calibration=calib, progress=cfg.progress)
+    pruned_dir = cfg.out / "pruned"
+    log.info("2/%d writing the smaller model to %s", steps, pruned_dir)
+    written = save(lm, pruned_dir, report, force=True)
+    del lm
+    models = [ModelSpec(label="dense", spec=cfg.model), ModelSpec(label="pruned", spec=str(pruned_dir))]
+    if cfg.onnx:
+        onnx_dir = cfg.out / "pruned-onnx"
+        log.info("3/4 exporting the pruned model to ONNX (%s)", onnx_dir)
+        manifest = export_onnx(load(pruned_dir), onnx_dir, force=True)
+        log.info("exported in %.0f s; ONNX Runtime vs torch: largest logit difference %.1e",
+                 manifest["export_seconds"], manifest["verification"]["max_abs_diff"])
+        models.append(ModelSpec(label="pruned-onnx", spec=str(onnx_dir), backend="onnxruntime"))
+    log.info("%d/%d benchmarking dense vs pruned", steps, steps)
+    bench_cfg = BenchConfig(
+        models=models, threads=cfg.threads or torch.get_num_threads(), prefill=[(1, 128)], decode=[1],
+        prompt_len=64, new_tokens=32, repeat=5,
+        ppl=PplConfig(windows=cfg.ppl_windows, seq_len=cfg.seq_len, text=str(cfg.text) if cfg.text else None,
+                      data_dir=str(cfg.data_dir) if cfg.data_dir else None),
+        progress=cfg.progress,
+    )
+    result = bench(bench_cfg, cfg.out / "benchmark.json")
+    return {"prune": {k: v for k, v in report.to_dict().items() if k not in ("layers", "removal")},
+            "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result}
+
+
+def generate_text(
+    backend: str, model: str | Path | None, prompts: list[str], cfg: GenerationConfig | None = None, *,
+    stop: tuple[int, ...] | None = None, device: str = "cpu", threads: int | None = None, chat: bool = False,
+) -> tuple[Generation, list[str], GenerationConfig]:
+    """Generate from text prompts on a runtime backend: the generation, the decoded texts, the config used.
+
+    ``stop`` defaults to the model's EOS ids (``generation_config.json``, else the tokenizer's); the
+    padding id to the tokenizer's, else the first stop id.
+    """
+    decoder = load_backend(backend, model, device=device, threads=threads)
+    tokenizer = decoder.tokenizer
+    ids = encode_prompts(tokenizer, prompts, chat=chat)
+    stops = tuple(stop) if stop else eos_ids(decoder.directory, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    cfg = replace(cfg or GenerationConfig(), stop_tokens=stops, pad_token_id=pad)
+    out = generate(decoder, ids, cfg)
+    return out, [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens], cfg
+
+
+__all__ += ["Perplexity", "RemovalPlan", "count_parameters", "generate_text"]
