@@ -19,8 +19,9 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """The short commit of this checkout, with ``+dirty`` when tracked files under surgeon/, export/,
-    runtime/ or benchmarks/ differ from it (the numbers then come from uncommitted code)."""
+    """The short commit of this checkout, with ``+dirty`` when tracked files under base/, surgeon/,
+    export/, runtime/, surgeon_export/ or benchmarks/ differ from it (the numbers then come from
+    uncommitted code)."""
     repo = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(
@@ -29,7 +30,7 @@ def _git_commit() -> str | None:
         )
         dirty = subprocess.run(
             ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--",
-             "surgeon", "export", "runtime", "benchmarks/*.py"],
+             "base", "surgeon", "export", "runtime", "surgeon_export", "benchmarks/*.py"],
             capture_output=True, text=True, timeout=5, check=False,
         )
     except (OSError, subprocess.SubprocessError):

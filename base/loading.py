@@ -89,6 +89,15 @@ def load_model(
         >>> lm.model.config.num_hidden_layers  # doctest: +SKIP
         30
     """
+    directory, source = resolve_model_dir(spec)
+    model, tokenizer, adapter = _load_hf_dir(directory, dtype)
+    model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, path=directory, source=source)
+
+
+def resolve_model_dir(spec: str | Path | None) -> tuple[Path, str]:
+    """The Hugging Face directory a model spec names (a ``.gguf`` is converted and cached first) and its
+    description: ``None`` or ``"default"`` for the default model, a ``.gguf`` file, or a directory."""
     if spec is None or str(spec) == "default":
         gguf = default_gguf()
         directory, source = _cached_gguf(gguf), f"{DEFAULT_MODEL} (default, {gguf.name})"
@@ -104,9 +113,7 @@ def load_model(
             directory, source = _cached_gguf(path), str(path)
         else:
             directory, source = path, str(path)
-    model, tokenizer, adapter = _load_hf_dir(directory, dtype)
-    model.to(device)
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, path=directory, source=source)
+    return directory, source
 
 
 def read_config(directory: Path) -> dict:

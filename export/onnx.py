@@ -43,7 +43,14 @@ from torch import nn
 
 from base.adapters import Adapter, get_adapter
 from base.errors import SurgeonError
-from base.formats import DTYPES, MODELING_FILE, ONNX_DATA_FILE, ONNX_FILE, ONNX_MANIFEST_FILE, REPORT_FILE
+from base.formats import (
+    DTYPES,
+    MODELING_FILE,
+    ONNX_DATA_FILE,
+    ONNX_FILE,
+    ONNX_MANIFEST_FILE,
+    REPORT_FILE,
+)
 from base.loading import quiet_transformers
 from export.checkpoint import prepare_target, write_atomically
 from export.onnx_graph import (

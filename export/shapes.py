@@ -27,7 +27,14 @@ from torch import nn
 from base.adapters import PER_LAYER_PREFIX, Adapter
 from base.errors import SurgeonError
 from base.modeling import LAYER_FIELDS
-from base.surgery import LayerCosts, LayerPlan, LayerShape, RemovalPlan, layer_shapes, resolve
+from base.surgery import (
+    LayerCosts,
+    LayerPlan,
+    LayerShape,
+    RemovalPlan,
+    layer_shapes,
+    resolve,
+)
 
 Rounding = Literal["up", "down", "nearest"]
 

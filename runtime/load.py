@@ -36,12 +36,21 @@ from torch import nn
 from base.adapters import get_adapter
 from base.errors import SurgeonError
 from base.formats import DTYPES, PACK_WEIGHTS_FILE, dtype_name
+from base.lazy import materialise_buffers
 from base.loading import LoadedModel, load_tokenizer
 from base.patterns import NMPattern
 from export.flops import flops_table
 from export.sparse_checkpoint import CompressedCheckpoint, nm_pattern, read_compressed
 from runtime.backend import pruning_config, resolve_dtype
-from runtime.semi_structured import Dispatch, Policy, Prefer, device_dispatch, to_semi_structured_linear, tune, tuned
+from runtime.semi_structured import (
+    Dispatch,
+    Policy,
+    Prefer,
+    device_dispatch,
+    to_semi_structured_linear,
+    tune,
+    tuned,
+)
 from runtime.sparse_linear import SparseLinear
 from runtime.torch_backend import TorchBackend
 
@@ -121,16 +130,6 @@ def _count(ckpt: CompressedCheckpoint) -> dict[str, int]:
             "total_zeros": dense_zeros + sum(stored_zeros.values())}
 
 
-def _materialise_buffers(model: nn.Module) -> None:
-    """Compute the non-persistent buffers still on meta with the model's own initialiser (on CPU)."""
-    for key, buffer in list(model.named_non_persistent_buffers()):  # type: ignore[operator]
-        if buffer.is_meta:
-            owner, _, name = key.rpartition(".")
-            module = model.get_submodule(owner)
-            setattr(module, name, torch.empty_like(buffer, device="cpu"))
-            model._init_weights(module)  # type: ignore[operator]
-
-
 def load_compressed(
     spec: str | Path,
     *,
@@ -184,7 +183,7 @@ def load_compressed(
             model.set_submodule(name, SparseLinear(packed.sparse().to(dtype), state.pop(f"{name}.bias", None)))
     model.load_state_dict(state, assign=True, strict=False)  # keys and shapes checked by read_compressed
     model.tie_weights()
-    _materialise_buffers(model)
+    materialise_buffers(model)
     left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise SurgeonError(f"{directory}: tensor {left[0]} is missing from the checkpoint")

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from base.formats import dtype_name
 from base.adapters import get_adapter
+from base.formats import dtype_name
 from base.loading import LoadedModel, count_parameters, load_model
 from export.flops import flops_table
 from runtime.backend import pruning_config, resolve_dtype

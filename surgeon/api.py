@@ -26,7 +26,13 @@ from torch import nn
 from base.adapters import Adapter
 from base.errors import SurgeonError, check_choice
 from base.patterns import NMPattern, check_sparsity
-from surgeon.driver import PRUNERS, PruneConfig, PruneReport, prune_sequential_
+from surgeon.driver import (
+    PRUNERS,
+    LayerStream,
+    PruneConfig,
+    PruneReport,
+    prune_sequential_,
+)
 from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
 from surgeon.sds import SDSConfig
 
@@ -119,6 +125,14 @@ def check_model(model: nn.Module, adapter: Adapter, config: Config) -> None:
             config.pattern.check_shape(linear.in_features, name)
 
 
+def check_streamable(config: Config) -> None:
+    """Only the layer-wise methods run streamed (one layer in memory) so far."""
+    if not isinstance(config, PruneConfig):
+        raise SurgeonError("LLM Surgeon and the structured methods do not run streamed yet (their curvature and "
+                           "allocation need every layer at once); streamed: magnitude, wanda, sparsegpt, with or "
+                           "without SDS; use --no-streaming")
+
+
 def prune_(
     model: nn.Module,
     adapter: Adapter,
@@ -126,6 +140,7 @@ def prune_(
     config: Config,
     *,
     checkpoint_dir: Path | None = None,
+    stream: LayerStream | None = None,
     progress: bool = True,
 ) -> PruneReport:
     """Prune ``model`` in place as ``config`` says; returns the report.
@@ -133,6 +148,8 @@ def prune_(
     Args:
         windows: calibration token ids ``[N, T]`` (None only where :func:`needs_calibration` is false).
         checkpoint_dir: LLM Surgeon: the state after every shot is saved there; a rerun resumes.
+        stream: the layer-wise methods: layers read from and written to disk one at a time
+            (:class:`export.streaming.StreamedLayers`); ``model`` then has its layers on meta.
 
     Structured runs record the removed groups in ``report.removal`` (a
     :class:`~base.surgery.RemovalPlan` as a dict), which the smaller checkpoint is cut by.
@@ -140,8 +157,10 @@ def prune_(
     check_model(model, adapter, config)
     if needs_calibration(config) and windows is None:
         raise SurgeonError("this pruning config needs calibration windows")
+    if stream is not None:
+        check_streamable(config)
     if isinstance(config, PruneConfig):
-        return prune_sequential_(model, adapter, windows, config, progress=progress)
+        return prune_sequential_(model, adapter, windows, config, stream=stream, progress=progress)
     sds = config.refine
     dense = copy.deepcopy(model) if sds else None  # SDS's teacher
     report = prune_surgeon_(model, adapter, windows, config, checkpoint_dir=checkpoint_dir, progress=progress)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -118,6 +118,45 @@ def refine_summary(records: dict[str, dict]) -> dict:
             "seconds_per_layer": {k: round(v, 2) for k, v in per_layer.items()}}
 
 
+class LayerStream(Protocol):
+    """Where the driver's layers come from and where they go, one at a time."""
+
+    num_layers: int
+
+    def enter(self, index: int) -> nn.Module:
+        """Decoder layer ``index``, ready to run (already pruned if :meth:`finished` says so)."""
+
+    def dense(self, index: int) -> nn.Module:
+        """A dense copy of layer ``index`` (SDS's teacher); called before the layer is pruned."""
+
+    def finished(self, index: int) -> dict | None:
+        """The records (``layers``, ``refine``, ``seconds``) of a layer an earlier run pruned, else None."""
+
+    def leave(self, index: int, layer: nn.Module, records: dict | None) -> None:
+        """Layer ``index`` is done: pruned now (``records``) or replayed (None)."""
+
+
+class InMemoryLayers:
+    """The layers of a model in memory (the whole-model mode)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, teacher: nn.Module | None = None) -> None:
+        self.layers = adapter.decoder_layers(model)
+        self.teachers = adapter.decoder_layers(teacher) if teacher is not None else None
+        self.num_layers = len(self.layers)
+
+    def enter(self, index: int) -> nn.Module:
+        return self.layers[index]
+
+    def dense(self, index: int) -> nn.Module:
+        return self.teachers[index] if self.teachers is not None else copy.deepcopy(self.layers[index])
+
+    def finished(self, index: int) -> dict | None:
+        return None
+
+    def leave(self, index: int, layer: nn.Module, records: dict | None) -> None:
+        pass
+
+
 def check_targets(model: nn.Module, adapter: Adapter, cfg: PruneConfig) -> None:
     """Validate the target against every linear before any work starts."""
     target = cfg.target
@@ -134,6 +173,7 @@ def prune_sequential_(
     cfg: PruneConfig,
     *,
     teacher: nn.Module | None = None,
+    stream: LayerStream | None = None,
     progress: bool = True,
 ) -> PruneReport:
     """Prune every decoder linear of ``model`` in place, layer by layer; returns the report.
@@ -145,6 +185,9 @@ def prune_sequential_(
         teacher: SDS after a global pruner (LLM Surgeon): ``model`` is already pruned and is the
             first round; ``teacher`` is the dense model. ``cfg.method`` re-prunes each linear to
             its own first-round sparsity (or ``cfg.pattern``), so the global allocation stays.
+        stream: where the layers come from and go to (default: ``model``'s own, in memory). A
+            streamed run (``export.streaming``) hands ``model`` with its layers on the meta device,
+            reads each layer from disk when it is its turn and writes it out when it is pruned.
 
     Example:
         >>> report = prune_sequential_(lm.model, lm.adapter, windows, PruneConfig("wanda", 0.5))  # doctest: +SKIP
@@ -160,8 +203,7 @@ def prune_sequential_(
         raise SurgeonError(f"{cfg.method}{' with SDS' if refine else ''} needs calibration windows")
     start = time.perf_counter()
     report = PruneReport(config=cfg.to_dict())
-    layers = adapter.decoder_layers(model)
-    teachers = adapter.decoder_layers(teacher) if teacher is not None else None
+    stream = stream if stream is not None else InMemoryLayers(model, adapter, teacher)
     batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size) if needs_data else []
     t_batches = batches
     n_tokens = int(windows.numel()) if needs_data else 0
@@ -173,26 +215,40 @@ def prune_sequential_(
     per_group = cfg.true_sequential or refine is not None
     steps = tuple((g,) for g in adapter.input_groups) if per_group else (adapter.input_groups,)
     desc = f"prune ({cfg.method}{' + SDS' if refine else ''})"
-    for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress)):
+    dense_stream = refine is not None and refine.teacher == "dense"
+    for index in tqdm(range(stream.num_layers), desc=desc, unit="layer", disable=not progress):
         layer_start = time.perf_counter()
+        layer = stream.enter(index)
+        done = stream.finished(index)
+        if done is not None:  # pruned and saved by an earlier run: replay it for the next layer's inputs
+            report.layers.update(done["layers"])
+            report.refine.update(done["refine"])
+            report.layer_seconds.append(done["seconds"])
+            if needs_data:
+                t_batches = run_layer(stream.dense(index), t_batches) if dense_stream else t_batches
+                batches = run_layer(layer, batches)
+                t_batches = t_batches if dense_stream else batches
+            stream.leave(index, layer, None)
+            continue
         # SDS's teacher: the dense layer (a copy, as this one is about to change), run on the dense stream.
-        t_layer = (teachers[index] if teachers is not None else copy.deepcopy(layer)) if refine else None
+        t_layer = stream.dense(index) if refine else None
         next_t: list | None = None
+        names = []
         for k, step in enumerate(steps):
             if refine and refine.teacher == "self":
                 moments = input_moments(layer, adapter, batches, step)
                 stats = {n: self_stats(moments[n].finalize(), t_layer.get_submodule(n).weight.data, n_tokens)
                          for group in step for n in group}
             elif refine:  # "dense": the dense model's own stream; "layer": the pruned model's stream
-                own = refine.teacher == "dense"
-                stats, outs = pair_moments(layer, t_layer, adapter, batches, t_batches if own else batches, step,
-                                           teacher_outputs=own and k == 0)
+                stats, outs = pair_moments(layer, t_layer, adapter, batches, t_batches if dense_stream else batches,
+                                           step, teacher_outputs=dense_stream and k == 0)
                 next_t = outs if k == 0 else next_t  # the teacher's outputs come from its first pass
             else:
                 moments = input_moments(layer, adapter, batches, step) if needs_data else {}
             for name in (n for group in step for n in group):
                 linear = layer.get_submodule(name)
                 full = f"{adapter.layers}.{index}.{name}"
+                names.append(full)
                 if refine:
                     W = linear.weight.data
                     if teacher is None:
@@ -209,10 +265,14 @@ def prune_sequential_(
                     W_new, _ = prune(linear.weight.data, A, n_tokens, cfg.target)
                 linear.weight.data.copy_(W_new)
                 report.record(full, linear)
+        del t_layer
         if needs_data:
             batches = run_layer(layer, batches)
-            t_batches = next_t if refine and refine.teacher == "dense" else batches  # type: ignore[assignment]
+            t_batches = next_t if dense_stream else batches  # type: ignore[assignment]
         report.layer_seconds.append(time.perf_counter() - layer_start)
+        stream.leave(index, layer, {"layers": {n: report.layers[n] for n in names},
+                                    "refine": {n: report.refine[n] for n in names if n in report.refine},
+                                    "seconds": report.layer_seconds[-1]})
     report.seconds = time.perf_counter() - start
     log.info("pruned %d linears to %.2f%% sparsity in %.0f s", len(report.layers), 100 * report.sparsity, report.seconds)
     if refine:

@@ -38,7 +38,11 @@ from surgeon.calibrate import FisherKind, input_factors, kfac_factors
 from surgeon.curvature.kfac import DampedKron, KronFactor, LazyDamped
 from surgeon.driver import PruneReport
 from surgeon.prune.costs import element_costs
-from surgeon.prune.threshold import global_keep_masks, linear_schedule, per_layer_fraction_mask
+from surgeon.prune.threshold import (
+    global_keep_masks,
+    linear_schedule,
+    per_layer_fraction_mask,
+)
 from surgeon.prune.update import Correlation, update_masked
 from surgeon.sds import SDSConfig
 from surgeon.structures import GroupCost, Scoring

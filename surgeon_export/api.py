@@ -19,6 +19,7 @@ directly), a :class:`PruneReport`, result dicts. User mistakes raise :class:`Sur
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
+from base.lazy import LazyModel, open_lazy
 from base.loading import LoadedModel, count_parameters, load_model
 from base.perplexity import Perplexity, perplexity
 from base.surgery import RemovalPlan
@@ -36,9 +38,24 @@ from export.onnx import OnnxConfig
 from export.onnx import export_onnx as _export_onnx
 from export.pruned import ShrinkConfig, shrink_and_save
 from export.sparse_checkpoint import PackConfig, densify, pack_checkpoint
+from export.streaming import StreamedLayers
 from runtime.backend import load_backend
-from runtime.generate import Generation, GenerationConfig, encode_prompts, eos_ids, generate
-from surgeon.api import Config, build_config, calibration_size, check_model, needs_calibration, prune_
+from runtime.generate import (
+    Generation,
+    GenerationConfig,
+    encode_prompts,
+    eos_ids,
+    generate,
+)
+from surgeon.api import (
+    Config,
+    build_config,
+    calibration_size,
+    check_model,
+    check_streamable,
+    needs_calibration,
+    prune_,
+)
 from surgeon.driver import PruneConfig, PruneReport
 from surgeon.llm_surgeon import SurgeonConfig
 from surgeon.sds import SDSConfig
@@ -102,6 +119,106 @@ def prune(
                     checkpoint_dir=checkpoint, progress=progress)
     report.calibration = calibration.origin if calibration else None
     return report
+
+
+WHOLE_MODEL_FACTOR = {"layerwise": 5.0, "surgeon": 18.0}  # measured peak RSS / float32 weights (docs/streaming.md)
+
+
+@dataclass
+class MemoryPlan:
+    """What a prune needs: the whole model in memory, or one layer at a time (bytes), and what is free."""
+
+    whole: int
+    streamed: int
+    available: int | None
+    streaming: bool
+    reason: str
+
+
+def parse_bytes(text: str) -> int:
+    """``"8GiB"``, ``"512MiB"``, ``"2.5GB"`` or a plain number of bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match[2].lower() not in units:
+        raise SurgeonError(f"--max-memory must be a size such as 8GiB or 512MiB, got {text!r}")
+    return int(float(match[1]) * units[match[2].lower()])
+
+
+def memory_plan(lazy: LazyModel, config: Config, windows: int, seq_len: int, *, streaming: bool | None = None,
+                max_memory: int | None = None) -> MemoryPlan:
+    """Whole-model against streamed memory for this prune, and the choice (``streaming`` None: automatic).
+
+    Whole model: float32 weights times the measured factor of the method family. Streamed: one layer
+    (twice with SDS, its dense copy), the input statistics of its widest linears in float64 (and an
+    inverse), the layer-boundary activations of every window (in and out, twice with SDS), and what
+    lies outside the layers.
+    """
+    model = lazy.model
+    layer = lazy.adapter.decoder_layers(model)[0]
+    layer_bytes = 4 * sum(p.numel() for p in layer.parameters())
+    outside = 4 * sum(p.numel() for n, p in model.named_parameters() if not n.startswith(lazy.adapter.layers + "."))
+    total = outside + layer_bytes * lazy.num_layers()
+    family = "surgeon" if isinstance(config, SurgeonConfig) else "layerwise"
+    whole = int(total * WHOLE_MODEL_FACTOR[family])
+    widest = max(m.in_features for m in lazy.adapter.decoder_linears(model).values())
+    sds = 2 if getattr(config, "refine", None) is not None else 1
+    hidden = int(model.config.hidden_size)
+    streamed = int(layer_bytes * (1 + sds) + 3 * 8 * widest**2 + 2 * sds * 4 * windows * seq_len * hidden + outside)
+    free = max_memory if max_memory is not None else available_memory()
+    if max_memory is not None and max_memory < streamed:
+        raise SurgeonError(f"--max-memory {_size(max_memory)} is below what one layer needs streamed "
+                           f"({_size(streamed)}: one layer, its statistics and {windows} x {seq_len} activations)")
+    if streaming is not None:
+        return MemoryPlan(whole, streamed, free, streaming, "--streaming" if streaming else "--no-streaming")
+    if free is None or whole <= free:
+        return MemoryPlan(whole, streamed, free, False, "the whole model fits")
+    return MemoryPlan(whole, streamed, free, True,
+                      f"the whole model needs about {_size(whole)}, {_size(free)} "
+                      f"{'allowed' if max_memory is not None else 'available'}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of this machine in bytes (None where /proc/meminfo is missing)."""
+    try:
+        match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def prune_streamed(
+    spec: str | Path | None, config: Config, out: str | Path, *, calibration: TokenSource | None = None,
+    calib_samples: int | None = None,
+    seq_len: int = 512, seed: int = 0, calib_text: str | Path | None = None, data_dir: str | Path | None = None,
+    extra: dict | None = None, progress: bool = False, force: bool = False, lazy: LazyModel | None = None,
+) -> dict:
+    """Prune a model larger than memory: one decoder layer read, pruned and written at a time.
+
+    The layer-wise methods (SparseGPT, Wanda, magnitude, with or without SDS) give the same tensors as
+    :func:`prune` then :func:`save` (``tests/test_streaming.py``); the checkpoint is written shard by
+    shard into a hidden sibling of ``out`` and renamed at the end; an interrupted run resumes from its
+    last finished layer (:mod:`export.streaming`). Returns the report as written.
+    """
+    check_streamable(config)
+    lazy = lazy or open_lazy(spec)
+    check_model(lazy.model, lazy.adapter, config)
+    if calibration is None and needs_calibration(config):
+        n = calib_samples if calib_samples is not None else calibration_size(config)
+        calibration = calibration_windows(lazy.model, lazy.tokenizer, n=n, seq_len=seq_len, seed=seed,
+                                          text_file=calib_text, data_dir=data_dir, source="wikitext")
+    settings = {"config": config.to_dict(), "seed": seed, "seq_len": seq_len,
+                "calibration": calibration.origin if calibration else None,
+                "windows": int(calibration.ids.shape[0]) if calibration else 0}
+    stream = StreamedLayers(lazy, Path(out), settings, force=force)
+    report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
+                    progress=progress)
+    report.calibration = calibration.origin if calibration else None
+    return stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
 
 
 def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *, align: int = 1,
@@ -218,4 +335,5 @@ def generate_text(
     return out, [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens], cfg
 
 
-__all__ += ["Perplexity", "RemovalPlan", "count_parameters", "generate_text"]
+__all__ += ["MemoryPlan", "Perplexity", "RemovalPlan", "count_parameters", "generate_text", "memory_plan",
+            "open_lazy", "parse_bytes", "prune_streamed"]

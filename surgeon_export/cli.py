@@ -127,6 +127,8 @@ def prune_cmd(
     sds_teacher: Annotated[str, typer.Option(help="SDS: what each linear reconstructs: self (the dense weights on the pruned model's inputs), layer (the dense layer on the pruned stream) or dense (the dense model's own activations).")] = SDSConfig.teacher,
     align: Annotated[int, typer.Option(help="structured: round kept sizes up to a multiple of N in the saved checkpoint.")] = 1,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
+    streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Layer by layer: one decoder layer in memory, read from disk and written to --out as it is pruned (sparsegpt, wanda, magnitude, + SDS). Default: when the whole model would not fit in memory.")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help="Memory budget for choosing streaming, e.g. 8GiB (default: the memory available).")] = None,
     data_dir: DataDir = None,
     force: Force = False,
     threads: Threads = None,
@@ -150,23 +152,43 @@ def prune_cmd(
     )
     if out is not None:
         prepare_target(out, force)
-    lm = api.load(model)
-    report = api.prune(lm, cfg, calib_samples=calib_samples, seq_len=seq_len, seed=seed, calib_text=calib_text,
-                       data_dir=data_dir, checkpoint=checkpoint, progress=not quiet)
-    payload = {"model": lm.source, **report.to_dict()}
+    budget = api.parse_bytes(max_memory) if max_memory is not None else None
+    lazy = api.open_lazy(model) if streaming is not False else None
+    plan = api.memory_plan(lazy, cfg, calib_samples or api.calibration_size(cfg), seq_len, streaming=streaming,
+                           max_memory=budget) if lazy is not None else None
+    if plan is not None and plan.streaming:
+        if out is None:
+            raise SurgeonError("streamed pruning writes each layer as it is done: give --out DIR")
+        logging.getLogger("surgeon_export").info(
+            "streaming, one decoder layer at a time (%s; streamed: about %.1f GiB)", plan.reason, plan.streamed / 2**30)
+        written = api.prune_streamed(model, cfg, out, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
+                                     calib_text=calib_text, data_dir=data_dir, progress=not quiet, force=force, lazy=lazy)
+        payload = {**written, "memory_plan": {"whole_bytes": plan.whole, "streamed_bytes": plan.streamed,
+                                              "available_bytes": plan.available, "reason": plan.reason}}
+        if evaluate:
+            ppl, _ = api.evaluate(api.load(out), data_dir=data_dir, seq_len=seq_len, progress=not quiet)
+            payload["perplexity"] = ppl.to_dict()
+        payload["out"] = str(out)
+    else:
+        del lazy
+        lm = api.load(model)
+        report = api.prune(lm, cfg, calib_samples=calib_samples, seq_len=seq_len, seed=seed, calib_text=calib_text,
+                           data_dir=data_dir, checkpoint=checkpoint, progress=not quiet)
+        payload = {"model": lm.source, **report.to_dict()}
+        extra = {}
+        if evaluate:
+            ppl, _ = api.evaluate(lm, data_dir=data_dir, seq_len=seq_len, progress=not quiet)
+            payload["perplexity"] = extra["perplexity"] = ppl.to_dict()
+        if out is not None:
+            written = api.save(lm, out, report, align=align, extra=extra, force=force)
+            if structured is not None:
+                payload["remaining_fraction"] = written["shrink"]["remaining_fraction"]
+            payload.update(out=str(out), saved_sparsity=written.get("saved_sparsity"),
+                           bytes_on_disk=written.get("bytes_on_disk"))
     for key in ("layers", "removal"):
         payload.pop(key, None)
     if "refine" in payload:
-        payload["refine"].pop("linears")
-    extra = {}
-    if evaluate:
-        ppl, _ = api.evaluate(lm, data_dir=data_dir, seq_len=seq_len, progress=not quiet)
-        payload["perplexity"] = extra["perplexity"] = ppl.to_dict()
-    if out is not None:
-        written = api.save(lm, out, report, align=align, extra=extra, force=force)
-        if structured is not None:
-            payload["remaining_fraction"] = written["shrink"]["remaining_fraction"]
-        payload.update(out=str(out), saved_sparsity=written.get("saved_sparsity"), bytes_on_disk=written.get("bytes_on_disk"))
+        payload["refine"].pop("linears", None)
     payload["peak_rss_mib"] = peak_rss_mib()
     payload["environment"] = environment()
     what = " + ".join(x for x in (
@@ -174,8 +196,8 @@ def prune_cmd(
         str(cfg.pattern) if cfg.pattern else "",
         f"{sparsity:.0%}" if sparsity is not None else "",
     ) if x)
-    lines = [f"{method}{' + SDS' if sds else ''} {what}: decoder-linear sparsity {report.sparsity:.2%}, "
-             f"pruned in {report.seconds:.0f} s"]
+    lines = [f"{method}{' + SDS' if sds else ''} {what}: decoder-linear sparsity {payload['sparsity']:.2%}, "
+             f"pruned in {payload['seconds']:.0f} s{' (streamed)' if payload.get('streamed') else ''}"]
     if sds:
         summary = payload["refine"]["summary"]
         lines.append(f"SDS: mean relative layer error {summary['mean_error']['first']:.4f} (first round) -> "
@@ -475,7 +497,12 @@ def bench_cmd(
 
     from benchmarks.gate import gate_table, parse_tolerance
     from benchmarks.report import markdown
-    from benchmarks.run import parse_batches, parse_models, parse_prefill, resolve_device
+    from benchmarks.run import (
+        parse_batches,
+        parse_models,
+        parse_prefill,
+        resolve_device,
+    )
     from surgeon_export import api
 
     _setup(quiet, threads)

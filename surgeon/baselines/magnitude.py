@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from surgeon.baselines.common import Scope, Target, check_layer, check_target, mask_for_target
+from surgeon.baselines.common import (
+    Scope,
+    Target,
+    check_layer,
+    check_target,
+    mask_for_target,
+)
 
 
 def prune_magnitude(

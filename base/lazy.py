@@ -1,0 +1,162 @@
+"""A model whose weights stay on disk until a layer needs them: the reading side of streamed pruning.
+
+:func:`open_lazy` builds the model ``config.json`` describes on the meta device (no memory), reads
+the tensors outside the decoder layers (embeddings, final norm, LM head when untied) and leaves
+every decoder layer on meta. :meth:`LazyModel.materialise` reads one layer's tensors from the
+memory-mapped safetensors files (``safe_open``: one tensor at a time) and :meth:`LazyModel.release`
+sends the layer back to meta, so at most the layers being worked on occupy memory. The same checks
+as :func:`base.loading.load_model` run first: safetensors only, every file's header against its
+size, per-layer checkpoints against their config; a tensor that cannot be read is named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from base.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
+from base.errors import SurgeonError
+from base.loading import (
+    check_per_layer_checkpoint,
+    check_safetensors,
+    load_tokenizer,
+    quiet_transformers,
+    read_config,
+    resolve_model_dir,
+    weight_files,
+)
+
+
+class LazyWeights:
+    """The tensors of a checkpoint's safetensors files, read one at a time by name."""
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self.where: dict[str, Path] = {}
+        self.handles = {}
+        for f in files:
+            handle = safe_open(str(f), framework="pt")
+            self.handles[f] = handle
+            for key in handle.keys():
+                self.where[key] = f
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` as a fresh copy in ``dtype`` (safetensors hands out views of one shared
+        memory map: writing into one would change every later read of the same tensor)."""
+        if name not in self.where:
+            raise SurgeonError(f"tensor {name} is missing from the checkpoint")
+        try:
+            return self.handles[self.where[name]].get_tensor(name).to(dtype=dtype, copy=True)
+        except Exception as exc:  # safetensors raises its own types for short or damaged data
+            raise SurgeonError(f"cannot read tensor {name} from {self.where[name]}: {exc}") from None
+
+    def dtype(self) -> torch.dtype:
+        """The floating dtype the checkpoint stores (of its first floating tensor)."""
+        for name in self.where:
+            handle = self.handles[self.where[name]]
+            dtype = handle.get_slice(name).get_dtype()
+            if dtype in ("F32", "F16", "BF16", "F64"):
+                return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[dtype]
+        return torch.float32
+
+
+@dataclass
+class LazyModel:
+    """A causal LM on the meta device except for what lies outside its decoder layers."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    path: Path
+    source: str
+    weights: LazyWeights
+    dtype: torch.dtype  # the compute dtype layers are materialised in
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.adapter.layers}.{index}."
+
+    def num_layers(self) -> int:
+        return len(self.adapter.decoder_layers(self.model))
+
+    def read_layer(self, index: int) -> nn.Module:
+        """Layer ``index`` with its weights read from disk (a fresh module; the model's stays on meta)."""
+        import copy
+
+        layer = copy.deepcopy(self.adapter.decoder_layers(self.model)[index])  # on meta: no memory
+        prefix = self.layer_prefix(index)
+        state = {k: self.weights.get(prefix + k, self.dtype) for k in layer.state_dict()}
+        layer.load_state_dict(state, assign=True, strict=True)
+        materialise_buffers(self.model, layer)
+        return layer.eval()
+
+    def materialise(self, index: int) -> nn.Module:
+        """Read layer ``index`` into the model itself and return it."""
+        layer = self.read_layer(index)
+        self.adapter.decoder_layers(self.model)[index] = layer
+        return layer
+
+    def release(self, index: int) -> None:
+        """Send layer ``index`` back to the meta device (its memory is freed)."""
+        self.adapter.decoder_layers(self.model)[index].to("meta")
+
+
+def materialise_buffers(model: nn.Module, module: nn.Module | None = None) -> None:
+    """Compute the non-persistent buffers of ``module`` (default: the whole model) still on meta, such as
+    the rotary ``inv_freq``, with the model's own initialiser (as transformers does after a meta load)."""
+    for sub in (module if module is not None else model).modules():
+        meta = [n for n in sub._non_persistent_buffers_set if getattr(sub, n) is not None and getattr(sub, n).is_meta]
+        for name in meta:
+            setattr(sub, name, torch.empty_like(getattr(sub, name), device="cpu"))
+        if meta:
+            model._init_weights(sub)  # type: ignore[operator]
+
+
+def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32) -> LazyModel:
+    """The model at ``spec`` (directory, ``.gguf`` or the default model) with its decoder layers left on disk.
+
+    Example:
+        >>> lazy = open_lazy("Llama-2-7b")  # doctest: +SKIP
+        >>> layer = lazy.materialise(0); ...; lazy.release(0)  # doctest: +SKIP
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory, source = resolve_model_dir(spec)
+    config = read_config(directory)
+    adapter = get_adapter(config["model_type"])
+    files = weight_files(directory)
+    for f in files:
+        check_safetensors(f)
+    if str(config["model_type"]).startswith(PER_LAYER_PREFIX):
+        check_per_layer_checkpoint(directory, config, files)
+    with quiet_transformers():
+        try:
+            parsed = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise SurgeonError(f"cannot load the config of {directory}: {exc}") from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(parsed, trust_remote_code=False, dtype=dtype)
+    weights = LazyWeights(files)
+    lazy = LazyModel(model.eval(), load_tokenizer(directory), adapter, directory, source, weights, dtype)
+    layers = adapter.layers + "."
+    state = {}
+    for key in model.state_dict():
+        if key.startswith(layers):
+            continue
+        if key in weights.where:
+            state[key] = weights.get(key, dtype)
+        elif not _tied(model, key):
+            raise SurgeonError(f"{directory}: tensor {key} is missing from the checkpoint")
+    model.load_state_dict(state, assign=True, strict=False)
+    model.tie_weights()
+    materialise_buffers(model)  # the rotary inv_freq; decoder layers hold no such buffers
+    return lazy
+
+
+def _tied(model: nn.Module, key: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return key in tied

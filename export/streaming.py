@@ -1,0 +1,182 @@
+"""Streamed pruning's writing side: each decoder layer is read from disk, pruned, and written as its own shard.
+
+:class:`StreamedLayers` is the :class:`surgeon.driver.LayerStream` of a model opened with
+:func:`base.lazy.open_lazy`: the driver asks for layer ``i`` (read from the memory-mapped source),
+prunes it, and hands it back; it is written at once to ``model-{i+1:05d}-of-{N:05d}.safetensors`` in a
+hidden sibling of the target (``.NAME.partial``) and freed. What lies outside the decoder layers
+(embeddings, final norm, untied LM head) goes to the last shard. :meth:`StreamedLayers.finish`
+writes the index, config, tokenizer and report (zeros counted in the written files) and renames
+the directory into place, so ``--out`` never holds a half-written checkpoint.
+
+Resume: ``progress.json`` in the partial directory records the source's identity (config, every
+safetensors header and size, and a digest of each file's first and last MiB), the pruning
+settings, and each finished layer's records. A rerun with the same source and settings reads the
+finished layers back from their shards, replays them to rebuild the next layer's inputs, and goes
+on from the first unfinished layer, so an interrupted run ends with the same tensors as an
+uninterrupted one. Other settings or another source: a one-line error naming the difference.
+
+The shards keep the source checkpoint's floating dtype (float32 for the default model, bfloat16 for
+a bfloat16 source); the pruning itself runs in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from base.errors import SurgeonError
+from base.formats import REPORT_FILE
+from base.lazy import LazyModel
+from export.checkpoint import REPORT_VERSION, prepare_target, saved_accounting
+
+PROGRESS_FILE = "progress.json"
+PROGRESS_VERSION = 1
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def source_identity(lazy: LazyModel) -> str:
+    """A digest of what the weights are: config, each safetensors header and size, first and last MiB."""
+    h = hashlib.sha256((lazy.path / "config.json").read_bytes())
+    for f in sorted(set(lazy.weights.where.values())):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            h.update(size.to_bytes(8, "little"))
+            h.update(fh.read(header_len))
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+class StreamedLayers:
+    """Read each layer from the source, write it when pruned; resumable (see the module docstring)."""
+
+    def __init__(self, lazy: LazyModel, out: Path, settings: dict, *, force: bool = False) -> None:
+        self.lazy, self.out = lazy, Path(out).expanduser()
+        prepare_target(self.out, force)
+        self.force = force
+        self.num_layers = lazy.num_layers()
+        self.total = self.num_layers + 1  # one shard per layer, one for the rest
+        self.dtype = lazy.weights.dtype()  # shards keep the source's dtype
+        self.partial = self.out.parent / f".{self.out.name}.partial"
+        self.progress = {"version": PROGRESS_VERSION, "identity": source_identity(lazy), "settings": settings,
+                         "layers": {}}
+        self._resume()
+
+    def _resume(self) -> None:
+        path = self.partial / PROGRESS_FILE
+        if not path.is_file():
+            shutil.rmtree(self.partial, ignore_errors=True)  # a run killed before its first layer
+            self.partial.mkdir(parents=True)
+            self._save_progress()
+            return
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SurgeonError(f"cannot resume from {self.partial}: {exc}; remove it to start over") from None
+        if old.get("version") != PROGRESS_VERSION or old.get("identity") != self.progress["identity"]:
+            raise SurgeonError(f"{self.partial} holds a run of another source model; remove it to start over")
+        if old.get("settings") != self.progress["settings"]:
+            changed = sorted(k for k in {**old.get("settings", {}), **self.progress["settings"]}
+                             if old.get("settings", {}).get(k) != self.progress["settings"].get(k))
+            raise SurgeonError(f"{self.partial} holds a run with other settings ({', '.join(changed)}); "
+                               "rerun with the same options or remove it to start over")
+        self.progress["layers"] = {int(k): v for k, v in old["layers"].items()}
+
+    def _save_progress(self) -> None:
+        tmp = self.partial / (PROGRESS_FILE + ".tmp")
+        tmp.write_text(json.dumps({**self.progress, "layers": {str(k): v for k, v in self.progress["layers"].items()}}))
+        os.replace(tmp, self.partial / PROGRESS_FILE)
+
+    # -- surgeon.driver.LayerStream --
+    def enter(self, index: int) -> nn.Module:
+        if index in self.progress["layers"]:  # pruned by an earlier run: read it back from its shard
+            import copy
+
+            layer = copy.deepcopy(self.lazy.adapter.decoder_layers(self.lazy.model)[index])
+            prefix = self.lazy.layer_prefix(index)
+            saved = load_file(str(self.partial / shard_name(index, self.total)))
+            layer.load_state_dict({k.removeprefix(prefix): v.to(self.lazy.dtype) for k, v in saved.items()},
+                                  assign=True, strict=True)
+            self.lazy.adapter.decoder_layers(self.lazy.model)[index] = layer
+            return layer.eval()
+        return self.lazy.materialise(index)
+
+    def dense(self, index: int) -> nn.Module:
+        return self.lazy.read_layer(index)
+
+    def finished(self, index: int) -> dict | None:
+        return self.progress["layers"].get(index)
+
+    def leave(self, index: int, layer: nn.Module, records: dict | None) -> None:
+        if records is not None:
+            prefix = self.lazy.layer_prefix(index)
+            tensors = {prefix + k: v.detach().to(self.dtype).contiguous() for k, v in layer.state_dict().items()}
+            self._write(shard_name(index, self.total), tensors)
+            self.progress["layers"][index] = records
+            self._save_progress()
+        self.lazy.release(index)
+
+    # -- the end --
+    def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.partial / (name + ".tmp")
+        try:
+            save_file(tensors, str(tmp))
+            os.replace(tmp, self.partial / name)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise SurgeonError(f"cannot write {self.partial / name}: {exc.strerror or exc}") from None
+
+    def finish(self, report: dict) -> dict:
+        """Write the rest shard, index, config, tokenizer and report, then move the checkpoint into place."""
+        model: Any = self.lazy.model
+        if len(self.progress["layers"]) != self.num_layers:
+            raise RuntimeError("finish() before every layer was written")
+        tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
+        layers = self.lazy.adapter.layers + "."
+        rest = {k: v.detach().to(self.dtype).contiguous() for k, v in model.state_dict().items()
+                if not k.startswith(layers) and k not in tied}
+        self._write(shard_name(self.num_layers, self.total), rest)
+        weight_map = {}
+        for i in range(self.total):
+            name = shard_name(i, self.total)
+            with open(self.partial / name, "rb") as f:  # names from the header: nothing is read twice
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            weight_map.update({k: name for k in header if k != "__metadata__"})
+        size = sum((self.partial / shard_name(i, self.total)).stat().st_size for i in range(self.total))
+        (self.partial / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size},
+                                                           "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        config = model.config
+        config.dtype = self.dtype
+        config.save_pretrained(self.partial)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(self.partial)
+        self.lazy.tokenizer.save_pretrained(self.partial)
+        linears = list(self.lazy.adapter.decoder_linears(model))
+        numel = sum(r["numel"] for done in self.progress["layers"].values() for r in done["layers"].values())
+        report = {**report, "streamed": True, "format_version": REPORT_VERSION,
+                  **saved_accounting(self.partial, linears, numel)}
+        (self.partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        (self.partial / PROGRESS_FILE).unlink()
+        prepare_target(self.out, self.force)
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.partial, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return report

@@ -1,0 +1,173 @@
+"""Streamed pruning (one decoder layer in memory) gives exactly the whole-model result, resumes, refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from base.errors import SurgeonError
+from base.lazy import open_lazy
+from base.loading import load_model
+from export.streaming import StreamedLayers
+from surgeon.sds import SDSConfig
+from surgeon_export import api
+from tests.conftest import make_tiny_llama
+
+SDS = SDSConfig(epochs=3, adjust_epochs=3)
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+def model_dir(tmp_path: Path, **overrides: object) -> Path:
+    model, tokenizer = make_tiny_llama(num_hidden_layers=3, **overrides)
+    path = tmp_path / "src"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def whole(src: Path, cfg: api.Config, out: Path) -> dict:
+    lm = load_model(src)
+    report = api.prune(lm, cfg, calib_samples=4, seq_len=16)
+    return api.save(lm, out, report)
+
+
+@pytest.mark.parametrize("cfg", [
+    api.build_config("magnitude", sparsity=0.5),
+    api.build_config("wanda", pattern="2:4"),
+    api.build_config("sparsegpt", sparsity=0.5),
+    api.build_config("sparsegpt", pattern="2:4", refine=SDS),
+    api.build_config("wanda", sparsity=0.6, refine=SDSConfig(epochs=3, adjust_epochs=3, teacher="dense")),
+    api.build_config("sparsegpt", sparsity=0.5, true_sequential=True),
+], ids=["magnitude", "wanda-2:4", "sparsegpt", "sparsegpt-2:4-sds", "wanda-sds-dense-teacher", "true-sequential"])
+def test_streamed_equals_whole_model(tmp_path: Path, cfg: api.Config) -> None:
+    src = model_dir(tmp_path)
+    reference = whole(src, cfg, tmp_path / "whole")
+    written = api.prune_streamed(src, cfg, tmp_path / "streamed", calib_samples=4, seq_len=16)
+    a, b = tensors(tmp_path / "whole"), tensors(tmp_path / "streamed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert written["saved_sparsity"] == reference["saved_sparsity"] and written["streamed"] is True
+    assert written["layers"] == reference["layers"]
+    assert json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not list(tmp_path.glob(".streamed*"))  # nothing left beside the target
+    assert load_model(tmp_path / "streamed").model.config.num_hidden_layers == 3
+
+
+def test_untied_lm_head_and_bfloat16_source_keep_their_form(tmp_path: Path) -> None:
+    model, tokenizer = make_tiny_llama(num_hidden_layers=3, tie_word_embeddings=False, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    api.prune_streamed(tmp_path / "src", api.build_config("wanda", sparsity=0.5), tmp_path / "out",
+                       calib_samples=4, seq_len=16)
+    saved = tensors(tmp_path / "out")
+    assert "lm_head.weight" in saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+    lm = load_model(tmp_path / "out")
+    q = lm.model.model.layers[1].self_attn.q_proj.weight
+    assert float((q == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_an_interrupted_run_resumes_to_the_same_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = model_dir(tmp_path)
+    cfg = api.build_config("sparsegpt", pattern="2:4", refine=SDS)
+    api.prune_streamed(src, cfg, tmp_path / "once", calib_samples=4, seq_len=16)
+    real = StreamedLayers.leave
+
+    def killed_after_layer_1(self: StreamedLayers, index: int, layer: torch.nn.Module, records: dict | None) -> None:
+        real(self, index, layer, records)  # layer written, progress saved: what a kill -9 here leaves
+        if index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamedLayers, "leave", killed_after_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        api.prune_streamed(src, cfg, tmp_path / "twice", calib_samples=4, seq_len=16)
+    partial = tmp_path / ".twice.partial"
+    assert sorted(p.name for p in partial.glob("*.safetensors")) == ["model-00001-of-00004.safetensors",
+                                                                     "model-00002-of-00004.safetensors"]
+    assert not (tmp_path / "twice").exists()
+    (partial / "model-00003-of-00004.safetensors.tmp").write_bytes(b"half")  # a kill inside a write
+    monkeypatch.setattr(StreamedLayers, "leave", real)
+    entered = []
+    real_enter = StreamedLayers.enter
+    monkeypatch.setattr(StreamedLayers, "enter", lambda self, i: entered.append((i, i in self.progress["layers"]))
+                        or real_enter(self, i))
+    api.prune_streamed(src, cfg, tmp_path / "twice", calib_samples=4, seq_len=16)
+    assert entered == [(0, True), (1, True), (2, False)]  # layers 0 and 1 were read back, not pruned again
+    a, b = tensors(tmp_path / "once"), tensors(tmp_path / "twice")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not partial.exists()
+
+
+def test_resume_refuses_other_settings_or_another_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = model_dir(tmp_path)
+
+    def stop(self: StreamedLayers, index: int, layer: torch.nn.Module, records: dict | None) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamedLayers, "leave", stop)
+    with pytest.raises(KeyboardInterrupt):
+        api.prune_streamed(src, api.build_config("wanda", sparsity=0.5), tmp_path / "out", calib_samples=4, seq_len=16)
+    monkeypatch.undo()
+    with pytest.raises(SurgeonError, match=r"holds a run with other settings \(config, seed\)"):
+        api.prune_streamed(src, api.build_config("wanda", sparsity=0.6), tmp_path / "out", calib_samples=4,
+                           seq_len=16, seed=1)
+    other, tokenizer = make_tiny_llama(seed=5, num_hidden_layers=3)
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(SurgeonError, match="holds a run of another source model"):
+        api.prune_streamed(tmp_path / "other", api.build_config("wanda", sparsity=0.5), tmp_path / "out",
+                           calib_samples=4, seq_len=16)
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    src = model_dir(tmp_path)
+    with pytest.raises(SurgeonError, match="LLM Surgeon and the structured methods do not run streamed yet"):
+        api.prune_streamed(src, api.build_config("surgeon", pattern="2:4"), tmp_path / "out")
+    lazy = open_lazy(src)
+    with pytest.raises(SurgeonError, match=r"--max-memory 0.0 MiB is below what one layer needs streamed \(0.2 MiB: one layer"):
+        api.memory_plan(lazy, api.build_config("wanda", sparsity=0.5), 4, 16, max_memory=1000)
+    with pytest.raises(SurgeonError, match="--max-memory must be a size"):
+        api.parse_bytes("lots")
+    assert api.parse_bytes("1.5GiB") == 3 * 2**29 and api.parse_bytes("512MiB") == 2**29
+    plan = api.memory_plan(lazy, api.build_config("wanda", sparsity=0.5), 4, 16, max_memory=api.parse_bytes("300KiB"))
+    assert plan.streaming and "allowed" in plan.reason and plan.streamed < plan.whole
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated halfway
+    with pytest.raises(SurgeonError, match="corrupt or truncated safetensors file .*model.safetensors"):
+        api.prune_streamed(src, api.build_config("wanda", sparsity=0.5), tmp_path / "out", calib_samples=4, seq_len=16)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_cli_streams_when_asked_and_by_budget(tmp_path: Path) -> None:
+    src = model_dir(tmp_path)
+    common = ["--method", "sparsegpt", "--sparsity", "0.5", "--calib-samples", "4", "--seq-len", "16", "--no-eval",
+              "--json", "--quiet"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "surgeon_export.cli", "prune", str(src), *args], capture_output=True,
+                              text=True, timeout=300)
+
+    streamed = cli("--out", str(tmp_path / "a"), "--max-memory", "300KiB", *common)
+    assert streamed.returncode == 0, streamed.stderr
+    result = json.loads(streamed.stdout)
+    assert result["streamed"] and "allowed" in result["memory_plan"]["reason"]
+    whole = cli("--out", str(tmp_path / "b"), "--no-streaming", *common)
+    assert whole.returncode == 0 and "streamed" not in json.loads(whole.stdout)
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    missing = cli("--streaming", *common)
+    assert missing.returncode == 2 and missing.stderr.strip() == (
+        "error: streamed pruning writes each layer as it is done: give --out DIR")
