@@ -18,16 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from base.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
+from base.adapters import Adapter
 from base.errors import SurgeonError
 from base.loading import (
-    check_per_layer_checkpoint,
-    check_safetensors,
+    check_checkpoint,
     load_tokenizer,
     quiet_transformers,
-    read_config,
     resolve_model_dir,
-    weight_files,
 )
 
 
@@ -126,13 +123,7 @@ def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.floa
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory, source = resolve_model_dir(spec)
-    config = read_config(directory)
-    adapter = get_adapter(config["model_type"])
-    files = weight_files(directory)
-    for f in files:
-        check_safetensors(f)
-    if str(config["model_type"]).startswith(PER_LAYER_PREFIX):
-        check_per_layer_checkpoint(directory, config, files)
+    _, adapter, files = check_checkpoint(directory)
     with quiet_transformers():
         try:
             parsed = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)

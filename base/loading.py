@@ -173,9 +173,9 @@ def check_safetensors(path: Path) -> int:
         raise SurgeonError(f"corrupt or truncated safetensors file {path}: {exc}") from None
 
 
-def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object, Adapter]:
-    from transformers import AutoModelForCausalLM
-
+def check_checkpoint(directory: Path) -> tuple[dict, Adapter, list[Path]]:
+    """Everything checked before a load: the config, its family, safetensors only, every file's header
+    against its size, a per-layer checkpoint's tensors against its config. Returns them."""
     config = read_config(directory)
     adapter = get_adapter(config["model_type"])
     files = weight_files(directory)
@@ -183,6 +183,13 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object
         check_safetensors(f)
     if str(config["model_type"]).startswith(PER_LAYER_PREFIX):
         check_per_layer_checkpoint(directory, config, files)
+    return config, adapter, files
+
+
+def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object, Adapter]:
+    from transformers import AutoModelForCausalLM
+
+    _, adapter, _ = check_checkpoint(directory)
     with quiet_transformers():
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
