@@ -53,7 +53,7 @@ def build_config(
     pattern: str | NMPattern | None = None,
     structured: float | None = None,
     shots: int = 3,
-    allocation: str = "global",
+    allocation: str | None = None,
     correlation: str = "joint",
     group_cost: str = "output",
     fisher: str = "empirical",
@@ -67,7 +67,9 @@ def build_config(
 
     ``structured`` (remaining fraction of decoder-linear weights) works with ``surgeon`` (K-FAC
     costs and updates) and with ``wanda`` / ``magnitude`` (scores on the same coupled groups, no
-    update); ``pattern`` may be added to ``structured`` for LLM Surgeon.
+    update); ``pattern`` may be added to ``structured`` for LLM Surgeon. ``allocation`` defaults
+    to each method's measured best: ``global`` for LLM Surgeon, ``uniform`` for the structured
+    baselines (Wanda-style channel scores at 80% kept: 50.14 uniform, 202.1 global).
     """
     if method not in METHODS:
         raise SurgeonError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -77,6 +79,8 @@ def build_config(
         raise SurgeonError("give exactly one of --sparsity (unstructured), --pattern (e.g. 2:4) or --structured")
     if refine is not None and structured is not None:
         raise SurgeonError("--refine sds works on unstructured (--sparsity) and N:M (--pattern) pruning, not --structured")
+    if allocation is None:
+        allocation = "global" if method == "surgeon" else "uniform"
     check_choice("--allocation", allocation, ("global", "uniform"))
     check_choice("--correlation", correlation, ("joint", "rows", "none"))
     check_choice("--group-cost", group_cost, ("sum", "output"))

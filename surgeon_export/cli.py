@@ -110,7 +110,7 @@ def prune_cmd(
     shots: Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")] = 3,
     kfac_samples: Annotated[Optional[int], typer.Option(help="surgeon: windows for K-FAC's backward passes (G); A then comes from all --calib-samples, forward only (default 16 for unstructured and N:M, all windows for --structured).")] = None,
     kfac_batch: Annotated[int, typer.Option(help="surgeon: windows per K-FAC forward/backward pass; 2 cuts the default model's K-FAC peak memory from 9.3 to 6.4 GiB for ~10% more K-FAC time, 1 to 5.7 GiB for ~30% (same factors up to rounding).")] = 4,
-    allocation: Annotated[str, typer.Option(help="surgeon: global (compare costs across layers) or uniform.")] = "global",
+    allocation: Annotated[Optional[str], typer.Option(help="--structured and surgeon: global (costs compared across layers) or uniform (the same MLP channels in every layer); default: each method's measured best, global for surgeon, uniform for wanda and magnitude --structured (Wanda-style 80%: 50.14 uniform vs 202.1 global).")] = None,
     correlation: Annotated[str, typer.Option(help="surgeon: joint (exact OBS update of all removals under G x A), rows (per-row updates spread through G) or none (per row, G ignored).")] = "joint",
     group_cost: Annotated[str, typer.Option(help="surgeon --structured: output (down/o column costs and updates; default, measured best) or sum (every member of a coupled group).")] = "output",
     fisher: Annotated[str, typer.Option(help="surgeon: empirical or true Fisher.")] = "empirical",
@@ -527,18 +527,36 @@ def bench_cmd(
 
 
 def main() -> None:
-    """Console entry point: run the app, turning user errors into one line and exit code 2."""
+    """Console entry point: run the app, turning user errors into one line and exit code 2.
+
+    Command-line mistakes that typer catches (a value that is not a number, an unknown option) are
+    user errors too: one ``error:`` line, not a boxed usage text. Ctrl-C says that nothing was
+    written (every output goes through a temporary path) and exits with 130.
+    """
+    try:  # typer >= 0.2x vendors click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
     try:
-        app()
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except NoArgsIsHelpError as exc:  # the command alone: its help, as --help prints it
+        typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(0)
+    except UsageError as exc:
+        typer.echo(f"error: {exc.format_message().strip().splitlines()[0]}", err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
+        typer.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
     except SurgeonError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except FloatingPointError as exc:
         typer.echo(f"error: numerical failure ({exc}); try more damping or other calibration data", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; nothing was written", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

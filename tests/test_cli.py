@@ -179,3 +179,22 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     sizes = {layer.mlp.gate_proj.out_features for layer in small.model.model.layers}
     assert len(sizes) == 1 and sizes.pop() < 64
     assert not (tmp_path / "job2" / "pruned-onnx").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("prune", "--sparsity", "abc"), "error: Invalid value for '--sparsity': Input should be a valid number"),
+    (("eval", "--bogus"), "error: No such option: --bogus"),
+])
+def test_command_line_mistakes_are_one_line(args: tuple[str, ...], message: str) -> None:
+    out = run_cli(*args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "─" not in out.stderr
+    assert out.stderr.strip().startswith(message) and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_each_method_gets_its_measured_best_allocation() -> None:
+    from surgeon.api import build_config
+
+    assert build_config("wanda", structured=0.8).allocation == "uniform"  # 50.14 vs 202.1 with global
+    assert build_config("magnitude", structured=0.8).allocation == "uniform"
+    assert build_config("surgeon", structured=0.8).allocation == "global"
+    assert build_config("wanda", structured=0.8, allocation="global").allocation == "global"
