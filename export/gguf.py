@@ -1,0 +1,736 @@
+"""One ``.gguf`` file for llama.cpp from a Hugging Face directory (Llama family, per-layer shapes too).
+
+:func:`export_gguf` reads ``config.json``, the safetensors weights and the tokenizer files of a
+model directory and writes one GGUF file with the ``gguf`` package (``GGUFWriter``; Q8_0 through
+``gguf.quants``), one tensor at a time. Tensor types: F32, F16, BF16, Q8_0.
+
+The mapping, decided from llama.cpp's own sources (ggml-org/llama.cpp):
+
+- ``src/llama-model.cpp``, ``llama_model::load_hparams``: ``{arch}.feed_forward_length``,
+  ``{arch}.attention.head_count`` and ``{arch}.attention.head_count_kv`` are read with
+  ``ml.get_key_or_arr`` into ``hparams.n_ff_arr`` / ``n_head_arr`` / ``n_head_kv_arr``: a scalar
+  (repeated for every layer) or an array of ``block_count`` entries, for every architecture
+  (``llama-model-loader.cpp``, ``get_key_or_arr``: an array of another length is an error).
+  ``attention.key_length``/``value_length`` default to ``n_embd / n_head(0)``, so we always write
+  them (= ``head_dim``); for ``llama`` and ``deci`` ``rope.dimension_count`` must equal the key
+  length ("invalid n_rot").
+- ``llama_model::load_tensors``, ``case LLM_ARCH_LLAMA``: every layer's tensors are created with
+  ``n_head = hparams.n_head()``, ``n_embd_k_gqa = hparams.n_embd_k_gqa()`` and
+  ``n_ff = hparams.n_ff()``, i.e. layer 0's sizes for all layers; a layer of another size fails
+  the shape check. The plain ``llama`` architecture therefore cannot hold per-layer shapes, even
+  with arrays in the metadata.
+- ``case LLM_ARCH_DECI`` (DeciLM / Llama-3_1-Nemotron-NAS) creates each layer with
+  ``hparams.n_head(i)``, ``n_head_kv(i)``, ``n_embd_k_gqa(i)`` and ``n_ff(i)``, and
+  ``src/models/deci.cpp`` (``llm_build_deci``) builds each layer with its own ``n_head(il)``,
+  ``n_head_kv(il)``, ``n_ff(il)``; the KV cache is per layer (``n_embd_k_gqa(il)``). Otherwise
+  it is Llama: RMSNorm, SwiGLU, ``LLAMA_ROPE_TYPE_NORM`` (``llama_model_rope_type``), scale
+  ``1/sqrt(head_dim)``, ``output.weight`` optional (``token_embd`` reused when absent).
+- convert_hf_to_gguf.py, ``LlamaModel`` / ``DeciModel``: ``permute`` reorders Q and K rows from
+  Hugging Face's rotate-half RoPE layout to llama.cpp's NORM (interleaved pairs) layout, per head
+  (K with the KV head count); ``DeciModel.modify_tensors`` does it per layer with that layer's
+  head counts, biases too; ``DeciModel.set_gguf_parameters`` writes the per-layer lists with
+  ``add_head_count``/``add_head_count_kv``/``add_feed_forward_length``. ``Qwen2Model`` and
+  ``Qwen3Model`` (``qwen2``/``qwen3``, ``LLAMA_ROPE_TYPE_NEOX``) are written unpermuted.
+- ``TextModel.prepare_tensors``: 1-D tensors and ``*_norm.weight`` stay F32; a tensor whose rows
+  are not a multiple of the Q8_0 block (32) falls back to F16 (``gguf.QuantError``).
+- Tokenizer: ``get_vocab_base`` / ``_set_vocab_gpt2`` (tokens in id order, ``[PAD{i}]`` for ids
+  the tokenizer lacks, added tokens CONTROL or USER_DEFINED, ``gguf.SpecialVocab`` for merges,
+  special ids and ``tokenizer.chat_template``) and ``get_vocab_base_pre`` (the sha256 of the
+  token ids of a fixed text picks ``tokenizer.ggml.pre``; ``smollm`` for SmolLM/SmolLM2).
+
+So: ``llama``/``mistral`` -> ``llama``, ``qwen2`` -> ``qwen2``, ``qwen3`` -> ``qwen3`` when every
+layer has the same sizes (stock checkpoints, ``--uniform`` checkpoints, and ``surgeon_*`` ones
+whose layers happen to agree); a ``surgeon_llama``/``surgeon_mistral``/``surgeon_qwen2``
+checkpoint whose layers differ -> ``deci`` with per-layer arrays. What llama.cpp cannot express is
+refused with a one-line :class:`SurgeonError`: per-layer Qwen3 (``deci`` has no Q/K norms), a
+query bias when ``heads * head_dim != hidden`` (``llama``, ``deci`` and ``qwen2`` create
+``attn_q.bias`` with ``n_embd`` rows; ``qwen2`` also needs ``attn_q`` square), Qwen3 attention
+biases (not read by ``qwen3``). ``uniform=True`` insists on the stock architecture.
+
+The file is written to a temporary sibling and renamed into place; nothing is left behind on
+failure, and an existing file is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from base.errors import SurgeonError
+from base.loading import check_safetensors, load_tokenizer, read_config, weight_files
+
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0")
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # model_type -> family
+PER_LAYER_PREFIX = "surgeon_"
+Q8_0_BLOCK = 32
+
+# convert_hf_to_gguf.py, get_vocab_base_pre: this text's token ids identify the BPE pre-tokenizer.
+CHKTXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f "
+    "(multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 "
+    "3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
+    "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
+    "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
+    "'D you like some tea? We'Ve a'lL"
+)
+# The hashes of convert_hf_to_gguf.py's table for Llama-family tokenizers (name in llama-vocab.cpp).
+KNOWN_PRE_TOKENIZERS = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3-8B
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM-135M, SmolLM2
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5-7B
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-Embedding-0.6B
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral-Nemo
+    "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": "falcon3",  # Falcon3 (Llama)
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+}
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    """One decoder layer's sizes as llama.cpp reads them."""
+
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"intermediate_size": self.intermediate_size, "num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_key_value_heads}
+
+
+@dataclass
+class _Model:
+    """What config.json says, and the llama.cpp architecture chosen for it."""
+
+    model_type: str
+    family: str  # llama, qwen2, qwen3
+    arch: str  # llama, deci, qwen2, qwen3
+    hidden: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    rms_eps: float
+    rope_theta: float
+    rope_type: str
+    rope: dict[str, Any]
+    layers: list[LayerSizes]
+    tied: bool
+
+    @property
+    def per_layer(self) -> bool:
+        return self.arch == "deci"
+
+    @property
+    def permute_qk(self) -> bool:  # llama.cpp NORM RoPE (interleaved pairs) needs Q/K rows reordered
+        return self.arch in ("llama", "deci")
+
+
+@dataclass
+class _Tensor:
+    """One output tensor: where its data comes from and how it is turned into GGUF bytes."""
+
+    name: str  # GGUF name
+    source: str  # safetensors key ("" for a computed tensor)
+    shape: tuple[int, ...]  # numpy order (rows last)
+    qtype: Any  # gguf.GGMLQuantizationType
+    permute_heads: int = 0  # >0: reorder rows for llama.cpp's RoPE, this many heads
+    data: torch.Tensor | None = None  # computed tensors (rope_freqs)
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return math.prod(self.shape) // block * size
+
+
+@dataclass
+class _Vocab:
+    tokens: list[str]
+    toktypes: list[int]
+    pre: str
+    add_bos: bool
+    add_eos: bool
+    add_space_prefix: bool | None
+    special: Any = field(repr=False)  # gguf.SpecialVocab
+
+
+def export_gguf(
+    model_dir: Path | str,
+    out: Path | str,
+    *,
+    tensor_type: str = "f16",
+    uniform: bool = False,
+    force: bool = False,
+) -> dict:
+    """Write ``model_dir`` (a Hugging Face Llama-family directory) as one GGUF file for llama.cpp.
+
+    Args:
+        model_dir: ``config.json``, safetensors weights and ``tokenizer.json`` (BPE) of a ``llama``,
+            ``mistral``, ``qwen2`` or ``qwen3`` model, or of its ``surgeon_*`` per-layer variant.
+        out: the ``.gguf`` file to write (written to a temporary sibling, then renamed).
+        tensor_type: f32, f16, bf16 or q8_0 for the 2-D weights (norms and biases stay F32; a
+            Q8_0 tensor whose rows are not a multiple of 32 is written F16, as llama.cpp's
+            converter does).
+        uniform: insist on the family's stock llama.cpp architecture (``llama``/``qwen2``/
+            ``qwen3``); a checkpoint whose layers differ in size is then refused instead of being
+            written as ``deci``.
+        force: replace an existing ``out``.
+
+    Returns:
+        A manifest: architecture, tensor type, per-layer sizes, bytes, tensor count, ...
+
+    Example:
+        >>> export_gguf(Path("small"), Path("small.gguf"), tensor_type="q8_0")  # doctest: +SKIP
+    """
+    import gguf
+
+    qtype = _tensor_type(tensor_type)
+    model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
+    check_gguf_target(out, force)
+    if not model_dir.is_dir():
+        raise SurgeonError(f"model directory not found: {model_dir}")
+    model = _describe(read_config(model_dir), uniform)
+    files = weight_files(model_dir)
+    for f in files:
+        check_safetensors(f)
+    sources = _index(files)
+    tensors = _plan_tensors(model, sources, qtype)
+    vocab = _vocab(model_dir, model.vocab_size)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh sibling name (the writer creates it, so the file gets the usual permissions), renamed at the end.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    writer = gguf.GGUFWriter(None, model.arch)
+    try:
+        _write_metadata(writer, model, vocab, qtype, model_dir.name)
+        for t in tensors:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with _open_all(files) as handles:
+            for t in tensors:
+                writer.write_tensor_data(_encode(t, sources, handles))
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+    kinds = Counter(t.qtype.name for t in tensors)
+    return {
+        "format": "gguf",
+        "path": str(out),
+        "source": str(model_dir),
+        "model_type": model.model_type,
+        "architecture": model.arch,
+        "per_layer_shapes": model.per_layer,
+        "tensor_type": qtype.name,
+        "file_type": int(_file_type(qtype)),
+        "hidden_size": model.hidden,
+        "head_dim": model.head_dim,
+        "layers": [s.to_dict() for s in model.layers],
+        "vocab_size": model.vocab_size,
+        "tied_embeddings": model.tied,
+        "qk_permuted": model.permute_qk,
+        "tokenizer_pre": vocab.pre,
+        "add_bos_token": vocab.add_bos,
+        "tensor_count": len(tensors),
+        "tensor_types": dict(sorted(kinds.items())),
+        "f16_fallback": [t.name for t in tensors if qtype.name == "Q8_0" and t.qtype.name == "F16"],
+        "bytes": out.stat().st_size,
+    }
+
+
+# --- options and target -------------------------------------------------------------------------
+
+
+def _tensor_type(value: str) -> Any:
+    import gguf
+
+    name = str(value).upper()
+    if name not in TENSOR_TYPES:
+        raise SurgeonError(f"GGUF tensor type must be one of {', '.join(TENSOR_TYPES)}, got {value!r}")
+    return gguf.GGMLQuantizationType[name]
+
+
+def _file_type(qtype: Any) -> Any:
+    import gguf
+
+    return {
+        "F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+        "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[qtype.name]
+
+
+def check_gguf_target(out: Path, force: bool) -> None:
+    """Refuse a directory, or an existing file unless ``force`` (call before slow work)."""
+    if out.is_dir():
+        raise SurgeonError(f"output path is a directory: {out} (give the .gguf file to write)")
+    if out.exists() and not force:
+        raise SurgeonError(f"output file exists: {out} (use --force to replace it)")
+
+
+# --- config -> architecture ---------------------------------------------------------------------
+
+
+def _describe(config: dict, uniform: bool) -> _Model:
+    model_type = str(config["model_type"])
+    stock = model_type.removeprefix(PER_LAYER_PREFIX)
+    if stock not in FAMILIES:
+        supported = ", ".join(FAMILIES)
+        raise SurgeonError(
+            f"GGUF export does not support architecture {model_type!r}; supported: {supported} "
+            f"(and their {PER_LAYER_PREFIX}* per-layer-shape variants)"
+        )
+    family = FAMILIES[stock]
+    hidden = _int(config, "hidden_size")
+    n_layers = _int(config, "num_hidden_layers")
+    heads = _int(config, "num_attention_heads")
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if model_type.startswith(PER_LAYER_PREFIX):
+        lists = [config.get(k) for k in ("layer_intermediate_sizes", "layer_num_attention_heads",
+                                          "layer_num_key_value_heads")]
+        if not all(isinstance(v, list) and len(v) == n_layers for v in lists):
+            raise SurgeonError(f"{model_type} config needs layer_intermediate_sizes, layer_num_attention_heads "
+                               f"and layer_num_key_value_heads with {n_layers} entries each")
+        layers = [LayerSizes(int(f), int(h), int(k)) for f, h, k in zip(*lists)]
+    else:
+        layers = [LayerSizes(_int(config, "intermediate_size"), heads, kv_heads)] * n_layers
+    for i, s in enumerate(layers):
+        if min(s.intermediate_size, s.num_attention_heads, s.num_key_value_heads) < 1 \
+                or s.num_attention_heads % s.num_key_value_heads:
+            raise SurgeonError(f"layer {i}: sizes {s.to_dict()} are not a valid attention layout")
+    if head_dim % 2:
+        raise SurgeonError(f"head_dim {head_dim} is odd; RoPE needs an even head size")
+
+    same = len(set(layers)) == 1
+    if same:
+        arch = family
+    elif uniform:
+        sizes = sorted({(s.intermediate_size, s.num_attention_heads, s.num_key_value_heads) for s in layers})
+        raise SurgeonError(
+            f"uniform GGUF needs the same sizes in every layer; (MLP width, heads, KV heads) here: {sizes} "
+            "(shrink with --uniform first, or drop --uniform to write llama.cpp's per-layer 'deci' architecture)"
+        )
+    elif family == "qwen3":
+        raise SurgeonError(
+            "per-layer Qwen3 shapes cannot be written for llama.cpp: its per-layer architecture 'deci' has no "
+            "Q/K norms; shrink with --uniform so every layer has the same sizes"
+        )
+    else:
+        arch = "deci"
+
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise SurgeonError(f"config rope_parameters must be a mapping, got {rope!r}")
+    rope = dict(rope)
+    if "original_max_position_embeddings" in config:
+        rope.setdefault("original_max_position_embeddings", config["original_max_position_embeddings"])
+    rope_type = str(rope.get("rope_type") or rope.get("type") or "default")
+    if rope_type not in ("default", "linear", "llama3") or (rope_type == "llama3" and family != "llama"):
+        raise SurgeonError(f"RoPE scaling {rope_type!r} is not supported by the GGUF writer yet "
+                           "(supported: default, linear; llama3 for Llama)")
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    return _Model(
+        model_type=model_type, family=family, arch=arch, hidden=hidden, head_dim=head_dim,
+        vocab_size=_int(config, "vocab_size"),
+        context_length=_int(config, "max_position_embeddings"),
+        rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_type=rope_type,
+        rope=rope, layers=layers, tied=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def _int(config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SurgeonError(f"config.json: {key} missing or not a positive integer ({value!r})")
+    return value
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+
+def _index(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """safetensors key -> (file, shape, dtype), from the headers only."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                sl = st.get_slice(key)
+                out[key] = (f, tuple(sl.get_shape()), str(sl.get_dtype()))
+    return out
+
+
+# Which (tensor kind, suffix) each architecture's load_tensors reads, and which it requires.
+_COMMON_LAYER = ("ATTN_NORM", "ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_NORM", "FFN_GATE", "FFN_UP", "FFN_DOWN")
+
+
+def _allowed(arch: str) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """(kinds llama.cpp reads for ``arch``, kinds it requires in every layer)."""
+    required = {(k, "weight") for k in _COMMON_LAYER}
+    allowed = set(required)
+    if arch in ("llama", "deci"):
+        allowed |= {(k, "bias") for k in ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_GATE", "FFN_UP", "FFN_DOWN")}
+    elif arch == "qwen2":
+        required |= {(k, "bias") for k in ("ATTN_Q", "ATTN_K", "ATTN_V")}
+        allowed |= required
+    elif arch == "qwen3":
+        required |= {("ATTN_Q_NORM", "weight"), ("ATTN_K_NORM", "weight")}
+        allowed |= required
+    return allowed, required
+
+
+def _expected_shape(kind: str, suffix: str, m: _Model, s: LayerSizes) -> tuple[int, ...]:
+    """The Hugging Face shape of one layer tensor, from config.json."""
+    q, kv, hd, h, ff = s.num_attention_heads * m.head_dim, s.num_key_value_heads * m.head_dim, m.head_dim, m.hidden, \
+        s.intermediate_size
+    weights = {
+        "ATTN_NORM": (h,), "FFN_NORM": (h,), "ATTN_Q_NORM": (hd,), "ATTN_K_NORM": (hd,),
+        "ATTN_Q": (q, h), "ATTN_K": (kv, h), "ATTN_V": (kv, h), "ATTN_OUT": (h, q),
+        "FFN_GATE": (ff, h), "FFN_UP": (ff, h), "FFN_DOWN": (h, ff),
+    }
+    return weights[kind] if suffix == "weight" else weights[kind][:1]
+
+
+def _plan_tensors(m: _Model, sources: dict[str, tuple[Path, tuple[int, ...], str]], qtype: Any) -> list[_Tensor]:
+    """Every tensor to write, checked against config.json and against what llama.cpp reads."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[m.arch.upper()], len(m.layers))
+    allowed, required = _allowed(m.arch)
+    layer_tensors: list[dict[tuple[str, str], _Tensor]] = [{} for _ in m.layers]
+    globals_: dict[str, _Tensor] = {}
+    for key, (_, shape, dtype) in sorted(sources.items()):
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed by every runtime from rope_theta
+        if dtype not in ("F32", "F16", "BF16", "F64"):
+            raise SurgeonError(f"tensor {key} is stored as {dtype}; GGUF export reads floating-point weights only")
+        found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise SurgeonError(f"tensor {key} has no llama.cpp '{m.arch}' name; GGUF export cannot place it")
+        kind, gguf_name = found[0].name, found[1]
+        suffix = gguf_name.rsplit(".", 1)[-1]
+        bid = _block_id(gguf_name)
+        if bid is None:
+            if (kind, suffix) not in (("TOKEN_EMBD", "weight"), ("OUTPUT_NORM", "weight"), ("OUTPUT", "weight")):
+                raise SurgeonError(f"tensor {key} ({gguf_name}) is not read by llama.cpp's '{m.arch}' architecture")
+            want = (m.hidden,) if kind == "OUTPUT_NORM" else (m.vocab_size, m.hidden)
+            _check_shape(key, shape, want)
+            if kind == "OUTPUT" and m.tied:
+                continue  # tied: llama.cpp reuses token_embd when output.weight is absent
+            globals_[kind] = _Tensor(gguf_name, key, shape, _out_type(gguf_name, shape, qtype))
+            continue
+        if bid >= len(m.layers):
+            raise SurgeonError(f"tensor {key} is in layer {bid}, but config.json has {len(m.layers)} layers")
+        if (kind, suffix) not in allowed:
+            raise SurgeonError(f"tensor {key} ({gguf_name}) is not read by llama.cpp's '{m.arch}' architecture")
+        sizes = m.layers[bid]
+        _check_shape(key, shape, _expected_shape(kind, suffix, m, sizes))
+        if (kind, suffix) in (("ATTN_Q", "bias"), ("ATTN_OUT", "bias")) and shape[0] != m.hidden:
+            raise SurgeonError(
+                f"layer {bid}: llama.cpp's '{m.arch}' reads {gguf_name} with hidden_size ({m.hidden}) entries, but "
+                f"{sizes.num_attention_heads} heads x {m.head_dim} give {shape[0]}; shrink without removing query "
+                "heads, or with --uniform"
+            )
+        if m.arch == "qwen2" and kind in ("ATTN_Q", "ATTN_OUT") and sizes.num_attention_heads * m.head_dim != m.hidden:
+            raise SurgeonError(
+                f"llama.cpp's 'qwen2' needs heads x head_dim = hidden_size ({m.hidden}), got "
+                f"{sizes.num_attention_heads} x {m.head_dim}; Qwen2 with removed query heads has no llama.cpp layout"
+            )
+        heads = 0
+        if m.permute_qk and kind == "ATTN_Q":
+            heads = sizes.num_attention_heads
+        elif m.permute_qk and kind == "ATTN_K":
+            heads = sizes.num_key_value_heads
+        layer_tensors[bid][(kind, suffix)] = _Tensor(gguf_name, key, shape, _out_type(gguf_name, shape, qtype), heads)
+
+    for name in ("TOKEN_EMBD", "OUTPUT_NORM"):
+        if name not in globals_:
+            raise SurgeonError(f"the checkpoint has no {'embedding' if name == 'TOKEN_EMBD' else 'final norm'} tensor")
+    if not m.tied and "OUTPUT" not in globals_:
+        raise SurgeonError("config.json says the LM head is not tied, but lm_head.weight is missing")
+    for i, have in enumerate(layer_tensors):
+        missing = sorted(f"{k.lower()}.{s}" for k, s in required - set(have))
+        if missing:
+            raise SurgeonError(
+                f"layer {i}: tensor {missing[0]} missing from the checkpoint (llama.cpp '{m.arch}' needs it)"
+            )
+
+    out = [globals_["TOKEN_EMBD"]]
+    if m.rope_type == "llama3":
+        out.append(_rope_freqs(m))
+    order = _COMMON_LAYER + ("ATTN_Q_NORM", "ATTN_K_NORM")
+    for have in layer_tensors:
+        out.extend(have[k] for k in sorted(have, key=lambda k: (order.index(k[0]), k[1] == "bias")))
+    out.append(globals_["OUTPUT_NORM"])
+    if "OUTPUT" in globals_:
+        out.append(globals_["OUTPUT"])
+    return out
+
+
+def _block_id(gguf_name: str) -> int | None:
+    parts = gguf_name.split(".")
+    return int(parts[1]) if parts[0] == "blk" else None
+
+
+def _check_shape(key: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if tuple(shape) != tuple(want):
+        raise SurgeonError(f"tensor {key} has shape {list(shape)}, but config.json says {list(want)}")
+
+
+def _out_type(gguf_name: str, shape: tuple[int, ...], qtype: Any) -> Any:
+    """convert_hf_to_gguf's rule: 1-D tensors and norms in F32; Q8_0 needs rows in blocks of 32 (else F16)."""
+    import gguf
+
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % Q8_0_BLOCK:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
+
+
+def _rope_freqs(m: _Model) -> _Tensor:
+    """Llama 3 RoPE frequency factors (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors)."""
+    import gguf
+
+    r = m.rope
+    base, dim = m.rope_theta, m.head_dim
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = r.get("factor", 8.0), r.get("low_freq_factor", 1.0), r.get("high_freq_factor", 4.0)
+    old_context = r.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    factors = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    data = torch.tensor(factors, dtype=torch.float32)
+    return _Tensor("rope_freqs.weight", "", tuple(data.shape), gguf.GGMLQuantizationType.F32, data=data)
+
+
+def permute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Hugging Face rotate-half rows -> llama.cpp NORM RoPE rows (convert_hf_to_gguf.py, LlamaModel.permute).
+
+    Within each head, row ``j`` of the first half and row ``j`` of the second half (one rotated pair
+    in Hugging Face's layout) become rows ``2j`` and ``2j+1`` (one pair for ggml's NORM rope).
+    """
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+@contextlib.contextmanager
+def _open_all(files: list[Path]) -> Iterator[dict[Path, Any]]:
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        yield {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+
+
+def _encode(t: _Tensor, sources: dict[str, tuple[Path, tuple[int, ...], str]], handles: dict[Path, Any]) -> np.ndarray:
+    """The tensor's bytes as GGUF stores them (numpy, row-major, little-endian)."""
+    import gguf
+
+    if t.data is not None:
+        data = t.data
+    else:
+        data = handles[sources[t.source][0]].get_tensor(t.source)
+    if t.permute_heads:
+        data = permute_qk(data, t.permute_heads)
+    kind = t.qtype.name
+    if kind == "F32":
+        return data.to(torch.float32).contiguous().numpy()
+    if kind == "F16":
+        return data.to(torch.float16).contiguous().numpy()
+    if kind == "BF16":  # the same round-to-nearest-even as ggml_compute_fp32_to_bf16
+        return data.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)
+    return gguf.quants.quantize(data.to(torch.float32).contiguous().numpy(), t.qtype)
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+
+
+def _vocab(model_dir: Path, vocab_size: int) -> _Vocab:
+    """convert_hf_to_gguf.py's get_vocab_base + _set_vocab_gpt2, for BPE ``tokenizer.json`` files."""
+    import gguf
+
+    tj_path = model_dir / "tokenizer.json"
+    if not tj_path.is_file():
+        raise SurgeonError(f"{model_dir}: no tokenizer.json; GGUF export writes BPE (gpt2-style) tokenizers only, yet")
+    try:
+        tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SurgeonError(f"{tj_path}: not valid JSON ({exc})") from None
+    bpe = tj.get("model") or {}
+    if bpe.get("type") != "BPE" or bpe.get("byte_fallback"):
+        fallback = " with byte fallback" if bpe.get("byte_fallback") else ""
+        raise SurgeonError(f"{tj_path}: a {bpe.get('type')} tokenizer{fallback}; "
+                           "GGUF export writes byte-level BPE (gpt2-style) tokenizers only, yet")
+    tokenizer: Any = load_tokenizer(model_dir)
+    pre = _pre_tokenizer(tokenizer, tj, tj_path)
+
+    vocab = tokenizer.get_vocab()
+    reverse = {i: tok for tok, i in vocab.items()}
+    if vocab and max(reverse) >= vocab_size:
+        raise SurgeonError(f"the tokenizer (as transformers loads it) has token {reverse[max(reverse)]!r} with id "
+                           f"{max(reverse)}, beyond config.json's vocab_size {vocab_size}")
+    added = tokenizer.get_added_vocab()
+    added_decoder = tokenizer.added_tokens_decoder
+    tokens: list[str] = []
+    toktypes: list[int] = []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            toktypes.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            if not added_decoder[i].normalized:  # llama.cpp expects pre-normalised added tokens
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if added_decoder[i].special or _looks_special(token):
+                toktypes.append(gguf.TokenType.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")
+                toktypes.append(gguf.TokenType.USER_DEFINED)
+        else:
+            toktypes.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    dupes = [t for t, n in Counter(tokens).items() if n > 1]
+    if dupes:
+        raise SurgeonError(f"token {dupes[0]!r} appears twice in the vocabulary; llama.cpp needs unique tokens")
+
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise SurgeonError(f"{tj_path}: no BPE merges; llama.cpp's gpt2 tokenizer needs them")
+    # What transformers does, measured, rather than parsed from the post-processor.
+    probe = tokenizer.encode("a", add_special_tokens=True)
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = bos is not None and len(probe) > len(plain) and probe[0] == bos
+    add_eos = eos is not None and len(probe) > len(plain) and probe[-1] == eos
+    special.add_special_token.update(bos=add_bos, eos=add_eos)
+    config_path = model_dir / "tokenizer_config.json"
+    add_space_prefix = None
+    if config_path.is_file():
+        add_space_prefix = json.loads(config_path.read_text(encoding="utf-8")).get("add_prefix_space")
+    return _Vocab(tokens, [int(t) for t in toktypes], pre, add_bos, add_eos,
+                  add_space_prefix if isinstance(add_space_prefix, bool) else None, special)
+
+
+def _looks_special(token: str) -> bool:
+    """convert_hf_to_gguf.py, does_token_look_special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def _pre_tokenizer(tokenizer: Any, tj: dict, path: Path) -> str:
+    """``tokenizer.ggml.pre``: convert_hf_to_gguf's hash table first, else the structure of tokenizer.json.
+
+    The structural cases are the two whose llama.cpp regexes (llama-vocab.cpp, ``LLAMA_VOCAB_PRE_TYPE_GPT2``
+    and ``_SMOLLM``) are exactly what the tokenizers library runs for them: a plain ByteLevel pre-tokenizer
+    with the GPT-2 regex ("gpt-2"), and Digits(individual) then ByteLevel ("smollm").
+    """
+    chkhsh = sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+    if chkhsh in KNOWN_PRE_TOKENIZERS:
+        return KNOWN_PRE_TOKENIZERS[chkhsh]
+    model = tj.get("model") or {}
+    plain_bpe = (tj.get("normalizer") is None and not model.get("ignore_merges")
+                 and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix"))
+
+    def byte_level(p: Any) -> bool:
+        return isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True) \
+            and not p.get("add_prefix_space", False)
+
+    pre = tj.get("pre_tokenizer")
+    if plain_bpe and byte_level(pre):
+        return "gpt-2"
+    if plain_bpe and isinstance(pre, dict) and pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers") or []
+        if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
+                and byte_level(steps[1]):
+            return "smollm"
+    raise SurgeonError(
+        f"{path}: BPE pre-tokenizer not recognised (chkhsh {chkhsh[:16]}...); GGUF export knows "
+        f"{', '.join(sorted(set(KNOWN_PRE_TOKENIZERS.values())))} by hash, and plain ByteLevel/Digits+ByteLevel"
+    )
+
+
+# --- metadata -----------------------------------------------------------------------------------
+
+
+def _write_metadata(writer: Any, m: _Model, vocab: _Vocab, qtype: Any, name: str) -> None:
+    """TextModel/LlamaModel/DeciModel.set_gguf_parameters, then the vocabulary (_set_vocab_gpt2)."""
+    import gguf
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_block_count(len(m.layers))
+    writer.add_context_length(m.context_length)
+    writer.add_embedding_length(m.hidden)
+    if m.per_layer:
+        writer.add_feed_forward_length([s.intermediate_size for s in m.layers])
+        writer.add_head_count([s.num_attention_heads for s in m.layers])
+        writer.add_head_count_kv([s.num_key_value_heads for s in m.layers])
+    else:
+        writer.add_feed_forward_length(m.layers[0].intermediate_size)
+        writer.add_head_count(m.layers[0].num_attention_heads)
+        writer.add_head_count_kv(m.layers[0].num_key_value_heads)
+    writer.add_rope_freq_base(m.rope_theta)
+    if m.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(m.rope["factor"]))
+    writer.add_layer_norm_rms_eps(m.rms_eps)
+    writer.add_key_length(m.head_dim)
+    writer.add_value_length(m.head_dim)
+    writer.add_rope_dimension_count(m.head_dim)
+    writer.add_vocab_size(m.vocab_size)
+    writer.add_file_type(_file_type(qtype))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.toktypes)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    vocab.special.add_to_gguf(writer, quiet=True)
+
+
+def read_gguf_metadata(path: Path | str) -> dict[str, Any]:
+    """Every key of a GGUF file with its value (arrays as lists), for checks and ``info``."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+__all__: list[str] = [
+    "TENSOR_TYPES", "LayerSizes", "check_gguf_target", "export_gguf", "permute_qk", "read_gguf_metadata",
+]

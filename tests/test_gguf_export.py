@@ -1,0 +1,462 @@
+"""GGUF export for llama.cpp (export/gguf.py), checked by reading the files back with ``gguf.GGUFReader``.
+
+Tiny models only. Tensors are compared exactly with the source safetensors (F32), with the source cast
+to the target dtype (F16, BF16), or within Q8_0's block error; the Q/K row order is undone here with an
+independent inverse and checked against the RoPE llama.cpp applies (interleaved pairs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from base.adapters import get_adapter
+from base.errors import SurgeonError
+from base.surgery import LayerPlan, RemovalPlan
+from export.gguf import export_gguf
+from export.pruned import ShrinkConfig, shrink_and_save
+from tests.conftest import make_tokenizer, tiny_llama_config
+from tests.test_surgery import make_model
+
+gguf = pytest.importorskip("gguf")
+
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+# GGUF name pattern -> Hugging Face name pattern, written out here rather than taken from gguf's map.
+HF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Per layer: (MLP width, heads, KV heads) after the plan below, from 40 / 6 / 2 (head_dim 8, hidden 48).
+PER_LAYER_PLAN = RemovalPlan({0: LayerPlan.of(channels=range(5)), 1: LayerPlan.of(channels=range(9), kv_groups=[1]),
+                              2: LayerPlan.of(heads=[0, 3])})
+PER_LAYER_SIZES = [(35, 6, 2), (31, 3, 1), (40, 4, 2)]
+
+
+def hf_name(gguf_name: str) -> str:
+    if gguf_name in HF_NAMES:
+        return HF_NAMES[gguf_name]
+    _, layer, rest = gguf_name.split(".", 2)
+    return f"model.layers.{layer}.{HF_NAMES[rest]}"
+
+
+def unpermute(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's Q/K row order back to Hugging Face's: per head, interleaved pairs -> two halves."""
+    half = rows.shape[0] // n_heads // 2
+    return rows.reshape(n_heads, half, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def read(path: Path) -> tuple[dict, dict]:
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return meta, {t.name: t for t in reader.tensors}
+
+
+def values(t) -> torch.Tensor:
+    """A GGUF tensor as float32 in numpy (row-major) order; F16 exactly, others dequantised."""
+    data = np.asarray(t.data)
+    if t.tensor_type == gguf.GGMLQuantizationType.F32:
+        return torch.from_numpy(data.copy())
+    if t.tensor_type == gguf.GGMLQuantizationType.F16:
+        return torch.from_numpy(data.astype(np.float32))
+    return torch.from_numpy(gguf.quants.dequantize(data, t.tensor_type).copy())
+
+
+def source_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def head_counts(meta: dict, arch: str, layer: int) -> tuple[int, int]:
+    heads, kv = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
+    return (heads[layer], kv[layer]) if isinstance(heads, list) else (heads, kv)
+
+
+def as_source_order(name: str, x: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Undo the Q/K permutation of llama-style architectures (not of qwen2/qwen3, which use NEOX RoPE)."""
+    arch = meta["general.architecture"]
+    if arch not in ("llama", "deci") or not name.startswith("blk."):
+        return x
+    heads, kv = head_counts(meta, arch, int(name.split(".")[1]))
+    if ".attn_q." in name:
+        return unpermute(x, heads)
+    if ".attn_k." in name:
+        return unpermute(x, kv)
+    return x
+
+
+@pytest.fixture(scope="module")
+def tok():
+    tokenizer = make_tokenizer(vocab_size=320)  # 258 bytes and specials, then real merges
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save(model, tokenizer, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def qwen_tok():
+    """transformers loads a qwen2/qwen3 directory's tokenizer as Qwen2Tokenizer, which needs <|endoftext|>."""
+    tokenizer = make_tokenizer(vocab_size=320)
+    tokenizer.add_tokens(["<|endoftext|>"], special_tokens=True)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tok, tmp_path_factory) -> Path:
+    """2 layers, hidden 32, 4 heads over 2 KV heads, head_dim 8, MLP 64, tied embeddings."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tok), rope_theta=5000.0, rms_norm_eps=1e-5)).eval()
+    return save(model, tok, tmp_path_factory.mktemp("gguf") / "tiny-llama")
+
+
+def per_layer(family: str, tok, root: Path, plan: RemovalPlan, **overrides) -> Path:
+    model = make_model(family, dtype=torch.float32, vocab_size=len(tok), **overrides)
+    out = root / f"{family}-per-layer"
+    shrink_and_save(model, tok, get_adapter(family), out, ShrinkConfig(check_tokens=0), plan=plan)
+    return out
+
+
+@pytest.fixture(scope="module")
+def per_layer_dir(tok, tmp_path_factory) -> Path:
+    return per_layer("llama", tok, tmp_path_factory.mktemp("gguf"), PER_LAYER_PLAN)
+
+
+def check_f32_round_trip(directory: Path, out: Path) -> tuple[dict, dict, dict]:
+    manifest = export_gguf(directory, out, tensor_type="f32")
+    meta, tensors = read(out)
+    source = source_tensors(directory)
+    tied = json.loads((directory / "config.json").read_text()).get("tie_word_embeddings")
+    expected = {k for k in source if not (tied and k == "lm_head.weight")}
+    assert {hf_name(n) for n in tensors} == expected
+    for name, t in tensors.items():
+        src = source[hf_name(name)]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
+        assert list(t.shape) == list(reversed(src.shape)), name  # ggml order: fastest dimension first
+        assert tuple(t.data.shape) == tuple(src.shape), name
+        assert torch.equal(as_source_order(name, values(t), meta), src), name
+    assert manifest["tensor_count"] == len(tensors) and manifest["bytes"] == out.stat().st_size
+    return manifest, meta, tensors
+
+
+def test_f32_round_trip_uniform_llama(llama_dir: Path, tmp_path: Path) -> None:
+    manifest, meta, tensors = check_f32_round_trip(llama_dir, tmp_path / "m.gguf")
+    config = json.loads((llama_dir / "config.json").read_text())
+    assert meta["general.architecture"] == "llama" and manifest["architecture"] == "llama"
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    assert meta["llama.block_count"] == 2 and meta["llama.embedding_length"] == 32
+    assert meta["llama.feed_forward_length"] == 64
+    assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]) == (4, 2)
+    assert meta["llama.attention.key_length"] == meta["llama.attention.value_length"] == 8
+    assert meta["llama.rope.dimension_count"] == 8
+    assert meta["llama.rope.freq_base"] == config["rope_parameters"]["rope_theta"] == 5000.0
+    assert meta["llama.attention.layer_norm_rms_epsilon"] == np.float32(1e-5)
+    assert meta["llama.context_length"] == 128 and meta["llama.vocab_size"] == 320
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (0, 1)
+    assert meta["general.file_type"] == 0 and manifest["per_layer_shapes"] is False
+
+
+def test_f32_round_trip_per_layer_shapes_use_deci(per_layer_dir: Path, tmp_path: Path) -> None:
+    config = json.loads((per_layer_dir / "config.json").read_text())
+    assert config["model_type"] == "surgeon_llama"
+    assert list(zip(config["layer_intermediate_sizes"], config["layer_num_attention_heads"],
+                    config["layer_num_key_value_heads"])) == PER_LAYER_SIZES
+    manifest, meta, tensors = check_f32_round_trip(per_layer_dir, tmp_path / "p.gguf")
+    assert meta["general.architecture"] == "deci" and manifest["per_layer_shapes"] is True
+    assert meta["deci.block_count"] == 3 and meta["deci.embedding_length"] == 48
+    assert meta["deci.feed_forward_length"] == [s[0] for s in PER_LAYER_SIZES]
+    assert meta["deci.attention.head_count"] == [s[1] for s in PER_LAYER_SIZES]
+    assert meta["deci.attention.head_count_kv"] == [s[2] for s in PER_LAYER_SIZES]
+    assert meta["deci.attention.key_length"] == meta["deci.attention.value_length"] == 8
+    assert meta["deci.rope.dimension_count"] == 8
+    assert meta["deci.rope.freq_base"] == config["rope_parameters"]["rope_theta"]
+    assert meta["deci.attention.layer_norm_rms_epsilon"] == np.float32(config["rms_norm_eps"])
+    assert meta["deci.context_length"] == 64 and meta["deci.vocab_size"] == 320
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (0, 1)
+    for i, (ff, heads, kv) in enumerate(PER_LAYER_SIZES):  # each layer has its own shapes in the file
+        assert list(tensors[f"blk.{i}.attn_q.weight"].shape) == [48, heads * 8]
+        assert list(tensors[f"blk.{i}.attn_k.weight"].shape) == [48, kv * 8]
+        assert list(tensors[f"blk.{i}.ffn_down.weight"].shape) == [ff, 48]
+    assert [layer["intermediate_size"] for layer in manifest["layers"]] == [35, 31, 40]
+
+
+def test_qk_rows_match_llama_cpp_rope(llama_dir: Path, tmp_path: Path) -> None:
+    """Attention logits are the same with Hugging Face's RoPE on the source rows and ggml's NORM RoPE
+    (consecutive pairs) on the written rows: the permutation is the one llama.cpp needs."""
+    export_gguf(llama_dir, tmp_path / "m.gguf", tensor_type="f32")
+    meta, tensors = read(tmp_path / "m.gguf")
+    source = source_tensors(llama_dir)
+    hd, base, heads, kv = 8, meta["llama.rope.freq_base"], 4, 2
+    inv_freq = base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+
+    def rope_hf(x: torch.Tensor, pos: int) -> torch.Tensor:  # transformers: rotate_half, halves paired
+        angle = torch.cat([pos * inv_freq, pos * inv_freq])
+        rotated = torch.cat([-x[..., hd // 2:], x[..., : hd // 2]], dim=-1)
+        return x * angle.cos() + rotated * angle.sin()
+
+    def rope_norm(x: torch.Tensor, pos: int) -> torch.Tensor:  # ggml LLAMA_ROPE_TYPE_NORM: (x[2i], x[2i+1])
+        a, b = x[..., 0::2], x[..., 1::2]
+        c, s = (pos * inv_freq).cos(), (pos * inv_freq).sin()
+        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+
+    torch.manual_seed(1)
+    x_q, x_k = torch.randn(32, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    for layer in range(2):
+        wq, wk = (source[f"model.layers.{layer}.self_attn.{p}_proj.weight"].double() for p in "qk")
+        gq, gk = (values(tensors[f"blk.{layer}.attn_{p}.weight"]).double() for p in "qk")
+        assert not torch.equal(gq, wq)  # the rows were reordered
+        for pq, pk in ((0, 0), (5, 2), (17, 11)):
+            hf = rope_hf((wq @ x_q).view(heads, hd), pq) @ rope_hf((wk @ x_k).view(kv, hd), pk).T
+            cpp = rope_norm((gq @ x_q).view(heads, hd), pq) @ rope_norm((gk @ x_k).view(kv, hd), pk).T
+            torch.testing.assert_close(cpp, hf, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
+def test_f16_and_bf16_equal_the_source_cast(kind: str, dtype: torch.dtype, per_layer_dir: Path, tmp_path: Path) -> None:
+    manifest = export_gguf(per_layer_dir, tmp_path / "h.gguf", tensor_type=kind)
+    meta, tensors = read(tmp_path / "h.gguf")
+    source = source_tensors(per_layer_dir)
+    target = gguf.GGMLQuantizationType[kind.upper()]
+    assert manifest["tensor_type"] == kind.upper() and meta["general.file_type"] == int(manifest["file_type"])
+    assert meta["general.file_type"] == {"f16": 1, "bf16": 32}[kind]
+    for name, t in tensors.items():
+        src = source[hf_name(name)]
+        if src.dim() == 1:  # norms stay float32, as llama.cpp's converter keeps them
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(values(t), src), name
+            continue
+        assert t.tensor_type == target, name
+        got = as_source_order(name, values(t).reshape(src.shape), meta)
+        assert torch.equal(got, src.to(dtype).float()), name
+
+
+def test_q8_0_within_block_error(llama_dir: Path, per_layer_dir: Path, tmp_path: Path) -> None:
+    manifest = export_gguf(llama_dir, tmp_path / "q.gguf", tensor_type="q8_0")
+    meta, tensors = read(tmp_path / "q.gguf")
+    source = source_tensors(llama_dir)
+    assert meta["general.file_type"] == 7 and manifest["f16_fallback"] == []
+    inexact = 0
+    for name, t in tensors.items():
+        src = source[hf_name(name)]
+        if src.dim() == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            continue
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+        got = as_source_order(name, values(t).reshape(src.shape), meta)
+        err = (got - src).reshape(-1, 32).abs()  # Q8_0: 32 values share one scale, max |x| / 127
+        bound = src.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127
+        assert bool((err <= bound).all()), name
+        inexact += int((err > 0).sum())
+    assert inexact > 0  # really quantised
+    # Rows that are not whole Q8_0 blocks (hidden 48, MLP 35/31) are written F16, as convert_hf_to_gguf does.
+    manifest = export_gguf(per_layer_dir, tmp_path / "pq.gguf", tensor_type="q8_0")
+    meta, tensors = read(tmp_path / "pq.gguf")
+    source = source_tensors(per_layer_dir)
+    odd = sorted(n for n, t in tensors.items() if source[hf_name(n)].dim() == 2 and source[hf_name(n)].shape[-1] % 32)
+    assert sorted(manifest["f16_fallback"]) == odd and "blk.2.attn_output.weight" not in odd  # 4 heads x 8 = 32
+    for name in odd:
+        assert tensors[name].tensor_type == gguf.GGMLQuantizationType.F16
+        assert torch.equal(as_source_order(name, values(tensors[name]), meta), source[hf_name(name)].half().float())
+    assert tensors["blk.2.attn_output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+def test_tokenizer_metadata(tok, llama_dir: Path, tmp_path: Path) -> None:
+    export_gguf(llama_dir, tmp_path / "t.gguf", tensor_type="f16")
+    meta, _ = read(tmp_path / "t.gguf")
+    vocab = tok.get_vocab()
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.tokens"] == [tok.convert_ids_to_tokens(i) for i in range(len(vocab))]
+    assert meta["tokenizer.ggml.tokens"][:2] == ["<s>", "</s>"] and len(meta["tokenizer.ggml.tokens"]) == 320
+    assert meta["tokenizer.ggml.token_type"] == [3, 3] + [1] * 318  # CONTROL for the specials, NORMAL else
+    merges = json.loads((llama_dir / "tokenizer.json").read_text())["model"]["merges"]
+    assert len(merges) > 20 and meta["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+    special_ids = (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"])
+    assert special_ids == (tok.bos_token_id, tok.eos_token_id)
+    assert tok("abc")["input_ids"][0] != tok.bos_token_id
+    assert meta["tokenizer.ggml.add_bos_token"] is False and meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta["tokenizer.chat_template"] == CHAT_TEMPLATE
+
+
+def test_add_bos_follows_what_transformers_does(tmp_path: Path) -> None:
+    from tokenizers import processors
+    from transformers import LlamaForCausalLM
+
+    tokenizer = make_tokenizer(vocab_size=320)
+    bos_first = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer.backend_tokenizer.post_processor = bos_first
+    assert tokenizer("abc")["input_ids"][0] == 0
+    torch.manual_seed(0)
+    directory = save(LlamaForCausalLM(tiny_llama_config(len(tokenizer))), tokenizer, tmp_path / "bos")
+    export_gguf(directory, tmp_path / "b.gguf")
+    meta, _ = read(tmp_path / "b.gguf")
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
+
+
+def test_rope_scaling(tok, tmp_path: Path) -> None:
+    """Llama 3 RoPE: ``rope_freqs`` divides each frequency as transformers' llama3 rule does; linear: a factor."""
+    from transformers import LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    config = tiny_llama_config(len(tok), rope_parameters=llama3)
+    directory = save(LlamaForCausalLM(config), tok, tmp_path / "llama3")
+    export_gguf(directory, tmp_path / "r.gguf", tensor_type="f32")
+    meta, tensors = read(tmp_path / "r.gguf")
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    factors = values(tensors["rope_freqs.weight"]).double()
+    assert factors.shape == (4,) and factors[1:].tolist() == [8.0, 8.0, 8.0] and 1 < factors[0] < 8
+    torch.testing.assert_close(factors, plain / scaled.double(), rtol=1e-6, atol=0)
+    linear = tiny_llama_config(len(tok), rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    export_gguf(save(LlamaForCausalLM(linear), tok, tmp_path / "linear"), tmp_path / "l.gguf", tensor_type="f32")
+    meta, tensors = read(tmp_path / "l.gguf")
+    assert (meta["llama.rope.scaling.type"], meta["llama.rope.scaling.factor"]) == ("linear", 2.0)
+    assert "rope_freqs.weight" not in tensors
+
+
+def test_untied_mistral_writes_the_lm_head(tok, tmp_path: Path) -> None:
+    model = make_model("mistral", dtype=torch.float32, vocab_size=len(tok), tie_word_embeddings=False)
+    directory = save(model, tok, tmp_path / "mistral")
+    _, meta, tensors = check_f32_round_trip(directory, tmp_path / "m.gguf")
+    assert meta["general.architecture"] == "llama" and "output.weight" in tensors
+
+
+def test_qwen2_uniform_is_unpermuted_and_per_layer_goes_to_deci(qwen_tok, tmp_path: Path) -> None:
+    tok = qwen_tok
+    directory = save(make_model("qwen2", dtype=torch.float32, vocab_size=len(tok)), tok, tmp_path / "qwen2")
+    _, meta, tensors = check_f32_round_trip(directory, tmp_path / "q.gguf")  # compared without unpermuting
+    assert meta["general.architecture"] == "qwen2" and "blk.0.attn_q.bias" in tensors
+    # Only MLP channels removed: every layer keeps heads x head_dim = hidden, as llama.cpp's q bias needs.
+    mlp_only = RemovalPlan({0: LayerPlan.of(channels=range(3)), 2: LayerPlan.of(channels=range(8))})
+    pl = per_layer("qwen2", tok, tmp_path, mlp_only)
+    _, meta, tensors = check_f32_round_trip(pl, tmp_path / "pq.gguf")  # q/k weights and biases unpermuted
+    assert meta["general.architecture"] == "deci" and meta["deci.feed_forward_length"] == [37, 40, 32]
+    k_bias = source_tensors(pl)["model.layers.0.self_attn.k_proj.bias"]
+    assert not torch.equal(values(tensors["blk.0.attn_k.bias"]), k_bias)  # biases are permuted with their rows
+
+
+def test_qwen3_uniform_keeps_qk_norms(qwen_tok, tmp_path: Path) -> None:
+    tok = qwen_tok
+    model = make_model("qwen3", dtype=torch.float32, vocab_size=len(tok), attention_bias=False)
+    _, meta, tensors = check_f32_round_trip(save(model, tok, tmp_path / "qwen3"), tmp_path / "q3.gguf")
+    assert meta["general.architecture"] == "qwen3" and "blk.1.attn_k_norm.weight" in tensors
+
+
+def test_surgeon_checkpoint_with_equal_layers_uses_plain_llama(tok, tmp_path: Path) -> None:
+    same = RemovalPlan({i: LayerPlan.of(channels=range(8)) for i in range(3)})
+    directory = per_layer("llama", tok, tmp_path, same)
+    assert json.loads((directory / "config.json").read_text())["model_type"] == "surgeon_llama"
+    manifest, meta, _ = check_f32_round_trip(directory, tmp_path / "s.gguf")
+    assert meta["general.architecture"] == "llama" and meta["llama.feed_forward_length"] == 32
+    assert manifest["per_layer_shapes"] is False
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unsupported_architecture_is_named(tok, tmp_path: Path) -> None:
+    directory = save(make_model("opt", dtype=torch.float32, vocab_size=len(tok)), tok, tmp_path / "opt")
+    with pytest.raises(SurgeonError) as excinfo:
+        export_gguf(directory, tmp_path / "o.gguf")
+    message = one_line_error(excinfo)
+    assert "'opt'" in message and "supported: llama, mistral, qwen2, qwen3" in message
+    assert list(tmp_path.glob("*.gguf")) == []
+
+
+def test_unknown_tensor_type_lists_the_known_ones(llama_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SurgeonError) as excinfo:
+        export_gguf(llama_dir, tmp_path / "x.gguf", tensor_type="q4_k")
+    assert one_line_error(excinfo) == "GGUF tensor type must be one of F32, F16, BF16, Q8_0, got 'q4_k'"
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_existing_output_needs_force(llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    with pytest.raises(SurgeonError) as excinfo:
+        export_gguf(llama_dir, out)
+    assert "exists" in one_line_error(excinfo) and "--force" in str(excinfo.value)
+    assert out.read_bytes() == b"old"
+    manifest = export_gguf(llama_dir, out, force=True)
+    assert out.read_bytes()[:4] == b"GGUF" and manifest["bytes"] == out.stat().st_size
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # usual permissions, not a temp file's 0600
+
+
+def test_failure_mid_write_leaves_no_file(llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = gguf.GGUFWriter.write_tensor_data
+
+    def failing(self, tensor, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk full")
+        return real(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf(llama_dir, tmp_path / "new.gguf")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary file
+    old = tmp_path / "old.gguf"
+    old.write_bytes(b"previous export")
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf(llama_dir, old, force=True)
+    assert old.read_bytes() == b"previous export" and [p.name for p in tmp_path.iterdir()] == ["old.gguf"]
+
+
+def test_shapes_llama_cpp_cannot_express_are_refused(qwen_tok, per_layer_dir: Path, tmp_path: Path) -> None:
+    tok = qwen_tok
+    with pytest.raises(SurgeonError) as excinfo:  # --uniform insists on one size for every layer
+        export_gguf(per_layer_dir, tmp_path / "u.gguf", uniform=True)
+    assert "--uniform" in one_line_error(excinfo) and "(35, 6, 2)" in str(excinfo.value)
+    qwen3 = per_layer("qwen3", tok, tmp_path, PER_LAYER_PLAN, attention_bias=False)
+    with pytest.raises(SurgeonError) as excinfo:  # deci has no Q/K norms
+        export_gguf(qwen3, tmp_path / "q3.gguf")
+    assert "--uniform" in one_line_error(excinfo) and "Qwen3" in str(excinfo.value)
+    qwen2 = per_layer("qwen2", tok, tmp_path, PER_LAYER_PLAN)
+    with pytest.raises(SurgeonError) as excinfo:  # q bias with 3 heads x 8 != hidden 48
+        export_gguf(qwen2, tmp_path / "q2.gguf")
+    assert "hidden_size (48)" in one_line_error(excinfo)
+    biased = save(make_model("qwen3", dtype=torch.float32, vocab_size=len(tok)), tok, tmp_path / "qwen3-bias")
+    with pytest.raises(SurgeonError) as excinfo:  # llama.cpp's qwen3 reads no attention biases
+        export_gguf(biased, tmp_path / "b.gguf")
+    assert re.search(r"\(blk\.0\.attn_[qkv]\.bias\) is not read by llama\.cpp's 'qwen3'", one_line_error(excinfo))
+    assert list(tmp_path.glob("*.gguf")) == []
+
+
+def test_config_disagreeing_with_tensors_is_named(llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(SurgeonError) as excinfo:
+        export_gguf(bad, tmp_path / "x.gguf")
+    assert one_line_error(excinfo) == (
+        "tensor model.layers.0.mlp.down_proj.weight has shape [32, 64], but config.json says [32, 48]")
