@@ -28,12 +28,14 @@ import torch
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
 from base.lazy import LazyModel, open_lazy
-from base.loading import LoadedModel, count_parameters, load_model
+from base.loading import LoadedModel, count_parameters, load_model, resolve_model_dir
 from base.perplexity import Perplexity, perplexity
 from base.surgery import RemovalPlan
 from benchmarks.run import BenchConfig, ModelSpec, PplConfig
 from benchmarks.run import bench as _bench
 from export.checkpoint import prepare_target, save_checkpoint
+from export.gguf import check_gguf_target
+from export.gguf import export_gguf as _export_gguf
 from export.onnx import OnnxConfig
 from export.onnx import export_onnx as _export_onnx
 from export.pruned import ShrinkConfig, shrink_and_save
@@ -65,7 +67,7 @@ log = logging.getLogger("surgeon_export")
 __all__ = [
     "BenchConfig", "Generation", "GenerationConfig", "LoadedModel", "ModelSpec", "OnnxConfig", "PackConfig",
     "PplConfig", "PruneConfig", "PruneReport", "RunConfig", "SDSConfig", "ShrinkConfig", "SurgeonConfig",
-    "SurgeonError", "bench", "build_config", "calibrate", "densify", "evaluate", "export_onnx", "generate",
+    "SurgeonError", "bench", "build_config", "calibrate", "densify", "evaluate", "export_gguf", "export_onnx", "generate",
     "load", "load_backend", "pack", "prune", "run", "save", "shrink",
 ]
 
@@ -246,6 +248,15 @@ def export_onnx(lm: LoadedModel, out: str | Path, config: OnnxConfig | None = No
     """ONNX decoder graph with KV cache, checked against torch (:func:`export.onnx.export_onnx`); the manifest."""
     return _export_onnx(lm.model, lm.tokenizer, Path(out), config or OnnxConfig(), source=lm.source,
                         source_dir=lm.path, force=force)
+
+
+def export_gguf(model: str | Path | None, out: str | Path, *, tensor_type: str = "f16", uniform: bool = False,
+                force: bool = False) -> dict:
+    """One ``.gguf`` file for llama.cpp (:func:`export.gguf.export_gguf`) from a model directory, a ``.gguf``
+    file or the default model (None); per-layer shapes as llama.cpp's ``deci`` architecture (docs/gguf.md)."""
+    check_gguf_target(Path(out), force)
+    directory, source = resolve_model_dir(model)
+    return _export_gguf(directory, Path(out), tensor_type=tensor_type, uniform=uniform, force=force) | {"source": source}
 
 
 def pack(lm: LoadedModel, out: str | Path, config: PackConfig | None = None, *, force: bool = False) -> dict:

@@ -384,6 +384,27 @@ def onnx_cmd(
     ])
 
 
+@app.command("gguf")
+def gguf_cmd(
+    model: ModelArg = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The .gguf file to write.")] = None,
+    tensor_type: Annotated[str, typer.Option("--type", help="Weight type: f32, f16, bf16 or q8_0.")] = "f16",
+    uniform: Annotated[bool, typer.Option("--uniform", help="Refuse per-layer shapes: stock llama/qwen2/qwen3 only.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Export a model to one GGUF file for llama.cpp (per-layer shapes as llama.cpp's 'deci'; docs/gguf.md)."""
+    from surgeon_export import api
+
+    _setup(quiet, None)
+    if out is None:
+        raise SurgeonError("give --out FILE.gguf for the GGUF export")
+    m = api.export_gguf(model, out, tensor_type=tensor_type, uniform=uniform, force=force)
+    _emit(m, as_json, [f"wrote {out}: llama.cpp '{m['architecture']}', {m['tensor_type']}, {len(m['layers'])} layers, "
+                       f"{m['tensor_count']} tensors, {m['bytes'] / 2**20:.1f} MiB"])
+
+
 @app.command("generate")
 def generate_cmd(
     model: Annotated[str, typer.Argument(help="Model directory (torch), ONNX export directory (onnxruntime), or 'default'.")] = "default",

@@ -460,3 +460,22 @@ def test_config_disagreeing_with_tensors_is_named(llama_dir: Path, tmp_path: Pat
         export_gguf(bad, tmp_path / "x.gguf")
     assert one_line_error(excinfo) == (
         "tensor model.layers.0.mlp.down_proj.weight has shape [32, 64], but config.json says [32, 48]")
+
+
+def test_cli_gguf(llama_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "surgeon_export.cli", "gguf", str(llama_dir), *args],
+                              capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "tiny.gguf"
+    done = cli("--type", "f32", "--out", str(out), "--json", "--quiet")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["architecture"] == "llama" and out.is_file() and manifest["source"] == str(llama_dir)
+    again = cli("--out", str(out), "--quiet")
+    assert again.returncode == 2 and again.stderr.startswith("error: output file exists")
+    bad = cli("--type", "q4_k", "--out", str(tmp_path / "x.gguf"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "q8_0" in bad.stderr.lower()
