@@ -3,8 +3,9 @@
 Two parts, each method in its own process (``prune --json`` reports the process's peak RSS):
 
 - ``default``: the default model (SmolLM2-135M), SparseGPT 2:4 and Wanda 50%, whole-model
-  (``--no-streaming``) against streamed (``--streaming``), 64 x 512 calibration tokens; perplexity
-  of both outputs and whether their tensors are identical.
+  (``--no-streaming``) against streamed (``--streaming``), 64 x 512 calibration tokens, without
+  evaluation (peak RSS of the pruning alone); whether the two outputs' tensors are identical
+  (identical tensors: identical perplexity).
 - ``ladder``: Llama-shaped models with seeded random weights written to disk in bfloat16 (the
   shapes of SmolLM2-360M, SmolLM2-1.7B, Llama-3.2-1B and Llama-2-7B; weights cannot be downloaded
   here, and memory and time depend on the shapes only), pruned streamed with Wanda 50% and SparseGPT
@@ -110,13 +111,6 @@ def run_prune(model: str | None, out: Path, args: list[str], threads: int) -> di
     return {**result, "wall_seconds": wall}
 
 
-def evaluate(model: Path, threads: int) -> float | None:
-    """Protocol perplexity of a written checkpoint, in its own process."""
-    proc = subprocess.run([sys.executable, "-m", "surgeon_export.cli", "eval", str(model), "--json", "--quiet",
-                           "--threads", str(threads)], capture_output=True, text=True)
-    return json.loads(proc.stdout)["perplexity"] if proc.returncode == 0 else None
-
-
 def same_tensors(a: Path, b: Path) -> bool:
     from safetensors import safe_open
 
@@ -140,8 +134,7 @@ def default_part(work: Path, threads: int) -> list[dict]:
             r = run_prune(None, outs[mode], [*args, mode, "--no-eval"], threads)  # peak RSS of the prune alone
             rows.append({"model": "default (SmolLM2-135M)", "method": method, "mode": mode.strip("-"),
                          "peak_rss_mib": r.get("peak_rss_mib"), "wall_seconds": round(r["wall_seconds"], 1),
-                         "prune_seconds": r.get("seconds"), "perplexity": evaluate(outs[mode], threads),
-                         "sparsity": r.get("sparsity"), "error": r.get("error")})
+                         "prune_seconds": r.get("seconds"), "sparsity": r.get("sparsity"), "error": r.get("error")})
             print(json.dumps(rows[-1]), flush=True)
         rows[-1]["identical_tensors_to_whole"] = same_tensors(outs["--no-streaming"], outs["--streaming"])
     return rows

@@ -560,9 +560,8 @@ def main() -> None:
         from click.exceptions import NoArgsIsHelpError, UsageError
 
     try:
-        app(standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = app(standalone_mode=False)  # a typer.Exit comes back as its exit code
+        sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode ends
     except NoArgsIsHelpError as exc:  # the command alone: its help, as --help prints it
         typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
         sys.exit(0)
