@@ -29,37 +29,40 @@ from base.loading import (
 
 
 class LazyWeights:
-    """The tensors of a checkpoint's safetensors files, read one at a time by name."""
+    """The tensors of a checkpoint's safetensors files, read one at a time by name.
+
+    Each read opens its file, copies the one tensor out and closes it again: a memory map kept open
+    would count every page read so far in the process's resident memory, the whole checkpoint by
+    the last layer.
+    """
 
     def __init__(self, files: list[Path]) -> None:
         from safetensors import safe_open
 
         self.where: dict[str, Path] = {}
-        self.handles = {}
+        self.dtypes: dict[str, str] = {}
         for f in files:
-            handle = safe_open(str(f), framework="pt")
-            self.handles[f] = handle
-            for key in handle.keys():
-                self.where[key] = f
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    self.where[key] = f
+                    self.dtypes[key] = handle.get_slice(key).get_dtype()
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Tensor ``name`` as a fresh copy in ``dtype`` (safetensors hands out views of one shared
-        memory map: writing into one would change every later read of the same tensor)."""
+        """Tensor ``name`` as a fresh copy in ``dtype`` (never a view of the file)."""
+        from safetensors import safe_open
+
         if name not in self.where:
             raise SurgeonError(f"tensor {name} is missing from the checkpoint")
         try:
-            return self.handles[self.where[name]].get_tensor(name).to(dtype=dtype, copy=True)
+            with safe_open(str(self.where[name]), framework="pt") as handle:
+                return handle.get_tensor(name).to(dtype=dtype, copy=True)
         except Exception as exc:  # safetensors raises its own types for short or damaged data
             raise SurgeonError(f"cannot read tensor {name} from {self.where[name]}: {exc}") from None
 
     def dtype(self) -> torch.dtype:
         """The floating dtype the checkpoint stores (of its first floating tensor)."""
-        for name in self.where:
-            handle = self.handles[self.where[name]]
-            dtype = handle.get_slice(name).get_dtype()
-            if dtype in ("F32", "F16", "BF16", "F64"):
-                return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[dtype]
-        return torch.float32
+        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        return next((names[d] for d in self.dtypes.values() if d in names), torch.float32)
 
 
 @dataclass

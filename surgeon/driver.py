@@ -265,6 +265,7 @@ def prune_sequential_(
                     W_new, _ = prune(linear.weight.data, A, n_tokens, cfg.target)
                 linear.weight.data.copy_(W_new)
                 report.record(full, linear)
+            moments = stats = {}  # free this step's statistics before the next step collects its own
         del t_layer
         if needs_data:
             batches = run_layer(layer, batches)
