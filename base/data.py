@@ -31,7 +31,7 @@ DATA_ENV = "SURGEON_EXPORT_DATA"
 EVAL_FILE = "wikitext-2-raw/wiki.test.raw"
 CALIB_FILE = "wikitext-2/valid.txt"
 CORPORA = Path(__file__).resolve().parent / "corpora"  # the packaged copies, gzip (README.md there)
-CORPUS_SHA256 = {  # of the uncompressed texts, as in ../shared/data/README.md
+CORPUS_SHA256 = {  # of the uncompressed texts (corpora/README.md)
     EVAL_FILE: "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a",
     CALIB_FILE: "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
 }
@@ -187,12 +187,12 @@ def calibration_windows(
     data_dir: str | Path | None = None,
     source: CalibSource = "auto",
 ) -> TokenSource:
-    """Calibration windows ``[n, seq_len]``: a text file, the shared WikiText-2 validation split, or self-generated.
+    """Calibration windows ``[n, seq_len]``: a text file, the WikiText-2 validation split, or self-generated.
 
     Args:
-        text_file: the user's own text; overrides the shared corpus.
+        text_file: the user's own text; overrides the corpus.
         source: ``"auto"`` uses text where there is some and falls back to generation with a logged
-            message; ``"wikitext"`` insists on the shared corpus; ``"generated"`` always samples.
+            message; ``"wikitext"`` insists on the corpus; ``"generated"`` always samples.
     """
     check_window(seq_len, model.config)
     if source != "generated":

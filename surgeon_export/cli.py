@@ -34,7 +34,7 @@ Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch (def
 Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")]
 DataDir = Annotated[
     Optional[Path],
-    typer.Option(help="Shared corpora directory (default: $SURGEON_EXPORT_DATA or ../shared/data)."),
+    typer.Option(help="Directory with wikitext-2-raw/wiki.test.raw and wikitext-2/valid.txt (default: $SURGEON_EXPORT_DATA, else the copies packaged with surgeon-export)."),
 ]
 
 
