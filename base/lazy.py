@@ -22,6 +22,7 @@ from base.adapters import Adapter
 from base.errors import SurgeonError
 from base.loading import (
     check_checkpoint,
+    check_finite,
     load_tokenizer,
     quiet_transformers,
     resolve_model_dir,
@@ -55,9 +56,11 @@ class LazyWeights:
             raise SurgeonError(f"tensor {name} is missing from the checkpoint")
         try:
             with safe_open(str(self.where[name]), framework="pt") as handle:
-                return handle.get_tensor(name).to(dtype=dtype, copy=True)
+                tensor = handle.get_tensor(name).to(dtype=dtype, copy=True)
         except Exception as exc:  # safetensors raises its own types for short or damaged data
             raise SurgeonError(f"cannot read tensor {name} from {self.where[name]}: {exc}") from None
+        check_finite([(name, tensor)], self.where[name].parent)
+        return tensor
 
     def dtype(self) -> torch.dtype:
         """The floating dtype the checkpoint stores (of its first floating tensor)."""
@@ -145,6 +148,11 @@ def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.floa
             state[key] = weights.get(key, dtype)
         elif not _tied(model, key):
             raise SurgeonError(f"{directory}: tensor {key} is missing from the checkpoint")
+    expected = set(model.state_dict())
+    unexpected = sorted(k for k in weights.where if k not in expected)
+    if unexpected:  # e.g. num_hidden_layers below the stored layers: refused as load_model refuses it
+        raise SurgeonError(f"{directory}: tensor {unexpected[0]} is not part of the model config.json describes "
+                           f"({len(unexpected)} unexpected tensors)")
     model.load_state_dict(state, assign=True, strict=False)
     model.tie_weights()
     materialise_buffers(model)  # the rotary inv_freq; decoder layers hold no such buffers

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,13 @@ from torch import nn
 
 from base.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
 from base.errors import SurgeonError
+from base.files import (
+    check_writable,
+    clean_stale,
+    is_write_error,
+    temp_prefix,
+    write_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,18 +206,43 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object
                 trust_remote_code=False,
                 local_files_only=True,
                 output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported in ``info`` (and refused below), not raised as "see the report"
             )
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise SurgeonError(f"cannot load model from {directory}: {_first_line(exc)}") from None
-    missing = [k for k in info.get("missing_keys", []) if not _is_tied(model, k)]
-    problems = missing + list(info.get("mismatched_keys", []))
-    if problems:
-        raise SurgeonError(
-            f"{directory}: checkpoint does not match its config ({len(problems)} tensors missing "
-            f"or misshapen, e.g. {problems[0]}); refusing to initialise them randomly"
-        )
+    check_loading_info(directory, model, info)
+    check_finite(model.named_parameters(), directory)
     model.eval()
     return model, load_tokenizer(directory), adapter
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: Path | str) -> None:
+    """Refuse NaN or infinite weights at load, naming the tensor: they would pass silently through
+    inspection and export and surface later as empty generations or blamed calibration data."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = tensor.detach()[~torch.isfinite(tensor.detach())]
+            kinds = " and ".join(k for k, hit in (("NaN", bool(bad.isnan().any())), ("infinite", bool(bad.isinf().any()))) if hit)
+            raise SurgeonError(f"{where}: tensor {name} holds {bad.numel()} {kinds} value(s); the checkpoint is damaged")
+
+
+def check_loading_info(directory: Path, model: nn.Module, info: dict) -> None:
+    """Refuse a checkpoint that does not match its config.json, naming the first tensor: one missing
+    (it would be initialised randomly), one of another shape, or one the config has no place for
+    (e.g. ``num_hidden_layers`` below the stored layers: they would be silently dropped)."""
+    mismatched = sorted(info.get("mismatched_keys", []), key=lambda m: m[0])
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise SurgeonError(f"{directory}: tensor {key} has shape {list(stored)}, but config.json says "
+                           f"{list(expected)} ({len(mismatched)} tensors differ)")
+    missing = sorted(k for k in info.get("missing_keys", []) if not _is_tied(model, k))
+    if missing:
+        raise SurgeonError(f"{directory}: tensor {missing[0]} is missing from the checkpoint ({len(missing)} "
+                           "missing); refusing to initialise it randomly")
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if unexpected:
+        raise SurgeonError(f"{directory}: tensor {unexpected[0]} is not part of the model config.json describes "
+                           f"({len(unexpected)} unexpected tensors, e.g. a num_hidden_layers below the stored layers)")
 
 
 def load_tokenizer(directory: Path) -> object:
@@ -298,8 +330,16 @@ def _cached_gguf(gguf: Path) -> Path:
     if (target / "surgeon_source.json").is_file():
         return target
     log.info("converting %s to a float32 safetensors cache at %s (once)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    hint = f" (set ${CACHE_ENV} to a writable directory)"
+    try:
+        check_writable(target, "the model cache")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
+    except SurgeonError as exc:
+        raise SurgeonError(f"{exc}{hint}") from None
+    except OSError as exc:
+        raise SurgeonError(f"{write_error(exc, target)}{hint}") from None
     try:
         _convert_gguf(gguf, tmp)
         (tmp / "surgeon_source.json").write_text(
@@ -310,6 +350,10 @@ def _cached_gguf(gguf: Path) -> Path:
         except OSError:  # another process finished first; its copy is as good as ours
             if not (target / "surgeon_source.json").is_file():
                 raise
+    except Exception as exc:  # disk full or a read-only cache: one line, the temporary removed below
+        if is_write_error(exc):
+            raise SurgeonError(f"{write_error(exc, target)}{hint}") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

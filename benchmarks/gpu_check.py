@@ -120,7 +120,7 @@ def run(spec: Path, out: Path, device: str = "cuda", quick: bool = False, steps:
         cfg = BenchConfig(models=[ModelSpec("dense", str(dense), "torch"), ModelSpec("2:4", str(packed), "torch-24"),
                                   ModelSpec("2:4-sparse", str(packed), "torch-24-sparse")],
                           device=device, ppl=None, repeat=5, warmup=1, progress=False, **grid)  # type: ignore[arg-type]
-        result = bench(cfg, out / "e2e.json")
+        result = bench(cfg, out / "e2e.json", force=True)
         for plot in result["outputs"]["plots"]:  # names beside the JSON
             (out / plot).unlink(missing_ok=True)
 

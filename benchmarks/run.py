@@ -19,11 +19,12 @@ from typing import Literal
 
 from base.env import environment
 from base.errors import SurgeonError
+from base.files import check_writable
 from benchmarks import latency
 from benchmarks.gate import SCHEMA_VERSION, check_comparable, compare, load_baseline
 from benchmarks.report import write_outputs
 from benchmarks.worker import InlineClient, OutOfMemory, ProcessClient
-from runtime.backend import check_backend, resolve_dtype
+from runtime.backend import check_backend, check_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class BenchConfig:
             raise SurgeonError(f"--ppl-windows must be at least 1, got {self.ppl.windows}")
         for m in self.models:
             check_backend(m.backend)
+        missing = [m.spec for m in self.models if m.spec is not None and not Path(m.spec).expanduser().exists()]
+        if missing:  # every path before any model loads (loading the others first takes minutes)
+            raise SurgeonError(f"model path not found: {', '.join(missing)}")
         resolve_dtype(self.dtype, self.device)
 
 
@@ -93,8 +97,7 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SurgeonError(f"--device {name}: no CUDA GPU is visible")
+    check_device(name)
     return name
 
 
@@ -264,6 +267,10 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                     steps_per_s = cfg.new_tokens / cell["seconds"]["median"]
                     cell["bandwidth_gb_s"] = e["artefact"]["weight_bytes"] * steps_per_s / 1e9
                 e[op].append({"cell": _cell_key(op, args), **args, **cell})
+    except KeyboardInterrupt:  # stop the workers now rather than wait for their current measurement
+        for c in clients:
+            c.kill()
+        raise
     finally:
         for c in clients:
             c.close()
@@ -280,7 +287,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     }
 
 
-def bench(cfg: BenchConfig, out: Path, baseline: Path | None = None, max_regression: float = 0.05) -> dict:
+def bench(cfg: BenchConfig, out: Path, baseline: Path | None = None, max_regression: float = 0.05,
+          force: bool = False) -> dict:
     """Run the benchmark, apply the regression gate if a stored result is given, write every file.
 
     Args:
@@ -288,6 +296,7 @@ def bench(cfg: BenchConfig, out: Path, baseline: Path | None = None, max_regress
         out: the JSON file; markdown and plots go beside it (:func:`benchmarks.report.write_outputs`).
         baseline: a stored result to gate against; read and checked before anything is measured.
         max_regression: allowed worsening of each gated metric, as a fraction (0.05 is 5%).
+        force: replace an existing ``out`` (refused otherwise, before anything is measured).
 
     Returns the result document, with ``gate`` (``passed`` false on a regression) when ``baseline``.
     """
@@ -297,6 +306,10 @@ def bench(cfg: BenchConfig, out: Path, baseline: Path | None = None, max_regress
         check_comparable(stored, [m.label for m in cfg.models])
     if out.suffix != ".json":
         raise SurgeonError(f"--out must name a .json file, got {out}")
+    if out.exists() and not force:
+        raise SurgeonError(f"result file exists: {out} (use --force to replace it)")
+    check_writable(out, "result")
+    cfg.validate()
     result = run_benchmark(cfg)
     result["gate"] = None if stored is None else compare(result, stored, max_regression, str(baseline))
     write_outputs(result, out)

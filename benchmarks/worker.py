@@ -112,6 +112,8 @@ class InlineClient:
     def close(self) -> None:
         self.worker.backend = None
 
+    kill = close
+
 
 class ProcessClient:
     """A worker in a child process (``python -m benchmarks.worker``)."""
@@ -124,6 +126,7 @@ class ProcessClient:
             self.proc = subprocess.Popen(
                 [python or sys.executable, "-m", "benchmarks.worker", *(["--quiet"] if quiet else [])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                start_new_session=True,  # Ctrl-C reaches the coordinator only, which stops the workers
             )
         except OSError as exc:
             raise SurgeonError(f"cannot start the benchmark worker for {label} with {python}: {exc}") from None
@@ -142,6 +145,12 @@ class ProcessClient:
             raise SurgeonError(
                 f"benchmark worker for {self.label} exited with code {code} during {request['op']}{hint}")
         return _unwrap(json.loads(line), self.label)
+
+    def kill(self) -> None:
+        """Stop the worker at once (the run was interrupted): no reply is awaited."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -20,18 +20,39 @@ from safetensors import safe_open
 from torch import nn
 
 from base.errors import SurgeonError
+from base.files import (
+    check_writable,
+    clean_stale,
+    is_write_error,
+    temp_prefix,
+    write_error,
+)
 from base.formats import REPORT_FILE
 from base.loading import quiet_transformers
 
 REPORT_VERSION = 1
 
 
-def prepare_target(out: Path, force: bool) -> None:
-    """Refuse to overwrite a non-empty directory (or a file) unless ``force``."""
+def prepare_target(out: Path, force: bool, source: str | Path | None = None) -> None:
+    """Check an output directory before any work: refuse to overwrite a non-empty directory (or a
+    file) unless ``force``, never replace the working directory, one of its parents, the home
+    directory or a directory holding ``source`` (even with ``force``), and refuse a target whose
+    parent cannot be written (:func:`base.files.check_writable`)."""
+    out = Path(out).expanduser()
+    resolved = out.resolve()
+    precious = {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}
+    if resolved in precious:
+        raise SurgeonError(f"refusing to write over {out} ({resolved}): it is the working directory, "
+                           "one of its parents or the home directory; give a new directory")
+    if source is not None and str(source) != "default":
+        src = Path(source).expanduser().resolve()
+        if resolved == src or resolved in src.parents:
+            raise SurgeonError(f"refusing to write over {out}: it holds the input model {source}")
     if out.exists() and not out.is_dir():
         raise SurgeonError(f"output path exists and is not a directory: {out}")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise SurgeonError(f"output directory is not empty: {out} (use --force to replace it)")
+    check_writable(out)
 
 
 def count_saved_zeros(directory: Path, names: list[str]) -> dict[str, int]:
@@ -64,15 +85,26 @@ def write_atomically(out: Path, force: bool, fill: Callable[[Path], None]) -> No
     """Create ``out`` by letting ``fill`` write into a temporary sibling directory, then renaming."""
     out = out.expanduser()
     prepare_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out.parent, out.name)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
+    except OSError as exc:
+        raise write_error(exc, out) from None
     old = None
     try:
         fill(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")  # not cleaned as stale: it may be the only copy
             os.replace(out, old)
         os.replace(tmp, out)
+    except Exception as exc:  # disk full, read-only mount, safetensors' I/O error: one line, no temporary left
+        if old is not None and not out.exists():
+            os.replace(old, out)  # the replaced checkpoint comes back
+            old = None
+        if is_write_error(exc):
+            raise write_error(exc, out) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:

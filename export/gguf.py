@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from base.errors import SurgeonError
+from base.files import check_writable, clean_stale, temp_prefix, write_error
 from base.loading import check_safetensors, load_tokenizer, read_config, weight_files
 
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0")
@@ -214,8 +215,9 @@ def export_gguf(
     vocab = _vocab(model_dir, model.vocab_size)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out.parent, out.name)
     # A fresh sibling name (the writer creates it, so the file gets the usual permissions), renamed at the end.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = out.with_name(f"{temp_prefix(out.name)}{uuid.uuid4().hex[:8]}")
     writer = gguf.GGUFWriter(None, model.arch)
     try:
         _write_metadata(writer, model, vocab, qtype, model_dir.name)
@@ -229,9 +231,14 @@ def export_gguf(
                 writer.write_tensor_data(_encode(t, sources, handles))
         writer.close()
         os.replace(tmp, out)
-    except BaseException:
-        writer.close()
+    except BaseException as exc:
+        try:
+            writer.close()
+        except OSError:  # the disk that failed the write may fail the flush too
+            pass
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(exc, out) from None
         raise
 
     kinds = Counter(t.qtype.name for t in tensors)
@@ -286,6 +293,7 @@ def check_gguf_target(out: Path, force: bool) -> None:
         raise SurgeonError(f"output path is a directory: {out} (give the .gguf file to write)")
     if out.exists() and not force:
         raise SurgeonError(f"output file exists: {out} (use --force to replace it)")
+    check_writable(out, "GGUF file")
 
 
 # --- config -> architecture ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ is never written.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -213,7 +214,10 @@ def _logits(model: nn.Module, ids: torch.Tensor | None) -> torch.Tensor | None:
 def _max_change(reference: torch.Tensor | None, shrunk: torch.Tensor | None) -> float | None:
     if reference is None or shrunk is None:
         return None
-    return float((shrunk - reference).abs().max())
+    change = float((shrunk - reference).abs().max())  # NaN propagates through torch's max
+    if not math.isfinite(change):
+        raise SurgeonError(f"the model's logits are not finite before or after shrinking (largest change {change})")
+    return change
 
 
 def _config(model: nn.Module) -> Any:

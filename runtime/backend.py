@@ -91,6 +91,7 @@ def load_backend(name: str, spec: str | Path | None = None, *, device: str = "cp
         torch.Size([1, 1, 49152])
     """
     load = check_backend(name)
+    check_device(device)
     spec = None if spec is None or str(spec) == "default" else str(spec)
     resolve_dtype(dtype, device)  # a bad --dtype is refused before anything loads
     if threads is not None:
@@ -98,6 +99,22 @@ def load_backend(name: str, spec: str | Path | None = None, *, device: str = "cp
             raise SurgeonError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     return load(spec, device, dtype, threads)
+
+
+def check_device(name: str) -> None:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` of a visible GPU; anything else is refused here,
+    before a load that would fail with torch's own assertion deep inside."""
+    import re
+
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name == "cpu":
+        return
+    if match is None:
+        raise SurgeonError(f"--device {name}: choose cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise SurgeonError(f"--device {name}: no CUDA GPU is visible")
+    if match[1] is not None and int(match[1]) >= torch.cuda.device_count():
+        raise SurgeonError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:

@@ -131,6 +131,7 @@ def generate(decoder: Backend, prompts: Sequence[Sequence[int]], cfg: Generation
     cfg = cfg or GenerationConfig()
     cfg.validate()
     ids, mask = left_pad(prompts, cfg.pad_token_id)
+    check_context(decoder.config, ids.shape[1], cfg.max_new_tokens)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: real tokens count from 0
     batch = ids.shape[0]
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -163,6 +164,16 @@ def generate(decoder: Backend, prompts: Sequence[Sequence[int]], cfg: Generation
         rows.append(row[: ends[0] + 1] if ends else row)
         stopped.append(bool(ends))
     return Generation(rows, stopped, prefill, decode, steps=len(out) - 1)
+
+
+def check_context(config: Any, prompt_tokens: int, new_tokens: int) -> None:
+    """Refuse a prompt plus new tokens beyond the model's context (``max_position_embeddings``): past
+    it the positions are ones the model never saw, and the output is silently garbage. The last new
+    token is never fed back, so ``prompt + new - 1`` positions are used."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_tokens + new_tokens - 1 > limit:
+        raise SurgeonError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {new_tokens} exceeds the "
+                           f"model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
 
 
 def encode_prompts(tokenizer: Any, texts: Sequence[str], chat: bool = False) -> list[list[int]]:

@@ -31,6 +31,13 @@ from torch import nn
 
 from base.adapters import Adapter
 from base.errors import SurgeonError
+from base.files import (
+    LEGACY_MKSTEMP,
+    clean_stale,
+    is_write_error,
+    temp_prefix,
+    write_error,
+)
 from base.patterns import NMPattern, check_sparsity
 from surgeon import structures
 from surgeon.baselines.sparsegpt import prune_sparsegpt
@@ -306,18 +313,27 @@ def _save_checkpoint(
     linears: dict[str, nn.Linear], keep: dict[str, torch.Tensor],
 ) -> None:
     """Write weights, masks and progress after a shot; atomic (temp file, then rename)."""
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"{n}.weight": m.weight.detach().contiguous() for n, m in linears.items()}
     tensors.update({f"{n}.keep": k.to(torch.uint8) for n, k in keep.items()})
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, directory / "state.safetensors")
     meta = {"version": CHECKPOINT_VERSION, "config": cfg.to_dict(), "shots_done": shots_done, "shots": shots}
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, directory / "progress.json")
+    tmp = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        clean_stale(directory, legacy=LEGACY_MKSTEMP)  # temporaries of a run killed mid-write
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix("state.safetensors"))
+        os.close(fd)
+        save_file(tensors, tmp)
+        os.replace(tmp, directory / "state.safetensors")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix("progress.json"))
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, directory / "progress.json")
+    except Exception as exc:  # disk full or read-only: one line, the temporary removed
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if is_write_error(exc):
+            raise write_error(exc, directory) from None
+        raise
 
 
 def _resume(

@@ -27,6 +27,7 @@ import torch
 
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
+from base.files import check_writable
 from base.lazy import LazyModel, open_lazy
 from base.loading import LoadedModel, count_parameters, load_model, resolve_model_dir
 from base.perplexity import Perplexity, perplexity
@@ -112,6 +113,8 @@ def prune(
     ``calibration`` key says where they came from.
     """
     check_model(lm.model, lm.adapter, config)  # before calibration: a bad target fails at once
+    if checkpoint is not None:
+        check_writable(Path(checkpoint) / "progress.json", "--checkpoint")
     if calibration is None and needs_calibration(config):
         n = calib_samples if calib_samples is not None else calibration_size(config)
         if n < 1:
@@ -265,9 +268,10 @@ def pack(lm: LoadedModel, out: str | Path, config: PackConfig | None = None, *, 
 
 
 def bench(config: BenchConfig, out: str | Path, baseline: str | Path | None = None,
-          max_regression: float = 0.05) -> dict:
-    """Benchmark the models of ``config`` (the first is the baseline); writes JSON, markdown and plots."""
-    return _bench(config, Path(out), Path(baseline) if baseline else None, max_regression)
+          max_regression: float = 0.05, *, force: bool = False) -> dict:
+    """Benchmark the models of ``config`` (the first is the baseline); writes JSON, markdown and plots
+    (an existing result JSON is replaced only with ``force``)."""
+    return _bench(config, Path(out), Path(baseline) if baseline else None, max_regression, force=force)
 
 
 @dataclass
@@ -293,7 +297,7 @@ class RunConfig:
 
 def run(cfg: RunConfig) -> dict:
     """The main job; returns ``{"prune", "remaining_fraction", "benchmark"}`` and writes under ``cfg.out``."""
-    prepare_target(cfg.out, cfg.force)
+    prepare_target(cfg.out, cfg.force, source=cfg.model)
     check_choice("--method", cfg.method, ("surgeon", "wanda"))
     config = build_config(cfg.method, structured=cfg.structured, shots=cfg.shots, allocation=cfg.allocation)
     steps = 4 if cfg.onnx else 3
@@ -322,7 +326,7 @@ def run(cfg: RunConfig) -> dict:
                       data_dir=str(cfg.data_dir) if cfg.data_dir else None),
         progress=cfg.progress,
     )
-    result = bench(bench_cfg, cfg.out / "benchmark.json")
+    result = bench(bench_cfg, cfg.out / "benchmark.json", force=True)  # the run owns cfg.out (checked above)
     return {"prune": {k: v for k, v in report.to_dict().items() if k not in ("layers", "removal")},
             "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result}
 

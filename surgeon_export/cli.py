@@ -4,17 +4,36 @@ one library function. User mistakes (:class:`SurgeonError`) print one line and e
 
 from __future__ import annotations
 
-import json
-import logging
+import os
+import signal
 import sys
-import time
-from pathlib import Path
-from typing import Annotated, Optional
+import threading
 
-import typer
 
-from base.errors import SurgeonError, check_choice
-from surgeon.sds import SDSConfig
+def _interrupted_while_importing(signum: int, frame: object) -> None:
+    """Ctrl-C while torch and transformers import (seconds): the same line as later, no traceback."""
+    sys.stderr.write("interrupted; nothing was written\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+_previous_sigint = (signal.signal(signal.SIGINT, _interrupted_while_importing)
+                    if threading.current_thread() is threading.main_thread() else None)
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from base.errors import SurgeonError, check_choice  # noqa: E402
+from surgeon.sds import SDSConfig  # noqa: E402
+
+if _previous_sigint is not None:
+    signal.signal(signal.SIGINT, _previous_sigint)
+INTERRUPTED = 130  # typer turns a KeyboardInterrupt into this exit code
 
 app = typer.Typer(
     name="surgeon-export",
@@ -125,7 +144,7 @@ def prune_cmd(
     sds_epochs: Annotated[int, typer.Option(help="SDS: dense-step iterations (each a full pass over the calibration statistics).")] = SDSConfig.epochs,
     sds_adjust_epochs: Annotated[int, typer.Option(help="SDS: soft mask adjustment iterations after re-pruning.")] = SDSConfig.adjust_epochs,
     sds_teacher: Annotated[str, typer.Option(help="SDS: what each linear reconstructs: self (the dense weights on the pruned model's inputs), layer (the dense layer on the pruned stream) or dense (the dense model's own activations).")] = SDSConfig.teacher,
-    align: Annotated[int, typer.Option(help="structured: round kept sizes up to a multiple of N in the saved checkpoint.")] = 1,
+    align: Annotated[int, typer.Option(help="structured: round kept sizes up to a multiple of N in the saved checkpoint.", min=1)] = 1,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
     streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Layer by layer: one decoder layer in memory, read from disk and written to --out as it is pruned (sparsegpt, wanda, magnitude, + SDS). Default: when the whole model would not fit in memory.")] = None,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget for choosing streaming, e.g. 8GiB (default: the memory available).")] = None,
@@ -151,7 +170,7 @@ def prune_cmd(
         kfac_batch=kfac_batch, calib_samples=calib_samples, true_sequential=true_sequential, refine=sds,
     )
     if out is not None:
-        prepare_target(out, force)
+        prepare_target(out, force, source=model)
     budget = api.parse_bytes(max_memory) if max_memory is not None else None
     lazy = api.open_lazy(model) if streaming is not False else None
     plan = api.memory_plan(lazy, cfg, calib_samples or api.calibration_size(cfg), seq_len, streaming=streaming,
@@ -218,7 +237,7 @@ def prune_cmd(
 def shrink_cmd(
     model: ModelArg = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the smaller checkpoint here.")] = None,
-    align: Annotated[int, typer.Option(help="Round every kept size to a multiple of N (1: off).")] = 1,
+    align: Annotated[int, typer.Option(help="Round every kept size to a multiple of N (1: off).", min=1)] = 1,
     rounding: Annotated[str, typer.Option(help="Which multiple --align picks: up (keeps outputs), down or nearest.")] = "up",
     uniform: Annotated[bool, typer.Option("--uniform", help="Same sizes in every layer: a stock-architecture checkpoint.")] = False,
     force: Force = False,
@@ -235,7 +254,7 @@ def shrink_cmd(
     if rounding not in ("up", "down", "nearest"):
         raise SurgeonError(f"--rounding must be up, down or nearest, got {rounding!r}")
     cfg = api.ShrinkConfig(align=align, rounding=rounding, uniform=uniform)  # type: ignore[arg-type]
-    prepare_target(out, force)
+    prepare_target(out, force, source=model)
     lm = api.load(model)
     report = api.shrink(lm, out, cfg, force=force)
     shrink = report["shrink"]
@@ -311,7 +330,7 @@ def pack_cmd(
     if len(block) != 2 or min(block) < 1:
         raise SurgeonError(f"--blocksize must be ROWSxCOLS with positive sizes, got {blocksize!r}")
     cfg = api.PackConfig(layout=layout, dtype=dtype, blocksize=block)  # type: ignore[arg-type]
-    prepare_target(out, force)
+    prepare_target(out, force, source=model)
     lm = api.load(model)
     manifest = api.pack(lm, out, cfg, force=force)
     size, lin = manifest["bytes"], manifest["decoder_linear"]
@@ -339,7 +358,7 @@ def densify_cmd(
     _setup(quiet, None)
     if out is None:
         raise SurgeonError("give --out DIR for the dense checkpoint")
-    prepare_target(out, force)
+    prepare_target(out, force, source=directory)
     result = api.densify(directory, out, force=force)
     _emit(result, as_json, [f"wrote a dense checkpoint ({result['tensors']} tensors, "
                             f"{result['bytes_on_disk']:,} bytes) to {out}"])
@@ -350,7 +369,7 @@ def onnx_cmd(
     model: ModelArg = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the ONNX export directory here.")] = None,
     dtype: Annotated[str, typer.Option(help="Weights and KV cache of the graph: float32 or float16.")] = "float32",
-    opset: Annotated[int, typer.Option(help="ONNX opset, 14 to 20.")] = 17,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 14 to 20.", min=14, max=20)] = 17,
     external_data: Annotated[str, typer.Option(help="Weights in model.onnx_data: auto (above 1 GiB), always or never.")] = "auto",
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Fold traced shape arithmetic into constants.")] = True,
     optimize: Annotated[bool, typer.Option("--optimize", help="Also fuse with onnxruntime's transformer optimizer (ONNX Runtime-only ops).")] = False,
@@ -371,7 +390,7 @@ def onnx_cmd(
     cfg = OnnxConfig(opset=opset, dtype=dtype, external_data=external_data,  # type: ignore[arg-type]
                      simplify=simplify, optimize=optimize, verify=verify)
     cfg.validate()
-    prepare_target(out, force)
+    prepare_target(out, force, source=model)
     lm = load_model(model)
     manifest = export_onnx(lm.model, lm.tokenizer, out, cfg, source=lm.source, source_dir=lm.path, force=force)
     graph, check = manifest["graph"], manifest.get("verification")
@@ -509,6 +528,7 @@ def bench_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Result JSON; .md and .png files go beside it.")] = Path("benchmark.json"),
     baseline: Annotated[Optional[Path], typer.Option(help="Stored result JSON to gate against (exit 1 on regression).")] = None,
     max_regression: Annotated[str, typer.Option(help="Allowed worsening per gated metric, e.g. 5% or 0.05.")] = "5%",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out result file.")] = False,
     threads: Threads = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -537,7 +557,7 @@ def bench_cmd(
         prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, warmup=warmup, seed=seed, ppl=ppl,
         isolation=isolation, progress=not quiet,  # type: ignore[arg-type]
     )
-    result = api.bench(cfg, out, baseline, tolerance)
+    result = api.bench(cfg, out, baseline, tolerance, force=force)
     written = ", ".join([str(out), result["outputs"]["markdown"], *result["outputs"]["plots"]])
     _emit(result, as_json, [markdown(result), f"written: {written}"])  # markdown holds any gate table
     gate = result["gate"]
@@ -561,6 +581,8 @@ def main() -> None:
 
     try:
         code = app(standalone_mode=False)  # a typer.Exit comes back as its exit code
+        if code == INTERRUPTED:  # typer caught a KeyboardInterrupt: every output goes through a temporary path
+            typer.echo("interrupted; nothing was written", err=True)
         sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode ends
     except NoArgsIsHelpError as exc:  # the command alone: its help, as --help prints it
         typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())

@@ -174,7 +174,7 @@ def test_no_partial_files_when_a_measurement_raises(models: dict, tmp_path: Path
 
     monkeypatch.setattr(latency, "time_decode", broken)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        bench(config(models, ppl=None), out)
+        bench(config(models, ppl=None), out, force=True)
     assert [p.name for p in out.parent.iterdir()] == ["b.json"] and out.read_text() == '{"old": true}'
 
 
