@@ -11,6 +11,7 @@ The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -368,12 +369,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    with quiet_transformers():
+    with quiet_transformers(), _gguf_bars(log.isEnabledFor(logging.INFO)):  # --quiet: no bars either
         try:
             loaded = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True, trust_remote_code=False
             )
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
+                                                      trust_remote_code=False)
         except Exception as exc:  # gguf's reader raises many types on bad files; all mean one thing
             raise SurgeonError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from None
     get_adapter(loaded.config.model_type)
@@ -386,13 +388,31 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     state = loaded.state_dict()
     clean.load_state_dict(state, assign=True, strict=False)
     clean.tie_weights()
-    clean.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    with quiet_transformers():
-        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True)
+    with quiet_transformers():  # its "Writing model shards" bar
+        clean.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True,
+                                                        trust_remote_code=False)
     for name, tensor in reloaded.state_dict().items():
         if not torch.equal(tensor, state[name]):
             raise RuntimeError(f"GGUF cache reload differs from the GGUF weights at {name}")
+
+
+@contextmanager
+def _gguf_bars(show: bool) -> Iterator[None]:
+    """transformers' GGUF reader draws its "de-quantizing" bar with plain tqdm, past
+    ``disable_progress_bar``; hide it unless progress is wanted (the log level says: --quiet)."""
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    original = getattr(reader, "tqdm", None)
+    if show or original is None:
+        yield
+        return
+    reader.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = original
 
 
 @contextmanager

@@ -241,6 +241,25 @@ def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *,
     return save_checkpoint(lm.model, lm.tokenizer, out, full, list(lm.adapter.decoder_linears(lm.model)), force=force)
 
 
+def check_align(lm: LoadedModel, align: int) -> None:
+    """Refuse an ``--align`` the model's layers cannot take before any pruning (the shrink would refuse it
+    only after): every layer needs at least ``align`` MLP channels and enough KV heads for aligned widths."""
+    from base.surgery import layer_shapes
+    from export.shapes import head_unit
+
+    if align < 1:
+        raise SurgeonError(f"--align must be at least 1, got {align}")
+    if align == 1:
+        return
+    unit = head_unit(align, lm.adapter.head_dim(lm.model.config))
+    for i, shape in enumerate(layer_shapes(lm.model, lm.adapter)):
+        if shape.intermediate_size < align:
+            raise SurgeonError(f"--align {align}: layer {i} has only {shape.intermediate_size} MLP channels")
+        if shape.num_key_value_heads < unit:
+            raise SurgeonError(f"--align {align}: layer {i} has {shape.num_key_value_heads} KV heads; aligned "
+                               f"attention widths need multiples of {unit} KV heads")
+
+
 def shrink(lm: LoadedModel, out: str | Path, config: ShrinkConfig | None = None, *, force: bool = False) -> dict:
     """Cut the fully zeroed MLP channels and heads out of a masked model and save it smaller."""
     return shrink_and_save(lm.model, lm.tokenizer, lm.adapter, Path(out), config or ShrinkConfig(),
@@ -350,5 +369,5 @@ def generate_text(
     return out, [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens], cfg
 
 
-__all__ += ["MemoryPlan", "Perplexity", "RemovalPlan", "count_parameters", "generate_text", "memory_plan",
+__all__ += ["MemoryPlan", "check_align", "Perplexity", "RemovalPlan", "count_parameters", "generate_text", "memory_plan",
             "open_lazy", "parse_bytes", "prune_streamed"]

@@ -18,7 +18,8 @@ def _interrupted_while_importing(signum: int, frame: object) -> None:
 
 
 _previous_sigint = (signal.signal(signal.SIGINT, _interrupted_while_importing)
-                    if threading.current_thread() is threading.main_thread() else None)
+                    if threading.current_thread() is threading.main_thread()
+                    and signal.getsignal(signal.SIGINT) is signal.default_int_handler else None)
 
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -156,6 +157,7 @@ def prune_cmd(
 ) -> None:
     """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally save and evaluate it."""
     from base.env import environment, peak_rss_mib
+    from base.files import check_writable
     from export.checkpoint import prepare_target
     from surgeon_export import api
 
@@ -169,8 +171,12 @@ def prune_cmd(
         correlation=correlation, group_cost=group_cost, fisher=fisher, kfac_samples=kfac_samples,
         kfac_batch=kfac_batch, calib_samples=calib_samples, true_sequential=true_sequential, refine=sds,
     )
+    if align != 1 and (structured is None or out is None):
+        raise SurgeonError("--align rounds the sizes of a --structured run's smaller checkpoint: give --structured and --out")
     if out is not None:
         prepare_target(out, force, source=model)
+    if checkpoint is not None:
+        check_writable(checkpoint / "progress.json", "--checkpoint")
     budget = api.parse_bytes(max_memory) if max_memory is not None else None
     lazy = api.open_lazy(model) if streaming is not False else None
     plan = api.memory_plan(lazy, cfg, calib_samples or api.calibration_size(cfg), seq_len, streaming=streaming,
@@ -191,6 +197,7 @@ def prune_cmd(
     else:
         del lazy
         lm = api.load(model)
+        api.check_align(lm, align)  # before the pruning, not after it
         report = api.prune(lm, cfg, calib_samples=calib_samples, seq_len=seq_len, seed=seed, calib_text=calib_text,
                            data_dir=data_dir, checkpoint=checkpoint, progress=not quiet)
         payload = {"model": lm.source, **report.to_dict()}
@@ -256,6 +263,7 @@ def shrink_cmd(
     cfg = api.ShrinkConfig(align=align, rounding=rounding, uniform=uniform)  # type: ignore[arg-type]
     prepare_target(out, force, source=model)
     lm = api.load(model)
+    api.check_align(lm, align)
     report = api.shrink(lm, out, cfg, force=force)
     shrink = report["shrink"]
     payload = {"model": lm.source, "out": str(out), **{k: v for k, v in shrink.items() if k != "manifest"},
