@@ -66,7 +66,7 @@ def build_24_model(spec: Path, work: Path, device: torch.device, seed: int = 0) 
     from base.patterns import NMPattern
     from export.sparse_checkpoint import PackConfig, pack_checkpoint
 
-    config = AutoConfig.from_pretrained(spec, local_files_only=True)
+    config = AutoConfig.from_pretrained(spec, local_files_only=True, trust_remote_code=False)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).to(device).eval()
     with torch.no_grad():
@@ -74,7 +74,7 @@ def build_24_model(spec: Path, work: Path, device: torch.device, seed: int = 0) 
             linear.weight.mul_(NMPattern().mask_from_scores(linear.weight.abs().float()).to(linear.weight.dtype))
     dense = work / "dense24"
     model.save_pretrained(dense)
-    AutoTokenizer.from_pretrained(spec, local_files_only=True).save_pretrained(dense)
+    AutoTokenizer.from_pretrained(spec, local_files_only=True, trust_remote_code=False).save_pretrained(dense)
     del model
     packed = work / "packed24"
     pack_checkpoint(load_model(dense), packed, PackConfig("2:4", "float16"))

@@ -181,8 +181,12 @@ def encode_prompts(tokenizer: Any, texts: Sequence[str], chat: bool = False) -> 
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise SurgeonError("--chat: this model's tokenizer has no chat template")
-        return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)) for t in texts]
+        try:
+            return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False)) for t in texts]
+        except Exception as exc:  # jinja2's TemplateError and transformers' ValueError: a broken template file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SurgeonError(f"--chat: the tokenizer's chat template cannot be applied: {first}") from None
     return [tokenizer(t)["input_ids"] for t in texts]
 
 

@@ -283,6 +283,13 @@ def test_chat_without_a_template(models: dict[str, Path], monkeypatch: pytest.Mo
                                  capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = cli(monkeypatch, capsys, "generate", str(models["good"]), "--chat", "--quiet")
     assert one_line_error(code, err) == "error: --chat: this model's tokenizer has no chat template"
+    from runtime.generate import encode_prompts
+    from tests.conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{% if messages %}{{ messages[0]['content'] }}"  # no endif: a broken template
+    with pytest.raises(SurgeonError, match="^--chat: the tokenizer's chat template cannot be applied: "):
+        encode_prompts(tokenizer, ["hi"], chat=True)
 
 
 def test_opset_outside_14_to_20_is_refused_at_parse_time(models: dict[str, Path], tmp_path: Path,
@@ -436,3 +443,22 @@ def test_ctrl_c_during_the_imports() -> None:
     code, err = interrupt(["info", "--quiet"], after=None, delay=1.0)
     check_interrupted(code, err)
     assert err.strip() == "interrupted; nothing was written"
+
+
+def test_every_hub_style_load_refuses_remote_code() -> None:
+    """A directory whose config names custom code must never run it nor stop at transformers'
+    "run the custom code? [y/N]" prompt: every ``from_pretrained`` passes ``trust_remote_code=False``."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    missing = []
+    for package in ("base", "benchmarks", "export", "runtime", "surgeon", "surgeon_export"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "from_pretrained"
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id.startswith("Auto")):
+                    flag = next((k.value for k in node.keywords if k.arg == "trust_remote_code"), None)
+                    if not (isinstance(flag, ast.Constant) and flag.value is False):
+                        missing.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not missing, missing
