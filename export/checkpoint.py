@@ -40,7 +40,12 @@ def prepare_target(out: Path, force: bool, source: str | Path | None = None) -> 
     parent cannot be written (:func:`base.files.check_writable`)."""
     out = Path(out).expanduser()
     resolved = out.resolve()
-    precious = {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}
+    cwd = Path.cwd().resolve()
+    precious = {cwd, *cwd.parents}
+    try:
+        precious.add(Path.home().resolve())
+    except (KeyError, RuntimeError):  # no home directory known
+        pass
     if resolved in precious:
         raise SurgeonError(f"refusing to write over {out} ({resolved}): it is the working directory, "
                            "one of its parents or the home directory; give a new directory")

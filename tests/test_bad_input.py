@@ -462,3 +462,24 @@ def test_every_hub_style_load_refuses_remote_code() -> None:
                     if not (isinstance(flag, ast.Constant) and flag.value is False):
                         missing.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not missing, missing
+
+
+def test_bench_disk_full_while_writing_results(models: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmarks.report
+    import benchmarks.run
+
+    monkeypatch.setattr(benchmarks.run, "run_benchmark", lambda cfg: {"models": []})
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(benchmarks.report, "atomic_write", full)
+    monkeypatch.setattr(benchmarks.report, "markdown", lambda result: "")
+    monkeypatch.setattr(benchmarks.report, "plot_quality", lambda result: None)
+    monkeypatch.setattr(benchmarks.report, "plot_speedup", lambda result: None)
+    out = tmp_path / "b.json"
+    cfg = benchmarks.run.BenchConfig([benchmarks.run.ModelSpec("good", str(models["good"]))], ppl=None)
+    with pytest.raises(SurgeonError, match=r"^cannot write .*b\.json: no space left on device; nothing was written$"):
+        benchmarks.run.bench(cfg, out)
+    assert listing(tmp_path) == []
