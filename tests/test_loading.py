@@ -90,7 +90,7 @@ def test_checkpoint_missing_a_tensor_is_refused(tiny_llama_dir: Path) -> None:
     state = load_file(weights)
     del state["model.layers.1.mlp.down_proj.weight"]
     save_file(state, weights, metadata={"format": "pt"})
-    with pytest.raises(SurgeonError, match="does not match its config"):
+    with pytest.raises(SurgeonError, match="tensor model.layers.1.mlp.down_proj.weight is missing from the checkpoint"):
         load_model(tiny_llama_dir)
 
 
@@ -127,7 +127,7 @@ def test_failed_cache_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
         raise OSError("disk full")
 
     monkeypatch.setattr(loading, "_convert_gguf", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SurgeonError, match="^cannot write .*: disk full; nothing was written"):  # one line, no traceback
         load_model(gguf)
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
 
