@@ -483,3 +483,18 @@ def test_bench_disk_full_while_writing_results(models: dict[str, Path], tmp_path
     with pytest.raises(SurgeonError, match=r"^cannot write .*b\.json: no space left on device; nothing was written$"):
         benchmarks.run.bench(cfg, out)
     assert listing(tmp_path) == []
+
+
+def test_quiet_hides_the_gguf_conversion_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    """transformers' GGUF reader draws its bar with plain tqdm; under --quiet (log level WARNING) it is off."""
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    from base.loading import _gguf_bars
+
+    original = reader.tqdm
+    with _gguf_bars(False):
+        list(reader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "de-quantizing" not in capsys.readouterr().err and reader.tqdm is original
+    with _gguf_bars(True):
+        list(reader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "de-quantizing" in capsys.readouterr().err
