@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from surgeon.driver import (
     prune_sequential_,
 )
 from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
+from surgeon.recover import RecoverConfig, recover_
 from surgeon.sds import SDSConfig
 
 METHODS = ("surgeon", *PRUNERS)  # surgeon, magnitude, wanda, sparsegpt
@@ -62,6 +64,7 @@ def build_config(
     calib_samples: int | None = None,
     true_sequential: bool = False,
     refine: SDSConfig | None = None,
+    between_shots: RecoverConfig | None = None,
 ) -> Config:
     """The config that ``prune --method METHOD ...`` describes, checked before anything is loaded.
 
@@ -79,6 +82,8 @@ def build_config(
         raise SurgeonError("give exactly one of --sparsity (unstructured), --pattern (e.g. 2:4) or --structured")
     if refine is not None and structured is not None:
         raise SurgeonError("--refine sds works on unstructured (--sparsity) and N:M (--pattern) pruning, not --structured")
+    if between_shots is not None and method != "surgeon":
+        raise SurgeonError("--lora-between-shots works with --method surgeon (low-rank updates between its shots)")
     if allocation is None:
         allocation = "global" if method == "surgeon" else "uniform"
     check_choice("--allocation", allocation, ("global", "uniform"))
@@ -102,7 +107,7 @@ def build_config(
             shots=shots if method == "surgeon" else 1,
             allocation=allocation,  # type: ignore[arg-type]
             correlation=correlation, fisher=fisher, group_cost=group_cost,  # type: ignore[arg-type]
-            kfac_windows=kfac_samples, batch_size=kfac_batch, refine=refine,
+            kfac_windows=kfac_samples, batch_size=kfac_batch, refine=refine, between_shots=between_shots,
         )
     return PruneConfig(method=method, sparsity=target_sparsity, pattern=target_pattern,  # type: ignore[arg-type]
                        true_sequential=true_sequential, refine=refine)
@@ -166,8 +171,20 @@ def prune_(
     if isinstance(config, PruneConfig):
         return prune_sequential_(model, adapter, windows, config, stream=stream, progress=progress)
     sds = config.refine
-    dense = copy.deepcopy(model) if sds else None  # SDS's teacher
-    report = prune_surgeon_(model, adapter, windows, config, checkpoint_dir=checkpoint_dir, progress=progress)  # type: ignore[arg-type]
+    dense = copy.deepcopy(model) if sds or config.between_shots else None  # SDS's and recovery's teacher
+    between = None
+    if config.between_shots is not None:
+        lowrank = config.between_shots
+
+        def between(shot: int, keep: dict[str, torch.Tensor]) -> dict:
+            # the paper's interleaved low-rank update: distil the pruned model between shots, its masks frozen;
+            # the next shot's curvature is estimated on the updated model
+            done = recover_(model, dense, adapter, windows, replace(lowrank, seed=lowrank.seed + shot), masks=keep,
+                            progress=progress)
+            return {k: v for k, v in done.to_dict().items() if k != "losses"}
+
+    report = prune_surgeon_(model, adapter, windows, config, checkpoint_dir=checkpoint_dir, progress=progress,  # type: ignore[arg-type]
+                            between_shots=between)
     if sds:  # LLM Surgeon's model is the first round; each linear is re-pruned to its own sparsity
         refined = prune_sequential_(model, adapter, windows, PruneConfig("sparsegpt", pattern=config.pattern, refine=sds),
                                     teacher=dense, progress=progress)

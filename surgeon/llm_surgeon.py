@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -51,6 +51,7 @@ from surgeon.prune.threshold import (
     per_layer_fraction_mask,
 )
 from surgeon.prune.update import Correlation, update_masked
+from surgeon.recover import RecoverConfig
 from surgeon.sds import SDSConfig
 from surgeon.structures import GroupCost, Scoring
 
@@ -99,6 +100,7 @@ class SurgeonConfig:
     group_cost: GroupCost = "output"  # structured: output side only (measured best), or the sum of members
     kfac_windows: int | None = None  # backward passes (G) on the first this many windows; A on all, forward only
     refine: SDSConfig | None = None  # SDS after the shots (unstructured and N:M; surgeon.api.prune_ runs it)
+    between_shots: RecoverConfig | None = None  # low-rank distillation between shots (surgeon.api.prune_ runs it)
 
     def __post_init__(self) -> None:
         if self.refine is not None and self.structured is not None:
@@ -132,8 +134,9 @@ class SurgeonConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["pattern"] = str(self.pattern) if self.pattern else None
-        if self.refine is None:  # as before SDS could follow LLM Surgeon: checkpoints and reports compare equal
-            d.pop("refine")
+        for key in ("refine", "between_shots"):  # absent when unused: older checkpoints and reports compare equal
+            if d[key] is None:
+                d.pop(key)
         return d
 
     def shot_targets(self) -> list[Target]:
@@ -166,6 +169,7 @@ def prune_surgeon_(
     *,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    between_shots: Callable[[int, dict[str, torch.Tensor]], dict] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with LLM Surgeon; returns the report (allocation per layer, shots).
 
@@ -173,6 +177,8 @@ def prune_surgeon_(
         windows: calibration token ids ``[N, T]``.
         checkpoint_dir: if given, the state after every shot is saved there, and a run with the
             same config resumes after the last completed shot instead of starting over.
+        between_shots: called after every shot but the last with the shot's index and the kept
+            masks (the interleaved low-rank update); what it returns joins that shot's record.
     """
     linears = adapter.decoder_linears(model)
     if cfg.structured is not None:
@@ -217,6 +223,8 @@ def prune_surgeon_(
         })
         log.info("shot %d/%d: sparsity %.2f%% (%.0f s)", shot + 1, len(targets), 100 * removed,
                  time.perf_counter() - t0)
+        if between_shots is not None and shot + 1 < len(targets):
+            report.shots[-1]["between_shots"] = between_shots(shot, keep)
         if checkpoint_dir is not None:
             _save_checkpoint(checkpoint_dir, cfg, shot + 1, report.shots, linears, keep)
     for name, m in linears.items():

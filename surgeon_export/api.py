@@ -61,15 +61,16 @@ from surgeon.api import (
 )
 from surgeon.driver import PruneConfig, PruneReport
 from surgeon.llm_surgeon import SurgeonConfig
+from surgeon.recover import RecoverConfig, RecoverReport, recover_
 from surgeon.sds import SDSConfig
 
 log = logging.getLogger("surgeon_export")
 
 __all__ = [
     "BenchConfig", "Generation", "GenerationConfig", "LoadedModel", "ModelSpec", "OnnxConfig", "PackConfig",
-    "PplConfig", "PruneConfig", "PruneReport", "RunConfig", "SDSConfig", "ShrinkConfig", "SurgeonConfig",
+    "PplConfig", "PruneConfig", "PruneReport", "RecoverConfig", "RecoverReport", "RunConfig", "SDSConfig", "ShrinkConfig", "SurgeonConfig",
     "SurgeonError", "bench", "build_config", "calibrate", "densify", "evaluate", "export_gguf", "export_onnx", "generate",
-    "load", "load_backend", "pack", "prune", "run", "save", "shrink",
+    "load", "load_backend", "pack", "prune", "recover", "recovery_windows", "run", "save", "shrink",
 ]
 
 
@@ -124,6 +125,42 @@ def prune(
                     checkpoint_dir=checkpoint, progress=progress)
     report.calibration = calibration.origin if calibration else None
     return report
+
+
+RECOVER_DATA = ("calibration", "generated")
+
+
+def recovery_windows(
+    lm: LoadedModel, n: int = 64, *, seq_len: int = 256, data: str = "calibration", seed: int = 1,
+    calib_text: str | Path | None = None, data_dir: str | Path | None = None,
+) -> TokenSource:
+    """Training windows for :func:`recover`: ``calibration`` text (WikiText-2 validation or ``calib_text``;
+    never the evaluation split; seeded offsets, by default another seed than pruning's 0) or text the
+    dense model ``generated`` itself (data-free). Take them before pruning (``lm`` is the dense model)."""
+    check_choice("--recover-data", data, RECOVER_DATA)
+    if n < 1:
+        raise SurgeonError(f"--recover-windows must be at least 1, got {n}")
+    return calibration_windows(lm.model, lm.tokenizer, n=n, seq_len=seq_len, seed=seed, text_file=calib_text,
+                               data_dir=data_dir, source="generated" if data == "generated" else "wikitext")
+
+
+def recover(
+    lm: LoadedModel, teacher: LoadedModel, config: RecoverConfig | None = None, *,
+    windows: TokenSource | None = None, masks: dict[str, torch.Tensor] | None = None,
+    checkpoint: Path | None = None, progress: bool = False,
+) -> RecoverReport:
+    """Distil the pruned ``lm`` from the dense ``teacher`` in place, its pruned structure frozen (:mod:`surgeon.recover`).
+
+    ``windows``: from :func:`recovery_windows` (default: 64 calibration windows of the config's
+    length). ``masks`` (default: the nonzero weights) are what may change.
+    """
+    config = config or RecoverConfig()
+    if lm.model.config.vocab_size != teacher.model.config.vocab_size:
+        raise SurgeonError(f"the teacher's vocabulary ({teacher.model.config.vocab_size}) differs from the pruned "
+                           f"model's ({lm.model.config.vocab_size}): distillation needs the same tokens")
+    windows = windows or recovery_windows(teacher, seq_len=config.seq_len or 512)
+    return recover_(lm.model, teacher.model, lm.adapter, windows.ids, config, masks=masks, checkpoint_dir=checkpoint,
+                    progress=progress, data=windows.origin)
 
 
 WHOLE_MODEL_FACTOR = {"layerwise": 5.0, "surgeon": 18.0}  # measured peak RSS / float32 weights (docs/streaming.md)

@@ -52,6 +52,24 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")]
+Recover = Annotated[bool, typer.Option("--recover/--no-recover", help="After pruning, distil the pruned model from the dense one (KL on logits), the pruned structure frozen (docs/recovery.md).")]
+RecoverSteps = Annotated[int, typer.Option(help="--recover: training steps (one window each).")]
+RecoverLr = Annotated[Optional[float], typer.Option(help="--recover: peak learning rate (default 2e-5 for the kept weights, 1e-3 with --recover-rank).")]
+RecoverRank = Annotated[int, typer.Option(help="--recover: 0 trains the kept weights directly; R > 0 trains masked low-rank adapters of rank R, merged at the end.")]
+RecoverData = Annotated[str, typer.Option(help="--recover: calibration (WikiText-2 validation or --calib-text; never the evaluation split) or generated (text the dense model samples itself).")]
+RecoverWindows = Annotated[int, typer.Option(help="--recover: training windows of --recover-seq-len tokens.")]
+RecoverSeqLen = Annotated[int, typer.Option(help="--recover: tokens per training window.")]
+RECOVER_STEPS = 100
+
+
+def recover_config(steps: int, lr: float | None, rank: int, seq_len: int):
+    """The recovery config of the command line (the learning rate's default depends on the form)."""
+    from surgeon_export import api
+
+    return api.RecoverConfig(steps=steps, lr=lr if lr is not None else (1e-3 if rank else 2e-5), rank=rank,
+                             seq_len=seq_len)
+
+
 DataDir = Annotated[
     Optional[Path],
     typer.Option(help="Directory with wikitext-2-raw/wiki.test.raw and wikitext-2/valid.txt (default: $SURGEON_EXPORT_DATA, else the copies packaged with surgeon-export)."),
@@ -149,13 +167,21 @@ def prune_cmd(
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
     streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Layer by layer: one decoder layer in memory, read from disk and written to --out as it is pruned (sparsegpt, wanda, magnitude, + SDS). Default: when the whole model would not fit in memory.")] = None,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget for choosing streaming, e.g. 8GiB (default: the memory available).")] = None,
+    recover: Recover = False,
+    recover_steps: RecoverSteps = RECOVER_STEPS,
+    recover_lr: RecoverLr = None,
+    recover_rank: RecoverRank = 0,
+    recover_data: RecoverData = "calibration",
+    recover_windows: RecoverWindows = 64,
+    recover_seq_len: RecoverSeqLen = 256,
+    lora_between_shots: Annotated[int, typer.Option(help="surgeon: steps of the masked low-rank update (rank --recover-rank, default 8) between shots, distilled from the dense model; 0: off.")] = 0,
     data_dir: DataDir = None,
     force: Force = False,
     threads: Threads = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally save and evaluate it."""
+    """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally recover, save and evaluate it."""
     from base.env import environment, peak_rss_mib
     from base.files import check_writable
     from export.checkpoint import prepare_target
@@ -166,19 +192,29 @@ def prune_cmd(
         check_choice("--refine", refine, ("sds",))
     sds = (api.SDSConfig(l1=sds_l1, l2=sds_l2, epochs=sds_epochs, adjust_epochs=sds_adjust_epochs,
                          teacher=sds_teacher) if refine else None)  # type: ignore[arg-type]
+    if lora_between_shots < 0:
+        raise SurgeonError(f"--lora-between-shots must be 0 (off) or a number of steps, got {lora_between_shots}")
+    between = (recover_config(lora_between_shots, recover_lr, recover_rank or 8, recover_seq_len)
+               if lora_between_shots else None)
     cfg = api.build_config(
         method, sparsity=sparsity, pattern=pattern, structured=structured, shots=shots, allocation=allocation,
         correlation=correlation, group_cost=group_cost, fisher=fisher, kfac_samples=kfac_samples,
         kfac_batch=kfac_batch, calib_samples=calib_samples, true_sequential=true_sequential, refine=sds,
+        between_shots=between,
     )
     if align != 1 and (structured is None or out is None):
         raise SurgeonError("--align rounds the sizes of a --structured run's smaller checkpoint: give --structured and --out")
+    rcfg = recover_config(recover_steps, recover_lr, recover_rank, recover_seq_len) if recover else None
+    if recover:
+        check_choice("--recover-data", recover_data, api.RECOVER_DATA)
+        if streaming:
+            raise SurgeonError("--recover trains the whole model; it does not run with --streaming")
     if out is not None:
         prepare_target(out, force, source=model)
     if checkpoint is not None:
         check_writable(checkpoint / "progress.json", "--checkpoint")
     budget = api.parse_bytes(max_memory) if max_memory is not None else None
-    lazy = api.open_lazy(model) if streaming is not False else None
+    lazy = api.open_lazy(model) if streaming is not False and not recover else None
     plan = api.memory_plan(lazy, cfg, calib_samples or api.calibration_size(cfg), seq_len, streaming=streaming,
                            max_memory=budget) if lazy is not None else None
     if plan is not None and plan.streaming:
@@ -198,10 +234,20 @@ def prune_cmd(
         del lazy
         lm = api.load(model)
         api.check_align(lm, align)  # before the pruning, not after it
+        teacher = train = None
+        if recover:  # the dense model as the teacher, and the training windows, before pruning changes lm
+            train = api.recovery_windows(lm, recover_windows, seq_len=recover_seq_len, data=recover_data, seed=seed + 1,
+                                         calib_text=calib_text, data_dir=data_dir)
+            teacher = api.load(model)
         report = api.prune(lm, cfg, calib_samples=calib_samples, seq_len=seq_len, seed=seed, calib_text=calib_text,
                            data_dir=data_dir, checkpoint=checkpoint, progress=not quiet)
         payload = {"model": lm.source, **report.to_dict()}
         extra = {}
+        if rcfg is not None and teacher is not None and train is not None:
+            recovered = api.recover(lm, teacher, rcfg, windows=train, progress=not quiet,
+                                    checkpoint=checkpoint / "recover" if checkpoint else None)
+            del teacher
+            payload["recover"] = extra["recover"] = {k: v for k, v in recovered.to_dict().items() if k != "losses"}
         if evaluate:
             ppl, _ = api.evaluate(lm, data_dir=data_dir, seq_len=seq_len, progress=not quiet)
             payload["perplexity"] = extra["perplexity"] = ppl.to_dict()
@@ -231,6 +277,11 @@ def prune_cmd(
                      f"{summary['choices'].get('sds', 0)}, their first-round mask adjusted "
                      f"{summary['choices'].get('first mask', 0)}, first-round weights {summary['fallbacks']}; "
                      f"{summary['seconds']:.0f} s in refinement")
+    if "recover" in payload:
+        r = payload["recover"]
+        lines.append(f"recovery: {r['steps']} steps, distillation loss {r['loss_first10']:.4f} -> {r['loss_last10']:.4f} "
+                     f"(means of the first and last 10), {r['seconds']:.0f} s"
+                     + (f"; STOPPED, {r['diverged']}: the model before recovery is kept" if r["diverged"] else ""))
     if evaluate:
         lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")
     if out is not None and structured is not None:

@@ -1,0 +1,120 @@
+"""Recovery after pruning measured: protocol perplexity before and after, on WikiText-2 and another domain.
+
+Each case prunes the default model (SmolLM2-135M) as the README's tables do, evaluates it (64
+protocol windows of WikiText-2 test, and every window of the other-domain text), distils it from the
+dense model for ``--steps`` steps (:func:`surgeon_export.api.recover`), and evaluates it again.
+Time and peak memory per step are recorded with the threads used.
+
+The other domain: the licence texts in ``benchmarks/data/licenses.txt.gz`` (GPL-3.0, Apache-2.0 and
+GFDL-1.3 as Debian's base-files ships them in /usr/share/common-licenses; legal English, far from
+Wikipedia prose; each licence permits verbatim copies).
+
+    python -m benchmarks.recovery --cases s80 --steps 100 --threads 2 --out benchmarks/results/recovery_s80.json
+    python -m benchmarks.recovery --cases s80 --steps 100 --data generated --out ...   # data-free
+    python -m benchmarks.recovery --cases s80-between --out ...  # LoRA between shots, no final recovery
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from base.env import environment
+
+OTHER_DOMAIN = Path(__file__).with_name("data") / "licenses.txt.gz"
+CASES = {  # name -> build_config arguments (the README's settings for each row)
+    "s80": dict(method="surgeon", structured=0.8, allocation="uniform", shots=3),
+    "s90": dict(method="surgeon", structured=0.9, allocation="uniform", shots=3),
+    "sgpt24-sds": dict(method="sparsegpt", pattern="2:4", sds=True),
+    "u50": dict(method="surgeon", sparsity=0.5, shots=3),
+}
+
+
+def other_domain_text(work: Path) -> Path:
+    """The other-domain evaluation text as a plain file (decompressed once)."""
+    out = work / "licenses.txt"
+    if not out.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(gzip.decompress(OTHER_DOMAIN.read_bytes()))
+    return out
+
+
+def evaluate(se, lm, other: Path) -> dict:
+    wiki, _ = se.evaluate(lm, windows=64)
+    legal, _ = se.evaluate(lm, text=other, windows=None)
+    return {"wikitext": round(wiki.perplexity, 3), "other_domain": round(legal.perplexity, 3),
+            "other_domain_windows": legal.windows}
+
+
+def run_case(se, name: str, args: argparse.Namespace, other: Path) -> dict:
+    spec = dict(CASES[name.removesuffix("-between")])
+    sds = se.SDSConfig() if spec.pop("sds", False) else None
+    rcfg = se.RecoverConfig(steps=args.steps, lr=args.lr if args.lr else (1e-3 if args.rank else 2e-5),
+                            rank=args.rank, seq_len=args.seq_len)
+    between = None
+    if name.endswith("-between"):
+        between = se.RecoverConfig(steps=args.between_steps, lr=1e-3, rank=args.rank or 8, seq_len=args.seq_len)
+    lm, teacher = se.load(), se.load()
+    train = se.recovery_windows(lm, args.windows, seq_len=args.seq_len, data=args.data, seed=1)
+    t0 = time.perf_counter()
+    report = se.prune(lm, se.build_config(spec.pop("method"), refine=sds, between_shots=between, **spec))
+    prune_seconds = time.perf_counter() - t0
+    before = evaluate(se, lm, other)
+    out = {"case": name, "prune_config": report.config, "prune_seconds": round(prune_seconds, 1),
+           "sparsity": report.sparsity, "before": before}
+    if between is not None:
+        out["between_shots"] = [s.get("between_shots") for s in report.shots]
+    if args.steps > 0 and not name.endswith("-between"):
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        recovered = se.recover(lm, teacher, rcfg, windows=train, progress=args.progress)
+        out["recover"] = recovered.to_dict()
+        out["recover"]["peak_rss_mib_after"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["recover"]["peak_rss_mib_before"] = rss0
+        out["after"] = evaluate(se, lm, other)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=["s80"],
+                        help=f"of {', '.join(CASES)}; NAME-between: LoRA between LLM Surgeon's shots instead")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--between-steps", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--data", default="calibration", choices=["calibration", "generated"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/recovery-bench"))
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import surgeon_export as se
+
+    other = other_domain_text(args.work)
+    dense = se.load()
+    result = {"environment": environment(), "threads": args.threads, "settings": vars(args) | {"work": str(args.work), "out": str(args.out)},
+              "other_domain": "GPL-3.0 + Apache-2.0 + GFDL-1.3 licence texts (benchmarks/data/licenses.txt.gz)",
+              "dense": evaluate(se, dense, other), "cases": []}
+    del dense
+    for name in args.cases:
+        result["cases"].append(run_case(se, name, args, other))
+        tmp = args.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, args.out)
+        print(json.dumps({k: v for k, v in result["cases"][-1].items() if k not in ("prune_config",)}
+                         | {"recover": {k: v for k, v in result["cases"][-1].get("recover", {}).items() if k != "losses"}}))
+
+
+if __name__ == "__main__":
+    main()
