@@ -91,6 +91,12 @@ def shape_runs(layers: Iterable[dict]) -> list[str]:
     return out
 
 
+def _is_shapes(layers: Any) -> bool:
+    """A report's ``layers`` holds per-layer sizes after shrinking (pruners put per-linear records there)."""
+    return isinstance(layers, list) and bool(layers) and all(isinstance(x, dict) and "intermediate_size" in x
+                                                              for x in layers)
+
+
 def _method(report: dict) -> str | None:
     cfg = report.get("config") if isinstance(report.get("config"), dict) else {}
     method = report.get("method") or cfg.get("method")
@@ -158,7 +164,7 @@ def model_card(*, title: str, source: str | None, report: dict | None = None, li
     facts += list(notes)
     if facts:
         lines += ["## How it was made", ""] + [f"- {f}" for f in facts] + [""]
-    if report.get("layers"):
+    if _is_shapes(report.get("layers")):
         lines += ["## Per-layer shapes", ""] + [f"- {r}" for r in shape_runs(report["layers"])] + [""]
     measured = _measured(report)
     if measured:
