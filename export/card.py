@@ -182,3 +182,50 @@ def write_card(directory: Path, name: str = CARD_FILE, **kwargs: Any) -> str:
     text = model_card(**kwargs)
     (directory / name).write_text(text)
     return text
+
+
+def add_measurements(directory: Path, lines: list[str]) -> None:
+    """Add numbers measured after the write (e.g. the main job's benchmark) to the card and the report.
+
+    Each file is rewritten through a temporary sibling and renamed, so a reader sees the old or the new
+    file, never half of one.
+    """
+    import os
+
+    from base.formats import REPORT_FILE
+
+    def replace(path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    report_path = directory / REPORT_FILE
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        report["measured"] = [*(report.get("measured") or []), *lines]
+        replace(report_path, json.dumps(report, indent=2))
+    card = directory / CARD_FILE
+    if card.is_file():
+        replace(card, card.read_text().rstrip("\n") + "\n\n## Measured after writing\n\n"
+                + "".join(f"- {line}\n" for line in lines))
+
+
+def benchmark_lines(result: dict, label: str) -> list[str]:
+    """What a benchmark (benchmarks/run.py result) measured for the model ``label``, against the first model."""
+    env = result.get("environment") or {}
+    where = f"{env.get('device', 'cpu')}, {env.get('threads', '?')} thread(s), torch {env.get('torch', '?')}"
+    out = []
+    for model in result.get("models", []):
+        if model.get("label") != label:
+            continue
+        ppl = model.get("perplexity") or {}
+        if ppl.get("perplexity") is not None:
+            out.append(f"perplexity {ppl['perplexity']:.2f} (WikiText-2 test, {ppl.get('windows')} windows of "
+                       f"{ppl.get('seq_len')} tokens)")
+        ratios = model.get("ratios") or {}
+        for kind in ("prefill", "decode"):
+            for cell, r in (ratios.get(kind) or {}).items():
+                if r.get("throughput") is not None:
+                    out.append(f"{kind} {cell}: {r['throughput']:.2f}x the throughput of "
+                               f"{result['models'][0].get('label')} ({where})")
+    return out

@@ -33,6 +33,7 @@ from base.perplexity import Perplexity, perplexity
 from base.surgery import RemovalPlan
 from benchmarks.run import BenchConfig, ModelSpec, PplConfig
 from benchmarks.run import bench as _bench
+from export.card import add_measurements, benchmark_lines
 from export.checkpoint import prepare_target, save_checkpoint
 from export.gguf import check_gguf_target
 from export.gguf import export_gguf as _export_gguf
@@ -326,6 +327,7 @@ def run(cfg: RunConfig) -> dict:
         progress=cfg.progress,
     )
     result = bench(bench_cfg, cfg.out / "benchmark.json")
+    add_measurements(pruned_dir, benchmark_lines(result, "pruned"))  # the card gets the speed measured here
     return {"prune": {k: v for k, v in report.to_dict().items() if k not in ("layers", "removal")},
             "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result}
 

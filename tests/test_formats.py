@@ -315,3 +315,22 @@ def test_pack_and_densify_write_our_modeling_file_never_the_source_copy(per_laye
     (tmp_path / "packed" / MODELING_FILE).write_text("raise SystemExit('tampered')\n")
     densify(tmp_path / "packed", tmp_path / "dense")
     assert (tmp_path / "dense" / MODELING_FILE).read_bytes() == ours
+
+
+def test_main_job_speed_joins_the_card(equal_dir: Path, tmp_path: Path) -> None:
+    """run() adds what the benchmark measured (here: the recorded main job) to the card and the report."""
+    import shutil
+
+    from export.card import add_measurements, benchmark_lines
+
+    recorded = json.loads((Path(__file__).parents[1] / "benchmarks/results/main_job.json").read_text())["benchmark"]
+    lines = benchmark_lines(recorded, "pruned")
+    assert lines[0] == "perplexity 45.37 (WikiText-2 test, 64 windows of 512 tokens)"
+    assert any(line.startswith("prefill 1x128: 1.32x the throughput of dense") for line in lines)
+    copy = tmp_path / "c"
+    shutil.copytree(equal_dir, copy)
+    add_measurements(copy, lines)
+    text = (copy / CARD_FILE).read_text()
+    assert "## Measured after writing" in text and "decode b1: 1.12x" in text
+    assert read_front_matter(copy / CARD_FILE)["library_name"] == "transformers"
+    assert json.loads((copy / "surgeon_report.json").read_text())["measured"] == lines
