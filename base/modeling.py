@@ -14,7 +14,13 @@ Config fields added to the family's config:
 - ``layer_num_attention_heads`` and ``layer_num_key_value_heads``: query and KV heads of each layer
   (equal in OPT, which has no grouped-query attention);
 - ``head_dim``: explicit, never recomputed from hidden size and heads;
-- ``surgeon_format_version``: the format of these fields (newer versions are refused).
+- ``surgeon_format_version``: the format of these fields (newer versions are refused);
+- ``per_layer_config``: the same sizes in transformers' own format for heterogeneous configs
+  (``transformers.integrations.heterogeneity``: zero-padded layer index -> the attributes that layer
+  sets), written explicitly for every layer so other tools can read the shapes without our field
+  names; on reading it must agree with the lists above, and it is then set aside so that
+  transformers does not treat the config as heterogeneous (its stock modules would refuse to read
+  ``intermediate_size`` from it).
 
 The global ``intermediate_size``/``num_attention_heads``/``num_key_value_heads`` keep the values of
 the unpruned model; the per-layer lists are what every layer is built from.
@@ -68,6 +74,7 @@ class PerLayerConfigMixin:
     surgeon_format_version: int = FORMAT_VERSION
 
     def __post_init__(self, **kwargs: Any) -> None:
+        given = kwargs.pop("per_layer_config", None)
         super().__post_init__(**kwargs)  # type: ignore[misc]
         cfg: Any = self
         cfg.surgeon_format_version = cfg.surgeon_format_version  # an instance value, so it is always saved
@@ -99,6 +106,36 @@ class PerLayerConfigMixin:
                 raise ValueError(
                     f"config layer {i}: {heads} query heads cannot be grouped over {kv} key/value heads"
                 )
+        if given is not None and _normalised(given) != _normalised(self._per_layer_mapping()):
+            raise ValueError("config field per_layer_config disagrees with layer_intermediate_sizes / "
+                             "layer_num_attention_heads / layer_num_key_value_heads")
+
+    def _per_layer_mapping(self) -> dict[str, dict[str, int]]:
+        """Every layer's sizes in transformers' ``per_layer_config`` format (explicit for every layer)."""
+        cfg: Any = self
+        n = len(cfg.layer_intermediate_sizes)
+        digits = len(str(n - 1))
+        out = {}
+        for i in range(n):
+            sizes = {self.intermediate_key: cfg.layer_intermediate_sizes[i],
+                     "num_attention_heads": cfg.layer_num_attention_heads[i]}
+            if self.grouped_kv:
+                sizes["num_key_value_heads"] = cfg.layer_num_key_value_heads[i]
+            out[str(i).zfill(digits)] = sizes
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()  # type: ignore[misc]
+        if getattr(self, "layer_intermediate_sizes", None) is not None:
+            out["per_layer_config"] = self._per_layer_mapping()
+        return out
+
+
+def _normalised(mapping: Any) -> dict[int, dict[str, Any]]:
+    """``per_layer_config`` keyed by int layer index (transformers accepts ``"07"``, ``"7"`` and ``7``)."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"config field per_layer_config must be a mapping, got {mapping!r}")
+    return {int(k): dict(v) for k, v in mapping.items()}
 
 
 def layer_config(config: Any, index: int) -> Any:

@@ -291,6 +291,76 @@ def _shrink_layer_(layer: nn.Module, adapter: Adapter, kept: Kept, head_dim: int
         setattr(attn, adapter.heads_attr, len(kept.heads))
 
 
+def place_rows_(linear: nn.Linear, positions: Tensor, size: int) -> None:
+    """Grow ``linear`` to ``size`` output rows: old row ``r`` moves to ``positions[r]``, new rows are zero.
+
+    The inverse of :func:`drop_rows_` with zeros where rows were removed: a zero row (and bias)
+    gives a zero output, so whatever reads it sees nothing new.
+    """
+    with torch.no_grad():
+        W = linear.weight.new_zeros(size, linear.in_features)
+        W[positions.to(W.device)] = linear.weight
+        linear.weight = nn.Parameter(W, linear.weight.requires_grad)
+        if linear.bias is not None:
+            b = linear.bias.new_zeros(size)
+            b[positions.to(b.device)] = linear.bias
+            linear.bias = nn.Parameter(b, linear.bias.requires_grad)
+    linear.out_features = size
+
+
+def place_cols_(linear: nn.Linear, positions: Tensor, size: int) -> None:
+    """Grow ``linear`` to ``size`` input columns: old column ``c`` moves to ``positions[c]``, new ones are zero."""
+    with torch.no_grad():
+        W = linear.weight.new_zeros(linear.out_features, size)
+        W[:, positions.to(W.device)] = linear.weight
+        linear.weight = nn.Parameter(W, linear.weight.requires_grad)
+    linear.in_features = size
+
+
+def grow_(model: nn.Module, adapter: Adapter, target: LayerShape) -> list[LayerShape]:
+    """Pad every decoder layer to ``target`` sizes with zero groups, in place; returns the sizes before.
+
+    The groups added contribute exactly nothing: a new MLP channel has zero gate/up rows and a zero
+    down column; a new query head has zero q rows and a zero o column; a new KV group has zero k and v
+    rows and only new (zero-o-column) query heads, so its attention output, whatever its weights, is
+    multiplied by zeros. Existing heads keep their KV group: query head ``j`` of group ``g`` moves to
+    ``g * group' + j`` with ``group'`` the target's query heads per KV group. Used to bring a
+    per-layer checkpoint back to a common shape before :func:`export.shapes.uniform_plan` picks the
+    uniform sizes (the outputs are unchanged up to float summation order in the padded matmuls).
+    """
+    hd = adapter.head_dim(model.config)
+    before = layer_shapes(model, adapter)
+    group_t = target.num_attention_heads // target.num_key_value_heads
+    for i, (layer, shape) in enumerate(zip(adapter.decoder_layers(model), before)):
+        group = shape.num_attention_heads // shape.num_key_value_heads
+        if (shape.intermediate_size > target.intermediate_size or shape.num_key_value_heads > target.num_key_value_heads
+                or group > group_t):
+            raise SurgeonError(f"layer {i} ({shape}) does not fit in {target}")
+        channels = torch.arange(shape.intermediate_size)
+        for name in adapter.channel_rows:
+            place_rows_(adapter.linear(layer, name), channels, target.intermediate_size)
+        for name in adapter.channel_cols:
+            place_cols_(adapter.linear(layer, name), channels, target.intermediate_size)
+        heads = torch.arange(shape.num_attention_heads)
+        head_pos = head_rows((heads // group) * group_t + heads % group, hd)
+        kv_pos = head_rows(torch.arange(shape.num_key_value_heads), hd)
+        for name in adapter.head_rows:
+            place_rows_(adapter.linear(layer, name), head_pos, target.num_attention_heads * hd)
+        for name in adapter.kv_rows:
+            place_rows_(adapter.linear(layer, name), kv_pos, target.num_key_value_heads * hd)
+        for name in adapter.head_cols:
+            place_cols_(adapter.linear(layer, name), head_pos, target.num_attention_heads * hd)
+        if adapter.mlp_width_attr is not None:
+            setattr(adapter.mlp_module(layer), adapter.mlp_width_attr, target.intermediate_size)
+        attn = adapter.attention(layer)
+        if adapter.kv_groups_attr is not None:
+            setattr(attn, adapter.kv_groups_attr, group_t)
+        if adapter.heads_attr is not None:
+            setattr(attn, adapter.heads_attr, target.num_attention_heads)
+    set_config_shapes(model.config, layer_shapes(model, adapter), hd)
+    return before
+
+
 def set_config_shapes(config: object, shapes: list[LayerShape], head_dim: int) -> None:
     """Record per-layer sizes (and an explicit ``head_dim``) on a config, as base/modeling.py reads them."""
     config.head_dim = head_dim  # type: ignore[attr-defined]

@@ -29,6 +29,8 @@ from base.files import (
 )
 from base.formats import REPORT_FILE
 from base.loading import quiet_transformers
+from export.card import write_card
+from export.portable import make_portable
 
 REPORT_VERSION = 1
 
@@ -117,7 +119,8 @@ def write_atomically(out: Path, force: bool, fill: Callable[[Path], None]) -> No
 
 
 def save_checkpoint(
-    model: nn.Module, tokenizer: object, out: Path, report: dict, linear_names: list[str], *, force: bool = False
+    model: nn.Module, tokenizer: object, out: Path, report: dict, linear_names: list[str], *, force: bool = False,
+    source_dir: Path | None = None,
 ) -> dict:
     """Save ``model`` and ``tokenizer`` to ``out`` with a report; returns the report as written.
 
@@ -131,6 +134,11 @@ def save_checkpoint(
         numel = sum(model.get_submodule(n).weight.numel() for n in linear_names)
         report.update(format_version=REPORT_VERSION, **saved_accounting(tmp, linear_names, numel))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        make_portable(tmp)
+        write_card(tmp, title=f"{Path(out).name}: a pruned model (same shapes, zeros in the weights)",
+                   source=report.get("model"), report=report, source_dir=source_dir, usage=[
+                       "Same architecture and shapes as the source; the pruned weights are zeros. "
+                       "`surgeon-export pack DIR --format 2:4|csr|bsr` stores them compressed."])
 
     with torch.no_grad(), quiet_transformers():
         write_atomically(out, force, fill)

@@ -70,6 +70,7 @@ import torch
 
 from base.errors import SurgeonError
 from base.files import check_writable, clean_stale, temp_prefix, write_error
+from base.formats import REPORT_FILE
 from base.loading import check_safetensors, load_tokenizer, read_config, weight_files
 
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0")
@@ -178,8 +179,12 @@ def export_gguf(
     tensor_type: str = "f16",
     uniform: bool = False,
     force: bool = False,
+    source: str | None = None,
 ) -> dict:
     """Write ``model_dir`` (a Hugging Face Llama-family directory) as one GGUF file for llama.cpp.
+
+    Its model card is written beside it as ``FILE.md`` (:func:`card_path`), renamed into place just
+    before the GGUF file itself; ``source`` is what the user named (for the card's lineage).
 
     Args:
         model_dir: ``config.json``, safetensors weights and ``tokenizer.json`` (BPE) of a ``llama``,
@@ -230,6 +235,9 @@ def export_gguf(
             for t in tensors:
                 writer.write_tensor_data(_encode(t, sources, handles))
         writer.close()
+        card_tmp = tmp.with_suffix(".md.tmp")
+        _write_gguf_card(card_tmp, out, model_dir, source, qtype.name, model.arch)
+        os.replace(card_tmp, card_path(out))  # the card first: a .gguf is never there without it
         os.replace(tmp, out)
     except BaseException as exc:
         try:
@@ -237,6 +245,7 @@ def export_gguf(
         except OSError:  # the disk that failed the write may fail the flush too
             pass
         tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".md.tmp").unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise write_error(exc, out) from None
         raise
@@ -263,6 +272,7 @@ def export_gguf(
         "tensor_types": dict(sorted(kinds.items())),
         "f16_fallback": [t.name for t in tensors if qtype.name == "Q8_0" and t.qtype.name == "F16"],
         "bytes": out.stat().st_size,
+        "card": str(card_path(out)),
     }
 
 
@@ -288,12 +298,36 @@ def _file_type(qtype: Any) -> Any:
 
 
 def check_gguf_target(out: Path, force: bool) -> None:
-    """Refuse a directory, or an existing file unless ``force`` (call before slow work)."""
+    """Refuse a directory, or an existing file (or its card) unless ``force`` (call before slow work)."""
     if out.is_dir():
         raise SurgeonError(f"output path is a directory: {out} (give the .gguf file to write)")
-    if out.exists() and not force:
-        raise SurgeonError(f"output file exists: {out} (use --force to replace it)")
+    for path in (out, card_path(out)):
+        if path.exists() and not force:
+            raise SurgeonError(f"output file exists: {path} (use --force to replace it)")
     check_writable(out, "GGUF file")
+
+
+def card_path(out: Path) -> Path:
+    """Where a GGUF file's model card goes: ``FILE.md`` beside ``FILE.gguf`` (a GGUF file is one file)."""
+    return out.with_suffix(".md")
+
+
+def _write_gguf_card(path: Path, out: Path, model_dir: Path, source: str | None, qtype: str, arch: str) -> None:
+    from export.card import model_card
+
+    try:
+        report = json.loads((model_dir / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        report = {}
+    text = model_card(title=f"{out.name}: GGUF for llama.cpp", source=source or str(model_dir), report=report,
+                      source_dir=model_dir, library="gguf", tags=["gguf", "llama.cpp"],
+                      notes=[f"GGUF architecture `{arch}`, tensor type {qtype}"],
+                      usage=[f"`llama-cli -m {out.name}` (llama.cpp); the card of this file is `{path_name(out)}`."])
+    path.write_text(text)
+
+
+def path_name(out: Path) -> str:
+    return card_path(out).name
 
 
 # --- config -> architecture ---------------------------------------------------------------------

@@ -53,6 +53,7 @@ from base.formats import (
     REPORT_FILE,
 )
 from base.loading import quiet_transformers
+from export.card import write_card
 from export.checkpoint import prepare_target, write_atomically
 from export.onnx_graph import (
     KEEP,
@@ -64,6 +65,7 @@ from export.onnx_graph import (
     register_attention,
 )
 from export.onnx_simplify import fold_shapes, initializer_nbytes
+from export.portable import make_portable
 
 MANIFEST_VERSION = 1
 MIN_OPSET = 14  # the range tested and documented (the TorchScript exporter writes 7-20; the graph needs about 11)
@@ -160,6 +162,7 @@ def export_onnx(
         manifest["export_seconds"] = time.perf_counter() - start
         _write_beside(tmp, model, tokenizer, source_dir)
         (tmp / ONNX_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        _write_card(tmp, out, manifest, source, source_dir)
 
     with torch.no_grad(), quiet_transformers(), export_attention(model):
         write_atomically(out, force, fill)
@@ -402,6 +405,21 @@ def _write_beside(directory: Path, model: nn.Module, tokenizer: Any, source_dir:
         shutil.copyfile(Path(modeling.__file__), directory / MODELING_FILE)
     if source_dir is not None and (source_dir / REPORT_FILE).is_file():
         shutil.copyfile(source_dir / REPORT_FILE, directory / REPORT_FILE)
+    make_portable(directory)
+
+
+def _write_card(directory: Path, out: Path, manifest: dict, source: str | None, source_dir: Path | None) -> None:
+    """The model card: the source's pruning report, plus this export's dtype and measured parity."""
+    report = json.loads((directory / REPORT_FILE).read_text()) if (directory / REPORT_FILE).is_file() else {}
+    check = manifest.get("verification") or {}
+    notes = [f"ONNX decoder with KV cache ({manifest.get('config', {}).get('dtype', '?')}), opset "
+             f"{manifest.get('config', {}).get('opset', '?')}"]
+    if check.get("max_abs_diff") is not None:
+        notes.append(f"largest logit difference against torch, measured at export: {check['max_abs_diff']:.3g}")
+    write_card(directory, title=f"{out.name}: ONNX export", source=source, report=report, source_dir=source_dir,
+               library="onnxruntime", tags=["onnx"], notes=notes,
+               usage=["`surgeon-export generate DIR --backend onnxruntime`, or optimum's ORTModelForCausalLM "
+                      "(optimum's input and output names)."])
 
 
 def _version(package: str) -> str | None:

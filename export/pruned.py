@@ -9,7 +9,14 @@ files), written atomically by :func:`export.checkpoint.write_atomically`:
   ``auto_map``, so it loads with ``import surgeon`` (no code from the directory runs) or, without
   surgeon-export, with ``trust_remote_code=True``;
 - uniform: the family's stock architecture with the same sizes in every layer, for unmodified
-  transformers (choose the sizes with :func:`export.shapes.uniform_plan` before shrinking).
+  transformers, vLLM or llama.cpp's converter (choose the sizes with
+  :func:`export.shapes.uniform_plan` before shrinking). Written whenever every layer ends up with
+  the same sizes and the stock config accepts them, asked for or not: a per-layer format that
+  describes equal layers would only cost every other tool its support.
+
+Per-layer configs also carry transformers' ``per_layer_config`` mapping (``base/modeling.py``).
+Both formats carry the keys transformers 4.x reads (:mod:`export.portable`) and a model card
+(:mod:`export.card`).
 
 The weights are moved into a skeleton of the target class built on the meta device from the new
 config, with a strict ``load_state_dict``: a checkpoint whose config does not describe its tensors
@@ -33,9 +40,18 @@ from base.adapters import Adapter
 from base.errors import SurgeonError
 from base.formats import MODELING_FILE, REPORT_FILE
 from base.loading import quiet_transformers
-from base.surgery import LayerCosts, RemovalPlan, layer_shapes, shrink_
+from base.surgery import (
+    LayerCosts,
+    LayerShape,
+    RemovalPlan,
+    grow_,
+    layer_shapes,
+    shrink_,
+)
+from export.card import write_card
 from export.checkpoint import REPORT_VERSION, saved_accounting, write_atomically
 from export.compress import find_zero_groups
+from export.portable import make_portable
 from export.shapes import Rounding, align_plan, stock_config, uniform_plan
 
 
@@ -98,6 +114,7 @@ def save_pruned_checkpoint(
     report: dict | None = None,
     uniform: bool = False,
     force: bool = False,
+    source_dir: Path | None = None,
 ) -> dict:
     """Save a shrunk ``model`` (per-layer or uniform format) with its tokenizer; returns the report.
 
@@ -107,8 +124,10 @@ def save_pruned_checkpoint(
         adapter: the model's layout.
         out: target directory (refused if not empty, unless ``force``).
         report: what the caller did (method, plan, manifest); measured sizes are added.
-        uniform: write the stock architecture; every layer must then have the same sizes.
+        uniform: write the stock architecture; every layer must then have the same sizes (without
+            it the stock architecture is still written when the layers are equal and it fits).
         force: replace a non-empty ``out``.
+        source_dir: the directory the model was loaded from (its card's lineage is inherited).
 
     Example:
         >>> save_pruned_checkpoint(model, tok, LLAMA, Path("small"), report={"method": "zeros"})  # doctest: +SKIP
@@ -124,7 +143,8 @@ def save_pruned_checkpoint(
             )
         config = stock_config(_config(model), adapter, shapes[0], hd)
     else:
-        config = per_layer_config(model, adapter)
+        config = _stock_if_equal(model, adapter, shapes, hd) or per_layer_config(model, adapter)
+    stock = not str(config.model_type).startswith(modeling.MODEL_TYPE_PREFIX)
     linears = adapter.decoder_linears(model)
     linear_names = list(linears)
     numel = sum(m.weight.numel() for m in linears.values())
@@ -135,11 +155,12 @@ def save_pruned_checkpoint(
         skeleton = _skeleton_with_weights(model, config)
         skeleton.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-        if not uniform:
+        if not stock:
             shutil.copyfile(Path(modeling.__file__), tmp / MODELING_FILE)
+        make_portable(tmp)
         report.update(
             format_version=REPORT_VERSION,
-            checkpoint_format="uniform" if uniform else "per-layer",
+            checkpoint_format="uniform" if stock else "per-layer",
             model_type=config.model_type,
             head_dim=hd,
             layers=[s.to_dict() for s in shapes],
@@ -147,10 +168,34 @@ def save_pruned_checkpoint(
             **saved_accounting(tmp, linear_names, numel),
         )
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        write_card(tmp, title=f"{Path(out).name}: a physically smaller {adapter.family} model",
+                   source=report.get("model"), report=report, source_dir=source_dir, tags=["structured-pruning"],
+                   usage=_usage(stock))
 
     with torch.no_grad(), quiet_transformers():
         write_atomically(out, force, fill)
     return report
+
+
+def _usage(stock: bool) -> list[str]:
+    if stock:
+        return ["The family's stock architecture (every layer has the same sizes): plain "
+                "`AutoModelForCausalLM.from_pretrained(DIR)` loads it, as do other tools that read the stock config."]
+    return ["Layers of different sizes (`layer_intermediate_sizes`, `layer_num_attention_heads`, "
+            "`layer_num_key_value_heads`, and transformers' `per_layer_config`): load with `import surgeon` then "
+            "`AutoModelForCausalLM.from_pretrained(DIR)`, or without surgeon-export with `trust_remote_code=True` "
+            "(runs the `modeling_surgeon.py` shipped here). `surgeon-export shrink DIR --uniform --out DIR2` "
+            "pads every layer to the widest one (zeros, same outputs) for the stock architecture."]
+
+
+def _stock_if_equal(model: nn.Module, adapter: Adapter, shapes: list, head_dim: int) -> Any | None:
+    """The stock config when every layer has the same sizes and the stock config accepts them, else None."""
+    if len(set(shapes)) != 1:
+        return None
+    try:
+        return stock_config(_config(model), adapter, shapes[0], head_dim)
+    except SurgeonError:
+        return None
 
 
 def shrink_and_save(
@@ -164,6 +209,7 @@ def shrink_and_save(
     costs: dict[int, LayerCosts] | None = None,
     report: dict | None = None,
     force: bool = False,
+    source_dir: Path | None = None,
 ) -> dict:
     """Shrink ``model`` in place by ``plan`` (default: its zero groups), then save it; returns the report.
 
@@ -176,6 +222,10 @@ def shrink_and_save(
     before = sum(m.weight.numel() for m in adapter.decoder_linears(model).values())
     ids = _check_ids(model, cfg.check_tokens)
     reference = _logits(model, ids)
+    if cfg.uniform and len(set(layer_shapes(model, adapter))) > 1:
+        if plan is not None:
+            raise SurgeonError("--uniform from layers of different sizes works on their zero groups only, not a given plan")
+        grow_(model, adapter, _common_shape(model, adapter))  # zeros: the outputs do not change
     plan = plan if plan is not None else find_zero_groups(model, adapter)
     if cfg.uniform:
         plan = uniform_plan(model, adapter, plan, costs, multiple=cfg.align)
@@ -195,7 +245,18 @@ def shrink_and_save(
             "manifest": manifest.to_dict(),
         },
     }
-    return save_pruned_checkpoint(model, tokenizer, adapter, out, report=full, uniform=cfg.uniform, force=force)
+    return save_pruned_checkpoint(model, tokenizer, adapter, out, report=full, uniform=cfg.uniform, force=force,
+                                  source_dir=source_dir)
+
+
+def _common_shape(model: nn.Module, adapter: Adapter) -> LayerShape:
+    """Sizes every layer fits in: the config's global (unpruned) sizes, or the largest layer's where larger."""
+    shapes = layer_shapes(model, adapter)
+    heads, kv, _ = adapter.head_layout(_config(model))
+    width = max(int(getattr(_config(model), adapter.intermediate_key)), *(s.intermediate_size for s in shapes))
+    kv = max(kv, *(s.num_key_value_heads for s in shapes))
+    group = max(heads // kv, *(s.num_attention_heads // s.num_key_value_heads for s in shapes))
+    return LayerShape(width, kv * group, kv)
 
 
 def _check_ids(model: nn.Module, n: int) -> torch.Tensor | None:

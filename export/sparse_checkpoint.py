@@ -33,10 +33,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from base.errors import SurgeonError
-from base.formats import DTYPES, PACK_MANIFEST_FILE, PACK_WEIGHTS_FILE
+from base.formats import DTYPES, MODELING_FILE, PACK_MANIFEST_FILE, PACK_WEIGHTS_FILE
 from base.loading import LoadedModel, check_safetensors, quiet_transformers, read_config
 from base.patterns import NMPattern
+from export.card import write_card
 from export.checkpoint import REPORT_FILE, write_atomically
+from export.portable import make_portable
 from export.semi_structured import check_nm, pack_24, pack_nm, unpack_24, unpack_nm
 from export.sparse_csr import PARTS, pack_bsr, pack_csr, unpack_compressed
 
@@ -44,7 +46,10 @@ FORMAT = "surgeon-sparse"
 FORMAT_VERSION = 1
 README_FILE = "README.md"
 OWN_FILES = (PACK_WEIGHTS_FILE, PACK_MANIFEST_FILE, README_FILE)
-EXTRA_FILES = ("modeling_surgeon.py", REPORT_FILE)  # copied from the source directory when present
+EXTRA_FILES = (REPORT_FILE,)  # copied from the source directory when present
+# Never copied: a per-layer directory gets our own base/modeling.py (:func:`write_modeling`), not the
+# source's file, which may have been changed by anyone and would run under trust_remote_code=True.
+NOT_COPIED = (*OWN_FILES, MODELING_FILE)
 LAYOUTS: tuple[str, ...] = ("2:4", "csr", "bsr")  # and any other N:M as "K:M" (4:8, 1:4, ...)
 
 
@@ -236,6 +241,8 @@ def pack_checkpoint(lm: LoadedModel, out: Path, cfg: PackConfig, *, force: bool 
         for name in EXTRA_FILES:
             if (lm.path / name).is_file():
                 shutil.copyfile(lm.path / name, tmp / name)
+        write_modeling(tmp)
+        make_portable(tmp)
         back = read_compressed(tmp, check_manifest=False)
         for key, p in packed.items():
             got, want = back.packed[key].dense(), state[key]
@@ -249,17 +256,36 @@ def pack_checkpoint(lm: LoadedModel, out: Path, cfg: PackConfig, *, force: bool 
             "decoder_linear_ratio": packed_linear / dense_linear,
         }
         (tmp / PACK_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / README_FILE).write_text(_readme(manifest))
+        write_card(tmp, title=f"Compressed checkpoint ({FORMAT} v{FORMAT_VERSION}, {cfg.layout}, {manifest['dtype']})",
+                   source=lm.source, report=_source_report(lm.path), source_dir=lm.path, library="surgeon-export",
+                   tags=["sparse", cfg.layout], usage=[_readme(manifest)],
+                   notes=[f"decoder linears stored as {cfg.layout}: {manifest['bytes']['decoder_linear_ratio']:.4f}x "
+                          "their dense bytes (measured in the written file)"])
 
     with torch.no_grad(), quiet_transformers():
         write_atomically(out, force, fill)
     return manifest
 
 
+def write_modeling(directory: Path) -> None:
+    """Our own ``base/modeling.py`` as ``modeling_surgeon.py`` beside a per-layer config (never a copy of a source's)."""
+    from base import modeling
+
+    if str(read_config(directory)["model_type"]).startswith(modeling.MODEL_TYPE_PREFIX):
+        shutil.copyfile(Path(modeling.__file__), directory / MODELING_FILE)
+
+
+def _source_report(directory: Path) -> dict:
+    """The source's ``surgeon_report.json`` (what was pruned and measured), or {}."""
+    try:
+        return json.loads((directory / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _readme(manifest: dict) -> str:
     layout = manifest["layout"]
     return (
-        f"# Compressed checkpoint ({FORMAT} v{FORMAT_VERSION}, {layout}, {manifest['dtype']})\n\n"
         f"Written by `surgeon-export pack` from {manifest['source']}. The decoder linears are stored as "
         f"{layout} parts in `{PACK_WEIGHTS_FILE}` (layout: export/semi_structured.py and export/sparse_csr.py of "
         "surgeon-export); every other tensor is dense. There is no `model.safetensors`: plain transformers "
@@ -402,8 +428,14 @@ def densify(directory: Path, out: Path, *, force: bool = False) -> dict:
     def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for item in directory.iterdir():
-            if item.is_file() and item.name not in OWN_FILES:
+            if item.is_file() and item.name not in NOT_COPIED:
                 shutil.copyfile(item, tmp / item.name)
+        write_modeling(tmp)
+        make_portable(tmp)
+        write_card(tmp, title=f"{Path(out).name}: a dense checkpoint unpacked from a {ckpt.manifest.get('layout')} pack",
+                   source=str(directory), report=_source_report(directory), source_dir=directory,
+                   tags=["sparse"], usage=["A plain safetensors checkpoint with the values the pack held "
+                                           "(zeros where the pattern removed weights)."])
 
     write_atomically(out, force, fill)
     return {"source": str(directory), "out": str(out), "layout": ckpt.manifest.get("layout"),

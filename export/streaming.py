@@ -35,7 +35,9 @@ from torch import nn
 from base.errors import SurgeonError
 from base.formats import REPORT_FILE
 from base.lazy import LazyModel
+from export.card import write_card
 from export.checkpoint import REPORT_VERSION, prepare_target, saved_accounting
+from export.portable import make_portable
 
 PROGRESS_FILE = "progress.json"
 PROGRESS_VERSION = 1
@@ -170,6 +172,11 @@ class StreamedLayers:
         report = {**report, "streamed": True, "format_version": REPORT_VERSION,
                   **saved_accounting(self.partial, linears, numel)}
         (self.partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        make_portable(self.partial)
+        write_card(self.partial, title=f"{self.out.name}: a pruned model, written one decoder layer at a time",
+                   source=report.get("model"), report=report, source_dir=self.lazy.path, tags=["streaming"],
+                   usage=["Same architecture and shapes as the source; the pruned weights are zeros (sharded "
+                          "safetensors with an index)."])
         (self.partial / PROGRESS_FILE).unlink()
         prepare_target(self.out, self.force)
         old = None

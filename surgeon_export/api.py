@@ -34,6 +34,7 @@ from base.perplexity import Perplexity, perplexity
 from base.surgery import RemovalPlan
 from benchmarks.run import BenchConfig, ModelSpec, PplConfig
 from benchmarks.run import bench as _bench
+from export.card import add_measurements, benchmark_lines
 from export.checkpoint import prepare_target, save_checkpoint
 from export.gguf import check_gguf_target
 from export.gguf import export_gguf as _export_gguf
@@ -274,8 +275,10 @@ def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *,
     full = {"model": lm.source, **(extra or {}), **(report.to_dict() if report else {})}
     if report is not None and report.removal is not None:  # zeroed groups become smaller matrices
         return shrink_and_save(lm.model, lm.tokenizer, lm.adapter, out, ShrinkConfig(align=align),
-                               plan=RemovalPlan.from_dict(report.removal), report=full, force=force)
-    return save_checkpoint(lm.model, lm.tokenizer, out, full, list(lm.adapter.decoder_linears(lm.model)), force=force)
+                               plan=RemovalPlan.from_dict(report.removal), report=full, force=force,
+                               source_dir=lm.path)
+    return save_checkpoint(lm.model, lm.tokenizer, out, full, list(lm.adapter.decoder_linears(lm.model)), force=force,
+                           source_dir=lm.path)
 
 
 def check_align(lm: LoadedModel, align: int) -> None:
@@ -300,7 +303,7 @@ def check_align(lm: LoadedModel, align: int) -> None:
 def shrink(lm: LoadedModel, out: str | Path, config: ShrinkConfig | None = None, *, force: bool = False) -> dict:
     """Cut the fully zeroed MLP channels and heads out of a masked model and save it smaller."""
     return shrink_and_save(lm.model, lm.tokenizer, lm.adapter, Path(out), config or ShrinkConfig(),
-                           report={"model": lm.source, "plan": "zero groups"}, force=force)
+                           report={"model": lm.source, "plan": "zero groups"}, force=force, source_dir=lm.path)
 
 
 def export_onnx(lm: LoadedModel, out: str | Path, config: OnnxConfig | None = None, *, force: bool = False) -> dict:
@@ -315,7 +318,8 @@ def export_gguf(model: str | Path | None, out: str | Path, *, tensor_type: str =
     file or the default model (None); per-layer shapes as llama.cpp's ``deci`` architecture (docs/gguf.md)."""
     check_gguf_target(Path(out), force)
     directory, source = resolve_model_dir(model)
-    return _export_gguf(directory, Path(out), tensor_type=tensor_type, uniform=uniform, force=force) | {"source": source}
+    return _export_gguf(directory, Path(out), tensor_type=tensor_type, uniform=uniform, force=force,
+                        source=source) | {"source": source}
 
 
 def pack(lm: LoadedModel, out: str | Path, config: PackConfig | None = None, *, force: bool = False) -> dict:
@@ -383,6 +387,7 @@ def run(cfg: RunConfig) -> dict:
         progress=cfg.progress,
     )
     result = bench(bench_cfg, cfg.out / "benchmark.json", force=True)  # the run owns cfg.out (checked above)
+    add_measurements(pruned_dir, benchmark_lines(result, "pruned"))  # the card gets the speed measured here
     return {"prune": {k: v for k, v in report.to_dict().items() if k not in ("layers", "removal")},
             "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result}
 

@@ -363,8 +363,17 @@ def test_qwen3_uniform_keeps_qk_norms(qwen_tok, tmp_path: Path) -> None:
 
 
 def test_surgeon_checkpoint_with_equal_layers_uses_plain_llama(tok, tmp_path: Path) -> None:
+    """A per-layer config whose layers are all equal (as written before equal layers became stock configs)."""
+    from base.surgery import shrink_
+    from export.pruned import _skeleton_with_weights, per_layer_config
+
     same = RemovalPlan({i: LayerPlan.of(channels=range(8)) for i in range(3)})
-    directory = per_layer("llama", tok, tmp_path, same)
+    model = make_model("llama", dtype=torch.float32, vocab_size=len(tok))
+    shrink_(model, get_adapter("llama"), same)
+    directory = tmp_path / "equal-per-layer"
+    with torch.no_grad():
+        _skeleton_with_weights(model, per_layer_config(model, get_adapter("llama"))).save_pretrained(directory)
+    tok.save_pretrained(directory)
     assert json.loads((directory / "config.json").read_text())["model_type"] == "surgeon_llama"
     manifest, meta, _ = check_f32_round_trip(directory, tmp_path / "s.gguf")
     assert meta["general.architecture"] == "llama" and meta["llama.feed_forward_length"] == 32

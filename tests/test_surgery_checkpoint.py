@@ -186,6 +186,8 @@ def _edit_config(directory: Path, **changes: object) -> None:
     path = directory / "config.json"
     config = json.loads(path.read_text())
     config.update(changes)
+    if any(k.startswith("layer_") for k in changes):  # our lists changed: drop the mapping that mirrors them
+        config.pop("per_layer_config", None)
     path.write_text(json.dumps(config))
 
 

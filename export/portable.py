@@ -1,0 +1,76 @@
+"""Make a written checkpoint read the same in both transformers generations (4.x and 5.x).
+
+transformers 5 saves RoPE settings only under ``rope_parameters`` and names the tokenizer class
+``TokenizersBackend``. transformers 4.57 reads neither: it falls back to ``rope_theta`` 10,000
+without a warning (SmolLM2 uses 100,000, so every logit changes) and cannot resolve the tokenizer
+class. Every writer calls :func:`make_portable` on its output directory before the atomic rename, so
+the files carry both spellings:
+
+- ``config.json``: ``rope_theta`` (and ``rope_scaling`` when the RoPE type is not ``default``) at the
+  top level, copied from ``rope_parameters``; for configs with one RoPE setting per attention type
+  (Gemma 2/3), the full-attention one, plus Gemma 3's ``rope_local_base_freq`` for the sliding one.
+  transformers 5 reads ``rope_parameters`` first, so the copies change nothing there.
+- ``tokenizer_config.json``: ``tokenizer_class`` ``PreTrainedTokenizerFast`` instead of
+  ``TokenizersBackend``. Both load the same ``tokenizer.json``; in transformers 5 the name is an
+  alias of ``TokenizersBackend``, in 4.57 it is the generic fast tokenizer.
+
+Checked for real in ``benchmarks/results/transformers_457_check.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+V5_ONLY_TOKENIZER_CLASSES = ("TokenizersBackend",)
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def legacy_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The top-level RoPE keys transformers 4.x reads, derived from a 5.x ``rope_parameters`` (may be empty)."""
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if FULL in params or SLIDING in params:  # one setting per attention type
+        full, sliding = params.get(FULL) or {}, params.get(SLIDING) or {}
+        if "rope_theta" in sliding and config.get("model_type", "").removeprefix("surgeon_") == "gemma3_text":
+            out["rope_local_base_freq"] = sliding["rope_theta"]
+        params = full or sliding
+    if "rope_theta" in params:
+        out["rope_theta"] = params["rope_theta"]
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        out["rope_scaling"] = {**scaling, "rope_type": rope_type, "type": rope_type}
+    return out
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the 4.x RoPE keys added (existing top-level values must agree)."""
+    extra = legacy_rope_keys(config)
+    for key, value in extra.items():
+        if key in config and config[key] is not None and config[key] != value:
+            raise ValueError(f"config.json: {key} {config[key]!r} disagrees with rope_parameters ({value!r})")
+    return {**config, **extra}
+
+
+def portable_tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``tokenizer_config`` with a tokenizer class both generations resolve."""
+    if config.get("tokenizer_class") in V5_ONLY_TOKENIZER_CLASSES:
+        return {**config, "tokenizer_class": PORTABLE_TOKENIZER_CLASS}
+    return config
+
+
+def make_portable(directory: Path) -> None:
+    """Rewrite ``config.json`` and ``tokenizer_config.json`` in ``directory`` (where present) as above."""
+    for name, convert in (("config.json", portable_config), ("tokenizer_config.json", portable_tokenizer_config)):
+        path = directory / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        new = convert(data)
+        if new != data:
+            path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
