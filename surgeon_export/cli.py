@@ -355,6 +355,7 @@ def onnx_cmd(
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Fold traced shape arithmetic into constants.")] = True,
     optimize: Annotated[bool, typer.Option("--optimize", help="Also fuse with onnxruntime's transformer optimizer (ONNX Runtime-only ops).")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare ONNX Runtime with torch before keeping the graph.")] = True,
+    uniform_cache: Annotated[bool, typer.Option("--uniform-cache", help="Per-layer shapes: one KV-head count at the graph boundary and a stock config, for optimum's ORTModelForCausalLM.")] = False,
     force: Force = False,
     threads: Threads = None,
     quiet: Quiet = False,
@@ -369,7 +370,7 @@ def onnx_cmd(
     if out is None:
         raise SurgeonError("give --out DIR for the ONNX export")
     cfg = OnnxConfig(opset=opset, dtype=dtype, external_data=external_data,  # type: ignore[arg-type]
-                     simplify=simplify, optimize=optimize, verify=verify)
+                     simplify=simplify, optimize=optimize, verify=verify, uniform_cache=uniform_cache)
     cfg.validate()
     prepare_target(out, force)
     lm = load_model(model)
