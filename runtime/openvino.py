@@ -34,7 +34,7 @@ from runtime.ort import KEEP, MIN_CHUNK, PAST, GraphBackend, _int64, load_graph
 
 VERSION = "2026.4.1"  # the pinned release (pyproject's openvino extra, constraints.txt)
 INSTALL = f"pip install 'surgeon-export[openvino]' (or: pip install openvino=={VERSION})"
-PREFILL_TOKENS = 0  # one pass per prompt: measured below, OpenVINO gains nothing from chunks (docs/openvino.md)
+PREFILL_TOKENS = 0  # one pass per prompt; chunks vs one pass is not measured yet (benchmarks/openvino_chunks.py)
 
 
 def import_openvino() -> Any:
