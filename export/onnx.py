@@ -63,6 +63,7 @@ from export.onnx_graph import (
     graph_spec,
     is_per_layer,
     register_attention,
+    uniform_config,
 )
 from export.onnx_simplify import fold_shapes, initializer_nbytes
 from export.portable import make_portable
@@ -92,6 +93,11 @@ class OnnxConfig:
     simplify: bool = True  # fold the traced shape arithmetic into constant shapes (export/onnx_simplify.py)
     optimize: bool = False  # onnxruntime transformer optimizer (com.microsoft fused operators)
     verify: bool = True  # compare ONNX Runtime with torch after writing; refuse to keep a mismatch
+    # Per-layer-shape models: pad every layer's KV cache to one head count at the graph boundary and
+    # write the stock family's config, so tools that size the cache from the config (optimum's
+    # ORTModelForCausalLM) run the graph. Off by default: our runtimes read each layer's shape from
+    # the graph, and the padding costs memory and copies where a layer has fewer KV heads (docs/onnx.md).
+    uniform_cache: bool = False
 
     def validate(self) -> None:
         """Refuse impossible settings before anything is traced."""
@@ -141,12 +147,13 @@ def export_onnx(
     if next(model.parameters()).dtype != dtype:
         model = copy.deepcopy(model).to(dtype)
     model.eval()
-    spec = graph_spec(model, adapter)
+    spec = graph_spec(model, adapter, cfg.uniform_cache)
 
     def fill(tmp: Path) -> None:
         start = time.perf_counter()
         proto = _trace(model, spec, cfg.opset, tmp / ".trace")
         linears = _name_linear_initializers(proto, model, adapter)
+        _declare_cache_dims(proto, spec)
         simplified = fold_shapes(proto) if cfg.simplify else None
         weight_bytes = sum(initializer_nbytes(t) for t in proto.graph.initializer)
         external = cfg.external_data == "always" or (cfg.external_data == "auto" and weight_bytes > AUTO_EXTERNAL_BYTES)
@@ -160,7 +167,7 @@ def export_onnx(
         if cfg.verify:
             manifest["verification"] = verify(tmp, model, spec, cfg.dtype)
         manifest["export_seconds"] = time.perf_counter() - start
-        _write_beside(tmp, model, tokenizer, source_dir)
+        _write_beside(tmp, model, tokenizer, source_dir, spec)
         (tmp / ONNX_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         _write_card(tmp, out, manifest, source, source_dir)
 
@@ -251,6 +258,19 @@ def _name_linear_initializers(proto: Any, model: nn.Module, adapter: Adapter) ->
     if missing:
         raise RuntimeError(f"the exported graph has no initializer holding {missing[0]}.weight")
     return found
+
+
+def _declare_cache_dims(proto: Any, spec: GraphSpec) -> None:
+    """Write each present output's static head count and size into the graph's declared shape.
+
+    The exporter cannot infer them through the uniform cache's ``Pad`` (its pads are computed at
+    run time) and leaves symbolic names; tools read the declared shapes.
+    """
+    for output in proto.graph.output:
+        if output.name.startswith("present."):
+            dims = output.type.tensor_type.shape.dim
+            dims[1].dim_value = spec.past_shape(0, 1, 0)[1] if spec.cache_heads else spec.kv_heads[int(output.name.split(".")[1])]
+            dims[3].dim_value = spec.head_dim
 
 
 def _optimize(path: Path, config: Any, external: bool) -> None:
@@ -390,8 +410,11 @@ def _worse(worst: float, value: float) -> float:
     return value if math.isnan(value) or value > worst else worst
 
 
-def _write_beside(directory: Path, model: nn.Module, tokenizer: Any, source_dir: Path | None) -> None:
-    """config.json, generation_config.json, tokenizer files, and the per-layer modeling file."""
+def _write_beside(directory: Path, model: nn.Module, tokenizer: Any, source_dir: Path | None, spec: GraphSpec) -> None:
+    """config.json, generation_config.json, tokenizer files, and the per-layer modeling file.
+
+    A uniform-cache graph gets the stock family's config instead (:func:`export.onnx_graph.uniform_config`).
+    """
     from transformers import GenerationConfig
 
     from base import modeling
@@ -401,7 +424,9 @@ def _write_beside(directory: Path, model: nn.Module, tokenizer: Any, source_dir:
     generation = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(config)
     generation.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    if is_per_layer(config):
+    if spec.cache_heads:
+        (directory / "config.json").write_text(json.dumps(uniform_config(config, spec), indent=2, sort_keys=True) + "\n")
+    elif is_per_layer(config):
         shutil.copyfile(Path(modeling.__file__), directory / MODELING_FILE)
     if source_dir is not None and (source_dir / REPORT_FILE).is_file():
         shutil.copyfile(source_dir / REPORT_FILE, directory / REPORT_FILE)

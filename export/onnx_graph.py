@@ -52,6 +52,9 @@ class GraphSpec:
     kv_heads: tuple[int, ...]
     head_dim: int
     vocab_size: int
+    # Uniform cache interface: every layer's past and present carry this many KV heads at the graph
+    # boundary (the layer's own heads first, zeros after); None: each layer's own count.
+    cache_heads: int | None = None
 
     @property
     def num_layers(self) -> int:
@@ -83,18 +86,45 @@ class GraphSpec:
         return axes
 
     def past_shape(self, layer: int, batch: int, past: int) -> tuple[int, int, int, int]:
-        return (batch, self.kv_heads[layer], past, self.head_dim)  # [B, kv_heads_i, P, head_dim]
+        heads = self.cache_heads or self.kv_heads[layer]
+        return (batch, heads, past, self.head_dim)  # [B, kv_heads_i (or cache_heads), P, head_dim]
 
     def to_dict(self) -> dict[str, Any]:
         return {"num_layers": self.num_layers, "kv_heads": list(self.kv_heads), "head_dim": self.head_dim,
-                "vocab_size": self.vocab_size}
+                "vocab_size": self.vocab_size, "cache_kv_heads": self.cache_heads}
 
 
-def graph_spec(model: nn.Module, adapter: Adapter) -> GraphSpec:
-    """The graph shapes of ``model``: per-layer KV heads read from its linears."""
+def graph_spec(model: nn.Module, adapter: Adapter, uniform_cache: bool = False) -> GraphSpec:
+    """The graph shapes of ``model``: per-layer KV heads read from its linears.
+
+    ``uniform_cache`` (per-layer-shape models only; a stock model's cache is uniform already) pads
+    every layer's cache to one KV-head count at the graph boundary, the count that tools sizing the
+    cache from the config (optimum's ``ORTModelForCausalLM``) use: the largest layer's for grouped
+    KV families, whose written config then says so, and the config's query-head count for the
+    others (OPT), which such tools read instead (see :func:`uniform_config`).
+    """
     config: Any = model.config
     kv = tuple(s.num_key_value_heads for s in layer_shapes(model, adapter))
-    return GraphSpec(kv_heads=kv, head_dim=adapter.head_dim(config), vocab_size=int(config.vocab_size))
+    cache = None
+    if uniform_cache and is_per_layer(config):
+        cache = max(kv) if adapter.grouped_kv else int(config.num_attention_heads)
+    return GraphSpec(kv_heads=kv, head_dim=adapter.head_dim(config), vocab_size=int(config.vocab_size), cache_heads=cache)
+
+
+def uniform_config(config: Any, spec: GraphSpec) -> dict[str, Any]:
+    """The config written beside a uniform-cache graph: the stock family's, global counts matching the cache.
+
+    ``model_type`` is the stock one (tools know it; ``surgeon_*`` would need code from the directory),
+    ``num_key_value_heads`` is the cache's head count, and the per-layer fields stay, so FLOPs and
+    shapes remain readable. It describes the graph's interface; no weights are loaded from it.
+    """
+    out = config.to_dict()
+    out["model_type"] = str(config.model_type).removeprefix(PER_LAYER_PREFIX)
+    out["architectures"] = [a.removeprefix("Surgeon") for a in out.get("architectures") or []]
+    out.pop("auto_map", None)
+    if "num_key_value_heads" in out:
+        out["num_key_value_heads"] = spec.cache_heads
+    return out
 
 
 def is_per_layer(config: Any) -> bool:
@@ -213,8 +243,11 @@ class DecoderWithPast(nn.Module):
 
         *past, keep = rest
         cache = DynamicCache()
-        for i in range(self.spec.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)  # [B, kv_heads_i, P, head_dim] each
+        for i, heads in enumerate(self.spec.kv_heads):
+            key, value = past[2 * i], past[2 * i + 1]  # [B, kv_heads_i (or cache_heads), P, head_dim]
+            if self.spec.cache_heads and heads < self.spec.cache_heads:  # uniform cache: the padding never
+                key, value = key[:, :heads], value[:, :heads]            # reaches attention, so it cannot matter
+            cache.update(key, value, i)
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               past_key_values=cache, use_cache=True).last_hidden_state  # [B, T, H]
         hidden = hidden[:, -keep:]  # [B, K, H]; keep = 0 slices from 0, i.e. every position
@@ -224,4 +257,7 @@ class DecoderWithPast(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         presents = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # [B, kv_i, P + T, hd]
+        if self.spec.cache_heads:  # zeros after each layer's own heads, up to the uniform count
+            presents = [F.pad(t, (0, 0, 0, 0, 0, self.spec.cache_heads - t.shape[1])) if t.shape[1] < self.spec.cache_heads
+                        else t for t in presents]
         return (logits, *presents)

@@ -74,31 +74,36 @@ def providers_for(device: str) -> tuple[list[str], str, int]:
     raise SurgeonError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
 
 
-class OrtBackend(CachedLogits):
-    """:class:`runtime.backend.Backend` over an ONNX decoder graph with KV cache."""
+class GraphBackend(CachedLogits):
+    """What every runtime over an ONNX decoder export shares (``onnxruntime``, ``openvino``).
 
-    name = "onnxruntime"
+    One place for the export directory's files (config, tokenizer, ``surgeon_onnx.json``), the
+    cache's bookkeeping (``past_key_values.{i}.key/value`` inputs paired with ``present.{i}.*``
+    outputs, per-layer shapes, the past dtype), chunked prefill and ``describe``, so a runtime only
+    opens the graph, allocates an empty past (``reset``) and runs one pass (``_run``).
+    """
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
-                 prefill_tokens: int = PREFILL_TOKENS, min_chunk: int = MIN_CHUNK) -> None:
-        import onnxruntime as ort
+    name = "onnx"
+    past: list[Any]
 
+    def _open(self, path: str | Path, device: str, prefill_tokens: int, min_chunk: int) -> None:
+        """The graph file and the files beside it (config, tokenizer, manifest)."""
         self.prefill_tokens, self.min_chunk = prefill_tokens, min_chunk  # prefill_tokens 0: one pass
         self.path = model_file(path)
         self.directory = self.path.parent  # config.json, generation_config.json and the tokenizer live here
         self.device = torch.device(device)
-        providers, self.device_type, self.device_id = providers_for(device)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()  # the project's --threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: the optional num_logits_to_keep input draws a warning
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-            raise SurgeonError(f"ONNX Runtime cannot load {self.path}: {str(exc).strip().splitlines()[0]}") from None
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = [o.name for o in self.session.get_outputs()]
+        self.config: Any = _config(self.directory)
+        self.tokenizer = load_tokenizer(self.directory)
+        manifest = self.directory / ONNX_MANIFEST_FILE
+        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+        self.past = []
+
+    def _pair_cache(self, inputs: dict[str, tuple], outputs: list[str], past_dtype: Any, vocab: Any) -> None:
+        """Check the graph's I/O names and record the cache layout.
+
+        ``inputs`` maps each input name to its shape (symbolic axes as anything but an int), ``outputs``
+        lists the output names in order; ``past_dtype`` is the past tensors' numpy dtype.
+        """
         missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in inputs]
         if missing or not outputs or outputs[0] != "logits":
             raise SurgeonError(f"{self.path} is not a decoder graph with KV cache (inputs {sorted(inputs)})")
@@ -107,28 +112,21 @@ class OrtBackend(CachedLogits):
         self.present_names = [name.replace("past_key_values.", "present.") for name in self.past_names]
         if not self.past_names or self.present_names != outputs[1:]:
             raise SurgeonError(f"{self.path}: past_key_values inputs and present outputs do not pair up")
-        self.past_shapes = [tuple(inputs[n].shape) for n in self.past_names]  # [batch, kv_heads_i, past, head_dim]
-        self.dtype = ELEMENT_TYPES[inputs[self.past_names[0]].type]
-        self.config: Any = _config(self.directory)
-        vocab = self.session.get_outputs()[0].shape[-1]
+        self.past_shapes = [tuple(inputs[n]) for n in self.past_names]  # [batch, kv_heads_i, past, head_dim]
+        self.dtype = past_dtype
         self.vocab_size = int(vocab) if isinstance(vocab, int) else int(self.config.vocab_size)
-        optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with a default
-        # bind_cpu_input refuses inputs that have a default initializer; bind an OrtValue instead.
-        self.keep_last = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64)) \
-            if KEEP in inputs or KEEP in optional else None
-        self.io = self.session.io_binding()
-        self.past: list[Any] = []
-        # After a multi-token pass, hand the arena's free chunks back: without this, one perplexity
-        # batch would keep the process at its peak for good. Single-token steps reuse the arena.
-        self.shrink = ort.RunOptions()
-        self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"{self.device_type}:{self.device_id}")
-        self.tokenizer = load_tokenizer(self.directory)
-        manifest = self.directory / ONNX_MANIFEST_FILE
-        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+
+    def empty_shapes(self, batch_size: int) -> list[list[int]]:
+        """The past of a fresh cache: ``[B, kv_heads_i, 0, head_dim]`` per input."""
+        return [[batch_size, int(shape[1]), 0, int(shape[3])] for shape in self.past_shapes]
 
     @property
     def num_layers(self) -> int:
         return len(self.past_names) // 2
+
+    def runtime_facts(self) -> dict:
+        """What ``describe`` reports about the runtime itself (providers, threads, precision)."""
+        return {}
 
     def describe(self) -> dict:
         import ctypes
@@ -175,16 +173,11 @@ class OrtBackend(CachedLogits):
             "flops_per_token": flops_table(self.config),
             "onnx": {"opset": graph.get("opset"), "simplified": graph.get("simplified"),
                      "optimized": (self.manifest or {}).get("config", {}).get("optimize"),
-                     "providers": self.session.get_providers(),
-                     "prefill_tokens_per_pass": self.prefill_tokens},
+                     **self.runtime_facts(), "prefill_tokens_per_pass": self.prefill_tokens},
         }
 
     def reset(self, batch_size: int) -> None:
-        import onnxruntime as ort
-
-        self.past = [ort.OrtValue.ortvalue_from_shape_and_type(
-            [batch_size, shape[1], 0, shape[3]], self.dtype, self.device_type, self.device_id)
-            for shape in self.past_shapes]  # [B, kv_heads_i, 0, head_dim] on the device
+        raise NotImplementedError
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, last_only: bool = False) -> Tensor:
         batch, length = input_ids.shape
@@ -197,6 +190,55 @@ class OrtBackend(CachedLogits):
             lo = (length - 1) // chunk * chunk
             return self._run(input_ids[:, lo:], attention_mask, position_ids[:, lo:], True)
         return self._run(input_ids, attention_mask, position_ids, last_only)
+
+    def _run(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, last_only: bool) -> Tensor:
+        """One pass of the graph over ``input_ids`` ``[B, T]``; the cache advances by ``T``."""
+        raise NotImplementedError
+
+
+class OrtBackend(GraphBackend):
+    """:class:`runtime.backend.Backend` over an ONNX decoder graph with KV cache."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
+                 prefill_tokens: int = PREFILL_TOKENS, min_chunk: int = MIN_CHUNK) -> None:
+        import onnxruntime as ort
+
+        self._open(path, device, prefill_tokens, min_chunk)
+        providers, self.device_type, self.device_id = providers_for(device)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()  # the project's --threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: the optional num_logits_to_keep input draws a warning
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+            raise SurgeonError(f"ONNX Runtime cannot load {self.path}: {str(exc).strip().splitlines()[0]}") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        past = next((i for n, i in inputs.items() if PAST.fullmatch(n)), None)
+        self._pair_cache({n: tuple(i.shape) for n, i in inputs.items()}, [o.name for o in self.session.get_outputs()],
+                         ELEMENT_TYPES.get(past.type) if past is not None else None,
+                         self.session.get_outputs()[0].shape[-1])
+        optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with a default
+        # bind_cpu_input refuses inputs that have a default initializer; bind an OrtValue instead.
+        self.keep_last = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64)) \
+            if KEEP in inputs or KEEP in optional else None
+        self.io = self.session.io_binding()
+        # After a multi-token pass, hand the arena's free chunks back: without this, one perplexity
+        # batch would keep the process at its peak for good. Single-token steps reuse the arena.
+        self.shrink = ort.RunOptions()
+        self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", f"{self.device_type}:{self.device_id}")
+
+    def runtime_facts(self) -> dict:
+        return {"providers": self.session.get_providers()}
+
+    def reset(self, batch_size: int) -> None:
+        import onnxruntime as ort
+
+        self.past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device_type, self.device_id)
+                     for shape in self.empty_shapes(batch_size)]  # [B, kv_heads_i, 0, head_dim] on the device
 
     def _run(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, last_only: bool) -> Tensor:
         """One pass of the graph over ``input_ids`` ``[B, T]``; the cache advances by ``T``."""
@@ -236,17 +278,23 @@ def _config(directory: Path) -> Any:
             raise SurgeonError(f"{directory}: no usable config.json beside the graph ({exc})") from None
 
 
-def load_onnxruntime(spec: str | None, device: str, dtype: str, threads: int | None) -> OrtBackend:
-    """The ``onnxruntime`` backend: an export directory of ``surgeon-export onnx``, in the dtype it was exported in."""
+def load_graph(cls: Any, spec: str | None, device: str, dtype: str, threads: int | None) -> GraphBackend:
+    """Backend ``cls`` over an export directory of ``surgeon-export onnx``, in the dtype it was exported in."""
+    name = cls.name
     if spec is None:
-        raise SurgeonError("backend onnxruntime needs an ONNX export directory "
+        raise SurgeonError(f"backend {name} needs an ONNX export directory "
                            "(write one with `surgeon-export onnx MODEL --out DIR`), not the default model")
     try:
-        backend = OrtBackend(spec, device, threads or torch.get_num_threads())
+        backend = cls(spec, device, threads or torch.get_num_threads())
     except SurgeonError as exc:
-        raise SurgeonError(f"backend onnxruntime cannot run {spec}: {exc}") from None
+        raise SurgeonError(f"backend {name} cannot run {spec}: {exc}") from None
     exported = np.dtype(backend.dtype).name  # "float32" or "float16"
     if dtype != "auto" and exported != dtype:
-        raise SurgeonError(f"backend onnxruntime runs {spec} in the dtype it was exported in ({exported}), "
+        raise SurgeonError(f"backend {name} runs {spec} in the dtype it was exported in ({exported}), "
                            f"not {dtype}; export with `surgeon-export onnx --dtype`")
     return backend
+
+
+def load_onnxruntime(spec: str | None, device: str, dtype: str, threads: int | None) -> OrtBackend:
+    """The ``onnxruntime`` backend: an export directory of ``surgeon-export onnx``, in the dtype it was exported in."""
+    return load_graph(OrtBackend, spec, device, dtype, threads)  # type: ignore[return-value]

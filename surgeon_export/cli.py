@@ -433,6 +433,7 @@ def onnx_cmd(
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Fold traced shape arithmetic into constants.")] = True,
     optimize: Annotated[bool, typer.Option("--optimize", help="Also fuse with onnxruntime's transformer optimizer (ONNX Runtime-only ops).")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare ONNX Runtime with torch before keeping the graph.")] = True,
+    uniform_cache: Annotated[bool, typer.Option("--uniform-cache", help="Per-layer shapes: one KV-head count at the graph boundary and a stock config, for optimum's ORTModelForCausalLM.")] = False,
     force: Force = False,
     threads: Threads = None,
     quiet: Quiet = False,
@@ -447,7 +448,7 @@ def onnx_cmd(
     if out is None:
         raise SurgeonError("give --out DIR for the ONNX export")
     cfg = OnnxConfig(opset=opset, dtype=dtype, external_data=external_data,  # type: ignore[arg-type]
-                     simplify=simplify, optimize=optimize, verify=verify)
+                     simplify=simplify, optimize=optimize, verify=verify, uniform_cache=uniform_cache)
     cfg.validate()
     prepare_target(out, force, source=model)
     lm = load_model(model)
@@ -485,9 +486,9 @@ def gguf_cmd(
 
 @app.command("generate")
 def generate_cmd(
-    model: Annotated[str, typer.Argument(help="Model directory (torch), ONNX export directory (onnxruntime), or 'default'.")] = "default",
+    model: Annotated[str, typer.Argument(help="Model directory (torch), ONNX export directory (onnxruntime, openvino), or 'default'.")] = "default",
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")] = None,
-    backend: Annotated[str, typer.Option(help="Runtime backend: torch or onnxruntime (and any registered one).")] = "torch",
+    backend: Annotated[str, typer.Option(help="Runtime backend: torch, onnxruntime, openvino (and any registered one).")] = "torch",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt at most.")] = 32,
     sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of taking the argmax.")] = False,

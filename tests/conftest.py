@@ -77,3 +77,15 @@ def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "text.txt"
     path.write_text(CORPUS * 40)
     return path
+
+
+@pytest.fixture(scope="session")
+def default_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The default model, loaded, and its ONNX export (one export per test session): (lm, out, manifest)."""
+    from base.loading import load_model
+    from export.onnx import export_onnx
+
+    lm = load_model()
+    out = tmp_path_factory.mktemp("default-onnx") / "onnx"
+    manifest = export_onnx(lm.model, lm.tokenizer, out, source=lm.source, source_dir=lm.path)
+    return lm, out, manifest

@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from base.formats import ONNX_FILE, ONNX_MANIFEST_FILE
-from base.loading import load_model
-from export.onnx import export_onnx
 from runtime.generate import GenerationConfig, generate
 from runtime.ort import OrtBackend
 from runtime.torch_backend import TorchBackend
@@ -20,11 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    lm = load_model()
-    out = tmp_path_factory.mktemp("default-onnx") / "onnx"
-    manifest = export_onnx(lm.model, lm.tokenizer, out, source=lm.source, source_dir=lm.path)
-    return lm, out, manifest
+def exported(default_onnx: tuple) -> tuple:
+    return default_onnx  # tests/conftest.py: one export per session, shared with tests/test_openvino.py
 
 
 def test_export_is_fast_small_and_valid(exported: tuple) -> None:
