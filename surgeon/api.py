@@ -144,6 +144,7 @@ def prune_(
     config: Config,
     *,
     checkpoint_dir: Path | None = None,
+    binding: dict | None = None,
     stream: LayerStream | None = None,
     progress: bool = True,
 ) -> PruneReport:
@@ -152,6 +153,8 @@ def prune_(
     Args:
         windows: calibration token ids ``[N, T]`` (None only where :func:`needs_calibration` is false).
         checkpoint_dir: LLM Surgeon: the state after every shot is saved there; a rerun resumes.
+        binding: LLM Surgeon with ``checkpoint_dir``: what else the checkpoint must match to be
+            resumed (the source's identity, the seed; config and calibration windows always are).
         stream: the layer-wise methods: layers read from and written to disk one at a time
             (:class:`export.streaming.StreamedLayers`); ``model`` then has its layers on meta.
 
@@ -167,7 +170,8 @@ def prune_(
         return prune_sequential_(model, adapter, windows, config, stream=stream, progress=progress)
     sds = config.refine
     dense = copy.deepcopy(model) if sds else None  # SDS's teacher
-    report = prune_surgeon_(model, adapter, windows, config, checkpoint_dir=checkpoint_dir, progress=progress)  # type: ignore[arg-type]
+    report = prune_surgeon_(model, adapter, windows, config, checkpoint_dir=checkpoint_dir,
+                            binding=binding, progress=progress)  # type: ignore[arg-type]
     if sds:  # LLM Surgeon's model is the first round; each linear is re-pruned to its own sparsity
         refined = prune_sequential_(model, adapter, windows, PruneConfig("sparsegpt", pattern=config.pattern, refine=sds),
                                     teacher=dense, progress=progress)

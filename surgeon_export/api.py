@@ -27,8 +27,15 @@ import torch
 
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
+from base.integrity import source_identity
 from base.lazy import LazyModel, open_lazy
-from base.loading import LoadedModel, count_parameters, load_model, resolve_model_dir
+from base.loading import (
+    LoadedModel,
+    count_parameters,
+    load_model,
+    resolve_model_dir,
+    weight_files,
+)
 from base.perplexity import Perplexity, perplexity
 from base.surgery import RemovalPlan
 from benchmarks.run import BenchConfig, ModelSpec, PplConfig
@@ -117,8 +124,12 @@ def prune(
         if n < 1:
             raise SurgeonError(f"--calib-samples must be at least 1, got {n}")
         calibration = calibrate(lm, n, seq_len=seq_len, seed=seed, text=calib_text, data_dir=data_dir)
+    binding = None
+    if checkpoint is not None:  # a resumed run must continue the same model with the same calibration
+        binding = {"source model": source_identity(lm.path / "config.json", weight_files(lm.path)),
+                   "seed": seed, "calibration": calibration.origin if calibration else None}
     report = prune_(lm.model, lm.adapter, calibration.ids if calibration else None, config,
-                    checkpoint_dir=checkpoint, progress=progress)
+                    checkpoint_dir=checkpoint, binding=binding, progress=progress)
     report.calibration = calibration.origin if calibration else None
     return report
 
