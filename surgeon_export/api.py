@@ -94,7 +94,7 @@ def evaluate(
     check_window(seq_len, lm.model.config)
     tokens = eval_tokens(lm.tokenizer, text, data_dir)
     result = perplexity(lm.model, tokens.ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size,
-                        progress=progress)
+                        progress=progress, bos=tokens.bos)
     return result, tokens.origin
 
 
@@ -131,6 +131,7 @@ def prune(
     report = prune_(lm.model, lm.adapter, calibration.ids if calibration else None, config,
                     checkpoint_dir=checkpoint, binding=binding, progress=progress)
     report.calibration = calibration.origin if calibration else None
+    report.bos = calibration.bos is not None if calibration else None
     return report
 
 
@@ -231,6 +232,7 @@ def prune_streamed(
     report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
                     progress=progress)
     report.calibration = calibration.origin if calibration else None
+    report.bos = calibration.bos is not None if calibration else None
     return stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
 
 
