@@ -201,8 +201,8 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object
                 local_files_only=True,
                 output_loading_info=True,
             )
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise SurgeonError(f"cannot load model from {directory}: {_first_line(exc)}") from None
+        except (*CONFIG_ERRORS, _strict_error()) as exc:  # a config transformers cannot build a model from (found by tests/test_fuzz.py)
+            raise SurgeonError(f"cannot load model from {directory}: {_reason(exc)}") from None
     missing = [k for k in info.get("missing_keys", []) if not _is_tied(model, k)]
     problems = missing + list(info.get("mismatched_keys", []))
     if problems:
@@ -210,6 +210,10 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object
             f"{directory}: checkpoint does not match its config ({len(problems)} tensors missing "
             f"or misshapen, e.g. {problems[0]}); refusing to initialise them randomly"
         )
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if unexpected:  # e.g. num_hidden_layers lowered: transformers would drop the other layers' weights
+        raise SurgeonError(f"{directory}: checkpoint does not match its config ({len(unexpected)} tensors it does "
+                           f"not describe, e.g. {unexpected[0]}); refusing to drop them")
     model.eval()
     return model, load_tokenizer(directory), adapter
 
@@ -221,7 +225,7 @@ def load_tokenizer(directory: Path) -> object:
     try:
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as exc:
+    except (*CONFIG_ERRORS, _strict_error()) as exc:  # the tokenizer reads config.json too
         raise SurgeonError(f"cannot load tokenizer from {directory}: {_first_line(exc)}") from None
 
 
@@ -270,6 +274,24 @@ def check_per_layer_checkpoint(directory: Path, config: dict, files: list[Path])
     extra = sorted(k for k in actual if k not in expected and not _is_tied(skeleton, k))
     if extra:
         raise SurgeonError(f"{directory}: tensor {extra[0]} is not part of the model config.json describes")
+
+
+# What transformers raises while building a model from a bad config.json: its strict config dataclasses'
+# validation errors, and plain Python errors from values of the wrong type or range (head_dim 0, a dict
+# for rope_theta, pad_token_id out of range, a NaN dtype).
+CONFIG_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, AssertionError, IndexError,
+                 AttributeError, ZeroDivisionError, OverflowError)
+
+
+def _strict_error() -> type[Exception]:
+    from huggingface_hub.errors import StrictDataclassError
+
+    return StrictDataclassError
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why: the last line of a (multi-line) validation error, else the first."""
+    return _last_line(exc) if isinstance(exc, _strict_error()) else _first_line(exc)
 
 
 def _last_line(exc: BaseException) -> str:
