@@ -201,8 +201,8 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object
                 local_files_only=True,
                 output_loading_info=True,
             )
-        except (*CONFIG_ERRORS, _strict_error()) as exc:  # a config transformers cannot build a model from (found by tests/test_fuzz.py)
-            raise SurgeonError(f"cannot load model from {directory}: {_reason(exc)}") from None
+        except config_errors() as exc:  # a config transformers cannot build a model from (found by tests/test_fuzz.py)
+            raise SurgeonError(f"cannot load model from {directory}: {error_reason(exc)}") from None
     missing = [k for k in info.get("missing_keys", []) if not _is_tied(model, k)]
     problems = missing + list(info.get("mismatched_keys", []))
     if problems:
@@ -225,7 +225,7 @@ def load_tokenizer(directory: Path) -> object:
     try:
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-    except (*CONFIG_ERRORS, _strict_error()) as exc:  # the tokenizer reads config.json too
+    except config_errors() as exc:  # the tokenizer reads config.json too
         raise SurgeonError(f"cannot load tokenizer from {directory}: {_first_line(exc)}") from None
 
 
@@ -289,7 +289,13 @@ def _strict_error() -> type[Exception]:
     return StrictDataclassError
 
 
-def _reason(exc: BaseException) -> str:
+def config_errors() -> tuple[type[BaseException], ...]:
+    """Everything building a model or tokenizer from a user's config.json may raise (CONFIG_ERRORS, and
+    huggingface_hub's strict dataclass validation errors)."""
+    return (*CONFIG_ERRORS, _strict_error())
+
+
+def error_reason(exc: BaseException) -> str:
     """One line saying why: the last line of a (multi-line) validation error, else the first."""
     return _last_line(exc) if isinstance(exc, _strict_error()) else _first_line(exc)
 

@@ -38,7 +38,14 @@ from torch import nn
 from base.errors import SurgeonError
 from base.formats import DTYPES, PACK_MANIFEST_FILE, PACK_WEIGHTS_FILE
 from base.integrity import tensor_checksums, verify_checksums
-from base.loading import LoadedModel, check_safetensors, quiet_transformers, read_config
+from base.loading import (
+    LoadedModel,
+    check_safetensors,
+    config_errors,
+    error_reason,
+    quiet_transformers,
+    read_config,
+)
 from base.patterns import NMPattern
 from export.checkpoint import REPORT_FILE, write_atomically
 from export.semi_structured import check_nm, pack_24, pack_nm, unpack_24, unpack_nm
@@ -325,8 +332,8 @@ def build_skeleton(directory: Path) -> nn.Module:
             config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
             with torch.device("meta"):
                 return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise SurgeonError(f"{directory / 'config.json'}: {str(exc).strip().splitlines()[-1]}") from None
+        except config_errors() as exc:  # a config transformers cannot build a model from (tests/test_fuzz.py)
+            raise SurgeonError(f"{directory / 'config.json'}: {error_reason(exc)}") from None
 
 
 def read_compressed(directory: Path, *, check_manifest: bool = True) -> CompressedCheckpoint:

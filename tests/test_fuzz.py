@@ -70,6 +70,8 @@ def same(a: object, b: object) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.is_meta or b.is_meta:  # a tensor never read
+            return False
         return a.dtype == b.dtype and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
     return a == b
 
@@ -184,20 +186,40 @@ def test_fuzz_safetensors_headers(tiny, tmp_path: Path) -> None:
     tally("safetensors header", results, {"error", "identical", "undetectable"})
 
 
+def lazy_state(spec: Path) -> dict[str, torch.Tensor]:
+    """Every tensor the streaming loader reads: outside the layers at open, each layer when materialised."""
+    from base.lazy import open_lazy
+
+    lazy = open_lazy(spec)
+    state = {k: v for k, v in lazy.model.state_dict().items() if not k.startswith(lazy.adapter.layers + ".")}
+    for i in range(lazy.num_layers()):
+        state.update({lazy.layer_prefix(i) + k: v for k, v in lazy.read_layer(i).state_dict().items()})
+    return state
+
+
 def test_fuzz_config_json(tiny, tmp_path: Path) -> None:
+    """config.json through the one loader (150), the streaming loader (50) and a pack's loader (50)."""
     src, expected = tiny
+    _, pruned = pruned_24_dir(tmp_path)
+    packed = tmp_path / "packed"
+    pack_checkpoint(load_model(pruned), packed, PackConfig("2:4"))
+    targets = [(src, lambda d: state_of(load_model(d)), expected),
+               (src, lazy_state, lazy_state(src)),
+               (packed, lambda d: state_of(load_compressed(d).lm), state_of(load_compressed(packed).lm))]
     rng = random.Random(SEED + 1)
-    config = json.loads((src / "config.json").read_text())
-    work = copy_dir(src, tmp_path / "m")
-    results = []
-    for i in range(200):
+    results: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    for i in range(250):
+        which = 0 if i < 150 else 1 if i < 200 else 2
+        source, read, want = targets[which]
+        work = copy_dir(source, tmp_path / f"m{which}") if i in (0, 150, 200) else tmp_path / f"m{which}"
         if i % 10 == 9:
-            raw = flip_bytes(rng, (src / "config.json").read_bytes(), 0, 10**9)
-            (work / "config.json").write_bytes(raw)
+            (work / "config.json").write_bytes(flip_bytes(rng, (source / "config.json").read_bytes(), 0, 10**9))
         else:
+            config = json.loads((source / "config.json").read_text())
             (work / "config.json").write_text(json.dumps(mutate_json(rng, config)))
-        results.append(outcome(lambda: state_of(load_model(work)), expected))
-    tally("config.json", results, {"error", "identical"})
+        results[which].append(outcome(lambda: read(work), want))
+    for which, name in enumerate(("config.json (load_model)", "config.json (open_lazy)", "config.json (pack)")):
+        tally(name, results[which], {"error", "identical"})
 
 
 def test_fuzz_gguf_headers(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
