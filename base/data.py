@@ -2,7 +2,9 @@
 
 BENCHMARK_PROTOCOL.md: evaluation on ``wikitext-2-raw/wiki.test.raw``, calibration on
 ``wikitext-2/valid.txt`` (never the test split), 64 windows of 512 tokens at random offsets drawn
-with Python's ``random`` seeded 0 (``randint(0, N - T - 1)``). Both files ship inside the package
+with Python's ``random`` seeded 0 (``randint(0, N - T - 1)``). Windows never start with BOS unless
+the tokenizer's own convention adds it (``tokenizer("x")`` starts with BOS, as Gemma's does); then
+every window is BOS followed by ``T - 1`` text tokens (:func:`leading_bos`), recorded as ``bos``. Both files ship inside the package
 (``base/corpora/``, gzip, checksummed on every read; provenance and licence in its README);
 ``--data-dir`` or ``$SURGEON_EXPORT_DATA`` name a directory to read them from instead. Where an
 explicit directory lacks the calibration file, calibration text is sampled from the model itself
@@ -90,6 +92,23 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+def leading_bos(tokenizer: object) -> int | None:
+    """The BOS id when the tokenizer's own convention puts it before every text (``tokenizer("x")`` starts with
+    it: Gemma, Llama-2), else None (SmolLM2, GPT-2). Windows then lead with it (:func:`with_bos`)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("x")["input_ids"]  # type: ignore[operator]
+    return int(bos) if len(ids) > 0 and ids[0] == bos else None
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``[W, T-1]`` text windows with a BOS column in front (``[W, T]``); unchanged when ``bos`` is None."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
 def tokenize(tokenizer: object, text: str) -> torch.Tensor:
     """Token ids ``[N]`` of a whole text, no special tokens added (as the protocol says)."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # type: ignore[operator]
@@ -102,18 +121,20 @@ class TokenSource:
 
     ids: torch.Tensor  # [N] long
     origin: str
+    bos: int | None = None  # evaluation text: lead each window with this BOS id (the tokenizer's convention)
 
 
 def eval_tokens(tokenizer: object, text_file: str | Path | None, data_dir: str | Path | None) -> TokenSource:
-    """Evaluation tokens: the user's text file, else the WikiText-2 test split."""
+    """Evaluation tokens: the user's text file, else the WikiText-2 test split; ``bos`` as the tokenizer adds it."""
+    bos = leading_bos(tokenizer)
     if text_file is not None:
-        return TokenSource(tokenize(tokenizer, read_text(text_file)), str(text_file))
+        return TokenSource(tokenize(tokenizer, read_text(text_file)), str(text_file), bos)
     found = corpus(EVAL_FILE, data_dir)
     if found is None:
         raise SurgeonError(f"no evaluation text: {find_data_dir(data_dir)} has no {EVAL_FILE} "
                            "(drop --data-dir / $SURGEON_EXPORT_DATA to use the packaged copy, or give --text)")
     text, origin = found
-    return TokenSource(tokenize(tokenizer, text), origin)
+    return TokenSource(tokenize(tokenizer, text), origin, bos)
 
 
 def check_window(seq_len: int, config: Any) -> None:
@@ -125,8 +146,13 @@ def check_window(seq_len: int, config: Any) -> None:
         raise SurgeonError(f"window of {seq_len} tokens is longer than the model's context ({limit})")
 
 
-def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """``n`` windows ``[n, seq_len]`` at offsets ``randint(0, N - seq_len - 1)`` from ``Random(seed)``."""
+def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0, bos: int | None = None) -> torch.Tensor:
+    """``n`` windows ``[n, seq_len]`` at offsets ``randint(0, N - seq_len - 1)`` from ``Random(seed)``.
+
+    With ``bos``: each window is BOS then ``seq_len - 1`` text tokens (offsets drawn for that length).
+    """
+    if bos is not None:
+        return with_bos(random_windows(ids, n, seq_len - 1, seed), bos)
     if n < 1:
         raise SurgeonError(f"number of calibration samples must be at least 1, got {n}")
     if ids.numel() < seq_len + 2:
@@ -195,17 +221,18 @@ def calibration_windows(
             message; ``"wikitext"`` insists on the corpus; ``"generated"`` always samples.
     """
     check_window(seq_len, model.config)
+    bos = leading_bos(tokenizer)  # windows lead with BOS where the tokenizer's convention does
     if source != "generated":
         if text_file is not None:
             ids = tokenize(tokenizer, read_text(text_file))
-            return TokenSource(random_windows(ids, n, seq_len, seed), str(text_file))
+            return TokenSource(random_windows(ids, n, seq_len, seed, bos), str(text_file), bos)
         found = corpus(CALIB_FILE, data_dir)
         if found is not None:
             text, origin = found
-            return TokenSource(random_windows(tokenize(tokenizer, text), n, seq_len, seed), origin)
+            return TokenSource(random_windows(tokenize(tokenizer, text), n, seq_len, seed, bos), origin, bos)
         if source == "wikitext":
             raise SurgeonError(f"calibration corpus {CALIB_FILE} not found in {find_data_dir(data_dir)}")
         log.warning("no calibration text found (%s has no %s): sampling %d x %d tokens from the model itself",
                     find_data_dir(data_dir), CALIB_FILE, n, seq_len)
     ids = generate_calibration(model, tokenizer, n, seq_len, seed)
-    return TokenSource(ids, f"generated by the model (seed {seed})")
+    return TokenSource(ids, f"generated by the model (seed {seed})", bos)

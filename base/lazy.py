@@ -23,6 +23,8 @@ from base.errors import SurgeonError
 from base.loading import (
     check_checkpoint,
     check_finite,
+    config_errors,
+    error_reason,
     load_tokenizer,
     quiet_transformers,
     resolve_model_dir,
@@ -42,11 +44,13 @@ class LazyWeights:
 
         self.where: dict[str, Path] = {}
         self.dtypes: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as handle:
                 for key in handle.keys():
                     self.where[key] = f
                     self.dtypes[key] = handle.get_slice(key).get_dtype()
+                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Tensor ``name`` as a fresh copy in ``dtype`` (never a view of the file)."""
@@ -133,11 +137,12 @@ def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.floa
     with quiet_transformers():
         try:
             parsed = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise SurgeonError(f"cannot load the config of {directory}: {exc}") from None
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(parsed, trust_remote_code=False, dtype=dtype)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(parsed, trust_remote_code=False, dtype=dtype)
+        except config_errors() as exc:  # a config transformers cannot build a model from (tests/test_fuzz.py)
+            raise SurgeonError(f"cannot load the config of {directory}: {error_reason(exc)}") from None
     weights = LazyWeights(files)
+    _check_shapes(directory, model, weights)
     lazy = LazyModel(model.eval(), load_tokenizer(directory), adapter, directory, source, weights, dtype)
     layers = adapter.layers + "."
     state = {}
@@ -160,5 +165,23 @@ def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.floa
 
 
 def _tied(model: nn.Module, key: str) -> bool:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return key in tied
+
+
+def _check_shapes(directory: Path, model: nn.Module, weights: LazyWeights) -> None:
+    """Every tensor the config describes is stored with its shape, and nothing else is: before any layer
+    is read, so a config that does not match the checkpoint never yields a half-loaded or cut-down model."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, shape in expected.items():
+        if key not in weights.where:
+            if not _tied(model, key):
+                raise SurgeonError(f"{directory}: tensor {key} is missing from the checkpoint")
+        elif weights.shapes[key] != shape:
+            raise SurgeonError(f"{directory}: tensor {key} has shape {list(weights.shapes[key])}, but config.json "
+                               f"says {list(shape)}")
+    extra = sorted(k for k in weights.where if k not in expected)
+    if extra:
+        raise SurgeonError(f"{directory}: tensor {extra[0]} is not part of the model config.json describes")

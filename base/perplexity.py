@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from base.data import with_bos
 from base.errors import SurgeonError
 
 
@@ -27,13 +28,17 @@ class Perplexity:
     tokens: int  # predicted tokens
     windows: int
     seq_len: int
+    bos: bool = False  # each window was BOS then seq_len - 1 text tokens (the tokenizer's convention)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
-    """Non-overlapping windows ``[W, seq_len]`` from the start of ``ids`` (first ``max_windows``)."""
+def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None, bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows ``[W, seq_len]`` from the start of ``ids`` (first ``max_windows``); with ``bos``,
+    BOS then ``seq_len - 1`` text tokens each."""
+    if bos is not None:
+        return with_bos(eval_windows(ids, seq_len - 1, max_windows), bos)
     available = ids.numel() // seq_len
     if available == 0:
         raise SurgeonError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
@@ -50,6 +55,7 @@ def perplexity(
     max_windows: int | None = 64,
     batch_size: int = 4,
     progress: bool = True,
+    bos: int | None = None,
 ) -> Perplexity:
     """Perplexity of ``model`` on the token stream ``ids`` ``[N]``.
 
@@ -59,11 +65,13 @@ def perplexity(
         ids: token ids ``[N]`` (long) of the whole evaluation text.
         max_windows: evaluate the first this many windows; ``None`` for all (``--full``).
         batch_size: windows per forward pass; changes speed and memory, not the result.
+        bos: lead every window with this BOS id (``seq_len - 1`` text tokens each), as
+            :func:`base.data.leading_bos` says the tokenizer does; None: the protocol's plain windows.
 
     Example:
         >>> perplexity(model, ids, max_windows=2).perplexity  # doctest: +SKIP
     """
-    windows = eval_windows(ids, seq_len, max_windows)
+    windows = eval_windows(ids, seq_len, max_windows, bos)
     logits_of = _hf_logits(model) if isinstance(model, nn.Module) else model.logits
     total_nll = 0.0  # accumulated in Python float (double precision) over all windows
     total_tokens = 0
@@ -80,7 +88,7 @@ def perplexity(
         bar.update(batch.shape[0])
     bar.close()
     mean = total_nll / total_tokens
-    return Perplexity(math.exp(mean), mean, total_tokens, windows.shape[0], seq_len)
+    return Perplexity(math.exp(mean), mean, total_tokens, windows.shape[0], seq_len, bos is not None)
 
 
 class Scorer(Protocol):

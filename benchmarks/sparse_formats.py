@@ -36,7 +36,12 @@ from base.env import environment
 from base.patterns import NMPattern
 from benchmarks.latency import summarize
 from benchmarks.report import atomic_write
-from runtime.semi_structured import choose_backend, cuda_paired, to_semi_structured_linear, winning_tail
+from runtime.semi_structured import (
+    choose_backend,
+    cuda_paired,
+    to_semi_structured_linear,
+    winning_tail,
+)
 from runtime.sparse_linear import sparse_linear
 
 CPU_SHAPES = ((1536, 576), (576, 1536))  # W [out, in]: gate/up, down of SmolLM2-135M

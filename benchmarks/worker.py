@@ -81,7 +81,7 @@ class Worker:
             check_window(r["seq_len"], backend.config)
             tokens = eval_tokens(backend.tokenizer, r["text"], r["data_dir"])
             result = perplexity(backend, tokens.ids, seq_len=r["seq_len"], max_windows=r["windows"],
-                                batch_size=r["batch_size"], progress=r["progress"])
+                                batch_size=r["batch_size"], progress=r["progress"], bos=tokens.bos)
             return {**result.to_dict(), "text": tokens.origin}
         if op in ("prefill", "decode"):
             prompt = self._prompt(r["batch"], r["length"], r["seed"], backend.vocab_size)

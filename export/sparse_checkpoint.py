@@ -9,12 +9,14 @@ A directory written by :func:`pack_checkpoint` (``surgeon-export pack``), atomic
   tensors ``KEY.PART`` (e.g. ``model.layers.0.mlp.up_proj.weight.values``); the header's
   ``__metadata__`` (strings only) holds ``format``, ``format_version``, ``layout`` and ``packed``,
   a JSON object ``KEY -> {"layout", "shape", "dtype"[, "blocksize"]}``. Nothing in it executes;
-- ``surgeon_sparse.json`` (manifest: format, version, layout, dtype, sizes) and ``README.md`` say
+- ``surgeon_sparse.json`` (manifest: format, version, layout, dtype, sizes, and the SHA-256 of every
+  stored tensor's bytes, checked on every read) and ``README.md`` say
   what the directory is. There is no ``model.safetensors``, so plain transformers refuses the
   directory rather than initialising weights at random; :func:`densify` (``surgeon-export densify``)
   writes a normal checkpoint from it.
 
-Every reader goes through :func:`read_compressed`, which checks the manifest, the file, the
+Every reader goes through :func:`read_compressed`, which checks the manifest, each tensor's checksum (a
+pack written before checksums were recorded loads with a warning), the file, the
 metadata and every tensor's shape against the model ``config.json`` describes (built on the meta
 device), and names the tensor at fault.
 """
@@ -22,6 +24,7 @@ device), and names the tensor at fault.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +37,15 @@ from torch import nn
 
 from base.errors import SurgeonError
 from base.formats import DTYPES, MODELING_FILE, PACK_MANIFEST_FILE, PACK_WEIGHTS_FILE
-from base.loading import LoadedModel, check_safetensors, quiet_transformers, read_config
+from base.integrity import tensor_checksums, verify_checksums
+from base.loading import (
+    LoadedModel,
+    check_safetensors,
+    config_errors,
+    error_reason,
+    quiet_transformers,
+    read_config,
+)
 from base.patterns import NMPattern
 from export.card import write_card
 from export.checkpoint import REPORT_FILE, write_atomically
@@ -50,6 +61,7 @@ EXTRA_FILES = (REPORT_FILE,)  # copied from the source directory when present
 # Never copied: a per-layer directory gets our own base/modeling.py (:func:`write_modeling`), not the
 # source's file, which may have been changed by anyone and would run under trust_remote_code=True.
 NOT_COPIED = (*OWN_FILES, MODELING_FILE)
+log = logging.getLogger(__name__)
 LAYOUTS: tuple[str, ...] = ("2:4", "csr", "bsr")  # and any other N:M as "K:M" (4:8, 1:4, ...)
 
 
@@ -231,6 +243,7 @@ def pack_checkpoint(lm: LoadedModel, out: Path, cfg: PackConfig, *, force: bool 
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / PACK_WEIGHTS_FILE), metadata=header)
+        manifest["checksums"] = tensor_checksums(tmp / PACK_WEIGHTS_FILE)  # verified on every read
         model.config.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         config["dtype"] = dtype_name(dtype)  # what the file holds, not what the source was loaded as
@@ -345,8 +358,8 @@ def build_skeleton(directory: Path) -> nn.Module:
             config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
             with torch.device("meta"):
                 return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise SurgeonError(f"{directory / 'config.json'}: {str(exc).strip().splitlines()[-1]}") from None
+        except config_errors() as exc:  # a config transformers cannot build a model from (tests/test_fuzz.py)
+            raise SurgeonError(f"{directory / 'config.json'}: {error_reason(exc)}") from None
 
 
 def read_compressed(directory: Path, *, check_manifest: bool = True) -> CompressedCheckpoint:
@@ -396,7 +409,18 @@ def read_compressed(directory: Path, *, check_manifest: bool = True) -> Compress
     skeleton = build_skeleton(directory)
     _check_shapes(directory, skeleton, {**{k: tuple(v.shape) for k, v in stored.items()},
                                         **{k: p.shape for k, p in packed.items()}})
+    if check_manifest:  # after the structure checks, so a malformed file gets its own message
+        _verify(path, manifest)
     return CompressedCheckpoint(directory, config, manifest, stored, packed, skeleton)
+
+
+def _verify(path: Path, manifest: dict) -> None:
+    """Every stored tensor against the manifest's checksum; packs from before checksums load with a warning."""
+    if "checksums" not in manifest:
+        log.warning("%s has no checksums (written by an older surgeon-export): its values cannot be verified; "
+                    "pack it again to add them", path.parent / PACK_MANIFEST_FILE)
+        return
+    verify_checksums(path, manifest["checksums"], PACK_MANIFEST_FILE)
 
 
 def _check_shapes(directory: Path, skeleton: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:

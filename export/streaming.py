@@ -21,7 +21,6 @@ a bfloat16 source); the pruning itself runs in float32.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from torch import nn
 
 from base.errors import SurgeonError
 from base.formats import REPORT_FILE
+from base.integrity import source_identity as checkpoint_identity
 from base.lazy import LazyModel
 from export.card import write_card
 from export.checkpoint import REPORT_VERSION, prepare_target, saved_accounting
@@ -45,18 +45,8 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def source_identity(lazy: LazyModel) -> str:
-    """A digest of what the weights are: config, each safetensors header and size, first and last MiB."""
-    h = hashlib.sha256((lazy.path / "config.json").read_bytes())
-    for f in sorted(set(lazy.weights.where.values())):
-        size = f.stat().st_size
-        with f.open("rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            h.update(size.to_bytes(8, "little"))
-            h.update(fh.read(header_len))
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
-    return h.hexdigest()
+    """The identity of the source checkpoint (:func:`base.integrity.source_identity`)."""
+    return checkpoint_identity(lazy.path / "config.json", lazy.weights.where.values())
 
 
 def shard_name(index: int, total: int) -> str:

@@ -149,6 +149,7 @@ def prune_(
     config: Config,
     *,
     checkpoint_dir: Path | None = None,
+    binding: dict | None = None,
     stream: LayerStream | None = None,
     progress: bool = True,
 ) -> PruneReport:
@@ -157,6 +158,8 @@ def prune_(
     Args:
         windows: calibration token ids ``[N, T]`` (None only where :func:`needs_calibration` is false).
         checkpoint_dir: LLM Surgeon: the state after every shot is saved there; a rerun resumes.
+        binding: LLM Surgeon with ``checkpoint_dir``: what else the checkpoint must match to be
+            resumed (the source's identity, the seed; config and calibration windows always are).
         stream: the layer-wise methods: layers read from and written to disk one at a time
             (:class:`export.streaming.StreamedLayers`); ``model`` then has its layers on meta.
 
@@ -183,8 +186,8 @@ def prune_(
                             progress=progress)
             return {k: v for k, v in done.to_dict().items() if k != "losses"}
 
-    report = prune_surgeon_(model, adapter, windows, config, checkpoint_dir=checkpoint_dir, progress=progress,  # type: ignore[arg-type]
-                            between_shots=between)
+    report = prune_surgeon_(model, adapter, windows, config, checkpoint_dir=checkpoint_dir,  # type: ignore[arg-type]
+                            binding=binding, progress=progress, between_shots=between)
     if sds:  # LLM Surgeon's model is the first round; each linear is re-pruned to its own sparsity
         refined = prune_sequential_(model, adapter, windows, PruneConfig("sparsegpt", pattern=config.pattern, refine=sds),
                                     teacher=dense, progress=progress)

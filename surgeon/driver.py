@@ -79,6 +79,7 @@ class PruneReport:
     layer_seconds: list[float] = field(default_factory=list)
     removal: dict | None = None  # structured: the removed groups, a base.surgery.RemovalPlan as a dict
     calibration: str | None = None  # where the calibration windows came from
+    bos: bool | None = None  # whether every calibration window led with BOS (the tokenizer's convention)
 
     @property
     def sparsity(self) -> float:
@@ -95,6 +96,8 @@ class PruneReport:
         out = {"calibration": self.calibration, "config": self.config, "sparsity": self.sparsity,
                "seconds": self.seconds, "layer_seconds": [round(t, 2) for t in self.layer_seconds],
                "shots": self.shots, "layers": self.layers}
+        if self.bos is not None:
+            out["bos"] = self.bos
         if self.refine:
             out["refine"] = {"summary": refine_summary(self.refine), "linears": self.refine}
         if self.removal is not None:

@@ -15,6 +15,7 @@ MLP channels and attention heads; :mod:`surgeon.structures`), and structured fol
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,13 +32,8 @@ from torch import nn
 
 from base.adapters import Adapter
 from base.errors import SurgeonError
-from base.files import (
-    LEGACY_MKSTEMP,
-    clean_stale,
-    is_write_error,
-    temp_prefix,
-    write_error,
-)
+from base.files import is_write_error, write_error
+from base.integrity import tensor_checksums, verify_checksums
 from base.patterns import NMPattern, check_sparsity
 from surgeon import structures
 from surgeon.baselines.sparsegpt import prune_sparsegpt
@@ -59,7 +55,8 @@ log = logging.getLogger(__name__)
 
 Allocation = Literal["global", "uniform"]
 RowSolver = Literal["sparsegpt", "exact"]
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: progress.json binds the source, calibration and settings; state per shot
+PROGRESS = "progress.json"
 
 
 @dataclass(frozen=True)
@@ -168,6 +165,7 @@ def prune_surgeon_(
     cfg: SurgeonConfig,
     *,
     checkpoint_dir: Path | None = None,
+    binding: dict | None = None,
     progress: bool = True,
     between_shots: Callable[[int, dict[str, torch.Tensor]], dict] | None = None,
 ) -> PruneReport:
@@ -176,7 +174,9 @@ def prune_surgeon_(
     Args:
         windows: calibration token ids ``[N, T]``.
         checkpoint_dir: if given, the state after every shot is saved there, and a run with the
-            same config resumes after the last completed shot instead of starting over.
+            same config, linears and calibration windows resumes after the last completed shot
+            instead of starting over; anything else is refused naming the difference.
+        binding: more that the checkpoint must match (the caller's source identity, seed, ...).
         between_shots: called after every shot but the last with the shot's index and the kept
             masks (the interleaved low-rank update); what it returns joins that shot's record.
     """
@@ -191,8 +191,9 @@ def prune_surgeon_(
     keep = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in linears.items()}
     targets = cfg.shot_targets()
     first = 0
+    bound = binding_of(cfg, linears, windows, binding) if checkpoint_dir is not None else {}
     if checkpoint_dir is not None:
-        first, report.shots = _resume(checkpoint_dir, cfg, linears, keep)
+        first, report.shots = _resume(checkpoint_dir, bound, linears, keep)
     for shot in range(first, len(targets)):
         target = targets[shot]
         t0 = time.perf_counter()
@@ -226,7 +227,7 @@ def prune_surgeon_(
         if between_shots is not None and shot + 1 < len(targets):
             report.shots[-1]["between_shots"] = between_shots(shot, keep)
         if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir, cfg, shot + 1, report.shots, linears, keep)
+            _save_checkpoint(checkpoint_dir, bound, shot + 1, report.shots, linears, keep)
     for name, m in linears.items():
         report.record(name, m)
     if cfg.structured is not None:
@@ -316,54 +317,116 @@ def _structured_step(
     structures.apply_(model, adapter, chosen, damped if scoring == "surgeon" else None, keep, cfg.group_cost)
 
 
+def binding_of(cfg: SurgeonConfig, linears: dict[str, nn.Linear], windows: torch.Tensor,
+               extra: dict | None = None) -> dict:
+    """What a checkpoint's shots depend on: the config, the linears' shapes and dtype, the calibration
+    windows (a digest of their tokens), and the caller's ``extra`` (source identity, seed, ...)."""
+    tokens = windows.detach().to("cpu", torch.int64).contiguous()
+    return {
+        "config": cfg.to_dict(),
+        "linears": {n: [*m.weight.shape, str(m.weight.dtype).removeprefix("torch.")] for n, m in linears.items()},
+        "calibration windows": [list(tokens.shape), hashlib.sha256(tokens.numpy().tobytes()).hexdigest()],
+        **(extra or {}),
+    }
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """Names of the bound settings that differ (``config.shots``, ``seed``, ``source model``, ...)."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if key == "config" and isinstance(a, dict) and isinstance(b, dict):
+            names += [f"config.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            names.append(key)
+    return names
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` a temporary sibling of ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _save_checkpoint(
-    directory: Path, cfg: SurgeonConfig, shots_done: int, shots: list[dict],
+    directory: Path, binding: dict, shots_done: int, shots: list[dict],
     linears: dict[str, nn.Linear], keep: dict[str, torch.Tensor],
 ) -> None:
-    """Write weights, masks and progress after a shot; atomic (temp file, then rename)."""
+    """Write weights and masks of this shot (a new file), then ``progress.json`` naming it, then drop the
+    older state: a kill at any point leaves a progress file and the state it names, both whole. A failed
+    write (disk full, read-only) is one line, its temporary removed."""
     tensors = {f"{n}.weight": m.weight.detach().contiguous() for n, m in linears.items()}
     tensors.update({f"{n}.keep": k.to(torch.uint8) for n, k in keep.items()})
-    meta = {"version": CHECKPOINT_VERSION, "config": cfg.to_dict(), "shots_done": shots_done, "shots": shots}
-    tmp = None
+    state = directory / f"state-{shots_done}.safetensors"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        clean_stale(directory, legacy=LEGACY_MKSTEMP)  # temporaries of a run killed mid-write
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix("state.safetensors"))
-        os.close(fd)
-        save_file(tensors, tmp)
-        os.replace(tmp, directory / "state.safetensors")
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix("progress.json"))
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp, directory / "progress.json")
-    except Exception as exc:  # disk full or read-only: one line, the temporary removed
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        _write_atomic(state, lambda tmp: save_file(tensors, tmp))
+        meta = {"version": CHECKPOINT_VERSION, "binding": binding, "shots_done": shots_done, "shots": shots,
+                "state": state.name, "checksums": tensor_checksums(state)}
+        _write_atomic(directory / PROGRESS, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    except Exception as exc:
         if is_write_error(exc):
             raise write_error(exc, directory) from None
         raise
+    _clean(directory, keep_state=state.name)
+
+
+def _clean(directory: Path, keep_state: str | None) -> None:
+    """Remove temporaries of interrupted writes and state files no progress file names."""
+    for f in directory.iterdir():
+        stale_state = f.name.startswith("state") and f.name.endswith(".safetensors") and f.name != keep_state
+        if f.is_file() and (f.name.endswith(".tmp") or stale_state):
+            f.unlink(missing_ok=True)
 
 
 def _resume(
-    directory: Path, cfg: SurgeonConfig, linears: dict[str, nn.Linear], keep: dict[str, torch.Tensor]
+    directory: Path, binding: dict, linears: dict[str, nn.Linear], keep: dict[str, torch.Tensor]
 ) -> tuple[int, list[dict]]:
-    progress_file = directory / "progress.json"
+    """Restore the last finished shot from ``directory`` if it was made with the same ``binding``.
+
+    A checkpoint of another model, other settings or other calibration windows is refused with one
+    line naming what differs, before anything is loaded.
+    """
+    progress_file = directory / PROGRESS
     if not progress_file.is_file():
+        if directory.is_dir():
+            _clean(directory, keep_state=None)
         return 0, []
     try:
         meta = json.loads(progress_file.read_text())
-        state = load_file(str(directory / "state.safetensors"))
-    except Exception as exc:  # a damaged checkpoint must not be half-applied
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SurgeonError(f"cannot resume from {directory}: {progress_file.name} is unreadable ({exc}); "
+                           "remove it to start over") from None
+    if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION or not isinstance(meta.get("binding"), dict):
+        raise SurgeonError(f"checkpoint in {directory} was written by another surgeon-export version; "
+                           "remove it to start over")
+    changed = _differences(meta["binding"], binding)
+    if changed:
+        model = [c for c in changed if c in ("source model", "linears")]
+        others = [c for c in changed if c not in model]
+        what = " and ".join(x for x in ("another model" if model else "",
+                                         f"other settings ({', '.join(others)})" if others else "") if x)
+        raise SurgeonError(f"checkpoint in {directory} was made with {what}; rerun with the same model and "
+                           "options or remove it to start over")
+    state_file = directory / str(meta.get("state"))
+    try:
+        verify_checksums(state_file, meta.get("checksums"), str(progress_file))
+        state = load_file(str(state_file))
+        shots_done, shots = int(meta["shots_done"]), list(meta["shots"])
+        restored = {name: (state[f"{name}.weight"], state[f"{name}.keep"].bool()) for name in linears}
+    except SurgeonError as exc:
         raise SurgeonError(f"cannot resume from {directory}: {exc}") from None
-    if meta.get("version") != CHECKPOINT_VERSION or meta.get("config") != cfg.to_dict():
-        raise SurgeonError(
-            f"checkpoint in {directory} was made with other settings; remove it or use the same options"
-        )
+    except Exception as exc:  # a damaged checkpoint must not be half-applied
+        raise SurgeonError(f"cannot resume from {directory}: {type(exc).__name__}: {exc}") from None
+    _clean(directory, keep_state=state_file.name)
     with torch.no_grad():
         for name, m in linears.items():
-            m.weight.copy_(state[f"{name}.weight"])
-            keep[name] = state[f"{name}.keep"].bool()
-    log.info("resuming after shot %d from %s", meta["shots_done"], directory)
-    return int(meta["shots_done"]), list(meta["shots"])
-
-
+            m.weight.copy_(restored[name][0])
+            keep[name] = restored[name][1]
+    log.info("resuming after shot %d from %s", shots_done, directory)
+    return shots_done, shots

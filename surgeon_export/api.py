@@ -28,8 +28,15 @@ import torch
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
 from base.files import check_writable
+from base.integrity import source_identity
 from base.lazy import LazyModel, open_lazy
-from base.loading import LoadedModel, count_parameters, load_model, resolve_model_dir
+from base.loading import (
+    LoadedModel,
+    count_parameters,
+    load_model,
+    resolve_model_dir,
+    weight_files,
+)
 from base.perplexity import Perplexity, perplexity
 from base.surgery import RemovalPlan
 from benchmarks.run import BenchConfig, ModelSpec, PplConfig
@@ -90,7 +97,7 @@ def evaluate(
     check_window(seq_len, lm.model.config)
     tokens = eval_tokens(lm.tokenizer, text, data_dir)
     result = perplexity(lm.model, tokens.ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size,
-                        progress=progress)
+                        progress=progress, bos=tokens.bos)
     return result, tokens.origin
 
 
@@ -122,9 +129,14 @@ def prune(
         if n < 1:
             raise SurgeonError(f"--calib-samples must be at least 1, got {n}")
         calibration = calibrate(lm, n, seq_len=seq_len, seed=seed, text=calib_text, data_dir=data_dir)
+    binding = None
+    if checkpoint is not None:  # a resumed run must continue the same model with the same calibration
+        binding = {"source model": source_identity(lm.path / "config.json", weight_files(lm.path)),
+                   "seed": seed, "calibration": calibration.origin if calibration else None}
     report = prune_(lm.model, lm.adapter, calibration.ids if calibration else None, config,
-                    checkpoint_dir=checkpoint, progress=progress)
+                    checkpoint_dir=checkpoint, binding=binding, progress=progress)
     report.calibration = calibration.origin if calibration else None
+    report.bos = calibration.bos is not None if calibration else None
     return report
 
 
@@ -261,6 +273,7 @@ def prune_streamed(
     report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
                     progress=progress)
     report.calibration = calibration.origin if calibration else None
+    report.bos = calibration.bos is not None if calibration else None
     return stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
 
 

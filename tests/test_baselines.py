@@ -15,7 +15,11 @@ import torch
 
 from base.errors import SurgeonError
 from base.patterns import NMPattern
-from surgeon.baselines.common import Target, mask_from_scores_matrix, mask_from_scores_per_row
+from surgeon.baselines.common import (
+    Target,
+    mask_from_scores_matrix,
+    mask_from_scores_per_row,
+)
 from surgeon.baselines.magnitude import prune_magnitude
 from surgeon.baselines.sparsegpt import MaskRule, prune_sparsegpt
 from surgeon.baselines.wanda import prune_wanda, wanda_scores

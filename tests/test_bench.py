@@ -14,8 +14,6 @@ from base.errors import SurgeonError
 from base.loading import load_model
 from base.perplexity import perplexity
 from benchmarks import latency
-from runtime.backend import resolve_dtype
-from runtime.torch_backend import TorchBackend
 from benchmarks.run import (
     SCHEMA_VERSION,
     BenchConfig,
@@ -29,6 +27,8 @@ from benchmarks.run import (
 )
 from benchmarks.worker import ProcessClient, serve
 from export.checkpoint import save_checkpoint
+from runtime.backend import resolve_dtype
+from runtime.torch_backend import TorchBackend
 from tests.conftest import CORPUS, make_tiny_llama
 
 PRUNED_ZEROS = 3 * 64  # zeroed weights per decoder linear in the "pruned" model

@@ -25,8 +25,8 @@ from base.surgery import layer_shapes
 from export.onnx import OnnxConfig, export_onnx
 from export.onnx_graph import dummy_inputs, graph_spec, optimum_past_generator
 from export.pruned import ShrinkConfig, shrink_and_save
-from runtime.generate import GenerationConfig, generate
 from runtime.backend import load_backend
+from runtime.generate import GenerationConfig, generate
 from runtime.ort import OrtBackend
 from runtime.torch_backend import TorchBackend
 from tests.conftest import make_tokenizer

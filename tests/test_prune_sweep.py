@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from benchmarks import prune_report
-from benchmarks.prune_sweep import PRESETS, bench_skip, bench_summary, cell_args, cell_kind, cell_target, parse_bench
+from benchmarks.prune_sweep import (
+    PRESETS,
+    bench_skip,
+    bench_summary,
+    cell_args,
+    cell_kind,
+    cell_target,
+    parse_bench,
+)
 
 
 def test_cell_grammar_maps_to_cli_options() -> None:

@@ -16,7 +16,14 @@ from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.baselines.wanda import prune_wanda
 from surgeon.calibrate import _hidden, capture_layer_inputs
 from surgeon.driver import PruneConfig, prune_sequential_
-from surgeon.sds import PairStats, SDSConfig, _fista, pair_moments, refine_linear, relative_error
+from surgeon.sds import (
+    PairStats,
+    SDSConfig,
+    _fista,
+    pair_moments,
+    refine_linear,
+    relative_error,
+)
 from tests.conftest import make_tiny_llama
 from tests.test_driver import windows_for
 

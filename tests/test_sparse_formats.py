@@ -19,10 +19,9 @@ from torch import nn
 from base.adapters import LLAMA
 from base.errors import SurgeonError
 from base.formats import PACK_MANIFEST_FILE, PACK_WEIGHTS_FILE
+from base.integrity import tensor_checksums
 from base.loading import load_model
 from benchmarks import latency
-from runtime.backend import BACKENDS, load_backend
-from runtime.load import PackedBackend
 from benchmarks.sparse_formats import break_even, measure_cpu, measure_cuda
 from export.sparse_checkpoint import (
     PackConfig,
@@ -31,7 +30,8 @@ from export.sparse_checkpoint import (
     read_compressed,
 )
 from export.sparse_csr import check_compressed, pack_bsr, pack_csr, unpack_compressed
-from runtime.load import load_compressed
+from runtime.backend import BACKENDS, load_backend
+from runtime.load import PackedBackend, load_compressed
 from runtime.sparse_linear import SparseLinear, sparse_linear
 from tests.conftest import make_tiny_llama
 from tests.test_semi_structured import IDS, pruned_24_dir
@@ -166,7 +166,8 @@ def rewrite_header(path: Path, edit: Callable[[dict], None]) -> None:
 
 
 def rewrite_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor], dict[str, str]], None]) -> None:
-    """Rewrite a safetensors file through ``edit(tensors, metadata)``."""
+    """Rewrite a safetensors file through ``edit(tensors, metadata)``, and its checksums in the manifest (as a
+    faulty writer would: the checks behind the checksums must still name what is wrong)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -174,6 +175,9 @@ def rewrite_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor], dict[st
     tensors = load_file(str(path))
     edit(tensors, metadata)
     save_file(tensors, str(path), metadata=metadata)
+    manifest = json.loads((path.parent / PACK_MANIFEST_FILE).read_text())
+    manifest["checksums"] = tensor_checksums(path)
+    (path.parent / PACK_MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 def _packed_meta(header: dict, edit: Callable[[dict], None]) -> None:

@@ -1,0 +1,77 @@
+"""BOS follows the tokenizer's convention: windows lead with BOS only where tokenizer("x") starts with it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from base.data import leading_bos, random_windows, tokenize
+from surgeon_export import api
+from tests.conftest import make_tiny_llama, make_tokenizer
+
+T = 16
+
+
+def bos_tokenizer():
+    """The tiny tokenizer with a post-processor that puts <s> before every text (Gemma's convention)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = make_tokenizer()
+    backend = tok.backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def bos_dir(tmp_path: Path) -> Path:
+    model, _ = make_tiny_llama()
+    out = tmp_path / "bos-llama"
+    model.save_pretrained(out)
+    bos_tokenizer().save_pretrained(out)
+    return out
+
+
+def reference_ppl(model, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits.float()
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    return math.exp(float(nll))
+
+
+def test_plain_tokenizer_windows_have_no_bos(tiny_llama_dir: Path, text_file: Path) -> None:
+    lm = api.load(tiny_llama_dir)
+    assert leading_bos(lm.tokenizer) is None
+    ids = tokenize(lm.tokenizer, text_file.read_text())
+    ppl, _ = api.evaluate(lm, text=text_file, seq_len=T, windows=3)
+    assert ppl.bos is False and ppl.to_dict()["bos"] is False
+    assert ppl.perplexity == pytest.approx(reference_ppl(lm.model, ids[: 3 * T].reshape(3, T)), rel=1e-6)
+    calib = api.calibrate(lm, 4, seq_len=T, text=text_file)
+    assert calib.bos is None and torch.equal(calib.ids, random_windows(ids, 4, T, 0))
+    report = api.prune(lm, api.build_config("wanda", sparsity=0.5), calibration=calib)
+    assert report.to_dict()["bos"] is False
+
+
+def test_bos_tokenizer_windows_lead_with_bos(bos_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    lm = api.load(bos_dir)
+    bos = lm.tokenizer.bos_token_id
+    assert lm.tokenizer("x")["input_ids"][0] == bos and leading_bos(lm.tokenizer) == bos
+    ids = tokenize(lm.tokenizer, text_file.read_text())  # the text itself: no special tokens
+    assert int(ids[0]) != bos
+
+    ppl, _ = api.evaluate(lm, text=text_file, seq_len=T, windows=3)
+    expected = torch.cat([torch.full((3, 1), bos), ids[: 3 * (T - 1)].reshape(3, T - 1)], dim=1)  # [BOS] + 15
+    assert ppl.bos is True and ppl.tokens == 3 * (T - 1) and ppl.seq_len == T
+    assert ppl.perplexity == pytest.approx(reference_ppl(lm.model, expected), rel=1e-6)
+
+    calib = api.calibrate(lm, 4, seq_len=T, text=text_file, seed=3)
+    assert calib.ids.shape == (4, T) and bool((calib.ids[:, 0] == bos).all())
+    assert torch.equal(calib.ids[:, 1:], random_windows(ids, 4, T - 1, 3))
+
+    report = api.prune(lm, api.build_config("wanda", sparsity=0.5), calibration=calib)
+    written = api.save(lm, tmp_path / "pruned", report)
+    assert written["bos"] is True
