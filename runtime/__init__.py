@@ -5,6 +5,7 @@
   registration there;
 - ``generate.py``: the decode loop (greedy or sampling, stop tokens, batches, timed prefill and decode);
 - ``torch_backend.py``: eager Hugging Face models; ``ort.py``: ONNX exports on ONNX Runtime, with
-  the KV cache bound in place between steps; ``load.py`` and its helpers (``semi_structured.py``,
+  the KV cache bound in place between steps; ``llama_cpp.py``: GGUF files on llama.cpp
+  (llama-cpp-python, its own KV cache, one sequence per batch row); ``load.py`` and its helpers (``semi_structured.py``,
   ``sparse_linear.py``): packed (2:4, N:M, CSR/BSR) checkpoints on torch.
 """

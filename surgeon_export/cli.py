@@ -407,9 +407,9 @@ def gguf_cmd(
 
 @app.command("generate")
 def generate_cmd(
-    model: Annotated[str, typer.Argument(help="Model directory (torch), ONNX export directory (onnxruntime), or 'default'.")] = "default",
+    model: Annotated[str, typer.Argument(help="Model directory (torch), ONNX export directory (onnxruntime), .gguf file or directory (llama.cpp), or 'default'.")] = "default",
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")] = None,
-    backend: Annotated[str, typer.Option(help="Runtime backend: torch or onnxruntime (and any registered one).")] = "torch",
+    backend: Annotated[str, typer.Option(help="Runtime backend: torch, onnxruntime, llama.cpp (and any registered one).")] = "torch",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt at most.")] = 32,
     sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of taking the argmax.")] = False,
