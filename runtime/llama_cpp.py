@@ -16,9 +16,10 @@ per batch row with its own cache stream (``kv_unified`` off), so a batch of prom
 re-created larger, replaying the cached tokens, when a row outgrows it. Padding (mask 0) is never
 fed to llama.cpp: each row holds only its real tokens, at the positions the decode loop gives,
 so left-padded batches give each row the logits it would get alone (greedy is exact per row).
-The cache stores float32 keys and values for an F32 file (parity with torch's float32 cache) and
-llama.cpp's default float16 otherwise. Logits are requested only where they are used: the last
-position (``last_only``), or every position (``logits``, perplexity windows). Threads: ``--threads``
+An F32 file runs in float32 throughout, as torch does: float32 keys and values in the cache, and
+flash attention off (llama.cpp's CPU flash attention computes in float16); other files run with
+llama.cpp's defaults (float16 cache, flash attention ``auto``). Logits are requested only where
+they are used: the last position (``last_only``), or every position (``logits``, perplexity windows). Threads: ``--threads``
 (else torch's thread count) for both decode (``n_threads``) and prompt batches (``n_threads_batch``).
 
 llama.cpp's log goes nowhere (its warnings and errors are kept for the one-line error of a failed
@@ -71,6 +72,7 @@ CACHE_FORMAT = 1  # bump when export/gguf.py changes what it writes; old cached 
 CONTEXT_TOKENS = 768  # positions per row a new context holds (llama.cpp pads to 256); grows when outgrown
 UBATCH = 512  # tokens per llama_decode call (llama.cpp's default physical batch)
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED = -1, 0  # enum llama_flash_attn_type
 DECODER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 _LOG: deque[str] = deque(maxlen=8)  # llama.cpp's last warnings and errors, for one-line messages
@@ -220,7 +222,11 @@ class LlamaCppBackend(CachedLogits):
         self.model = model
         self.vocab = lib.llama_model_get_vocab(model)
         self.vocab_size = int(lib.llama_vocab_n_tokens(self.vocab))
-        self.kv_type = GGML_TYPE_F32 if self.info["linear_type"] == "F32" else GGML_TYPE_F16
+        exact = self.info["linear_type"] == "F32"
+        self.kv_type = GGML_TYPE_F32 if exact else GGML_TYPE_F16
+        # llama.cpp's CPU flash attention computes in float16 (logits off by ~4e-4 of their scale on the
+        # tiny models, against ~1e-6 without it): off for F32 files, llama.cpp's default (auto) otherwise.
+        self.flash_attn = FLASH_ATTN_DISABLED if exact else FLASH_ATTN_AUTO
         self.ctx: Any = None
         self.n_seq = self.n_ctx_seq = 0
         self.history: list[list[tuple[int, int]]] = []  # per row: (token, position) in the cache
@@ -258,6 +264,7 @@ class LlamaCppBackend(CachedLogits):
         p.type_k = p.type_v = self.kv_type
         p.kv_unified = False  # one cache stream per row: rows attend only to their own tokens
         p.no_perf = True
+        p.flash_attn_type = self.flash_attn
         _LOG.clear()
         ctx = lib.llama_init_from_model(self.model, p)
         if not ctx:
@@ -366,6 +373,7 @@ class LlamaCppBackend(CachedLogits):
                 "llama_cpp_python": _version(), "architecture": info["architecture"],
                 "tensor_types": info["tensor_types"], "file_type": info["file_type"],
                 "kv_cache": "f32" if self.kv_type == GGML_TYPE_F32 else "f16",
+                "flash_attn": "off" if self.flash_attn == FLASH_ATTN_DISABLED else "auto",
                 "context_tokens_per_row": CONTEXT_TOKENS, "ubatch": UBATCH,
                 "n_threads": self.threads, "n_threads_batch": self.threads, "tokenizer": str(self.directory),
             },
