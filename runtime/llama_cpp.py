@@ -75,7 +75,7 @@ GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED = -1, 0  # enum llama_flash_attn_type
 DECODER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
-_LOG: deque[str] = deque(maxlen=8)  # llama.cpp's last warnings and errors, for one-line messages
+_LOG: deque[tuple[int, str]] = deque(maxlen=16)  # llama.cpp's warnings and errors (level, line), for messages
 _CALLBACK: Any = None  # the ctypes log callback, kept alive for as long as llama.cpp may call it
 
 
@@ -89,10 +89,10 @@ def library() -> Any:
     if _CALLBACK is None:
         @llama_cpp.llama_log_callback
         def keep(level: int, text: bytes, user_data: Any) -> None:
-            if level in (2, 3):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+            if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR (ggml.h: NONE 0, DEBUG 1, INFO 2)
                 line = text.decode("utf-8", "replace").strip()
                 if line:
-                    _LOG.append(line)
+                    _LOG.append((level, line))
 
         _CALLBACK = keep
         llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
@@ -101,7 +101,10 @@ def library() -> Any:
 
 
 def _last_error() -> str:
-    return _LOG[-1] if _LOG else "no message from llama.cpp"
+    """The first error llama.cpp logged since :data:`_LOG` was cleared (the cause; later lines say only
+    that loading failed), else its last warning."""
+    errors = [line for level, line in _LOG if level == 4]
+    return errors[0] if errors else (_LOG[-1][1] if _LOG else "no message from llama.cpp")
 
 
 # --- what runs: the GGUF file, its Hugging Face directory ---------------------------------------
