@@ -82,11 +82,12 @@ def parity(ref: Backend, cpp: Backend, windows: int = 8, seq_len: int = 512, bat
            "logits": {"max_abs_difference": float((a - b).abs().max()), "max_abs_logit": float(a.abs().max()),
                       "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean())},
            "tokenizer": tokenizer_agreement(cpp)}
-    ppl = {"torch": reference or window_perplexity(ref, windows, seq_len, batch_size),
-           "llama_cpp": window_perplexity(cpp, windows, seq_len, batch_size)}
-    ppl["relative_difference"] = ppl["llama_cpp"]["perplexity"] / ppl["torch"]["perplexity"] - 1
-    ppl["windows"], ppl["seq_len"] = windows, seq_len
-    out["perplexity"] = ppl
+    if windows > 0:  # 0: no perplexity (the bench runner measures it too)
+        ppl = {"torch": reference or window_perplexity(ref, windows, seq_len, batch_size),
+               "llama_cpp": window_perplexity(cpp, windows, seq_len, batch_size)}
+        ppl["relative_difference"] = ppl["llama_cpp"]["perplexity"] / ppl["torch"]["perplexity"] - 1
+        ppl["windows"], ppl["seq_len"] = windows, seq_len
+        out["perplexity"] = ppl
     return out
 
 
@@ -106,23 +107,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="+", help="LABEL=PATH[@DTYPE]")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--windows", type=int, default=8, help="perplexity windows (0: none)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [run(v, args.threads, args.windows) for v in args.variants]
-    doc = {"kind": "llama.cpp parity", "environment": {**environment("cpu"), "llama_cpp_python":
-                                                       rows[0]["artefact"]["llama_cpp"]["llama_cpp_python"]},
-           "threads": args.threads, "variants": rows}
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    for r in rows:
-        p = r["perplexity"]
-        print(f"{r['label']}: greedy {r['greedy']['agreeing_prefix']}/{r['greedy']['new_tokens']}, ppl torch "
-              f"{p['torch']['perplexity']:.3f} llama.cpp {p['llama_cpp']['perplexity']:.3f} "
-              f"({100 * p['relative_difference']:+.3f}%), max |dlogit| {r['logits']['max_abs_difference']:.2e}, "
-              f"tokenizer identical {r['tokenizer']['identical']}")
+    rows: list[dict] = []
+    for variant in args.variants:  # the file is rewritten after every variant: a long run keeps what it did
+        r = run(variant, args.threads, args.windows)
+        rows.append(r)
+        doc = {"kind": "llama.cpp parity", "environment": {**environment("cpu"), "llama_cpp_python":
+                                                           r["artefact"]["llama_cpp"]["llama_cpp_python"]},
+               "threads": args.threads, "variants": rows}
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, args.out)
+        p = r.get("perplexity")
+        ppl = (f"ppl torch {p['torch']['perplexity']:.3f} llama.cpp {p['llama_cpp']['perplexity']:.3f} "
+               f"({100 * p['relative_difference']:+.3f}%), ") if p else ""
+        print(f"{r['label']}: greedy {r['greedy']['agreeing_prefix']}/{r['greedy']['new_tokens']}, {ppl}"
+              f"max |dlogit| {r['logits']['max_abs_difference']:.2e}, tokenizer identical {r['tokenizer']['identical']}",
+              flush=True)
 
 
 if __name__ == "__main__":
