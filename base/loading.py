@@ -338,7 +338,7 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     return key.startswith("lm_head") and bool(getattr(model.config, "tie_word_embeddings", False))
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -351,7 +351,7 @@ def _cached_gguf(gguf: Path) -> Path:
     with gguf.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise SurgeonError(f"{gguf} is not a GGUF file (bad magic bytes)")
-    digest = _file_digest(gguf)
+    digest = file_digest(gguf)
     target = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}-v{CACHE_FORMAT}"
     if (target / "surgeon_source.json").is_file() and _cache_verified(target):
         return target

@@ -145,5 +145,6 @@ def _lazy(module: str, function: str, **options: str) -> Loader:
 register_backend("torch", _lazy("runtime.torch_backend", "load_torch"))
 register_backend("onnxruntime", _lazy("runtime.ort", "load_onnxruntime"))
 register_backend("openvino", _lazy("runtime.openvino", "load_openvino"))  # pip install surgeon-export[openvino]
+register_backend("llama.cpp", _lazy("runtime.llama_cpp", "load_llama_cpp"))  # GGUF on llama.cpp (extra "llama")
 for _packed in ("torch-24", "torch-24-sparse", "torch-csr"):  # packed checkpoints (surgeon-export pack)
     register_backend(_packed, _lazy("runtime.load", "load_packed", backend=_packed))

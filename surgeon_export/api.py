@@ -363,9 +363,18 @@ class RunConfig:
     text: Path | None = None
     data_dir: Path | None = None
     onnx: bool = True
+    runtimes: bool = True  # also benchmark the pruned model on every installed optional runtime
     threads: int | None = None
     progress: bool = True
     force: bool = False
+
+
+def installed_runtimes() -> list[str]:
+    """The optional runtime backends whose packages are installed (``openvino``, ``llama.cpp``)."""
+    import importlib.util
+
+    return [name for name, module in (("openvino", "openvino"), ("llama.cpp", "llama_cpp"))
+            if importlib.util.find_spec(module) is not None]
 
 
 def run(cfg: RunConfig) -> dict:
@@ -373,7 +382,8 @@ def run(cfg: RunConfig) -> dict:
     prepare_target(cfg.out, cfg.force, source=cfg.model)
     check_choice("--method", cfg.method, ("surgeon", "wanda"))
     config = build_config(cfg.method, structured=cfg.structured, shots=cfg.shots, allocation=cfg.allocation)
-    steps = 4 if cfg.onnx else 3
+    runtimes = installed_runtimes() if cfg.runtimes else []
+    steps = 3 + cfg.onnx + ("llama.cpp" in runtimes)
     lm = load(cfg.model)
     calib = calibrate(lm, cfg.calib_samples, seq_len=cfg.seq_len, text=cfg.text, data_dir=cfg.data_dir)
     log.info("1/%d structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration tokens (%s)",
@@ -386,12 +396,25 @@ def run(cfg: RunConfig) -> dict:
     models = [ModelSpec(label="dense", spec=cfg.model), ModelSpec(label="pruned", spec=str(pruned_dir))]
     if cfg.onnx:
         onnx_dir = cfg.out / "pruned-onnx"
-        log.info("3/4 exporting the pruned model to ONNX (%s)", onnx_dir)
+        log.info("3/%d exporting the pruned model to ONNX (%s)", steps, onnx_dir)
         manifest = export_onnx(load(pruned_dir), onnx_dir, force=True)
         log.info("exported in %.0f s; ONNX Runtime vs torch: largest logit difference %.1e",
                  manifest["export_seconds"], manifest["verification"]["max_abs_diff"])
         models.append(ModelSpec(label="pruned-onnx", spec=str(onnx_dir), backend="onnxruntime"))
-    log.info("%d/%d benchmarking dense vs pruned", steps, steps)
+        if "openvino" in runtimes:  # the same export, compiled by OpenVINO
+            models.append(ModelSpec(label="pruned-openvino", spec=str(onnx_dir), backend="openvino"))
+    skipped = {}
+    if "llama.cpp" in runtimes:
+        gguf_file = cfg.out / "pruned-f32.gguf"
+        log.info("%d/%d writing the pruned model as GGUF for llama.cpp (%s)", steps - 1, steps, gguf_file)
+        try:
+            export_gguf(pruned_dir, gguf_file, tensor_type="f32", force=True)
+            models.append(ModelSpec(label="pruned-llama.cpp", spec=str(gguf_file), backend="llama.cpp"))
+        except SurgeonError as exc:  # a family or tokenizer GGUF cannot express: the rest of the job stands
+            skipped["llama.cpp"] = str(exc)
+            log.warning("llama.cpp skipped: %s", exc)
+    log.info("%d/%d benchmarking dense vs pruned (%s)", steps, steps,
+             ", ".join(dict.fromkeys(m.backend for m in models)))
     bench_cfg = BenchConfig(
         models=models, threads=cfg.threads or torch.get_num_threads(), prefill=[(1, 128)], decode=[1],
         prompt_len=64, new_tokens=32, repeat=5,
@@ -402,7 +425,8 @@ def run(cfg: RunConfig) -> dict:
     result = bench(bench_cfg, cfg.out / "benchmark.json", force=True)  # the run owns cfg.out (checked above)
     add_measurements(pruned_dir, benchmark_lines(result, "pruned"))  # the card gets the speed measured here
     return {"prune": {k: v for k, v in report.to_dict().items() if k not in ("layers", "removal")},
-            "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result}
+            "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result,
+            "runtimes_skipped": skipped}
 
 
 def generate_text(

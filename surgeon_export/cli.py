@@ -341,6 +341,7 @@ def run_cmd(
     text: Annotated[Optional[Path], typer.Option(help="Calibrate and evaluate on this text instead of WikiText-2.")] = None,
     data_dir: DataDir = None,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the pruned model to ONNX and benchmark it on ONNX Runtime.")] = True,
+    runtimes: Annotated[bool, typer.Option("--runtimes/--no-runtimes", help="Also benchmark the pruned model on every installed optional runtime: OpenVINO (the ONNX export) and llama.cpp (a float32 GGUF written beside it).")] = True,
     force: Force = False,
     threads: Threads = None,
     quiet: Quiet = False,
@@ -355,7 +356,7 @@ def run_cmd(
     payload = api.run(api.RunConfig(
         model=model, out=out, structured=structured, method=method, allocation=allocation, shots=shots,
         calib_samples=calib_samples, ppl_windows=ppl_windows, seq_len=seq_len, text=text, data_dir=data_dir,
-        onnx=onnx, progress=not quiet, force=force,
+        onnx=onnx, runtimes=runtimes, progress=not quiet, force=force,
     ))
     _emit(payload, as_json, [
         markdown(payload["benchmark"]),
@@ -486,9 +487,9 @@ def gguf_cmd(
 
 @app.command("generate")
 def generate_cmd(
-    model: Annotated[str, typer.Argument(help="Model directory (torch), ONNX export directory (onnxruntime, openvino), or 'default'.")] = "default",
+    model: Annotated[str, typer.Argument(help="Model directory (torch), ONNX export directory (onnxruntime, openvino), .gguf file or directory (llama.cpp), or 'default'.")] = "default",
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")] = None,
-    backend: Annotated[str, typer.Option(help="Runtime backend: torch, onnxruntime, openvino (and any registered one).")] = "torch",
+    backend: Annotated[str, typer.Option(help="Runtime backend: torch, onnxruntime, openvino, llama.cpp (and any registered one).")] = "torch",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt at most.")] = 32,
     sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of taking the argmax.")] = False,

@@ -161,7 +161,16 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     payload = json.loads(result.stdout)
     assert payload["remaining_fraction"] <= 0.7 + 1e-9
     bench = json.loads((out / "benchmark.json").read_text())
-    assert [m["label"] for m in bench["models"]] == ["dense", "pruned", "pruned-onnx"]
+    from surgeon_export.api import installed_runtimes
+
+    extra = {"openvino": "pruned-openvino", "llama.cpp": "pruned-llama.cpp"}
+    ran = [r for r in installed_runtimes() if r not in payload["runtimes_skipped"]]
+    assert "openvino" in ran or "openvino" not in installed_runtimes()
+    # the tiny test tokenizer has no BPE merges, which llama.cpp needs: skipped with the reason, the job stands
+    assert "llama.cpp" not in payload["runtimes_skipped"] or "merges" in payload["runtimes_skipped"]["llama.cpp"]
+    assert [m["label"] for m in bench["models"]] == ["dense", "pruned", "pruned-onnx", *(extra[r] for r in ran)]
+    for model in bench["models"][3:]:  # every installed runtime runs the same pruned model
+        assert model["perplexity"]["perplexity"] == pytest.approx(bench["models"][1]["perplexity"]["perplexity"], rel=1e-3)
     assert bench["models"][1]["ratios"]["parameters"] < 1.0
     assert (out / "pruned" / "config.json").is_file()
     assert payload["prune"]["config"]["scoring"] == "surgeon" and payload["prune"]["config"]["allocation"] == "uniform"

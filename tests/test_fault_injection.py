@@ -193,7 +193,7 @@ def test_main_job_killed_then_rerun(tiny_llama_dir: Path, text_file: Path, tmp_p
     out = tmp_path / "job"
     args = ["run", str(tiny_llama_dir), "--out", str(out), "--structured", "0.8", "--shots", "2",
             "--calib-samples", "4", "--seq-len", "16", "--ppl-windows", "2", "--text", str(text_file), "--no-onnx",
-            "--threads", "1", "--quiet", "--force"]
+            "--no-runtimes", "--threads", "1", "--quiet", "--force"]
     triggers = [after(0.3 * seconds), after(0.7 * seconds), appears(out / ".pruned.tmp-*"), appears(out / "pruned")]
     outcomes = kill_and_rerun(args, triggers, lambda: assert_absent_or_complete(out / "pruned", ref_pruned, PRUNE_SKIP))
     assert outcomes.count("killed") >= 3, outcomes

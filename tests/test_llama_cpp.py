@@ -1,0 +1,321 @@
+"""The llama.cpp backend (runtime/llama_cpp.py) against the torch reference.
+
+Tiny models (default run): a uniform Llama written as llama.cpp's ``llama`` and a per-layer-shape one
+written as ``deci`` give the same greedy tokens as torch (batched, left-padded prompts) and logits
+within a measured bound; perplexity, tokenisation, ``describe``, the bench runner, ``generate`` on the
+CLI and the one-line errors. The default model (``slow``): F32, F16 and Q8_0 files and a structured
+80% model against torch (greedy tokens, perplexity on 8 protocol windows, llama.cpp's own tokeniser).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from base.errors import SurgeonError
+from base.perplexity import perplexity
+from export.gguf import export_gguf
+from runtime.backend import load_backend
+from runtime.generate import GenerationConfig, generate
+from tests.conftest import CORPUS, make_tokenizer, tiny_llama_config
+from tests.test_gguf_export import PER_LAYER_PLAN, PER_LAYER_SIZES, per_layer, save
+
+# Measured on the tiny models here (float32 weights and KV cache): max |logit difference| was about
+# 1e-6 against logits of magnitude ~1 (summation order only); the bound leaves room for other CPUs.
+LOGIT_ATOL = 1e-4
+PROMPTS = [[5, 17, 40, 99, 3, 250, 61], [7, 8], [300, 12, 12, 12, 55, 91, 2, 140, 33, 8, 19]]
+
+
+def needs_llama_cpp() -> None:
+    """llama-cpp-python is part of the CI install (extra ``llama``); without it these tests cannot run."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install -e '.[llama]')")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(vocab_size=320)  # real merges, as llama.cpp's gpt2 tokenizer needs
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tok, tmp_path_factory) -> Path:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tok), max_position_embeddings=512)).eval()
+    return save(model, tok, tmp_path_factory.mktemp("llama-cpp") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def deci_dir(tok, tmp_path_factory) -> Path:
+    return per_layer("llama", tok, tmp_path_factory.mktemp("llama-cpp"), PER_LAYER_PLAN, max_position_embeddings=512)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converted files go to a cache of this test module, not the user's."""
+    monkeypatch.setenv("SURGEON_EXPORT_CACHE", str(tmp_path_factory.getbasetemp() / "llama-cpp-cache"))
+
+
+def greedy(backend, prompts: list[list[int]], n: int = 12) -> list[list[int]]:
+    return generate(backend, prompts, GenerationConfig(max_new_tokens=n)).tokens
+
+
+def compare_with_torch(directory: Path) -> tuple[float, list[list[int]]]:
+    """Max |logit difference| over whole windows, and llama.cpp's greedy tokens (asserted equal to torch's)."""
+    ref = load_backend("torch", directory, threads=2)
+    cpp = load_backend("llama.cpp", directory, threads=2)
+    windows = torch.randint(0, ref.vocab_size, (3, 64), generator=torch.Generator().manual_seed(0))
+    expected, got = ref.logits(windows), cpp.logits(windows)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    diff = float((got - expected).abs().max())
+    tokens = greedy(cpp, PROMPTS)
+    assert tokens == greedy(ref, PROMPTS)
+    assert greedy(cpp, PROMPTS[1:2]) == tokens[1:2]  # a row alone gets what it got in the padded batch
+    return diff, tokens
+
+
+def test_uniform_llama_f32_matches_torch(llama_dir: Path) -> None:
+    needs_llama_cpp()
+    diff, tokens = compare_with_torch(llama_dir)
+    assert diff < LOGIT_ATOL
+    assert len({tuple(t) for t in tokens}) > 1  # the prompts lead to different continuations
+
+
+def test_per_layer_shapes_run_as_deci_and_match_torch(deci_dir: Path) -> None:
+    needs_llama_cpp()
+    backend = load_backend("llama.cpp", deci_dir)
+    assert backend.describe()["llama_cpp"]["architecture"] == "deci"
+    config = backend.config
+    assert list(zip(config.layer_intermediate_sizes, config.layer_num_attention_heads,
+                    config.layer_num_key_value_heads)) == PER_LAYER_SIZES
+    diff, _ = compare_with_torch(deci_dir)
+    assert diff < LOGIT_ATOL
+
+
+def test_cache_grows_past_the_first_context(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row longer than the context it was given: the context is re-created and the tokens replayed."""
+    needs_llama_cpp()
+    import runtime.llama_cpp as lc
+
+    monkeypatch.setattr(lc, "CONTEXT_TOKENS", 256)
+    ref, cpp = load_backend("torch", llama_dir), load_backend("llama.cpp", llama_dir)
+    prompt = [torch.randint(0, 320, (250,), generator=torch.Generator().manual_seed(1)).tolist()]
+    tokens = greedy(cpp, prompt, n=20)  # 250 + 20 positions > 256
+    assert cpp.n_ctx_seq > 256
+    assert tokens == greedy(ref, prompt, n=20)
+
+
+def test_perplexity_through_logits(llama_dir: Path, tok) -> None:
+    needs_llama_cpp()
+    ids = torch.tensor(tok(CORPUS * 20, add_special_tokens=False)["input_ids"])
+    ref = perplexity(load_backend("torch", llama_dir), ids, seq_len=64, max_windows=6, batch_size=4, progress=False)
+    got = perplexity(load_backend("llama.cpp", llama_dir), ids, seq_len=64, max_windows=6, batch_size=4,
+                     progress=False)
+    assert got.tokens == ref.tokens
+    assert got.perplexity == pytest.approx(ref.perplexity, rel=1e-5)
+
+
+def test_llama_cpp_tokenizes_like_transformers(llama_dir: Path, tok) -> None:
+    needs_llama_cpp()
+    backend = load_backend("llama.cpp", llama_dir)
+    text = CORPUS * 3 + "  Tabs\tand\nnew lines, 3.14159 and ümlauts."
+    assert backend.tokenize(text) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_describe_counts_like_torch(deci_dir: Path) -> None:
+    needs_llama_cpp()
+    cpp, ref = load_backend("llama.cpp", deci_dir).describe(), load_backend("torch", deci_dir).describe()
+    assert cpp["parameters"] == ref["parameters"]
+    assert cpp["flops_per_token"] == ref["flops_per_token"]
+    assert cpp["dtype"] == "float32" and cpp["llama_cpp"]["kv_cache"] == "f32"
+    assert cpp["bytes_on_disk"] == Path(cpp["path"]).stat().st_size
+    assert cpp["llama_cpp"]["n_threads"] >= 1
+
+
+def test_gguf_file_runs_in_its_own_type(llama_dir: Path, tmp_path: Path) -> None:
+    """A .gguf file inside its model directory: the tokenizer comes from there; F16 runs F16 (looser logits)."""
+    needs_llama_cpp()
+    import shutil
+
+    model_dir = Path(shutil.copytree(llama_dir, tmp_path / "m"))
+    export_gguf(model_dir, model_dir / "model-f16.gguf", tensor_type="f16")
+    backend = load_backend("llama.cpp", model_dir / "model-f16.gguf")
+    facts = backend.describe()
+    assert facts["dtype"] == "float16" and facts["llama_cpp"]["kv_cache"] == "f16"
+    assert backend.directory == model_dir
+    windows = torch.randint(0, 320, (1, 32), generator=torch.Generator().manual_seed(2))
+    diff = (backend.logits(windows) - load_backend("torch", llama_dir).logits(windows)).abs().max()
+    assert 0 < float(diff) < 0.05  # F16 weights, activations and cache: not exact, but close
+    with pytest.raises(SurgeonError, match="type it was written in"):
+        load_backend("llama.cpp", model_dir / "model-f16.gguf", dtype="float32")
+    assert load_backend("llama.cpp", llama_dir, dtype="float16").describe()["dtype"] == "float16"
+
+
+def one_line(excinfo: pytest.ExceptionInfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_llama_cpp_names_the_install_line(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.llama_cpp as lc
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    with pytest.raises(SurgeonError) as excinfo:
+        load_backend("llama.cpp", llama_dir)
+    assert lc.INSTALL_LINE in one_line(excinfo) and "CMAKE_ARGS=" in lc.INSTALL_LINE
+
+
+def test_unrunnable_files_are_one_line_errors(llama_dir: Path, tmp_path: Path) -> None:
+    needs_llama_cpp()
+    import shutil
+
+    import gguf
+
+    model_dir = Path(shutil.copytree(llama_dir, tmp_path / "m"))
+    writer = gguf.GGUFWriter(str(model_dir / "alien.gguf"), "alienformer")  # an architecture llama.cpp lacks
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", torch.zeros(320, 32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SurgeonError) as excinfo:
+        load_backend("llama.cpp", model_dir / "alien.gguf")
+    assert "llama.cpp cannot load" in one_line(excinfo) and "unknown model architecture: 'alienformer'" in one_line(excinfo)
+
+    export_gguf(model_dir, model_dir / "cut.gguf", tensor_type="f32")
+    data = (model_dir / "cut.gguf").read_bytes()
+    (model_dir / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SurgeonError) as excinfo:
+        load_backend("llama.cpp", model_dir / "cut.gguf")
+    assert "cut.gguf" in one_line(excinfo)
+
+    (model_dir / "text.gguf").write_text("not a model")
+    with pytest.raises(SurgeonError, match="not a GGUF file"):
+        load_backend("llama.cpp", model_dir / "text.gguf")
+    with pytest.raises(SurgeonError, match="CPU"):
+        load_backend("llama.cpp", llama_dir, device="cuda")
+
+
+def test_bench_runner_measures_llama_cpp(llama_dir: Path, tmp_path: Path) -> None:
+    """Perplexity, prefill, decode and memory through the one runner, in worker processes, threads set."""
+    needs_llama_cpp()
+    from benchmarks.run import BenchConfig, ModelSpec, PplConfig, bench
+
+    text = tmp_path / "text.txt"
+    text.write_text(CORPUS * 20)
+    cfg = BenchConfig([ModelSpec("torch", str(llama_dir)), ModelSpec("cpp", str(llama_dir), backend="llama.cpp")],
+                      threads=1, prefill=[(2, 32)], decode=[2], prompt_len=16, new_tokens=8, repeat=5,
+                      ppl=PplConfig(windows=4, seq_len=64, text=str(text)), progress=False)
+    result = bench(cfg, tmp_path / "bench.json")
+    torch_run, cpp_run = result["models"]
+    assert cpp_run["backend"] == "llama.cpp" and cpp_run["environment"]["threads"] == 1
+    assert cpp_run["artefact"]["llama_cpp"]["n_threads"] == 1
+    assert cpp_run["perplexity"]["perplexity"] == pytest.approx(torch_run["perplexity"]["perplexity"], rel=1e-5)
+    for kind in ("prefill", "decode"):
+        cell = cpp_run[kind][0]
+        assert cell["status"] == "ok" and cell["seconds"]["median"] > 0 and cell["peak_memory_bytes"] > 0
+
+
+def test_cli_generate_on_llama_cpp(llama_dir: Path, tmp_path: Path) -> None:
+    needs_llama_cpp()
+    import json
+    import os
+
+    env = {**os.environ, "SURGEON_EXPORT_CACHE": str(tmp_path / "cache")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "surgeon_export.cli", *args], check=False, capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    prompt = "The quick brown fox"
+    out = cli("generate", str(llama_dir), "--backend", "llama.cpp", "--prompt", prompt, "--max-new-tokens", "6",
+              "--threads", "1", "--quiet", "--json")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""  # no llama.cpp log
+    cpp = json.loads(out.stdout)
+    ref = json.loads(cli("generate", str(llama_dir), "--prompt", prompt, "--max-new-tokens", "6", "--threads", "1",
+                         "--quiet", "--json").stdout)
+    assert cpp["outputs"][0]["tokens"] == ref["outputs"][0]["tokens"]
+    bad = cli("generate", str(tmp_path / "none.gguf"), "--backend", "llama.cpp", "--prompt", "x", "--quiet")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+
+
+# --- the default model (slow): F32, F16, Q8_0 and a structured 80% model against torch float32 ---------------
+
+
+@pytest.fixture(scope="module")
+def default_reference() -> tuple:
+    """The default model on torch (float32, 2 threads) and its perplexity on 8 protocol windows, once."""
+    needs_llama_cpp()
+    from benchmarks.llama_cpp_parity import window_perplexity
+
+    ref = load_backend("torch", None, threads=2)
+    return ref, window_perplexity(ref)
+
+
+def check_parity(ref_and_ppl: tuple, cpp, max_ppl_change: float, greedy_identical: bool = True) -> dict:
+    from benchmarks.llama_cpp_parity import parity
+
+    ref, ppl = ref_and_ppl
+    result = parity(ref, cpp, reference=ppl)
+    assert result["perplexity"]["llama_cpp"]["tokens"] == result["perplexity"]["torch"]["tokens"] == 8 * 511
+    assert abs(result["perplexity"]["relative_difference"]) < max_ppl_change, result["perplexity"]
+    if greedy_identical:
+        assert result["greedy"]["identical"], result["greedy"]
+    assert result["tokenizer"]["identical"], result["tokenizer"]
+    return result
+
+
+@pytest.mark.slow
+def test_default_model_f32_matches_torch(default_reference: tuple) -> None:
+    result = check_parity(default_reference, load_backend("llama.cpp", None, threads=2), 0.005)
+    assert result["logits"]["argmax_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_default_model_f16_within_one_percent(default_reference: tuple) -> None:
+    cpp = load_backend("llama.cpp", None, dtype="float16", threads=2)
+    assert cpp.describe()["dtype"] == "float16"
+    check_parity(default_reference, cpp, 0.01, greedy_identical=False)
+
+
+@pytest.mark.slow
+def test_default_model_q8_0_file(default_reference: tuple, tmp_path: Path) -> None:
+    """A Q8_0 file beside a link to its source directory (the tokenizer); recorded bound: 2%."""
+    ref = default_reference[0]
+    export_gguf(ref.directory, tmp_path / "q8.gguf", tensor_type="q8_0")
+    (tmp_path / "q8").symlink_to(ref.directory, target_is_directory=True)
+    cpp = load_backend("llama.cpp", tmp_path / "q8.gguf", threads=2)
+    assert cpp.describe()["dtype"] == "q8_0"
+    check_parity(default_reference, cpp, 0.02, greedy_identical=False)
+
+
+@pytest.fixture(scope="module")
+def structured_dir(tmp_path_factory) -> Path:
+    """The default model pruned structured to 80% with Wanda channel scores (cheap: 4 x 256 calibration tokens),
+    global allocation so that layers keep different sizes (llama.cpp's ``deci``)."""
+    needs_llama_cpp()
+    from surgeon_export import api
+
+    lm = api.load()
+    report = api.prune(lm, api.build_config("wanda", structured=0.8, allocation="global"), calib_samples=4,
+                       seq_len=256)
+    out = tmp_path_factory.mktemp("structured") / "wanda-s80"
+    api.save(lm, out, report)
+    return out
+
+
+@pytest.mark.slow
+def test_structured_default_model_runs_as_deci_and_matches_torch(structured_dir: Path) -> None:
+    from benchmarks.llama_cpp_parity import window_perplexity
+
+    cpp = load_backend("llama.cpp", structured_dir, threads=2)
+    assert cpp.describe()["llama_cpp"]["architecture"] == "deci"
+    ref = load_backend("torch", structured_dir, threads=2)
+    check_parity((ref, window_perplexity(ref)), cpp, 0.005)
