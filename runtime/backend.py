@@ -52,6 +52,19 @@ class Backend(Protocol):
         """Artefact facts: source, path, bytes on disk, parameters and zeros, pruning settings, dtype, FLOPs."""
 
 
+def hf_config(directory: Path, where: str = "") -> Any:
+    """The Hugging Face config of the model files a backend runs (never code from the directory)."""
+    from transformers import AutoConfig
+
+    from base.loading import quiet_transformers
+
+    with quiet_transformers():
+        try:
+            return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise SurgeonError(f"{directory}: no usable config.json{where} ({exc})") from None
+
+
 class CachedLogits:
     """``logits`` through the cache: reset, then one pass over the whole windows (for any :class:`Backend`)."""
 

@@ -51,13 +51,12 @@ from base.loading import (
     cache_dir,
     file_digest,
     load_tokenizer,
-    quiet_transformers,
     resolve_model_dir,
     weight_files,
 )
 from export.flops import flops_table
 from export.gguf import export_gguf
-from runtime.backend import CachedLogits, pruning_config
+from runtime.backend import CachedLogits, hf_config, pruning_config
 
 log = logging.getLogger(__name__)
 
@@ -189,16 +188,6 @@ def read_gguf(path: Path) -> dict:
             "file_type": meta.get("general.file_type")}
 
 
-def _hf_config(directory: Path) -> Any:
-    from transformers import AutoConfig
-
-    with quiet_transformers():
-        try:
-            return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise SurgeonError(f"{directory}: no usable config.json ({exc})") from None
-
-
 # --- the backend --------------------------------------------------------------------------------
 
 
@@ -213,7 +202,7 @@ class LlamaCppBackend(CachedLogits):
         self.device = torch.device("cpu")
         self.threads = int(threads or torch.get_num_threads())
         self.info = read_gguf(self.path)
-        self.config: Any = _hf_config(self.directory)
+        self.config: Any = hf_config(self.directory)
         self.tokenizer = load_tokenizer(self.directory)
         self._check_directory()
         params = lib.llama_model_default_params()

@@ -35,9 +35,9 @@ from torch import Tensor
 
 from base.errors import SurgeonError
 from base.formats import ONNX_DATA_FILE, ONNX_FILE, ONNX_MANIFEST_FILE
-from base.loading import load_tokenizer, quiet_transformers
+from base.loading import load_tokenizer
 from export.flops import flops_table
-from runtime.backend import CachedLogits, pruning_config
+from runtime.backend import CachedLogits, hf_config, pruning_config
 
 KEEP = "num_logits_to_keep"  # optional input of our graphs: logits of the last k positions only
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
@@ -92,7 +92,7 @@ class GraphBackend(CachedLogits):
         self.path = model_file(path)
         self.directory = self.path.parent  # config.json, generation_config.json and the tokenizer live here
         self.device = torch.device(device)
-        self.config: Any = _config(self.directory)
+        self.config: Any = hf_config(self.directory, " beside the graph")
         self.tokenizer = load_tokenizer(self.directory)
         manifest = self.directory / ONNX_MANIFEST_FILE
         self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
@@ -266,16 +266,6 @@ class OrtBackend(GraphBackend):
 
 def _int64(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.int64)
-
-
-def _config(directory: Path) -> Any:
-    from transformers import AutoConfig
-
-    with quiet_transformers():
-        try:
-            return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise SurgeonError(f"{directory}: no usable config.json beside the graph ({exc})") from None
 
 
 def load_graph(cls: Any, spec: str | None, device: str, dtype: str, threads: int | None) -> GraphBackend:
