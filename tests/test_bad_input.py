@@ -387,8 +387,11 @@ def interrupt(args: list[str], *, after: bytes | None, delay: float = 0.0, group
               timeout: float = 240) -> tuple[int, str]:
     """Start ``surgeon-export ARGS``, wait until ``after`` shows on stderr (or ``delay``), send SIGINT
     (to the whole process group, as a terminal's Ctrl-C does, when ``group``); exit code and stderr."""
+    # SIGINT as a terminal leaves it: a shell that starts us in the background (as a CI runner may)
+    # hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "surgeon_export.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=group)
+                            stderr=subprocess.PIPE, start_new_session=group,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     seen = b""
     if after is not None:
