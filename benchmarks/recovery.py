@@ -34,6 +34,7 @@ CASES = {  # name -> build_config arguments (the README's settings for each row)
     "s90": dict(method="surgeon", structured=0.9, allocation="uniform", shots=3),
     "sgpt24-sds": dict(method="sparsegpt", pattern="2:4", sds=True),
     "u50": dict(method="surgeon", sparsity=0.5, shots=3),
+    "w80": dict(method="wanda", structured=0.8, allocation="uniform"),  # cheap to prune: for quick checks
 }
 
 

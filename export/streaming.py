@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from base.errors import SurgeonError
+from base.files import is_write_error, write_error
 from base.formats import REPORT_FILE
 from base.integrity import source_identity as checkpoint_identity
 from base.lazy import LazyModel
@@ -90,8 +91,12 @@ class StreamedLayers:
 
     def _save_progress(self) -> None:
         tmp = self.partial / (PROGRESS_FILE + ".tmp")
-        tmp.write_text(json.dumps({**self.progress, "layers": {str(k): v for k, v in self.progress["layers"].items()}}))
-        os.replace(tmp, self.partial / PROGRESS_FILE)
+        try:
+            tmp.write_text(json.dumps({**self.progress, "layers": {str(k): v for k, v in self.progress["layers"].items()}}))
+            os.replace(tmp, self.partial / PROGRESS_FILE)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_error(exc, self.out) from None
 
     # -- surgeon.driver.LayerStream --
     def enter(self, index: int) -> nn.Module:
@@ -128,12 +133,22 @@ class StreamedLayers:
         try:
             save_file(tensors, str(tmp))
             os.replace(tmp, self.partial / name)
-        except OSError as exc:
+        except Exception as exc:  # disk full, read-only: one line; finished layers stay for the resume
             tmp.unlink(missing_ok=True)
-            raise SurgeonError(f"cannot write {self.partial / name}: {exc.strerror or exc}") from None
+            if is_write_error(exc):
+                raise write_error(exc, self.out) from None
+            raise
 
     def finish(self, report: dict) -> dict:
         """Write the rest shard, index, config, tokenizer and report, then move the checkpoint into place."""
+        try:
+            return self._finish(report)
+        except Exception as exc:  # a failed write is one line; the finished layers stay for the resume
+            if is_write_error(exc):
+                raise write_error(exc, self.out) from None
+            raise
+
+    def _finish(self, report: dict) -> dict:
         model: Any = self.lazy.model
         if len(self.progress["layers"]) != self.num_layers:
             raise RuntimeError("finish() before every layer was written")

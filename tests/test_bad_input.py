@@ -501,3 +501,24 @@ def test_quiet_hides_the_gguf_conversion_bar(capsys: pytest.CaptureFixture[str])
     with _gguf_bars(True):
         list(reader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
     assert "de-quantizing" in capsys.readouterr().err
+
+
+def test_disk_full_during_a_streamed_prune_is_one_line(models: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A full disk while a layer's shard is written: one line, nothing at --out, no temporary shard left."""
+    from safetensors import SafetensorError
+
+    import export.streaming as streaming
+
+    def full(tensors: dict, path: str) -> None:
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(streaming, "save_file", full)
+    out = tmp_path / "pruned"
+    code, _, err = cli(monkeypatch, capsys, "prune", str(models["good"]), "--method", "magnitude", "--sparsity", "0.5",
+                       "--streaming", "--no-eval", "--out", str(out), "--quiet")
+    assert one_line_error(code, err) == f"error: cannot write {out}: no space left on device; nothing was written"
+    assert not out.exists()
+    assert not [p for p in tmp_path.rglob("*.tmp")]  # the half-written shard is gone (the resume folder may stay)
