@@ -30,6 +30,14 @@ from base.errors import SurgeonError
 log = logging.getLogger(__name__)
 
 PROCESS_START = time.time()  # temporaries of other processes older than this may be stale
+
+
+def _restart_clock() -> None:
+    global PROCESS_START
+    PROCESS_START = time.time()
+
+
+os.register_at_fork(after_in_child=_restart_clock)  # a forked child is a new process: its own start
 _STALE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 LEGACY_MKSTEMP = re.compile(r"^tmp[a-z0-9_]{8}\.tmp$")  # tempfile.mkstemp(suffix=".tmp"), before pids were recorded
 LEGACY_AGE = 3600.0  # seconds: a temporary without a pid untouched this long is no one's
