@@ -122,6 +122,9 @@ def uniform_config(config: Any, spec: GraphSpec) -> dict[str, Any]:
     out["model_type"] = str(config.model_type).removeprefix(PER_LAYER_PREFIX)
     out["architectures"] = [a.removeprefix("Surgeon") for a in out.get("architectures") or []]
     out.pop("auto_map", None)
+    # transformers' per_layer_config would make the stock config heterogeneous, and stock code (optimum,
+    # AutoConfig readers) then refuses the global head counts this interface is for; our layer_* keys stay
+    out.pop("per_layer_config", None)
     if "num_key_value_heads" in out:
         out["num_key_value_heads"] = spec.cache_heads
     return out
