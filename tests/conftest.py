@@ -89,3 +89,16 @@ def default_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     out = tmp_path_factory.mktemp("default-onnx") / "onnx"
     manifest = export_onnx(lm.model, lm.tokenizer, out, source=lm.source, source_dir=lm.path)
     return lm, out, manifest
+
+
+def cached_logits(decoder: object, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of ``chunks`` fed one after another through the decoder's cache."""
+    batch = chunks[0].shape[0]
+    decoder.reset(batch)  # type: ignore[attr-defined]
+    seen, out = 0, []
+    for chunk in chunks:
+        t = chunk.shape[1]
+        mask = torch.ones(batch, seen + t, dtype=torch.long)
+        out.append(decoder.forward(chunk, mask, torch.arange(seen, seen + t).expand(batch, t)))  # type: ignore[attr-defined]
+        seen += t
+    return torch.cat(out, dim=1)

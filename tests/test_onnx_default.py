@@ -13,6 +13,7 @@ from base.formats import ONNX_FILE, ONNX_MANIFEST_FILE
 from runtime.generate import GenerationConfig, generate
 from runtime.ort import OrtBackend
 from runtime.torch_backend import TorchBackend
+from tests.conftest import cached_logits as _logits
 
 pytestmark = pytest.mark.slow
 
@@ -61,13 +62,3 @@ def test_greedy_32_tokens_identical(exported: tuple) -> None:
     assert got.tokens == want.tokens and [len(t) for t in got.tokens] == [32, 32]
 
 
-def _logits(decoder: object, chunks: list[torch.Tensor]) -> torch.Tensor:
-    batch = chunks[0].shape[0]
-    decoder.reset(batch)  # type: ignore[attr-defined]
-    seen, out = 0, []
-    for chunk in chunks:
-        t = chunk.shape[1]
-        mask = torch.ones(batch, seen + t, dtype=torch.long)
-        out.append(decoder.forward(chunk, mask, torch.arange(seen, seen + t).expand(batch, t)))  # type: ignore[attr-defined]
-        seen += t
-    return torch.cat(out, dim=1)

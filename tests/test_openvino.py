@@ -20,6 +20,7 @@ from benchmarks.run import BenchConfig, ModelSpec, PplConfig, run_benchmark
 from runtime.backend import load_backend
 from runtime.generate import GenerationConfig, generate
 from tests.conftest import CORPUS
+from tests.conftest import cached_logits as _logits
 from tests.test_onnx_export import _export_dir
 
 VARIANTS = ("stock", "per-layer")
@@ -32,19 +33,6 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
     """variant -> (checkpoint, ONNX export) of a tiny Llama."""
     root = tmp_path_factory.mktemp("openvino")
     return {variant: _export_dir(root, "llama", variant) for variant in VARIANTS}
-
-
-def _logits(decoder: object, chunks: list[torch.Tensor]) -> torch.Tensor:
-    """Logits ``[B, T, V]`` of ``chunks`` fed one after another through the decoder's cache."""
-    batch = chunks[0].shape[0]
-    decoder.reset(batch)  # type: ignore[attr-defined]
-    seen, out = 0, []
-    for chunk in chunks:
-        t = chunk.shape[1]
-        mask = torch.ones(batch, seen + t, dtype=torch.long)
-        out.append(decoder.forward(chunk, mask, torch.arange(seen, seen + t).expand(batch, t)))  # type: ignore[attr-defined]
-        seen += t
-    return torch.cat(out, dim=1)
 
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
