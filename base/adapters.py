@@ -32,6 +32,7 @@ class Adapter:
     family: str
     model_types: tuple[str, ...]  # stock model types; the ``surgeon_`` variants are accepted too
     layers: str = "model.layers"
+    final: tuple[str, ...] = ("model.norm",)  # what runs between the last decoder layer and the LM head, in order
     attn: str = "self_attn"
     mlp: str = "mlp"  # "" when the MLP linears sit on the decoder layer itself (OPT)
     q: str = "q_proj"
@@ -153,6 +154,7 @@ OPT = Adapter(
     family="opt",
     model_types=("opt",),
     layers="model.decoder.layers",
+    final=("model.decoder.final_layer_norm", "model.decoder.project_out"),  # either may be None (OPT-350m)
     mlp="",
     o="out_proj",
     gate=None,

@@ -37,6 +37,7 @@ from surgeon.driver import (
 from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
 from surgeon.recover import RecoverConfig, recover_
 from surgeon.sds import SDSConfig
+from surgeon.streamed_surgeon import prune_surgeon_streamed_
 
 METHODS = ("surgeon", *PRUNERS)  # surgeon, magnitude, wanda, sparsegpt
 Config = PruneConfig | SurgeonConfig
@@ -135,11 +136,10 @@ def check_model(model: nn.Module, adapter: Adapter, config: Config) -> None:
 
 
 def check_streamable(config: Config) -> None:
-    """Only the layer-wise methods run streamed (one layer in memory) so far."""
-    if not isinstance(config, PruneConfig):
-        raise SurgeonError("LLM Surgeon and the structured methods do not run streamed yet (their curvature and "
-                           "allocation need every layer at once); streamed: magnitude, wanda, sparsegpt, with or "
-                           "without SDS; use --no-streaming")
+    """Refuse what does not run streamed (one layer in memory) yet: SDS or low-rank updates after LLM Surgeon."""
+    if isinstance(config, SurgeonConfig) and (config.refine is not None or config.between_shots is not None):
+        raise SurgeonError("LLM Surgeon with --refine sds or --lora-between-shots does not run streamed yet (both need "
+                           "the whole pruned model); use --no-streaming")
 
 
 def prune_(
@@ -151,6 +151,7 @@ def prune_(
     checkpoint_dir: Path | None = None,
     binding: dict | None = None,
     stream: LayerStream | None = None,
+    spill: Path | None = None,
     progress: bool = True,
 ) -> PruneReport:
     """Prune ``model`` in place as ``config`` says; returns the report.
@@ -160,8 +161,10 @@ def prune_(
         checkpoint_dir: LLM Surgeon: the state after every shot is saved there; a rerun resumes.
         binding: LLM Surgeon with ``checkpoint_dir``: what else the checkpoint must match to be
             resumed (the source's identity, the seed; config and calibration windows always are).
-        stream: the layer-wise methods: layers read from and written to disk one at a time
+        stream: layers read from and written to disk one at a time
             (:class:`export.streaming.StreamedLayers`); ``model`` then has its layers on meta.
+        spill: LLM Surgeon with ``stream``: the directory for its layer walk's files and resume state
+            (:mod:`surgeon.streamed_surgeon`).
 
     Structured runs record the removed groups in ``report.removal`` (a
     :class:`~base.surgery.RemovalPlan` as a dict), which the smaller checkpoint is cut by.
@@ -173,6 +176,10 @@ def prune_(
         check_streamable(config)
     if isinstance(config, PruneConfig):
         return prune_sequential_(model, adapter, windows, config, stream=stream, progress=progress)
+    if stream is not None:
+        if spill is None:
+            raise ValueError("streamed LLM Surgeon needs a spill directory")
+        return prune_surgeon_streamed_(model, adapter, windows, config, stream, spill, progress=progress)
     sds = config.refine
     dense = copy.deepcopy(model) if sds or config.between_shots else None  # SDS's and recovery's teacher
     between = None

@@ -4,7 +4,11 @@ The sequential driver needs three things from a forward pass: the inputs of deco
 (captured with a pre-hook that stops the pass with :class:`StopForward`, a dedicated exception),
 the outputs of one layer given its inputs (:func:`run_layer`), and the second moments of the inputs
 of each linear inside a layer (:func:`input_moments`). LLM Surgeon needs the Kronecker factors of
-every linear from forward and backward passes of the whole model (:func:`kfac_factors`).
+every linear from forward and backward passes of the language-model loss: of the whole model at
+once (:func:`kfac_factors`), or one layer at a time for streamed pruning (:func:`layer_forward`
+stores each layer's inputs on the way up, :func:`head_gradient` starts the backward pass at the LM
+head, :func:`layer_kfac` recomputes one layer from its stored inputs and pushes the gradient
+through it). Both use :func:`head_gradient`, so the two give the same factors.
 """
 
 from __future__ import annotations
@@ -101,6 +105,72 @@ def input_moments(
 
 
 FisherKind = Literal["empirical", "true"]
+HEAD_CHUNK = 1 << 23  # logits per LM-head chunk: 32 MiB in float32, whatever the vocabulary
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on final hidden states ``[..., H]``: logits ``[..., V]`` (Gemma 2/3's final soft cap too)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # the order of the family's own forward: divide, tanh, multiply
+        logits = logits / cap
+        logits = torch.tanh(logits)
+        logits = logits * cap
+    return logits
+
+
+def final_hidden(model: nn.Module, adapter: Adapter, hidden: torch.Tensor) -> torch.Tensor:
+    """What the decoder does after its last layer (the final norm; OPT's projection): ``[B, T, H]`` in and out."""
+    for name in adapter.final:
+        module: Any = model
+        for part in name.split("."):
+            module = getattr(module, part, None)
+        if module is not None:
+            hidden = module(hidden)
+    return hidden
+
+
+def head_gradient(
+    model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, *, fisher: FisherKind = "empirical",
+    gen: torch.Generator | None = None, chunk: int = HEAD_CHUNK,
+) -> torch.Tensor:
+    """Gradient of the summed next-token NLL with respect to the final hidden states, head in token chunks.
+
+    The logits of a chunk of ``chunk // V`` tokens at a time are formed, their cross-entropy summed and
+    differentiated, and dropped: the vocabulary ``V`` never sits in memory for every token at once
+    (4 x 512 tokens x 49,152 logits were 400 MB per copy; 128k-256k vocabularies 1-2 GB).
+
+    Args:
+        hidden: ``[B, T, H]`` output of the decoder's final norm (:func:`final_hidden`).
+        ids: ``[B, T]`` token ids; position t predicts ``ids[:, t + 1]`` (empirical Fisher), or a label
+            sampled from the model's own distribution with ``gen`` (true Fisher).
+
+    Returns:
+        ``[B, T, H]``, zero at the last position (it predicts nothing).
+    """
+    B, T, H = hidden.shape
+    rows = hidden.detach()[:, :-1].reshape(-1, H)  # [B*(T-1), H]
+    labels = ids[:, 1:].reshape(-1)
+    step = max(1, chunk // model.get_output_embeddings().out_features)
+    grads = []
+    with torch.enable_grad():
+        for start in range(0, rows.shape[0], step):
+            h = rows[start : start + step].detach().requires_grad_()  # [C, H]
+            logits = head_logits(model, h)  # [C, V]
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()  # the loss in at least float32
+            if fisher == "empirical":
+                y = labels[start : start + step]
+            else:
+                probs = torch.softmax(logits.detach(), dim=-1).cpu()
+                y = torch.multinomial(probs, 1, generator=gen).reshape(-1).to(logits.device)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss while estimating curvature")
+            loss.backward()
+            grads.append(h.grad)
+    grad = torch.cat(grads).reshape(B, T - 1, H)
+    return torch.cat([grad, grad.new_zeros(B, 1, H)], dim=1)
 
 
 def kfac_factors(
@@ -147,25 +217,15 @@ def kfac_factors(
         starts = range(0, windows.shape[0], batch_size)
         for start in tqdm(starts, desc=f"K-FAC ({fisher} Fisher)", unit="batch", disable=not progress):
             batch = windows[start : start + batch_size].to(device)  # [B, T]
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]  # [B, T-1, V]
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()  # the loss in at least float32
-            if fisher == "empirical":
-                labels = batch[:, 1:]
-            else:
-                probs = torch.softmax(logits.detach(), dim=-1).reshape(-1, logits.shape[-1]).cpu()
-                labels = torch.multinomial(probs, 1, generator=gen).reshape(batch.shape[0], -1).to(device)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
-            if not torch.isfinite(loss):
-                raise FloatingPointError("non-finite loss while estimating curvature")
-            loss.backward()
+            hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state  # [B, T, H]
+            hidden.backward(head_gradient(model, hidden, batch, fisher=fisher, gen=gen))
     finally:
         for h in handles:
             h.remove()
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)
-    A = _finalize_shared(A_acc)
+    A = finalize_shared(A_acc)
     return {name: KronFactor(A=A[name], G=G_acc[name].finalize()) for name in linears}
 
 
@@ -183,7 +243,79 @@ def input_factors(
     finally:
         for h in handles:
             h.remove()
-    return _finalize_shared(A_acc)
+    return finalize_shared(A_acc)
+
+
+@torch.no_grad()
+def layer_forward(
+    layer: nn.Module, adapter: Adapter, batches: list[LayerBatch], moment_batches: int = 0
+) -> tuple[list[LayerBatch], dict[str, SecondMoment]]:
+    """Outputs of ``layer`` for each batch, and the input moments ``A`` of its linears over the first
+    ``moment_batches`` batches (keyed by name in the layer; linears sharing an input share one)."""
+    moments: dict[str, SecondMoment] = {}
+    handles = []
+    active = [False]
+    if moment_batches:
+        for group in adapter.input_groups:
+            lead = layer.get_submodule(group[0])
+            moment = SecondMoment(lead.in_features, device=lead.weight.device)
+            moments.update(dict.fromkeys(group, moment))
+            handles.append(lead.register_forward_hook(
+                lambda _m, args, _out, acc=moment: acc.update(args[0]) if active[0] else None))
+    outputs = []
+    try:
+        for j, b in enumerate(batches):
+            active[0] = j < moment_batches
+            outputs.append(LayerBatch(_hidden(layer(b.hidden, **b.kwargs)), b.kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, moments
+
+
+def layer_kfac(
+    layer: nn.Module, adapter: Adapter, batches: list[LayerBatch], grads: list[torch.Tensor], *, inputs: bool = True,
+) -> tuple[dict[str, SecondMoment], dict[str, SecondMoment], list[torch.Tensor]]:
+    """One layer's share of :func:`kfac_factors`: activation checkpointing at layer granularity.
+
+    The layer's forward pass is recomputed from its stored inputs ``batches`` and the gradient with
+    respect to its outputs (``grads``, ``[B, T, H]`` per batch, from the layer above or
+    :func:`head_gradient`) is pushed through it: hooks collect ``G`` of every linear and, with
+    ``inputs``, ``A``, exactly as in the whole model's backward pass.
+
+    Returns:
+        ``(A, G, input_grads)``: moments keyed by name in the layer (``A`` empty without ``inputs``),
+        and the gradient with respect to the layer's input for each batch (the layer below's ``grads``).
+    """
+    A: dict[str, SecondMoment] = {}
+    handles = []
+    if inputs:
+        for group in adapter.input_groups:
+            lead = layer.get_submodule(group[0])
+            moment = SecondMoment(lead.in_features, device=lead.weight.device)
+            A.update(dict.fromkeys(group, moment))
+            handles.append(lead.register_forward_hook(lambda _m, args, _out, acc=moment: acc.update(args[0])))
+    G: dict[str, SecondMoment] = {}
+    for name in adapter.linear_names:
+        linear = adapter.linear(layer, name)
+        G[name] = SecondMoment(linear.out_features, device=linear.weight.device)
+        handles.append(linear.register_full_backward_hook(lambda _m, _gin, gout, acc=G[name]: acc.update(gout[0])))
+    requires = [p.requires_grad for p in layer.parameters()]
+    for p in layer.parameters():
+        p.requires_grad_(False)  # gradients through the activations only, none into the weights
+    input_grads = []
+    try:
+        with torch.enable_grad():
+            for b, g in zip(batches, grads, strict=True):
+                x = b.hidden.detach().requires_grad_()  # [B, T, H]
+                torch.autograd.backward(_hidden(layer(x, **b.kwargs)), g)
+                input_grads.append(x.grad)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in zip(layer.parameters(), requires):
+            p.requires_grad_(r)
+    return A, G, input_grads
 
 
 def _hook_inputs(model: nn.Module, adapter: Adapter) -> tuple[dict[str, SecondMoment], list]:
@@ -200,7 +332,7 @@ def _hook_inputs(model: nn.Module, adapter: Adapter) -> tuple[dict[str, SecondMo
     return A_acc, handles
 
 
-def _finalize_shared(accs: dict[str, SecondMoment]) -> dict[str, torch.Tensor]:
+def finalize_shared(accs: dict[str, SecondMoment]) -> dict[str, torch.Tensor]:
     """Finalize accumulators, returning one tensor per shared accumulator (no copies)."""
     done: dict[int, torch.Tensor] = {}
     for acc in accs.values():

@@ -21,7 +21,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,7 +42,9 @@ from surgeon.curvature.kfac import DampedKron, KronFactor, LazyDamped
 from surgeon.driver import PruneReport
 from surgeon.prune.costs import element_costs
 from surgeon.prune.threshold import (
-    global_keep_masks,
+    GlobalThreshold,
+    global_mask,
+    global_threshold,
     linear_schedule,
     per_layer_fraction_mask,
 )
@@ -150,14 +152,6 @@ class SurgeonConfig:
         return targets
 
 
-def _select(costs: dict[str, torch.Tensor], target: float | NMPattern, cfg: SurgeonConfig) -> dict[str, torch.Tensor]:
-    if isinstance(target, NMPattern):
-        return {n: target.mask_from_scores(c) for n, c in costs.items()}
-    if cfg.allocation == "global":
-        return global_keep_masks(costs, target, cfg.max_layer_sparsity)
-    return {n: per_layer_fraction_mask(c, target) for n, c in costs.items()}
-
-
 def prune_surgeon_(
     model: nn.Module,
     adapter: Adapter,
@@ -236,11 +230,44 @@ def prune_surgeon_(
     return report
 
 
+def is_local(target: Target, cfg: SurgeonConfig) -> bool:
+    """Whether each layer's removals follow from its own costs (N:M, uniform allocation) rather than
+    from a comparison across layers (global allocation)."""
+    return isinstance(target, NMPattern) or cfg.allocation == "uniform"
+
+
+def element_costs_of(
+    linears: Mapping[str, nn.Linear], damped: Mapping[str, DampedKron], keep: Mapping[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, costs [d_out, d_in])`` of every linear; removed weights cost -1 (they stay removed)."""
+    for name, m in linears.items():
+        c = element_costs(m.weight.detach().double(), damped[name].A_inv, damped[name].G_inv)
+        yield name, torch.where(keep[name], c, -1.0)
+
+
 def _element_step(
     linears: dict[str, nn.Linear], target: float | NMPattern, damped: Mapping[str, DampedKron],
     keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
 ) -> None:
     """Remove the cheapest weights (globally, per linear, or per N:M block) with correlated updates."""
+    cut = None
+    if not is_local(target, cfg):
+        costs = dict(element_costs_of(linears, damped, keep))
+        cut = global_threshold(costs.items, {n: c.numel() for n, c in costs.items()}, target,  # type: ignore[arg-type]
+                               cfg.max_layer_sparsity)
+        del costs
+    element_prune_(linears, target, damped, keep, cfg, cut)
+
+
+def element_prune_(
+    linears: Mapping[str, nn.Linear], target: float | NMPattern, damped: Mapping[str, DampedKron],
+    keep: dict[str, torch.Tensor], cfg: SurgeonConfig, cut: GlobalThreshold | None = None,
+) -> None:
+    """Choose the removals of ``linears`` (one layer's or all) and apply their correlated updates, in place.
+
+    ``cut``: the global allocation's threshold (:func:`surgeon.prune.threshold.global_threshold`),
+    None for N:M and uniform targets, which each linear decides alone.
+    """
     if isinstance(target, NMPattern) and cfg.row_solver == "sparsegpt":
         # N:M: ``G`` scales every weight of a row alike, so K-FAC's element costs rank a row's
         # blocks exactly as OBS with ``A`` does; choosing each block's zeros adaptively inside
@@ -255,16 +282,17 @@ def _element_step(
                 _store(m, W, name)
                 keep[name] = k
         return
-    costs: dict[str, torch.Tensor] = {}
-    for name, m in linears.items():
-        c = element_costs(m.weight.detach().double(), damped[name].A_inv, damped[name].G_inv)
-        costs[name] = torch.where(keep[name], c, -1.0)  # removed weights stay removed
-    new_keep = _select(costs, target, cfg)
-    del costs
     with torch.no_grad():
-        for name, m in linears.items():
-            k = new_keep[name] & keep[name]
-            d = damped[name]
+        for name, c in element_costs_of(linears, damped, keep):
+            if isinstance(target, NMPattern):
+                new = target.mask_from_scores(c)
+            elif cut is not None:
+                new = global_mask(c, name, cut)
+            else:
+                new = per_layer_fraction_mask(c, target)
+            del c
+            m, d = linears[name], damped[name]
+            k = new & keep[name]
             W = m.weight.double()
             U = None
             if cfg.row_solver == "sparsegpt":
@@ -283,6 +311,32 @@ def _store(m: nn.Linear, W: torch.Tensor, name: str) -> None:
     m.weight.copy_(W.to(m.weight.dtype))
 
 
+def structured_budget(linears: Mapping[str, nn.Linear], target: Remaining) -> int:
+    """Decoder-linear weights a structured shot removes in all (shapes only: works on the meta device)."""
+    return round((1.0 - target.fraction) * sum(m.weight.numel() for m in linears.values()))
+
+
+def layer_candidates(
+    model: nn.Module, adapter: Adapter, i: int, keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
+    damped: Mapping[str, DampedKron] | None = None, A: Mapping[str, torch.Tensor] | None = None,
+) -> list[structures.Candidate]:
+    """Layer ``i``'s coupled groups that may still go, with their costs (cheapest channels first)."""
+    inter = adapter.linear(adapter.decoder_layers(model)[i], adapter.channel_rows[0]).out_features
+    channel_cost, head_cost = structures.group_costs(model, adapter, i, cfg.scoring, damped, A,  # type: ignore[arg-type]
+                                                     cfg.group_cost)
+    return structures.layer_candidates(model, adapter, i, channel_cost, head_cost, keep,
+                                       min_channels=max(1, inter // 20))
+
+
+def uniform_choice(found: list[structures.Candidate], budget: int, n_layers: int) -> list[structures.Candidate]:
+    """``uniform``: the same number of a layer's cheapest MLP channels in every layer, no heads."""
+    channels = [c for c in found if c.kind == "channel"]  # cheapest first
+    per_layer = -(-budget // (n_layers * channels[0].size)) if channels else 0
+    if per_layer > len(channels):
+        raise SurgeonError("structured target cannot be reached with MLP channels alone under the floors")
+    return channels[:per_layer]
+
+
 def _structured_step(
     model: nn.Module, adapter: Adapter, target: Remaining, keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
     damped: Mapping[str, DampedKron] | None = None, A: dict[str, torch.Tensor] | None = None,
@@ -292,29 +346,18 @@ def _structured_step(
     ``global``: candidates of all layers compete by cost per weight. ``uniform``: every layer loses
     the same number of MLP channels and no heads (the reference Wanda-style channel baseline).
     """
-    scoring, allocation = cfg.scoring, cfg.allocation
-    linears = adapter.decoder_linears(model)
-    total = sum(m.weight.numel() for m in linears.values())
-    budget = round((1.0 - target.fraction) * total)
-    layers = adapter.decoder_layers(model)
+    budget = structured_budget(adapter.decoder_linears(model), target)
+    n_layers = len(adapter.decoder_layers(model))
     chosen: list[structures.Candidate] = []
     candidates: list[structures.Candidate] = []
-    for i, layer in enumerate(layers):
-        inter = adapter.linear(layer, adapter.channel_rows[0]).out_features
-        channel_cost, head_cost = structures.group_costs(model, adapter, i, scoring, damped, A, cfg.group_cost)
-        found = structures.layer_candidates(
-            model, adapter, i, channel_cost, head_cost, keep, min_channels=max(1, inter // 20)
-        )
-        if allocation == "uniform":
-            channels = [c for c in found if c.kind == "channel"]  # cheapest first
-            per_layer = -(-budget // (len(layers) * channels[0].size)) if channels else 0
-            if per_layer > len(channels):
-                raise SurgeonError("structured target cannot be reached with MLP channels alone under the floors")
-            chosen += channels[:per_layer]
+    for i in range(n_layers):
+        found = layer_candidates(model, adapter, i, keep, cfg, damped, A)
+        if cfg.allocation == "uniform":
+            chosen += uniform_choice(found, budget, n_layers)
         candidates += found
-    if allocation == "global":
+    if cfg.allocation == "global":
         chosen = structures.select(candidates, budget)
-    structures.apply_(model, adapter, chosen, damped if scoring == "surgeon" else None, keep, cfg.group_cost)
+    structures.apply_(model, adapter, chosen, damped if cfg.scoring == "surgeon" else None, keep, cfg.group_cost)
 
 
 def binding_of(cfg: SurgeonConfig, linears: dict[str, nn.Linear], windows: torch.Tensor,

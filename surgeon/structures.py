@@ -205,21 +205,29 @@ def apply_(
 
 
 def removal_plan(model: nn.Module, adapter: Adapter, keep: Mapping[str, Tensor]) -> RemovalPlan:
-    """The groups the masks ``keep`` removed, per layer: what the smaller checkpoint is cut by.
+    """The groups the masks ``keep`` removed, per layer: what the smaller checkpoint is cut by."""
+    plan = RemovalPlan()
+    for i in range(len(adapter.decoder_layers(model))):
+        layer = layer_removal(model.config, adapter, i, keep)
+        if layer is not None:
+            plan.layers[i] = layer
+    return plan
+
+
+def layer_removal(config: object, adapter: Adapter, i: int, keep: Mapping[str, Tensor]) -> LayerPlan | None:
+    """The groups layer ``i``'s masks removed (None: none); ``keep`` needs only that layer's masks.
 
     A channel is removed when none of its channel-row weights is kept, a query head when none of
     its q rows is; without GQA such a head is a whole KV group and is recorded as one.
     """
-    n_heads, n_kv, head_dim = adapter.head_layout(model.config)
-    plan = RemovalPlan()
-    for i in range(len(adapter.decoder_layers(model))):
-        names = LayerNames.of(adapter, i)
-        channels = torch.nonzero(~keep[names.channel_rows[0]].any(1)).flatten().tolist()
-        heads = torch.nonzero(~keep[names.q].reshape(n_heads, head_dim, -1).any(2).any(1)).flatten().tolist()
-        if channels or heads:
-            plan.layers[i] = (LayerPlan.of(channels=channels, kv_groups=heads) if n_heads == n_kv
-                              else LayerPlan.of(channels=channels, heads=heads))
-    return plan
+    n_heads, n_kv, head_dim = adapter.head_layout(config)
+    names = LayerNames.of(adapter, i)
+    channels = torch.nonzero(~keep[names.channel_rows[0]].any(1)).flatten().tolist()
+    heads = torch.nonzero(~keep[names.q].reshape(n_heads, head_dim, -1).any(2).any(1)).flatten().tolist()
+    if not channels and not heads:
+        return None
+    return (LayerPlan.of(channels=channels, kv_groups=heads) if n_heads == n_kv
+            else LayerPlan.of(channels=channels, heads=heads))
 
 
 def _remove(

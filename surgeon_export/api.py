@@ -271,7 +271,7 @@ def prune_streamed(
                 "windows": int(calibration.ids.shape[0]) if calibration else 0}
     stream = StreamedLayers(lazy, Path(out), settings, force=force)
     report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
-                    progress=progress)
+                    spill=stream.partial / "surgeon", progress=progress)
     report.calibration = calibration.origin if calibration else None
     report.bos = calibration.bos is not None if calibration else None
     return stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})

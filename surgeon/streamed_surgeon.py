@@ -1,0 +1,530 @@
+"""LLM Surgeon one decoder layer at a time: the same shots, costs, selection and updates as
+:func:`surgeon.llm_surgeon.prune_surgeon_`, with the curvature collected layer by layer.
+
+K-FAC's ``G`` of a linear in layer l needs the backward pass of every layer above it. Each shot
+therefore walks the layers three times, with one layer in memory at a time (``stream``, e.g.
+:class:`export.streaming.StreamedLayers`) and everything else in the spill directory:
+
+1. **forward**: the calibration batches go up through the layers (weights as the previous shot left
+   them); each layer's input hidden states are written to ``hidden-{l}``. With ``--kfac-samples``
+   below the windows, ``A`` of every linear comes from all windows here, forward only (``A-{l}``).
+2. **head**: the final norm and the LM head turn the last hidden states into the loss and its
+   gradient, the logits formed a token chunk at a time (:func:`surgeon.calibrate.head_gradient`).
+3. **reverse**: from the last layer down, the layer's forward pass is recomputed from its stored
+   input and the incoming gradient pushed through it (activation checkpointing at layer
+   granularity, :func:`surgeon.calibrate.layer_kfac`): ``A`` and ``G`` of its linears, and the
+   gradient for the layer below (``grad-{l}``). The backward pass sees every layer with the shot's
+   starting weights, as the whole-model pass does, so the factors are the same.
+
+Then each layer's removals are chosen and its weights updated with the shared step functions of
+:mod:`surgeon.llm_surgeon`. Where a layer decides alone (N:M, ``--allocation uniform``) that happens
+at once in the reverse walk, after the layer passed its gradient down. A global allocation needs
+every layer's costs first: the reverse walk writes each linear's element costs (``costs-{l}``) or
+the layer's coupled-group candidates (``candidates-{l}.json``) and the factors the update will need
+(``factors-{l}``); **select** then finds the global threshold in a few passes over the costs on disk
+(:func:`surgeon.prune.threshold.global_threshold`: exact radix selection, one linear in memory) or
+ranks the candidates, and **update** walks the layers once more, applying the selection with each
+layer's factors read back. Each shot's weights and masks go to ``state-{shot}-{l}``; the next shot
+starts from them. **finish** writes each layer's final weights to the stream (the checkpoint shard).
+
+Resume: ``state.json`` names the shot, the phase and how many layers of it are done; every step
+writes its files first (atomically) and the state after, so a kill at any moment reruns at most the
+step it interrupted, from files that are whole, and ends bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from base.adapters import Adapter
+from base.env import peak_rss_mib
+from base.errors import SurgeonError
+from base.files import is_write_error, write_error
+from base.surgery import LayerPlan, RemovalPlan
+from surgeon import structures
+from surgeon.calibrate import (
+    LayerBatch,
+    capture_layer_inputs,
+    final_hidden,
+    finalize_shared,
+    head_gradient,
+    layer_forward,
+    layer_kfac,
+)
+from surgeon.curvature.kfac import KronFactor, LazyDamped
+from surgeon.driver import LayerStream, PruneReport
+from surgeon.llm_surgeon import (
+    Remaining,
+    SurgeonConfig,
+    Target,
+    _differences,
+    _write_atomic,
+    binding_of,
+    element_costs_of,
+    element_prune_,
+    is_local,
+    layer_candidates,
+    structured_budget,
+    uniform_choice,
+)
+from surgeon.prune.threshold import GlobalThreshold, global_threshold
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+STATE_VERSION = 1
+PHASES = ("forward", "head", "reverse", "select", "update")
+
+
+@dataclass
+class _Batches:
+    """The calibration batches the forward walk carries, and which of them feed what.
+
+    ``A`` batches (the first ``a_count``) are every window in ``batch_size`` batches when ``A`` comes
+    from more windows than ``G`` (or for Wanda's scores); the K-FAC batches (``kfac``: indices into
+    the carried batches, with their token ids) are the whole-model K-FAC pass's batches. Where they
+    coincide they are carried once; a ragged last K-FAC batch is carried on its own.
+    """
+
+    first: list[LayerBatch]  # inputs of layer 0
+    a_count: int
+    kfac: list[int]
+    ids: list[torch.Tensor]  # token ids of each K-FAC batch [B, T]
+
+
+def _batches(model: nn.Module, adapter: Adapter, windows: torch.Tensor, cfg: SurgeonConfig) -> _Batches:
+    bs, n = cfg.batch_size, windows.shape[0]
+    if cfg.scoring == "magnitude":
+        return _Batches([], 0, [], [])
+    if cfg.scoring == "wanda":
+        first = capture_layer_inputs(model, adapter, windows, bs)
+        return _Batches(first, len(first), [], [])
+    n_k = n if cfg.kfac_windows is None else min(cfg.kfac_windows, n)
+    starts = list(range(0, n_k, bs))
+    ids = [windows[:n_k][s : s + bs] for s in starts]
+    if n_k == n:  # A and G from the same windows: A in the reverse walk, as in the whole-model pass
+        return _Batches(capture_layer_inputs(model, adapter, windows, bs), 0, list(range(len(starts))), ids)
+    first = capture_layer_inputs(model, adapter, windows, bs)
+    kfac = list(range(n_k // bs))
+    if n_k % bs:
+        first += capture_layer_inputs(model, adapter, windows[n_k - n_k % bs : n_k], bs)
+        kfac.append(len(first) - 1)
+    return _Batches(first, len(first) - (n_k % bs > 0), kfac, ids)
+
+
+class _Spill:
+    """The spill directory: tensors and JSON written atomically, a full disk reported in one line."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, self.dir) from None
+        for f in self.dir.glob("*.tmp"):  # an interrupted write
+            f.unlink(missing_ok=True)
+
+    def _write(self, name: str, write: Any) -> None:
+        try:
+            _write_atomic(self.dir / name, write)
+        except Exception as exc:
+            if is_write_error(exc):
+                raise write_error(exc, self.dir) from None
+            raise
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        data = {k: v.detach().contiguous() for k, v in tensors.items()}
+        self._write(name + ".safetensors", lambda tmp: save_file(data, tmp))
+
+    def load(self, name: str, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+        with safe_open(str(self.dir / f"{name}.safetensors"), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
+
+    def save_json(self, name: str, data: Any) -> None:
+        self._write(name, lambda tmp: Path(tmp).write_text(json.dumps(data)))
+
+    def load_json(self, name: str) -> Any:
+        return json.loads((self.dir / name).read_text())
+
+    def remove(self, *patterns: str) -> None:
+        for pattern in patterns:
+            for f in self.dir.glob(pattern):
+                f.unlink(missing_ok=True)
+
+
+def _save_factors(spill: _Spill, adapter: Adapter, i: int, factors: dict[str, KronFactor], names: list[str]) -> None:
+    """``A`` (once per input group) and ``G`` of the named linears of layer ``i``."""
+    tensors = {f"G.{n}": factors[n].G for n in names}
+    for group in _groups(adapter, i):
+        used = [n for n in group if n in names]
+        if used:
+            tensors[f"A.{group[0]}"] = factors[used[0]].A
+    spill.save(f"factors-{i}", tensors)
+
+
+def _load_factors(spill: _Spill, adapter: Adapter, i: int) -> dict[str, KronFactor]:
+    tensors = spill.load(f"factors-{i}")
+    return {n: KronFactor(tensors[f"A.{group[0]}"], tensors[f"G.{n}"])
+            for group in _groups(adapter, i) for n in group if f"G.{n}" in tensors}
+
+
+def _groups(adapter: Adapter, i: int) -> list[list[str]]:
+    """Full names of layer ``i``'s linears, by shared input."""
+    return [[f"{adapter.layers}.{i}.{n}" for n in group] for group in adapter.input_groups]
+
+
+class _Walk:
+    """One streamed LLM Surgeon run: the layer walks of every shot, resumable (module docstring)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, windows: torch.Tensor | None, cfg: SurgeonConfig,
+                 stream: LayerStream, spill: Path, progress: bool) -> None:
+        self.model, self.adapter, self.cfg, self.stream = model, adapter, cfg, stream
+        self.windows = windows if windows is not None else torch.zeros(0, 0, dtype=torch.long)
+        self.progress = progress
+        self.n = stream.num_layers
+        self.linears = adapter.decoder_linears(model)  # meta tensors where streamed: shapes only
+        self.sizes = {name: m.weight.numel() for name, m in self.linears.items()}
+        self.targets = cfg.shot_targets()
+        self.spill = _Spill(spill)
+        self.binding = binding_of(cfg, self.linears, self.windows, {"streamed": True})
+        self.state = self._load_state()
+        self.batches: _Batches | None = None
+
+    # -- state --
+    def _load_state(self) -> dict:
+        path = self.spill.dir / STATE
+        if not path.is_file():
+            return {"version": STATE_VERSION, "binding": self.binding, "shot": 0, "phase": PHASES[0], "done": 0,
+                    "shots": [], "removed": {}, "seconds": {}, "layer_seconds": {}, "layer_rss": {}}
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SurgeonError(f"cannot resume from {self.spill.dir}: {STATE} is unreadable ({exc}); "
+                               "remove it to start over") from None
+        if state.get("version") != STATE_VERSION or not isinstance(state.get("binding"), dict):
+            raise SurgeonError(f"{self.spill.dir} was written by another surgeon-export version; remove it to start over")
+        changed = _differences(state["binding"], self.binding)
+        if changed:
+            raise SurgeonError(f"{self.spill.dir} holds a run with other settings ({', '.join(changed)}); rerun "
+                               "with the same options or remove it to start over")
+        log.info("resuming streamed LLM Surgeon at shot %d, %s, after %d layers", state["shot"] + 1, state["phase"],
+                 state["done"])
+        return state
+
+    def _save_state(self, **changes: Any) -> None:
+        self.state.update(changes)
+        self.spill.save_json(STATE, self.state)
+
+    def _layer_done(self, i: int, seconds: float) -> None:
+        """Record the step on layer ``i`` as done: its time and the peak memory so far."""
+        key = str(i)
+        self.state["layer_seconds"][key] = self.state["layer_seconds"].get(key, 0.0) + seconds
+        self.state["layer_rss"][key] = peak_rss_mib()
+        self._save_state(done=self.state["done"] + 1)
+
+    # -- layers --
+    def _names(self, i: int) -> list[str]:
+        return [f"{self.adapter.layers}.{i}.{n}" for n in self.adapter.linear_names]
+
+    def _enter(self, i: int, shot: int) -> tuple[nn.Module, dict[str, nn.Linear], dict[str, torch.Tensor]]:
+        """Layer ``i`` with the weights the first ``shot`` shots left, its linears and keep-masks."""
+        layer = self.stream.enter(i)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        linears = {full: self.adapter.linear(layer, n) for full, n in zip(self._names(i), self.adapter.linear_names)}
+        if shot == 0:
+            return layer, linears, {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in linears.items()}
+        saved = self.spill.load(f"state-{shot}-{i}")
+        with torch.no_grad():
+            for name, m in linears.items():
+                m.weight.copy_(saved[f"{name}.weight"])
+        return layer, linears, {n: saved[f"{n}.keep"].bool() for n in linears}
+
+    def _leave(self, i: int, layer: nn.Module, shot: int, linears: dict[str, nn.Linear],
+               keep: dict[str, torch.Tensor] | None) -> None:
+        """Write layer ``i``'s weights and masks after ``shot`` shots (``keep`` None: unchanged), release it."""
+        if keep is not None:
+            tensors = {f"{n}.weight": m.weight for n, m in linears.items()}
+            tensors.update({f"{n}.keep": k.to(torch.uint8) for n, k in keep.items()})
+            self.spill.save(f"state-{shot}-{i}", tensors)
+            self.state["removed"][str(i)] = sum(int((~k).sum()) for k in keep.values())
+        self.stream.leave(i, layer, None)
+
+    def _hidden(self, i: int, which: list[int] | None = None) -> list[LayerBatch]:
+        """The stored inputs of layer ``i`` (``n``: the last layer's outputs) for the carried batches ``which``."""
+        assert self.batches is not None
+        which = which if which is not None else list(range(len(self.batches.first)))
+        saved = self.spill.load(f"hidden-{i}", [str(j) for j in which])
+        return [LayerBatch(saved[str(j)], self.batches.first[j].kwargs) for j in which]
+
+    def _tqdm(self, it: Any, desc: str) -> Any:
+        return tqdm(it, desc=desc, unit="layer", disable=not self.progress)
+
+    # -- phases of one shot --
+    def _forward(self, shot: int, target: Target) -> None:
+        """Up through the layers: store each layer's input; ``A`` from all windows; baselines score here."""
+        assert self.batches is not None
+        cfg, b = self.cfg, self.batches
+        carry: list[LayerBatch] = []
+        if b.first:
+            if self.state["done"] == 0:
+                carry = b.first
+                self.spill.save("hidden-0", {str(j): x.hidden for j, x in enumerate(carry)})
+            else:
+                carry = self._hidden(self.state["done"])
+        for i in self._tqdm(range(self.state["done"], self.n), f"shot {shot + 1}: forward"):
+            t0 = time.perf_counter()
+            layer, linears, keep = self._enter(i, shot)
+            A: dict[str, torch.Tensor] = {}
+            if carry:
+                carry, moments = layer_forward(layer, self.adapter, carry, b.a_count)
+                A = {f"{self.adapter.layers}.{i}.{n}": a for n, a in finalize_shared(moments).items()}
+                del moments
+            changed = None
+            if cfg.scoring != "surgeon":
+                found = layer_candidates(self.model, self.adapter, i, keep, cfg, None, A or None)
+                if is_local(target, cfg):
+                    structures.apply_(self.model, self.adapter, self._uniform(found, target), None, keep)
+                    changed = keep
+                else:
+                    self.spill.save_json(f"candidates-{i}.json", [_candidate(c) for c in found])
+            elif A:
+                self.spill.save(f"A-{i}", {f"A.{g[0]}": A[g[0]] for g in _groups(self.adapter, i)})
+            if carry:
+                self.spill.save(f"hidden-{i + 1}", {str(j): x.hidden for j, x in enumerate(carry)})
+            self._leave(i, layer, shot + 1, linears, changed)
+            del layer, linears, keep, A
+            self._layer_done(i, time.perf_counter() - t0)
+
+    def _head(self) -> None:
+        """The loss at the LM head and its gradient with respect to the last layer's outputs."""
+        assert self.batches is not None
+        b = self.batches
+        gen = torch.Generator().manual_seed(0)  # the whole-model pass's seed (true Fisher's labels)
+        grads = {}
+        for j, x, ids in zip(b.kfac, self._hidden(self.n, b.kfac), b.ids, strict=True):
+            h_in = x.hidden.detach().requires_grad_()
+            with torch.enable_grad():
+                h = final_hidden(self.model, self.adapter, h_in)  # [B, T, H]
+                h.backward(head_gradient(self.model, h.detach(), ids, fisher=self.cfg.fisher, gen=gen))
+            grads[str(j)] = h_in.grad
+        self.spill.save(f"grad-{self.n}", grads)
+
+    def _reverse(self, shot: int, target: Target) -> None:
+        """Down through the layers: ``A``/``G`` per layer; local targets pruned at once, global ones scored."""
+        assert self.batches is not None
+        cfg, b = self.cfg, self.batches
+        split = b.a_count > 0
+        lam_G = cfg.damping_G(target)
+        for i in self._tqdm(range(self.n - 1 - self.state["done"], -1, -1), f"shot {shot + 1}: reverse"):
+            t0 = time.perf_counter()
+            layer, linears, keep = self._enter(i, shot)
+            saved = self.spill.load(f"grad-{i + 1}", [str(j) for j in b.kfac])
+            A_mom, G_mom, grads = layer_kfac(layer, self.adapter, self._hidden(i, b.kfac),
+                                             [saved[str(j)] for j in b.kfac], inputs=not split)
+            del saved
+            names = self._names(i)
+            if split:
+                A_saved = self.spill.load(f"A-{i}")
+                A = {n: A_saved[f"A.{g[0]}"] for g in _groups(self.adapter, i) for n in g}
+            else:
+                A = {f"{self.adapter.layers}.{i}.{n}": a for n, a in finalize_shared(A_mom).items()}
+            factors = {full: KronFactor(A[full], G_mom[n].finalize()) for full, n in zip(names, self.adapter.linear_names)}
+            del A_mom, G_mom, A
+            damped = LazyDamped(factors, cfg.lam_A, lam_G, cache=2)
+            changed = None
+            if isinstance(target, Remaining):
+                found = layer_candidates(self.model, self.adapter, i, keep, cfg, damped)
+                if is_local(target, cfg):
+                    structures.apply_(self.model, self.adapter, self._uniform(found, target), damped, keep,
+                                      cfg.group_cost)
+                    changed = keep
+                else:
+                    self.spill.save_json(f"candidates-{i}.json", [_candidate(c) for c in found])
+                    _save_factors(self.spill, self.adapter, i, factors, self._update_needs(i))
+            elif is_local(target, cfg):
+                element_prune_(linears, target, damped, keep, cfg)
+                changed = keep
+            else:
+                self.spill.save(f"costs-{i}", dict(element_costs_of(linears, damped, keep)))
+                _save_factors(self.spill, self.adapter, i, factors, names)
+            del damped, factors
+            self.spill.save(f"grad-{i}", {str(j): g for j, g in zip(b.kfac, grads, strict=True)})
+            self._leave(i, layer, shot + 1, linears, changed)
+            del layer, linears, keep, grads
+            self._layer_done(i, time.perf_counter() - t0)
+            self.spill.remove(f"grad-{i + 1}.safetensors")
+
+    def _update_needs(self, i: int) -> list[str]:
+        """The linears whose factors a structured update uses (``output``: only o and down move)."""
+        if self.cfg.group_cost == "sum":
+            return self._names(i)
+        names = structures.LayerNames.of(self.adapter, i)
+        return [names.o, names.down]
+
+    def _uniform(self, found: list[structures.Candidate], target: Target) -> list[structures.Candidate]:
+        assert isinstance(target, Remaining)
+        return uniform_choice(found, structured_budget(self.linears, target), self.n)
+
+    def _select(self, target: Target) -> None:
+        """The global allocation, from every layer's costs or candidates on disk."""
+        if isinstance(target, Remaining):
+            candidates = [_uncandidate(i, c) for i in range(self.n)
+                          for c in self.spill.load_json(f"candidates-{i}.json")]
+            chosen = structures.select(candidates, structured_budget(self.linears, target))
+            self._save_state(phase="update", done=0, chosen=[_candidate(c, layer=True) for c in chosen])
+            return
+
+        def costs() -> Iterator[tuple[str, torch.Tensor]]:
+            for i in range(self.n):
+                yield from self.spill.load(f"costs-{i}").items()
+
+        cut = global_threshold(costs, self.sizes, target, self.cfg.max_layer_sparsity)  # type: ignore[arg-type]
+        self._save_state(phase="update", done=0, cut={"value": cut.value, "capped": cut.capped})
+
+    def _update(self, shot: int, target: Target) -> None:
+        """Apply the global selection layer by layer, with each layer's factors read back."""
+        cfg = self.cfg
+        for i in self._tqdm(range(self.state["done"], self.n), f"shot {shot + 1}: update"):
+            t0 = time.perf_counter()
+            layer, linears, keep = self._enter(i, shot)
+            damped = (LazyDamped(_load_factors(self.spill, self.adapter, i), cfg.lam_A, cfg.damping_G(target), cache=2)
+                      if cfg.scoring == "surgeon" else None)
+            if isinstance(target, Remaining):
+                chosen = [_uncandidate(c["layer"], c) for c in self.state["chosen"] if c["layer"] == i]
+                structures.apply_(self.model, self.adapter, chosen, damped, keep, cfg.group_cost)
+            else:
+                assert damped is not None
+                cut = GlobalThreshold(self.state["cut"]["value"], self.state["cut"]["capped"])
+                element_prune_(linears, target, damped, keep, cfg, cut)  # type: ignore[arg-type]
+            self._leave(i, layer, shot + 1, linears, keep)
+            del layer, linears, keep, damped
+            self._layer_done(i, time.perf_counter() - t0)
+
+    def _finish(self, report: PruneReport) -> None:
+        """Each layer's final weights to the stream (the checkpoint), with its records."""
+        shots = len(self.targets)
+        removal = RemovalPlan()
+        for i in self._tqdm(range(self.n), "write"):
+            done = self.stream.finished(i)
+            if done is None:
+                layer, linears, keep = self._enter(i, shots)
+                records: dict[str, Any] = {"layers": {}, "refine": {},
+                                           "seconds": self.state["layer_seconds"].get(str(i), 0.0),
+                                           "peak_rss_mib": self.state["layer_rss"].get(str(i))}
+                for name, m in linears.items():
+                    report.record(name, m)
+                    records["layers"][name] = report.layers[name]
+                if self.cfg.structured is not None:
+                    plan = structures.layer_removal(self.model.config, self.adapter, i, keep)
+                    records["removal"] = plan.to_dict() if plan is not None else None
+                self.stream.leave(i, layer, records)
+                done = records
+                del layer, linears, keep
+            report.layers.update(done["layers"])
+            report.layer_seconds.append(done["seconds"])
+            if done.get("removal"):
+                removal.layers[i] = LayerPlan.of(**done["removal"])
+        if self.cfg.structured is not None:
+            report.removal = removal.to_dict()
+
+    # -- the run --
+    def run(self) -> PruneReport:
+        cfg = self.cfg
+        start = time.perf_counter()
+        report = PruneReport(config=cfg.to_dict())
+        total = sum(self.sizes.values())
+        if self.state["shot"] < len(self.targets):
+            self.batches = _batches(self.model, self.adapter, self.windows, cfg)
+        for shot in range(self.state["shot"], len(self.targets)):
+            target = self.targets[shot]
+            t0 = time.perf_counter()
+            surgeon = cfg.scoring == "surgeon"
+            if self.state["phase"] == "forward":
+                self._forward(shot, target)
+                self._save_state(phase="head" if surgeon else "select", done=0)
+            if self.state["phase"] == "head":
+                self._head()
+                self._save_state(phase="reverse", done=0)
+            if self.state["phase"] == "reverse":
+                self._reverse(shot, target)
+                self._save_state(phase="select", done=0)
+            t_curv = time.perf_counter() - t0
+            if self.state["phase"] == "select":
+                if is_local(target, cfg):
+                    self._save_state(phase="next", done=0)
+                else:
+                    self._select(target)
+            if self.state["phase"] == "update":
+                self._update(shot, target)
+            self.state["seconds"][str(shot)] = self.state["seconds"].get(str(shot), 0.0) + time.perf_counter() - t0
+            removed = sum(self.state["removed"].values()) / total
+            self.state["shots"].append({
+                "shot": shot + 1, "target": target if isinstance(target, float) else str(target),
+                "sparsity": removed, "curvature_seconds": round(t_curv, 1),
+                "seconds": round(self.state["seconds"][str(shot)], 1),
+            })
+            log.info("shot %d/%d: sparsity %.2f%% (%.0f s, streamed)", shot + 1, len(self.targets), 100 * removed,
+                     self.state["seconds"][str(shot)])
+            self._save_state(shot=shot + 1, phase="forward", done=0, removed={}, cut=None, chosen=None)
+            self.spill.remove(f"state-{shot}-*", "hidden-*", "grad-*", "A-*", "costs-*", "factors-*", "candidates-*")
+        self._finish(report)
+        report.shots = self.state["shots"]
+        report.seconds = time.perf_counter() - start
+        shutil.rmtree(self.spill.dir, ignore_errors=True)
+        return report
+
+
+def _candidate(c: structures.Candidate, layer: bool = False) -> dict:
+    out = {"kind": c.kind, "index": c.index.tolist(), "cost": c.cost, "size": c.size}
+    return {"layer": c.layer, **out} if layer else out
+
+
+def _uncandidate(i: int, d: dict) -> structures.Candidate:
+    return structures.Candidate(i, d["kind"], torch.tensor(d["index"], dtype=torch.long), d["cost"], d["size"])
+
+
+def prune_surgeon_streamed_(
+    model: nn.Module, adapter: Adapter, windows: torch.Tensor | None, cfg: SurgeonConfig, stream: LayerStream,
+    spill: Path, *, progress: bool = True,
+) -> PruneReport:
+    """LLM Surgeon (and the structured baselines) one layer at a time; the same result as
+    :func:`surgeon.llm_surgeon.prune_surgeon_` (``tests/test_streamed_surgeon.py``).
+
+    Args:
+        model: the model, its decoder layers possibly on the meta device (``stream`` reads them).
+        windows: calibration token ids ``[N, T]`` (None for magnitude scores).
+        stream: where the layers come from; each gets its final weights through ``stream.leave``.
+        spill: a directory for the walk's files (hidden states, gradients, costs, factors, each shot's
+            weights) and its resume state; removed when the run ends.
+    """
+    if cfg.refine is not None or cfg.between_shots is not None:
+        raise SurgeonError("SDS refinement and low-rank updates between shots do not run streamed yet; use --no-streaming")
+    if cfg.structured is not None:
+        structures.check_supported(model, adapter)
+    if cfg.pattern is not None:
+        for name, m in adapter.decoder_linears(model).items():
+            cfg.pattern.check_shape(m.in_features, name)
+    if windows is None and cfg.scoring != "magnitude":
+        raise SurgeonError("LLM Surgeon needs calibration windows")
+    requires = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in requires:
+        p.requires_grad_(False)  # gradients through activations only: none into the LM head or norms
+    try:
+        return _Walk(model, adapter, windows, cfg, stream, spill, progress).run()
+    finally:
+        for p, r in requires:
+            p.requires_grad_(r)
