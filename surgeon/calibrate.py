@@ -132,11 +132,11 @@ def final_hidden(model: nn.Module, adapter: Adapter, hidden: torch.Tensor) -> to
 
 def head_gradient(
     model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, *, fisher: FisherKind = "empirical",
-    gen: torch.Generator | None = None, chunk: int = HEAD_CHUNK,
+    gen: torch.Generator | None = None, chunk: int | None = None,
 ) -> torch.Tensor:
     """Gradient of the summed next-token NLL with respect to the final hidden states, head in token chunks.
 
-    The logits of a chunk of ``chunk // V`` tokens at a time are formed, their cross-entropy summed and
+    The logits of a chunk of ``chunk // V`` tokens at a time (``chunk``: :data:`HEAD_CHUNK` logits) are formed, their cross-entropy summed and
     differentiated, and dropped: the vocabulary ``V`` never sits in memory for every token at once
     (4 x 512 tokens x 49,152 logits were 400 MB per copy; 128k-256k vocabularies 1-2 GB).
 
@@ -151,7 +151,7 @@ def head_gradient(
     B, T, H = hidden.shape
     rows = hidden.detach()[:, :-1].reshape(-1, H)  # [B*(T-1), H]
     labels = ids[:, 1:].reshape(-1)
-    step = max(1, chunk // model.get_output_embeddings().out_features)
+    step = max(1, (chunk or HEAD_CHUNK) // model.get_output_embeddings().out_features)
     grads = []
     with torch.enable_grad():
         for start in range(0, rows.shape[0], step):

@@ -422,7 +422,7 @@ class _Walk:
             done = self.stream.finished(i)
             if done is None:
                 layer, linears, keep = self._enter(i, shots)
-                records: dict[str, Any] = {"layers": {}, "refine": {},
+                records: dict[str, Any] = {"layers": {}, "refine": {}, "shots": self.state["shots"],
                                            "seconds": self.state["layer_seconds"].get(str(i), 0.0),
                                            "peak_rss_mib": self.state["layer_rss"].get(str(i))}
                 for name, m in linears.items():
@@ -438,6 +438,7 @@ class _Walk:
             report.layer_seconds.append(done["seconds"])
             if done.get("removal"):
                 removal.layers[i] = LayerPlan.of(**done["removal"])
+            report.shots = done["shots"]  # the same in every layer's records: they outlive the spill directory
         if self.cfg.structured is not None:
             report.removal = removal.to_dict()
 
@@ -447,9 +448,11 @@ class _Walk:
         start = time.perf_counter()
         report = PruneReport(config=cfg.to_dict())
         total = sum(self.sizes.values())
-        if self.state["shot"] < len(self.targets):
+        # Every layer written already: killed after the walk removed its spill directory; only the end is left.
+        first = len(self.targets) if all(self.stream.finished(i) for i in range(self.n)) else self.state["shot"]
+        if first < len(self.targets):
             self.batches = _batches(self.model, self.adapter, self.windows, cfg)
-        for shot in range(self.state["shot"], len(self.targets)):
+        for shot in range(first, len(self.targets)):
             target = self.targets[shot]
             t0 = time.perf_counter()
             surgeon = cfg.scoring == "surgeon"
@@ -482,7 +485,6 @@ class _Walk:
             self._save_state(shot=shot + 1, phase="forward", done=0, removed={}, cut=None, chosen=None)
             self.spill.remove(f"state-{shot}-*", "hidden-*", "grad-*", "A-*", "costs-*", "factors-*", "candidates-*")
         self._finish(report)
-        report.shots = self.state["shots"]
         report.seconds = time.perf_counter() - start
         shutil.rmtree(self.spill.dir, ignore_errors=True)
         return report

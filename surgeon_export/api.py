@@ -219,7 +219,10 @@ def memory_plan(lazy: LazyModel, config: Config, windows: int, seq_len: int, *, 
     widest = max(m.in_features for m in lazy.adapter.decoder_linears(model).values())
     sds = 2 if getattr(config, "refine", None) is not None else 1
     hidden = int(model.config.hidden_size)
-    streamed = int(layer_bytes * (1 + sds) + 3 * 8 * widest**2 + 2 * sds * 4 * windows * seq_len * hidden + outside)
+    if isinstance(config, SurgeonConfig):
+        streamed = _surgeon_streamed(lazy, config, windows, seq_len) + 2 * layer_bytes + outside
+    else:
+        streamed = int(layer_bytes * (1 + sds) + 3 * 8 * widest**2 + 2 * sds * 4 * windows * seq_len * hidden + outside)
     free = max_memory if max_memory is not None else available_memory()
     if max_memory is not None and max_memory < streamed:
         raise SurgeonError(f"--max-memory {_size(max_memory)} is below what one layer needs streamed "
@@ -231,6 +234,30 @@ def memory_plan(lazy: LazyModel, config: Config, windows: int, seq_len: int, *, 
     return MemoryPlan(whole, streamed, free, True,
                       f"the whole model needs about {_size(whole)}, {_size(free)} "
                       f"{'allowed' if max_memory is not None else 'available'}")
+
+
+def _surgeon_streamed(lazy: LazyModel, config: SurgeonConfig, windows: int, seq_len: int) -> int:
+    """Streamed LLM Surgeon's memory besides the layer and the tensors outside the layers (bytes).
+
+    One layer's K-FAC factors in float64 (``A`` per shared input, ``G`` per linear) three times over
+    (the accumulators, and the rescaled, damped and inverted pair of the linears being pruned); the
+    forward walk's hidden states (in and out) of the windows it carries; one K-FAC batch's recomputed
+    activations (hidden-sized tensors, the MLP's, the attention scores); and the LM head's chunk of
+    logits with its softmax and gradient.
+    """
+    from surgeon.calibrate import HEAD_CHUNK
+
+    model, adapter = lazy.model, lazy.adapter
+    layer = adapter.decoder_layers(model)[0]
+    A = sum(adapter.linear(layer, g[0]).in_features ** 2 for g in adapter.input_groups)
+    G = sum(adapter.linear(layer, n).out_features ** 2 for n in adapter.linear_names)
+    hidden = int(model.config.hidden_size)
+    inter = adapter.linear(layer, adapter.channel_rows[0]).out_features
+    heads = adapter.head_layout(model.config)[0]
+    carried = 0 if config.scoring == "magnitude" else windows
+    batch = min(config.batch_size, windows)
+    activations = 4 * batch * seq_len * (8 * hidden + 4 * inter + 2 * heads * seq_len)
+    return int(3 * 8 * (A + G) + 2 * 4 * carried * seq_len * hidden + activations + 4 * 4 * HEAD_CHUNK)
 
 
 def _size(n: int) -> str:

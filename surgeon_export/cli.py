@@ -165,7 +165,7 @@ def prune_cmd(
     sds_teacher: Annotated[str, typer.Option(help="SDS: what each linear reconstructs: self (the dense weights on the pruned model's inputs), layer (the dense layer on the pruned stream) or dense (the dense model's own activations).")] = SDSConfig.teacher,
     align: Annotated[int, typer.Option(help="structured: round kept sizes up to a multiple of N in the saved checkpoint.", min=1)] = 1,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
-    streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Layer by layer: one decoder layer in memory, read from disk and written to --out as it is pruned (sparsegpt, wanda, magnitude, + SDS). Default: when the whole model would not fit in memory.")] = None,
+    streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Layer by layer: one decoder layer in memory, read from disk and written to --out as it is pruned (every method; LLM Surgeon walks the layers forward and back each shot, its files beside --out). Default: when the whole model would not fit in memory.")] = None,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget for choosing streaming, e.g. 8GiB (default: the memory available).")] = None,
     recover: Recover = False,
     recover_steps: RecoverSteps = RECOVER_STEPS,
@@ -222,6 +222,12 @@ def prune_cmd(
             raise SurgeonError("streamed pruning writes each layer as it is done: give --out DIR")
         logging.getLogger("surgeon_export").info(
             "streaming, one decoder layer at a time (%s; streamed: about %.1f GiB)", plan.reason, plan.streamed / 2**30)
+        if align != 1:
+            raise SurgeonError("--align sizes the smaller checkpoint a whole-model run cuts; a streamed run writes the "
+                               "removed groups as zeros: give --align to `surgeon-export shrink` on its output")
+        if checkpoint is not None:
+            logging.getLogger("surgeon_export").info(
+                "streamed runs resume from their partial directory beside --out; --checkpoint is not used")
         written = api.prune_streamed(model, cfg, out, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
                                      calib_text=calib_text, data_dir=data_dir, progress=not quiet, force=force, lazy=lazy)
         payload = {**written, "memory_plan": {"whole_bytes": plan.whole, "streamed_bytes": plan.streamed,
@@ -284,7 +290,10 @@ def prune_cmd(
                      + (f"; STOPPED, {r['diverged']}: the model before recovery is kept" if r["diverged"] else ""))
     if evaluate:
         lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")
-    if out is not None and structured is not None:
+    if out is not None and structured is not None and payload.get("streamed"):
+        lines.append(f"saved to {out}: the removed groups are zeros in the source's shapes (`surgeon-export shrink "
+                     f"{out} --out DIR` cuts them out)")
+    elif out is not None and structured is not None:
         lines.append(f"saved a smaller model to {out}: {payload['remaining_fraction']:.2%} of decoder-linear weights remain")
     elif out is not None:
         lines.append(f"saved to {out} (sparsity counted in the saved tensors: {payload['saved_sparsity']:.2%})")

@@ -134,8 +134,8 @@ def test_resume_refuses_other_settings_or_another_source(tmp_path: Path, monkeyp
 
 def test_bad_input(tmp_path: Path) -> None:
     src = model_dir(tmp_path)
-    with pytest.raises(SurgeonError, match="LLM Surgeon and the structured methods do not run streamed yet"):
-        api.prune_streamed(src, api.build_config("surgeon", pattern="2:4"), tmp_path / "out")
+    with pytest.raises(SurgeonError, match="LLM Surgeon with --refine sds or --lora-between-shots does not run streamed"):
+        api.prune_streamed(src, api.build_config("surgeon", pattern="2:4", refine=SDS), tmp_path / "out")
     lazy = open_lazy(src)
     with pytest.raises(SurgeonError, match=r"--max-memory 0.0 MiB is below what one layer needs streamed \(0.2 MiB: one layer"):
         api.memory_plan(lazy, api.build_config("wanda", sparsity=0.5), 4, 16, max_memory=1000)

@@ -1,0 +1,261 @@
+"""Streamed LLM Surgeon (one decoder layer in memory) against whole-model LLM Surgeon: the same tensors,
+masks, removed groups and shots; resume after an interruption anywhere; bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import surgeon.streamed_surgeon as streamed
+from base.adapters import LLAMA
+from base.errors import SurgeonError
+from base.lazy import open_lazy
+from base.loading import load_model
+from surgeon.calibrate import head_gradient, kfac_factors
+from surgeon.sds import SDSConfig
+from surgeon_export import api
+from tests.conftest import CORPUS, make_tiny_llama
+
+CALIB: dict = dict(calib_samples=4, seq_len=16)  # calib_text: set by the src fixture (tokenizing WikiText-2 takes seconds)
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, tokenizer = make_tiny_llama(num_hidden_layers=3)
+    path = tmp_path_factory.mktemp("streamed-surgeon") / "src"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path.parent / "calib.txt").write_text(CORPUS * 40)
+    CALIB["calib_text"] = path.parent / "calib.txt"
+    return path
+
+
+def whole_model(src: Path, cfg: api.Config) -> tuple[dict[str, torch.Tensor], dict]:
+    """Whole-model LLM Surgeon's pruned weights (masked, before any shrinking) and report."""
+    lm = load_model(src)
+    report = api.prune(lm, cfg, **CALIB)
+    return lm.model.state_dict(), report.to_dict()
+
+
+# Every target, allocation and scoring; A from more windows than G (with a ragged last K-FAC batch);
+# the sampled (true) Fisher. The tiny model's layers are exercised in every phase of the walk.
+CONFIGS = {
+    "2:4, A from all windows": dict(pattern="2:4", shots=2, kfac_samples=3, kfac_batch=2),
+    "unstructured global": dict(sparsity=0.5, shots=2),
+    "unstructured uniform": dict(sparsity=0.5, shots=2, allocation="uniform"),
+    "structured global": dict(structured=0.7, shots=2),
+    "structured uniform, sum cost": dict(structured=0.7, shots=2, allocation="uniform", group_cost="sum"),
+    "structured then 2:4": dict(structured=0.8, pattern="2:4", shots=2),
+    "true Fisher": dict(sparsity=0.4, shots=1, fisher="true"),
+}
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS.values(), ids=CONFIGS.keys())
+def test_streamed_equals_whole_model(src: Path, tmp_path: Path, kwargs: dict) -> None:
+    cfg = api.build_config("surgeon", **kwargs)
+    reference, report = whole_model(src, cfg)
+    written = api.prune_streamed(src, cfg, tmp_path / "out", **CALIB)
+    saved = tensors(tmp_path / "out")
+    assert saved.keys() == reference.keys() - {"lm_head.weight"}  # tied to the embeddings
+    for key, value in saved.items():  # bit-identical: the same factors, costs, selection and updates
+        assert torch.equal(value, reference[key]), key
+    assert written["layers"] == report["layers"] and written.get("removal") == report.get("removal")
+    assert [s["sparsity"] for s in written["shots"]] == [s["sparsity"] for s in report["shots"]]
+    assert written["streamed"] is True and not list(tmp_path.glob(".out*"))
+    if cfg.structured is not None and cfg.pattern is None:
+        assert written["removal"]  # groups were removed, and the same ones
+
+
+@pytest.mark.parametrize("method, allocation", [("wanda", "uniform"), ("magnitude", "global")])
+def test_structured_baselines_stream_too(src: Path, tmp_path: Path, method: str, allocation: str) -> None:
+    cfg = api.build_config(method, structured=0.7, allocation=allocation)
+    reference, report = whole_model(src, cfg)
+    written = api.prune_streamed(src, cfg, tmp_path / "out", **CALIB)
+    assert all(torch.equal(v, reference[k]) for k, v in tensors(tmp_path / "out").items())
+    assert written["removal"] == report["removal"] and written["removal"]
+
+
+def test_chunked_head_gradient_matches_full_logits() -> None:
+    """The LM head in token chunks gives the gradient of the full-vocabulary loss (float32, to rounding:
+    the chunks' matrix products may sum in another order than one product over every token)."""
+    model, _ = make_tiny_llama()
+    ids = torch.randint(2, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    hidden = model.model(input_ids=ids).last_hidden_state.detach().requires_grad_()
+    logits = model.lm_head(hidden)[:, :-1]
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                      reduction="sum").backward()
+    V = model.config.vocab_size
+    for chunk in (V, 5 * V, 10**9):  # one token, five, everything at once
+        torch.testing.assert_close(head_gradient(model, hidden, ids, chunk=chunk), hidden.grad, rtol=1e-5, atol=1e-7)
+    true1 = head_gradient(model, hidden, ids, fisher="true", gen=torch.Generator().manual_seed(3), chunk=5 * V)
+    true2 = head_gradient(model, hidden, ids, fisher="true", gen=torch.Generator().manual_seed(3), chunk=5 * V)
+    assert torch.equal(true1, true2) and not torch.allclose(true1, hidden.grad)
+
+
+def test_kfac_factors_do_not_depend_on_the_head_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = make_tiny_llama(dtype=torch.float64)
+    windows = torch.randint(2, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    whole = kfac_factors(model, LLAMA, windows)
+    monkeypatch.setattr("surgeon.calibrate.HEAD_CHUNK", 3 * model.config.vocab_size)  # three tokens a chunk
+    chunked = kfac_factors(model, LLAMA, windows)
+    for name, f in whole.items():
+        torch.testing.assert_close(chunked[name].G, f.G, rtol=1e-12, atol=1e-14)
+        assert torch.equal(chunked[name].A, f.A)
+
+
+class Killed(BaseException):
+    """What a kill -9 leaves: nothing after the interrupted step runs (no except clause catches it)."""
+
+
+@pytest.mark.parametrize("kwargs, kill_at", [
+    # the k-th write of 62, before it lands (False) or just after (True): 3 forward, 9 head, 17 reverse,
+    # 24 selection, 60 the second shot's last update
+    (dict(sparsity=0.5, shots=2), [(3, False), (9, True), (17, False), (24, True), (60, True)]),
+    (dict(structured=0.7, shots=2), [(15, True), (24, False)]),  # reverse (candidates), selection
+    (dict(pattern="2:4", shots=2, kfac_samples=3, kfac_batch=2), [(5, False), (15, True)]),  # A of all windows; local update
+], ids=["unstructured global", "structured global", "2:4 split"])
+def test_interrupted_anywhere_resumes_bit_identical(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    kwargs: dict, kill_at: list[tuple[int, bool]]) -> None:
+    """Interrupt the k-th write of the walk (before it lands, or just after it), rerun the same
+    command: the run goes on from its state (fewer layer steps than a whole run) and ends with the
+    uninterrupted run's tensors."""
+    cfg = api.build_config("surgeon", **kwargs)
+    steps = {"n": 0}
+    real_done = streamed._Walk._layer_done
+    monkeypatch.setattr(streamed._Walk, "_layer_done",
+                        lambda self, i, s: steps.__setitem__("n", steps["n"] + 1) or real_done(self, i, s))
+    api.prune_streamed(src, cfg, tmp_path / "once", **CALIB)
+    once, whole_run = tensors(tmp_path / "once"), steps["n"]
+    real = streamed._Spill._write
+    for k, after in kill_at:
+        writes = {"n": 0}
+
+        def write(self: streamed._Spill, name: str, fill: object) -> None:
+            writes["n"] += 1
+            if writes["n"] == k and not after:
+                raise Killed
+            real(self, name, fill)
+            if writes["n"] == k:
+                raise Killed
+
+        monkeypatch.setattr(streamed._Spill, "_write", write)
+        out = tmp_path / f"twice-{k}"
+        with pytest.raises(Killed):
+            api.prune_streamed(src, cfg, out, **CALIB)
+        assert not out.exists()
+        monkeypatch.setattr(streamed._Spill, "_write", real)
+        steps["n"] = 0
+        api.prune_streamed(src, cfg, out, **CALIB)
+        twice = tensors(out)
+        assert twice.keys() == once.keys() and all(torch.equal(once[n], twice[n]) for n in once), (k, after)
+        assert not list(tmp_path.glob(f".twice-{k}*"))
+        assert 0 < steps["n"] < whole_run or k <= 3, (k, steps["n"], whole_run)
+
+
+@pytest.mark.parametrize("where", ["writing layer 1", "after the last layer"])
+def test_interrupted_while_writing_the_checkpoint(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  where: str) -> None:
+    """Killed in the final pass (a layer's shard written) or after it (spill directory gone, checkpoint
+    not yet moved into place): the rerun writes the rest from the saved state, recomputing nothing."""
+    from export.streaming import StreamedLayers
+
+    cfg = api.build_config("surgeon", sparsity=0.5, shots=2)
+    api.prune_streamed(src, cfg, tmp_path / "once", **CALIB)
+    real_leave, real_finish = StreamedLayers.leave, StreamedLayers.finish
+
+    def leave(self: StreamedLayers, index: int, layer: torch.nn.Module, records: dict | None) -> None:
+        real_leave(self, index, layer, records)
+        if records is not None and index == 1 and where == "writing layer 1":
+            raise Killed
+
+    def finish(self: StreamedLayers, report: dict) -> dict:
+        raise Killed
+
+    monkeypatch.setattr(StreamedLayers, "leave", leave)
+    if where == "after the last layer":
+        monkeypatch.setattr(StreamedLayers, "finish", finish)
+    with pytest.raises(Killed):
+        api.prune_streamed(src, cfg, tmp_path / "twice", **CALIB)
+    monkeypatch.setattr(StreamedLayers, "leave", real_leave)
+    monkeypatch.setattr(StreamedLayers, "finish", real_finish)
+    kfac = {"n": 0}
+    real_kfac = streamed.layer_kfac
+    monkeypatch.setattr(streamed, "layer_kfac", lambda *a, **k: kfac.__setitem__("n", kfac["n"] + 1) or real_kfac(*a, **k))
+    written = api.prune_streamed(src, cfg, tmp_path / "twice", **CALIB)
+    assert kfac["n"] == 0 and len(written["shots"]) == 2
+    a, b = tensors(tmp_path / "once"), tensors(tmp_path / "twice")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_and_rerun_the_same_command(src: Path, tmp_path: Path) -> None:
+    """A real ``kill -9`` of ``surgeon-export prune --method surgeon --streaming`` in its second shot's
+    reverse walk; the same command again finishes with the uninterrupted run's tensors."""
+    model, tokenizer = make_tiny_llama(num_hidden_layers=6)
+    model.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    options = dict(calib_samples=8, seq_len=32, calib_text=CALIB["calib_text"])
+    cfg = api.build_config("surgeon", sparsity=0.5, shots=3, kfac_batch=1)
+    api.prune_streamed(tmp_path / "src", cfg, tmp_path / "once", **options)  # the same run, uninterrupted
+    command = [sys.executable, "-m", "surgeon_export.cli", "prune", str(tmp_path / "src"), "--method", "surgeon",
+               "--sparsity", "0.5", "--shots", "3", "--kfac-batch", "1", "--calib-samples", "8", "--seq-len", "32",
+               "--calib-text", str(options["calib_text"]), "--no-eval", "--streaming", "--out", str(tmp_path / "twice"),
+               "--json", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    state = tmp_path / ".twice.partial" / "surgeon" / "state.json"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            seen = json.loads(state.read_text())
+        except (OSError, json.JSONDecodeError):
+            seen = None
+        if seen and seen["shot"] == 1 and seen["phase"] == "reverse" and seen["done"] >= 1:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "twice").exists()
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    a, b = tensors(tmp_path / "once"), tensors(tmp_path / "twice")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    result = json.loads(again.stdout)
+    assert result["streamed"] is True and [s["shot"] for s in result["shots"]] == [1, 2, 3]
+
+
+def test_bad_input(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SurgeonError, match="--refine sds or --lora-between-shots does not run streamed yet"):
+        api.prune_streamed(src, api.build_config("surgeon", pattern="2:4", refine=SDSConfig()), tmp_path / "out")
+    lazy = open_lazy(src)
+    plan = api.memory_plan(lazy, api.build_config("surgeon", pattern="2:4"), 4, 16, streaming=True)
+    with pytest.raises(SurgeonError, match=r"^--max-memory 1.0 MiB is below what one layer needs streamed \((\d+\.\d) MiB"):
+        api.memory_plan(lazy, api.build_config("surgeon", pattern="2:4"), 4, 16, max_memory=2**20)
+    assert plan.streamed > 4 * 3 * 8 * 64**2  # at least the float64 factors of the widest linear
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def no_space(*_args: object, **_kwargs: object) -> None:
+        raise full
+
+    monkeypatch.setattr(streamed, "save_file", no_space)
+    with pytest.raises(SurgeonError, match=r"^cannot write .*surgeon: no space left on device; nothing was written$"):
+        api.prune_streamed(src, api.build_config("surgeon", sparsity=0.5), tmp_path / "out", **CALIB)
+    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / ".out.partial" / "surgeon").glob("*.tmp"))  # no temporary left behind
