@@ -46,6 +46,32 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class PeakWindow:
+    """Peak resident set size within a stretch of work (one layer's step), not since the process began.
+
+    Linux keeps a resettable high-water mark (``VmHWM``; writing 5 to ``/proc/self/clear_refs`` resets
+    it to the current size); ``ru_maxrss`` (:func:`peak_rss_mib`) is never reset. Elsewhere the window
+    falls back to the process's peak.
+    """
+
+    def __init__(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+
+    def peak_mib(self) -> float:
+        if self.reset:
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+            except (OSError, ValueError, IndexError):
+                pass
+        return peak_rss_mib()
+
+
 def device_name(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":

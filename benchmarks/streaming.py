@@ -2,20 +2,27 @@
 
 Two parts, each method in its own process (``prune --json`` reports the process's peak RSS):
 
-- ``default``: the default model (SmolLM2-135M), SparseGPT 2:4 and Wanda 50%, whole-model
-  (``--no-streaming``) against streamed (``--streaming``), 64 x 512 calibration tokens, without
-  evaluation (peak RSS of the pruning alone); whether the two outputs' tensors are identical
-  (identical tensors: identical perplexity).
+- ``default``: the default model (SmolLM2-135M), whole-model (``--no-streaming``) against streamed
+  (``--streaming``), each method's default calibration, without evaluation (peak RSS of the pruning
+  alone); whether the two outputs' tensors are identical (identical tensors: identical perplexity;
+  a streamed structured run's zeroed groups are cut out with ``surgeon-export shrink`` first, as
+  whole-model mode saves it cut); ``--eval`` measures both perplexities too.
 - ``ladder``: Llama-shaped models with seeded random weights written to disk in bfloat16 (the
   shapes of SmolLM2-360M, SmolLM2-1.7B, Llama-3.2-1B and Llama-2-7B; weights cannot be downloaded
-  here, and memory and time depend on the shapes only), pruned streamed with Wanda 50% and SparseGPT
-  2:4 on 8 x 512 random calibration tokens: peak RSS and seconds per layer. ``--layers K`` keeps the
-  first K layers (full vocabulary) to bound the time; ``--full MODEL`` runs that shape whole.
+  here, and memory and time depend on the shapes only), pruned streamed on 8 x 512 random
+  calibration tokens: peak RSS and seconds per layer (LLM Surgeon: the peak of each layer's steps
+  too). ``--layers K`` keeps the first K layers (full vocabulary) to bound the time, and the full
+  depth's time is extrapolated from the measured layers.
+
+Methods (``--methods``): ``wanda`` (50%), ``sparsegpt`` (2:4), ``surgeon-2:4``, ``surgeon-structured``
+(80% kept); ``--prune-args`` adds options to every run (``'--shots 1 --calib-samples 4'``).
 
     python -m benchmarks.streaming default --out benchmarks/results/streaming_default.json
+    python -m benchmarks.streaming default --methods surgeon-2:4,surgeon-structured \
+        --out benchmarks/results/streaming_surgeon_default.json
     python -m benchmarks.streaming ladder --work /tmp/ladder --layers 4 --out benchmarks/results/streaming_ladder.json
-    python -m benchmarks.streaming ladder --work /tmp/ladder --only llama2-7b --methods wanda \\
-        --out benchmarks/results/streaming_7b_wanda.json
+    python -m benchmarks.streaming ladder --work /tmp/ladder --only llama2-7b --layers 2 --methods surgeon-2:4 \
+        --out benchmarks/results/streaming_7b_surgeon.json
 
 The random models are written shard by shard (one decoder layer per file), so writing a 13.5 GB
 model needs about one layer of memory too.
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,7 +51,9 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head_dim, vocab, ti
     "llama3.2-1b": (2048, 8192, 16, 32, 8, 64, 128256, True),
     "llama2-7b": (4096, 11008, 32, 32, 32, 128, 32000, False),
 }
-METHODS = {"wanda": ["--method", "wanda", "--sparsity", "0.5"], "sparsegpt": ["--method", "sparsegpt", "--pattern", "2:4"]}
+METHODS = {"wanda": ["--method", "wanda", "--sparsity", "0.5"], "sparsegpt": ["--method", "sparsegpt", "--pattern", "2:4"],
+           "surgeon-2:4": ["--method", "surgeon", "--pattern", "2:4"],
+           "surgeon-structured": ["--method", "surgeon", "--structured", "0.8"]}
 
 
 def write_random_llama(out: Path, shape: tuple, layers: int | None, seed: int = 0) -> Path:
@@ -125,35 +135,73 @@ def same_tensors(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def default_part(work: Path, threads: int) -> list[dict]:
+def shrink(directory: Path, out: Path) -> None:
+    """``surgeon-export shrink``: a streamed structured run's zeroed groups cut out, as whole-model mode saves it."""
+    cmd = [sys.executable, "-m", "surgeon_export.cli", "shrink", str(directory), "--out", str(out), "--force", "--quiet"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+def perplexity(directory: Path, threads: int) -> float | None:
+    cmd = [sys.executable, "-m", "surgeon_export.cli", "eval", str(directory), "--json", "--quiet", "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return json.loads(proc.stdout)["perplexity"] if proc.returncode == 0 else None
+
+
+def default_part(work: Path, methods: list[str], extra: list[str], threads: int, evaluate: bool) -> list[dict]:
     rows = []
-    for method, args in METHODS.items():
-        outs = {}
+    for method in methods:
+        outs, results = {}, {}
         for mode in ("--no-streaming", "--streaming"):
             outs[mode] = work / f"default-{method}{mode}"
-            r = run_prune(None, outs[mode], [*args, mode, "--no-eval"], threads)  # peak RSS of the prune alone
+            # --no-eval: peak RSS of the prune alone
+            results[mode] = r = run_prune(None, outs[mode], [*METHODS[method], *extra, mode, "--no-eval"], threads)
             rows.append({"model": "default (SmolLM2-135M)", "method": method, "mode": mode.strip("-"),
+                         "settings": " ".join([*METHODS[method], *extra]),
                          "peak_rss_mib": r.get("peak_rss_mib"), "wall_seconds": round(r["wall_seconds"], 1),
-                         "prune_seconds": r.get("seconds"), "sparsity": r.get("sparsity"), "error": r.get("error")})
+                         "prune_seconds": r.get("seconds"), "sparsity": r.get("sparsity"),
+                         "layer_peak_rss_mib": r.get("layer_peak_rss_mib"), "error": r.get("error")})
             print(json.dumps(rows[-1]), flush=True)
-        rows[-1]["identical_tensors_to_whole"] = same_tensors(outs["--no-streaming"], outs["--streaming"])
+        whole, streamed = results["--no-streaming"], results["--streaming"]
+        compare = outs["--streaming"]
+        if "--structured" in METHODS[method] and "error" not in streamed:  # whole-model mode saves it cut
+            compare = work / f"default-{method}-streamed-shrunk"
+            shrink(outs["--streaming"], compare)
+        rows[-1]["identical_tensors_to_whole"] = same_tensors(outs["--no-streaming"], compare)
+        rows[-1]["same_shot_sparsities"] = ([s["sparsity"] for s in whole.get("shots", [])]
+                                            == [s["sparsity"] for s in streamed.get("shots", [])])
+        if evaluate:
+            ppl = {mode: perplexity(compare if mode == "--streaming" else outs[mode], threads) for mode in outs}
+            rows[-1]["perplexity"] = {"whole": ppl["--no-streaming"], "streamed": ppl["--streaming"]}
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "layer_peak_rss_mib"}), flush=True)
     return rows
 
 
-def ladder_part(work: Path, names: list[str], methods: list[str], layers: int | None, threads: int) -> list[dict]:
+def ladder_part(work: Path, names: list[str], methods: list[str], layers: int | None, threads: int,
+                extra: list[str]) -> list[dict]:
     rows = []
     for name in names:
         model = write_random_llama(work / f"{name}{'-' + str(layers) + 'l' if layers else ''}", SHAPES[name], layers)
         disk = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        n_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
         for method in methods:
             out = work / f"{model.name}-{method}"
             r = run_prune(str(model), out, [*METHODS[method], "--streaming", "--calib-samples", "8", "--no-eval",
-                                            "--calib-text", str(work / "random.txt")], threads)
-            rows.append({"model": name, "layers": json.loads((model / "config.json").read_text())["num_hidden_layers"],
+                                            "--calib-text", str(work / "random.txt"), *extra], threads)
+            per_layer = r.get("layer_seconds") or []
+            rows.append({"model": name, "layers": n_layers, "settings": " ".join([*METHODS[method], *extra]),
                          "weights_on_disk_bytes": disk, "method": method, "peak_rss_mib": r.get("peak_rss_mib"),
                          "wall_seconds": round(r["wall_seconds"], 1), "prune_seconds": r.get("seconds"),
-                         "seconds_per_layer": r.get("layer_seconds"), "sparsity": r.get("sparsity"),
-                         "memory_plan": r.get("memory_plan"), "error": r.get("error")})
+                         "seconds_per_layer": per_layer, "layer_peak_rss_mib": r.get("layer_peak_rss_mib"),
+                         "sparsity": r.get("sparsity"), "memory_plan": r.get("memory_plan"), "error": r.get("error")})
+            if per_layer and layers and SHAPES[name][2] > n_layers:
+                # one layer in memory at a time: the full depth costs each layer's time again, at the same peak
+                # (what lies outside the layers and the calibration windows do not grow with depth)
+                full = SHAPES[name][2]
+                rest = (r.get("seconds") or 0.0) - sum(per_layer)
+                rows[-1]["extrapolated_full_model"] = {
+                    "layers": full, "seconds": round(rest + full * sum(per_layer) / len(per_layer), 1),
+                    "peak_rss_mib": r.get("peak_rss_mib"),
+                    "note": "seconds: time outside the layer steps + layers x the mean measured seconds per layer"}
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "seconds_per_layer"}), flush=True)
             shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -166,20 +214,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=None, help="ladder: keep the first K layers of each shape")
     parser.add_argument("--only", default=",".join(SHAPES), help="ladder: comma-separated shapes")
-    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--methods", default="wanda,sparsegpt", help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--prune-args", default="", help="more prune options for every run, e.g. '--shots 1'")
+    parser.add_argument("--eval", action="store_true", help="default: protocol perplexity of both outputs")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     # Random calibration text of ids the tiny tokenizer knows: the weights are random, the text is arbitrary.
     (args.work / "random.txt").write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 6000))
     torch.set_num_threads(args.threads)
+    extra = shlex.split(args.prune_args)
     if args.part == "default":
-        rows = default_part(args.work, args.threads)
+        rows = default_part(args.work, args.methods.split(","), extra, args.threads, args.eval)
     else:
-        rows = ladder_part(args.work, args.only.split(","), args.methods.split(","), args.layers, args.threads)
+        rows = ladder_part(args.work, args.only.split(","), args.methods.split(","), args.layers, args.threads, extra)
     doc = {"kind": "surgeon-export streaming benchmark", "part": args.part, "environment": environment(),
            "note": "ladder models: Llama shapes with seeded random bfloat16 weights (not the real models)",
-           "calibration": "default: 64 x 512 WikiText-2 valid; ladder: 8 x 512 tokens of a repeated sentence",
+           "calibration": "default: the method's default windows (64 x 512; LLM Surgeon structured 16 x 512) of "
+                          "WikiText-2 valid unless --prune-args says otherwise; ladder: 8 x 512 tokens of a repeated sentence",
+           "prune_args": args.prune_args,
            "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

@@ -77,6 +77,7 @@ class PruneReport:
     shots: list[dict] = field(default_factory=list)  # multi-shot methods: one record per shot
     refine: dict[str, dict] = field(default_factory=dict)  # SDS: linear name -> errors per step, seconds
     layer_seconds: list[float] = field(default_factory=list)
+    layer_peak_rss_mib: list[float] = field(default_factory=list)  # streamed LLM Surgeon: peak RSS after each layer's last step
     removal: dict | None = None  # structured: the removed groups, a base.surgery.RemovalPlan as a dict
     calibration: str | None = None  # where the calibration windows came from
     bos: bool | None = None  # whether every calibration window led with BOS (the tokenizer's convention)
@@ -98,6 +99,8 @@ class PruneReport:
                "shots": self.shots, "layers": self.layers}
         if self.bos is not None:
             out["bos"] = self.bos
+        if self.layer_peak_rss_mib:
+            out["layer_peak_rss_mib"] = [round(m, 1) for m in self.layer_peak_rss_mib]
         if self.refine:
             out["refine"] = {"summary": refine_summary(self.refine), "linears": self.refine}
         if self.removal is not None:

@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from base.adapters import Adapter
-from base.env import peak_rss_mib
+from base.env import PeakWindow
 from base.errors import SurgeonError
 from base.files import is_write_error, write_error
 from base.surgery import LayerPlan, RemovalPlan
@@ -202,6 +202,7 @@ class _Walk:
         self.binding = binding_of(cfg, self.linears, self.windows, {"streamed": True})
         self.state = self._load_state()
         self.batches: _Batches | None = None
+        self.window: PeakWindow | None = None  # the peak memory of the current layer step
 
     # -- state --
     def _load_state(self) -> dict:
@@ -229,10 +230,12 @@ class _Walk:
         self.spill.save_json(STATE, self.state)
 
     def _layer_done(self, i: int, seconds: float) -> None:
-        """Record the step on layer ``i`` as done: its time and the peak memory so far."""
+        """Record the step on layer ``i`` as done: its time, and its peak memory (the largest of any step
+        on that layer; the window opens when the step enters the layer)."""
         key = str(i)
         self.state["layer_seconds"][key] = self.state["layer_seconds"].get(key, 0.0) + seconds
-        self.state["layer_rss"][key] = peak_rss_mib()
+        if self.window is not None:
+            self.state["layer_rss"][key] = max(self.state["layer_rss"].get(key, 0.0), self.window.peak_mib())
         self._save_state(done=self.state["done"] + 1)
 
     # -- layers --
@@ -241,6 +244,7 @@ class _Walk:
 
     def _enter(self, i: int, shot: int) -> tuple[nn.Module, dict[str, nn.Linear], dict[str, torch.Tensor]]:
         """Layer ``i`` with the weights the first ``shot`` shots left, its linears and keep-masks."""
+        self.window = PeakWindow()
         layer = self.stream.enter(i)
         for p in layer.parameters():
             p.requires_grad_(False)
@@ -436,6 +440,7 @@ class _Walk:
                 del layer, linears, keep
             report.layers.update(done["layers"])
             report.layer_seconds.append(done["seconds"])
+            report.layer_peak_rss_mib.append(done["peak_rss_mib"] or 0.0)
             if done.get("removal"):
                 removal.layers[i] = LayerPlan.of(**done["removal"])
             report.shots = done["shots"]  # the same in every layer's records: they outlive the spill directory
