@@ -189,6 +189,7 @@ def kfac_factors(
     (ALGORITHMS.md, notation). The loss is the *sum* of next-token NLLs, so each token's output
     gradient enters ``G`` at the same scale in every layer. ``fisher="empirical"`` uses the data's
     next tokens as labels; ``"true"`` samples labels from the model's own predictive distribution.
+    The LM head runs a chunk of tokens at a time (:func:`head_gradient`), as in the streamed walk.
     Memory is ``O(d_in² + d_out²)`` per linear; batches stream. Linears sharing an input share one
     ``A`` tensor.
 

@@ -11,6 +11,10 @@ van der Ouderaa et al., "The LLM Surgeon", ICLR 2024 (arXiv 2312.17244); ALGORIT
 
 Targets: unstructured (fraction of the decoder-linear weights), N:M (2:4), structured (coupled
 MLP channels and attention heads; :mod:`surgeon.structures`), and structured followed by N:M.
+
+Steps 3-4 are per-layer functions (:func:`element_prune_`, :func:`layer_candidates`,
+:func:`surgeon.prune.threshold.global_threshold`), so :mod:`surgeon.streamed_surgeon` runs the same
+shots with the curvature collected one layer at a time, for a model larger than memory.
 """
 
 from __future__ import annotations

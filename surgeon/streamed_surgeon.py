@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 STATE_VERSION = 1
-PHASES = ("forward", "head", "reverse", "select", "update")
+# A shot's phases, in order: forward, head, reverse (LLM Surgeon), select, update (global allocations), done.
 
 
 @dataclass
@@ -208,7 +208,7 @@ class _Walk:
     def _load_state(self) -> dict:
         path = self.spill.dir / STATE
         if not path.is_file():
-            return {"version": STATE_VERSION, "binding": self.binding, "shot": 0, "phase": PHASES[0], "done": 0,
+            return {"version": STATE_VERSION, "binding": self.binding, "shot": 0, "phase": "forward", "done": 0,
                     "shots": [], "removed": {}, "seconds": {}, "layer_seconds": {}, "layer_rss": {}}
         try:
             state = json.loads(path.read_text())
@@ -472,12 +472,13 @@ class _Walk:
                 self._save_state(phase="select", done=0)
             t_curv = time.perf_counter() - t0
             if self.state["phase"] == "select":
-                if is_local(target, cfg):
-                    self._save_state(phase="next", done=0)
+                if is_local(target, cfg):  # every layer was pruned on the way
+                    self._save_state(phase="done", done=0)
                 else:
                     self._select(target)
             if self.state["phase"] == "update":
                 self._update(shot, target)
+                self._save_state(phase="done", done=0)
             self.state["seconds"][str(shot)] = self.state["seconds"].get(str(shot), 0.0) + time.perf_counter() - t0
             removed = sum(self.state["removed"].values()) / total
             self.state["shots"].append({

@@ -22,6 +22,7 @@ from base.errors import SurgeonError
 from base.lazy import open_lazy
 from base.loading import load_model
 from surgeon.calibrate import head_gradient, kfac_factors
+from surgeon.prune.threshold import kth_smallest
 from surgeon.sds import SDSConfig
 from surgeon_export import api
 from tests.conftest import CORPUS, make_tiny_llama
@@ -91,6 +92,20 @@ def test_structured_baselines_stream_too(src: Path, tmp_path: Path, method: str,
     written = api.prune_streamed(src, cfg, tmp_path / "out", **CALIB)
     assert all(torch.equal(v, reference[k]) for k, v in tensors(tmp_path / "out").items())
     assert written["removal"] == report["removal"] and written["removal"]
+
+
+def test_kth_smallest_is_kthvalue_one_chunk_at_a_time() -> None:
+    """The global threshold's radix selection gives torch's k-th value exactly (float32 order, negatives,
+    ties, magnitudes 1e-8..1e8), reading the chunks twice and never concatenating them."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        chunks = [torch.randn(int(torch.randint(1, 300, (1,), generator=g)), generator=g, dtype=torch.float64)
+                  * 10.0 ** int(torch.randint(-8, 8, (1,), generator=g)) for _ in range(4)]
+        chunks[0][:3] = -1.0  # removed weights
+        chunks[1] = chunks[1].round() if trial % 2 else chunks[1]  # many ties
+        flat = torch.cat(chunks).float()
+        for k in (1, flat.numel(), int(torch.randint(1, flat.numel() + 1, (1,), generator=g))):
+            assert kth_smallest(lambda: iter(chunks), k) == float(flat.kthvalue(k).values), (trial, k)
 
 
 def test_chunked_head_gradient_matches_full_logits() -> None:
