@@ -15,6 +15,10 @@ finished layers back from their shards, replays them to rebuild the next layer's
 on from the first unfinished layer, so an interrupted run ends with the same tensors as an
 uninterrupted one. Other settings or another source: a one-line error naming the difference.
 
+Streamed LLM Surgeon (:mod:`surgeon.streamed_surgeon`) walks the layers several times per shot and
+keeps its files and resume state in ``surgeon/`` inside the partial directory; it hands each layer
+to :meth:`StreamedLayers.leave` once, with its final weights, after the last shot.
+
 The shards keep the source checkpoint's floating dtype (float32 for the default model, bfloat16 for
 a bfloat16 source); the pruning itself runs in float32.
 """

@@ -282,9 +282,12 @@ def prune_streamed(
     """Prune a model larger than memory: one decoder layer read, pruned and written at a time.
 
     The layer-wise methods (SparseGPT, Wanda, magnitude, with or without SDS) give the same tensors as
-    :func:`prune` then :func:`save` (``tests/test_streaming.py``); the checkpoint is written shard by
-    shard into a hidden sibling of ``out`` and renamed at the end; an interrupted run resumes from its
-    last finished layer (:mod:`export.streaming`). Returns the report as written.
+    :func:`prune` then :func:`save` (``tests/test_streaming.py``); so does LLM Surgeon, whose shots
+    walk the layers forward and back with their files in ``.NAME.partial/surgeon``
+    (:mod:`surgeon.streamed_surgeon`, ``tests/test_streamed_surgeon.py``; structured runs are written
+    with the removed groups as zeros, not cut). The checkpoint is written shard by shard into a hidden
+    sibling of ``out`` and renamed at the end; an interrupted run resumes from its last finished layer
+    step (:mod:`export.streaming`). Returns the report as written.
     """
     check_streamable(config)
     lazy = lazy or open_lazy(spec)
