@@ -39,37 +39,40 @@ def _git_commit() -> str | None:
     return (commit + ("+dirty" if dirty.stdout.strip() else "")) if commit else None
 
 
+_PEAK_BEFORE_RESET = 0.0  # MiB: the process's peak before PeakWindow last reset the kernel's mark
+
+
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB).
+
+    ``ru_maxrss`` is the kernel's high-water mark, which :class:`PeakWindow` resets; the peak from
+    before a reset is kept here, so this stays the peak of the whole process life.
+    """
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _PEAK_BEFORE_RESET)
 
 
 class PeakWindow:
     """Peak resident set size within a stretch of work (one layer's step), not since the process began.
 
-    Linux keeps a resettable high-water mark (``VmHWM``; writing 5 to ``/proc/self/clear_refs`` resets
-    it to the current size); ``ru_maxrss`` (:func:`peak_rss_mib`) is never reset. Elsewhere the window
-    falls back to the process's peak.
+    Linux keeps a resettable high-water mark (``VmHWM``, which ``ru_maxrss`` reads too; writing 5 to
+    ``/proc/self/clear_refs`` resets it to the current size). The peak before the reset is folded into
+    :func:`peak_rss_mib` first. Elsewhere the window is the process's peak.
     """
 
     def __init__(self) -> None:
+        global _PEAK_BEFORE_RESET
+        _PEAK_BEFORE_RESET = peak_rss_mib()
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            self.reset = True
         except OSError:
-            self.reset = False
+            pass
 
     def peak_mib(self) -> float:
-        if self.reset:
-            try:
-                for line in Path("/proc/self/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-            except (OSError, ValueError, IndexError):
-                pass
-        return peak_rss_mib()
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def device_name(device: torch.device | str = "cpu") -> str:

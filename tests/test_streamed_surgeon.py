@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 import surgeon.streamed_surgeon as streamed
 from base.adapters import LLAMA
+from base.env import PeakWindow, peak_rss_mib
 from base.errors import SurgeonError
 from base.lazy import open_lazy
 from base.loading import load_model
@@ -107,6 +108,17 @@ def test_kth_smallest_is_kthvalue_one_chunk_at_a_time() -> None:
         flat = torch.cat(chunks).float()
         for k in (1, flat.numel(), int(torch.randint(1, flat.numel() + 1, (1,), generator=g))):
             assert kth_smallest(lambda: iter(chunks), k) == float(flat.kthvalue(k).values), (trial, k)
+
+
+def test_per_layer_peak_windows_keep_the_process_peak() -> None:
+    """Opening a per-layer peak window resets the kernel's mark (which ``ru_maxrss`` reads too); the
+    process's peak (the CLI's ``peak_rss_mib``) must still count what came before."""
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    before = peak_rss_mib()
+    del big
+    window = PeakWindow()
+    assert peak_rss_mib() >= before
+    assert window.peak_mib() <= before - 32 or not Path("/proc/self/clear_refs").exists()
 
 
 def test_chunked_head_gradient_matches_full_logits() -> None:
