@@ -333,10 +333,11 @@ def _hook_inputs(model: nn.Module, adapter: Adapter) -> tuple[dict[str, SecondMo
     return A_acc, handles
 
 
-def finalize_shared(accs: dict[str, SecondMoment]) -> dict[str, torch.Tensor]:
-    """Finalize accumulators, returning one tensor per shared accumulator (no copies)."""
+def finalize_shared(accs: dict[str, SecondMoment], *, consume: bool = False) -> dict[str, torch.Tensor]:
+    """Finalize accumulators, returning one tensor per shared accumulator (no copies; ``consume``: not even
+    of the running sums, which are spent)."""
     done: dict[int, torch.Tensor] = {}
     for acc in accs.values():
         if id(acc) not in done:
-            done[id(acc)] = acc.finalize()
+            done[id(acc)] = acc.finalize(consume=consume)
     return {name: done[id(acc)] for name, acc in accs.items()}

@@ -295,7 +295,7 @@ class _Walk:
             A: dict[str, torch.Tensor] = {}
             if carry:
                 carry, moments = layer_forward(layer, self.adapter, carry, b.a_count)
-                A = {f"{self.adapter.layers}.{i}.{n}": a for n, a in finalize_shared(moments).items()}
+                A = {f"{self.adapter.layers}.{i}.{n}": a for n, a in finalize_shared(moments, consume=True).items()}
                 del moments
             changed = None
             if cfg.scoring != "surgeon":
@@ -345,8 +345,9 @@ class _Walk:
                 A_saved = self.spill.load(f"A-{i}")
                 A = {n: A_saved[f"A.{g[0]}"] for g in _groups(self.adapter, i) for n in g}
             else:
-                A = {f"{self.adapter.layers}.{i}.{n}": a for n, a in finalize_shared(A_mom).items()}
-            factors = {full: KronFactor(A[full], G_mom[n].finalize()) for full, n in zip(names, self.adapter.linear_names)}
+                A = {f"{self.adapter.layers}.{i}.{n}": a for n, a in finalize_shared(A_mom, consume=True).items()}
+            factors = {full: KronFactor(A[full], G_mom[n].finalize(consume=True))
+                       for full, n in zip(names, self.adapter.linear_names)}
             del A_mom, G_mom, A
             damped = LazyDamped(factors, cfg.lam_A, lam_G, cache=2)
             changed = None
