@@ -364,6 +364,9 @@ class RunConfig:
     data_dir: Path | None = None
     onnx: bool = True
     runtimes: bool = True  # also benchmark the pruned model on every installed optional runtime
+    recover: RecoverConfig | None = None  # distil the pruned model from the dense one before saving it
+    recover_windows: int = 64
+    recover_data: str = "calibration"
     threads: int | None = None
     progress: bool = True
     force: bool = False
@@ -386,12 +389,23 @@ def run(cfg: RunConfig) -> dict:
     steps = 3 + cfg.onnx + ("llama.cpp" in runtimes)
     lm = load(cfg.model)
     calib = calibrate(lm, cfg.calib_samples, seq_len=cfg.seq_len, text=cfg.text, data_dir=cfg.data_dir)
+    teacher = train = None
+    if cfg.recover is not None:  # the dense teacher and its training windows, taken before pruning changes lm
+        teacher = load(cfg.model)
+        train = recovery_windows(lm, cfg.recover_windows, seq_len=cfg.recover.seq_len or cfg.seq_len,
+                                 data=cfg.recover_data, seed=1, calib_text=cfg.text, data_dir=cfg.data_dir)
     log.info("1/%d structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration tokens (%s)",
              steps, cfg.method, 100 * cfg.structured, config.shots, cfg.calib_samples, cfg.seq_len, calib.origin)
     report = prune(lm, config, calibration=calib, progress=cfg.progress)
+    recovered = None
+    if teacher is not None:
+        log.info("recovering: %d distillation steps from the dense model (%s)", cfg.recover.steps, train.origin)
+        recovered = recover(lm, teacher, cfg.recover, windows=train, progress=cfg.progress)
+        del teacher
     pruned_dir = cfg.out / "pruned"
     log.info("2/%d writing the smaller model to %s", steps, pruned_dir)
-    written = save(lm, pruned_dir, report, force=True)
+    extra = {"recover": {k: v for k, v in recovered.to_dict().items() if k != "losses"}} if recovered else None
+    written = save(lm, pruned_dir, report, extra=extra, force=True)
     del lm
     models = [ModelSpec(label="dense", spec=cfg.model), ModelSpec(label="pruned", spec=str(pruned_dir))]
     if cfg.onnx:
@@ -424,9 +438,12 @@ def run(cfg: RunConfig) -> dict:
     )
     result = bench(bench_cfg, cfg.out / "benchmark.json", force=True)  # the run owns cfg.out (checked above)
     add_measurements(pruned_dir, benchmark_lines(result, "pruned"))  # the card gets the speed measured here
-    return {"prune": {k: v for k, v in report.to_dict().items() if k not in ("layers", "removal")},
-            "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result,
-            "runtimes_skipped": skipped}
+    out = {"prune": {k: v for k, v in report.to_dict().items() if k not in ("layers", "removal")},
+           "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result,
+           "runtimes_skipped": skipped}
+    if extra:
+        out.update(extra)
+    return out
 
 
 def generate_text(

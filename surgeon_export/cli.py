@@ -62,6 +62,13 @@ RecoverSeqLen = Annotated[int, typer.Option(help="--recover: tokens per training
 RECOVER_STEPS = 100
 
 
+def recovery_line(r: dict) -> str:
+    """One line on what recovery did (the report's ``recover`` entry)."""
+    return (f"recovery: {r['steps']} steps, distillation loss {r['loss_first10']:.4f} -> {r['loss_last10']:.4f} "
+            f"(means of the first and last 10), {r['seconds']:.0f} s"
+            + (f"; STOPPED, {r['diverged']}: the model before recovery is kept" if r["diverged"] else ""))
+
+
 def recover_config(steps: int, lr: float | None, rank: int, seq_len: int):
     """The recovery config of the command line (the learning rate's default depends on the form)."""
     from surgeon_export import api
@@ -278,10 +285,7 @@ def prune_cmd(
                      f"{summary['choices'].get('first mask', 0)}, first-round weights {summary['fallbacks']}; "
                      f"{summary['seconds']:.0f} s in refinement")
     if "recover" in payload:
-        r = payload["recover"]
-        lines.append(f"recovery: {r['steps']} steps, distillation loss {r['loss_first10']:.4f} -> {r['loss_last10']:.4f} "
-                     f"(means of the first and last 10), {r['seconds']:.0f} s"
-                     + (f"; STOPPED, {r['diverged']}: the model before recovery is kept" if r["diverged"] else ""))
+        lines.append(recovery_line(payload["recover"]))
     if evaluate:
         lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")
     if out is not None and structured is not None:
@@ -342,6 +346,13 @@ def run_cmd(
     data_dir: DataDir = None,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the pruned model to ONNX and benchmark it on ONNX Runtime.")] = True,
     runtimes: Annotated[bool, typer.Option("--runtimes/--no-runtimes", help="Also benchmark the pruned model on every installed optional runtime: OpenVINO (the ONNX export) and llama.cpp (a float32 GGUF written beside it).")] = True,
+    recover: Recover = False,
+    recover_steps: RecoverSteps = RECOVER_STEPS,
+    recover_lr: RecoverLr = None,
+    recover_rank: RecoverRank = 0,
+    recover_data: RecoverData = "calibration",
+    recover_windows: RecoverWindows = 64,
+    recover_seq_len: RecoverSeqLen = 256,
     force: Force = False,
     threads: Threads = None,
     quiet: Quiet = False,
@@ -353,15 +364,22 @@ def run_cmd(
 
     _setup(quiet, threads)
     check_choice("--allocation", allocation, ("uniform", "global"))
+    if recover:
+        check_choice("--recover-data", recover_data, api.RECOVER_DATA)
+        if recover_windows < 1:
+            raise SurgeonError(f"--recover-windows must be at least 1, got {recover_windows}")
     payload = api.run(api.RunConfig(
         model=model, out=out, structured=structured, method=method, allocation=allocation, shots=shots,
         calib_samples=calib_samples, ppl_windows=ppl_windows, seq_len=seq_len, text=text, data_dir=data_dir,
         onnx=onnx, runtimes=runtimes, progress=not quiet, force=force,
+        recover=recover_config(recover_steps, recover_lr, recover_rank, recover_seq_len) if recover else None,
+        recover_windows=recover_windows, recover_data=recover_data,
     ))
     _emit(payload, as_json, [
         markdown(payload["benchmark"]),
         f"pruned model: {out / 'pruned'} ({payload['remaining_fraction']:.1%} of decoder-linear weights remain); "
         f"benchmark: {out / 'benchmark.json'}",
+        *([recovery_line(payload["recover"])] if "recover" in payload else []),
     ])
 
 
