@@ -336,8 +336,8 @@ def _structured_step(
     chosen: list[structures.Candidate] = []
     candidates: list[structures.Candidate] = []
     # Each layer's group costs (and below, its updates) are computed by one rank and shared.
-    per_layer = [{n: m for n, m in linears.items() if n.startswith(f"{adapter.layers}.{i}.")} for i in range(len(layers))]
-    owners = assign({str(i): sum(surgeon_cost(m) for m in ls.values()) for i, ls in enumerate(per_layer)})
+    in_layer = [{n: m for n, m in linears.items() if n.startswith(f"{adapter.layers}.{i}.")} for i in range(len(layers))]
+    owners = assign({str(i): sum(surgeon_cost(m) for m in ls.values()) for i, ls in enumerate(in_layer)})
     n_heads = adapter.head_layout(model.config)[0]
     costs = {}
     for i, layer in enumerate(layers):
@@ -364,8 +364,8 @@ def _structured_step(
     structures.apply_(model, adapter, [c for c in chosen if owners[str(c.layer)] == rank()],
                       damped if scoring == "surgeon" else None, keep, cfg.group_cost)
     changed = sorted({c.layer for c in chosen})
-    _share({n: m for i in changed for n, m in per_layer[i].items()}, keep,
-           {n: owners[str(i)] for i in changed for n in per_layer[i]})
+    _share({n: m for i in changed for n, m in in_layer[i].items()}, keep,
+           {n: owners[str(i)] for i in changed for n in in_layer[i]})
 
 
 def binding_of(cfg: SurgeonConfig, linears: dict[str, nn.Linear], windows: torch.Tensor,
