@@ -279,7 +279,8 @@ def _element_step(
         c = element_costs(m.weight.detach().double(), damped[name].A_inv, damped[name].G_inv)
         costs[name] = torch.where(keep[name], c, -1.0)  # removed weights stay removed
     if cfg.allocation == "global" and not isinstance(target, NMPattern):  # compared across all linears
-        costs = {n: costs.get(n, torch.empty(m.weight.shape, dtype=torch.float64)) for n, m in linears.items()}
+        costs = {n: costs.get(n, torch.empty(m.weight.shape, dtype=torch.float64, device=m.weight.device))
+                 for n, m in linears.items()}
         share({n: [c] for n, c in costs.items()}, owners)
     new_keep = _select(costs, target, cfg)
     del costs
@@ -341,10 +342,11 @@ def _structured_step(
     n_heads = adapter.head_layout(model.config)[0]
     costs = {}
     for i, layer in enumerate(layers):
-        inter = adapter.linear(layer, adapter.channel_rows[0]).out_features
+        lead = adapter.linear(layer, adapter.channel_rows[0])
+        empty = {"dtype": torch.float64, "device": lead.weight.device}  # where the owner's costs are
         costs[str(i)] = (structures.group_costs(model, adapter, i, scoring, damped, A, cfg.group_cost)
                          if owners[str(i)] == rank() else
-                         (torch.empty(inter, dtype=torch.float64), torch.empty(n_heads, dtype=torch.float64)))
+                         (torch.empty(lead.out_features, **empty), torch.empty(n_heads, **empty)))
     share(costs, owners)
     for i, layer in enumerate(layers):
         inter = adapter.linear(layer, adapter.channel_rows[0]).out_features
