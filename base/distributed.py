@@ -132,9 +132,9 @@ def _first_line(exc: BaseException) -> str:
 
 def _failure(exc: BaseException, what: str) -> DistributedError:
     """One line for a failed collective: who stopped, or the timeout."""
-    text = str(exc)
+    text = str(exc).lower()
     n, me = world_size(), rank()
-    if "Timed out" in text or "timed out" in text or "timeout" in text.lower():
+    if "timed out" in text or "timeout" in text:  # gloo: "Timed out waiting ...", "Application timeout ..."
         return DistributedError(f"rank {me} of {n}: a collective ({what}) timed out after {_TIMEOUT[0]:.0f} s "
                                 "waiting for the other ranks; nothing was written")
     other = f"rank {1 - me} of 2 stopped" if n == 2 else f"another of the {n} ranks stopped"
@@ -203,7 +203,10 @@ def broadcast_json(owner: int, value: Any) -> Any:
     data = json.dumps(value).encode() if rank() == owner else b""
     size = torch.tensor([len(data)], dtype=torch.int64)
     broadcast_from(owner, [size])
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank() == owner else torch.empty(int(size), dtype=torch.uint8)
+    if rank() == owner:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    else:
+        buf = torch.empty(int(size), dtype=torch.uint8)
     broadcast_from(owner, [buf])
     return json.loads(buf.numpy().tobytes().decode()) if rank() != owner else value
 
