@@ -11,6 +11,12 @@ van der Ouderaa et al., "The LLM Surgeon", ICLR 2024 (arXiv 2312.17244); ALGORIT
 
 Targets: unstructured (fraction of the decoder-linear weights), N:M (2:4), structured (coupled
 MLP channels and attention heads; :mod:`surgeon.structures`), and structured followed by N:M.
+
+Data-parallel (:mod:`base.distributed`): K-FAC's passes run on each rank's share of the windows
+and ``A``, ``G`` are summed over the ranks; each linear's costs and update (each layer's group
+costs and updates, structured) are computed by the rank :func:`~base.distributed.assign` gives it
+and broadcast (global allocation shares every cost, then all ranks select alike); rank 0 alone
+writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from base.adapters import Adapter
+from base.distributed import assign, broadcast_json, is_main, rank, share
 from base.errors import SurgeonError
 from base.files import is_write_error, write_error
 from base.integrity import tensor_checksums, verify_checksums
@@ -192,8 +199,11 @@ def prune_surgeon_(
     targets = cfg.shot_targets()
     first = 0
     bound = binding_of(cfg, linears, windows, binding) if checkpoint_dir is not None else {}
-    if checkpoint_dir is not None:
-        first, report.shots = _resume(checkpoint_dir, bound, linears, keep)
+    if checkpoint_dir is not None:  # rank 0 reads the checkpoint and hands the state to every rank
+        first, report.shots = _resume(checkpoint_dir, bound, linears, keep) if is_main() else (0, [])
+        first, report.shots = broadcast_json(0, [first, report.shots])
+        if first:
+            _share(linears, keep, dict.fromkeys(linears, 0))
     for shot in range(first, len(targets)):
         target = targets[shot]
         t0 = time.perf_counter()
@@ -226,7 +236,7 @@ def prune_surgeon_(
                  time.perf_counter() - t0)
         if between_shots is not None and shot + 1 < len(targets):
             report.shots[-1]["between_shots"] = between_shots(shot, keep)
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and is_main():
             _save_checkpoint(checkpoint_dir, bound, shot + 1, report.shots, linears, keep)
     for name, m in linears.items():
         report.record(name, m)
@@ -240,7 +250,13 @@ def _element_step(
     linears: dict[str, nn.Linear], target: float | NMPattern, damped: Mapping[str, DampedKron],
     keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
 ) -> None:
-    """Remove the cheapest weights (globally, per linear, or per N:M block) with correlated updates."""
+    """Remove the cheapest weights (globally, per linear, or per N:M block) with correlated updates.
+
+    Each linear's costs and update are computed by its owner (:func:`surgeon_cost`); global
+    allocation first sends every linear's costs to every rank.
+    """
+    owners = assign({n: surgeon_cost(m) for n, m in linears.items()})
+    mine = [n for n in linears if owners[n] == rank()]
     if isinstance(target, NMPattern) and cfg.row_solver == "sparsegpt":
         # N:M: ``G`` scales every weight of a row alike, so K-FAC's element costs rank a row's
         # blocks exactly as OBS with ``A`` does; choosing each block's zeros adaptively inside
@@ -248,21 +264,29 @@ def _element_step(
         # better than choosing them all at once (2:4 on the default model: 78.5 vs 124 perplexity).
         # ``G`` still correlates the rows' updates.
         with torch.no_grad():
-            for name, m in linears.items():
+            for name in mine:
+                m = linears[name]
                 d, W = damped[name], m.weight.double()
                 W_rows, k = prune_sparsegpt(W, d.A, 0, target, percdamp=0.0, allowed=keep[name])
                 W = update_masked(W, d.A_inv, d.G_inv, k, cfg.correlation, U=W - W_rows, A=d.A, G=d.G)
                 _store(m, W, name)
                 keep[name] = k
+        _share(linears, keep, owners)
         return
     costs: dict[str, torch.Tensor] = {}
-    for name, m in linears.items():
+    for name in mine:
+        m = linears[name]
         c = element_costs(m.weight.detach().double(), damped[name].A_inv, damped[name].G_inv)
         costs[name] = torch.where(keep[name], c, -1.0)  # removed weights stay removed
+    if cfg.allocation == "global" and not isinstance(target, NMPattern):  # compared across all linears
+        costs = {n: costs.get(n, torch.empty(m.weight.shape, dtype=torch.float64, device=m.weight.device))
+                 for n, m in linears.items()}
+        share({n: [c] for n, c in costs.items()}, owners)
     new_keep = _select(costs, target, cfg)
     del costs
     with torch.no_grad():
-        for name, m in linears.items():
+        for name in mine:
+            m = linears[name]
             k = new_keep[name] & keep[name]
             d = damped[name]
             W = m.weight.double()
@@ -275,6 +299,19 @@ def _element_step(
             W = update_masked(W, d.A_inv, d.G_inv, k, cfg.correlation, U=U, A=d.A, G=d.G)
             _store(m, W, name)
             keep[name] = k
+    _share(linears, keep, owners)
+
+
+def surgeon_cost(m: nn.Linear) -> float:
+    """Estimated work for one linear in a shot, to split linears across ranks: the two float64
+    inverses (``d_in^3 + d_out^3``) and the joint update's products (``d_out d_in (d_in + d_out)``)."""
+    d_out, d_in = (float(x) for x in m.weight.shape)
+    return d_in**3 + d_out**3 + d_out * d_in * (d_in + d_out)
+
+
+def _share(linears: Mapping[str, nn.Linear], keep: dict[str, torch.Tensor], owners: Mapping[str, int]) -> None:
+    """Every linear's weights and mask from the rank that computed them to every rank (no-op with one process)."""
+    share({n: [m.weight.data, keep[n]] for n, m in linears.items()}, owners)
 
 
 def _store(m: nn.Linear, W: torch.Tensor, name: str) -> None:
@@ -299,9 +336,21 @@ def _structured_step(
     layers = adapter.decoder_layers(model)
     chosen: list[structures.Candidate] = []
     candidates: list[structures.Candidate] = []
+    # Each layer's group costs (and below, its updates) are computed by one rank and shared.
+    in_layer = [{n: m for n, m in linears.items() if n.startswith(f"{adapter.layers}.{i}.")} for i in range(len(layers))]
+    owners = assign({str(i): sum(surgeon_cost(m) for m in ls.values()) for i, ls in enumerate(in_layer)})
+    n_heads = adapter.head_layout(model.config)[0]
+    costs = {}
+    for i, layer in enumerate(layers):
+        lead = adapter.linear(layer, adapter.channel_rows[0])
+        empty = {"dtype": torch.float64, "device": lead.weight.device}  # where the owner's costs are
+        costs[str(i)] = (structures.group_costs(model, adapter, i, scoring, damped, A, cfg.group_cost)
+                         if owners[str(i)] == rank() else
+                         (torch.empty(lead.out_features, **empty), torch.empty(n_heads, **empty)))
+    share(costs, owners)
     for i, layer in enumerate(layers):
         inter = adapter.linear(layer, adapter.channel_rows[0]).out_features
-        channel_cost, head_cost = structures.group_costs(model, adapter, i, scoring, damped, A, cfg.group_cost)
+        channel_cost, head_cost = costs[str(i)]
         found = structures.layer_candidates(
             model, adapter, i, channel_cost, head_cost, keep, min_channels=max(1, inter // 20)
         )
@@ -314,7 +363,11 @@ def _structured_step(
         candidates += found
     if allocation == "global":
         chosen = structures.select(candidates, budget)
-    structures.apply_(model, adapter, chosen, damped if scoring == "surgeon" else None, keep, cfg.group_cost)
+    structures.apply_(model, adapter, [c for c in chosen if owners[str(c.layer)] == rank()],
+                      damped if scoring == "surgeon" else None, keep, cfg.group_cost)
+    changed = sorted({c.layer for c in chosen})
+    _share({n: m for i in changed for n, m in in_layer[i].items()}, keep,
+           {n: owners[str(i)] for i in changed for n in in_layer[i]})
 
 
 def binding_of(cfg: SurgeonConfig, linears: dict[str, nn.Linear], windows: torch.Tensor,

@@ -83,9 +83,18 @@ DataDir = Annotated[
 ]
 
 
-def _setup(quiet: bool, threads: int | None) -> None:
+def _setup(quiet: bool, threads: int | None, distributed: bool = False) -> bool:
+    """Logging and threads; under torchrun (``distributed``: the command runs data-parallel) every rank
+    but 0 is quiet. Returns whether this process is quiet."""
     import torch
 
+    from base.distributed import env_world_size
+
+    world = env_world_size()
+    if world > 1 and not distributed:
+        raise SurgeonError(f"only `prune` runs data-parallel under torchrun ({world} ranks here); run this command "
+                           "in one process")
+    quiet = quiet or (world > 1 and os.environ.get("RANK", "0") != "0")
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if quiet else "%(message)s",
@@ -95,6 +104,7 @@ def _setup(quiet: bool, threads: int | None) -> None:
         if threads < 1:
             raise SurgeonError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
+    return quiet
 
 
 def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
@@ -184,17 +194,24 @@ def prune_cmd(
     lora_between_shots: Annotated[int, typer.Option(help="surgeon: steps of the masked low-rank update (rank --recover-rank, default 8) between shots, distilled from the dense model; 0: off.")] = 0,
     data_dir: DataDir = None,
     force: Force = False,
+    dist_timeout: Annotated[float, typer.Option(help="Under torchrun: seconds a collective waits for the other ranks before every rank stops with an error (docs/distributed.md).")] = 600.0,
     threads: Threads = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally recover, save and evaluate it."""
+    """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally recover, save and evaluate it.
+
+    Under ``torchrun --nproc-per-node N`` it runs data-parallel: the ranks share the calibration windows and
+    the per-linear work, and rank 0 alone evaluates, writes and prints (docs/distributed.md).
+    """
+    from base import distributed as dist
     from base.env import environment, peak_rss_mib
     from base.files import check_writable
     from export.checkpoint import prepare_target
     from surgeon_export import api
 
-    _setup(quiet, threads)
+    quiet = _setup(quiet, threads, distributed=True)
+    api.init_distributed(dist_timeout)
     if refine is not None:
         check_choice("--refine", refine, ("sds",))
     sds = (api.SDSConfig(l1=sds_l1, l2=sds_l2, epochs=sds_epochs, adjust_epochs=sds_adjust_epochs,
@@ -216,14 +233,23 @@ def prune_cmd(
         check_choice("--recover-data", recover_data, api.RECOVER_DATA)
         if streaming:
             raise SurgeonError("--recover trains the whole model; it does not run with --streaming")
-    if out is not None:
+        if dist.active():
+            raise SurgeonError("--recover does not run data-parallel yet (it trains the whole model); run it in one "
+                               "process on the pruned checkpoint")
+    if out is not None and dist.is_main():  # rank 0 alone writes
         prepare_target(out, force, source=model)
-    if checkpoint is not None:
+    if checkpoint is not None and dist.is_main():
         check_writable(checkpoint / "progress.json", "--checkpoint")
     budget = api.parse_bytes(max_memory) if max_memory is not None else None
     lazy = api.open_lazy(model) if streaming is not False and not recover else None
-    plan = api.memory_plan(lazy, cfg, calib_samples or api.calibration_size(cfg), seq_len, streaming=streaming,
+    n_calib = calib_samples or api.calibration_size(cfg)
+    plan = api.memory_plan(lazy, cfg, n_calib, seq_len, streaming=streaming,
                            max_memory=budget) if lazy is not None else None
+    if dist.active():  # all ranks stream or none, as rank 0 chose (free memory may differ between nodes)
+        chosen = dist.broadcast_json(0, bool(plan is not None and plan.streaming))
+        if plan is None or plan.streaming != chosen:
+            lazy = lazy or api.open_lazy(model)
+            plan = api.memory_plan(lazy, cfg, n_calib, seq_len, streaming=chosen, max_memory=budget)
     if plan is not None and plan.streaming:
         if out is None:
             raise SurgeonError("streamed pruning writes each layer as it is done: give --out DIR")
@@ -231,6 +257,8 @@ def prune_cmd(
             "streaming, one decoder layer at a time (%s; streamed: about %.1f GiB)", plan.reason, plan.streamed / 2**30)
         written = api.prune_streamed(model, cfg, out, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
                                      calib_text=calib_text, data_dir=data_dir, progress=not quiet, force=force, lazy=lazy)
+        if not dist.is_main():  # rank 0 evaluates, writes and prints
+            return
         payload = {**written, "memory_plan": {"whole_bytes": plan.whole, "streamed_bytes": plan.streamed,
                                               "available_bytes": plan.available, "reason": plan.reason}}
         if evaluate:
@@ -248,6 +276,8 @@ def prune_cmd(
             teacher = api.load(model)
         report = api.prune(lm, cfg, calib_samples=calib_samples, seq_len=seq_len, seed=seed, calib_text=calib_text,
                            data_dir=data_dir, checkpoint=checkpoint, progress=not quiet)
+        if not dist.is_main():  # rank 0 evaluates, writes and prints
+            return
         payload = {"model": lm.source, **report.to_dict()}
         extra = {}
         if rcfg is not None and teacher is not None and train is not None:
@@ -653,6 +683,15 @@ def main() -> None:
     user errors too: one ``error:`` line, not a boxed usage text. Ctrl-C says that nothing was
     written (every output goes through a temporary path) and exits with 130.
     """
+    try:
+        _run_app()
+    finally:  # leave torchrun's process group, if the command joined one
+        dist = sys.modules.get("base.distributed")
+        if dist is not None:
+            dist.shutdown()
+
+
+def _run_app() -> None:
     try:  # typer >= 0.2x vendors click
         from typer._click.exceptions import NoArgsIsHelpError, UsageError
     except ImportError:
