@@ -62,16 +62,22 @@ def run_case(se, name: str, args: argparse.Namespace, other: Path) -> dict:
     between = None
     if name.endswith("-between"):
         between = se.RecoverConfig(steps=args.between_steps, lr=1e-3, rank=args.rank or 8, seq_len=args.seq_len)
-    lm, teacher = se.load(), se.load()
-    train = se.recovery_windows(lm, args.windows, seq_len=args.seq_len, data=args.data, seed=1)
-    t0 = time.perf_counter()
-    report = se.prune(lm, se.build_config(spec.pop("method"), refine=sds, between_shots=between, **spec))
-    prune_seconds = time.perf_counter() - t0
-    before = evaluate(se, lm, other)
-    out = {"case": name, "prune_config": report.config, "prune_seconds": round(prune_seconds, 1),
-           "sparsity": report.sparsity, "before": before}
-    if between is not None:
-        out["between_shots"] = [s.get("between_shots") for s in report.shots]
+    teacher = se.load()
+    train = se.recovery_windows(teacher, args.windows, seq_len=args.seq_len, data=args.data, seed=1)
+    if args.pruned is not None:  # a model this case's settings pruned earlier (e.g. the main job's out/pruned)
+        lm = se.load(args.pruned)
+        saved = json.loads((args.pruned / "surgeon_report.json").read_text())
+        out = {"case": name, "pruned_from": str(args.pruned), "prune_config": saved.get("config"),
+               "prune_seconds": saved.get("seconds"), "sparsity": saved.get("sparsity")}
+    else:
+        lm = se.load()
+        t0 = time.perf_counter()
+        report = se.prune(lm, se.build_config(spec.pop("method"), refine=sds, between_shots=between, **spec))
+        out = {"case": name, "prune_config": report.config, "prune_seconds": round(time.perf_counter() - t0, 1),
+               "sparsity": report.sparsity}
+        if between is not None:
+            out["between_shots"] = [s.get("between_shots") for s in report.shots]
+    out["before"] = evaluate(se, lm, other)
     if args.steps > 0 and not name.endswith("-between"):
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         recovered = se.recover(lm, teacher, rcfg, windows=train, progress=args.progress)
@@ -95,6 +101,9 @@ def main() -> None:
     parser.add_argument("--data", default="calibration", choices=["calibration", "generated"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/recovery-bench"))
+    parser.add_argument("--pruned", type=Path, default=None,
+                        help="start from this pruned model directory (one case) instead of pruning")
+    parser.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model (another run did)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -103,11 +112,10 @@ def main() -> None:
     import surgeon_export as se
 
     other = other_domain_text(args.work)
-    dense = se.load()
-    result = {"environment": environment(), "threads": args.threads, "settings": vars(args) | {"work": str(args.work), "out": str(args.out)},
+    result = {"environment": environment(), "threads": args.threads,
+              "settings": vars(args) | {k: str(getattr(args, k)) for k in ("work", "out", "pruned")},
               "other_domain": "GPL-3.0 + Apache-2.0 + GFDL-1.3 licence texts (benchmarks/data/licenses.txt.gz)",
-              "dense": evaluate(se, dense, other), "cases": []}
-    del dense
+              "dense": None if args.skip_dense else evaluate(se, se.load(), other), "cases": []}
     for name in args.cases:
         result["cases"].append(run_case(se, name, args, other))
         tmp = args.out.with_suffix(".json.tmp")

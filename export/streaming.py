@@ -19,6 +19,10 @@ Streamed LLM Surgeon (:mod:`surgeon.streamed_surgeon`) walks the layers several 
 keeps its files and resume state in ``surgeon/`` inside the partial directory; it hands each layer
 to :meth:`StreamedLayers.leave` once, with its final weights, after the last shot.
 
+Data-parallel (``torchrun``, :mod:`base.distributed`): every rank streams the layers from its own
+copy of the source and prunes them with the others (the driver shares a layer's work); rank 0 alone
+writes shards and progress, and on a resume sends the finished layers to the other ranks.
+
 The shards keep the source checkpoint's floating dtype (float32 for the default model, bfloat16 for
 a bfloat16 source); the pruning itself runs in float32.
 """
@@ -35,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from base.distributed import broadcast_from, broadcast_json
 from base.errors import SurgeonError
 from base.files import is_write_error, write_error
 from base.formats import REPORT_FILE
@@ -61,9 +66,13 @@ def shard_name(index: int, total: int) -> str:
 class StreamedLayers:
     """Read each layer from the source, write it when pruned; resumable (see the module docstring)."""
 
-    def __init__(self, lazy: LazyModel, out: Path, settings: dict, *, force: bool = False) -> None:
-        self.lazy, self.out = lazy, Path(out).expanduser()
-        prepare_target(self.out, force)
+    def __init__(self, lazy: LazyModel, out: Path, settings: dict, *, force: bool = False, writer: bool = True) -> None:
+        """``writer``: this process writes the checkpoint. The other ranks of a data-parallel run
+        (``writer=False``) read the same source and prune alike, write nothing, and take the layers an
+        earlier run finished from rank 0."""
+        self.lazy, self.out, self.writer = lazy, Path(out).expanduser(), writer
+        if writer:
+            prepare_target(self.out, force)
         self.force = force
         self.num_layers = lazy.num_layers()
         self.total = self.num_layers + 1  # one shard per layer, one for the rest
@@ -71,7 +80,10 @@ class StreamedLayers:
         self.partial = self.out.parent / f".{self.out.name}.partial"
         self.progress = {"version": PROGRESS_VERSION, "identity": source_identity(lazy), "settings": settings,
                          "layers": {}}
-        self._resume()
+        if writer:
+            self._resume()
+        finished = broadcast_json(0, {str(k): v for k, v in self.progress["layers"].items()})  # rank 0's, to all
+        self.progress["layers"] = {int(k): v for k, v in finished.items()}
 
     def _resume(self) -> None:
         path = self.partial / PROGRESS_FILE
@@ -109,9 +121,14 @@ class StreamedLayers:
 
             layer = copy.deepcopy(self.lazy.adapter.decoder_layers(self.lazy.model)[index])
             prefix = self.lazy.layer_prefix(index)
-            saved = load_file(str(self.partial / shard_name(index, self.total)))
-            layer.load_state_dict({k.removeprefix(prefix): v.to(self.lazy.dtype) for k, v in saved.items()},
-                                  assign=True, strict=True)
+            if self.writer:
+                saved = load_file(str(self.partial / shard_name(index, self.total)))
+                state = {k.removeprefix(prefix): v.to(self.lazy.dtype).contiguous() for k, v in saved.items()}
+            else:  # another rank of a data-parallel run: rank 0 sends the layer
+                state = {k: torch.empty(v.shape, dtype=self.lazy.dtype) for k, v in layer.state_dict().items()}
+            state = dict(sorted(state.items()))
+            broadcast_from(0, list(state.values()))
+            layer.load_state_dict(state, assign=True, strict=True)
             self.lazy.adapter.decoder_layers(self.lazy.model)[index] = layer
             return layer.eval()
         return self.lazy.materialise(index)
@@ -124,11 +141,12 @@ class StreamedLayers:
 
     def leave(self, index: int, layer: nn.Module, records: dict | None) -> None:
         if records is not None:
-            prefix = self.lazy.layer_prefix(index)
-            tensors = {prefix + k: v.detach().to(self.dtype).contiguous() for k, v in layer.state_dict().items()}
-            self._write(shard_name(index, self.total), tensors)
             self.progress["layers"][index] = records
-            self._save_progress()
+            if self.writer:
+                prefix = self.lazy.layer_prefix(index)
+                tensors = {prefix + k: v.detach().to(self.dtype).contiguous() for k, v in layer.state_dict().items()}
+                self._write(shard_name(index, self.total), tensors)
+                self._save_progress()
         self.lazy.release(index)
 
     # -- the end --
@@ -144,7 +162,10 @@ class StreamedLayers:
             raise
 
     def finish(self, report: dict) -> dict:
-        """Write the rest shard, index, config, tokenizer and report, then move the checkpoint into place."""
+        """Write the rest shard, index, config, tokenizer and report, then move the checkpoint into place
+        (another rank of a data-parallel run writes nothing and gets the report)."""
+        if not self.writer:
+            return {**report, "streamed": True}
         try:
             return self._finish(report)
         except Exception as exc:  # a failed write is one line; the finished layers stay for the resume

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from base.adapters import Adapter
+from base.distributed import world_size
 from base.errors import SurgeonError, check_choice
 from base.patterns import NMPattern, check_sparsity
 from surgeon.driver import (
@@ -174,6 +175,9 @@ def prune_(
         raise SurgeonError("this pruning config needs calibration windows")
     if stream is not None:
         check_streamable(config)
+    if isinstance(config, SurgeonConfig) and config.between_shots is not None and world_size() > 1:
+        raise SurgeonError("--lora-between-shots does not run data-parallel yet (it trains the whole model); "
+                           "run it in one process")
     if isinstance(config, PruneConfig):
         return prune_sequential_(model, adapter, windows, config, stream=stream, progress=progress)
     if stream is not None:

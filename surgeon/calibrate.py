@@ -9,6 +9,11 @@ once (:func:`kfac_factors`), or one layer at a time for streamed pruning (:func:
 stores each layer's inputs on the way up, :func:`head_gradient` starts the backward pass at the LM
 head, :func:`layer_kfac` recomputes one layer from its stored inputs and pushes the gradient
 through it). Both use :func:`head_gradient`, so the two give the same factors.
+
+In a process group (:mod:`base.distributed`) the functions that take ``windows`` work on this
+rank's share of them, and those that take batches are given this rank's batches; every statistic
+they return is summed over all ranks, so each rank gets what one process would compute (up to the
+order of float64 additions).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 from base.adapters import Adapter
-from surgeon.curvature.activations import SecondMoment
+from base.distributed import shard_bounds
+from surgeon.curvature.activations import SecondMoment, all_reduce_
 from surgeon.curvature.kfac import KronFactor
 
 
@@ -42,7 +48,9 @@ class LayerBatch:
 def capture_layer_inputs(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 8
 ) -> list[LayerBatch]:
-    """Inputs (hidden states and keyword arguments) of decoder layer 0 for every batch of ``windows`` ``[N, T]``."""
+    """Inputs (hidden states and keyword arguments) of decoder layer 0 for every batch of ``windows`` ``[N, T]``
+    (of this rank's share of them in a process group)."""
+    lo, hi = shard_bounds(int(windows.shape[0]), batch_size)
     first = adapter.decoder_layers(model)[0]
     captured: list[LayerBatch] = []
 
@@ -55,9 +63,9 @@ def capture_layer_inputs(
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     device = next(model.parameters()).device
     try:
-        for start in range(0, windows.shape[0], batch_size):
+        for start in range(lo, hi, batch_size):
             try:
-                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                model(input_ids=windows[start : min(start + batch_size, hi)].to(device), use_cache=False)
             except StopForward:
                 pass
     finally:
@@ -101,6 +109,7 @@ def input_moments(
     finally:
         for h in handles:
             h.remove()
+    all_reduce_(moments.values())  # this rank's batches -> every rank's
     return moments
 
 
@@ -191,11 +200,13 @@ def kfac_factors(
     next tokens as labels; ``"true"`` samples labels from the model's own predictive distribution.
     The LM head runs a chunk of tokens at a time (:func:`head_gradient`), as in the streamed walk.
     Memory is ``O(d_in² + d_out²)`` per linear; batches stream. Linears sharing an input share one
-    ``A`` tensor.
+    ``A`` tensor. The true Fisher's labels are drawn per batch from ``seed`` and the batch's first
+    window, so a rank's share of the windows draws what one process draws for them.
 
     Returns:
         ``{module name: KronFactor(A [d_in, d_in], G [d_out, d_out])}``, float64 means per token.
     """
+    lo, hi = shard_bounds(int(windows.shape[0]), batch_size, "K-FAC windows")  # before any hook: it may refuse
     linears = adapter.decoder_linears(model)
     A_acc, handles = _hook_inputs(model, adapter)
     G_acc = {name: SecondMoment(m.out_features, device=m.weight.device) for name, m in linears.items()}
@@ -203,7 +214,6 @@ def kfac_factors(
         handles.append(module.register_full_backward_hook(
             lambda _m, _gin, gout, acc=G_acc[name]: acc.update(gout[0])
         ))
-    gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -215,10 +225,11 @@ def kfac_factors(
     embed = model.get_input_embeddings()
     handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
     try:
-        starts = range(0, windows.shape[0], batch_size)
+        starts = range(lo, hi, batch_size)
         for start in tqdm(starts, desc=f"K-FAC ({fisher} Fisher)", unit="batch", disable=not progress):
-            batch = windows[start : start + batch_size].to(device)  # [B, T]
+            batch = windows[start : min(start + batch_size, hi)].to(device)  # [B, T]
             hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state  # [B, T, H]
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + start) if fisher == "true" else None
             hidden.backward(head_gradient(model, hidden, batch, fisher=fisher, gen=gen))
     finally:
         for h in handles:
@@ -226,6 +237,7 @@ def kfac_factors(
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)
+    all_reduce_([*A_acc.values(), *G_acc.values()])  # this rank's windows -> every rank's
     A = finalize_shared(A_acc)
     return {name: KronFactor(A=A[name], G=G_acc[name].finalize()) for name in linears}
 
@@ -235,15 +247,16 @@ def input_factors(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = False
 ) -> dict[str, torch.Tensor]:
     """Second moment ``A`` ``[d_in, d_in]`` of the inputs of every decoder linear, forward passes only."""
+    lo, hi = shard_bounds(int(windows.shape[0]), batch_size)
     A_acc, handles = _hook_inputs(model, adapter)
     device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="input statistics", unit="batch",
-                          disable=not progress):
-            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+        for start in tqdm(range(lo, hi, batch_size), desc="input statistics", unit="batch", disable=not progress):
+            model(input_ids=windows[start : min(start + batch_size, hi)].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
+    all_reduce_(A_acc.values())
     return finalize_shared(A_acc)
 
 

@@ -4,6 +4,12 @@ As in the reference SparseGPT and Wanda code: the calibration windows enter deco
 each layer l, the inputs of its linears are accumulated (second moment ``A``), every linear is
 pruned from those statistics, and the layer's outputs are recomputed with the *pruned* weights
 to become the inputs of layer l+1. Magnitude pruning needs no data and skips the forward passes.
+
+Data-parallel (:mod:`base.distributed`, ``torchrun``): each rank runs its own share of the
+calibration windows through the layers, the input statistics are summed over the ranks at every
+layer (inside :func:`~surgeon.calibrate.input_moments` / :func:`~surgeon.sds.pair_moments`), each
+linear is pruned (and refined) by the rank :func:`~base.distributed.assign` gives it, and its
+weights are then broadcast, so every rank goes on with the same layer.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from base.adapters import Adapter
+from base.distributed import assign, broadcast_json, rank, share
 from base.errors import SurgeonError
 from base.patterns import NMPattern, check_sparsity
 from surgeon.baselines.common import Target
@@ -81,6 +88,7 @@ class PruneReport:
     removal: dict | None = None  # structured: the removed groups, a base.surgery.RemovalPlan as a dict
     calibration: str | None = None  # where the calibration windows came from
     bos: bool | None = None  # whether every calibration window led with BOS (the tokenizer's convention)
+    distributed: dict | None = None  # data-parallel runs: world size, and per rank seconds, peak RSS, collective time
 
     @property
     def sparsity(self) -> float:
@@ -105,6 +113,8 @@ class PruneReport:
             out["refine"] = {"summary": refine_summary(self.refine), "linears": self.refine}
         if self.removal is not None:
             out["removal"] = self.removal
+        if self.distributed is not None:
+            out["distributed"] = self.distributed
         return out
 
 
@@ -161,6 +171,13 @@ class InMemoryLayers:
 
     def leave(self, index: int, layer: nn.Module, records: dict | None) -> None:
         pass
+
+
+def linear_cost(linear: nn.Linear) -> float:
+    """Estimated work of pruning one linear, for splitting a layer's linears across ranks: SparseGPT's
+    ``O(d_in^3)`` factorisation and ``O(d_in^2 d_out)`` sweep (the other methods scale alike or less)."""
+    d_out, d_in = linear.weight.shape
+    return float(d_in) ** 2 * (d_in + d_out)
 
 
 def check_targets(model: nn.Module, adapter: Adapter, cfg: PruneConfig) -> None:
@@ -241,20 +258,23 @@ def prune_sequential_(
         next_t: list | None = None
         names = []
         for k, step in enumerate(steps):
+            linears = {n: layer.get_submodule(n) for group in step for n in group}
+            owners = assign({n: linear_cost(m) for n, m in linears.items()})  # all rank 0's with one process
             if refine and refine.teacher == "self":
                 moments = input_moments(layer, adapter, batches, step)
                 stats = {n: self_stats(moments[n].finalize(), t_layer.get_submodule(n).weight.data, n_tokens)
-                         for group in step for n in group}
+                         for n in linears if owners[n] == rank()}
             elif refine:  # "dense": the dense model's own stream; "layer": the pruned model's stream
                 stats, outs = pair_moments(layer, t_layer, adapter, batches, t_batches if dense_stream else batches,
                                            step, teacher_outputs=dense_stream and k == 0)
                 next_t = outs if k == 0 else next_t  # the teacher's outputs come from its first pass
             else:
                 moments = input_moments(layer, adapter, batches, step) if needs_data else {}
-            for name in (n for group in step for n in group):
-                linear = layer.get_submodule(name)
+            for name, linear in linears.items():
                 full = f"{adapter.layers}.{index}.{name}"
                 names.append(full)
+                if owners[name] != rank():  # another rank prunes it; its weights arrive below
+                    continue
                 if refine:
                     W = linear.weight.data
                     if teacher is None:
@@ -270,6 +290,11 @@ def prune_sequential_(
                     A = moments[name].finalize() if needs_data else None
                     W_new, _ = prune(linear.weight.data, A, n_tokens, cfg.target)
                 linear.weight.data.copy_(W_new)
+            share({n: [m.weight.data] for n, m in linears.items()}, owners)
+            for name, linear in linears.items():
+                full = f"{adapter.layers}.{index}.{name}"
+                if refine:
+                    report.refine[full] = broadcast_json(owners[name], report.refine.get(full))
                 report.record(full, linear)
             moments = stats = {}  # free this step's statistics before the next step collects its own
         del t_layer

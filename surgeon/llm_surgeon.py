@@ -15,6 +15,12 @@ MLP channels and attention heads; :mod:`surgeon.structures`), and structured fol
 Steps 3-4 are per-layer functions (:func:`element_prune_`, :func:`layer_candidates`,
 :func:`surgeon.prune.threshold.global_threshold`), so :mod:`surgeon.streamed_surgeon` runs the same
 shots with the curvature collected one layer at a time, for a model larger than memory.
+
+Data-parallel (:mod:`base.distributed`): K-FAC's passes run on each rank's share of the windows
+and ``A``, ``G`` are summed over the ranks; each linear's costs and update (each layer's group
+costs and updates, structured) are computed by the rank :func:`~base.distributed.assign` gives it
+and broadcast (global allocation shares every cost, then all ranks select alike); rank 0 alone
+writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from base.adapters import Adapter
+from base.distributed import assign, broadcast_json, is_main, rank, share
 from base.errors import SurgeonError
 from base.files import is_write_error, write_error
 from base.integrity import tensor_checksums, verify_checksums
@@ -190,8 +197,11 @@ def prune_surgeon_(
     targets = cfg.shot_targets()
     first = 0
     bound = binding_of(cfg, linears, windows, binding) if checkpoint_dir is not None else {}
-    if checkpoint_dir is not None:
-        first, report.shots = _resume(checkpoint_dir, bound, linears, keep)
+    if checkpoint_dir is not None:  # rank 0 reads the checkpoint and hands the state to every rank
+        first, report.shots = _resume(checkpoint_dir, bound, linears, keep) if is_main() else (0, [])
+        first, report.shots = broadcast_json(0, [first, report.shots])
+        if first:
+            _share(linears, keep, dict.fromkeys(linears, 0))
     for shot in range(first, len(targets)):
         target = targets[shot]
         t0 = time.perf_counter()
@@ -224,7 +234,7 @@ def prune_surgeon_(
                  time.perf_counter() - t0)
         if between_shots is not None and shot + 1 < len(targets):
             report.shots[-1]["between_shots"] = between_shots(shot, keep)
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and is_main():
             _save_checkpoint(checkpoint_dir, bound, shot + 1, report.shots, linears, keep)
     for name, m in linears.items():
         report.record(name, m)
@@ -253,21 +263,32 @@ def _element_step(
     linears: dict[str, nn.Linear], target: float | NMPattern, damped: Mapping[str, DampedKron],
     keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
 ) -> None:
-    """Remove the cheapest weights (globally, per linear, or per N:M block) with correlated updates."""
+    """Remove the cheapest weights (globally, per linear, or per N:M block) with correlated updates.
+
+    Each linear's costs and update are computed by its owner (:func:`surgeon_cost`); global
+    allocation first sends every linear's costs to every rank.
+    """
+    owners = assign({n: surgeon_cost(m) for n, m in linears.items()})
+    mine = {n: m for n, m in linears.items() if owners[n] == rank()}
     cut = None
-    if not is_local(target, cfg):
-        costs = dict(element_costs_of(linears, damped, keep))
+    if not is_local(target, cfg):  # compared across all linears
+        costs = dict(element_costs_of(mine, damped, keep))
+        costs = {n: costs.get(n, torch.empty(m.weight.shape, dtype=torch.float64, device=m.weight.device))
+                 for n, m in linears.items()}
+        share({n: [c] for n, c in costs.items()}, owners)
         cut = global_threshold(costs.items, {n: c.numel() for n, c in costs.items()}, target,  # type: ignore[arg-type]
                                cfg.max_layer_sparsity)
         del costs
-    element_prune_(linears, target, damped, keep, cfg, cut)
+    element_prune_(mine, target, damped, keep, cfg, cut)
+    _share(linears, keep, owners)
 
 
 def element_prune_(
     linears: Mapping[str, nn.Linear], target: float | NMPattern, damped: Mapping[str, DampedKron],
     keep: dict[str, torch.Tensor], cfg: SurgeonConfig, cut: GlobalThreshold | None = None,
 ) -> None:
-    """Choose the removals of ``linears`` (one layer's or all) and apply their correlated updates, in place.
+    """Choose the removals of ``linears`` (one layer's, one rank's or all) and apply their correlated
+    updates, in place.
 
     ``cut``: the global allocation's threshold (:func:`surgeon.prune.threshold.global_threshold`),
     None for N:M and uniform targets, which each linear decides alone.
@@ -309,6 +330,18 @@ def element_prune_(
             keep[name] = k
 
 
+def surgeon_cost(m: nn.Linear) -> float:
+    """Estimated work for one linear in a shot, to split linears across ranks: the two float64
+    inverses (``d_in^3 + d_out^3``) and the joint update's products (``d_out d_in (d_in + d_out)``)."""
+    d_out, d_in = (float(x) for x in m.weight.shape)
+    return d_in**3 + d_out**3 + d_out * d_in * (d_in + d_out)
+
+
+def _share(linears: Mapping[str, nn.Linear], keep: dict[str, torch.Tensor], owners: Mapping[str, int]) -> None:
+    """Every linear's weights and mask from the rank that computed them to every rank (no-op with one process)."""
+    share({n: [m.weight.data, keep[n]] for n, m in linears.items()}, owners)
+
+
 def _store(m: nn.Linear, W: torch.Tensor, name: str) -> None:
     if not torch.isfinite(W).all():
         raise FloatingPointError(f"non-finite weights after the update of {name}")
@@ -323,11 +356,16 @@ def structured_budget(linears: Mapping[str, nn.Linear], target: Remaining) -> in
 def layer_candidates(
     model: nn.Module, adapter: Adapter, i: int, keep: dict[str, torch.Tensor], cfg: SurgeonConfig,
     damped: Mapping[str, DampedKron] | None = None, A: Mapping[str, torch.Tensor] | None = None,
+    costs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[structures.Candidate]:
-    """Layer ``i``'s coupled groups that may still go, with their costs (cheapest channels first)."""
+    """Layer ``i``'s coupled groups that may still go, with their costs (cheapest channels first).
+
+    ``costs``: the layer's ``(channel, head)`` costs when already computed (by another rank), else
+    :func:`surgeon.structures.group_costs` from ``damped`` (LLM Surgeon) or ``A`` (Wanda scores).
+    """
     inter = adapter.linear(adapter.decoder_layers(model)[i], adapter.channel_rows[0]).out_features
-    channel_cost, head_cost = structures.group_costs(model, adapter, i, cfg.scoring, damped, A,  # type: ignore[arg-type]
-                                                     cfg.group_cost)
+    channel_cost, head_cost = costs if costs is not None else structures.group_costs(
+        model, adapter, i, cfg.scoring, damped, A, cfg.group_cost)  # type: ignore[arg-type]
     return structures.layer_candidates(model, adapter, i, channel_cost, head_cost, keep,
                                        min_channels=max(1, inter // 20))
 
@@ -350,18 +388,35 @@ def _structured_step(
     ``global``: candidates of all layers compete by cost per weight. ``uniform``: every layer loses
     the same number of MLP channels and no heads (the reference Wanda-style channel baseline).
     """
-    budget = structured_budget(adapter.decoder_linears(model), target)
-    n_layers = len(adapter.decoder_layers(model))
+    linears = adapter.decoder_linears(model)
+    budget = structured_budget(linears, target)
+    layers = adapter.decoder_layers(model)
     chosen: list[structures.Candidate] = []
     candidates: list[structures.Candidate] = []
-    for i in range(n_layers):
-        found = layer_candidates(model, adapter, i, keep, cfg, damped, A)
+    # Each layer's group costs (and below, its updates) are computed by one rank and shared.
+    in_layer = [{n: m for n, m in linears.items() if n.startswith(f"{adapter.layers}.{i}.")} for i in range(len(layers))]
+    owners = assign({str(i): sum(surgeon_cost(m) for m in ls.values()) for i, ls in enumerate(in_layer)})
+    n_heads = adapter.head_layout(model.config)[0]
+    costs = {}
+    for i, layer in enumerate(layers):
+        lead = adapter.linear(layer, adapter.channel_rows[0])
+        empty = {"dtype": torch.float64, "device": lead.weight.device}  # where the owner's costs are
+        costs[str(i)] = (structures.group_costs(model, adapter, i, cfg.scoring, damped, A, cfg.group_cost)
+                         if owners[str(i)] == rank() else
+                         (torch.empty(lead.out_features, **empty), torch.empty(n_heads, **empty)))
+    share(costs, owners)
+    for i in range(len(layers)):
+        found = layer_candidates(model, adapter, i, keep, cfg, costs=costs[str(i)])
         if cfg.allocation == "uniform":
-            chosen += uniform_choice(found, budget, n_layers)
+            chosen += uniform_choice(found, budget, len(layers))
         candidates += found
     if cfg.allocation == "global":
         chosen = structures.select(candidates, budget)
-    structures.apply_(model, adapter, chosen, damped if cfg.scoring == "surgeon" else None, keep, cfg.group_cost)
+    structures.apply_(model, adapter, [c for c in chosen if owners[str(c.layer)] == rank()],
+                      damped if cfg.scoring == "surgeon" else None, keep, cfg.group_cost)
+    changed = sorted({c.layer for c in chosen})
+    _share({n: m for i in changed for n, m in in_layer[i].items()}, keep,
+           {n: owners[str(i)] for i in changed for n in in_layer[i]})
 
 
 def binding_of(cfg: SurgeonConfig, linears: dict[str, nn.Linear], windows: torch.Tensor,

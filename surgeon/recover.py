@@ -97,6 +97,7 @@ class RecoverReport:
     diverged: str | None = None  # why the weights were restored, or None
     seconds: float = 0.0
     seconds_per_step: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads): the budget on a shared machine
     trained_parameters: int = 0
     resumed_from: int = 0
 
@@ -106,6 +107,7 @@ class RecoverReport:
         return {"config": self.config, "data": self.data, "steps": self.steps, "diverged": self.diverged,
                 "loss_first10": first, "loss_last10": last, "losses": [round(x, 5) for x in self.losses],
                 "seconds": round(self.seconds, 1), "seconds_per_step": round(self.seconds_per_step, 3),
+                "cpu_seconds": round(self.cpu_seconds, 1),
                 "trained_parameters": self.trained_parameters, "resumed_from": self.resumed_from}
 
 
@@ -264,14 +266,17 @@ def recover_(
     was_training = student.training
     student.eval()  # no dropout: the losses are deterministic
     order = batch_order(windows.shape[0], cfg.steps, cfg.batch_size, cfg.seed)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     smoothed: float | None = None
     start_loss: float | None = None
     rising = 0
     try:
         with _trainable(student, adapter, masks, cfg) as params:
             report.trained_parameters = sum(p.numel() for p in params.values())
-            optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+            # fused: one kernel over all tensors (measured 28x faster than the per-tensor loop on CPU, where that
+            # loop took a quarter of each step)
+            optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                                          fused=True)
             first = 0
             binding = {"config": cfg.to_dict(), "start": _fingerprint(params), "windows": list(windows.shape),
                        "data": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()}
@@ -318,6 +323,7 @@ def recover_(
         student.load_state_dict(start_state)
         log.warning("recovery stopped: %s; the pruned model is kept as it was before recovery", report.diverged)
     report.seconds = time.perf_counter() - t_start
+    report.cpu_seconds = time.process_time() - cpu_start
     done = max(1, report.steps - report.resumed_from)
     report.seconds_per_step = report.seconds / done
     return report

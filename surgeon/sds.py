@@ -47,10 +47,11 @@ import torch
 from torch import nn
 
 from base.adapters import Adapter
+from base.distributed import all_reduce_sum, sum_over_ranks
 from base.errors import SurgeonError
 from surgeon.baselines.common import Target
 from surgeon.calibrate import LayerBatch, _hidden
-from surgeon.curvature.activations import SecondMoment
+from surgeon.curvature.activations import SecondMoment, all_reduce_
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ def pair_moments(
     """:class:`PairStats` of every linear in ``groups`` of decoder layer ``student`` / ``teacher``.
 
     Batch by batch, the teacher layer runs on the teacher stream and the student layer on the
-    student stream (same windows, so tokens pair up). With ``teacher_outputs`` the teacher layer's
+    student stream (same windows, so tokens pair up); in a process group each rank runs its own
+    batches and the statistics are summed over the ranks. With ``teacher_outputs`` the teacher layer's
     outputs are returned as the next layer's teacher stream (the same forward pass).
     """
     if student is teacher:
@@ -167,6 +169,12 @@ def pair_moments(
     finally:
         for h in handles:
             h.remove()
+    # In a process group each rank ran its own batches: sum the statistics over every rank.
+    all_reduce_(moments.values())
+    all_reduce_sum([c.sum for c in cross.values()])
+    names = list(energy)
+    *energies, total = sum_over_ranks([*(energy[n] for n in names), tokens])
+    energy, tokens = dict(zip(names, energies)), int(total)
     stats = {}
     for group in groups:
         A, C = moments[group].finalize(), cross[group].sum / tokens

@@ -50,6 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from base.adapters import Adapter
+from base.distributed import world_size
 from base.env import PeakWindow
 from base.errors import SurgeonError
 from base.files import is_write_error, write_error
@@ -103,26 +104,27 @@ class _Batches:
     a_count: int
     kfac: list[int]
     ids: list[torch.Tensor]  # token ids of each K-FAC batch [B, T]
+    starts: list[int]  # index of each K-FAC batch's first window (seeds the true Fisher's labels)
 
 
 def _batches(model: nn.Module, adapter: Adapter, windows: torch.Tensor, cfg: SurgeonConfig) -> _Batches:
     bs, n = cfg.batch_size, windows.shape[0]
     if cfg.scoring == "magnitude":
-        return _Batches([], 0, [], [])
+        return _Batches([], 0, [], [], [])
     if cfg.scoring == "wanda":
         first = capture_layer_inputs(model, adapter, windows, bs)
-        return _Batches(first, len(first), [], [])
+        return _Batches(first, len(first), [], [], [])
     n_k = n if cfg.kfac_windows is None else min(cfg.kfac_windows, n)
     starts = list(range(0, n_k, bs))
     ids = [windows[:n_k][s : s + bs] for s in starts]
     if n_k == n:  # A and G from the same windows: A in the reverse walk, as in the whole-model pass
-        return _Batches(capture_layer_inputs(model, adapter, windows, bs), 0, list(range(len(starts))), ids)
+        return _Batches(capture_layer_inputs(model, adapter, windows, bs), 0, list(range(len(starts))), ids, starts)
     first = capture_layer_inputs(model, adapter, windows, bs)
     kfac = list(range(n_k // bs))
     if n_k % bs:
         first += capture_layer_inputs(model, adapter, windows[n_k - n_k % bs : n_k], bs)
         kfac.append(len(first) - 1)
-    return _Batches(first, len(first) - (n_k % bs > 0), kfac, ids)
+    return _Batches(first, len(first) - (n_k % bs > 0), kfac, ids, starts)
 
 
 class _Spill:
@@ -317,10 +319,11 @@ class _Walk:
         """The loss at the LM head and its gradient with respect to the last layer's outputs."""
         assert self.batches is not None
         b = self.batches
-        gen = torch.Generator().manual_seed(0)  # the whole-model pass's seed (true Fisher's labels)
         grads = {}
-        for j, x, ids in zip(b.kfac, self._hidden(self.n, b.kfac), b.ids, strict=True):
+        for j, x, ids, start in zip(b.kfac, self._hidden(self.n, b.kfac), b.ids, b.starts, strict=True):
             h_in = x.hidden.detach().requires_grad_()
+            # the true Fisher's labels: the whole-model pass's generator for this batch (seed 0)
+            gen = torch.Generator().manual_seed(start) if self.cfg.fisher == "true" else None
             with torch.enable_grad():
                 h = final_hidden(self.model, self.adapter, h_in)  # [B, T, H]
                 h.backward(head_gradient(self.model, h.detach(), ids, fisher=self.cfg.fisher, gen=gen))
@@ -520,6 +523,9 @@ def prune_surgeon_streamed_(
         spill: a directory for the walk's files (hidden states, gradients, costs, factors, each shot's
             weights) and its resume state; removed when the run ends.
     """
+    if world_size() > 1:
+        raise SurgeonError("streamed LLM Surgeon runs in one process (its layer walk is not data-parallel yet); "
+                           "run it without torchrun, or use --no-streaming")
     if cfg.refine is not None or cfg.between_shots is not None:
         raise SurgeonError("SDS refinement and low-rank updates between shots do not run streamed yet; use --no-streaming")
     if cfg.structured is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from base import distributed as dist
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
 from base.files import check_writable
@@ -77,7 +78,7 @@ log = logging.getLogger("surgeon_export")
 __all__ = [
     "BenchConfig", "Generation", "GenerationConfig", "LoadedModel", "ModelSpec", "OnnxConfig", "PackConfig",
     "PplConfig", "PruneConfig", "PruneReport", "RecoverConfig", "RecoverReport", "RunConfig", "SDSConfig", "ShrinkConfig", "SurgeonConfig",
-    "SurgeonError", "bench", "build_config", "calibrate", "densify", "evaluate", "export_gguf", "export_onnx", "generate",
+    "SurgeonError", "bench", "build_config", "calibrate", "check_ranks", "densify", "evaluate", "export_gguf", "export_onnx", "generate",
     "load", "load_backend", "pack", "prune", "recover", "recovery_windows", "run", "save", "shrink",
 ]
 
@@ -120,15 +121,21 @@ def prune(
     ``calibration`` given windows; else ``calib_samples`` windows (default: the config's,
     :func:`surgeon.api.calibration_size`) from ``calib_text`` or the corpus. The report's
     ``calibration`` key says where they came from.
+
+    Launched with ``torchrun`` (several ranks), every rank calls it alike: the ranks first check
+    that they hold the same model, config and windows, then prune data-parallel and end with the
+    same weights; ``report.distributed`` has each rank's time, peak memory and time in collectives.
     """
+    init_distributed()
     check_model(lm.model, lm.adapter, config)  # before calibration: a bad target fails at once
-    if checkpoint is not None:
+    if checkpoint is not None and dist.is_main():
         check_writable(Path(checkpoint) / "progress.json", "--checkpoint")
     if calibration is None and needs_calibration(config):
         n = calib_samples if calib_samples is not None else calibration_size(config)
         if n < 1:
             raise SurgeonError(f"--calib-samples must be at least 1, got {n}")
         calibration = calibrate(lm, n, seq_len=seq_len, seed=seed, text=calib_text, data_dir=data_dir)
+    check_ranks(lm.path, config, calibration)
     binding = None
     if checkpoint is not None:  # a resumed run must continue the same model with the same calibration
         binding = {"source model": source_identity(lm.path / "config.json", weight_files(lm.path)),
@@ -137,7 +144,38 @@ def prune(
                     checkpoint_dir=checkpoint, binding=binding, progress=progress)
     report.calibration = calibration.origin if calibration else None
     report.bos = calibration.bos is not None if calibration else None
+    if dist.active():
+        report.distributed = dist.rank_report(report.seconds)
     return report
+
+
+def init_distributed(timeout: float | None = None) -> bool:
+    """Join torchrun's process group if this process is one of several (``WORLD_SIZE`` > 1); idempotent.
+
+    :func:`prune` and :func:`prune_streamed` call it, so a script launched with ``torchrun`` prunes
+    data-parallel as it is (docs/distributed.md); call it first to set the collectives' ``timeout``
+    (seconds). Returns whether a process group of several ranks is active.
+    """
+    several = dist.init_from_env(timeout)
+    if several:
+        dist.reset_stats()  # the report counts this prune's collectives
+    return several
+
+
+def check_ranks(source_dir: Path, config: Config, calibration: TokenSource | None) -> None:
+    """Every rank must prune the same model with the same config and calibration windows (one line on
+    every rank otherwise, naming what differs); nothing happens with one process."""
+    if not dist.active():
+        return
+    from base.env import _version
+
+    tokens = calibration.ids.to(torch.int64).contiguous().numpy().tobytes() if calibration is not None else b""
+    dist.check_same({
+        "model": source_identity(source_dir / "config.json", weight_files(source_dir)),
+        "pruning config": dist.digest(config.to_dict()),
+        "calibration windows": dist.digest(tokens),
+        "software versions": dist.digest([_version("surgeon-export"), torch.__version__]),
+    })
 
 
 RECOVER_DATA = ("calibration", "generated")
@@ -287,23 +325,29 @@ def prune_streamed(
     (:mod:`surgeon.streamed_surgeon`, ``tests/test_streamed_surgeon.py``; structured runs are written
     with the removed groups as zeros, not cut). The checkpoint is written shard by shard into a hidden
     sibling of ``out`` and renamed at the end; an interrupted run resumes from its last finished layer
-    step (:mod:`export.streaming`). Returns the report as written.
+    step (:mod:`export.streaming`). Returns the report as written. Under torchrun every rank streams
+    and shares each layer's work; rank 0 alone writes (docs/distributed.md; streamed LLM Surgeon runs
+    in one process).
     """
     check_streamable(config)
+    init_distributed()
     lazy = lazy or open_lazy(spec)
     check_model(lazy.model, lazy.adapter, config)
     if calibration is None and needs_calibration(config):
         n = calib_samples if calib_samples is not None else calibration_size(config)
         calibration = calibration_windows(lazy.model, lazy.tokenizer, n=n, seq_len=seq_len, seed=seed,
                                           text_file=calib_text, data_dir=data_dir, source="wikitext")
+    check_ranks(lazy.path, config, calibration)
     settings = {"config": config.to_dict(), "seed": seed, "seq_len": seq_len,
                 "calibration": calibration.origin if calibration else None,
                 "windows": int(calibration.ids.shape[0]) if calibration else 0}
-    stream = StreamedLayers(lazy, Path(out), settings, force=force)
+    stream = StreamedLayers(lazy, Path(out), settings, force=force, writer=dist.is_main())  # rank 0 writes
     report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
                     spill=stream.partial / "surgeon", progress=progress)
     report.calibration = calibration.origin if calibration else None
     report.bos = calibration.bos is not None if calibration else None
+    if dist.active():
+        report.distributed = dist.rank_report(report.seconds)
     return stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
 
 
@@ -313,7 +357,10 @@ def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *,
 
     ``extra`` joins the written report (the CLI adds the model, calibration and perplexity).
     Returns the report as written (``saved_sparsity``, ``bytes_on_disk``, ``shrink`` for structured).
+    In a data-parallel run only rank 0 writes; the other ranks write nothing and get ``{}``.
     """
+    if not dist.is_main():
+        return {}
     out = Path(out)
     full = {"model": lm.source, **(extra or {}), **(report.to_dict() if report else {})}
     if report is not None and report.removal is not None:  # zeroed groups become smaller matrices
@@ -394,6 +441,9 @@ class RunConfig:
     data_dir: Path | None = None
     onnx: bool = True
     runtimes: bool = True  # also benchmark the pruned model on every installed optional runtime
+    recover: RecoverConfig | None = None  # distil the pruned model from the dense one before saving it
+    recover_windows: int = 64
+    recover_data: str = "calibration"
     threads: int | None = None
     progress: bool = True
     force: bool = False
@@ -416,12 +466,23 @@ def run(cfg: RunConfig) -> dict:
     steps = 3 + cfg.onnx + ("llama.cpp" in runtimes)
     lm = load(cfg.model)
     calib = calibrate(lm, cfg.calib_samples, seq_len=cfg.seq_len, text=cfg.text, data_dir=cfg.data_dir)
+    teacher = train = None
+    if cfg.recover is not None:  # the dense teacher and its training windows, taken before pruning changes lm
+        teacher = load(cfg.model)
+        train = recovery_windows(lm, cfg.recover_windows, seq_len=cfg.recover.seq_len or cfg.seq_len,
+                                 data=cfg.recover_data, seed=1, calib_text=cfg.text, data_dir=cfg.data_dir)
     log.info("1/%d structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration tokens (%s)",
              steps, cfg.method, 100 * cfg.structured, config.shots, cfg.calib_samples, cfg.seq_len, calib.origin)
     report = prune(lm, config, calibration=calib, progress=cfg.progress)
+    recovered = None
+    if teacher is not None:
+        log.info("recovering: %d distillation steps from the dense model (%s)", cfg.recover.steps, train.origin)
+        recovered = recover(lm, teacher, cfg.recover, windows=train, progress=cfg.progress)
+        del teacher
     pruned_dir = cfg.out / "pruned"
     log.info("2/%d writing the smaller model to %s", steps, pruned_dir)
-    written = save(lm, pruned_dir, report, force=True)
+    extra = {"recover": {k: v for k, v in recovered.to_dict().items() if k != "losses"}} if recovered else None
+    written = save(lm, pruned_dir, report, extra=extra, force=True)
     del lm
     models = [ModelSpec(label="dense", spec=cfg.model), ModelSpec(label="pruned", spec=str(pruned_dir))]
     if cfg.onnx:
@@ -454,9 +515,12 @@ def run(cfg: RunConfig) -> dict:
     )
     result = bench(bench_cfg, cfg.out / "benchmark.json", force=True)  # the run owns cfg.out (checked above)
     add_measurements(pruned_dir, benchmark_lines(result, "pruned"))  # the card gets the speed measured here
-    return {"prune": {k: v for k, v in report.to_dict().items() if k not in ("layers", "removal")},
-            "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result,
-            "runtimes_skipped": skipped}
+    out = {"prune": {k: v for k, v in report.to_dict().items() if k not in ("layers", "removal")},
+           "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result,
+           "runtimes_skipped": skipped}
+    if extra:
+        out.update(extra)
+    return out
 
 
 def generate_text(
@@ -478,5 +542,5 @@ def generate_text(
     return out, [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens], cfg
 
 
-__all__ += ["MemoryPlan", "check_align", "Perplexity", "RemovalPlan", "count_parameters", "generate_text", "memory_plan",
+__all__ += ["MemoryPlan", "check_align", "init_distributed", "Perplexity", "RemovalPlan", "count_parameters", "generate_text", "memory_plan",
             "open_lazy", "parse_bytes", "prune_streamed"]

@@ -62,6 +62,13 @@ RecoverSeqLen = Annotated[int, typer.Option(help="--recover: tokens per training
 RECOVER_STEPS = 100
 
 
+def recovery_line(r: dict) -> str:
+    """One line on what recovery did (the report's ``recover`` entry)."""
+    return (f"recovery: {r['steps']} steps, distillation loss {r['loss_first10']:.4f} -> {r['loss_last10']:.4f} "
+            f"(means of the first and last 10), {r['seconds']:.0f} s"
+            + (f"; STOPPED, {r['diverged']}: the model before recovery is kept" if r["diverged"] else ""))
+
+
 def recover_config(steps: int, lr: float | None, rank: int, seq_len: int):
     """The recovery config of the command line (the learning rate's default depends on the form)."""
     from surgeon_export import api
@@ -76,9 +83,18 @@ DataDir = Annotated[
 ]
 
 
-def _setup(quiet: bool, threads: int | None) -> None:
+def _setup(quiet: bool, threads: int | None, distributed: bool = False) -> bool:
+    """Logging and threads; under torchrun (``distributed``: the command runs data-parallel) every rank
+    but 0 is quiet. Returns whether this process is quiet."""
     import torch
 
+    from base.distributed import env_world_size
+
+    world = env_world_size()
+    if world > 1 and not distributed:
+        raise SurgeonError(f"only `prune` runs data-parallel under torchrun ({world} ranks here); run this command "
+                           "in one process")
+    quiet = quiet or (world > 1 and os.environ.get("RANK", "0") != "0")
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if quiet else "%(message)s",
@@ -88,6 +104,7 @@ def _setup(quiet: bool, threads: int | None) -> None:
         if threads < 1:
             raise SurgeonError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
+    return quiet
 
 
 def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
@@ -177,17 +194,24 @@ def prune_cmd(
     lora_between_shots: Annotated[int, typer.Option(help="surgeon: steps of the masked low-rank update (rank --recover-rank, default 8) between shots, distilled from the dense model; 0: off.")] = 0,
     data_dir: DataDir = None,
     force: Force = False,
+    dist_timeout: Annotated[float, typer.Option(help="Under torchrun: seconds a collective waits for the other ranks before every rank stops with an error (docs/distributed.md).")] = 600.0,
     threads: Threads = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally recover, save and evaluate it."""
+    """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally recover, save and evaluate it.
+
+    Under ``torchrun --nproc-per-node N`` it runs data-parallel: the ranks share the calibration windows and
+    the per-linear work, and rank 0 alone evaluates, writes and prints (docs/distributed.md).
+    """
+    from base import distributed as dist
     from base.env import environment, peak_rss_mib
     from base.files import check_writable
     from export.checkpoint import prepare_target
     from surgeon_export import api
 
-    _setup(quiet, threads)
+    quiet = _setup(quiet, threads, distributed=True)
+    api.init_distributed(dist_timeout)
     if refine is not None:
         check_choice("--refine", refine, ("sds",))
     sds = (api.SDSConfig(l1=sds_l1, l2=sds_l2, epochs=sds_epochs, adjust_epochs=sds_adjust_epochs,
@@ -209,14 +233,23 @@ def prune_cmd(
         check_choice("--recover-data", recover_data, api.RECOVER_DATA)
         if streaming:
             raise SurgeonError("--recover trains the whole model; it does not run with --streaming")
-    if out is not None:
+        if dist.active():
+            raise SurgeonError("--recover does not run data-parallel yet (it trains the whole model); run it in one "
+                               "process on the pruned checkpoint")
+    if out is not None and dist.is_main():  # rank 0 alone writes
         prepare_target(out, force, source=model)
-    if checkpoint is not None:
+    if checkpoint is not None and dist.is_main():
         check_writable(checkpoint / "progress.json", "--checkpoint")
     budget = api.parse_bytes(max_memory) if max_memory is not None else None
     lazy = api.open_lazy(model) if streaming is not False and not recover else None
-    plan = api.memory_plan(lazy, cfg, calib_samples or api.calibration_size(cfg), seq_len, streaming=streaming,
+    n_calib = calib_samples or api.calibration_size(cfg)
+    plan = api.memory_plan(lazy, cfg, n_calib, seq_len, streaming=streaming,
                            max_memory=budget) if lazy is not None else None
+    if dist.active():  # all ranks stream or none, as rank 0 chose (free memory may differ between nodes)
+        chosen = dist.broadcast_json(0, bool(plan is not None and plan.streaming))
+        if plan is None or plan.streaming != chosen:
+            lazy = lazy or api.open_lazy(model)
+            plan = api.memory_plan(lazy, cfg, n_calib, seq_len, streaming=chosen, max_memory=budget)
     if plan is not None and plan.streaming:
         if out is None:
             raise SurgeonError("streamed pruning writes each layer as it is done: give --out DIR")
@@ -230,6 +263,8 @@ def prune_cmd(
                 "streamed runs resume from their partial directory beside --out; --checkpoint is not used")
         written = api.prune_streamed(model, cfg, out, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
                                      calib_text=calib_text, data_dir=data_dir, progress=not quiet, force=force, lazy=lazy)
+        if not dist.is_main():  # rank 0 evaluates, writes and prints
+            return
         payload = {**written, "memory_plan": {"whole_bytes": plan.whole, "streamed_bytes": plan.streamed,
                                               "available_bytes": plan.available, "reason": plan.reason}}
         if evaluate:
@@ -247,6 +282,8 @@ def prune_cmd(
             teacher = api.load(model)
         report = api.prune(lm, cfg, calib_samples=calib_samples, seq_len=seq_len, seed=seed, calib_text=calib_text,
                            data_dir=data_dir, checkpoint=checkpoint, progress=not quiet)
+        if not dist.is_main():  # rank 0 evaluates, writes and prints
+            return
         payload = {"model": lm.source, **report.to_dict()}
         extra = {}
         if rcfg is not None and teacher is not None and train is not None:
@@ -284,10 +321,7 @@ def prune_cmd(
                      f"{summary['choices'].get('first mask', 0)}, first-round weights {summary['fallbacks']}; "
                      f"{summary['seconds']:.0f} s in refinement")
     if "recover" in payload:
-        r = payload["recover"]
-        lines.append(f"recovery: {r['steps']} steps, distillation loss {r['loss_first10']:.4f} -> {r['loss_last10']:.4f} "
-                     f"(means of the first and last 10), {r['seconds']:.0f} s"
-                     + (f"; STOPPED, {r['diverged']}: the model before recovery is kept" if r["diverged"] else ""))
+        lines.append(recovery_line(payload["recover"]))
     if evaluate:
         lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")
     if out is not None and structured is not None and payload.get("streamed"):
@@ -351,6 +385,13 @@ def run_cmd(
     data_dir: DataDir = None,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the pruned model to ONNX and benchmark it on ONNX Runtime.")] = True,
     runtimes: Annotated[bool, typer.Option("--runtimes/--no-runtimes", help="Also benchmark the pruned model on every installed optional runtime: OpenVINO (the ONNX export) and llama.cpp (a float32 GGUF written beside it).")] = True,
+    recover: Recover = False,
+    recover_steps: RecoverSteps = RECOVER_STEPS,
+    recover_lr: RecoverLr = None,
+    recover_rank: RecoverRank = 0,
+    recover_data: RecoverData = "calibration",
+    recover_windows: RecoverWindows = 64,
+    recover_seq_len: RecoverSeqLen = 256,
     force: Force = False,
     threads: Threads = None,
     quiet: Quiet = False,
@@ -362,15 +403,22 @@ def run_cmd(
 
     _setup(quiet, threads)
     check_choice("--allocation", allocation, ("uniform", "global"))
+    if recover:
+        check_choice("--recover-data", recover_data, api.RECOVER_DATA)
+        if recover_windows < 1:
+            raise SurgeonError(f"--recover-windows must be at least 1, got {recover_windows}")
     payload = api.run(api.RunConfig(
         model=model, out=out, structured=structured, method=method, allocation=allocation, shots=shots,
         calib_samples=calib_samples, ppl_windows=ppl_windows, seq_len=seq_len, text=text, data_dir=data_dir,
         onnx=onnx, runtimes=runtimes, progress=not quiet, force=force,
+        recover=recover_config(recover_steps, recover_lr, recover_rank, recover_seq_len) if recover else None,
+        recover_windows=recover_windows, recover_data=recover_data,
     ))
     _emit(payload, as_json, [
         markdown(payload["benchmark"]),
         f"pruned model: {out / 'pruned'} ({payload['remaining_fraction']:.1%} of decoder-linear weights remain); "
         f"benchmark: {out / 'benchmark.json'}",
+        *([recovery_line(payload["recover"])] if "recover" in payload else []),
     ])
 
 
@@ -644,6 +692,15 @@ def main() -> None:
     user errors too: one ``error:`` line, not a boxed usage text. Ctrl-C says that nothing was
     written (every output goes through a temporary path) and exits with 130.
     """
+    try:
+        _run_app()
+    finally:  # leave torchrun's process group, if the command joined one
+        dist = sys.modules.get("base.distributed")
+        if dist is not None:
+            dist.shutdown()
+
+
+def _run_app() -> None:
     try:  # typer >= 0.2x vendors click
         from typer._click.exceptions import NoArgsIsHelpError, UsageError
     except ImportError:

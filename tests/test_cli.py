@@ -182,11 +182,16 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     assert again.returncode == 2 and "not empty" in again.stderr
     wanda = run_cli("run", str(tiny_llama_dir), "--out", str(tmp_path / "job2"), "--text", str(text_file),
                     "--seq-len", "32", "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.75",
-                    "--method", "wanda", "--no-onnx", "--quiet")
+                    "--method", "wanda", "--no-onnx", "--quiet", "--json",
+                    "--recover", "--recover-steps", "3", "--recover-windows", "2", "--recover-seq-len", "16")
     assert wanda.returncode == 0, wanda.stderr
     small = load_model(tmp_path / "job2" / "pruned")
     sizes = {layer.mlp.gate_proj.out_features for layer in small.model.model.layers}
     assert len(sizes) == 1 and sizes.pop() < 64
+    recovered = json.loads(wanda.stdout)["recover"]  # the main job's --recover: distilled before saving, recorded
+    saved = json.loads((tmp_path / "job2" / "pruned" / "surgeon_report.json").read_text())["recover"]
+    assert recovered["steps"] == saved["steps"] == 3 and recovered["diverged"] is None
+    assert recovered["trained_parameters"] > 0
     assert not (tmp_path / "job2" / "pruned-onnx").exists()
 
 

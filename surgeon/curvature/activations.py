@@ -7,7 +7,11 @@ and the input factor of LLM Surgeon's Kronecker curvature.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
+
+from base.distributed import all_reduce_sum, sum_over_ranks, world_size
 
 
 class SecondMoment:
@@ -45,3 +49,18 @@ class SecondMoment:
             mean, self.sum, self.count = self.sum.div_(self.count), torch.empty(0), 0
             return mean
         return self.sum / self.count
+
+
+def all_reduce_(moments: Iterable[SecondMoment]) -> None:
+    """Sum the accumulators over every rank of a process group, in place (no-op with one process).
+
+    Each rank has added its own calibration batches; afterwards every rank holds the sums and token
+    counts of all of them. Shared accumulators (linears reading one input) are reduced once, in the
+    order first met, which is the same on every rank.
+    """
+    unique = list({id(m): m for m in moments}.values())
+    if world_size() == 1 or not unique:
+        return
+    all_reduce_sum([m.sum for m in unique])
+    for m, count in zip(unique, sum_over_ranks([m.count for m in unique])):
+        m.count = int(count)

@@ -1,0 +1,94 @@
+"""One rank of a data-parallel test run (tests/test_distributed.py); RANK, WORLD_SIZE, MASTER_* as torchrun sets them.
+
+``python -m tests.dist_worker cases SPEC.json OUT`` prunes the model of SPEC once per case through the
+Python API and writes ``OUT/rank-R.json`` (each case's report, a digest of the final weights, or its
+error) and ``OUT/CASE.safetensors`` (rank 0: the final decoder-linear weights).
+
+``python -m tests.dist_worker cli ARGS...`` runs ``surgeon-export ARGS...``; with ``TEST_FAULT=kill``
+(``stall``) the rank ``TEST_FAULT_RANK`` (default 1) kills itself (stops responding) right after its
+first decoder layer, which is what a crashed (hung) node looks like to the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def weights_digest(tensors: dict) -> str:
+    """SHA-256 of every tensor's name and bytes: equal digests, bit-identical weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_cases(spec_file: Path, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from base import distributed as dist
+    from base.errors import SurgeonError
+    from base.loading import load_model
+    from surgeon.sds import SDSConfig
+    from surgeon_export import api
+
+    spec = json.loads(spec_file.read_text())
+    api.init_distributed(spec.get("timeout", 60))
+    rank = dist.rank()
+    results = {}
+    for case in spec["cases"]:
+        kwargs = dict(case["config"])
+        for key, values in case.get("by_rank", {}).items():  # a rank started with other arguments
+            kwargs[key] = values[rank]
+        if "refine" in kwargs:
+            kwargs["refine"] = SDSConfig(**kwargs["refine"])
+        lm = load_model(spec["model"])
+        try:
+            report = api.prune(lm, api.build_config(kwargs.pop("method"), **kwargs), calib_samples=case["calib_samples"],
+                               seq_len=case["seq_len"], calib_text=spec.get("calib_text"),
+                               checkpoint=Path(case["checkpoint"]) if case.get("checkpoint") else None)
+        except SurgeonError as exc:
+            results[case["name"]] = {"error": str(exc)}
+            continue
+        linears = {f"{n}.weight": m.weight.data for n, m in lm.adapter.decoder_linears(lm.model).items()}
+        results[case["name"]] = {"digest": weights_digest(dict(lm.model.state_dict())), "report": report.to_dict()}
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in linears.items()}, str(out / f"{case['name']}.safetensors"))
+    (out / f"rank-{rank}.json").write_text(json.dumps(results))
+
+
+def run_cli(args: list[str]) -> None:
+    fault = os.environ.get("TEST_FAULT")
+    if fault:
+        import surgeon.driver
+
+        real = surgeon.driver.run_layer
+
+        def failing(layer, batches):  # type: ignore[no-untyped-def]
+            out = real(layer, batches)
+            if os.environ.get("RANK") == os.environ.get("TEST_FAULT_RANK", "1"):
+                if fault == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600)  # "stall": alive, but never joins the next collective
+            return out
+
+        surgeon.driver.run_layer = failing
+    from surgeon_export.cli import main
+
+    sys.argv = ["surgeon-export", *args]
+    main()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "cases":
+        run_cases(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        run_cli(sys.argv[2:])
