@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 STATE_VERSION = 1
+STREAMED_ONE_PROCESS = ("streamed LLM Surgeon runs in one process (its layer walk is not data-parallel yet); run it "
+                        "without torchrun, or use --no-streaming")
 # A shot's phases, in order: forward, head, reverse (LLM Surgeon), select, update (global allocations), done.
 
 
@@ -524,8 +526,7 @@ def prune_surgeon_streamed_(
             weights) and its resume state; removed when the run ends.
     """
     if world_size() > 1:
-        raise SurgeonError("streamed LLM Surgeon runs in one process (its layer walk is not data-parallel yet); "
-                           "run it without torchrun, or use --no-streaming")
+        raise SurgeonError(STREAMED_ONE_PROCESS)
     if cfg.refine is not None or cfg.between_shots is not None:
         raise SurgeonError("SDS refinement and low-rank updates between shots do not run streamed yet; use --no-streaming")
     if cfg.structured is not None:
