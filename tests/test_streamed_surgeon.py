@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import surgeon.streamed_surgeon as streamed
 from base.adapters import LLAMA
@@ -26,18 +25,10 @@ from surgeon.calibrate import head_gradient, kfac_factors
 from surgeon.prune.threshold import kth_smallest
 from surgeon.sds import SDSConfig
 from surgeon_export import api
-from tests.conftest import CORPUS, make_tiny_llama
+from tests.conftest import CORPUS, make_tiny_llama, tensors
 
 PHASES = ("forward", "head", "reverse", "select", "update", "done")  # of a shot, in order (state.json)
 CALIB: dict = dict(calib_samples=4, seq_len=16)  # calib_text: set by the src fixture (tokenizing WikiText-2 takes seconds)
-
-
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from base.errors import SurgeonError
 from base.lazy import open_lazy
@@ -17,17 +16,9 @@ from base.loading import load_model
 from export.streaming import StreamedLayers
 from surgeon.sds import SDSConfig
 from surgeon_export import api
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, tensors
 
 SDS = SDSConfig(epochs=3, adjust_epochs=3)
-
-
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 def model_dir(tmp_path: Path, **overrides: object) -> Path:
