@@ -106,10 +106,6 @@ def cached_logits(decoder: object, chunks: list[torch.Tensor]) -> torch.Tensor:
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory's safetensors files, by name."""
-    from safetensors import safe_open
+    from benchmarks.distributed import read_tensors
 
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
+    return read_tensors(directory)

@@ -29,7 +29,7 @@ from runtime.backend import load_backend
 from runtime.generate import GenerationConfig, generate
 from runtime.ort import OrtBackend
 from runtime.torch_backend import TorchBackend
-from tests.conftest import make_tokenizer
+from tests.conftest import cached_logits, make_tokenizer
 from tests.test_surgery import make_model
 from tests.test_surgery_checkpoint import _masked
 
@@ -60,20 +60,6 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], t
     return {(f, v): _export_dir(root, f, v) for f in FAMILIES for v in VARIANTS}
 
 
-def _logits(decoder: object, chunks: list[torch.Tensor]) -> torch.Tensor:
-    """Logits ``[B, T, V]`` of ``chunks`` fed one after another through the decoder's cache."""
-    batch = chunks[0].shape[0]
-    decoder.reset(batch)  # type: ignore[attr-defined]
-    seen, out = 0, []
-    for chunk in chunks:
-        t = chunk.shape[1]
-        mask = torch.ones(batch, seen + t, dtype=torch.long)
-        positions = torch.arange(seen, seen + t).expand(batch, t)
-        out.append(decoder.forward(chunk, mask, positions))  # type: ignore[attr-defined]
-        seen += t
-    return torch.cat(out, dim=1)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_torch_with_and_without_past(family: str, variant: str, exports: dict) -> None:
@@ -82,7 +68,7 @@ def test_logits_match_torch_with_and_without_past(family: str, variant: str, exp
     ids = torch.randint(0, 90, (2, 17), generator=torch.Generator().manual_seed(1))
     cases = [[ids[:, :1]], [ids[:, :5]], [ids], [ids[:, :9], ids[:, 9:10], ids[:, 10:13], ids[:, 13:]]]
     for chunks in cases:  # prompts of 1, 5 and 17 tokens without past; 9 then 1, 3, 4 tokens with past
-        want, got = _logits(torch_dec, chunks), _logits(ort_dec, chunks)
+        want, got = cached_logits(torch_dec, chunks), cached_logits(ort_dec, chunks)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
