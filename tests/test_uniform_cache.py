@@ -21,7 +21,8 @@ import torch
 from base.formats import MODELING_FILE, ONNX_FILE, ONNX_MANIFEST_FILE
 from runtime.backend import load_backend
 from runtime.generate import GenerationConfig, generate
-from tests.test_onnx_export import _export_dir, _logits
+from tests.conftest import cached_logits as _logits
+from tests.test_onnx_export import _export_dir
 
 FAMILIES = ("llama", "opt")  # grouped KV heads, and one KV head per query head
 
