@@ -363,7 +363,12 @@ def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *,
         return {}
     out = Path(out)
     full = {"model": lm.source, **(extra or {}), **(report.to_dict() if report else {})}
-    if report is not None and report.removal is not None:  # zeroed groups become smaller matrices
+    if report is not None and report.removal is not None and report.config.get("pattern"):
+        # Cutting a removed input column shifts the columns after it: down_proj's N:M blocks would no
+        # longer line up. The removed groups stay as zeros, every N:M block intact.
+        log.warning("structured removal with an N:M pattern: the removed groups are saved as zeros, not cut "
+                    "(cutting columns would break the %s blocks)", report.config["pattern"])
+    elif report is not None and report.removal is not None:  # zeroed groups become smaller matrices
         return shrink_and_save(lm.model, lm.tokenizer, lm.adapter, out, ShrinkConfig(align=align),
                                plan=RemovalPlan.from_dict(report.removal), report=full, force=force,
                                source_dir=lm.path)

@@ -296,7 +296,7 @@ def prune_cmd(
             payload["perplexity"] = extra["perplexity"] = ppl.to_dict()
         if out is not None:
             written = api.save(lm, out, report, align=align, extra=extra, force=force)
-            if structured is not None:
+            if "shrink" in written:  # cut physically (structured without an N:M pattern)
                 payload["remaining_fraction"] = written["shrink"]["remaining_fraction"]
             payload.update(out=str(out), saved_sparsity=written.get("saved_sparsity"),
                            bytes_on_disk=written.get("bytes_on_disk"))

@@ -67,8 +67,33 @@ def test_structured_then_two_four() -> None:
     structure_state(model)
     for name, m in LLAMA.decoder_linears(model).items():
         assert NMPattern(2, 4).holds(m.weight != 0), name
-    assert report.sparsity > 0.5
     assert [s["target"] for s in report.shots] == ["0.8 remaining", "2:4"]
+    # The structured shot's groups stay removed under 2:4 (they used to come back: sparsity exactly 0.5).
+    assert report.removal and any(any(layer.values()) for layer in report.removal.values())
+    assert report.sparsity > report.shots[0]["sparsity"] + 0.5 * (1 - report.shots[0]["sparsity"]) - 0.05
+
+
+def test_structured_two_four_saves_removed_groups_as_zeros(tiny_llama_dir, text_file, tmp_path) -> None:
+    """Cutting down_proj's removed input columns would shift its 2:4 blocks: the saved model keeps its
+    shapes, every removed group zero and every decoder linear 2:4."""
+    from safetensors.torch import load_file
+
+    from base.loading import load_model
+    from surgeon_export import api
+
+    lm = load_model(tiny_llama_dir)
+    shapes = {k: v.shape for k, v in lm.model.state_dict().items()}
+    report = api.prune(lm, api.build_config("surgeon", structured=0.8, pattern="2:4", shots=1), calib_text=text_file,
+                       calib_samples=16, seq_len=16)
+    written = api.save(lm, tmp_path / "out", report)
+    assert report.removal and "shrink" not in written and written["removal"] == report.removal
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert {k: saved[k].shape for k in shapes if k in saved} == {k: v for k, v in shapes.items() if k in saved}
+    for name in lm.adapter.decoder_linears(lm.model):
+        assert NMPattern(2, 4).holds(saved[f"{name}.weight"] != 0), name
+    for i, layer in report.removal.items():
+        down = saved[f"model.layers.{i}.mlp.down_proj.weight"]
+        assert (down[:, layer["channels"]] == 0).all()
 
 
 def test_select_ranks_by_cost_per_weight_and_reports_impossible() -> None:

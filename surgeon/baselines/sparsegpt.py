@@ -108,7 +108,8 @@ def prune_sparsegpt(
             (``k + 1`` weights, ``k = int(d_out·B·sparsity)``), ``"exact"`` exactly ``k``.
         keep_mask: optional fixed bool ``[d_out, d_in]`` mask (True = keep); skips mask selection.
         allowed: N:M only: bool ``[d_out, d_in]``, False where a weight must go whatever its
-            score (removed by an earlier shot); those are chosen first in their blocks.
+            score (removed by an earlier shot): all of them go, and they count first towards
+            each block's N:M zeros (a block may end with more zeros than the pattern needs).
         dtype: dtype of the column sweep; default float32 as the reference, float64 when ``W``
             is float64.
 
@@ -166,9 +167,10 @@ def prune_sparsegpt(
             if nm is not None and i % nm.block == 0:
                 j = i + nm.block
                 scores = (W1[i:j].square() / d1[i:j, None].square()).T  # [d_out, block]
-                if forced is not None:
-                    scores = scores.masked_fill(forced[i1 + i : i1 + j].T, -1.0)
                 P1[i:j] = ~nm.mask_from_scores(scores).T
+                if forced is not None:  # forced weights go first, and all of them go (a removed row stays removed)
+                    f = forced[i1 + i : i1 + j]  # [block, d_out]
+                    P1[i:j] = ~nm.mask_from_scores(scores.masked_fill(f.T, -1.0)).T | f
             w = W1[i]  # [d_out]
             q = w.masked_fill(P1[i], 0.0)
             Err1[i] = err = (w - q) / d1[i]  # [d_out]
