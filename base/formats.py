@@ -15,6 +15,7 @@ ONNX_DATA_FILE = "model.onnx_data"  # its external weights, when written
 ONNX_MANIFEST_FILE = "surgeon_onnx.json"  # beside the graph: export settings, decoder-linear initializers
 PACK_WEIGHTS_FILE = "model.sparse.safetensors"  # compressed (N:M, CSR, BSR) tensors
 PACK_MANIFEST_FILE = "surgeon_sparse.json"  # beside them: layout, dtype, checksums
+GGUF_TRUE_FFN_KEY = "surgeon.feed_forward_length"  # GGUF: the MLP widths before zero padding (export/gguf.py)
 
 # Floating dtypes by the names our options, configs and manifests use.
 DTYPES: dict[str, torch.dtype] = {

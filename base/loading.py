@@ -36,6 +36,7 @@ from base.files import (
     temp_prefix,
     write_error,
 )
+from base.formats import GGUF_TRUE_FFN_KEY
 from base.integrity import tensor_checksums, verify_checksums
 
 log = logging.getLogger(__name__)
@@ -433,14 +434,25 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
                                                       trust_remote_code=False)
         except Exception as exc:  # gguf's reader raises many types on bad files; all mean one thing
             raise SurgeonError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from None
-    get_adapter(loaded.config.model_type)
+    adapter = get_adapter(loaded.config.model_type)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
+    state = loaded.state_dict()
+    true_ffn = _true_ffn_widths(gguf)
+    if true_ffn is not None:  # our writer padded the MLP with zero channels for llama.cpp: cut them off
+        config_dict["intermediate_size"] = true_ffn
+        for i in range(config_dict["num_hidden_layers"]):
+            prefix = f"model.layers.{i}."
+            for name in adapter.channel_rows:
+                for suffix in ("weight", "bias"):
+                    if prefix + name + "." + suffix in state:
+                        state[prefix + name + "." + suffix] = state[prefix + name + "." + suffix][:true_ffn].clone()
+            down = prefix + adapter.channel_cols[0] + ".weight"
+            state[down] = state[down][:, :true_ffn].clone()
     config = AutoConfig.for_model(**config_dict)
     with torch.device("meta"):
         clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = loaded.state_dict()
     clean.load_state_dict(state, assign=True, strict=False)
     clean.tie_weights()
     with quiet_transformers():  # its "Writing model shards" bar
@@ -451,6 +463,20 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     for name, tensor in reloaded.state_dict().items():
         if not torch.equal(tensor, state[name]):
             raise RuntimeError(f"GGUF cache reload differs from the GGUF weights at {name}")
+
+
+def _true_ffn_widths(gguf: Path) -> int | None:
+    """The MLP width before our GGUF writer's zero padding (None: not padded). transformers reads only
+    files whose layers agree, so one width."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get(GGUF_TRUE_FFN_KEY)
+    if field is None:
+        return None
+    widths = {int(w) for w in field.contents()}
+    if len(widths) != 1:
+        raise SurgeonError(f"cannot read GGUF file {gguf}: per-layer MLP widths {sorted(widths)} (llama.cpp's deci)")
+    return widths.pop()
 
 
 @contextmanager

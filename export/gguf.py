@@ -47,6 +47,15 @@ query bias when ``heads * head_dim != hidden`` (``llama``, ``deci`` and ``qwen2`
 ``attn_q.bias`` with ``n_embd`` rows; ``qwen2`` also needs ``attn_q`` square), Qwen3 attention
 biases (not read by ``qwen3``). ``uniform=True`` insists on the stock architecture.
 
+MLP widths are padded with zero channels to a multiple of :data:`FFN_ALIGN` (32): ggml's tiled
+CPU matmul for prompt processing (``ggml-cpu/llamafile/sgemm.cpp``, ``llamafile_sgemm``) serves
+F32/F16 weights only when the inner dimension ``k`` is a multiple of 8 (AVX2) or 16 (AVX-512), and
+Q8_0 rows come in blocks of 32; ``ffn_down`` of a pruned model (``k`` = its MLP width, e.g. 1126)
+otherwise falls back to the generic kernel, and the smaller model's prefill was slower than the
+dense one's (1.30x the latency at 1x128, measured). A zero channel adds nothing (``silu(0) * 0``,
+and a zero ``ffn_down`` column), so outputs are unchanged; the true widths are kept under
+``surgeon.feed_forward_length`` (:data:`base.formats.GGUF_TRUE_FFN_KEY`) and :mod:`base.loading` cuts the padding when it reads the file back.
+
 The file is written to a temporary sibling and renamed into place; nothing is left behind on
 failure, and an existing file is replaced only with ``force``.
 """
@@ -70,13 +79,14 @@ import torch
 
 from base.errors import SurgeonError
 from base.files import check_writable, clean_stale, temp_prefix, write_error
-from base.formats import REPORT_FILE
+from base.formats import GGUF_TRUE_FFN_KEY, REPORT_FILE
 from base.loading import check_safetensors, load_tokenizer, read_config, weight_files
 
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0")
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # model_type -> family
 PER_LAYER_PREFIX = "surgeon_"
 Q8_0_BLOCK = 32
+FFN_ALIGN = 32  # MLP widths padded with zero channels to this multiple (the module docstring says why)
 
 # convert_hf_to_gguf.py, get_vocab_base_pre: this text's token ids identify the BPE pre-tokenizer.
 CHKTXT = (
@@ -132,6 +142,15 @@ class _Model:
     rope: dict[str, Any]
     layers: list[LayerSizes]
     tied: bool
+    ffn_align: int = 1
+
+    def ffn_width(self, s: LayerSizes) -> int:
+        """The MLP width written: ``s.intermediate_size`` rounded up to :attr:`ffn_align`."""
+        return -(-s.intermediate_size // self.ffn_align) * self.ffn_align
+
+    @property
+    def padded(self) -> bool:
+        return any(self.ffn_width(s) != s.intermediate_size for s in self.layers)
 
     @property
     def per_layer(self) -> bool:
@@ -151,6 +170,7 @@ class _Tensor:
     shape: tuple[int, ...]  # numpy order (rows last)
     qtype: Any  # gguf.GGMLQuantizationType
     permute_heads: int = 0  # >0: reorder rows for llama.cpp's RoPE, this many heads
+    pad: tuple[int, int] = (0, 0)  # zero rows, zero columns appended (MLP widths padded to FFN_ALIGN)
     data: torch.Tensor | None = None  # computed tensors (rope_freqs)
 
     @property
@@ -180,6 +200,7 @@ def export_gguf(
     uniform: bool = False,
     force: bool = False,
     source: str | None = None,
+    ffn_align: int = FFN_ALIGN,
 ) -> dict:
     """Write ``model_dir`` (a Hugging Face Llama-family directory) as one GGUF file for llama.cpp.
 
@@ -197,6 +218,8 @@ def export_gguf(
             ``qwen3``); a checkpoint whose layers differ in size is then refused instead of being
             written as ``deci``.
         force: replace an existing ``out``.
+        ffn_align: MLP widths are padded with zero channels to a multiple of this (1: never), so
+            that llama.cpp's fast matmul applies (module docstring).
 
     Returns:
         A manifest: architecture, tensor type, per-layer sizes, bytes, tensor count, ...
@@ -211,7 +234,10 @@ def export_gguf(
     check_gguf_target(out, force)
     if not model_dir.is_dir():
         raise SurgeonError(f"model directory not found: {model_dir}")
+    if ffn_align < 1:
+        raise SurgeonError(f"--ffn-align must be at least 1, got {ffn_align}")
     model = _describe(read_config(model_dir), uniform)
+    model.ffn_align = ffn_align
     files = weight_files(model_dir)
     for f in files:
         check_safetensors(f)
@@ -263,6 +289,8 @@ def export_gguf(
         "hidden_size": model.hidden,
         "head_dim": model.head_dim,
         "layers": [s.to_dict() for s in model.layers],
+        "feed_forward_length_written": [model.ffn_width(s) for s in model.layers],  # zero-padded to ffn_align
+        "ffn_align": ffn_align,
         "vocab_size": model.vocab_size,
         "tied_embeddings": model.tied,
         "qk_permuted": model.permute_qk,
@@ -500,12 +528,20 @@ def _plan_tensors(m: _Model, sources: dict[str, tuple[Path, tuple[int, ...], str
                 f"llama.cpp's 'qwen2' needs heads x head_dim = hidden_size ({m.hidden}), got "
                 f"{sizes.num_attention_heads} x {m.head_dim}; Qwen2 with removed query heads has no llama.cpp layout"
             )
+        pad = m.ffn_width(sizes) - sizes.intermediate_size
+        if kind in ("FFN_GATE", "FFN_UP") and pad:  # rows (and bias entries) are MLP channels
+            extra, shape = (pad, 0), (shape[0] + pad, *shape[1:])
+        elif kind == "FFN_DOWN" and suffix == "weight" and pad:  # columns are MLP channels
+            extra, shape = (0, pad), (shape[0], shape[1] + pad)
+        else:
+            extra = (0, 0)
         heads = 0
         if m.permute_qk and kind == "ATTN_Q":
             heads = sizes.num_attention_heads
         elif m.permute_qk and kind == "ATTN_K":
             heads = sizes.num_key_value_heads
-        layer_tensors[bid][(kind, suffix)] = _Tensor(gguf_name, key, shape, _out_type(gguf_name, shape, qtype), heads)
+        layer_tensors[bid][(kind, suffix)] = _Tensor(gguf_name, key, shape, _out_type(gguf_name, shape, qtype), heads,
+                                                     pad=extra)
 
     for name in ("TOKEN_EMBD", "OUTPUT_NORM"):
         if name not in globals_:
@@ -604,6 +640,11 @@ def _encode(t: _Tensor, sources: dict[str, tuple[Path, tuple[int, ...], str]], h
         data = handles[sources[t.source][0]].get_tensor(t.source)
     if t.permute_heads:
         data = permute_qk(data, t.permute_heads)
+    rows, cols = t.pad
+    if rows:  # zero MLP channels appended (FFN_ALIGN)
+        data = torch.cat([data, data.new_zeros(rows, *data.shape[1:])])
+    if cols:
+        data = torch.cat([data, data.new_zeros(data.shape[0], cols)], dim=1)
     kind = t.qtype.name
     if kind == "F32":
         return data.to(torch.float32).contiguous().numpy()
@@ -737,13 +778,15 @@ def _write_metadata(writer: Any, m: _Model, vocab: _Vocab, qtype: Any, name: str
     writer.add_context_length(m.context_length)
     writer.add_embedding_length(m.hidden)
     if m.per_layer:
-        writer.add_feed_forward_length([s.intermediate_size for s in m.layers])
+        writer.add_feed_forward_length([m.ffn_width(s) for s in m.layers])
         writer.add_head_count([s.num_attention_heads for s in m.layers])
         writer.add_head_count_kv([s.num_key_value_heads for s in m.layers])
     else:
-        writer.add_feed_forward_length(m.layers[0].intermediate_size)
+        writer.add_feed_forward_length(m.ffn_width(m.layers[0]))
         writer.add_head_count(m.layers[0].num_attention_heads)
         writer.add_head_count_kv(m.layers[0].num_key_value_heads)
+    if m.padded:  # llama.cpp ignores it; base.loading cuts the zero channels back off
+        writer.add_array(GGUF_TRUE_FFN_KEY, [s.intermediate_size for s in m.layers])
     writer.add_rope_freq_base(m.rope_theta)
     if m.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -774,5 +817,6 @@ def read_gguf_metadata(path: Path | str) -> dict[str, Any]:
 
 
 __all__: list[str] = [
-    "TENSOR_TYPES", "LayerSizes", "check_gguf_target", "export_gguf", "permute_qk", "read_gguf_metadata",
+    "FFN_ALIGN", "TENSOR_TYPES", "LayerSizes", "check_gguf_target", "export_gguf", "permute_qk",
+    "read_gguf_metadata",
 ]

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from base.errors import SurgeonError
+from base.formats import GGUF_TRUE_FFN_KEY
 from base.loading import (
     cache_dir,
     file_digest,
@@ -67,7 +68,7 @@ CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON 
 INSTALL_LINE = f'CMAKE_ARGS="{CMAKE_ARGS}" python3 -m pip install -c constraints.txt -e ".[llama]"'
 TENSOR_TYPES = {"auto": "F32", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # --dtype -> GGUF type
 FILE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # GGUF type of the linears -> --dtype
-CACHE_FORMAT = 1  # bump when export/gguf.py changes what it writes; old cached files are then rebuilt
+CACHE_FORMAT = 2  # bump when export/gguf.py changes what it writes; old cached files are then rebuilt (2: MLP zero-padded)
 CONTEXT_TOKENS = 768  # positions per row a new context holds (llama.cpp pads to 256); grows when outgrown
 UBATCH = 512  # tokens per llama_decode call (llama.cpp's default physical batch)
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
@@ -157,6 +158,10 @@ def read_gguf(path: Path) -> dict:
         message = str(exc).strip().splitlines()
         raise SurgeonError(f"cannot read GGUF file {path}: {message[0] if message else type(exc).__name__}") from None
     arch = str(meta.get("general.architecture", "?"))
+    written, true = meta.get(f"{arch}.feed_forward_length"), meta.get(GGUF_TRUE_FFN_KEY)
+    if true is not None:  # our writer's zero MLP channels (export/gguf.py, FFN_ALIGN) are not the model's
+        blocks = len(true)
+        written = [int(written)] * blocks if not isinstance(written, list) else [int(w) for w in written]
     counts = dict.fromkeys(("total", "decoder_linear", "decoder_linear_zeros", "total_zeros"), 0)
     types: Counter[str] = Counter()
     linear_types: Counter[str] = Counter()
@@ -173,6 +178,10 @@ def read_gguf(path: Path) -> dict:
             zeros = int((gguf.quants.dequantize(data, t.tensor_type) == 0).sum())
         n = int(t.n_elements)
         kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
+        if true is not None and (kind in ("ffn_gate", "ffn_up") or (kind == "ffn_down" and t.name.endswith(".weight"))):
+            i = int(t.name.split(".")[1])
+            padding = n // written[i] * (written[i] - int(true[i]))
+            n, zeros = n - padding, zeros - padding
         counts["total"] += n
         counts["total_zeros"] += zeros
         weight_bytes += int(t.n_bytes)

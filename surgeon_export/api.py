@@ -44,7 +44,7 @@ from benchmarks.run import BenchConfig, ModelSpec, PplConfig
 from benchmarks.run import bench as _bench
 from export.card import add_measurements, benchmark_lines
 from export.checkpoint import prepare_target, save_checkpoint
-from export.gguf import check_gguf_target
+from export.gguf import FFN_ALIGN, check_gguf_target
 from export.gguf import export_gguf as _export_gguf
 from export.onnx import OnnxConfig
 from export.onnx import export_onnx as _export_onnx
@@ -408,13 +408,13 @@ def export_onnx(lm: LoadedModel, out: str | Path, config: OnnxConfig | None = No
 
 
 def export_gguf(model: str | Path | None, out: str | Path, *, tensor_type: str = "f16", uniform: bool = False,
-                force: bool = False) -> dict:
+                force: bool = False, ffn_align: int = FFN_ALIGN) -> dict:
     """One ``.gguf`` file for llama.cpp (:func:`export.gguf.export_gguf`) from a model directory, a ``.gguf``
     file or the default model (None); per-layer shapes as llama.cpp's ``deci`` architecture (docs/gguf.md)."""
     check_gguf_target(Path(out), force)
     directory, source = resolve_model_dir(model)
     return _export_gguf(directory, Path(out), tensor_type=tensor_type, uniform=uniform, force=force,
-                        source=source) | {"source": source}
+                        source=source, ffn_align=ffn_align) | {"source": source}
 
 
 def pack(lm: LoadedModel, out: str | Path, config: PackConfig | None = None, *, force: bool = False) -> dict:

@@ -528,6 +528,7 @@ def gguf_cmd(
     tensor_type: Annotated[str, typer.Option("--type", help="Weight type: f32, f16, bf16 or q8_0.")] = "f16",
     uniform: Annotated[bool, typer.Option("--uniform", help="Refuse per-layer shapes: stock llama/qwen2/qwen3 only.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    ffn_align: Annotated[int, typer.Option("--ffn-align", help="Pad MLP widths with zero channels to a multiple of this, for llama.cpp's fast matmul (1: never).")] = 32,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -537,7 +538,7 @@ def gguf_cmd(
     _setup(quiet, None)
     if out is None:
         raise SurgeonError("give --out FILE.gguf for the GGUF export")
-    m = api.export_gguf(model, out, tensor_type=tensor_type, uniform=uniform, force=force)
+    m = api.export_gguf(model, out, tensor_type=tensor_type, uniform=uniform, force=force, ffn_align=ffn_align)
     _emit(m, as_json, [f"wrote {out}: llama.cpp '{m['architecture']}', {m['tensor_type']}, {len(m['layers'])} layers, "
                        f"{m['tensor_count']} tensors, {m['bytes'] / 2**20:.1f} MiB"])
 

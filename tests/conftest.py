@@ -12,6 +12,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Under pytest-xdist (the README's `-n 2`) each worker gets one core: one torch thread, and one for
+# the processes it spawns. Two workers with two threads each on a 2-core machine oversubscribe it,
+# and torch's threaded kernels then stall.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A model that is pruned should still read text. "
     "Sparse matrices store fewer numbers; dense matrices store them all. Layers, heads and channels "

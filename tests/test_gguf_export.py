@@ -142,6 +142,20 @@ def per_layer_dir(tok, tmp_path_factory) -> Path:
     return per_layer("llama", tok, tmp_path_factory.mktemp("gguf"), PER_LAYER_PLAN)
 
 
+def padded(name: str, src: torch.Tensor, meta: dict) -> torch.Tensor:
+    """The source tensor with the zero MLP channels the writer appends to reach a multiple of 32."""
+    kind = name.split(".")[-2] if name.startswith("blk.") else ""
+    if kind not in ("ffn_gate", "ffn_up", "ffn_down") or not name.endswith(".weight"):
+        return src
+    arch, layer = meta["general.architecture"], int(name.split(".")[1])
+    width = meta[f"{arch}.feed_forward_length"]
+    width = width[layer] if isinstance(width, list) else width
+    assert width % 32 == 0 and width - 32 < (src.shape[1] if kind == "ffn_down" else src.shape[0]) <= width
+    if kind == "ffn_down":
+        return torch.cat([src, src.new_zeros(src.shape[0], width - src.shape[1])], dim=1)
+    return torch.cat([src, src.new_zeros(width - src.shape[0], src.shape[1])])
+
+
 def check_f32_round_trip(directory: Path, out: Path) -> tuple[dict, dict, dict]:
     manifest = export_gguf(directory, out, tensor_type="f32")
     meta, tensors = read(out)
@@ -150,7 +164,7 @@ def check_f32_round_trip(directory: Path, out: Path) -> tuple[dict, dict, dict]:
     expected = {k for k in source if not (tied and k == "lm_head.weight")}
     assert {hf_name(n) for n in tensors} == expected
     for name, t in tensors.items():
-        src = source[hf_name(name)]
+        src = padded(name, source[hf_name(name)], meta)
         assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
         assert list(t.shape) == list(reversed(src.shape)), name  # ggml order: fastest dimension first
         assert tuple(t.data.shape) == tuple(src.shape), name
@@ -184,7 +198,9 @@ def test_f32_round_trip_per_layer_shapes_use_deci(per_layer_dir: Path, tmp_path:
     manifest, meta, tensors = check_f32_round_trip(per_layer_dir, tmp_path / "p.gguf")
     assert meta["general.architecture"] == "deci" and manifest["per_layer_shapes"] is True
     assert meta["deci.block_count"] == 3 and meta["deci.embedding_length"] == 48
-    assert meta["deci.feed_forward_length"] == [s[0] for s in PER_LAYER_SIZES]
+    assert meta["deci.feed_forward_length"] == [64, 32, 64]  # 35, 31, 40 padded with zero channels
+    assert meta["surgeon.feed_forward_length"] == [s[0] for s in PER_LAYER_SIZES]
+    assert manifest["feed_forward_length_written"] == [64, 32, 64]
     assert meta["deci.attention.head_count"] == [s[1] for s in PER_LAYER_SIZES]
     assert meta["deci.attention.head_count_kv"] == [s[2] for s in PER_LAYER_SIZES]
     assert meta["deci.attention.key_length"] == meta["deci.attention.value_length"] == 8
@@ -196,7 +212,7 @@ def test_f32_round_trip_per_layer_shapes_use_deci(per_layer_dir: Path, tmp_path:
     for i, (ff, heads, kv) in enumerate(PER_LAYER_SIZES):  # each layer has its own shapes in the file
         assert list(tensors[f"blk.{i}.attn_q.weight"].shape) == [48, heads * 8]
         assert list(tensors[f"blk.{i}.attn_k.weight"].shape) == [48, kv * 8]
-        assert list(tensors[f"blk.{i}.ffn_down.weight"].shape) == [ff, 48]
+        assert list(tensors[f"blk.{i}.ffn_down.weight"].shape) == [-(-ff // 32) * 32, 48]
     assert [layer["intermediate_size"] for layer in manifest["layers"]] == [35, 31, 40]
 
 
@@ -240,7 +256,7 @@ def test_f16_and_bf16_equal_the_source_cast(kind: str, dtype: torch.dtype, per_l
     assert manifest["tensor_type"] == kind.upper() and meta["general.file_type"] == int(manifest["file_type"])
     assert meta["general.file_type"] == {"f16": 1, "bf16": 32}[kind]
     for name, t in tensors.items():
-        src = source[hf_name(name)]
+        src = padded(name, source[hf_name(name)], meta)
         if src.dim() == 1:  # norms stay float32, as llama.cpp's converter keeps them
             assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(values(t), src), name
             continue
@@ -267,15 +283,17 @@ def test_q8_0_within_block_error(llama_dir: Path, per_layer_dir: Path, tmp_path:
         assert bool((err <= bound).all()), name
         inexact += int((err > 0).sum())
     assert inexact > 0  # really quantised
-    # Rows that are not whole Q8_0 blocks (hidden 48, MLP 35/31) are written F16, as convert_hf_to_gguf does.
+    # Rows that are not whole Q8_0 blocks (hidden 48) are written F16, as convert_hf_to_gguf does; the MLP
+    # widths 35/31/40 are padded to 64/32/64, so ffn_down is Q8_0.
     manifest = export_gguf(per_layer_dir, tmp_path / "pq.gguf", tensor_type="q8_0")
     meta, tensors = read(tmp_path / "pq.gguf")
-    source = source_tensors(per_layer_dir)
-    odd = sorted(n for n, t in tensors.items() if source[hf_name(n)].dim() == 2 and source[hf_name(n)].shape[-1] % 32)
+    source = {n: padded(n, source_tensors(per_layer_dir)[hf_name(n)], meta) for n in tensors}
+    odd = sorted(n for n in tensors if source[n].dim() == 2 and source[n].shape[-1] % 32)
     assert sorted(manifest["f16_fallback"]) == odd and "blk.2.attn_output.weight" not in odd  # 4 heads x 8 = 32
+    assert not any(".ffn_down." in n for n in odd)
     for name in odd:
         assert tensors[name].tensor_type == gguf.GGMLQuantizationType.F16
-        assert torch.equal(as_source_order(name, values(tensors[name]), meta), source[hf_name(name)].half().float())
+        assert torch.equal(as_source_order(name, values(tensors[name]), meta), source[name].half().float())
     assert tensors["blk.2.attn_output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
 
 
@@ -350,7 +368,8 @@ def test_qwen2_uniform_is_unpermuted_and_per_layer_goes_to_deci(qwen_tok, tmp_pa
     mlp_only = RemovalPlan({0: LayerPlan.of(channels=range(3)), 2: LayerPlan.of(channels=range(8))})
     pl = per_layer("qwen2", tok, tmp_path, mlp_only)
     _, meta, tensors = check_f32_round_trip(pl, tmp_path / "pq.gguf")  # q/k weights and biases unpermuted
-    assert meta["general.architecture"] == "deci" and meta["deci.feed_forward_length"] == [37, 40, 32]
+    assert meta["general.architecture"] == "deci" and meta["surgeon.feed_forward_length"] == [37, 40, 32]
+    assert meta["deci.feed_forward_length"] == [64, 64, 32]  # zero channels to multiples of 32
     k_bias = source_tensors(pl)["model.layers.0.self_attn.k_proj.bias"]
     assert not torch.equal(values(tensors["blk.0.attn_k.bias"]), k_bias)  # biases are permuted with their rows
 
@@ -378,6 +397,31 @@ def test_surgeon_checkpoint_with_equal_layers_uses_plain_llama(tok, tmp_path: Pa
     manifest, meta, _ = check_f32_round_trip(directory, tmp_path / "s.gguf")
     assert meta["general.architecture"] == "llama" and meta["llama.feed_forward_length"] == 32
     assert manifest["per_layer_shapes"] is False
+
+
+def test_padded_mlp_reads_back_unpadded_and_q8_0_needs_no_f16_fallback(tok, tmp_path: Path) -> None:
+    """A uniform MLP width of 40: written as 64 (zero channels, llama.cpp's fast matmul needs multiples of
+    8-32), read back by our loader as the exact source tensors with width 40."""
+    from transformers import LlamaForCausalLM
+
+    from base.loading import load_model
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(tiny_llama_config(len(tok), intermediate_size=40)).eval()
+    directory = save(model, tok, tmp_path / "mlp40")
+    manifest, meta, tensors = check_f32_round_trip(directory, tmp_path / "m.gguf")
+    assert meta["llama.feed_forward_length"] == 64 and meta["surgeon.feed_forward_length"] == [40, 40]
+    assert manifest["layers"][0]["intermediate_size"] == 40
+    lm = load_model(tmp_path / "m.gguf")
+    assert lm.model.config.intermediate_size == 40
+    source = source_tensors(directory)
+    for key, value in lm.model.state_dict().items():
+        if key in source:
+            assert torch.equal(value, source[key]), key
+    q8 = export_gguf(directory, tmp_path / "q.gguf", tensor_type="q8_0")
+    assert q8["f16_fallback"] == []  # ffn_down's rows (64) are whole Q8_0 blocks
+    unpadded = export_gguf(directory, tmp_path / "u.gguf", tensor_type="f32", ffn_align=1)
+    assert read(tmp_path / "u.gguf")[0]["llama.feed_forward_length"] == 40 and unpadded["ffn_align"] == 1
 
 
 def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
