@@ -116,3 +116,10 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
     from benchmarks.distributed import read_tensors
 
     return read_tensors(directory)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with `slow` tests (the real default model: minutes each) first, the rest in their order: under
+    `-n 2 --dist loadfile` the long files then start at once instead of leaving one worker alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order within each group kept
