@@ -443,12 +443,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     if true_ffn is not None:  # our writer padded the MLP with zero channels for llama.cpp: cut them off
         config_dict["intermediate_size"] = true_ffn
         for i in range(config_dict["num_hidden_layers"]):
-            prefix = f"model.layers.{i}."
-            for name in adapter.channel_rows:
-                for suffix in ("weight", "bias"):
-                    if prefix + name + "." + suffix in state:
-                        state[prefix + name + "." + suffix] = state[prefix + name + "." + suffix][:true_ffn].clone()
-            down = prefix + adapter.channel_cols[0] + ".weight"
+            prefix = f"{adapter.layers}.{i}."
+            for key in (prefix + n + s for n in adapter.channel_rows for s in (".weight", ".bias")):
+                if key in state:  # MLP channels are rows (and bias entries) here
+                    state[key] = state[key][:true_ffn].clone()
+            down = prefix + adapter.channel_cols[0] + ".weight"  # and columns here
             state[down] = state[down][:, :true_ffn].clone()
     config = AutoConfig.for_model(**config_dict)
     with torch.device("meta"):
