@@ -89,17 +89,20 @@ def input_moments(
     adapter: Adapter,
     batches: list[LayerBatch],
     groups: tuple[tuple[str, ...], ...] | None = None,
+    *,
+    diagonal: bool = False,
 ) -> dict[str, SecondMoment]:
     """Second moment ``A`` of the inputs of the linears in ``layer`` (keyed by name in the layer).
 
     Linears that read the same tensor (q/k/v, gate/up) share one accumulator: one hook per group.
-    ``groups`` limits the statistics to some input groups (default: all of ``adapter.input_groups``).
+    ``groups`` limits the statistics to some input groups (default: all of ``adapter.input_groups``);
+    ``diagonal`` keeps only ``diag(A)`` (Wanda).
     """
     moments: dict[str, SecondMoment] = {}
     handles = []
     for group in groups if groups is not None else adapter.input_groups:
         lead = layer.get_submodule(group[0])
-        moment = SecondMoment(lead.in_features, device=lead.weight.device)
+        moment = SecondMoment(lead.in_features, device=lead.weight.device, diagonal=diagonal)
         for name in group:
             moments[name] = moment
         handles.append(lead.register_forward_hook(lambda _m, args, _out, acc=moment: acc.update(args[0])))

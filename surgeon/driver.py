@@ -36,6 +36,7 @@ from surgeon.baselines.magnitude import prune_magnitude
 from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.baselines.wanda import prune_wanda
 from surgeon.calibrate import capture_layer_inputs, input_moments, run_layer
+from surgeon.curvature.activations import SecondMoment
 from surgeon.sds import LayerPruner, SDSConfig, pair_moments, refine_linear, self_stats
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,15 @@ def linear_cost(linear: nn.Linear) -> float:
     return float(d_in) ** 2 * (d_in + d_out)
 
 
+def mean_moment(moments: dict[str, SecondMoment], name: str, means: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``A`` of ``name``'s input: its accumulator finalised in place the first time (linears reading one
+    input share it), so a layer holds one ``d_in²`` matrix per input, not a running sum and a copy."""
+    moment = moments[name]
+    if id(moment) not in means:
+        means[id(moment)] = moment.finalize(consume=True)
+    return means[id(moment)]
+
+
 def check_targets(model: nn.Module, adapter: Adapter, cfg: PruneConfig) -> None:
     """Validate the target against every linear before any work starts."""
     target = cfg.target
@@ -268,8 +278,10 @@ def prune_sequential_(
                 stats, outs = pair_moments(layer, t_layer, adapter, batches, t_batches if dense_stream else batches,
                                            step, teacher_outputs=dense_stream and k == 0)
                 next_t = outs if k == 0 else next_t  # the teacher's outputs come from its first pass
-            else:
-                moments = input_moments(layer, adapter, batches, step) if needs_data else {}
+            else:  # Wanda reads only diag(A)
+                moments = input_moments(layer, adapter, batches, step, diagonal=cfg.method == "wanda") \
+                    if needs_data else {}
+            means: dict[int, torch.Tensor] = {}  # A per shared accumulator, finalised once, in place
             for name, linear in linears.items():
                 full = f"{adapter.layers}.{index}.{name}"
                 names.append(full)
@@ -287,7 +299,7 @@ def prune_sequential_(
                         t_layer.get_submodule(name).weight.data, W1, stats[name], target, REPRUNERS[cfg.method],
                         refine, full)
                 else:
-                    A = moments[name].finalize() if needs_data else None
+                    A = mean_moment(moments, name, means) if needs_data else None
                     W_new, _ = prune(linear.weight.data, A, n_tokens, cfg.target)
                 linear.weight.data.copy_(W_new)
             share({n: [m.weight.data] for n, m in linears.items()}, owners)
@@ -296,7 +308,7 @@ def prune_sequential_(
                 if refine:
                     report.refine[full] = broadcast_json(owners[name], report.refine.get(full))
                 report.record(full, linear)
-            moments = stats = {}  # free this step's statistics before the next step collects its own
+            moments = stats = means = {}  # free this step's statistics before the next step collects its own
         del t_layer
         if needs_data:
             batches = run_layer(layer, batches)

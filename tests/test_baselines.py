@@ -21,8 +21,9 @@ from surgeon.baselines.common import (
     mask_from_scores_per_row,
 )
 from surgeon.baselines.magnitude import prune_magnitude
-from surgeon.baselines.sparsegpt import MaskRule, prune_sparsegpt
+from surgeon.baselines.sparsegpt import MaskRule, inverse_hessian_factor, prune_sparsegpt
 from surgeon.baselines.wanda import prune_wanda, wanda_scores
+from surgeon.curvature.activations import SecondMoment
 
 Pruner = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 PRUNERS: dict[str, Pruner] = {
@@ -295,15 +296,47 @@ def test_sparsegpt_raises_damping_when_cholesky_fails(caplog: pytest.LogCaptureF
         prune_sparsegpt(W, -torch.eye(4, dtype=F64), 1, 0.5)
 
 
+def test_inverse_hessian_factor_is_the_flipped_cholesky_inverse_bit_for_bit() -> None:
+    """The low-memory factorisation (damping on the flipped copy's diagonal, K⁻¹ solved in place)
+    gives exactly what the plain formula ``J chol(J (H + λ mean(diag H) I) J)⁻¹ J`` gives."""
+    _, A = correlated_layer(4, 96, seed=12)
+    eye = torch.eye(96, dtype=F64)
+    K = torch.linalg.cholesky((A + 0.01 * A.diagonal().mean() * eye).flip(0, 1))
+    expected = torch.linalg.solve_triangular(K, eye, upper=False).flip(0, 1)
+    U = inverse_hessian_factor(A, 0.01)
+    assert U.is_contiguous() and torch.equal(U, expected)
+    assert torch.allclose(U.T @ U @ (A + 0.01 * A.diagonal().mean() * eye), eye, atol=1e-8)
+
+
+def test_wanda_takes_the_diagonal_alone() -> None:
+    """Wanda reads only diag(A): the ``[d_in]`` diagonal gives the same mask and weights as the matrix,
+    and the diagonal accumulator equals the matrix accumulator's diagonal."""
+    W, A = correlated_layer(16, 64, seed=13)
+    for target in (0.5, NMPattern(2, 4)):
+        full, diag = prune_wanda(W, A, 100, target), prune_wanda(W, A.diagonal().clone(), 100, target)
+        assert torch.equal(full[0], diag[0]) and torch.equal(full[1], diag[1])
+    with pytest.raises(SurgeonError, match="second moment"):
+        prune_wanda(W, A.diagonal()[:32].clone(), 100, 0.5)
+    with pytest.raises(SurgeonError, match="second moment"):  # SparseGPT needs the matrix
+        prune_sparsegpt(W, A.diagonal().clone(), 100, 0.5)
+    x = torch.randn(3, 50, 64, generator=torch.Generator().manual_seed(14))
+    matrix, diagonal = SecondMoment(64), SecondMoment(64, diagonal=True)
+    for batch in x:
+        matrix.update(batch)
+        diagonal.update(batch)
+    assert diagonal.finalize().shape == (64,)
+    torch.testing.assert_close(diagonal.finalize(), matrix.finalize().diagonal(), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("method", list(PRUNERS))
 def test_dtype_kept_and_input_untouched(method: str, dtype: torch.dtype) -> None:
     W, A = correlated_layer(8, 64, seed=10)
     W = W.to(dtype).T.contiguous().T  # column-major: W.T is contiguous, a tempting in-place view
-    W_before = W.clone()
+    W_before, A_before = W.clone(), A.clone()
     W_new, keep = PRUNERS[method](W, A, 2048, 0.5)
     assert W_new.dtype == dtype and keep.dtype == torch.bool
-    assert torch.equal(W, W_before)
+    assert torch.equal(W, W_before) and torch.equal(A, A_before)  # SparseGPT factorises A itself, not a copy
     assert (W_new[~keep] == 0).all() and torch.isfinite(W_new).all()
 
 

@@ -20,16 +20,17 @@ Target: TypeAlias = float | NMPattern
 Scope = Literal["matrix", "row"]
 
 
-def check_layer(W: torch.Tensor, A: torch.Tensor | None = None, name: str = "weight") -> None:
+def check_layer(W: torch.Tensor, A: torch.Tensor | None = None, name: str = "weight", *,
+                diagonal_ok: bool = False) -> None:
     """Raise :class:`SurgeonError` unless ``W`` is a finite float ``[d_out, d_in]`` matrix and ``A``
-    (when given) a finite ``[d_in, d_in]`` matrix."""
+    (when given) a finite ``[d_in, d_in]`` matrix (or, ``diagonal_ok``, its ``[d_in]`` diagonal)."""
     if W.ndim != 2 or not W.is_floating_point():
         raise SurgeonError(f"{name}: expected a 2-D float weight, got {tuple(W.shape)} {W.dtype}")
     if not torch.isfinite(W).all():
         raise SurgeonError(f"{name}: weight has non-finite values")
     if A is not None:
         d_in = W.shape[1]
-        if A.shape != (d_in, d_in):
+        if A.shape != (d_in, d_in) and not (diagonal_ok and A.shape == (d_in,)):
             raise SurgeonError(
                 f"{name}: second moment is {tuple(A.shape)}, expected ({d_in}, {d_in})"
             )

@@ -16,14 +16,15 @@ from surgeon.baselines.common import Target, check_layer, check_target, mask_for
 
 
 def wanda_scores(W: torch.Tensor, A: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Saliency ``|W_ij| · ‖x_j‖₂`` as float64 ``[d_out, d_in]``, from ``W`` and ``diag(A)``.
+    """Saliency ``|W_ij| · ‖x_j‖₂`` as float64 ``[d_out, d_in]``, from ``W`` and ``diag(A)`` (``A`` may be the diagonal).
 
     Example:
         >>> wanda_scores(torch.tensor([[1.0, -2.0]]), torch.diag(torch.tensor([4.0, 1.0])), 1)
         tensor([[2., 2.]], dtype=torch.float64)
     """
     # A_jj >= 0 for a second moment; clamp guards against a rounding-negative diagonal under sqrt.
-    x_norm = (n_tokens * A.diagonal().to(torch.float64)).clamp_min(0).sqrt()  # [d_in]
+    diag = A if A.ndim == 1 else A.diagonal()
+    x_norm = (n_tokens * diag.to(torch.float64)).clamp_min(0).sqrt()  # [d_in]
     return W.to(torch.float64).abs() * x_norm  # [d_out, d_in]
 
 
@@ -35,7 +36,8 @@ def prune_wanda(
     Args:
         W: ``[d_out, d_in]`` weight, any float dtype.
         A: ``[d_in, d_in]`` mean second moment of the layer's inputs (float64); only its
-            diagonal is used.
+            diagonal is used, and may be given alone, ``[d_in]``
+            (:class:`~surgeon.curvature.activations.SecondMoment` with ``diagonal=True``).
         n_tokens: number of calibration tokens behind ``A`` (scales every score alike).
         target: sparsity fraction in [0, 1) or an :class:`NMPattern`.
 
@@ -49,7 +51,7 @@ def prune_wanda(
         >>> prune_wanda(W, A, 1, 0.5)[1]
         tensor([[False, False,  True,  True]])
     """
-    check_layer(W, A)
+    check_layer(W, A, diagonal_ok=True)
     check_target(target, W.shape[1])
     if n_tokens <= 0:
         raise SurgeonError(f"Wanda needs calibration tokens, got n_tokens={n_tokens}")
