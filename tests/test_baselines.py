@@ -21,7 +21,11 @@ from surgeon.baselines.common import (
     mask_from_scores_per_row,
 )
 from surgeon.baselines.magnitude import prune_magnitude
-from surgeon.baselines.sparsegpt import MaskRule, inverse_hessian_factor, prune_sparsegpt
+from surgeon.baselines.sparsegpt import (
+    MaskRule,
+    inverse_hessian_factor,
+    prune_sparsegpt,
+)
 from surgeon.baselines.wanda import prune_wanda, wanda_scores
 from surgeon.curvature.activations import SecondMoment
 
