@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from base.adapters import Adapter
+from base.env import trim_heap
 from base.errors import SurgeonError
 from base.loading import (
     check_checkpoint,
@@ -108,8 +109,9 @@ class LazyModel:
         return layer
 
     def release(self, index: int) -> None:
-        """Send layer ``index`` back to the meta device (its memory is freed)."""
+        """Send layer ``index`` back to the meta device (its memory is freed, and returned to the system)."""
         self.adapter.decoder_layers(self.model)[index].to("meta")
+        trim_heap()
 
 
 def materialise_buffers(model: nn.Module, module: nn.Module | None = None) -> None:

@@ -162,3 +162,21 @@ def test_cli_streams_when_asked_and_by_budget(tmp_path: Path) -> None:
     missing = cli("--streaming", *common)
     assert missing.returncode == 2 and missing.stderr.strip() == (
         "error: streamed pruning writes each layer as it is done: give --out DIR")
+
+
+def test_every_streamed_layer_returns_its_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer, once written, goes back to the meta device and the C heap is trimmed (glibc kept freed
+    layers' pages resident otherwise: 1.98 GiB instead of 1.18 on the default model's streamed Wanda)."""
+    import base.env
+    import base.lazy
+
+    src = model_dir(tmp_path)
+    calls: list[int] = []
+    monkeypatch.setattr(base.lazy, "trim_heap", lambda: calls.append(1))
+    lazy = open_lazy(src)
+    api.prune_streamed(src, api.build_config("wanda", sparsity=0.5), tmp_path / "out", calib_samples=4, seq_len=16,
+                       lazy=lazy)
+    assert len(calls) == 3
+    assert all(p.is_meta for p in lazy.adapter.decoder_layers(lazy.model).parameters())
+    base.env.trim_heap()  # the real one: glibc's malloc_trim here, nothing where there is none
+    assert base.env._MALLOC_TRIM is not None
