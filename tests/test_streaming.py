@@ -130,6 +130,11 @@ def test_bad_input(tmp_path: Path) -> None:
     lazy = open_lazy(src)
     with pytest.raises(SurgeonError, match=r"--max-memory 0.0 MiB is below what one layer needs streamed \(0.2 MiB: one layer"):
         api.memory_plan(lazy, api.build_config("wanda", sparsity=0.5), 4, 16, max_memory=1000)
+    # Wanda keeps the diagonals of A only; SparseGPT every input group's A and two matrices to factorise the widest
+    wanda, sparsegpt = (api.memory_plan(lazy, api.build_config(m, sparsity=0.5), 4, 16, streaming=True).streamed
+                        for m in ("wanda", "sparsegpt"))
+    widths = [32, 32, 32, 64]  # the tiny model's inputs of q/k/v, o, gate/up, down
+    assert sparsegpt - wanda == 8 * (sum(d * d for d in widths) + 2 * 64**2) - 8 * sum(widths)
     with pytest.raises(SurgeonError, match="--max-memory must be a size"):
         api.parse_bytes("lots")
     assert api.parse_bytes("1.5GiB") == 3 * 2**29 and api.parse_bytes("512MiB") == 2**29
@@ -151,7 +156,7 @@ def test_cli_streams_when_asked_and_by_budget(tmp_path: Path) -> None:
         return subprocess.run([sys.executable, "-m", "surgeon_export.cli", "prune", str(src), *args], capture_output=True,
                               text=True, timeout=300)
 
-    streamed = cli("--out", str(tmp_path / "a"), "--max-memory", "300KiB", *common)
+    streamed = cli("--out", str(tmp_path / "a"), "--max-memory", "500KiB", *common)
     assert streamed.returncode == 0, streamed.stderr
     result = json.loads(streamed.stdout)
     assert result["streamed"] and "allowed" in result["memory_plan"]["reason"]
