@@ -125,8 +125,12 @@ def materialise_buffers(model: nn.Module, module: nn.Module | None = None) -> No
             model._init_weights(sub)  # type: ignore[operator]
 
 
-def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32) -> LazyModel:
+def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32, head: bool = True) -> LazyModel:
     """The model at ``spec`` (directory, ``.gguf`` or the default model) with its decoder layers left on disk.
+
+    ``head=False``: an untied LM head stays on disk too (the layer-wise methods never compute logits;
+    a streamed checkpoint copies it from the source): 0.5 GB of float32 for Llama-2-7B, 2.1 GB for a
+    128k vocabulary at width 4096.
 
     Example:
         >>> lazy = open_lazy("Llama-2-7b")  # doctest: +SKIP
@@ -147,9 +151,13 @@ def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.floa
     _check_shapes(directory, model, weights)
     lazy = LazyModel(model.eval(), load_tokenizer(directory), adapter, directory, source, weights, dtype)
     layers = adapter.layers + "."
+    left = set()  # an untied LM head the caller does not need
+    output = model.get_output_embeddings()
+    if not head and output is not None and not getattr(model.config, "tie_word_embeddings", False):
+        left = {name for name, p in model.named_parameters() if p is output.weight}
     state = {}
     for key in model.state_dict():
-        if key.startswith(layers):
+        if key.startswith(layers) or key in left:
             continue
         if key in weights.where:
             state[key] = weights.get(key, dtype)

@@ -179,7 +179,9 @@ class StreamedLayers:
             raise RuntimeError("finish() before every layer was written")
         tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
         layers = self.lazy.adapter.layers + "."
-        rest = {k: v.detach().to(self.dtype).contiguous() for k, v in model.state_dict().items()
+        # What lies outside the layers is never pruned: copied from the source (an untied LM head the
+        # layer-wise methods left on disk included), in the source's dtype as every shard.
+        rest = {k: self.lazy.weights.get(k, self.dtype).contiguous() for k in model.state_dict()
                 if not k.startswith(layers) and k not in tied}
         self._write(shard_name(self.num_layers, self.total), rest)
         weight_map = {}

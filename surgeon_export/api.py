@@ -214,6 +214,12 @@ def recover(
                     progress=progress, data=windows.origin)
 
 
+def needs_head(config: Config) -> bool:
+    """Whether a streamed prune with ``config`` computes logits (LLM Surgeon's K-FAC gradients), so needs the LM head
+    in memory; the layer-wise methods do not."""
+    return isinstance(config, SurgeonConfig)
+
+
 WHOLE_MODEL_FACTOR = {"layerwise": 5.0, "surgeon": 18.0}  # measured peak RSS / float32 weights (docs/streaming.md)
 
 
@@ -252,8 +258,9 @@ def memory_plan(lazy: LazyModel, config: Config, windows: int, seq_len: int, *, 
     model = lazy.model
     layer = lazy.adapter.decoder_layers(model)[0]
     layer_bytes = 4 * sum(p.numel() for p in layer.parameters())
-    outside = 4 * sum(p.numel() for n, p in model.named_parameters() if not n.startswith(lazy.adapter.layers + "."))
-    total = outside + layer_bytes * lazy.num_layers()
+    rest = [p for n, p in model.named_parameters() if not n.startswith(lazy.adapter.layers + ".")]
+    total = 4 * sum(p.numel() for p in rest) + layer_bytes * lazy.num_layers()
+    outside = 4 * sum(p.numel() for p in rest if not p.is_meta)  # an untied LM head left on disk does not count
     family = "surgeon" if isinstance(config, SurgeonConfig) else "layerwise"
     whole = int(total * WHOLE_MODEL_FACTOR[family])
     widest = max(m.in_features for m in lazy.adapter.decoder_linears(model).values())
@@ -342,7 +349,7 @@ def prune_streamed(
     """
     check_streamable(config)
     init_distributed()
-    lazy = lazy or open_lazy(spec)
+    lazy = lazy or open_lazy(spec, head=needs_head(config))
     check_model(lazy.model, lazy.adapter, config)
     if calibration is None and needs_calibration(config):
         n = calib_samples if calib_samples is not None else calibration_size(config)
@@ -559,4 +566,4 @@ def generate_text(
 
 
 __all__ += ["MemoryPlan", "check_align", "init_distributed", "Perplexity", "RemovalPlan", "count_parameters", "generate_text", "memory_plan",
-            "open_lazy", "parse_bytes", "prune_streamed"]
+            "needs_head", "open_lazy", "parse_bytes", "prune_streamed"]

@@ -241,14 +241,14 @@ def prune_cmd(
     if checkpoint is not None and dist.is_main():
         check_writable(checkpoint / "progress.json", "--checkpoint")
     budget = api.parse_bytes(max_memory) if max_memory is not None else None
-    lazy = api.open_lazy(model) if streaming is not False and not recover else None
+    lazy = api.open_lazy(model, head=api.needs_head(cfg)) if streaming is not False and not recover else None
     n_calib = calib_samples or api.calibration_size(cfg)
     plan = api.memory_plan(lazy, cfg, n_calib, seq_len, streaming=streaming,
                            max_memory=budget) if lazy is not None else None
     if dist.active():  # all ranks stream or none, as rank 0 chose (free memory may differ between nodes)
         chosen = dist.broadcast_json(0, bool(plan is not None and plan.streaming))
         if plan is None or plan.streaming != chosen:
-            lazy = lazy or api.open_lazy(model)
+            lazy = lazy or api.open_lazy(model, head=api.needs_head(cfg))
             plan = api.memory_plan(lazy, cfg, n_calib, seq_len, streaming=chosen, max_memory=budget)
     if plan is not None and plan.streaming:
         if out is None:

@@ -66,6 +66,17 @@ def test_untied_lm_head_and_bfloat16_source_keep_their_form(tmp_path: Path) -> N
                        calib_samples=4, seq_len=16)
     saved = tensors(tmp_path / "out")
     assert "lm_head.weight" in saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+    # the layer-wise methods leave the untied head on disk; the checkpoint copies it from the source, exactly
+    assert torch.equal(saved["lm_head.weight"], model.lm_head.weight.detach())
+    assert torch.equal(saved["model.embed_tokens.weight"], model.model.embed_tokens.weight.detach())
+    assert not api.needs_head(api.build_config("wanda", sparsity=0.5))
+    assert api.needs_head(api.build_config("surgeon", pattern="2:4"))
+    lazy = open_lazy(tmp_path / "src", head=False)
+    assert lazy.model.lm_head.weight.is_meta and not lazy.model.model.embed_tokens.weight.is_meta
+    plans = [api.memory_plan(open_lazy(tmp_path / "src", head=h), api.build_config("wanda", sparsity=0.5), 4, 16,
+                             streaming=True) for h in (True, False)]
+    head_bytes = 4 * model.lm_head.weight.numel()
+    assert plans[0].streamed - plans[1].streamed == head_bytes and plans[0].whole == plans[1].whole
     lm = load_model(tmp_path / "out")
     q = lm.model.model.layers[1].self_attn.q_proj.weight
     assert float((q == 0).float().mean()) == pytest.approx(0.5)
