@@ -44,8 +44,8 @@ def trim_heap() -> None:
 
     Streamed pruning frees one layer's tensors and allocates the next one's, many times over. glibc
     raises its mmap threshold after large frees, so later tensors of a few MiB come from the heap,
-    whose freed pages stay resident: on the default model the streamed Wanda run crept from 0.67 to
-    1.98 GiB over 30 layers without it, and stayed near 0.86 GiB with a fixed threshold (session 10).
+    whose freed pages stay resident: on the default model the streamed Wanda run crept from 0.66 to
+    1.94 GiB over 30 layers without it, 1.15 GiB with it (0.86 GiB with a fixed threshold, 40% slower).
     Called after each streamed layer (:meth:`base.lazy.LazyModel.release`).
     """
     global _MALLOC_TRIM

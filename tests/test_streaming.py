@@ -182,7 +182,7 @@ def test_cli_streams_when_asked_and_by_budget(tmp_path: Path) -> None:
 
 def test_every_streamed_layer_returns_its_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each layer, once written, goes back to the meta device and the C heap is trimmed (glibc kept freed
-    layers' pages resident otherwise: 1.98 GiB instead of 1.18 on the default model's streamed Wanda)."""
+    layers' pages resident otherwise: 1.94 GiB instead of 1.15 on the default model's streamed Wanda)."""
     import base.env
     import base.lazy
 
