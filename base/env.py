@@ -39,6 +39,9 @@ def _git_commit() -> str | None:
     return (commit + ("+dirty" if dirty.stdout.strip() else "")) if commit else None
 
 
+_MALLOC_TRIM: object = None  # glibc's malloc_trim once looked up; False where there is none
+
+
 def trim_heap() -> None:
     """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
 
@@ -61,7 +64,6 @@ def trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-_MALLOC_TRIM: object = None  # glibc's malloc_trim once looked up; False where there is none
 _PEAK_BEFORE_RESET = 0.0  # MiB: the process's peak before PeakWindow last reset the kernel's mark
 
 

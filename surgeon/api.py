@@ -125,7 +125,7 @@ def calibration_size(config: Config) -> int:
 def needs_calibration(config: Config) -> bool:
     """Whether the config reads calibration data (magnitude alone does not; SDS always does)."""
     if isinstance(config, PruneConfig):
-        return config.method != "magnitude" or config.refine is not None
+        return config.statistics != "none"
     return True
 
 

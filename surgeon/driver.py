@@ -69,6 +69,14 @@ class PruneConfig:
             raise ValueError("give exactly one of sparsity or pattern")
         return self.pattern if self.pattern is not None else check_sparsity(self.sparsity)  # type: ignore[arg-type]
 
+    @property
+    def statistics(self) -> Literal["none", "diagonal", "matrix"]:
+        """The input statistics the method reads: none (magnitude), ``diag(A)`` (Wanda), the whole ``A``
+        (SparseGPT, and every method with SDS)."""
+        if self.refine is not None:
+            return "matrix"
+        return {"magnitude": "none", "wanda": "diagonal"}.get(self.method, "matrix")  # type: ignore[return-value]
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["pattern"] = str(self.pattern) if self.pattern else None
@@ -231,7 +239,7 @@ def prune_sequential_(
     if teacher is None or cfg.pattern is not None:  # after a global pruner, each linear keeps its own sparsity
         check_targets(model, adapter, cfg)
     prune = PRUNERS[cfg.method]
-    needs_data = cfg.method != "magnitude" or refine is not None
+    needs_data = cfg.statistics != "none"
     if needs_data and windows is None:
         raise SurgeonError(f"{cfg.method}{' with SDS' if refine else ''} needs calibration windows")
     start = time.perf_counter()
@@ -278,8 +286,8 @@ def prune_sequential_(
                 stats, outs = pair_moments(layer, t_layer, adapter, batches, t_batches if dense_stream else batches,
                                            step, teacher_outputs=dense_stream and k == 0)
                 next_t = outs if k == 0 else next_t  # the teacher's outputs come from its first pass
-            else:  # Wanda reads only diag(A)
-                moments = input_moments(layer, adapter, batches, step, diagonal=cfg.method == "wanda") \
+            else:
+                moments = input_moments(layer, adapter, batches, step, diagonal=cfg.statistics == "diagonal") \
                     if needs_data else {}
             means: dict[int, torch.Tensor] = {}  # A per shared accumulator, finalised once, in place
             for name, linear in linears.items():
