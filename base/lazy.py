@@ -114,6 +114,14 @@ class LazyModel:
         trim_heap()
 
 
+    def release_embeddings(self) -> None:
+        """Send the input embeddings (and an LM head tied to them) to the meta device: once the first
+        layer's inputs are taken, a layer-wise method never runs them again (113 MB of float32 for
+        the default model, 0.5 GB for Llama-2-7B); a streamed checkpoint copies them from the source."""
+        self.model.get_input_embeddings().to("meta")
+        trim_heap()
+
+
 def materialise_buffers(model: nn.Module, module: nn.Module | None = None) -> None:
     """Compute the non-persistent buffers of ``module`` (default: the whole model) still on meta, such as
     the rotary ``inv_freq``, with the model's own initialiser (as transformers does after a meta load)."""

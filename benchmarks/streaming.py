@@ -147,11 +147,12 @@ def perplexity(directory: Path, threads: int) -> float | None:
     return json.loads(proc.stdout)["perplexity"] if proc.returncode == 0 else None
 
 
-def default_part(work: Path, methods: list[str], extra: list[str], threads: int, evaluate: bool) -> list[dict]:
+def default_part(work: Path, methods: list[str], extra: list[str], threads: int, evaluate: bool,
+                 modes: tuple[str, ...] = ("--no-streaming", "--streaming")) -> list[dict]:
     rows = []
     for method in methods:
         outs, results = {}, {}
-        for mode in ("--no-streaming", "--streaming"):
+        for mode in modes:
             outs[mode] = work / f"default-{method}{mode}"
             # --no-eval: peak RSS of the prune alone
             results[mode] = r = run_prune(None, outs[mode], [*METHODS[method], *extra, mode, "--no-eval"], threads)
@@ -161,6 +162,10 @@ def default_part(work: Path, methods: list[str], extra: list[str], threads: int,
                          "prune_seconds": r.get("seconds"), "sparsity": r.get("sparsity"),
                          "layer_peak_rss_mib": r.get("layer_peak_rss_mib"), "error": r.get("error")})
             print(json.dumps(rows[-1]), flush=True)
+        if len(modes) < 2:  # one mode measured alone (its memory and time): nothing to compare
+            if evaluate and "error" not in r:
+                rows[-1]["perplexity"] = perplexity(outs[mode], threads)
+            continue
         whole, streamed = results["--no-streaming"], results["--streaming"]
         compare = outs["--streaming"]
         if "--structured" in METHODS[method] and "error" not in streamed:  # whole-model mode saves it cut
@@ -218,6 +223,8 @@ def main() -> None:
     parser.add_argument("--prune-args", default="", help="more prune options for every run, e.g. '--shots 1'")
     parser.add_argument("--eval", action="store_true", help="default: protocol perplexity of both outputs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default="no-streaming,streaming",
+                        help="default: which modes to run (streaming alone: no whole-model run to compare with)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     # Random calibration text of ids the tiny tokenizer knows: the weights are random, the text is arbitrary.
@@ -225,7 +232,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     extra = shlex.split(args.prune_args)
     if args.part == "default":
-        rows = default_part(args.work, args.methods.split(","), extra, args.threads, args.eval)
+        modes = tuple(f"--{m}" for m in args.modes.split(","))
+        rows = default_part(args.work, args.methods.split(","), extra, args.threads, args.eval, modes)
     else:
         rows = ladder_part(args.work, args.only.split(","), args.methods.split(","), args.layers, args.threads, extra)
     doc = {"kind": "surgeon-export streaming benchmark", "part": args.part, "environment": environment(),

@@ -149,6 +149,9 @@ class StreamedLayers:
                 self._save_progress()
         self.lazy.release(index)
 
+    def captured(self) -> None:
+        self.lazy.release_embeddings()
+
     # -- the end --
     def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.partial / (name + ".tmp")

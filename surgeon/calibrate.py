@@ -79,8 +79,18 @@ def _hidden(output: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, batches: list[LayerBatch]) -> list[LayerBatch]:
-    """Outputs of ``layer`` for each batch, packaged as the next layer's inputs."""
-    return [LayerBatch(_hidden(layer(b.hidden, **b.kwargs)), b.kwargs) for b in batches]
+    """Outputs of ``layer`` for each batch, packaged as the next layer's inputs.
+
+    Consumes ``batches``: the list is emptied as it goes, so each batch's input is freed once its
+    output exists and the layer boundary's activations are held about once, not twice.
+    """
+    out = []
+    batches.reverse()
+    while batches:
+        b = batches.pop()
+        out.append(LayerBatch(_hidden(layer(b.hidden, **b.kwargs)), b.kwargs))
+        del b
+    return out
 
 
 @torch.no_grad()

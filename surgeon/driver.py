@@ -160,6 +160,9 @@ class LayerStream(Protocol):
     def leave(self, index: int, layer: nn.Module, records: dict | None) -> None:
         """Layer ``index`` is done: pruned now (``records``) or replayed (None)."""
 
+    def captured(self) -> None:
+        """The first layer's inputs are taken: nothing before the layers (the embeddings) runs again."""
+
 
 class InMemoryLayers:
     """The layers of a model in memory (the whole-model mode)."""
@@ -179,6 +182,9 @@ class InMemoryLayers:
         return None
 
     def leave(self, index: int, layer: nn.Module, records: dict | None) -> None:
+        pass
+
+    def captured(self) -> None:
         pass
 
 
@@ -246,7 +252,9 @@ def prune_sequential_(
     report = PruneReport(config=cfg.to_dict())
     stream = stream if stream is not None else InMemoryLayers(model, adapter, teacher)
     batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size) if needs_data else []
-    t_batches = batches
+    stream.captured()
+    dense_stream = refine is not None and refine.teacher == "dense"
+    t_batches = list(batches) if dense_stream else batches  # run_layer consumes its list: two streams, two lists
     n_tokens = int(windows.numel()) if needs_data else 0
     # One pass collects every group's statistics; true-sequential re-collects each group's after
     # the groups before it were pruned (q/k/v, then o, then gate/up, then down).
@@ -256,7 +264,6 @@ def prune_sequential_(
     per_group = cfg.true_sequential or refine is not None
     steps = tuple((g,) for g in adapter.input_groups) if per_group else (adapter.input_groups,)
     desc = f"prune ({cfg.method}{' + SDS' if refine else ''})"
-    dense_stream = refine is not None and refine.teacher == "dense"
     for index in tqdm(range(stream.num_layers), desc=desc, unit="layer", disable=not progress):
         layer_start = time.perf_counter()
         layer = stream.enter(index)

@@ -232,6 +232,7 @@ class MemoryPlan:
     available: int | None
     streaming: bool
     reason: str
+    outside: int = 0  # of ``streamed``: the tensors outside the decoder layers held in memory (bytes)
 
 
 def parse_bytes(text: str) -> int:
@@ -251,9 +252,11 @@ def memory_plan(lazy: LazyModel, config: Config, windows: int, seq_len: int, *, 
     Whole model: float32 weights times the measured factor of the method family. Streamed: one layer
     (twice with SDS, its dense copy), the input statistics in float64 (Wanda: their diagonals; SparseGPT
     and SDS: every input group's ``A`` and two more matrices of the widest for its factorisation), the
-    layer-boundary activations of every window (in and out, twice with SDS), one forward batch's
-    temporaries, and what lies outside the layers; not the ~0.4 GiB of the Python process itself.
-    Measured against it (Llama-2-7B shapes, 8 x 512): Wanda 3.02 GiB (estimate 2.88), SparseGPT 2:4 6.65 GiB.
+    layer-boundary activations of every window (held once: each batch's input is freed as its output
+    is made; twice with SDS) and one forward batch's temporaries; or, if more, what lies outside the
+    layers with the first layer's inputs (the embeddings are released once those are taken). Not the
+    ~0.4 GiB of the Python process itself. Measured against it (Llama-2-7B shapes, 8 x 512): Wanda
+    3.02 GiB (estimate 2.88), SparseGPT 2:4 6.65 GiB.
     """
     model = lazy.model
     layer = lazy.adapter.decoder_layers(model)[0]
@@ -275,18 +278,19 @@ def memory_plan(lazy: LazyModel, config: Config, windows: int, seq_len: int, *, 
         inter = lazy.adapter.linear(layer, lazy.adapter.channel_rows[0]).out_features
         batch = min(config.batch_size, windows)
         temporaries = 4 * batch * seq_len * (4 * hidden + 3 * inter)  # one forward batch's q/k/v/o and MLP tensors
-        streamed = int(layer_bytes * (1 + sds) + stats + 2 * sds * 4 * windows * seq_len * hidden + temporaries + outside)
+        boundary = sds * 4 * windows * seq_len * hidden
+        streamed = int(max(layer_bytes * (1 + sds) + stats + boundary + temporaries, outside + boundary))
     free = max_memory if max_memory is not None else available_memory()
     if max_memory is not None and max_memory < streamed:
         raise SurgeonError(f"--max-memory {_size(max_memory)} is below what one layer needs streamed "
                            f"({_size(streamed)}: one layer, its statistics and {windows} x {seq_len} activations)")
     if streaming is not None:
-        return MemoryPlan(whole, streamed, free, streaming, "--streaming" if streaming else "--no-streaming")
+        return MemoryPlan(whole, streamed, free, streaming, "--streaming" if streaming else "--no-streaming", outside)
     if free is None or whole <= free:
-        return MemoryPlan(whole, streamed, free, False, "the whole model fits")
+        return MemoryPlan(whole, streamed, free, False, "the whole model fits", outside)
     return MemoryPlan(whole, streamed, free, True,
                       f"the whole model needs about {_size(whole)}, {_size(free)} "
-                      f"{'allowed' if max_memory is not None else 'available'}")
+                      f"{'allowed' if max_memory is not None else 'available'}", outside)
 
 
 def _surgeon_streamed(lazy: LazyModel, config: SurgeonConfig, windows: int, seq_len: int) -> int:

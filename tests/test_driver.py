@@ -15,7 +15,7 @@ from base.patterns import NMPattern
 from export.checkpoint import REPORT_FILE, save_checkpoint, write_atomically
 from surgeon.baselines.magnitude import prune_magnitude
 from surgeon.baselines.wanda import prune_wanda
-from surgeon.calibrate import capture_layer_inputs, input_moments
+from surgeon.calibrate import capture_layer_inputs, input_moments, run_layer
 from surgeon.curvature.activations import SecondMoment
 from surgeon.driver import PruneConfig, prune_sequential_
 from tests.conftest import make_tiny_llama
@@ -37,6 +37,21 @@ def test_captured_inputs_equal_embeddings_and_moments_equal_explicit() -> None:
     assert moments["self_attn.q_proj"] is moments["self_attn.v_proj"]
     x = layer.input_layernorm(model.model.embed_tokens(windows)).reshape(-1, 32).double()
     torch.testing.assert_close(moments["self_attn.k_proj"].finalize(), x.T @ x / x.shape[0])
+
+
+def test_run_layer_consumes_its_inputs_and_gives_each_batch_its_output() -> None:
+    """The layer boundary is held once: the input list is emptied, and the outputs are the layer's, in order."""
+    model, _ = make_tiny_llama()
+    batches = capture_layer_inputs(model, LLAMA, windows_for(model), batch_size=4)
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        outputs = [layer(b.hidden, **b.kwargs) for b in batches]
+    expected = [o[0] if isinstance(o, tuple) else o for o in outputs]
+    out = run_layer(layer, batches)
+    assert batches == []
+    assert [o.hidden.shape[0] for o in out] == [4, 2]
+    for got, want in zip(out, expected):
+        assert torch.equal(got.hidden, want)
 
 
 def test_magnitude_through_driver_equals_per_matrix_magnitude() -> None:
