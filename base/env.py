@@ -64,30 +64,6 @@ def trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-_ONE_HEAP = False
-
-
-def one_heap() -> None:
-    """Let every thread allocate from one glibc heap (``mallopt(M_ARENA_MAX, 1)``; elsewhere nothing).
-
-    With two or more threads glibc gives the worker threads heaps of their own, each fragmenting on
-    its own and each kept resident: the default model's streamed Wanda peaked at 1.14 GiB with 2
-    threads against 0.99 GiB with one. Called where a streamed run opens its model
-    (:func:`base.lazy.open_lazy`), before the threads first allocate; heaps made before stay.
-    """
-    global _ONE_HEAP
-    if _ONE_HEAP:
-        return
-    _ONE_HEAP = True
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX = -8 in malloc.h
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 _PEAK_BEFORE_RESET = 0.0  # MiB: the process's peak before PeakWindow last reset the kernel's mark
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from base.adapters import Adapter
-from base.env import one_heap, trim_heap
+from base.env import trim_heap
 from base.errors import SurgeonError
 from base.loading import (
     check_checkpoint,
@@ -146,7 +146,6 @@ def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.floa
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    one_heap()  # before any thread allocates: streamed runs free and allocate layer after layer
     directory, source = resolve_model_dir(spec)
     _, adapter, files = check_checkpoint(directory)
     with quiet_transformers():
