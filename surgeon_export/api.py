@@ -182,7 +182,7 @@ RECOVER_DATA = ("calibration", "generated")
 
 
 def recovery_windows(
-    lm: LoadedModel, n: int = 64, *, seq_len: int = 256, data: str = "calibration", seed: int = 1,
+    lm: LoadedModel, n: int = 256, *, seq_len: int = 256, data: str = "calibration", seed: int = 1,
     calib_text: str | Path | None = None, data_dir: str | Path | None = None,
 ) -> TokenSource:
     """Training windows for :func:`recover`: ``calibration`` text (WikiText-2 validation or ``calib_text``;
@@ -202,7 +202,7 @@ def recover(
 ) -> RecoverReport:
     """Distil the pruned ``lm`` from the dense ``teacher`` in place, its pruned structure frozen (:mod:`surgeon.recover`).
 
-    ``windows``: from :func:`recovery_windows` (default: 64 calibration windows of the config's
+    ``windows``: from :func:`recovery_windows` (default: 256 calibration windows of the config's
     length). ``masks`` (default: the nonzero weights) are what may change.
     """
     config = config or RecoverConfig()
@@ -466,7 +466,7 @@ class RunConfig:
     onnx: bool = True
     runtimes: bool = True  # also benchmark the pruned model on every installed optional runtime
     recover: RecoverConfig | None = None  # distil the pruned model from the dense one before saving it
-    recover_windows: int = 64
+    recover_windows: int = 256
     recover_data: str = "calibration"
     threads: int | None = None
     progress: bool = True

@@ -54,12 +54,12 @@ Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch (def
 Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")]
 Recover = Annotated[bool, typer.Option("--recover/--no-recover", help="After pruning, distil the pruned model from the dense one (KL on logits), the pruned structure frozen (docs/recovery.md).")]
 RecoverSteps = Annotated[int, typer.Option(help="--recover: training steps (one window each).")]
-RecoverLr = Annotated[Optional[float], typer.Option(help="--recover: peak learning rate (default 2e-5 for the kept weights, 1e-3 with --recover-rank).")]
+RecoverLr = Annotated[Optional[float], typer.Option(help="--recover: peak learning rate (default 1e-4 for the kept weights, 1e-3 with --recover-rank).")]
 RecoverRank = Annotated[int, typer.Option(help="--recover: 0 trains the kept weights directly; R > 0 trains masked low-rank adapters of rank R, merged at the end.")]
 RecoverData = Annotated[str, typer.Option(help="--recover: calibration (WikiText-2 validation or --calib-text; never the evaluation split) or generated (text the dense model samples itself).")]
 RecoverWindows = Annotated[int, typer.Option(help="--recover: training windows of --recover-seq-len tokens.")]
 RecoverSeqLen = Annotated[int, typer.Option(help="--recover: tokens per training window.")]
-RECOVER_STEPS = 100
+RECOVER_STEPS = 200  # about 15 CPU-minutes on the default model (docs/recovery.md)
 
 
 def recovery_line(r: dict) -> str:
@@ -73,7 +73,7 @@ def recover_config(steps: int, lr: float | None, rank: int, seq_len: int):
     """The recovery config of the command line (the learning rate's default depends on the form)."""
     from surgeon_export import api
 
-    return api.RecoverConfig(steps=steps, lr=lr if lr is not None else (1e-3 if rank else 2e-5), rank=rank,
+    return api.RecoverConfig(steps=steps, lr=lr if lr is not None else (1e-3 if rank else 1e-4), rank=rank,
                              seq_len=seq_len)
 
 
@@ -189,7 +189,7 @@ def prune_cmd(
     recover_lr: RecoverLr = None,
     recover_rank: RecoverRank = 0,
     recover_data: RecoverData = "calibration",
-    recover_windows: RecoverWindows = 64,
+    recover_windows: RecoverWindows = 256,
     recover_seq_len: RecoverSeqLen = 256,
     lora_between_shots: Annotated[int, typer.Option(help="surgeon: steps of the masked low-rank update (rank --recover-rank, default 8) between shots, distilled from the dense model; 0: off.")] = 0,
     data_dir: DataDir = None,
@@ -390,7 +390,7 @@ def run_cmd(
     recover_lr: RecoverLr = None,
     recover_rank: RecoverRank = 0,
     recover_data: RecoverData = "calibration",
-    recover_windows: RecoverWindows = 64,
+    recover_windows: RecoverWindows = 256,
     recover_seq_len: RecoverSeqLen = 256,
     force: Force = False,
     threads: Threads = None,
