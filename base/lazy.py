@@ -113,7 +113,6 @@ class LazyModel:
         self.adapter.decoder_layers(self.model)[index].to("meta")
         trim_heap()
 
-
     def release_embeddings(self) -> None:
         """Send the input embeddings (and an LM head tied to them) to the meta device: once the first
         layer's inputs are taken, a layer-wise method never runs them again (113 MB of float32 for

@@ -89,7 +89,6 @@ def run_layer(layer: nn.Module, batches: list[LayerBatch]) -> list[LayerBatch]:
     while batches:
         b = batches.pop()
         out.append(LayerBatch(_hidden(layer(b.hidden, **b.kwargs)), b.kwargs))
-        del b
     return out
 
 
