@@ -9,8 +9,8 @@ The other domain: the licence texts in ``benchmarks/data/licenses.txt.gz`` (GPL-
 GFDL-1.3 as Debian's base-files ships them in /usr/share/common-licenses; legal English, far from
 Wikipedia prose; each licence permits verbatim copies).
 
-    python -m benchmarks.recovery --cases s80 --steps 100 --threads 2 --out benchmarks/results/recovery_s80.json
-    python -m benchmarks.recovery --cases s80 --steps 100 --data generated --out ...   # data-free
+    python -m benchmarks.recovery --cases s80 --threads 1 --out benchmarks/results/recovery_s80.json
+    python -m benchmarks.recovery --cases s80 --data generated --out ...   # data-free
     python -m benchmarks.recovery --cases s80-between --out ...  # LoRA between shots, no final recovery
 """
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from base.env import environment
+from surgeon.recover import RecoverConfig
 
 OTHER_DOMAIN = Path(__file__).with_name("data") / "licenses.txt.gz"
 CASES = {  # name -> build_config arguments (the README's settings for each row)
@@ -57,13 +58,12 @@ def evaluate(se, lm, other: Path) -> dict:
 def run_case(se, name: str, args: argparse.Namespace, other: Path) -> dict:
     spec = dict(CASES[name.removesuffix("-between")])
     sds = se.SDSConfig() if spec.pop("sds", False) else None
-    rcfg = se.RecoverConfig(steps=args.steps, lr=args.lr if args.lr else (1e-3 if args.rank else 2e-5),
-                            rank=args.rank, seq_len=args.seq_len)
+    lr = args.lr or (1e-3 if args.rank else RecoverConfig.lr)  # the product's defaults (docs/recovery.md)
+    final = args.steps > 0 and not name.endswith("-between")  # a -between case measures the update between shots alone
     between = None
     if name.endswith("-between"):
         between = se.RecoverConfig(steps=args.between_steps, lr=1e-3, rank=args.rank or 8, seq_len=args.seq_len)
     teacher = se.load()
-    train = se.recovery_windows(teacher, args.windows, seq_len=args.seq_len, data=args.data, seed=1)
     if args.pruned is not None:  # a model this case's settings pruned earlier (e.g. the main job's out/pruned)
         lm = se.load(args.pruned)
         saved = json.loads((args.pruned / "surgeon_report.json").read_text())
@@ -78,8 +78,13 @@ def run_case(se, name: str, args: argparse.Namespace, other: Path) -> dict:
         if between is not None:
             out["between_shots"] = [s.get("between_shots") for s in report.shots]
     out["before"] = evaluate(se, lm, other)
-    if args.steps > 0 and not name.endswith("-between"):
+    if final:
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rcfg = se.RecoverConfig(steps=args.steps, lr=lr, rank=args.rank, seq_len=args.seq_len)
+        t0, c0 = time.perf_counter(), time.process_time()
+        train = se.recovery_windows(teacher, args.windows, seq_len=args.seq_len, data=args.data, seed=1)
+        out["data"] = {"source": train.origin, "seconds": round(time.perf_counter() - t0, 1),
+                       "cpu_seconds": round(time.process_time() - c0, 1)}  # generation is minutes; tokenising is not
         recovered = se.recover(lm, teacher, rcfg, windows=train, progress=args.progress)
         out["recover"] = recovered.to_dict()
         out["recover"]["peak_rss_mib_after"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -92,12 +97,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["s80"],
                         help=f"of {', '.join(CASES)}; NAME-between: LoRA between LLM Surgeon's shots instead")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=RecoverConfig.steps)
     parser.add_argument("--between-steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--windows", type=int, default=256)  # the product's --recover-windows
     parser.add_argument("--data", default="calibration", choices=["calibration", "generated"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/recovery-bench"))
