@@ -435,7 +435,7 @@ def test_unsupported_architecture_is_named(tok, tmp_path: Path) -> None:
     with pytest.raises(SurgeonError) as excinfo:
         export_gguf(directory, tmp_path / "o.gguf")
     message = one_line_error(excinfo)
-    assert "'opt'" in message and "supported: llama, mistral, qwen2, qwen3" in message
+    assert "'opt'" in message and "supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text" in message
     assert list(tmp_path.glob("*.gguf")) == []
 
 
@@ -490,7 +490,7 @@ def test_shapes_llama_cpp_cannot_express_are_refused(qwen_tok, per_layer_dir: Pa
     qwen3 = per_layer("qwen3", tok, tmp_path, PER_LAYER_PLAN, attention_bias=False)
     with pytest.raises(SurgeonError) as excinfo:  # deci has no Q/K norms
         export_gguf(qwen3, tmp_path / "q3.gguf")
-    assert "--uniform" in one_line_error(excinfo) and "Qwen3" in str(excinfo.value)
+    assert "--uniform" in one_line_error(excinfo) and "per-layer qwen3" in str(excinfo.value)
     qwen2 = per_layer("qwen2", tok, tmp_path, PER_LAYER_PLAN)
     with pytest.raises(SurgeonError) as excinfo:  # q bias with 3 heads x 8 != hidden 48
         export_gguf(qwen2, tmp_path / "q2.gguf")
