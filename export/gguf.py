@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import uuid
@@ -99,8 +100,16 @@ import torch
 from base.adapters import ADAPTERS, PER_LAYER_PREFIX, GgufArch, get_adapter
 from base.errors import SurgeonError
 from base.files import check_writable, clean_stale, temp_prefix, write_error
-from base.formats import GGUF_TRUE_FFN_KEY, REPORT_FILE
-from base.loading import check_finite, check_safetensors, load_tokenizer, read_config, weight_files
+from base.formats import GGUF_METADATA_SHA_KEY, GGUF_TENSOR_SHA_KEY, GGUF_TRUE_FFN_KEY, REPORT_FILE
+from base.loading import (
+    check_finite,
+    check_safetensors,
+    gguf_metadata_digest,
+    gguf_tensor_digest,
+    load_tokenizer,
+    read_config,
+    weight_files,
+)
 
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0")
 Q8_0_BLOCK = 32
@@ -263,6 +272,7 @@ def export_gguf(
     check_gguf_target(out, force)
     if not model_dir.is_dir():
         raise SurgeonError(f"model directory not found: {model_dir}")
+    _check_not_input(out, model_dir)
     if ffn_align < 1:
         raise SurgeonError(f"--ffn-align must be at least 1, got {ffn_align}")
     model = _describe(read_config(model_dir), uniform)
@@ -278,18 +288,26 @@ def export_gguf(
     clean_stale(out.parent, out.name)
     # A fresh sibling name (the writer creates it, so the file gets the usual permissions), renamed at the end.
     tmp = out.with_name(f"{temp_prefix(out.name)}{uuid.uuid4().hex[:8]}")
-    writer = gguf.GGUFWriter(None, model.arch)
+    with _quiet_gguf():
+        writer = gguf.GGUFWriter(None, model.arch)
     try:
         _write_metadata(writer, model, vocab, qtype, model_dir.name)
+        writer.add_string(GGUF_METADATA_SHA_KEY, _UNSEALED)  # placeholders of the final length, sealed below
+        writer.add_array(GGUF_TENSOR_SHA_KEY, [_UNSEALED] * len(tensors))
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        writer.write_header_to_file(path=tmp)
+        with _quiet_gguf():
+            writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        digests = []
         with _open_all(files) as handles:
             for t in tensors:
-                writer.write_tensor_data(_encode(t, sources, handles))
+                data = _encode(t, sources, handles)
+                digests.append(gguf_tensor_digest(t.name, reversed(t.shape), t.qtype.name, data))
+                writer.write_tensor_data(data)
         writer.close()
+        _seal(tmp, digests)
         card_tmp = tmp.with_suffix(".md.tmp")
         _write_gguf_card(card_tmp, out, model_dir, source, qtype.name, model.arch)
         os.replace(card_tmp, card_path(out))  # the card first: a .gguf is never there without it
@@ -348,6 +366,37 @@ def _tensor_type(value: str) -> Any:
     return gguf.GGMLQuantizationType[name]
 
 
+_UNSEALED = "0" * 64  # a checksum's place in the header before the data is written
+
+
+@contextlib.contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """The gguf package logs its own progress at INFO ("This GGUF file is for Little Endian only",
+    "Writing the following files"); only our progress belongs in our log."""
+    gguf_log = logging.getLogger("gguf")
+    level = gguf_log.level
+    gguf_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        gguf_log.setLevel(level)
+
+
+def _seal(path: Path, digests: list[str]) -> None:
+    """Write the tensor checksums, then the metadata checksum, into their placeholders in ``path``
+    (in place: same lengths; ``base.loading.verify_gguf_checksums`` checks them on every read)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r+")
+    tensor_field = reader.fields[GGUF_TENSOR_SHA_KEY]
+    for index, digest in zip(tensor_field.data, digests, strict=True):
+        tensor_field.parts[index][:] = np.frombuffer(digest.encode(), dtype=np.uint8)
+    meta_field = reader.fields[GGUF_METADATA_SHA_KEY]
+    meta_field.parts[meta_field.data[0]][:] = np.frombuffer(gguf_metadata_digest(reader).encode(), dtype=np.uint8)
+    reader.data.flush()
+    del reader
+
+
 def _file_type(qtype: Any) -> Any:
     import gguf
 
@@ -365,6 +414,20 @@ def check_gguf_target(out: Path, force: bool) -> None:
         if path.exists() and not force:
             raise SurgeonError(f"output file exists: {path} (use --force to replace it)")
     check_writable(out, "GGUF file")
+
+
+def _check_not_input(out: Path, model_dir: Path) -> None:
+    """Refuse an ``out`` (or its card) that would replace a file of the input model, even with ``force``:
+    inside the model directory only a ``.gguf`` file (and the card beside an earlier one) may be written."""
+    inputs = {f.resolve() for f in model_dir.iterdir() if f.is_file() and f.suffix.lower() != ".gguf"}
+    target = out.resolve()
+    if target in inputs or (target.is_relative_to(model_dir.resolve()) and target.suffix.lower() != ".gguf"):
+        raise SurgeonError(f"--out {out} is inside the input model {model_dir} and not a .gguf file: it would "
+                           "replace the model's own files; write the GGUF file elsewhere or name it FILE.gguf")
+    card = card_path(out)
+    if card.resolve() in inputs and not out.is_file():
+        raise SurgeonError(f"the model card of --out {out} would replace the input model's {card.name}; "
+                           "choose another name for the GGUF file")
 
 
 def card_path(out: Path) -> Path:
