@@ -53,6 +53,9 @@ class GgufArch:
     wide_scale_layers: int = 0  # llama.cpp's "27B" rule: with this many layers q is scaled by
     # 1/sqrt(hidden // heads) instead
     rope_freqs: bool = False  # reads rope_freqs.weight (Llama 3 RoPE frequency factors)
+    # transformers' GGUF reader rebuilds our files of it exactly (gemma2/gemma3: it takes query_pre_attn_scalar
+    # as 256, not the scale we fold into q, and measured logits differ by 2.5; gemma: it has no reader)
+    reads_back: bool = True
 
 
 LLAMA_CPP_LLAMA = GgufArch("llama", _weights(*_LAYER_CORE, "FFN_NORM"), _BIASES, permute_qk=True, rope_freqs=True)
@@ -61,15 +64,16 @@ LLAMA_CPP_DECI = GgufArch("deci", _weights(*_LAYER_CORE, "FFN_NORM"), _BIASES, p
 LLAMA_CPP_QWEN2 = GgufArch("qwen2", _weights(*_LAYER_CORE, "FFN_NORM") + _BIASES[:3])
 LLAMA_CPP_QWEN3 = GgufArch("qwen3", _weights(*_LAYER_CORE, "FFN_NORM", "ATTN_Q_NORM", "ATTN_K_NORM"))
 _GEMMA2_LAYER = _weights(*_LAYER_CORE, "ATTN_POST_NORM", "FFN_PRE_NORM", "FFN_POST_NORM")
-LLAMA_CPP_GEMMA = GgufArch("gemma", _weights(*_LAYER_CORE, "FFN_NORM"), norm_offset=1.0, output_tensor=False)
+LLAMA_CPP_GEMMA = GgufArch("gemma", _weights(*_LAYER_CORE, "FFN_NORM"), norm_offset=1.0, output_tensor=False,
+                           reads_back=False)
 LLAMA_CPP_GEMMA2 = GgufArch(
     "gemma2", _GEMMA2_LAYER, norm_offset=1.0, output_tensor=False, swa_period=2, swa_rope_scaled=True,
     softcaps=("attn_logit_softcapping", "final_logit_softcapping"), softcaps_always=True,
-    q_scale_into="ATTN_Q", wide_scale_layers=46,
+    q_scale_into="ATTN_Q", wide_scale_layers=46, reads_back=False,
 )
 LLAMA_CPP_GEMMA3 = GgufArch(
     "gemma3", _GEMMA2_LAYER + _weights("ATTN_Q_NORM", "ATTN_K_NORM"), norm_offset=1.0, swa_period=6,
-    softcaps=("final_logit_softcapping",), q_scale_into="ATTN_Q_NORM", wide_scale_layers=62,
+    softcaps=("final_logit_softcapping",), q_scale_into="ATTN_Q_NORM", wide_scale_layers=62, reads_back=False,
 )
 
 

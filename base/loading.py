@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from base.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
+from base.adapters import ADAPTERS, PER_LAYER_PREFIX, Adapter, get_adapter
 from base.errors import SurgeonError
 from base.files import (
     check_writable,
@@ -403,6 +403,16 @@ def verify_gguf_checksums(reader: Any, path: Path) -> None:
         raise SurgeonError(f"{path}: its metadata does not match its checksum (the file was changed or damaged)")
 
 
+def _check_reads_back(reader: Any, path: Path) -> None:
+    """Refuse our own GGUF files of an architecture transformers' GGUF reader does not rebuild exactly."""
+    if GGUF_TENSOR_SHA_KEY not in reader.fields:
+        return
+    arch = str(reader.fields["general.architecture"].contents())
+    if any(a.name == arch and not a.reads_back for adapter in ADAPTERS for _, a in adapter.gguf):
+        raise SurgeonError(f"{path} is a '{arch}' GGUF file for llama.cpp (its query scale folded into the weights); "
+                           "transformers cannot read it back exactly: use the model directory it was written from")
+
+
 def _cached_gguf(gguf: Path) -> Path:
     """Return the safetensors cache of a GGUF file, building it on first use (checksums verified first)."""
     with gguf.open("rb") as f:
@@ -412,7 +422,7 @@ def _cached_gguf(gguf: Path) -> Path:
     target = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}-v{CACHE_FORMAT}"
     if (target / "surgeon_source.json").is_file() and _cache_verified(target):
         return target
-    open_gguf(gguf)  # a file of ours that was changed: refused before any conversion
+    _check_reads_back(open_gguf(gguf), gguf)  # a file of ours that was changed: refused before any conversion
     log.info("converting %s to a float32 safetensors cache at %s (once)", gguf.name, target)
     hint = f" (set ${CACHE_ENV} to a writable directory)"
     try:

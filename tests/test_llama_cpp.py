@@ -122,6 +122,19 @@ def test_gemma_family_matches_torch(family: str, overrides: dict, atol: float, t
     assert len({tuple(t) for t in tokens}) > 1
 
 
+def test_gemma_gguf_is_not_read_back_through_transformers(tmp_path: Path) -> None:
+    """transformers' reader takes gemma2/gemma3's query_pre_attn_scalar as 256 (our files fold the real scale into
+    q) and has no gemma reader: such a file of ours is refused, not converted into another model."""
+    from base.loading import resolve_model_dir
+
+    for family in ("gemma", "gemma2", "gemma3_text"):
+        path = tmp_path / f"{family}.gguf"
+        export_gguf(save_gemma(family, tmp_path), path, tensor_type="f32")
+        with pytest.raises(SurgeonError) as excinfo:
+            resolve_model_dir(path)
+        assert "transformers cannot read it back exactly" in one_line(excinfo)
+
+
 def test_uniformly_shrunk_gemma3_matches_torch(tmp_path: Path) -> None:
     """Structured removal in every layer alike (MLP channels, one KV group with its 3 query heads:
     heads x head_dim = 24 < hidden 48) runs as llama.cpp's gemma3."""
