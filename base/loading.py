@@ -414,7 +414,8 @@ def _check_reads_back(reader: Any, path: Path) -> None:
 
 
 def _cached_gguf(gguf: Path) -> Path:
-    """Return the safetensors cache of a GGUF file, building it on first use (checksums verified first)."""
+    """Return the safetensors cache of a GGUF file, building it on first use (checksums verified first,
+    in :func:`_convert_gguf`)."""
     with gguf.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise SurgeonError(f"{gguf} is not a GGUF file (bad magic bytes)")
@@ -422,7 +423,6 @@ def _cached_gguf(gguf: Path) -> Path:
     target = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}-v{CACHE_FORMAT}"
     if (target / "surgeon_source.json").is_file() and _cache_verified(target):
         return target
-    _check_reads_back(open_gguf(gguf), gguf)  # a file of ours that was changed: refused before any conversion
     log.info("converting %s to a float32 safetensors cache at %s (once)", gguf.name, target)
     hint = f" (set ${CACHE_ENV} to a writable directory)"
     try:
@@ -492,6 +492,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    _check_reads_back(open_gguf(gguf), gguf)  # a file of ours that was changed: refused before transformers reads it
     with quiet_transformers(), _gguf_bars(log.isEnabledFor(logging.INFO)):  # --quiet: no bars either
         try:
             loaded = AutoModelForCausalLM.from_pretrained(
