@@ -528,13 +528,13 @@ def gguf_cmd(
     model: ModelArg = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The .gguf file to write.")] = None,
     tensor_type: Annotated[str, typer.Option("--type", help="Weight type: f32, f16, bf16 or q8_0.")] = "f16",
-    uniform: Annotated[bool, typer.Option("--uniform", help="Refuse per-layer shapes: stock llama/qwen2/qwen3 only.")] = False,
+    uniform: Annotated[bool, typer.Option("--uniform", help="Refuse per-layer shapes: the stock llama.cpp architecture only (llama, qwen2, qwen3, gemma, gemma2, gemma3).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     ffn_align: Annotated[int, typer.Option("--ffn-align", help="Pad MLP widths with zero channels to a multiple of this, for llama.cpp's fast matmul (1: never).")] = 32,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Export a model to one GGUF file for llama.cpp (per-layer shapes as llama.cpp's 'deci'; docs/gguf.md)."""
+    """Export a model to one GGUF file for llama.cpp (Llama and Gemma families; per-layer Llama/Qwen2 shapes as llama.cpp's 'deci'; docs/gguf.md)."""
     from surgeon_export import api
 
     _setup(quiet, None)
