@@ -27,9 +27,9 @@ import torch
 from base.data import calibration_windows, eval_tokens
 from base.loading import load_model
 from base.perplexity import perplexity
+from surgeon.api import build_config, prune_
 from surgeon.calibrate import capture_layer_inputs, run_layer
 from surgeon.curvature import activations
-from surgeon.api import build_config, prune_
 
 
 def with_bos(ids: torch.Tensor, bos: int) -> torch.Tensor:

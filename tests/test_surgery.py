@@ -30,40 +30,9 @@ from base.surgery import (
 from export.compress import find_zero_groups
 from export.flops import matmul_flops_per_token
 from export.shapes import align_plan, magnitude_costs, stock_config, uniform_plan
+from tests.families import FAMILIES, make_model  # noqa: F401  (other test files import them from here too)
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt")
 IDS = torch.tensor([[0, 5, 9, 17, 3, 8, 2, 11, 4], [7, 1, 2, 3, 60, 12, 9, 9, 30]])
-
-
-def tiny_config(family: str, vocab_size: int = 96, layers: int = 3, **overrides):
-    """Hidden 48, 6 query heads in 2 KV groups of 3 (OPT: 6 heads, no GQA), head_dim 8, MLP 40."""
-    from transformers import AutoConfig
-
-    common = dict(vocab_size=vocab_size, hidden_size=48, num_hidden_layers=layers, num_attention_heads=6,
-                  max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=True)
-    if family == "opt":
-        kwargs = dict(common, ffn_dim=40, word_embed_proj_dim=48, dropout=0.0, attention_dropout=0.0)
-    else:
-        kwargs = dict(common, intermediate_size=40, num_key_value_heads=2, head_dim=8, bos_token_id=0, eos_token_id=1)
-    if family in ("gemma2", "gemma3_text"):
-        kwargs.update(sliding_window=4, query_pre_attn_scalar=8)
-    if family == "qwen3":
-        kwargs.update(attention_bias=True)
-    kwargs.update(overrides)
-    return AutoConfig.for_model(family, **kwargs)
-
-
-def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> nn.Module:
-    """A seeded tiny causal LM of ``family`` with random (non-zero) biases, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).to(dtype).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.normal_(0, 0.1)
-    return model
 
 
 def random_plan(shapes: list[LayerShape], seed: int) -> RemovalPlan:
