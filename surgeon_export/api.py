@@ -224,7 +224,7 @@ def needs_head(config: Config) -> bool:
 
 
 WHOLE_MODEL_FACTOR = {"layerwise": 5.0, "surgeon": 18.0}  # measured peak RSS / float32 weights (docs/streaming.md)
-PROCESS_BYTES = 400 * 2**20  # the Python process with torch and transformers imported (measured 389-414 MiB)
+PROCESS_BYTES = 500 * 2**20  # the CLI process with its imports (torch, transformers: 0.4 GiB; measured 505 MiB on tiny models)
 TOKENIZER_BYTES = 1024  # a fast tokenizer in memory, per vocabulary entry (measured: 45 MiB at 49,152, 0.25 GiB at 262,144)
 
 
@@ -268,7 +268,7 @@ def memory_plan(lazy: LazyModel, config: Config, windows: int, seq_len: int, *, 
       (Wanda: the diagonals of ``A``; SparseGPT and SDS: every input group's ``A`` in float64 and two more
       matrices of the widest for its factorisation; LLM Surgeon: one layer's K-FAC factors in float64,
       three times over) and ``activations`` (one forward batch's; LLM Surgeon's K-FAC batch); LLM
-      Surgeon also ``head``: the LM head's chunk of logits (:data:`surgeon.calibrate.HEAD_CHUNK`), its
+      Surgeon also ``head``: the LM head's chunk of logits (:data:`surgeon.calibrate.HEAD_CHUNK`, or a K-FAC batch's), its
       softmax and gradients;
     - ``writing``: the end, the tensors outside the layers copied from the source in its dtype, with
       their file pages (the float32 ones are released first).
@@ -353,7 +353,7 @@ def _surgeon_streamed(lazy: LazyModel, config: SurgeonConfig, windows: int, seq_
     batch = min(config.batch_size, windows)
     return {"statistics": 3 * 8 * (A + G), "boundary": 2 * 4 * carried * seq_len * hidden,
             "activations": 4 * batch * seq_len * (8 * hidden + 4 * inter + 2 * heads * seq_len),
-            "head": 4 * 4 * HEAD_CHUNK}
+            "head": 4 * 4 * min(HEAD_CHUNK, batch * seq_len * int(model.config.vocab_size))}
 
 
 def _size(n: int) -> str:
