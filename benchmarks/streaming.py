@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -56,69 +57,147 @@ METHODS = {"wanda": ["--method", "wanda", "--sparsity", "0.5"], "sparsegpt": ["-
            "surgeon-structured": ["--method", "surgeon", "--structured", "0.8"]}
 
 
-def write_random_llama(out: Path, shape: tuple, layers: int | None, seed: int = 0) -> Path:
-    """A Llama checkpoint of ``shape`` with seeded N(0, 0.02) bfloat16 weights, one shard per layer."""
-    from transformers import LlamaConfig
+def gemma3_270m_config() -> Any:
+    """Gemma3-270m's text config (issue #29's model): 18 layers, hidden 640, 4 query heads and 1 KV head of
+    256, MLP 2048, a 262,144 vocabulary, tied embeddings, 5 sliding (window 512) : 1 full attention layers."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                            layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, query_pre_attn_scalar=256,
+                            max_position_embeddings=32768, tie_word_embeddings=True, dtype="bfloat16")
+
+
+def synthetic_tokenizer(vocab: int, seed: int = 0) -> Any:
+    """A byte-level BPE tokenizer of exactly ``vocab`` entries with seeded random merges: the memory a
+    tokenizer of that vocabulary holds (0.25 GiB at 262,144 entries), not a language's tokens."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens, merges = list(alphabet), []
+    seen = set(tokens)
+    while len(tokens) < vocab:  # each new token joins an earlier (often a recent) one with a short one
+        a = rng.choice(tokens[-5000:] if rng.random() < 0.3 else tokens[:2000])
+        b = rng.choice(tokens[:300])
+        if a + b not in seen and len(a + b) <= 16:
+            seen.add(a + b)
+            tokens.append(a + b)
+            merges.append((a, b))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=alphabet[0], eos_token=alphabet[1])
+
+
+def write_random(config: Any, out: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                 tokenizer: Any = None) -> Path:
+    """A checkpoint of the model ``config`` describes, with seeded N(0, 0.02) weights in ``dtype`` (norms
+    at their identity: 1, Gemma's ``1 + w`` 0; biases 0), one shard per decoder layer, and ``tokenizer``
+    (default: the default model's, whose ids lie below every vocabulary here)."""
+    from transformers import AutoModelForCausalLM
 
     from base.loading import load_tokenizer, resolve_model_dir
 
-    hidden, inter, n_layers, heads, kv, head_dim, vocab, tied = shape
-    n_layers = min(n_layers, layers or n_layers)
     if (out / "config.json").is_file():
         return out
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tied = set((getattr(skeleton, "_tied_weights_keys", None) or {})) if config.tie_word_embeddings else set()
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
+    n_layers = config.num_hidden_layers
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
+    identity = 0.0 if config.model_type.startswith("gemma") else 1.0
 
-    def randn(*size: int) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen) * 0.02).to(torch.bfloat16)
+    def tensor(name: str, shape: tuple) -> torch.Tensor:
+        if len(shape) > 1:
+            return (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
+        return torch.full(shape, identity if "norm" in name else 0.0, dtype=dtype)
 
-    shards = n_layers + 1
+    prefix = "model.layers."
     weight_map = {}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        tensors = {p + "self_attn.q_proj.weight": randn(heads * head_dim, hidden),
-                   p + "self_attn.k_proj.weight": randn(kv * head_dim, hidden),
-                   p + "self_attn.v_proj.weight": randn(kv * head_dim, hidden),
-                   p + "self_attn.o_proj.weight": randn(hidden, heads * head_dim),
-                   p + "mlp.gate_proj.weight": randn(inter, hidden),
-                   p + "mlp.up_proj.weight": randn(inter, hidden),
-                   p + "mlp.down_proj.weight": randn(hidden, inter),
-                   p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-                   p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+    for i in range(n_layers + 1):  # the decoder layers, then everything else
+        inside = (lambda k: k.startswith(f"{prefix}{i}.")) if i < n_layers else (lambda k: not k.startswith(prefix))
+        tensors = {k: tensor(k, shape) for k, shape in shapes.items() if inside(k)}
+        name = f"model-{i + 1:05d}-of-{n_layers + 1:05d}.safetensors"
         save_file(tensors, str(tmp / name))
         weight_map.update(dict.fromkeys(tensors, name))
-    rest = {"model.embed_tokens.weight": randn(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
-    if not tied:
-        rest["lm_head.weight"] = randn(vocab, hidden)
-    name = f"model-{shards:05d}-of-{shards:05d}.safetensors"
-    save_file(rest, str(tmp / name))
-    weight_map.update(dict.fromkeys(rest, name))
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=n_layers,
-                num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, max_position_embeddings=4096,
-                tie_word_embeddings=tied, rms_norm_eps=1e-5, dtype="bfloat16").save_pretrained(tmp)
-    # The default model's tokenizer: the calibration sentence's ids are far below every vocabulary size.
-    load_tokenizer(resolve_model_dir(None)[0]).save_pretrained(tmp)
+    config.save_pretrained(tmp)
+    (tokenizer or load_tokenizer(resolve_model_dir(None)[0])).save_pretrained(tmp)
     os.replace(tmp, out)
     return out
 
 
-def run_prune(model: str | None, out: Path, args: list[str], threads: int) -> dict:
-    """``surgeon-export prune`` in its own process; its JSON plus wall time."""
+def write_random_llama(out: Path, shape: tuple, layers: int | None, seed: int = 0) -> Path:
+    """A Llama checkpoint of ``shape`` with seeded N(0, 0.02) bfloat16 weights, one shard per layer."""
+    from transformers import LlamaConfig
+
+    hidden, inter, n_layers, heads, kv, head_dim, vocab, tied = shape
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=min(n_layers, layers or n_layers), num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=head_dim, max_position_embeddings=4096,
+                         tie_word_embeddings=tied, rms_norm_eps=1e-5, dtype="bfloat16")
+    return write_random(config, out, seed)
+
+
+def run_prune(model: str | None, out: Path, args: list[str], threads: int, *, sample: bool = False) -> dict:
+    """``surgeon-export prune`` in its own process; its JSON plus wall time. ``sample``: the process's resident
+    memory read every 0.1 s (``VmRSS``) and charged to the step its progress output last named
+    (``rss_by_phase_mib``: the peak in each; ``after X``: once bar X finished, before the next began)."""
+    import re
+    import threading
+
     cmd = [sys.executable, "-m", "surgeon_export.cli", "prune", *([model] if model else []), *args, "--out", str(out),
-           "--force", "--json", "--quiet", "--threads", str(threads)]
+           "--force", "--json", "--threads", str(threads), *([] if sample else ["--quiet"])]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    streams = {"stdout": b"", "stderr": b""}
+    phase = ["start"]
+    bar = re.compile(r"([^|]*?):\s+(\d+)%\|")
+
+    def read(name: str) -> None:
+        pipe = getattr(proc, name)
+        for chunk in iter(lambda: pipe.read1(4096), b""):
+            streams[name] += chunk
+            if name == "stderr":  # the last line or progress bar: which step runs now
+                text = re.split(r"[\r\n]", chunk.decode(errors="replace").rstrip("\r\n"))[-1]
+                match = bar.search(text)
+                if match:
+                    phase[0] = ("after " if match[2] == "100" else "") + match[1].strip()
+                elif text.strip():
+                    phase[0] = text.strip()[:60]
+
+    readers = [threading.Thread(target=read, args=(name,), daemon=True) for name in streams]
+    for t in readers:
+        t.start()
+    peaks: dict[str, float] = {}
+    while proc.poll() is None:
+        if sample:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                rss = int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 1024  # type: ignore[index]
+                peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss)
+            except (OSError, TypeError):
+                pass
+        time.sleep(0.1)
+    for t in readers:
+        t.join()
     wall = time.perf_counter() - start
+    stderr = streams["stderr"].decode(errors="replace").strip()
+    sampled = {"rss_by_phase_mib": {k: round(v) for k, v in peaks.items()}} if sample else {}
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
-                "wall_seconds": wall}
-    result = json.loads(proc.stdout)
+        return {"error": stderr.splitlines()[-1] if stderr else f"exit {proc.returncode}", "wall_seconds": wall,
+                **sampled}
+    result = json.loads(streams["stdout"])
     result.pop("environment", None)
-    return {**result, "wall_seconds": wall}
+    return {**result, "wall_seconds": wall, **sampled}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -212,17 +291,83 @@ def ladder_part(work: Path, names: list[str], methods: list[str], layers: int | 
     return rows
 
 
+MEMORY_PARTS = ("default", "families", "gemma3-270m")
+
+
+def memory_part(work: Path, parts: list[str], threads: int, shots: int = 2) -> list[dict]:
+    """Streamed runs' peak RSS against ``memory_plan``'s estimate (the ``memory_plan.streamed_bytes`` the run
+    logged), with the resident memory per step (:func:`run_prune` ``sample``): the default model (Wanda 50%,
+    LLM Surgeon structured 80% kept, 4 x 256, one shot), the tiny model of every family (tests/families.py,
+    4 x 32) and Gemma3-270m's shapes (issue #29's command: 8 x 512, 2 shots, K-FAC batch 1; Wanda 8 x 512)."""
+    text = str(work / "random.txt")
+    small = ["--calib-samples", "4"]
+    cases: list[tuple[str, str | None, str, list[str]]] = []
+    if "default" in parts:
+        cases += [("default (SmolLM2-135M)", None, m, [*small, "--seq-len", "256", *(["--shots", "1"] if "surgeon" in m else [])])
+                  for m in ("wanda", "surgeon-structured")]
+    if "families" in parts:
+        from tests.families import FAMILIES, save_family
+
+        for family in FAMILIES:
+            directory = work / f"tiny-{family}"
+            if not (directory / "config.json").is_file():
+                save_family(family, directory)
+            cases += [(f"tiny {family}", str(directory), m, [*small, "--seq-len", "32", "--calib-text", text,
+                                                              *(["--shots", "1"] if "surgeon" in m else [])])
+                      for m in ("wanda", "surgeon-structured")]
+    if "gemma3-270m" in parts:
+        directory = work / "gemma3-270m"
+        if not (directory / "config.json").is_file():
+            write_random(gemma3_270m_config(), directory, tokenizer=synthetic_tokenizer(262144))
+        cases += [("Gemma3-270m shapes (random bf16)", str(directory), "surgeon-structured",
+                   ["--calib-samples", "8", "--shots", str(shots), "--kfac-batch", "1", "--calib-text", text]),
+                  ("Gemma3-270m shapes (random bf16)", str(directory), "wanda", ["--calib-samples", "8", "--calib-text", text])]
+    rows = []
+    for label, model, method, args in cases:
+        out = work / f"memory-{(model and Path(model).name) or 'default'}-{method}"
+        r = run_prune(model, out, [*METHODS[method], *args, "--streaming", "--no-eval", "--no-check-streaming"],
+                      threads, sample=True)
+        plan = r.get("memory_plan") or {}
+        estimate = plan.get("streamed_bytes", 0) / 2**20
+        measured = r.get("peak_rss_mib")
+        rows.append({"model": label, "method": method, "settings": " ".join([*METHODS[method], *args]),
+                     "estimate_mib": round(estimate), "peak_rss_mib": round(measured) if measured else None,
+                     "estimate_over_measured": round(estimate / measured, 3) if measured else None,
+                     "within_25_percent": bool(measured and abs(estimate / measured - 1) <= 0.25),
+                     "rss_by_phase_mib": r.get("rss_by_phase_mib"), "wall_seconds": round(r["wall_seconds"], 1),
+                     "error": r.get("error")})
+        print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def memory_markdown(doc: dict) -> str:
+    env = doc["environment"]
+    lines = [f"# memory_plan against measured peak RSS (streamed)\n",
+             f"{env['device']}, {env['threads']} thread(s), torch {env['torch']}, transformers {env['transformers']}, "
+             f"commit {env['git_commit']}, {env['date']}. `python -m benchmarks.streaming memory`; each run its own "
+             "process, `--streaming --no-eval --no-check-streaming`; peak RSS is the process's `ru_maxrss`.\n",
+             "| model | method | settings | estimate MiB | peak RSS MiB | estimate / peak | within 25% |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['model']} | {r['method']} | `{r['settings']}` | {r['estimate_mib']} | {r['peak_rss_mib']} | "
+                     f"{r['estimate_over_measured']} | {'yes' if r['within_25_percent'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("default", "ladder"))
+    parser.add_argument("part", choices=("default", "ladder", "memory"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/surgeon-streaming"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=None, help="ladder: keep the first K layers of each shape")
-    parser.add_argument("--only", default=",".join(SHAPES), help="ladder: comma-separated shapes")
+    parser.add_argument("--only", default=None, help="ladder: comma-separated shapes (default: all); memory: of "
+                        f"{', '.join(MEMORY_PARTS)} (default: all)")
     parser.add_argument("--methods", default="wanda,sparsegpt", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--prune-args", default="", help="more prune options for every run, e.g. '--shots 1'")
     parser.add_argument("--eval", action="store_true", help="default: protocol perplexity of both outputs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shots", type=int, default=2, help="memory: LLM Surgeon's shots on the Gemma3-270m shapes")
     parser.add_argument("--modes", default="no-streaming,streaming",
                         help="default: which modes to run (streaming alone: no whole-model run to compare with)")
     args = parser.parse_args()
@@ -234,8 +379,11 @@ def main() -> None:
     if args.part == "default":
         modes = tuple(f"--{m}" for m in args.modes.split(","))
         rows = default_part(args.work, args.methods.split(","), extra, args.threads, args.eval, modes)
+    elif args.part == "memory":
+        rows = memory_part(args.work, (args.only or ",".join(MEMORY_PARTS)).split(","), args.threads, args.shots)
     else:
-        rows = ladder_part(args.work, args.only.split(","), args.methods.split(","), args.layers, args.threads, extra)
+        rows = ladder_part(args.work, (args.only or ",".join(SHAPES)).split(","), args.methods.split(","), args.layers,
+                           args.threads, extra)
     doc = {"kind": "surgeon-export streaming benchmark", "part": args.part, "environment": environment(),
            "note": "ladder models: Llama shapes with seeded random bfloat16 weights (not the real models)",
            "calibration": "default: the method's default windows (64 x 512; LLM Surgeon structured 16 x 512) of "
@@ -246,6 +394,8 @@ def main() -> None:
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, args.out)
+    if args.part == "memory":
+        args.out.with_suffix(".md").write_text(memory_markdown(doc))
 
 
 if __name__ == "__main__":

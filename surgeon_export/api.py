@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -224,6 +224,8 @@ def needs_head(config: Config) -> bool:
 
 
 WHOLE_MODEL_FACTOR = {"layerwise": 5.0, "surgeon": 18.0}  # measured peak RSS / float32 weights (docs/streaming.md)
+PROCESS_BYTES = 500 * 2**20  # the CLI process with its imports (torch, transformers: 0.4 GiB; measured 505 MiB on tiny models)
+TOKENIZER_BYTES = 1024  # a fast tokenizer in memory, per vocabulary entry (measured: 45 MiB at 49,152, 0.25 GiB at 262,144)
 
 
 @dataclass
@@ -236,6 +238,7 @@ class MemoryPlan:
     streaming: bool
     reason: str
     outside: int = 0  # of ``streamed``: the tensors outside the decoder layers held in memory (bytes)
+    terms: dict[str, int] = field(default_factory=dict)  # the parts of ``streamed`` (memory_plan's docstring)
 
 
 def parse_bytes(text: str) -> int:
@@ -252,58 +255,90 @@ def memory_plan(lazy: LazyModel, config: Config, windows: int, seq_len: int, *, 
                 max_memory: int | None = None) -> MemoryPlan:
     """Whole-model against streamed memory for this prune, and the choice (``streaming`` None: automatic).
 
-    Whole model: float32 weights times the measured factor of the method family. Streamed: one layer
-    (twice with SDS, its dense copy), the input statistics in float64 (Wanda: their diagonals; SparseGPT
-    and SDS: every input group's ``A`` and two more matrices of the widest for its factorisation), the
-    layer-boundary activations of every window (held once: each batch's input is freed as its output
-    is made; twice with SDS) and one forward batch's temporaries; or, if more, what lies outside the
-    layers with the first layer's inputs (the embeddings are released once those are taken). Not the
-    ~0.4 GiB of the Python process itself. Measured against it (Llama-2-7B shapes, 8 x 512): Wanda
-    3.02 GiB (estimate 2.88), SparseGPT 2:4 6.65 GiB.
+    Whole model: the process (:data:`PROCESS_BYTES`) and the float32 weights times the measured factor of
+    the method family. Streamed, the peak of the run's steps (``terms``, bytes; docs/streaming.md):
+
+    - always: the ``process`` and the ``tokenizer`` (:data:`TOKENIZER_BYTES` per vocabulary entry);
+    - ``outside``: the float32 tensors outside the decoder layers the run holds (the embeddings; LLM
+      Surgeon's LM head, the same tensor when tied; whatever else the caller loaded), and ``reading``:
+      the largest of them in the source's dtype, whose file pages count while it is converted;
+    - ``boundary``: the layer-boundary activations of every window, float32 (held once: each batch's input
+      is freed as its output is made; twice with SDS; LLM Surgeon's forward walk: in and out);
+    - the layer step: ``layer`` (twice: SDS's dense copy; LLM Surgeon's recomputed layer), ``statistics``
+      (Wanda: the diagonals of ``A``; SparseGPT and SDS: every input group's ``A`` in float64 and two more
+      matrices of the widest for its factorisation; LLM Surgeon: one layer's K-FAC factors in float64,
+      three times over) and ``activations`` (one forward batch's; LLM Surgeon's K-FAC batch); LLM
+      Surgeon also ``head``: the LM head's chunk of logits (:data:`surgeon.calibrate.HEAD_CHUNK`, or a K-FAC batch's), its
+      softmax and gradients;
+    - ``writing``: the end, the tensors outside the layers copied from the source in its dtype, with
+      their file pages (the float32 ones are released first).
+
+    Layer-wise methods release the embeddings once the first layer's inputs are taken, so the peak is
+    ``process + tokenizer + max(outside + max(reading, boundary), layer step + boundary, writing)``;
+    LLM Surgeon keeps them (the head) for the whole walk: ``process + tokenizer + max(outside +
+    max(reading, boundary + layer step + head), writing)``. Measured against it:
+    benchmarks/results/memory_plan.md (within 25% on the default model, the tiny model of every family
+    and Gemma3-270m's shapes).
     """
-    model = lazy.model
-    layer = lazy.adapter.decoder_layers(model)[0]
+    model, adapter = lazy.model, lazy.adapter
+    layer = adapter.decoder_layers(model)[0]
     layer_bytes = 4 * sum(p.numel() for p in layer.parameters())
-    rest = [p for n, p in model.named_parameters() if not n.startswith(lazy.adapter.layers + ".")]
-    total = 4 * sum(p.numel() for p in rest) + layer_bytes * lazy.num_layers()
-    outside = 4 * sum(p.numel() for p in rest if not p.is_meta)  # an untied LM head left on disk does not count
-    family = "surgeon" if isinstance(config, SurgeonConfig) else "layerwise"
-    whole = int(total * WHOLE_MODEL_FACTOR[family])
-    widest = max(m.in_features for m in lazy.adapter.decoder_linears(model).values())
-    sds = 2 if getattr(config, "refine", None) is not None else 1
+    rest = {n: p for n, p in model.named_parameters() if not n.startswith(adapter.layers + ".")}
+    total = 4 * sum(p.numel() for p in rest.values()) + layer_bytes * lazy.num_layers()
+    surgeon = isinstance(config, SurgeonConfig)
+    output = model.get_output_embeddings()
+    untied = output is not None and not getattr(model.config, "tie_word_embeddings", False)
+    left = output.weight if untied and not surgeon else None  # a layer-wise run leaves an untied head on disk ...
+    held = [p for p in rest.values() if p is not left or not p.is_meta]  # ... unless the caller loaded it
+    outside = 4 * sum(p.numel() for p in held)
+    source = lazy.weights.dtype().itemsize
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    terms = {"process": PROCESS_BYTES, "tokenizer": TOKENIZER_BYTES * vocab, "outside": outside,
+             "reading": source * max((p.numel() for p in held), default=0),
+             "writing": 2 * source * sum(p.numel() for p in rest.values())}
+    whole = int(PROCESS_BYTES + total * WHOLE_MODEL_FACTOR["surgeon" if surgeon else "layerwise"])
     hidden = int(model.config.hidden_size)
-    if isinstance(config, SurgeonConfig):
-        streamed = _surgeon_streamed(lazy, config, windows, seq_len) + 2 * layer_bytes + outside
+    if surgeon:
+        terms.update(_surgeon_streamed(lazy, config, windows, seq_len), layer=2 * layer_bytes)
+        step = terms["boundary"] + terms["layer"] + terms["statistics"] + terms["activations"] + terms["head"]
+        peak = max(outside + max(terms["reading"], step), terms["writing"])
     else:
-        inputs = [lazy.adapter.linear(layer, group[0]).in_features for group in lazy.adapter.input_groups]
-        stats = {"none": 0, "diagonal": 8 * sum(inputs),
-                 "matrix": 8 * (sum(d * d for d in inputs) + 2 * widest**2)}[config.statistics]
-        inter = lazy.adapter.linear(layer, lazy.adapter.channel_rows[0]).out_features
-        batch = min(config.batch_size, windows)
-        temporaries = 4 * batch * seq_len * (4 * hidden + 3 * inter)  # one forward batch's q/k/v/o and MLP tensors
-        boundary = sds * 4 * windows * seq_len * hidden
-        streamed = int(max(layer_bytes * (1 + sds) + stats + boundary + temporaries, outside + boundary))
+        widest = max(m.in_features for m in adapter.decoder_linears(model).values())
+        sds = 2 if getattr(config, "refine", None) is not None else 1
+        inputs = [adapter.linear(layer, group[0]).in_features for group in adapter.input_groups]
+        inter = adapter.linear(layer, adapter.channel_rows[0]).out_features
+        terms.update(
+            layer=layer_bytes * (1 + sds),
+            statistics={"none": 0, "diagonal": 8 * sum(inputs),
+                        "matrix": 8 * (sum(d * d for d in inputs) + 2 * widest**2)}[config.statistics],
+            activations=4 * min(config.batch_size, windows) * seq_len * (4 * hidden + 3 * inter),  # q/k/v/o, MLP
+            boundary=sds * 4 * windows * seq_len * hidden)
+        step = terms["layer"] + terms["statistics"] + terms["activations"] + terms["boundary"]
+        peak = max(outside + max(terms["reading"], terms["boundary"]), step, terms["writing"])
+    streamed = int(terms["process"] + terms["tokenizer"] + peak)
     free = max_memory if max_memory is not None else available_memory()
     if max_memory is not None and max_memory < streamed:
         raise SurgeonError(f"--max-memory {_size(max_memory)} is below what one layer needs streamed "
-                           f"({_size(streamed)}: one layer, its statistics and {windows} x {seq_len} activations)")
+                           f"({_size(streamed)}: the process, one layer, its statistics, {windows} x {seq_len} "
+                           "activations and what lies outside the layers)")
     if streaming is not None:
-        return MemoryPlan(whole, streamed, free, streaming, "--streaming" if streaming else "--no-streaming", outside)
+        return MemoryPlan(whole, streamed, free, streaming, "--streaming" if streaming else "--no-streaming", outside,
+                          terms)
     if free is None or whole <= free:
-        return MemoryPlan(whole, streamed, free, False, "the whole model fits", outside)
+        return MemoryPlan(whole, streamed, free, False, "the whole model fits", outside, terms)
     return MemoryPlan(whole, streamed, free, True,
                       f"the whole model needs about {_size(whole)}, {_size(free)} "
-                      f"{'allowed' if max_memory is not None else 'available'}", outside)
+                      f"{'allowed' if max_memory is not None else 'available'}", outside, terms)
 
 
-def _surgeon_streamed(lazy: LazyModel, config: SurgeonConfig, windows: int, seq_len: int) -> int:
-    """Streamed LLM Surgeon's memory besides the layer and the tensors outside the layers (bytes).
+def _surgeon_streamed(lazy: LazyModel, config: SurgeonConfig, windows: int, seq_len: int) -> dict[str, int]:
+    """Streamed LLM Surgeon's terms besides the layer and the tensors outside the layers (bytes).
 
-    One layer's K-FAC factors in float64 (``A`` per shared input, ``G`` per linear) three times over
-    (the accumulators, and the rescaled, damped and inverted pair of the linears being pruned); the
-    forward walk's hidden states (in and out) of the windows it carries; one K-FAC batch's recomputed
-    activations (hidden-sized tensors, the MLP's, the attention scores); and the LM head's chunk of
-    logits with its softmax and gradient.
+    ``statistics``: one layer's K-FAC factors in float64 (``A`` per shared input, ``G`` per linear) three
+    times over (the accumulators, and the rescaled, damped and inverted pair of the linears being
+    pruned); ``boundary``: the forward walk's hidden states (in and out) of the windows it carries;
+    ``activations``: one K-FAC batch's recomputed activations (hidden-sized tensors, the MLP's, the
+    attention scores); ``head``: the LM head's chunk of logits with its softmax and gradient.
     """
     from surgeon.calibrate import HEAD_CHUNK
 
@@ -316,8 +351,9 @@ def _surgeon_streamed(lazy: LazyModel, config: SurgeonConfig, windows: int, seq_
     heads = adapter.head_layout(model.config)[0]
     carried = 0 if config.scoring == "magnitude" else windows
     batch = min(config.batch_size, windows)
-    activations = 4 * batch * seq_len * (8 * hidden + 4 * inter + 2 * heads * seq_len)
-    return int(3 * 8 * (A + G) + 2 * 4 * carried * seq_len * hidden + activations + 4 * 4 * HEAD_CHUNK)
+    return {"statistics": 3 * 8 * (A + G), "boundary": 2 * 4 * carried * seq_len * hidden,
+            "activations": 4 * batch * seq_len * (8 * hidden + 4 * inter + 2 * heads * seq_len),
+            "head": 4 * 4 * min(HEAD_CHUNK, batch * seq_len * int(model.config.vocab_size))}
 
 
 def _size(n: int) -> str:

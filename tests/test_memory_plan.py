@@ -1,0 +1,88 @@
+"""memory_plan's streamed estimate, term by term (issue #29): the process, the tokenizer, the float32 tensors
+outside the layers (the embeddings, LLM Surgeon's LM head), the layer boundary, the layer step, and their
+peak as docs/streaming.md writes it, on the tiny model of every family and on Gemma3-270m's shapes built on
+the meta device. The estimates against measured peaks: benchmarks/results/memory_plan.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from base.adapters import get_adapter
+from base.lazy import LazyModel, LazyWeights, open_lazy
+from benchmarks.streaming import gemma3_270m_config
+from surgeon.calibrate import HEAD_CHUNK
+from surgeon_export import api
+from tests.families import FAMILIES, save_family
+
+WANDA = api.build_config("wanda", sparsity=0.5)
+SURGEON = api.build_config("surgeon", structured=0.8, shots=2, kfac_batch=1, calib_samples=8)
+
+
+def peak(terms: dict[str, int], surgeon: bool) -> int:
+    """The formula of memory_plan's docstring, from its terms."""
+    t = terms
+    if surgeon:
+        step = t["boundary"] + t["layer"] + t["statistics"] + t["activations"] + t["head"]
+        return t["process"] + t["tokenizer"] + max(t["outside"] + max(t["reading"], step), t["writing"])
+    step = t["layer"] + t["statistics"] + t["activations"] + t["boundary"]
+    return t["process"] + t["tokenizer"] + max(t["outside"] + max(t["reading"], t["boundary"]), step, t["writing"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_counts_its_embeddings_head_and_boundary(family: str, tmp_path: Path) -> None:
+    src = save_family(family, tmp_path / family)
+    for cfg in (WANDA, SURGEON):
+        surgeon = api.needs_head(cfg)
+        lazy = open_lazy(src, head=surgeon)
+        model = lazy.model
+        H, V = model.config.hidden_size, model.config.vocab_size
+        outside = {n: p for n, p in model.named_parameters() if not n.startswith(lazy.adapter.layers + ".")}
+        tied = model.config.tie_word_embeddings
+        head = 0 if tied else model.get_output_embeddings().weight.numel()
+        assert head == (0 if family != "mistral" else V * H)  # the tiny mistral's head is untied
+        expected = 4 * (sum(p.numel() for p in outside.values()) - (0 if surgeon else head))
+        assert expected >= 4 * V * H  # the embeddings at least
+        plan = api.memory_plan(lazy, cfg, 8, 32, streaming=True)
+        t = plan.terms
+        assert t["outside"] == plan.outside == expected
+        assert t["tokenizer"] == api.TOKENIZER_BYTES * V and t["process"] == api.PROCESS_BYTES
+        assert t["reading"] == 4 * max(p.numel() for n, p in outside.items() if surgeon or tied or "lm_head" not in n)
+        assert t["writing"] == 2 * 4 * sum(p.numel() for p in outside.values())  # float32 sources
+        assert t["boundary"] == (2 if surgeon else 1) * 4 * 8 * 32 * H
+        if surgeon:
+            assert t["head"] == 4 * 4 * min(HEAD_CHUNK, 1 * 32 * V)  # one K-FAC batch of logits at most
+        assert plan.streamed == peak(t, surgeon)
+
+
+def test_gemma3_270m_shapes_on_the_meta_device() -> None:
+    """Issue #29's model and command (8 x 512, K-FAC batch 1): what the old estimate left out (the process,
+    a 262k tokenizer, the reading of the bfloat16 embedding) is counted, and the embedding once (tied)."""
+    config = gemma3_270m_config()
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    weights = LazyWeights([])
+    weights.dtypes = {"model.embed_tokens.weight": "BF16"}  # the real checkpoint's dtype
+    lazy = LazyModel(model, None, get_adapter(config.model_type), Path("."), "meta", weights, torch.float32)
+    V, H, T, N = 262144, 640, 512, 8
+    plan = api.memory_plan(lazy, SURGEON, N, T, streaming=True)
+    t = plan.terms
+    assert t["outside"] == 4 * (V * H + H)  # the embedding (the LM head is the same tensor) and the final norm
+    assert t["reading"] == 2 * V * H and t["writing"] == 2 * 2 * (V * H + H)
+    assert t["tokenizer"] == 1024 * V
+    assert t["boundary"] == 2 * 4 * N * T * H
+    A = 2 * 640**2 + 1024**2 + 2048**2  # q/k/v and gate/up share their inputs; o; down
+    G = 1024**2 + 2 * 256**2 + 640**2 + 2 * 2048**2 + 640**2  # q, k, v, o, gate, up, down
+    assert t["statistics"] == 3 * 8 * (A + G)
+    assert t["activations"] == 4 * 1 * T * (8 * H + 4 * 2048 + 2 * 4 * T)
+    layer = 4 * (1024 * 640 + 2 * 256 * 640 + 640 * 1024 + 3 * 2048 * 640 + 2 * 256 + 4 * 640)
+    assert t["layer"] == 2 * layer
+    assert plan.streamed == peak(t, True)
+    assert t["head"] == 4 * 4 * HEAD_CHUNK  # 32 tokens of 262k logits a chunk
+    assert plan.streamed == 2**20 * 500 + 1024 * V + t["outside"] + max(t["reading"], t["boundary"] + t["layer"] + t["statistics"] + t["activations"] + t["head"])
+    wanda = api.memory_plan(lazy, WANDA, N, T, streaming=True)
+    assert wanda.terms["outside"] == t["outside"] and wanda.streamed == peak(wanda.terms, False)
