@@ -12,6 +12,10 @@ are shared here so that they are done once:
   during a write cannot run any cleanup);
 - :func:`write_error`: a failed write (disk full, read-only file system, a safetensors I/O error)
   becomes one :class:`SurgeonError` line naming the target and the reason.
+
+Resumable runs (streamed pruning) keep their finished work in a hidden directory on purpose; they
+register it with :func:`keep_for_resume`, so that Ctrl-C's message (:func:`interrupted_message`) says
+what stays, where, and how to resume or remove it, instead of "nothing was written".
 """
 
 from __future__ import annotations
@@ -63,6 +67,42 @@ def check_writable(target: Path, what: str = "output") -> None:
         raise SurgeonError(f"cannot write {what} {target}: {parent}: {exc.strerror or exc}") from None
     os.close(fd)
     os.unlink(probe)
+
+
+_RESUMABLE: dict[Path, str] = {}  # what an interrupted run keeps on disk -> the output it is for
+
+
+def keep_for_resume(directory: Path, target: Path) -> None:
+    """Record that ``directory`` holds resumable work for ``target`` (kept if the run is interrupted)."""
+    _RESUMABLE[Path(directory).absolute()] = str(target)
+
+
+def resumed_done(directory: Path) -> None:
+    """``directory`` no longer holds resumable work (renamed into place, or removed)."""
+    _RESUMABLE.pop(Path(directory).absolute(), None)
+
+
+def _size(directory: Path) -> str:
+    """The bytes of every file under ``directory``, in MB (kB below one MB)."""
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    return f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+
+
+def interrupted_message() -> str:
+    """The line Ctrl-C prints: nothing written, or exactly which resumable directory stays and why.
+
+    Example:
+        >>> interrupted_message()  # no resumable run in this process
+        'interrupted; nothing was written'
+    """
+    kept = [(d, t) for d, t in _RESUMABLE.items() if d.is_dir()]
+    if not kept:
+        return "interrupted; nothing was written"
+    parts = [f"{d} ({_size(d)}, the work finished so far)" for d, _ in kept]
+    targets = ", ".join(t for _, t in kept)
+    return (f"interrupted; nothing was written to {targets}, but {' and '.join(parts)} "
+            f"{'is' if len(kept) == 1 else 'are'} kept to resume: run the same command again to go on from there, "
+            f"or remove it (rm -r {' '.join(str(d) for d, _ in kept)}) to free the space")
 
 
 def write_error(exc: BaseException, target: Path) -> SurgeonError:

@@ -30,6 +30,7 @@ from typing import Annotated, Optional  # noqa: E402
 import typer  # noqa: E402
 
 from base.errors import SurgeonError, check_choice  # noqa: E402
+from base.files import interrupted_message  # noqa: E402
 from surgeon.sds import SDSConfig  # noqa: E402
 
 if _previous_sigint is not None:
@@ -691,7 +692,8 @@ def main() -> None:
 
     Command-line mistakes that typer catches (a value that is not a number, an unknown option) are
     user errors too: one ``error:`` line, not a boxed usage text. Ctrl-C says that nothing was
-    written (every output goes through a temporary path) and exits with 130.
+    written (every output goes through a temporary path), or which resumable directory a streamed run
+    keeps and how to resume or remove it, and exits with 130.
     """
     try:
         _run_app()
@@ -710,7 +712,7 @@ def _run_app() -> None:
     try:
         code = app(standalone_mode=False)  # a typer.Exit comes back as its exit code
         if code == INTERRUPTED:  # typer caught a KeyboardInterrupt: every output goes through a temporary path
-            typer.echo("interrupted; nothing was written", err=True)
+            typer.echo(interrupted_message(), err=True)
         sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode ends
     except NoArgsIsHelpError as exc:  # the command alone: its help, as --help prints it
         typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
@@ -719,7 +721,7 @@ def _run_app() -> None:
         typer.echo(f"error: {exc.format_message().strip().splitlines()[0]}", err=True)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
-        typer.echo("interrupted; nothing was written", err=True)
+        typer.echo(interrupted_message(), err=True)
         sys.exit(130)
     except SurgeonError as exc:
         typer.echo(f"error: {exc}", err=True)
