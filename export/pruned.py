@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -155,9 +154,7 @@ def save_pruned_checkpoint(
         skeleton = _skeleton_with_weights(model, config)
         skeleton.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-        if not stock:
-            shutil.copyfile(Path(modeling.__file__), tmp / MODELING_FILE)
-        make_portable(tmp)
+        make_portable(tmp)  # with modeling_surgeon.py beside a per-layer config
         report.update(
             format_version=REPORT_VERSION,
             checkpoint_format="uniform" if stock else "per-layer",
