@@ -269,3 +269,33 @@ def test_flops_ratio_uses_the_nearest_length() -> None:
     assert _flops_ratio(a, b, 130) == 0.5
     assert _flops_ratio(a, b, 500) == 0.8
     assert _flops_ratio({}, b, 128) is None
+
+
+def test_a_nan_in_a_later_model_stops_the_run_before_anything_is_measured(models: dict, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every model is loaded and checked (config, tensors finite) before the first measurement: an ONNX
+    export holding a NaN initializer, second in the list, stops the run before the first is measured."""
+    import onnx
+    from onnx import numpy_helper
+
+    from benchmarks.worker import InlineClient
+    from export.onnx import OnnxConfig, export_onnx
+
+    lm = load_model(models["dense"])
+    good, bad = tmp_path / "good-onnx", tmp_path / "nan-onnx"
+    export_onnx(lm.model, lm.tokenizer, good, OnnxConfig(verify=False))
+    export_onnx(lm.model, lm.tokenizer, bad, OnnxConfig(verify=False))
+    name = json.loads((bad / "surgeon_onnx.json").read_text())["decoder_linears"]["model.layers.1.mlp.down_proj"]["initializer"]
+    proto = onnx.load(str(bad / "model.onnx"))
+    tensor = next(t for t in proto.graph.initializer if t.name == name)
+    array = numpy_helper.to_array(tensor).copy()
+    array.flat[7] = float("nan")
+    tensor.CopyFrom(numpy_helper.from_array(array, name))
+    onnx.save(proto, str(bad / "model.onnx"))
+    ops = []
+    real = InlineClient.call
+    monkeypatch.setattr(InlineClient, "call", lambda self, r: ops.append(r["op"]) or real(self, r))
+    cfg = config(models, models=[ModelSpec("good", str(good), "onnxruntime"), ModelSpec("bad", str(bad), "onnxruntime")])
+    with pytest.raises(SurgeonError, match=rf"nan-onnx: tensor {name} holds 1 NaN value\(s\); the checkpoint is damaged"):
+        run_benchmark(cfg)
+    assert ops == ["load", "load"]  # nothing measured
