@@ -222,7 +222,7 @@ def shrink_and_save(
     if cfg.uniform and len(set(layer_shapes(model, adapter))) > 1:
         if plan is not None:
             raise SurgeonError("--uniform from layers of different sizes works on their zero groups only, not a given plan")
-        grow_(model, adapter, _common_shape(model, adapter))  # zeros: the outputs do not change
+        grow_(model, adapter, _common_shape(model, adapter))  # zeros: the same function, up to float32 rounding
     plan = plan if plan is not None else find_zero_groups(model, adapter)
     if cfg.uniform:
         plan = uniform_plan(model, adapter, plan, costs, multiple=cfg.align)

@@ -464,7 +464,7 @@ class RunConfig:
     text: Path | None = None
     data_dir: Path | None = None
     onnx: bool = True
-    runtimes: bool = True  # also benchmark the pruned model on every installed optional runtime
+    runtimes: bool = True  # also benchmark dense and pruned on every installed optional runtime
     recover: RecoverConfig | None = None  # distil the pruned model from the dense one before saving it
     recover_windows: int = 256
     recover_data: str = "calibration"
@@ -508,23 +508,31 @@ def run(cfg: RunConfig) -> dict:
     extra = {"recover": {k: v for k, v in recovered.to_dict().items() if k != "losses"}} if recovered else None
     written = save(lm, pruned_dir, report, extra=extra, force=True)
     del lm
+    # Like with like: on every runtime the dense model runs beside the pruned one (dense first: the
+    # runtime's baseline, benchmarks/run.py). Its perplexity is measured once, on torch: the exports
+    # are checked against torch, and the same-runtime ratio names the perplexity it uses.
     models = [ModelSpec(label="dense", spec=cfg.model), ModelSpec(label="pruned", spec=str(pruned_dir))]
     if cfg.onnx:
-        onnx_dir = cfg.out / "pruned-onnx"
-        log.info("3/%d exporting the pruned model to ONNX (%s)", steps, onnx_dir)
-        manifest = export_onnx(load(pruned_dir), onnx_dir, force=True)
-        log.info("exported in %.0f s; ONNX Runtime vs torch: largest logit difference %.1e",
-                 manifest["export_seconds"], manifest["verification"]["max_abs_diff"])
-        models.append(ModelSpec(label="pruned-onnx", spec=str(onnx_dir), backend="onnxruntime"))
-        if "openvino" in runtimes:  # the same export, compiled by OpenVINO
-            models.append(ModelSpec(label="pruned-openvino", spec=str(onnx_dir), backend="openvino"))
+        log.info("3/%d exporting the dense and the pruned model to ONNX (%s)", steps, cfg.out)
+        for name, source in (("dense", cfg.model), ("pruned", pruned_dir)):
+            onnx_dir = cfg.out / f"{name}-onnx"
+            manifest = export_onnx(load(source), onnx_dir, force=True)
+            log.info("%s exported in %.0f s; ONNX Runtime vs torch: largest logit difference %.1e",
+                     name, manifest["export_seconds"], manifest["verification"]["max_abs_diff"])
+        for runtime in ("onnxruntime", *(["openvino"] if "openvino" in runtimes else [])):  # OpenVINO: the same exports
+            suffix = "onnx" if runtime == "onnxruntime" else runtime
+            models += [ModelSpec(label=f"dense-{suffix}", spec=str(cfg.out / "dense-onnx"), backend=runtime,
+                                 perplexity=False),
+                       ModelSpec(label=f"pruned-{suffix}", spec=str(cfg.out / "pruned-onnx"), backend=runtime)]
     skipped = {}
     if "llama.cpp" in runtimes:
-        gguf_file = cfg.out / "pruned-f32.gguf"
-        log.info("%d/%d writing the pruned model as GGUF for llama.cpp (%s)", steps - 1, steps, gguf_file)
+        log.info("%d/%d writing the dense and the pruned model as GGUF for llama.cpp (%s)", steps - 1, steps, cfg.out)
         try:
-            export_gguf(pruned_dir, gguf_file, tensor_type="f32", force=True)
-            models.append(ModelSpec(label="pruned-llama.cpp", spec=str(gguf_file), backend="llama.cpp"))
+            export_gguf(pruned_dir, cfg.out / "pruned-f32.gguf", tensor_type="f32", force=True)
+            export_gguf(cfg.model, cfg.out / "dense-f32.gguf", tensor_type="f32", force=True)
+            models += [ModelSpec(label="dense-llama.cpp", spec=str(cfg.out / "dense-f32.gguf"), backend="llama.cpp",
+                                 perplexity=False),
+                       ModelSpec(label="pruned-llama.cpp", spec=str(cfg.out / "pruned-f32.gguf"), backend="llama.cpp")]
         except SurgeonError as exc:  # a family or tokenizer GGUF cannot express: the rest of the job stands
             skipped["llama.cpp"] = str(exc)
             log.warning("llama.cpp skipped: %s", exc)

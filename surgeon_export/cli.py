@@ -340,7 +340,7 @@ def shrink_cmd(
     model: ModelArg = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the smaller checkpoint here.")] = None,
     align: Annotated[int, typer.Option(help="Round every kept size to a multiple of N (1: off).", min=1)] = 1,
-    rounding: Annotated[str, typer.Option(help="Which multiple --align picks: up (keeps outputs), down or nearest.")] = "up",
+    rounding: Annotated[str, typer.Option(help="Which multiple --align picks: up (brings back only zero groups: the same function, up to float32 rounding), down or nearest.")] = "up",
     uniform: Annotated[bool, typer.Option("--uniform", help="Same sizes in every layer: a stock-architecture checkpoint.")] = False,
     force: Force = False,
     quiet: Quiet = False,
@@ -384,8 +384,8 @@ def run_cmd(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
     text: Annotated[Optional[Path], typer.Option(help="Calibrate and evaluate on this text instead of WikiText-2.")] = None,
     data_dir: DataDir = None,
-    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the pruned model to ONNX and benchmark it on ONNX Runtime.")] = True,
-    runtimes: Annotated[bool, typer.Option("--runtimes/--no-runtimes", help="Also benchmark the pruned model on every installed optional runtime: OpenVINO (the ONNX export) and llama.cpp (a float32 GGUF written beside it).")] = True,
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the dense and the pruned model to ONNX and benchmark both on ONNX Runtime (pruned against dense on the same runtime).")] = True,
+    runtimes: Annotated[bool, typer.Option("--runtimes/--no-runtimes", help="Also benchmark dense and pruned on every installed optional runtime: OpenVINO (the ONNX exports) and llama.cpp (float32 GGUF files written beside them).")] = True,
     recover: Recover = False,
     recover_steps: RecoverSteps = RECOVER_STEPS,
     recover_lr: RecoverLr = None,
@@ -628,7 +628,7 @@ def info_cmd(model: ModelArg = None, quiet: Quiet = False, as_json: AsJson = Fal
 @app.command("bench")
 def bench_cmd(
     models: Annotated[Optional[list[str]], typer.Argument(
-        help="Models as [LABEL=]PATH (or 'default'); the first is the baseline of every ratio.")] = None,
+        help="Models as [LABEL=]PATH (or 'default'); the first is the baseline of every ratio, and the first on each backend that runtime's baseline too (ratios on the same runtime).")] = None,
     backend: Annotated[Optional[list[str]], typer.Option(help="Backend for all models, or once per model.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, float16 on CUDA), float32, float16 or bfloat16.")] = "auto",
@@ -653,7 +653,7 @@ def bench_cmd(
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Perplexity, prefill latency, decode tokens/s, memory and size of models; ratios to the first."""
+    """Perplexity, prefill latency, decode tokens/s, memory and size of models; ratios to the first, and to the first on the same backend."""
     import torch
 
     from benchmarks.gate import gate_table, parse_tolerance
