@@ -14,7 +14,7 @@ are shared here so that they are done once:
   becomes one :class:`SurgeonError` line naming the target and the reason.
 
 Resumable runs (streamed pruning) keep their finished work in a hidden directory on purpose; they
-register it with :func:`keep_for_resume`, so that Ctrl-C's message (:func:`interrupted_message`) says
+run inside :func:`resumable`, so that Ctrl-C's message (:func:`interrupted_message`) says
 what stays, where, and how to resume or remove it, instead of "nothing was written".
 """
 
@@ -27,6 +27,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from base.errors import SurgeonError
@@ -69,17 +71,22 @@ def check_writable(target: Path, what: str = "output") -> None:
     os.unlink(probe)
 
 
-_RESUMABLE: dict[Path, str] = {}  # what an interrupted run keeps on disk -> the output it is for
+_RESUMABLE: list[tuple[Path, Path]] = []  # the resumable directory of the run in progress, and its output
 
 
-def keep_for_resume(directory: Path, target: Path) -> None:
-    """Record that ``directory`` holds resumable work for ``target`` (kept if the run is interrupted)."""
-    _RESUMABLE[Path(directory).absolute()] = str(target)
-
-
-def resumed_done(directory: Path) -> None:
-    """``directory`` no longer holds resumable work (renamed into place, or removed)."""
-    _RESUMABLE.pop(Path(directory).absolute(), None)
+@contextmanager
+def resumable(directory: Path, target: Path) -> Iterator[None]:
+    """Within the block, ``directory`` holds resumable work for ``target``: a Ctrl-C (KeyboardInterrupt)
+    leaves it registered for :func:`interrupted_message`; any other way out forgets it."""
+    _RESUMABLE[:] = [(Path(directory).absolute(), Path(target))]  # one run at a time
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise  # stays registered: the interrupted message names it
+    except BaseException:
+        _RESUMABLE.clear()
+        raise
+    _RESUMABLE.clear()
 
 
 def _size(directory: Path) -> str:
@@ -89,20 +96,20 @@ def _size(directory: Path) -> str:
 
 
 def interrupted_message() -> str:
-    """The line Ctrl-C prints: nothing written, or exactly which resumable directory stays and why.
+    """The line Ctrl-C prints: nothing written, or exactly which resumable directory stays and how to go on.
 
     Example:
         >>> interrupted_message()  # no resumable run in this process
         'interrupted; nothing was written'
     """
-    kept = [(d, t) for d, t in _RESUMABLE.items() if d.is_dir()]
+    kept = [(d, t) for d, t in _RESUMABLE if d.is_dir()]
+    _RESUMABLE.clear()  # said once
     if not kept:
         return "interrupted; nothing was written"
-    parts = [f"{d} ({_size(d)}, the work finished so far)" for d, _ in kept]
-    targets = ", ".join(t for _, t in kept)
-    return (f"interrupted; nothing was written to {targets}, but {' and '.join(parts)} "
-            f"{'is' if len(kept) == 1 else 'are'} kept to resume: run the same command again to go on from there, "
-            f"or remove it (rm -r {' '.join(str(d) for d, _ in kept)}) to free the space")
+    (directory, target), = kept
+    return (f"interrupted; nothing was written to {target}, but {directory} ({_size(directory)}, the work finished "
+            f"so far) is kept to resume: run the same command again to go on from there, or remove it "
+            f"(rm -r {directory}) to free the space")
 
 
 def write_error(exc: BaseException, target: Path) -> SurgeonError:

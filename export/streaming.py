@@ -41,7 +41,7 @@ from torch import nn
 
 from base.distributed import broadcast_from, broadcast_json
 from base.errors import SurgeonError
-from base.files import is_write_error, keep_for_resume, resumed_done, write_error
+from base.files import is_write_error, write_error
 from base.formats import REPORT_FILE
 from base.integrity import source_identity as checkpoint_identity
 from base.lazy import LazyModel
@@ -82,7 +82,6 @@ class StreamedLayers:
                          "layers": {}}
         if writer:
             self._resume()
-            keep_for_resume(self.partial, self.out)
         finished = broadcast_json(0, {str(k): v for k, v in self.progress["layers"].items()})  # rank 0's, to all
         self.progress["layers"] = {int(k): v for k, v in finished.items()}
 
@@ -220,7 +219,6 @@ class StreamedLayers:
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             os.replace(self.out, old)
         os.replace(self.partial, self.out)
-        resumed_done(self.partial)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return report

@@ -18,7 +18,7 @@ Two details differ from ONNX Runtime:
 Compiled for the ``CPU`` device with ``INFERENCE_NUM_THREADS`` set to the project's ``--threads``,
 one stream, the latency hint, and ``INFERENCE_PRECISION_HINT`` set to the precision the export was
 asked for (f32 for a float32 export, f16 for a float16 one): on CPUs with bf16 units (AVX512-BF16,
-AMX) OpenVINO would otherwise compute a float32 model in bf16 by default (logits off by ~1.8 on the
+AMX) OpenVINO would otherwise compute a float32 model in bf16 by default (issue #32: logits off by ~1.8 on the
 default model through optimum-intel). The precision the compiled model reports it runs in is
 recorded in ``describe()`` (``onnx.precision``), so a bench JSON says what was measured; a CPU
 without f16 units may run an f16 request in f32, and the record then says f32.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from base import distributed as dist
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
-from base.files import check_writable
+from base.files import check_writable, resumable
 from base.integrity import source_identity
 from base.lazy import LazyModel, open_lazy
 from base.loading import (
@@ -361,13 +362,14 @@ def prune_streamed(
                 "calibration": calibration.origin if calibration else None,
                 "windows": int(calibration.ids.shape[0]) if calibration else 0}
     stream = StreamedLayers(lazy, Path(out), settings, force=force, writer=dist.is_main())  # rank 0 writes
-    report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
-                    spill=stream.partial / "surgeon", progress=progress)
-    report.calibration = calibration.origin if calibration else None
-    report.bos = calibration.bos is not None if calibration else None
-    if dist.active():
-        report.distributed = dist.rank_report(report.seconds)
-    return stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
+    with resumable(stream.partial, stream.out) if dist.is_main() else nullcontext():  # Ctrl-C names what stays
+        report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
+                        spill=stream.partial / "surgeon", progress=progress)
+        report.calibration = calibration.origin if calibration else None
+        report.bos = calibration.bos is not None if calibration else None
+        if dist.active():
+            report.distributed = dist.rank_report(report.seconds)
+        return stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
 
 
 def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *, align: int = 1,
