@@ -6,7 +6,8 @@ says which linears share a structured group (ALGORITHMS.md, "Structured removal 
 layer"): the rows of ``gate``/``up`` (``fc1`` in OPT) and the columns of ``down`` (``fc2``) are
 the MLP channels; the rows of ``q`` and columns of ``o`` are the query heads; the rows of ``k``
 and ``v`` are the key/value groups. Model types prefixed ``surgeon_`` are our per-layer-shape
-variants of each family (``base/modeling.py``); their layout is the family's own.
+variants of each family (``base/modeling.py``); their layout is the family's own. Each adapter
+also says how llama.cpp runs its model types (:class:`GgufArch`, used by ``export/gguf.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,61 @@ from torch import nn
 from base.errors import SurgeonError
 
 PER_LAYER_PREFIX = "surgeon_"  # model_type prefix of the per-layer-shape variants (base/modeling.py)
+
+
+# GGUF tensor kinds (gguf.MODEL_TENSOR names) of one decoder layer: the attention and MLP of every family.
+_LAYER_CORE = ("ATTN_NORM", "ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_GATE", "FFN_UP", "FFN_DOWN")
+_BIASES = tuple(f"{k}.bias" for k in ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_GATE", "FFN_UP", "FFN_DOWN"))
+
+
+def _weights(*kinds: str) -> tuple[str, ...]:
+    return tuple(f"{k}.weight" for k in kinds)
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """One llama.cpp architecture as our GGUF writer targets it (llama.cpp ``src/models/<name>.cpp``:
+    ``load_arch_hparams``, ``load_arch_tensors`` and the graph; ``llama_model_rope_type``)."""
+
+    name: str
+    layer_tensors: tuple[str, ...]  # "KIND.weight"/"KIND.bias" every layer must have
+    optional_tensors: tuple[str, ...] = ()  # read when present
+    per_layer: bool = False  # creates each layer with its own sizes (deci); else all with layer 0's
+    permute_qk: bool = False  # NORM RoPE (interleaved pairs): Q/K rows reordered from rotate-half
+    norm_offset: float = 0.0  # added to every RMSNorm weight (Hugging Face Gemma: x * (1 + w); llama.cpp: x * w)
+    output_tensor: bool = True  # reads output.weight (gemma, gemma2: always token_embd, tied)
+    swa_period: int = 0  # reads sliding_window and a per-layer sliding_window_pattern (0: no sliding layers);
+    # its default pattern (load_swa_pattern): layer i slides unless i % period == period - 1
+    swa_rope_scaled: bool = False  # sliding layers get the global RoPE scaling (gemma2) or none (gemma3)
+    softcaps: tuple[str, ...] = ()  # config soft-capping keys it reads
+    softcaps_always: bool = False  # it caps even without the keys (gemma2: 50 and 30)
+    q_scale_into: str | None = None  # kind that carries query_pre_attn_scalar folded in (llama.cpp scales
+    # q by 1/sqrt(head_dim)); None: the architecture cannot express another scale
+    wide_scale_layers: int = 0  # llama.cpp's "27B" rule: with this many layers q is scaled by
+    # 1/sqrt(hidden // heads) instead
+    rope_freqs: bool = False  # reads rope_freqs.weight (Llama 3 RoPE frequency factors)
+    # transformers' GGUF reader rebuilds our files of it exactly (gemma2/gemma3: it takes query_pre_attn_scalar
+    # as 256, not the scale we fold into q, and measured logits differ by 2.5; gemma: it has no reader)
+    reads_back: bool = True
+
+
+LLAMA_CPP_LLAMA = GgufArch("llama", _weights(*_LAYER_CORE, "FFN_NORM"), _BIASES, permute_qk=True, rope_freqs=True)
+LLAMA_CPP_DECI = GgufArch("deci", _weights(*_LAYER_CORE, "FFN_NORM"), _BIASES, per_layer=True, permute_qk=True,
+                          rope_freqs=True)
+LLAMA_CPP_QWEN2 = GgufArch("qwen2", _weights(*_LAYER_CORE, "FFN_NORM") + _BIASES[:3])
+LLAMA_CPP_QWEN3 = GgufArch("qwen3", _weights(*_LAYER_CORE, "FFN_NORM", "ATTN_Q_NORM", "ATTN_K_NORM"))
+_GEMMA2_LAYER = _weights(*_LAYER_CORE, "ATTN_POST_NORM", "FFN_PRE_NORM", "FFN_POST_NORM")
+LLAMA_CPP_GEMMA = GgufArch("gemma", _weights(*_LAYER_CORE, "FFN_NORM"), norm_offset=1.0, output_tensor=False,
+                           reads_back=False)
+LLAMA_CPP_GEMMA2 = GgufArch(
+    "gemma2", _GEMMA2_LAYER, norm_offset=1.0, output_tensor=False, swa_period=2, swa_rope_scaled=True,
+    softcaps=("attn_logit_softcapping", "final_logit_softcapping"), softcaps_always=True,
+    q_scale_into="ATTN_Q", wide_scale_layers=46, reads_back=False,
+)
+LLAMA_CPP_GEMMA3 = GgufArch(
+    "gemma3", _GEMMA2_LAYER + _weights("ATTN_Q_NORM", "ATTN_K_NORM"), norm_offset=1.0, swa_period=6,
+    softcaps=("final_logit_softcapping",), q_scale_into="ATTN_Q_NORM", wide_scale_layers=62, reads_back=False,
+)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -51,6 +107,10 @@ class Adapter:
     # optimum's dummy past key/value generator for the stock config (what optimum-onnx registers:
     # Llama, Mistral, Qwen2 and Qwen3 the Mistral one, Gemma its own, OPT the default one).
     optimum_past_generator: str = "MistralDummyPastKeyValuesGenerator"
+    # llama.cpp: the architecture of each stock model type, and the one for layers of different sizes
+    # (None: llama.cpp cannot run this family / per-layer shapes of it).
+    gguf: tuple[tuple[str, GgufArch], ...] = ()
+    gguf_per_layer: GgufArch | None = None
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -92,6 +152,10 @@ class Adapter:
     def all_model_types(self) -> tuple[str, ...]:
         """Stock model types and their per-layer-shape ``surgeon_`` variants."""
         return self.model_types + tuple(PER_LAYER_PREFIX + t for t in self.model_types)
+
+    def gguf_arch(self, model_type: str) -> GgufArch | None:
+        """The llama.cpp architecture of a stock or ``surgeon_`` model type (None: llama.cpp lacks it)."""
+        return dict(self.gguf).get(model_type.removeprefix(PER_LAYER_PREFIX))
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The model's list of decoder layers."""
@@ -145,11 +209,15 @@ class Adapter:
         return int(config.hidden_size) // int(config.num_attention_heads)  # type: ignore[attr-defined]
 
 
-LLAMA = Adapter(family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"))
+LLAMA = Adapter(family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"),
+                gguf=(("llama", LLAMA_CPP_LLAMA), ("mistral", LLAMA_CPP_LLAMA), ("qwen2", LLAMA_CPP_QWEN2),
+                      ("qwen3", LLAMA_CPP_QWEN3)),
+                gguf_per_layer=LLAMA_CPP_DECI)
 # Gemma's extra norms (pre/post feed-forward, and Gemma3's q_norm/k_norm within head_dim) act on the
 # hidden size or within a head, neither of which structured removal ever cuts.
 GEMMA = Adapter(family="gemma", model_types=("gemma", "gemma2", "gemma3_text"),
-                optimum_past_generator="GemmaDummyPastKeyValuesGenerator")
+                optimum_past_generator="GemmaDummyPastKeyValuesGenerator",
+                gguf=(("gemma", LLAMA_CPP_GEMMA), ("gemma2", LLAMA_CPP_GEMMA2), ("gemma3_text", LLAMA_CPP_GEMMA3)))
 OPT = Adapter(
     family="opt",
     model_types=("opt",),

@@ -112,6 +112,20 @@ def interrupted_message() -> str:
             f"(rm -r {directory}) to free the space")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling (:func:`temp_prefix`) renamed into place:
+    readers see the old file or the new one, never a part; a failed write is one line."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(exc, path) from None
+
+
 def write_error(exc: BaseException, target: Path) -> SurgeonError:
     """One line for a failed write (``OSError`` or safetensors' I/O error) of ``target``."""
     text = str(exc).strip()

@@ -16,6 +16,8 @@ ONNX_MANIFEST_FILE = "surgeon_onnx.json"  # beside the graph: export settings, d
 PACK_WEIGHTS_FILE = "model.sparse.safetensors"  # compressed (N:M, CSR, BSR) tensors
 PACK_MANIFEST_FILE = "surgeon_sparse.json"  # beside them: layout, dtype, checksums
 GGUF_TRUE_FFN_KEY = "surgeon.feed_forward_length"  # GGUF: the MLP widths before zero padding (export/gguf.py)
+GGUF_TENSOR_SHA_KEY = "surgeon.tensor_sha256"  # GGUF: per tensor (file order), sha256 of its name, shape, type, bytes
+GGUF_METADATA_SHA_KEY = "surgeon.metadata_sha256"  # GGUF: sha256 of every other metadata field as stored
 
 # Floating dtypes by the names our options, configs and manifests use.
 DTYPES: dict[str, torch.dtype] = {

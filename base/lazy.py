@@ -11,6 +11,7 @@ size, per-layer checkpoints against their config; a tensor that cannot be read i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,10 @@ class LazyWeights:
             raise SurgeonError(f"cannot read tensor {name} from {self.where[name]}: {exc}") from None
         check_finite([(name, tensor)], self.where[name].parent)
         return tensor
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes of every stored tensor in ``dtype``."""
+        return dtype.itemsize * sum(math.prod(shape) for shape in self.shapes.values())
 
     def dtype(self) -> torch.dtype:
         """The floating dtype the checkpoint stores (of its first floating tensor)."""
@@ -129,7 +134,17 @@ def materialise_buffers(model: nn.Module, module: nn.Module | None = None) -> No
         for name in meta:
             setattr(sub, name, torch.empty_like(getattr(sub, name), device="cpu"))
         if meta:
-            model._init_weights(sub)  # type: ignore[operator]
+            # The initialiser also (re)initialises the module's own parameters: Gemma's scaled embedding
+            # computes its embed_scale buffer there and would draw random embeddings over the loaded ones.
+            # It sees meta stand-ins (initialising them is free and lost); the loaded weights stay.
+            params = dict(sub._parameters)
+            for name, p in params.items():
+                if p is not None:
+                    sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            try:
+                model._init_weights(sub)  # type: ignore[operator]
+            finally:
+                sub._parameters.update(params)
 
 
 def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32, head: bool = True) -> LazyModel:

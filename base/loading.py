@@ -23,11 +23,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from base.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
+from base.adapters import ADAPTERS, PER_LAYER_PREFIX, Adapter, get_adapter
 from base.errors import SurgeonError
 from base.files import (
     check_writable,
@@ -36,7 +38,7 @@ from base.files import (
     temp_prefix,
     write_error,
 )
-from base.formats import GGUF_TRUE_FFN_KEY
+from base.formats import GGUF_METADATA_SHA_KEY, GGUF_TENSOR_SHA_KEY, GGUF_TRUE_FFN_KEY
 from base.integrity import tensor_checksums, verify_checksums
 
 log = logging.getLogger(__name__)
@@ -347,8 +349,73 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def open_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` of ``path``, checksums verified when the file is one of ours
+    (:func:`verify_gguf_checksums`); a damaged or foreign-format file is a one-line error."""
+    import gguf
+
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SurgeonError(f"{path} is not a GGUF file (bad magic bytes)")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises many types on a damaged file; all mean one thing
+        raise SurgeonError(f"cannot read GGUF file {path}: {_first_line(exc)}") from None
+    verify_gguf_checksums(reader, path)
+    return reader
+
+
+def gguf_tensor_digest(name: str, ggml_shape: Iterable[int], type_name: str, data: Any) -> str:
+    """sha256 of one GGUF tensor: its name, shape (ggml order), type and stored bytes (a numpy array)."""
+    h = hashlib.sha256(f"{name}:{[int(d) for d in ggml_shape]}:{type_name}:".encode())
+    h.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def gguf_metadata_digest(reader: Any) -> str:
+    """sha256 of every metadata field of a ``gguf.GGUFReader`` as stored, but the two checksum keys."""
+    h = hashlib.sha256()
+    for name, fld in reader.fields.items():
+        if name not in (GGUF_TENSOR_SHA_KEY, GGUF_METADATA_SHA_KEY):
+            for part in fld.parts:
+                h.update(np.ascontiguousarray(part).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def verify_gguf_checksums(reader: Any, path: Path) -> None:
+    """Check a GGUF file written by us (export/gguf.py) against its checksum keys: a changed tensor
+    (bytes, type or shape) is a one-line error naming it. Files without the keys (other writers) pass."""
+    tensor_field, meta_field = reader.fields.get(GGUF_TENSOR_SHA_KEY), reader.fields.get(GGUF_METADATA_SHA_KEY)
+    if tensor_field is None and meta_field is None:
+        return
+    try:
+        expected = [str(d) for d in tensor_field.contents()]
+        meta = str(meta_field.contents())
+    except Exception:  # a key of another type or a half-present pair: the file was edited
+        raise SurgeonError(f"{path}: its checksum keys are damaged (the file was changed)") from None
+    if len(expected) != len(reader.tensors):
+        raise SurgeonError(f"{path}: {len(reader.tensors)} tensors, but checksums for {len(expected)} "
+                           "(the file was changed)")
+    for t, want in zip(reader.tensors, expected):
+        if gguf_tensor_digest(t.name, t.shape, t.tensor_type.name, t.data) != want:
+            raise SurgeonError(f"{path}: tensor {t.name} does not match its checksum (the file was changed or damaged)")
+    if gguf_metadata_digest(reader) != meta:
+        raise SurgeonError(f"{path}: its metadata does not match its checksum (the file was changed or damaged)")
+
+
+def _check_reads_back(reader: Any, path: Path) -> None:
+    """Refuse our own GGUF files of an architecture transformers' GGUF reader does not rebuild exactly."""
+    if GGUF_TENSOR_SHA_KEY not in reader.fields:
+        return
+    arch = str(reader.fields["general.architecture"].contents())
+    if any(a.name == arch and not a.reads_back for adapter in ADAPTERS for _, a in adapter.gguf):
+        raise SurgeonError(f"{path} is a '{arch}' GGUF file for llama.cpp (its query scale folded into the weights); "
+                           "transformers cannot read it back exactly: use the model directory it was written from")
+
+
 def _cached_gguf(gguf: Path) -> Path:
-    """Return the safetensors cache of a GGUF file, building it on first use."""
+    """Return the safetensors cache of a GGUF file, building it on first use (checksums verified first,
+    in :func:`_convert_gguf`)."""
     with gguf.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise SurgeonError(f"{gguf} is not a GGUF file (bad magic bytes)")
@@ -425,6 +492,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    _check_reads_back(open_gguf(gguf), gguf)  # a file of ours that was changed: refused before transformers reads it
     with quiet_transformers(), _gguf_bars(log.isEnabledFor(logging.INFO)):  # --quiet: no bars either
         try:
             loaded = AutoModelForCausalLM.from_pretrained(
@@ -439,6 +507,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
     state = loaded.state_dict()
+    check_finite(state.items(), gguf)  # NaN or infinity (a damaged foreign file): refused like a checkpoint
     true_ffn = _true_ffn_widths(gguf)
     if true_ffn is not None:  # our writer padded the MLP with zero channels for llama.cpp: cut them off
         config_dict["intermediate_size"] = true_ffn
@@ -460,8 +529,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True,
                                                         trust_remote_code=False)
     for name, tensor in reloaded.state_dict().items():
-        if not torch.equal(tensor, state[name]):
-            raise RuntimeError(f"GGUF cache reload differs from the GGUF weights at {name}")
+        if not torch.equal(tensor, state[name]):  # finite (checked above), so equal means bit-identical
+            raise SurgeonError(f"cannot convert GGUF file {gguf}: tensor {name} reads back differently")
 
 
 def _true_ffn_widths(gguf: Path) -> int | None:

@@ -1,4 +1,4 @@
-"""One ``.gguf`` file for llama.cpp from a Hugging Face directory (Llama family, per-layer shapes too).
+"""One ``.gguf`` file for llama.cpp from a Hugging Face directory (Llama and Gemma families, per-layer shapes too).
 
 :func:`export_gguf` reads ``config.json``, the safetensors weights and the tokenizer files of a
 model directory and writes one GGUF file with the ``gguf`` package (``GGUFWriter``; Q8_0 through
@@ -38,10 +38,29 @@ The mapping, decided from llama.cpp's own sources (ggml-org/llama.cpp):
   special ids and ``tokenizer.chat_template``) and ``get_vocab_base_pre`` (the sha256 of the
   token ids of a fixed text picks ``tokenizer.ggml.pre``; ``smollm`` for SmolLM/SmolLM2).
 
+- ``src/models/gemma.cpp``, ``gemma2.cpp``, ``gemma3.cpp`` (llama.cpp's Gemma, Gemma 2, Gemma 3
+  text): every layer is created with layer 0's sizes (``LLAMA_LOAD_LOCALS``), so per-layer shapes are
+  refused; NEOX RoPE (no Q/K permutation); embeddings scaled by ``sqrt(n_embd)``; GELU (tanh);
+  ``output.weight`` only for gemma3 (gemma/gemma2 always reuse ``token_embd``). RMSNorm is ``x * w``
+  where Hugging Face's Gemma computes ``x * (1 + w)``, so 1 is added to every norm weight
+  (convert_hf_to_gguf.py's ``GemmaModel``/``Gemma2Model``/``Gemma3Model.modify_tensors`` do the
+  same). q is scaled by ``1/sqrt(head_dim)`` (gemma2/gemma3 at 46/62 layers: ``1/sqrt(hidden //
+  heads)``, the "27B" rule) and no key sets another scale, so ``query_pre_attn_scalar`` is folded in:
+  Gemma 2's ``attn_q`` or Gemma 3's ``attn_q_norm`` (q passes RMSNorm first) is multiplied by the
+  ratio of the two scales. ``attention.sliding_window_pattern`` is read as one flag per layer
+  (``load_swa_pattern``), so any ``layer_types`` is written as it is, with ``attention.sliding_window``
+  and, for the sliding layers, ``rope.freq_base_swa`` (gemma3's sliding layers get no RoPE scaling,
+  gemma2's the global one). gemma2 always soft-caps (``attn_logit_softcapping``,
+  ``final_logit_softcapping``: required); gemma3 only the final logits, when set.
+
+The per-family rules (architecture, permutation, norm offset, tensors, sliding and scaling keys) are
+:class:`base.adapters.GgufArch` values on each adapter; this module applies them.
+
 So: ``llama``/``mistral`` -> ``llama``, ``qwen2`` -> ``qwen2``, ``qwen3`` -> ``qwen3`` when every
 layer has the same sizes (stock checkpoints, ``--uniform`` checkpoints, and ``surgeon_*`` ones
 whose layers happen to agree); a ``surgeon_llama``/``surgeon_mistral``/``surgeon_qwen2``
-checkpoint whose layers differ -> ``deci`` with per-layer arrays. What llama.cpp cannot express is
+checkpoint whose layers differ -> ``deci`` with per-layer arrays; ``gemma``/``gemma2``/``gemma3_text``
+-> ``gemma``/``gemma2``/``gemma3`` (uniform layers only). What llama.cpp cannot express is
 refused with a one-line :class:`SurgeonError`: per-layer Qwen3 (``deci`` has no Q/K norms), a
 query bias when ``heads * head_dim != hidden`` (``llama``, ``deci`` and ``qwen2`` create
 ``attn_q.bias`` with ``n_embd`` rows; ``qwen2`` also needs ``attn_q`` square), Qwen3 attention
@@ -64,6 +83,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import uuid
@@ -77,14 +97,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from base.adapters import ADAPTERS, PER_LAYER_PREFIX, GgufArch, get_adapter
 from base.errors import SurgeonError
 from base.files import check_writable, clean_stale, temp_prefix, write_error
-from base.formats import GGUF_TRUE_FFN_KEY, REPORT_FILE
-from base.loading import check_safetensors, load_tokenizer, read_config, weight_files
+from base.formats import GGUF_METADATA_SHA_KEY, GGUF_TENSOR_SHA_KEY, GGUF_TRUE_FFN_KEY, REPORT_FILE
+from base.loading import (
+    check_finite,
+    check_safetensors,
+    gguf_metadata_digest,
+    gguf_tensor_digest,
+    load_tokenizer,
+    read_config,
+    weight_files,
+)
 
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0")
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # model_type -> family
-PER_LAYER_PREFIX = "surgeon_"
 Q8_0_BLOCK = 32
 FFN_ALIGN = 32  # MLP widths padded with zero channels to this multiple (the module docstring says why)
 
@@ -130,8 +157,7 @@ class _Model:
     """What config.json says, and the llama.cpp architecture chosen for it."""
 
     model_type: str
-    family: str  # llama, qwen2, qwen3
-    arch: str  # llama, deci, qwen2, qwen3
+    target: GgufArch  # the llama.cpp architecture written
     hidden: int
     head_dim: int
     vocab_size: int
@@ -143,6 +169,15 @@ class _Model:
     layers: list[LayerSizes]
     tied: bool
     ffn_align: int = 1
+    sliding: list[bool] = field(default_factory=list)  # per layer: sliding-window attention (Gemma 2/3)
+    sliding_window: int = 0
+    rope_theta_swa: float | None = None  # RoPE base of the sliding layers, when the architecture reads one
+    softcaps: dict[str, float] = field(default_factory=dict)  # config key -> value (written as llama.cpp's keys)
+    q_scale: float = 1.0  # folded into target.q_scale_into: Hugging Face's q scale over llama.cpp's
+
+    @property
+    def arch(self) -> str:
+        return self.target.name
 
     def ffn_width(self, s: LayerSizes) -> int:
         """The MLP width written: ``s.intermediate_size`` rounded up to :attr:`ffn_align`."""
@@ -154,11 +189,11 @@ class _Model:
 
     @property
     def per_layer(self) -> bool:
-        return self.arch == "deci"
+        return self.target.per_layer
 
     @property
     def permute_qk(self) -> bool:  # llama.cpp NORM RoPE (interleaved pairs) needs Q/K rows reordered
-        return self.arch in ("llama", "deci")
+        return self.target.permute_qk
 
 
 @dataclass
@@ -170,6 +205,8 @@ class _Tensor:
     shape: tuple[int, ...]  # numpy order (rows last)
     qtype: Any  # gguf.GGMLQuantizationType
     permute_heads: int = 0  # >0: reorder rows for llama.cpp's RoPE, this many heads
+    offset: float = 0.0  # added to every value (Gemma's RMSNorm 1 + w)
+    scale: float = 1.0  # then multiplied into every value (query_pre_attn_scalar folded into q)
     pad: tuple[int, int] = (0, 0)  # zero rows, zero columns appended (MLP widths padded to FFN_ALIGN)
     data: torch.Tensor | None = None  # computed tensors (rope_freqs)
 
@@ -202,20 +239,21 @@ def export_gguf(
     source: str | None = None,
     ffn_align: int = FFN_ALIGN,
 ) -> dict:
-    """Write ``model_dir`` (a Hugging Face Llama-family directory) as one GGUF file for llama.cpp.
+    """Write ``model_dir`` (a Hugging Face Llama- or Gemma-family directory) as one GGUF file for llama.cpp.
 
     Its model card is written beside it as ``FILE.md`` (:func:`card_path`), renamed into place just
     before the GGUF file itself; ``source`` is what the user named (for the card's lineage).
 
     Args:
         model_dir: ``config.json``, safetensors weights and ``tokenizer.json`` (BPE) of a ``llama``,
-            ``mistral``, ``qwen2`` or ``qwen3`` model, or of its ``surgeon_*`` per-layer variant.
+            ``mistral``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2`` or ``gemma3_text`` model, or of
+            its ``surgeon_*`` per-layer variant.
         out: the ``.gguf`` file to write (written to a temporary sibling, then renamed).
         tensor_type: f32, f16, bf16 or q8_0 for the 2-D weights (norms and biases stay F32; a
             Q8_0 tensor whose rows are not a multiple of 32 is written F16, as llama.cpp's
             converter does).
         uniform: insist on the family's stock llama.cpp architecture (``llama``/``qwen2``/
-            ``qwen3``); a checkpoint whose layers differ in size is then refused instead of being
+            ``qwen3``/``gemma*``); a checkpoint whose layers differ in size is then refused instead of being
             written as ``deci``.
         force: replace an existing ``out``.
         ffn_align: MLP widths are padded with zero channels to a multiple of this (1: never), so
@@ -234,6 +272,7 @@ def export_gguf(
     check_gguf_target(out, force)
     if not model_dir.is_dir():
         raise SurgeonError(f"model directory not found: {model_dir}")
+    _check_not_input(out, model_dir)
     if ffn_align < 1:
         raise SurgeonError(f"--ffn-align must be at least 1, got {ffn_align}")
     model = _describe(read_config(model_dir), uniform)
@@ -249,18 +288,26 @@ def export_gguf(
     clean_stale(out.parent, out.name)
     # A fresh sibling name (the writer creates it, so the file gets the usual permissions), renamed at the end.
     tmp = out.with_name(f"{temp_prefix(out.name)}{uuid.uuid4().hex[:8]}")
-    writer = gguf.GGUFWriter(None, model.arch)
+    with _quiet_gguf():
+        writer = gguf.GGUFWriter(None, model.arch)
     try:
         _write_metadata(writer, model, vocab, qtype, model_dir.name)
+        writer.add_string(GGUF_METADATA_SHA_KEY, _UNSEALED)  # placeholders of the final length, sealed below
+        writer.add_array(GGUF_TENSOR_SHA_KEY, [_UNSEALED] * len(tensors))
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        writer.write_header_to_file(path=tmp)
+        with _quiet_gguf():
+            writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        digests = []
         with _open_all(files) as handles:
             for t in tensors:
-                writer.write_tensor_data(_encode(t, sources, handles))
+                data = _encode(t, sources, handles)
+                digests.append(gguf_tensor_digest(t.name, reversed(t.shape), t.qtype.name, data))
+                writer.write_tensor_data(data)
         writer.close()
+        _seal(tmp, digests)
         card_tmp = tmp.with_suffix(".md.tmp")
         _write_gguf_card(card_tmp, out, model_dir, source, qtype.name, model.arch)
         os.replace(card_tmp, card_path(out))  # the card first: a .gguf is never there without it
@@ -294,6 +341,9 @@ def export_gguf(
         "vocab_size": model.vocab_size,
         "tied_embeddings": model.tied,
         "qk_permuted": model.permute_qk,
+        "norm_offset": model.target.norm_offset,
+        "query_scale_folded": model.q_scale,
+        "sliding_layers": model.sliding,
         "tokenizer_pre": vocab.pre,
         "add_bos_token": vocab.add_bos,
         "tensor_count": len(tensors),
@@ -316,6 +366,37 @@ def _tensor_type(value: str) -> Any:
     return gguf.GGMLQuantizationType[name]
 
 
+_UNSEALED = "0" * 64  # a checksum's place in the header before the data is written
+
+
+@contextlib.contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """The gguf package logs its own progress at INFO ("This GGUF file is for Little Endian only",
+    "Writing the following files"); only our progress belongs in our log."""
+    gguf_log = logging.getLogger("gguf")
+    level = gguf_log.level
+    gguf_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        gguf_log.setLevel(level)
+
+
+def _seal(path: Path, digests: list[str]) -> None:
+    """Write the tensor checksums, then the metadata checksum, into their placeholders in ``path``
+    (in place: same lengths; ``base.loading.verify_gguf_checksums`` checks them on every read)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r+")
+    tensor_field = reader.fields[GGUF_TENSOR_SHA_KEY]
+    for index, digest in zip(tensor_field.data, digests, strict=True):
+        tensor_field.parts[index][:] = np.frombuffer(digest.encode(), dtype=np.uint8)
+    meta_field = reader.fields[GGUF_METADATA_SHA_KEY]
+    meta_field.parts[meta_field.data[0]][:] = np.frombuffer(gguf_metadata_digest(reader).encode(), dtype=np.uint8)
+    reader.data.flush()
+    del reader
+
+
 def _file_type(qtype: Any) -> Any:
     import gguf
 
@@ -333,6 +414,20 @@ def check_gguf_target(out: Path, force: bool) -> None:
         if path.exists() and not force:
             raise SurgeonError(f"output file exists: {path} (use --force to replace it)")
     check_writable(out, "GGUF file")
+
+
+def _check_not_input(out: Path, model_dir: Path) -> None:
+    """Refuse an ``out`` (or its card) that would replace a file of the input model, even with ``force``:
+    inside the model directory only a ``.gguf`` file (and the card beside an earlier one) may be written."""
+    inputs = {f.resolve() for f in model_dir.iterdir() if f.is_file() and f.suffix.lower() != ".gguf"}
+    target = out.resolve()
+    if target in inputs or (target.is_relative_to(model_dir.resolve()) and target.suffix.lower() != ".gguf"):
+        raise SurgeonError(f"--out {out} is inside the input model {model_dir} and not a .gguf file: it would "
+                           "replace the model's own files; write the GGUF file elsewhere or name it FILE.gguf")
+    card = card_path(out)
+    if card.resolve() in inputs and not out.is_file():
+        raise SurgeonError(f"the model card of --out {out} would replace the input model's {card.name}; "
+                           "choose another name for the GGUF file")
 
 
 def card_path(out: Path) -> Path:
@@ -364,13 +459,17 @@ def path_name(out: Path) -> str:
 def _describe(config: dict, uniform: bool) -> _Model:
     model_type = str(config["model_type"])
     stock = model_type.removeprefix(PER_LAYER_PREFIX)
-    if stock not in FAMILIES:
-        supported = ", ".join(FAMILIES)
+    try:
+        adapter = get_adapter(model_type)
+    except SurgeonError:
+        adapter = None
+    target = adapter.gguf_arch(model_type) if adapter is not None else None
+    if adapter is None or target is None:
+        supported = ", ".join(t for a in ADAPTERS for t, _ in a.gguf)
         raise SurgeonError(
             f"GGUF export does not support architecture {model_type!r}; supported: {supported} "
             f"(and their {PER_LAYER_PREFIX}* per-layer-shape variants)"
         )
-    family = FAMILIES[stock]
     hidden = _int(config, "hidden_size")
     n_layers = _int(config, "num_hidden_layers")
     heads = _int(config, "num_attention_heads")
@@ -392,41 +491,126 @@ def _describe(config: dict, uniform: bool) -> _Model:
     if head_dim % 2:
         raise SurgeonError(f"head_dim {head_dim} is odd; RoPE needs an even head size")
 
-    same = len(set(layers)) == 1
-    if same:
-        arch = family
-    elif uniform:
+    if len(set(layers)) > 1:
         sizes = sorted({(s.intermediate_size, s.num_attention_heads, s.num_key_value_heads) for s in layers})
-        raise SurgeonError(
-            f"uniform GGUF needs the same sizes in every layer; (MLP width, heads, KV heads) here: {sizes} "
-            "(shrink with --uniform first, or drop --uniform to write llama.cpp's per-layer 'deci' architecture)"
-        )
-    elif family == "qwen3":
-        raise SurgeonError(
-            "per-layer Qwen3 shapes cannot be written for llama.cpp: its per-layer architecture 'deci' has no "
-            "Q/K norms; shrink with --uniform so every layer has the same sizes"
-        )
-    else:
-        arch = "deci"
+        per_layer = adapter.gguf_per_layer
+        if uniform:
+            raise SurgeonError(
+                f"uniform GGUF needs the same sizes in every layer; (MLP width, heads, KV heads) here: {sizes} "
+                "(shrink with --uniform first, or drop --uniform to write llama.cpp's per-layer 'deci' architecture)"
+            )
+        if per_layer is None:
+            raise SurgeonError(
+                f"per-layer {stock} shapes cannot be written for llama.cpp: its '{target.name}' architecture "
+                f"creates every layer with layer 0's sizes; (MLP width, heads, KV heads) here: {sizes}; "
+                "shrink with --uniform so every layer has the same sizes"
+            )
+        lacking = sorted(set(target.layer_tensors) - set(per_layer.layer_tensors + per_layer.optional_tensors))
+        if lacking:
+            raise SurgeonError(
+                f"per-layer {stock} shapes cannot be written for llama.cpp: its per-layer architecture "
+                f"'{per_layer.name}' has no {lacking[0].lower()}; shrink with --uniform so every layer has the "
+                "same sizes"
+            )
+        target = per_layer
 
+    full, sliding_rope = _rope_parameters(config)
+    rope_type = _rope_type(full)
+    if rope_type not in ("default", "linear", "llama3") or (rope_type == "llama3" and not target.rope_freqs):
+        raise SurgeonError(f"RoPE scaling {rope_type!r} is not supported by the GGUF writer yet "
+                           "(supported: default, linear; llama3 for Llama)")
+    theta = float(full.get("rope_theta", config.get("rope_theta", 10000.0)))
+    model = _Model(
+        model_type=model_type, target=target, hidden=hidden, head_dim=head_dim,
+        vocab_size=_int(config, "vocab_size"),
+        context_length=_int(config, "max_position_embeddings"),
+        rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_type=rope_type,
+        rope=full, layers=layers, tied=bool(config.get("tie_word_embeddings", False)),
+    )
+    if not target.output_tensor and not model.tied:
+        raise SurgeonError(f"llama.cpp's '{target.name}' always uses the embeddings as the LM head, but "
+                           "config.json says tie_word_embeddings is false")
+    _describe_sliding(model, config, sliding_rope)
+    _describe_scales(model, config)
+    return model
+
+
+def _rope_parameters(config: dict) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """RoPE settings of the full-attention layers, and of the sliding ones where the config sets their own
+    (transformers 5: ``rope_parameters`` keyed by layer type; 4.x Gemma3: ``rope_local_base_freq``)."""
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise SurgeonError(f"config rope_parameters must be a mapping, got {rope!r}")
-    rope = dict(rope)
+    full = rope.get("full_attention", rope)
+    sliding = rope.get("sliding_attention")
+    if sliding is None and config.get("rope_local_base_freq") is not None:
+        sliding = {"rope_type": "default", "rope_theta": config["rope_local_base_freq"]}
+    if not isinstance(full, dict) or not isinstance(sliding, (dict, type(None))):
+        raise SurgeonError(f"config rope_parameters must map layer types to mappings, got {rope!r}")
+    full = dict(full)
     if "original_max_position_embeddings" in config:
-        rope.setdefault("original_max_position_embeddings", config["original_max_position_embeddings"])
-    rope_type = str(rope.get("rope_type") or rope.get("type") or "default")
-    if rope_type not in ("default", "linear", "llama3") or (rope_type == "llama3" and family != "llama"):
-        raise SurgeonError(f"RoPE scaling {rope_type!r} is not supported by the GGUF writer yet "
-                           "(supported: default, linear; llama3 for Llama)")
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    return _Model(
-        model_type=model_type, family=family, arch=arch, hidden=hidden, head_dim=head_dim,
-        vocab_size=_int(config, "vocab_size"),
-        context_length=_int(config, "max_position_embeddings"),
-        rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_type=rope_type,
-        rope=rope, layers=layers, tied=bool(config.get("tie_word_embeddings", False)),
-    )
+        full.setdefault("original_max_position_embeddings", config["original_max_position_embeddings"])
+    return full, sliding
+
+
+def _rope_type(rope: dict[str, Any]) -> str:
+    return str(rope.get("rope_type") or rope.get("type") or "default")
+
+
+def _describe_sliding(m: _Model, config: dict, sliding_rope: dict[str, Any] | None) -> None:
+    """Which layers slide, their window and RoPE base, as the architecture reads them (llama.cpp's
+    ``load_swa_pattern``: an array ``attention.sliding_window_pattern`` of one flag per layer)."""
+    period, n = m.target.swa_period, len(m.layers)
+    if not period:
+        return
+    types = config.get("layer_types")
+    if types is None:  # configs before transformers wrote layer_types: the family's own period (= llama.cpp's)
+        period = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or period)
+        types = ["full_attention" if i % period == period - 1 else "sliding_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n \
+            or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise SurgeonError(f"config layer_types must list sliding_attention or full_attention for each of the {n} "
+                           f"layers (llama.cpp's '{m.arch}' has no other attention), got {types!r}")
+    m.sliding = [t == "sliding_attention" for t in types]
+    if not any(m.sliding):
+        return
+    window = config.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise SurgeonError(f"config sliding_window must be a positive integer for sliding layers, got {window!r}")
+    m.sliding_window = window
+    rope = sliding_rope if sliding_rope is not None else m.rope
+    m.rope_theta_swa = float(rope.get("rope_theta", m.rope_theta))
+    # llama.cpp scales the sliding layers' RoPE like the others (gemma2) or not at all (gemma3).
+    want = (_rope_type(m.rope), m.rope.get("factor")) if m.target.swa_rope_scaled else ("default", None)
+    if (_rope_type(rope), rope.get("factor") if _rope_type(rope) != "default" else None) != want:
+        raise SurgeonError(f"llama.cpp's '{m.arch}' cannot give sliding layers the RoPE scaling {rope!r} "
+                           f"(its sliding layers use {want[0]} RoPE{'' if want[1] is None else f' x{want[1]}'})")
+
+
+def _describe_scales(m: _Model, config: dict) -> None:
+    """Soft-capping values, and the query scale llama.cpp cannot take as a setting (folded into a tensor)."""
+    target = m.target
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = config.get(key)
+        if value is None:
+            if target.softcaps_always and key in target.softcaps:
+                raise SurgeonError(f"llama.cpp's '{m.arch}' always soft-caps with {key}, but config.json has none")
+            continue
+        if key not in target.softcaps:
+            raise SurgeonError(f"llama.cpp's '{m.arch}' has no {key} (config.json sets {value})")
+        m.softcaps[key] = float(value)
+    # Hugging Face scales q.k by query_pre_attn_scalar ** -0.5 (head_dim ** -0.5 without it); llama.cpp's
+    # gemma2/gemma3 by 1/sqrt(head_dim), or 1/sqrt(hidden // heads) at their 27B layer count
+    # (load_arch_hparams, f_attention_scale; integer division in C++).
+    ours = float(config.get("query_pre_attn_scalar") or m.head_dim) ** -0.5
+    if target.wide_scale_layers and len(m.layers) == target.wide_scale_layers:
+        theirs = float(m.hidden // m.layers[0].num_attention_heads) ** -0.5
+    else:
+        theirs = float(m.head_dim) ** -0.5
+    m.q_scale = ours / theirs
+    if m.q_scale != 1.0 and target.q_scale_into is None:
+        raise SurgeonError(f"llama.cpp's '{m.arch}' scales attention by 1/sqrt(head_dim) only; config.json's "
+                           f"query_pre_attn_scalar {config.get('query_pre_attn_scalar')} cannot be written")
 
 
 def _int(config: dict, key: str) -> int:
@@ -452,23 +636,9 @@ def _index(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     return out
 
 
-# Which (tensor kind, suffix) each architecture's load_tensors reads, and which it requires.
-_COMMON_LAYER = ("ATTN_NORM", "ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_NORM", "FFN_GATE", "FFN_UP", "FFN_DOWN")
-
-
-def _allowed(arch: str) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
-    """(kinds llama.cpp reads for ``arch``, kinds it requires in every layer)."""
-    required = {(k, "weight") for k in _COMMON_LAYER}
-    allowed = set(required)
-    if arch in ("llama", "deci"):
-        allowed |= {(k, "bias") for k in ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_GATE", "FFN_UP", "FFN_DOWN")}
-    elif arch == "qwen2":
-        required |= {(k, "bias") for k in ("ATTN_Q", "ATTN_K", "ATTN_V")}
-        allowed |= required
-    elif arch == "qwen3":
-        required |= {("ATTN_Q_NORM", "weight"), ("ATTN_K_NORM", "weight")}
-        allowed |= required
-    return allowed, required
+# Per-layer tensor kinds in the order they are written.
+_LAYER_ORDER = ("ATTN_NORM", "ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "ATTN_Q_NORM", "ATTN_K_NORM", "ATTN_POST_NORM",
+                "FFN_NORM", "FFN_PRE_NORM", "FFN_GATE", "FFN_UP", "FFN_DOWN", "FFN_POST_NORM")
 
 
 def _expected_shape(kind: str, suffix: str, m: _Model, s: LayerSizes) -> tuple[int, ...]:
@@ -476,7 +646,8 @@ def _expected_shape(kind: str, suffix: str, m: _Model, s: LayerSizes) -> tuple[i
     q, kv, hd, h, ff = s.num_attention_heads * m.head_dim, s.num_key_value_heads * m.head_dim, m.head_dim, m.hidden, \
         s.intermediate_size
     weights = {
-        "ATTN_NORM": (h,), "FFN_NORM": (h,), "ATTN_Q_NORM": (hd,), "ATTN_K_NORM": (hd,),
+        "ATTN_NORM": (h,), "FFN_NORM": (h,), "ATTN_POST_NORM": (h,), "FFN_PRE_NORM": (h,), "FFN_POST_NORM": (h,),
+        "ATTN_Q_NORM": (hd,), "ATTN_K_NORM": (hd,),
         "ATTN_Q": (q, h), "ATTN_K": (kv, h), "ATTN_V": (kv, h), "ATTN_OUT": (h, q),
         "FFN_GATE": (ff, h), "FFN_UP": (ff, h), "FFN_DOWN": (h, ff),
     }
@@ -488,12 +659,16 @@ def _plan_tensors(m: _Model, sources: dict[str, tuple[Path, tuple[int, ...], str
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[m.arch.upper()], len(m.layers))
-    allowed, required = _allowed(m.arch)
+    required = {tuple(k.split(".")) for k in m.target.layer_tensors}
+    allowed = required | {tuple(k.split(".")) for k in m.target.optional_tensors}
+    offset = m.target.norm_offset
     layer_tensors: list[dict[tuple[str, str], _Tensor]] = [{} for _ in m.layers]
     globals_: dict[str, _Tensor] = {}
     for key, (_, shape, dtype) in sorted(sources.items()):
         if key.endswith("rotary_emb.inv_freq"):
             continue  # recomputed by every runtime from rope_theta
+        if key == "lm_head.weight" and m.tied:
+            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
         if dtype not in ("F32", "F16", "BF16", "F64"):
             raise SurgeonError(f"tensor {key} is stored as {dtype}; GGUF export reads floating-point weights only")
         found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
@@ -507,9 +682,8 @@ def _plan_tensors(m: _Model, sources: dict[str, tuple[Path, tuple[int, ...], str
                 raise SurgeonError(f"tensor {key} ({gguf_name}) is not read by llama.cpp's '{m.arch}' architecture")
             want = (m.hidden,) if kind == "OUTPUT_NORM" else (m.vocab_size, m.hidden)
             _check_shape(key, shape, want)
-            if kind == "OUTPUT" and m.tied:
-                continue  # tied: llama.cpp reuses token_embd when output.weight is absent
-            globals_[kind] = _Tensor(gguf_name, key, shape, _out_type(gguf_name, shape, qtype))
+            globals_[kind] = _Tensor(gguf_name, key, shape, _out_type(gguf_name, shape, qtype),
+                                     offset=offset if kind == "OUTPUT_NORM" else 0.0)
             continue
         if bid >= len(m.layers):
             raise SurgeonError(f"tensor {key} is in layer {bid}, but config.json has {len(m.layers)} layers")
@@ -540,8 +714,11 @@ def _plan_tensors(m: _Model, sources: dict[str, tuple[Path, tuple[int, ...], str
             heads = sizes.num_attention_heads
         elif m.permute_qk and kind == "ATTN_K":
             heads = sizes.num_key_value_heads
-        layer_tensors[bid][(kind, suffix)] = _Tensor(gguf_name, key, shape, _out_type(gguf_name, shape, qtype), heads,
-                                                     pad=extra)
+        norm = kind.endswith("_NORM")  # every RMSNorm weight: llama.cpp computes x * w, Gemma x * (1 + w)
+        layer_tensors[bid][(kind, suffix)] = _Tensor(
+            gguf_name, key, shape, _out_type(gguf_name, shape, qtype), heads, pad=extra,
+            offset=offset if norm else 0.0, scale=m.q_scale if (kind, suffix) == (m.target.q_scale_into, "weight") else 1.0,
+        )
 
     for name in ("TOKEN_EMBD", "OUTPUT_NORM"):
         if name not in globals_:
@@ -558,9 +735,8 @@ def _plan_tensors(m: _Model, sources: dict[str, tuple[Path, tuple[int, ...], str
     out = [globals_["TOKEN_EMBD"]]
     if m.rope_type == "llama3":
         out.append(_rope_freqs(m))
-    order = _COMMON_LAYER + ("ATTN_Q_NORM", "ATTN_K_NORM")
     for have in layer_tensors:
-        out.extend(have[k] for k in sorted(have, key=lambda k: (order.index(k[0]), k[1] == "bias")))
+        out.extend(have[k] for k in sorted(have, key=lambda k: (_LAYER_ORDER.index(k[0]), k[1] == "bias")))
     out.append(globals_["OUTPUT_NORM"])
     if "OUTPUT" in globals_:
         out.append(globals_["OUTPUT"])
@@ -637,7 +813,11 @@ def _encode(t: _Tensor, sources: dict[str, tuple[Path, tuple[int, ...], str]], h
     if t.data is not None:
         data = t.data
     else:
-        data = handles[sources[t.source][0]].get_tensor(t.source)
+        path = sources[t.source][0]
+        data = handles[path].get_tensor(t.source)
+        check_finite([(t.source, data)], path)  # NaN or infinity: refused, as every other exporter does
+    if t.offset or t.scale != 1.0:  # in float32, as Hugging Face computes 1 + w and llama.cpp reads F32 norms
+        data = (data.to(torch.float32) + t.offset) * t.scale
     if t.permute_heads:
         data = permute_qk(data, t.permute_heads)
     rows, cols = t.pad
@@ -788,6 +968,13 @@ def _write_metadata(writer: Any, m: _Model, vocab: _Vocab, qtype: Any, name: str
     if m.padded:  # llama.cpp ignores it; base.loading cuts the zero channels back off
         writer.add_array(GGUF_TRUE_FFN_KEY, [s.intermediate_size for s in m.layers])
     writer.add_rope_freq_base(m.rope_theta)
+    if m.target.swa_period:  # one flag per layer (llama.cpp's load_swa_pattern reads the array as it is)
+        writer.add_sliding_window_pattern(m.sliding)
+        if any(m.sliding):
+            writer.add_sliding_window(m.sliding_window)
+            writer.add_rope_freq_base_swa(m.rope_theta_swa)
+    for key, value in m.softcaps.items():  # gguf's keys are named like Hugging Face's
+        writer.add_float32(f"{m.arch}.{key}", value)
     if m.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(m.rope["factor"]))

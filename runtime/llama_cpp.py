@@ -52,6 +52,7 @@ from base.loading import (
     cache_dir,
     file_digest,
     load_tokenizer,
+    open_gguf,
     resolve_model_dir,
     weight_files,
 )
@@ -68,7 +69,7 @@ CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON 
 INSTALL_LINE = f'CMAKE_ARGS="{CMAKE_ARGS}" python3 -m pip install -c constraints.txt -e ".[llama]"'
 TENSOR_TYPES = {"auto": "F32", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # --dtype -> GGUF type
 FILE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # GGUF type of the linears -> --dtype
-CACHE_FORMAT = 2  # bump when export/gguf.py changes what it writes; old cached files are then rebuilt (2: MLP zero-padded)
+CACHE_FORMAT = 3  # bump when export/gguf.py changes what it writes; old cached files are then rebuilt (2: MLP zero-padded, 3: checksums)
 CONTEXT_TOKENS = 768  # positions per row a new context holds (llama.cpp pads to 256); grows when outgrown
 UBATCH = 512  # tokens per llama_decode call (llama.cpp's default physical batch)
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
@@ -148,11 +149,8 @@ def read_gguf(path: Path) -> dict:
     stored tensors, Q8_0 dequantised), read with the ``gguf`` package; a one-line error if unreadable."""
     import gguf
 
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SurgeonError(f"{path} is not a GGUF file (bad magic bytes)")
+    reader = open_gguf(path)  # our own files: checksums verified
     try:
-        reader = gguf.GGUFReader(str(path))
         meta = {k: fld.contents() for k, fld in reader.fields.items() if not k.startswith("GGUF.")}
     except Exception as exc:  # the reader raises many types on a damaged file; all mean one thing
         message = str(exc).strip().splitlines()

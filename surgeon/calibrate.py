@@ -38,39 +38,107 @@ class StopForward(Exception):
 
 @dataclass
 class LayerBatch:
-    """One calibration batch as it enters a decoder layer."""
+    """One calibration batch as it enters decoder layer ``index``.
+
+    ``layer_kwargs`` holds the keyword arguments the model's own forward pass hands each decoder layer
+    (attention mask, rotary embeddings, ...), captured once per batch: they differ between layers where
+    layer types differ (Gemma 2/3 and Qwen2's sliding and full attention, Gemma 3's local and global
+    RoPE), so layer ``i`` must be run with layer ``i``'s. Layers of one type share the same tensors.
+    """
 
     hidden: torch.Tensor  # [B, T, hidden]
-    kwargs: dict[str, Any] = field(default_factory=dict)  # attention mask, rotary embeddings, ...
+    layer_kwargs: tuple[dict[str, Any], ...] = ()  # per decoder layer
+    index: int = 0  # the decoder layer this batch enters
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the layer this batch enters."""
+        return self.layer_kwargs[self.index] if self.layer_kwargs else {}
+
+    def at(self, index: int, hidden: torch.Tensor) -> LayerBatch:
+        """The same batch entering layer ``index`` with ``hidden``."""
+        return LayerBatch(hidden, self.layer_kwargs, index)
+
+    def then(self, hidden: torch.Tensor) -> LayerBatch:
+        """The next layer's input: this layer's output ``hidden``."""
+        return self.at(self.index + 1, hidden)
 
 
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 8
 ) -> list[LayerBatch]:
-    """Inputs (hidden states and keyword arguments) of decoder layer 0 for every batch of ``windows`` ``[N, T]``
-    (of this rank's share of them in a process group)."""
+    """Inputs of decoder layer 0 for every batch of ``windows`` ``[N, T]`` (of this rank's share of them in a
+    process group), with the keyword arguments the model hands each decoder layer.
+
+    The model's own forward pass runs with every decoder layer replaced by a recorder that passes its
+    input through: the embeddings, masks and rotary embeddings are computed as the model computes them
+    (per layer type), and no decoder layer runs, so the layers may be on the meta device (streaming).
+    """
     lo, hi = shard_bounds(int(windows.shape[0]), batch_size)
-    first = adapter.decoder_layers(model)[0]
+    layers = list(adapter.decoder_layers(model))
+    hidden0: list[torch.Tensor] = []
+    per_layer: list[dict[str, Any]] = []
+
+    def recorder(index: int) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                hidden0.append(hidden.detach())
+            per_layer.append({k: v for k, v in kwargs.items() if k not in LAYER_STATE_KWARGS})
+            if index == len(layers) - 1:
+                raise StopForward
+            return hidden
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # an instance attribute: nn.Module.__call__ finds it before the class's
+    device = next(p for p in model.parameters() if not p.is_meta).device
     captured: list[LayerBatch] = []
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
-        captured.append(LayerBatch(hidden.detach(), rest))
-        raise StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
     try:
         for start in range(lo, hi, batch_size):
             try:
                 model(input_ids=windows[start : min(start + batch_size, hi)].to(device), use_cache=False)
             except StopForward:
                 pass
+            if len(per_layer) != len(layers):
+                raise RuntimeError(f"the model ran {len(per_layer)} of its {len(layers)} decoder layers")
+            captured.append(LayerBatch(hidden0.pop(), tuple(per_layer)))
+            per_layer.clear()
     finally:
-        handle.remove()
+        for layer in layers:
+            del layer.forward
     return captured
+
+
+LAYER_STATE_KWARGS = ("hidden_states", "past_key_values", "use_cache")  # not calibration inputs: no cache is kept
+
+
+@torch.no_grad()
+def layerwise_differences(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> list[float]:
+    """How far the layer-at-a-time path departs from the model's own forward pass, per decoder layer.
+
+    Every layer-wise method (and streamed LLM Surgeon) computes its statistics by running one decoder
+    layer at a time from captured inputs (:func:`capture_layer_inputs`, :func:`run_layer`). This runs
+    ``ids`` ``[B, T]`` both ways as one batch and returns, for each layer, the largest absolute difference
+    of its outputs relative to the largest output: 0.0 where the paths agree exactly, as they must.
+    """
+    layers = list(adapter.decoder_layers(model))
+    reference: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda _m, _a, out: reference.append(_hidden(out).detach()))
+               for layer in layers]
+    try:
+        model.base_model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    batches = capture_layer_inputs(model, adapter, ids, batch_size=int(ids.shape[0]))
+    out = []
+    for layer, ref in zip(layers, reference, strict=True):
+        batches = run_layer(layer, batches)
+        scale = float(ref.abs().max()) or 1.0
+        out.append(float((batches[0].hidden - ref).abs().max()) / scale)
+    return out
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -88,7 +156,7 @@ def run_layer(layer: nn.Module, batches: list[LayerBatch]) -> list[LayerBatch]:
     batches.reverse()
     while batches:
         b = batches.pop()
-        out.append(LayerBatch(_hidden(layer(b.hidden, **b.kwargs)), b.kwargs))
+        out.append(b.then(_hidden(layer(b.hidden, **b.kwargs))))
     return out
 
 
@@ -292,7 +360,7 @@ def layer_forward(
     try:
         for j, b in enumerate(batches):
             active[0] = j < moment_batches
-            outputs.append(LayerBatch(_hidden(layer(b.hidden, **b.kwargs)), b.kwargs))
+            outputs.append(b.then(_hidden(layer(b.hidden, **b.kwargs))))
     finally:
         for h in handles:
             h.remove()

@@ -159,7 +159,7 @@ def pair_moments(
         for s_b, t_b in zip(s_batches, t_batches, strict=True):
             out = teacher(t_b.hidden, **t_b.kwargs)
             if teacher_outputs:
-                outputs.append(LayerBatch(_hidden(out), t_b.kwargs))
+                outputs.append(t_b.then(_hidden(out)))
             student(s_b.hidden, **s_b.kwargs)
             for group in groups:
                 x_s, x_t = seen.pop(("s", group[0])), seen.pop(("t", group[0]))

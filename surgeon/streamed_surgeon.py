@@ -276,7 +276,7 @@ class _Walk:
         assert self.batches is not None
         which = which if which is not None else list(range(len(self.batches.first)))
         saved = self.spill.load(f"hidden-{i}", [str(j) for j in which])
-        return [LayerBatch(saved[str(j)], self.batches.first[j].kwargs) for j in which]
+        return [self.batches.first[j].at(i, saved[str(j)]) for j in which]
 
     def _tqdm(self, it: Any, desc: str) -> Any:
         return tqdm(it, desc=desc, unit="layer", disable=not self.progress)

@@ -18,6 +18,7 @@ directly), a :class:`PruneReport`, result dicts. User mistakes raise :class:`Sur
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from contextlib import nullcontext
@@ -29,7 +30,8 @@ import torch
 from base import distributed as dist
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
-from base.files import check_writable, resumable
+from base.files import check_writable, resumable, write_text_atomic
+from base.formats import REPORT_FILE
 from base.integrity import source_identity
 from base.lazy import LazyModel, open_lazy
 from base.loading import (
@@ -69,6 +71,7 @@ from surgeon.api import (
     needs_calibration,
     prune_,
 )
+from surgeon.calibrate import layerwise_differences
 from surgeon.driver import PruneConfig, PruneReport
 from surgeon.llm_surgeon import SurgeonConfig
 from surgeon.recover import RecoverConfig, RecoverReport, recover_
@@ -336,8 +339,14 @@ def prune_streamed(
     calib_samples: int | None = None,
     seq_len: int = 512, seed: int = 0, calib_text: str | Path | None = None, data_dir: str | Path | None = None,
     extra: dict | None = None, progress: bool = False, force: bool = False, lazy: LazyModel | None = None,
+    check: bool | None = None,
 ) -> dict:
     """Prune a model larger than memory: one decoder layer read, pruned and written at a time.
+
+    ``check``: afterwards, load the written model whole and compare, on two calibration windows, every
+    decoder layer's outputs along the layer-at-a-time path the statistics came from with the model's
+    own forward pass (:func:`check_layerwise`); None: where the whole model fits in half the memory
+    available. The result is the report's ``layerwise_check``; a difference is logged as a warning.
 
     The layer-wise methods (SparseGPT, Wanda, magnitude, with or without SDS) give the same tensors as
     :func:`prune` then :func:`save` (``tests/test_streaming.py``); so does LLM Surgeon, whose shots
@@ -369,7 +378,35 @@ def prune_streamed(
         report.bos = calibration.bos is not None if calibration else None
         if dist.active():
             report.distributed = dist.rank_report(report.seconds)
-        return stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
+        written = stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
+    if check is None:
+        free = available_memory()
+        check = not dist.active() and free is not None and 2 * lazy.weights.nbytes(torch.float32) < free
+    if check and calibration is not None and dist.is_main():
+        written["layerwise_check"] = check_layerwise(Path(out), calibration.ids[:2])
+        write_text_atomic(Path(out) / REPORT_FILE, json.dumps(written, indent=2))
+    return written
+
+
+LAYERWISE_TOLERANCE = 1e-5  # relative; the two paths run the same modules on the same inputs: 0.0 when right
+
+
+def check_layerwise(directory: Path, ids: torch.Tensor) -> dict:
+    """The written model whole, against the layer-at-a-time path on ``ids`` (:func:`surgeon.calibrate.
+    layerwise_differences`): ``{"windows", "max_relative_difference", "first_layer_over", "ok"}``."""
+    lm = load_model(directory)
+    differences = layerwise_differences(lm.model, lm.adapter, ids)
+    worst = max(differences)
+    over = next((i for i, d in enumerate(differences) if d > LAYERWISE_TOLERANCE), None)
+    if over is not None:
+        log.warning("layer-wise check: decoder layer %d's outputs differ from the model's own forward pass by "
+                    "%.3g (relative); the statistics this run pruned with do not match the model: prune it with "
+                    "--no-streaming, and report the architecture", over, differences[over])
+    else:
+        log.info("layer-wise check: every decoder layer's outputs match the model's own forward pass (max "
+                 "relative difference %.3g on %d windows)", worst, ids.shape[0])
+    return {"windows": int(ids.shape[0]), "max_relative_difference": worst, "first_layer_over": over,
+            "ok": over is None}
 
 
 def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *, align: int = 1,

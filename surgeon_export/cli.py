@@ -185,6 +185,7 @@ def prune_cmd(
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
     streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Layer by layer: one decoder layer in memory, read from disk and written to --out as it is pruned (every method; LLM Surgeon walks the layers forward and back each shot, its files beside --out). Default: when the whole model would not fit in memory.")] = None,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget for choosing streaming, e.g. 8GiB (default: the memory available).")] = None,
+    check_streaming: Annotated[Optional[bool], typer.Option("--check-streaming/--no-check-streaming", help="After a streamed run, load the written model whole and check that every decoder layer's outputs along the layer-at-a-time path equal the model's own forward pass on two calibration windows (warns where they differ). Default: when the whole model fits in half the memory available.")] = None,
     recover: Recover = False,
     recover_steps: RecoverSteps = RECOVER_STEPS,
     recover_lr: RecoverLr = None,
@@ -263,7 +264,8 @@ def prune_cmd(
             logging.getLogger("surgeon_export").info(
                 "streamed runs resume from their partial directory beside --out; --checkpoint is not used")
         written = api.prune_streamed(model, cfg, out, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
-                                     calib_text=calib_text, data_dir=data_dir, progress=not quiet, force=force, lazy=lazy)
+                                     calib_text=calib_text, data_dir=data_dir, progress=not quiet, force=force, lazy=lazy,
+                                     check=check_streaming)
         if not dist.is_main():  # rank 0 evaluates, writes and prints
             return
         payload = {**written, "memory_plan": {"whole_bytes": plan.whole, "streamed_bytes": plan.streamed,
@@ -527,13 +529,13 @@ def gguf_cmd(
     model: ModelArg = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The .gguf file to write.")] = None,
     tensor_type: Annotated[str, typer.Option("--type", help="Weight type: f32, f16, bf16 or q8_0.")] = "f16",
-    uniform: Annotated[bool, typer.Option("--uniform", help="Refuse per-layer shapes: stock llama/qwen2/qwen3 only.")] = False,
+    uniform: Annotated[bool, typer.Option("--uniform", help="Refuse per-layer shapes: the stock llama.cpp architecture only (llama, qwen2, qwen3, gemma, gemma2, gemma3).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     ffn_align: Annotated[int, typer.Option("--ffn-align", help="Pad MLP widths with zero channels to a multiple of this, for llama.cpp's fast matmul (1: never).")] = 32,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Export a model to one GGUF file for llama.cpp (per-layer shapes as llama.cpp's 'deci'; docs/gguf.md)."""
+    """Export a model to one GGUF file for llama.cpp (Llama and Gemma families; per-layer Llama/Qwen2 shapes as llama.cpp's 'deci'; docs/gguf.md)."""
     from surgeon_export import api
 
     _setup(quiet, None)

@@ -435,7 +435,7 @@ def test_unsupported_architecture_is_named(tok, tmp_path: Path) -> None:
     with pytest.raises(SurgeonError) as excinfo:
         export_gguf(directory, tmp_path / "o.gguf")
     message = one_line_error(excinfo)
-    assert "'opt'" in message and "supported: llama, mistral, qwen2, qwen3" in message
+    assert "'opt'" in message and "supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text" in message
     assert list(tmp_path.glob("*.gguf")) == []
 
 
@@ -490,7 +490,7 @@ def test_shapes_llama_cpp_cannot_express_are_refused(qwen_tok, per_layer_dir: Pa
     qwen3 = per_layer("qwen3", tok, tmp_path, PER_LAYER_PLAN, attention_bias=False)
     with pytest.raises(SurgeonError) as excinfo:  # deci has no Q/K norms
         export_gguf(qwen3, tmp_path / "q3.gguf")
-    assert "--uniform" in one_line_error(excinfo) and "Qwen3" in str(excinfo.value)
+    assert "--uniform" in one_line_error(excinfo) and "per-layer qwen3" in str(excinfo.value)
     qwen2 = per_layer("qwen2", tok, tmp_path, PER_LAYER_PLAN)
     with pytest.raises(SurgeonError) as excinfo:  # q bias with 3 heads x 8 != hidden 48
         export_gguf(qwen2, tmp_path / "q2.gguf")
@@ -532,3 +532,200 @@ def test_cli_gguf(llama_dir: Path, tmp_path: Path) -> None:
     assert again.returncode == 2 and again.stderr.startswith("error: output file exists")
     bad = cli("--type", "q4_k", "--out", str(tmp_path / "x.gguf"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "q8_0" in bad.stderr.lower()
+    loud = cli("--out", str(tmp_path / "loud.gguf"))  # progress on: ours only, none of the gguf package's
+    assert loud.returncode == 0, loud.stderr
+    assert "Endian" not in loud.stderr + loud.stdout and "Writing the following" not in loud.stderr + loud.stdout
+    assert "wrote" in loud.stdout
+    weights = (llama_dir / "model.safetensors").read_bytes()
+    inside = cli("--out", str(llama_dir / "model.safetensors"), "--force")
+    assert inside.returncode == 2 and inside.stderr.startswith("error: --out") and inside.stderr.count("\n") == 1
+    assert (llama_dir / "model.safetensors").read_bytes() == weights
+
+
+# --- the Gemma family ---------------------------------------------------------------------------
+
+
+def save_gemma(family: str, root: Path, **overrides) -> Path:
+    """A tiny checkpoint of tests/families.py's ``family`` (its real configs' features) with a BOS-first
+    tokenizer that has BPE merges (320 tokens), as llama.cpp's gpt2 tokenizer needs."""
+    from tests.families import bos_tokenizer
+    from tests.families import make_model as make_family
+
+    tokenizer = bos_tokenizer(320)
+    model = make_family(family, dtype=torch.float32, vocab_size=len(tokenizer), max_position_embeddings=512,
+                        **overrides)
+    return save(model, tokenizer, root / family)
+
+
+GEMMA_ARCH = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+
+
+@pytest.mark.parametrize("family", list(GEMMA_ARCH))
+def test_gemma_tensors_and_metadata(family: str, tmp_path: Path) -> None:
+    """Every tensor is the source's, but norms (1 + w, as Hugging Face's Gemma RMSNorm multiplies) and the
+    tensor carrying query_pre_attn_scalar (6 here; llama.cpp scales q by 1/sqrt(head_dim 8))."""
+    directory = save_gemma(family, tmp_path)
+    manifest = export_gguf(directory, tmp_path / "g.gguf", tensor_type="f32")
+    meta, tensors = read(tmp_path / "g.gguf")
+    arch = GEMMA_ARCH[family]
+    assert meta["general.architecture"] == arch == manifest["architecture"] and not manifest["qk_permuted"]
+    source = source_tensors(directory)
+    names = {"post_attention_norm.weight": "post_attention_layernorm.weight",
+             "ffn_norm.weight": "pre_feedforward_layernorm.weight" if family != "gemma" else
+             "post_attention_layernorm.weight",
+             "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+    fold = (8 / 6) ** 0.5 if family != "gemma" else 1.0
+    fold_into = {"gemma2": "attn_q.weight", "gemma3_text": "attn_q_norm.weight"}.get(family)
+    assert manifest["query_scale_folded"] == pytest.approx(fold)
+    assert "output.weight" not in tensors  # tied
+    for name, t in tensors.items():
+        rest = name.split(".", 2)[-1]
+        hf = f"model.layers.{name.split('.')[1]}.{names[rest]}" if rest in names else hf_name(name)
+        want = padded(name, source[hf], meta)
+        if name.endswith("norm.weight"):
+            want = want + 1
+        if fold_into and name.endswith(fold_into):
+            want = want * fold
+        assert torch.equal(values(t), want), name
+    assert len(tensors) == len(source)
+    window = meta.get(f"{arch}.attention.sliding_window")
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if family == "gemma":
+        assert window is None and pattern is None and f"{arch}.attn_logit_softcapping" not in meta
+    elif family == "gemma2":  # layer_types sliding, full, sliding; both caps; one RoPE base
+        assert (window, pattern) == (4, [True, False, True])
+        assert meta["gemma2.attn_logit_softcapping"] == 5.0 and meta["gemma2.final_logit_softcapping"] == 3.0
+        assert meta["gemma2.rope.freq_base_swa"] == meta["gemma2.rope.freq_base"] == 10000.0
+    else:  # sliding, sliding, full; local base 10k unscaled, global 1M with linear x8
+        assert (window, pattern) == (4, [True, True, False])
+        assert meta["gemma3.rope.freq_base"] == 1e6 and meta["gemma3.rope.freq_base_swa"] == 1e4
+        assert meta["gemma3.rope.scaling.type"] == "linear" and meta["gemma3.rope.scaling.factor"] == 8.0
+        assert "gemma3.final_logit_softcapping" not in meta and "gemma3.attn_logit_softcapping" not in meta
+    assert meta["tokenizer.ggml.add_bos_token"] is True
+
+
+def test_gemma_what_llama_cpp_cannot_run_is_refused(tmp_path: Path) -> None:
+    from tests.families import bos_tokenizer
+    from tests.families import make_model as make_family
+
+    tokenizer = bos_tokenizer(320)
+    model = make_family("gemma2", dtype=torch.float32, vocab_size=len(tokenizer))
+    shrink_and_save(model, tokenizer, get_adapter("gemma2"), tmp_path / "per-layer", ShrinkConfig(check_tokens=0),
+                    plan=PER_LAYER_PLAN)
+    with pytest.raises(SurgeonError) as excinfo:
+        export_gguf(tmp_path / "per-layer", tmp_path / "p.gguf")
+    assert "'gemma2' architecture creates every layer with layer 0's sizes" in one_line_error(excinfo)
+    for family, overrides, message in [
+        ("gemma2", {"attn_logit_softcapping": None}, "always soft-caps with attn_logit_softcapping"),
+        ("gemma3_text", {"attn_logit_softcapping": 20.0}, "'gemma3' has no attn_logit_softcapping"),
+        ("gemma", {"tie_word_embeddings": False}, "always uses the embeddings as the LM head"),
+        ("gemma3_text", {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+         "layer_types must list sliding_attention or full_attention"),
+    ]:
+        built = {k: v for k, v in overrides.items() if k != "layer_types"}  # transformers builds no chunked layers
+        directory = save_gemma(family, tmp_path / family / str(len(message)), **built)
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps(config | overrides))
+        with pytest.raises(SurgeonError) as excinfo:
+            export_gguf(directory, tmp_path / "x.gguf")
+        assert message in one_line_error(excinfo)
+    assert list(tmp_path.glob("*.gguf")) == []
+
+
+# --- issue #32: NaN weights, outputs that would replace the input, checksums, quiet output -------------
+
+
+def with_nan(directory: Path, out: Path, key: str = "model.layers.1.mlp.up_proj.weight") -> Path:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(directory, out)
+    tensors = source_tensors(out)
+    tensors[key][3, 5] = float("nan")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_nan_weight_is_refused_and_nothing_written(llama_dir: Path, tmp_path: Path) -> None:
+    bad = with_nan(llama_dir, tmp_path / "nan")
+    with pytest.raises(SurgeonError) as excinfo:
+        export_gguf(bad, tmp_path / "out" / "m.gguf")
+    assert "tensor model.layers.1.mlp.up_proj.weight holds 1 NaN value(s)" in one_line_error(excinfo)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_out_inside_the_input_model_is_refused(llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = Path(shutil.copytree(llama_dir, tmp_path / "m"))
+    before = {f.name: f.read_bytes() for f in model.iterdir()}
+    for out in (model / "model.safetensors", model / "config.json", model / "weights.bin", tmp_path / "m" / "."
+                / "tokenizer.json"):
+        with pytest.raises(SurgeonError) as excinfo:
+            export_gguf(model, out, force=True)
+        assert "inside the input model" in one_line_error(excinfo)
+    (model / "README.md").write_text("the model's own card")
+    with pytest.raises(SurgeonError) as excinfo:  # README.gguf's card would be README.md
+        export_gguf(model, model / "README.gguf", force=True)
+    assert "would replace the input model's README.md" in one_line_error(excinfo)
+    assert {f.name: f.read_bytes() for f in model.iterdir() if f.name != "README.md"} == before
+    export_gguf(model, model / "m.gguf")  # a .gguf beside the weights stays possible (and replaceable)
+    export_gguf(model, model / "m.gguf", force=True)
+    assert (model / "m.md").is_file()
+
+
+def flip(path: Path, position: int, out: Path) -> Path:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x04
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_checksums_catch_changed_bytes(llama_dir: Path, tmp_path: Path) -> None:
+    """Every byte-flipped copy of one of our files is refused with one line (a changed tensor is named);
+    a file of another writer (no checksum keys) still opens."""
+    from base.loading import open_gguf
+
+    good = tmp_path / "m.gguf"
+    export_gguf(llama_dir, good, tensor_type="q8_0")
+    reader = open_gguf(good)
+    first_data = min(int(t.data_offset) for t in reader.tensors)
+    embd = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
+    size, offset = good.stat().st_size, int(embd.data_offset)
+    del reader
+    with pytest.raises(SurgeonError) as excinfo:
+        open_gguf(flip(good, offset + 100, tmp_path / "t.gguf"))
+    assert one_line_error(excinfo).endswith("tensor blk.1.ffn_up.weight does not match its checksum "
+                                            "(the file was changed or damaged)")
+    rng = np.random.default_rng(0)
+    positions = list(rng.integers(first_data, size, 30)) + list(rng.integers(8, first_data, 30))
+    for i, position in enumerate(positions):
+        with pytest.raises(SurgeonError) as excinfo:
+            open_gguf(flip(good, int(position), tmp_path / f"f{i}.gguf"))
+        one_line_error(excinfo)
+
+    foreign = tmp_path / "foreign.gguf"
+    writer = gguf.GGUFWriter(str(foreign), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert [t.name for t in open_gguf(foreign).tensors] == ["token_embd.weight"]
+
+
+def test_changed_tensor_type_is_named(llama_dir: Path, tmp_path: Path) -> None:
+    from base.loading import open_gguf
+
+    path = tmp_path / "m.gguf"
+    export_gguf(llama_dir, path, tensor_type="f32")
+    reader = gguf.GGUFReader(str(path), "r+")
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    t.field.parts[4][0] = int(gguf.GGMLQuantizationType.F16)  # the type id in the tensor info
+    reader.data.flush()
+    del reader
+    with pytest.raises(SurgeonError) as excinfo:
+        open_gguf(path)
+    assert "tensor blk.0.attn_q.weight does not match its checksum" in one_line_error(excinfo)

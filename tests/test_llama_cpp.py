@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,12 +23,21 @@ from export.gguf import export_gguf
 from runtime.backend import load_backend
 from runtime.generate import GenerationConfig, generate
 from tests.conftest import CORPUS, make_tokenizer, tiny_llama_config
-from tests.test_gguf_export import PER_LAYER_PLAN, PER_LAYER_SIZES, per_layer, save
+from tests.test_gguf_export import PER_LAYER_PLAN, PER_LAYER_SIZES, per_layer, save, save_gemma, with_nan
 
 # Measured on the tiny models here (float32 weights and KV cache): max |logit difference| was about
 # 1e-6 against logits of magnitude ~1 (summation order only); the bound leaves room for other CPUs.
 LOGIT_ATOL = 1e-4
 PROMPTS = [[5, 17, 40, 99, 3, 250, 61], [7, 8], [300, 12, 12, 12, 55, 91, 2, 140, 33, 8, 19]]
+# Gemma's MLP is GELU, which ggml's CPU backend looks up in a float16 table (ggml-cpu/vec.h,
+# GGML_GELU_FP16: input and output rounded to float16, relative error up to ~1e-3 per activation).
+# Measured on the tiny models below: max |logit difference| 7e-4 (gemma), 1.9e-3 (gemma2), 1.2e-3
+# (gemma3) against logits of magnitude 2-5; the same model with a wrong query scale, sliding window
+# (+1) or local RoPE base gives 0.38 or more. 1e-2 separates the two by a factor of 5 either way.
+# The error grows with depth: 1.2e-2 at 61 and 62 layers (4.4e-3 against torch with ggml's float16 GELU
+# emulated), against 3.1 with llama.cpp's 62-layer query scale ignored; those use DEEP_GEMMA_LOGIT_ATOL.
+GEMMA_LOGIT_ATOL = 1e-2
+DEEP_GEMMA_LOGIT_ATOL = 5e-2
 
 
 def needs_llama_cpp() -> None:
@@ -94,6 +104,55 @@ def test_per_layer_shapes_run_as_deci_and_match_torch(deci_dir: Path) -> None:
                     config.layer_num_key_value_heads)) == PER_LAYER_SIZES
     diff, _ = compare_with_torch(deci_dir)
     assert diff < LOGIT_ATOL
+
+
+@pytest.mark.parametrize("family, overrides, atol", [
+    ("gemma", {}, GEMMA_LOGIT_ATOL), ("gemma2", {}, GEMMA_LOGIT_ATOL), ("gemma3_text", {}, GEMMA_LOGIT_ATOL),
+    # llama.cpp's "27B" rule: at 46 (gemma2) / 62 (gemma3) layers q is scaled by 1/sqrt(hidden // heads)
+    # (8 here), not 1/sqrt(head_dim) (16 here); the writer folds the difference into q.
+    ("gemma2", {"layers": 46, "head_dim": 16}, DEEP_GEMMA_LOGIT_ATOL),
+    ("gemma3_text", {"layers": 62, "head_dim": 16}, DEEP_GEMMA_LOGIT_ATOL),
+])
+def test_gemma_family_matches_torch(family: str, overrides: dict, atol: float, tmp_path: Path) -> None:
+    """Windows of 64 tokens and prompts of up to 23 tokens: past the sliding window (4) of gemma2/gemma3."""
+    needs_llama_cpp()
+    directory = save_gemma(family, tmp_path, **overrides)
+    diff, tokens = compare_with_torch(directory)
+    assert diff < atol
+    assert len({tuple(t) for t in tokens}) > 1
+
+
+def test_gemma_gguf_is_not_read_back_through_transformers(tmp_path: Path) -> None:
+    """transformers' reader takes gemma2/gemma3's query_pre_attn_scalar as 256 (our files fold the real scale into
+    q) and has no gemma reader: such a file of ours is refused, not converted into another model."""
+    from base.loading import resolve_model_dir
+
+    for family in ("gemma", "gemma2", "gemma3_text"):
+        path = tmp_path / f"{family}.gguf"
+        export_gguf(save_gemma(family, tmp_path), path, tensor_type="f32")
+        with pytest.raises(SurgeonError) as excinfo:
+            resolve_model_dir(path)
+        assert "transformers cannot read it back exactly" in one_line(excinfo)
+
+
+def test_uniformly_shrunk_gemma3_matches_torch(tmp_path: Path) -> None:
+    """Structured removal in every layer alike (MLP channels, one KV group with its 3 query heads:
+    heads x head_dim = 24 < hidden 48) runs as llama.cpp's gemma3."""
+    needs_llama_cpp()
+    from base.adapters import get_adapter
+    from base.surgery import LayerPlan, RemovalPlan
+    from export.pruned import ShrinkConfig, shrink_and_save
+    from tests.families import bos_tokenizer, make_model
+
+    tok = bos_tokenizer(320)
+    model = make_model("gemma3_text", dtype=torch.float32, vocab_size=len(tok), max_position_embeddings=512)
+    plan = RemovalPlan({i: LayerPlan.of(channels=range(9), kv_groups=[1]) for i in range(3)})
+    shrink_and_save(model, tok, get_adapter("gemma3_text"), tmp_path / "s", ShrinkConfig(check_tokens=0), plan=plan)
+    backend = load_backend("llama.cpp", tmp_path / "s")
+    assert backend.describe()["llama_cpp"]["architecture"] == "gemma3"
+    assert (backend.config.num_attention_heads, backend.config.num_key_value_heads) == (3, 1)
+    diff, _ = compare_with_torch(tmp_path / "s")
+    assert diff < GEMMA_LOGIT_ATOL
 
 
 def test_cache_grows_past_the_first_context(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,6 +259,61 @@ def test_unrunnable_files_are_one_line_errors(llama_dir: Path, tmp_path: Path) -
         load_backend("llama.cpp", model_dir / "text.gguf")
     with pytest.raises(SurgeonError, match="CPU|no CUDA GPU is visible"):
         load_backend("llama.cpp", llama_dir, device="cuda")
+
+
+def test_nan_checkpoint_is_refused_like_torch(llama_dir: Path, tmp_path: Path) -> None:
+    """Issue #32: llama.cpp converted, cached and ran a checkpoint with a NaN weight (empty output)."""
+    needs_llama_cpp()
+    import os
+
+    bad = with_nan(llama_dir, tmp_path / "nan")
+    for name in ("torch", "llama.cpp"):
+        with pytest.raises(SurgeonError) as excinfo:
+            load_backend(name, bad)
+        assert "tensor model.layers.1.mlp.up_proj.weight holds 1 NaN value(s)" in one_line(excinfo)
+    cache = Path(os.environ["SURGEON_EXPORT_CACHE"]) / "llama.cpp"
+    assert not list(cache.glob("nan-*"))  # nothing converted or cached
+
+
+def test_info_on_damaged_gguf_files_is_one_line(llama_dir: Path, tmp_path: Path) -> None:
+    """Issue #32: a NaN or a changed tensor type in a GGUF file ended `info` in a traceback. Ours are caught by
+    their checksums (the tensor named); another writer's (no checksums) by the NaN check after reading."""
+    import gguf
+
+    from base.loading import resolve_model_dir
+
+    def damaged(name: str, foreign: bool, change) -> Path:
+        path = tmp_path / name
+        export_gguf(llama_dir, path, tensor_type="f32")
+        reader = gguf.GGUFReader(str(path), "r+")
+        if foreign:  # rename our checksum keys (same length): a file as another writer leaves it
+            for key in ("surgeon.tensor_sha256", "surgeon.metadata_sha256"):
+                reader.fields[key].parts[1][:7] = np.frombuffer(b"foreign", dtype=np.uint8)
+        change(next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight"))
+        reader.data.flush()
+        del reader
+        return path
+
+    def nan(t) -> None:
+        t.data[2, 3] = np.nan
+
+    def as_f16(t) -> None:
+        t.field.parts[4][0] = int(gguf.GGMLQuantizationType.F16)
+
+    expected = {
+        ("ours-nan.gguf", False, nan): "tensor blk.0.ffn_up.weight does not match its checksum",
+        ("ours-type.gguf", False, as_f16): "tensor blk.0.ffn_up.weight does not match its checksum",
+        ("foreign-nan.gguf", True, nan): "holds 1 NaN value(s)",
+        ("foreign-type.gguf", True, as_f16): "",
+    }
+    for (name, foreign, change), message in expected.items():
+        path = damaged(name, foreign, change)
+        with pytest.raises(SurgeonError) as excinfo:
+            resolve_model_dir(path)
+        assert message in one_line(excinfo) and str(path) in str(excinfo.value)
+    done = subprocess.run([sys.executable, "-m", "surgeon_export.cli", "info", str(tmp_path / "foreign-nan.gguf"), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
 
 
 def test_bench_runner_measures_llama_cpp(llama_dir: Path, tmp_path: Path) -> None:
