@@ -16,6 +16,11 @@ Backends: gloo for CPU tensors, NCCL for CUDA tensors when CUDA is available (on
 ``cpu:gloo,cuda:nccl``; each collective goes to the backend of its tensors' device). Every
 collective runs under the timeout given to :func:`init_from_env`: a rank that stops (killed,
 crashed, stuck) makes the others fail with one line (:class:`DistributedError`) instead of hanging.
+Under torchrun, the launcher sends SIGTERM to the surviving ranks as soon as one dies; each then
+stops with the same kind of line, naming the rank that died (every rank's host and process id are
+exchanged when the group is joined, so a dead rank on the same node is found by its pid), and exit
+code 2. torchrun itself then prints its own summary (a ``ChildFailedError`` traceback, in the
+launcher's process, which our code cannot reach; docs/distributed.md).
 Time spent inside collectives (including waiting for slower ranks) is counted per process
 (:func:`collective_stats`).
 """
@@ -27,8 +32,12 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -40,6 +49,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait for the slowest rank (prune --dist-timeout)
 _STATS = {"seconds": 0.0, "calls": 0, "bytes": 0}
 _TIMEOUT = [DEFAULT_TIMEOUT]
+_PEERS: list[tuple[int, int]] = []  # (host digest, pid) of every rank, rank by rank, once the group is joined
+_REPORTED = [False]  # a DistributedError was raised: a later SIGTERM just ends the process
 T = TypeVar("T")
 
 
@@ -89,8 +100,59 @@ def init_from_env(timeout: float | None = None) -> bool:
     except RuntimeError as exc:  # the rendezvous timed out or was refused
         raise DistributedError(f"cannot join the process group of {env_world_size()} ranks "
                                f"({_first_line(exc)})") from None
+    _REPORTED[0] = False
+    _PEERS[:] = [(int(h), int(p)) for h, p in gather_rows([_host_digest(), os.getpid()])]
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     log.info("rank %d of %d (%s), collectives time out after %.0f s", rank(), world_size(), backend, _TIMEOUT[0])
     return True
+
+
+def _host_digest() -> int:
+    """This host's name as a number a float64 holds exactly (48 bits of its SHA-256)."""
+    return int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:6], "big")
+
+
+def _process_gone(pid: int) -> bool:
+    """The process ``pid`` (on this host) has ended: it no longer exists, or is a zombie not yet reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # "pid (name) S ..."
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return state in ("Z", "X")
+
+
+def dead_ranks() -> list[int]:
+    """The other ranks on this host whose process has ended (ranks on other hosts cannot be checked)."""
+    me, host = rank(), _host_digest()
+    return [r for r, (h, pid) in enumerate(_PEERS) if r != me and h == host and _process_gone(pid)]
+
+
+def _who_stopped() -> str | None:
+    """"rank 1 of 4 stopped" when dead ranks are found on this host, else None."""
+    dead, n = dead_ranks(), world_size()
+    if not dead:
+        return None
+    return f"rank{'s' * (len(dead) > 1)} {', '.join(map(str, dead))} of {n} stopped"
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM, which torchrun sends the surviving ranks when one fails: our one line, then exit code 2."""
+    if _REPORTED[0]:  # this rank already said why it stops (a failed collective): just end
+        raise SystemExit(2)
+    _REPORTED[0] = True
+    who = _who_stopped()
+    reason = f"{who}, and the launcher stopped this rank" if who else "stopped by SIGTERM (torchrun sends it " \
+        "when another rank fails)"
+    raise DistributedError(f"rank {rank()} of {world_size()}: {reason}; nothing was written")
 
 
 def active() -> bool:
@@ -123,6 +185,11 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _PEERS.clear()
+    # after a failure torchrun's SIGTERM may still come while this process ends: it keeps exit code 2
+    if not _REPORTED[0] and threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) is _terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -134,10 +201,11 @@ def _failure(exc: BaseException, what: str) -> DistributedError:
     """One line for a failed collective: who stopped, or the timeout."""
     text = str(exc).lower()
     n, me = world_size(), rank()
+    _REPORTED[0] = True
     if "timed out" in text or "timeout" in text:  # gloo: "Timed out waiting ...", "Application timeout ..."
         return DistributedError(f"rank {me} of {n}: a collective ({what}) timed out after {_TIMEOUT[0]:.0f} s "
                                 "waiting for the other ranks; nothing was written")
-    other = f"rank {1 - me} of 2 stopped" if n == 2 else f"another of the {n} ranks stopped"
+    other = _who_stopped() or (f"rank {1 - me} of 2 stopped" if n == 2 else f"another of the {n} ranks stopped")
     reason = _first_line(exc)
     if "] " in reason:  # gloo's "[file.cc:537] Read error ...": the part after the source location
         reason = reason.split("] ", 1)[1]

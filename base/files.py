@@ -12,6 +12,10 @@ are shared here so that they are done once:
   during a write cannot run any cleanup);
 - :func:`write_error`: a failed write (disk full, read-only file system, a safetensors I/O error)
   becomes one :class:`SurgeonError` line naming the target and the reason.
+
+Resumable runs (streamed pruning) keep their finished work in a hidden directory on purpose; they
+run inside :func:`resumable`, so that Ctrl-C's message (:func:`interrupted_message`) says
+what stays, where, and how to resume or remove it, instead of "nothing was written".
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from base.errors import SurgeonError
@@ -63,6 +69,47 @@ def check_writable(target: Path, what: str = "output") -> None:
         raise SurgeonError(f"cannot write {what} {target}: {parent}: {exc.strerror or exc}") from None
     os.close(fd)
     os.unlink(probe)
+
+
+_RESUMABLE: list[tuple[Path, Path]] = []  # the resumable directory of the run in progress, and its output
+
+
+@contextmanager
+def resumable(directory: Path, target: Path) -> Iterator[None]:
+    """Within the block, ``directory`` holds resumable work for ``target``: a Ctrl-C (KeyboardInterrupt)
+    leaves it registered for :func:`interrupted_message`; any other way out forgets it."""
+    _RESUMABLE[:] = [(Path(directory).absolute(), Path(target))]  # one run at a time
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise  # stays registered: the interrupted message names it
+    except BaseException:
+        _RESUMABLE.clear()
+        raise
+    _RESUMABLE.clear()
+
+
+def _size(directory: Path) -> str:
+    """The bytes of every file under ``directory``, in MB (kB below one MB)."""
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    return f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+
+
+def interrupted_message() -> str:
+    """The line Ctrl-C prints: nothing written, or exactly which resumable directory stays and how to go on.
+
+    Example:
+        >>> interrupted_message()  # no resumable run in this process
+        'interrupted; nothing was written'
+    """
+    kept = [(d, t) for d, t in _RESUMABLE if d.is_dir()]
+    _RESUMABLE.clear()  # said once
+    if not kept:
+        return "interrupted; nothing was written"
+    (directory, target), = kept
+    return (f"interrupted; nothing was written to {target}, but {directory} ({_size(directory)}, the work finished "
+            f"so far) is kept to resume: run the same command again to go on from there, or remove it "
+            f"(rm -r {directory}) to free the space")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -80,10 +80,32 @@ def markdown(result: dict) -> str:
         for m in models:
             for c in m["decode"]:
                 lines.append(_row(m, "decode", c, str(c["batch"]), steps=cfg["new_tokens"]))
+    lines += _same_runtime_lines(models, cfg)
     lines += _kernel_lines(models)
     if result.get("gate"):
         lines += ["", gate_table(result["gate"])]
     return "\n".join(lines) + "\n"
+
+
+def _same_runtime_lines(models: list[dict], cfg: dict) -> list[str]:
+    """Each model against the first model on its own runtime: the speed-up pruning buys there."""
+    rows = [m for m in models if m.get("ratios_same_runtime")]
+    if not rows:
+        return []
+    cells = [("prefill", f"{b}x{t}", f"prefill {b}×{t}") for b, t in cfg["prefill"]]
+    cells += [("decode", f"b{b}", f"decode b{b}") for b in cfg["decode"]]
+    lines = ["", f"Against the first model on the same runtime (what pruning buys on each runtime; the ratios "
+                 f"above are all to **{models[0]['label']}** on {models[0]['backend']}). Speed-up: tokens/s ratio.", "",
+             "| model | backend | against | size × | ppl × | " + " | ".join(f"{c[2]} speed-up" for c in cells) + " |",
+             "| --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in cells) + " |"]
+    for m in rows:
+        r = m["ratios_same_runtime"]
+        ppl = _x(r["perplexity"]) + ("" if r["perplexity_against"] == m["runtime_baseline"] or r["perplexity"] is None
+                                     else f" (vs {r['perplexity_against']})")
+        speed = [_x((r[kind].get(key) or {}).get("throughput"), 2) for kind, key, _ in cells]
+        lines.append(f"| {m['label']} | {m['backend']} | {m['runtime_baseline']} | {_x(r['bytes_on_disk'])} | {ppl} | "
+                     + " | ".join(speed) + " |")
+    return lines
 
 
 def _kernel_lines(models: list[dict]) -> list[str]:

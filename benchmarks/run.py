@@ -4,8 +4,15 @@ Every model gets its perplexity, artefact facts (bytes on disk, parameters, zero
 loaded tensors) and, per cell of the grid, the median and spread of at least five timed
 repetitions after warm-up, with peak memory. Repetitions interleave between models (repetition
 ``r`` starts at model ``r mod M``), so slow drifts of a shared machine hit every model alike; the
-first model is the baseline and every other model's numbers are also given as ratios to it. The
-result is the JSON document described in ``docs/benchmarks.md`` (``SCHEMA_VERSION``).
+first model is the baseline and every other model's numbers are also given as ratios to it.
+
+Like with like: the first model on each backend is that runtime's baseline, and every later model
+on the same backend is also given as ratios to it (``ratios_same_runtime``), so "pruned on ONNX
+Runtime against dense on ONNX Runtime" reads apart from "ONNX Runtime against torch". A runtime
+baseline measured without perplexity (``ModelSpec.perplexity`` false: the same weights as a row
+already evaluated, parity-checked by the export) takes the perplexity of the first model, and the
+ratio names it (``perplexity_against``). The result is the JSON document described in
+``docs/benchmarks.md`` (``SCHEMA_VERSION``).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class ModelSpec:
     label: str
     spec: str | None  # a path, or None for the default model
     backend: str = "torch"
+    perplexity: bool = True  # False: not evaluated (the same weights as an evaluated row, on another runtime)
 
 
 @dataclass
@@ -226,6 +234,14 @@ def ratios(model: dict, base: dict) -> dict:
     return out
 
 
+def same_runtime_ratios(model: dict, ref: dict, base: dict) -> dict:
+    """:func:`ratios` of ``model`` to ``ref``, the first model on its runtime; ``perplexity_against`` names
+    the model whose perplexity the ratio uses (``base``'s when ``ref`` was not evaluated)."""
+    against = ref if ref["perplexity"] is not None or base["perplexity"] is None else base
+    out = ratios(model, {**ref, "perplexity": against["perplexity"]})
+    return {**out, "perplexity_against": against["label"]}
+
+
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Measure every model of ``cfg``; returns the result document (schema ``SCHEMA_VERSION``).
 
@@ -253,7 +269,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                 entries[-1]["memory_method"] += "; inline: the process holds every model of the run"
         for m, c, e in zip(cfg.models, clients, entries):
             e["perplexity"] = None
-            if cfg.ppl is not None:
+            if cfg.ppl is not None and m.perplexity:
                 log.info("perplexity of %s", m.label)
                 e["perplexity"] = c.call({"op": "perplexity", **asdict(cfg.ppl), "progress": cfg.progress})
         grid = [("prefill", {"batch": b, "length": t}) for b, t in cfg.prefill]
@@ -277,6 +293,9 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     for i, e in enumerate(entries):
         e["baseline"] = i == 0
         e["ratios"] = ratios(e, entries[0])
+        ref = next(x for x in entries if x["backend"] == e["backend"])  # the first model on this runtime
+        e["runtime_baseline"] = ref["label"]
+        e["ratios_same_runtime"] = None if ref is e else same_runtime_ratios(e, ref, entries[0])
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "surgeon-export benchmark",

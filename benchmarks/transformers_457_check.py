@@ -10,7 +10,8 @@ Writes two checkpoints of the default model (SmolLM2-135M-Instruct) with the cod
 Then, in this interpreter (transformers 5.x), and in a second one with transformers 4.57 (a venv made with
 ``python3 -m venv --system-site-packages /work/venv457 && /work/venv457/bin/pip install "transformers==4.57.*"``):
 tokenizer ids of a chat prompt, the logits of that prompt, and 20 greedy tokens (``generate``,
-``do_sample=False``). 4.57 loads ``equal`` with plain ``AutoModelForCausalLM`` and ``per_layer`` with
+``do_sample=False``), also the way users call it, ``model.generate(**tokenizer(text, return_tensors="pt"))``
+(the tokenizer's own inputs, ``token_type_ids`` included where it returns them). 4.57 loads ``equal`` with plain ``AutoModelForCausalLM`` and ``per_layer`` with
 ``trust_remote_code=True`` (the shipped ``modeling_surgeon.py``). A control copy of ``equal`` without
 the top-level ``rope_theta`` shows what 4.57 did before (RoPE theta 10,000 instead of 100,000).
 
@@ -46,11 +47,18 @@ for spec in sys.argv[2:]:
     tok = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust == "remote", dtype=torch.float32).eval()
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt")["input_ids"]
+    enc = tok(text, return_tensors="pt")
+    ids = enc["input_ids"]
     with torch.no_grad():
         logits = model(ids).logits[0].double()
         gen = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id)
+        try:  # as users call it: every input the tokenizer returns
+            from_kwargs = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id)
+            from_kwargs = from_kwargs[0, ids.shape[1]:].tolist()
+        except Exception as exc:
+            from_kwargs = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
     out[name] = {"tokenizer_class": type(tok).__name__, "model_class": type(model).__module__ + "." + type(model).__name__,
+                 "tokenizer_outputs": sorted(enc.keys()), "greedy_from_tokenizer_kwargs": from_kwargs,
                  "rope_theta": getattr(model.config, "rope_theta", None) or (getattr(model.config, "rope_parameters", None) or {}).get("rope_theta"),
                  "ids": ids[0].tolist(), "logits": logits.tolist(), "greedy": gen[0, ids.shape[1]:].tolist()}
 print("\nRESULT " + json.dumps(out))
@@ -118,6 +126,10 @@ def compare(new: dict, old: dict) -> dict:
             "max_abs_logit_diff": float((la - lb).abs().max()) if same_ids else None,
             "logit_scale": float(la.abs().max()),
             "same_greedy_20": a["greedy"] == b["greedy"],
+            "tokenizer_outputs": {"5x": a.get("tokenizer_outputs"), "4.57": b.get("tokenizer_outputs")},
+            # generate(**tokenizer(...)) gives the same 20 tokens as generate(ids), or the error it raised
+            "generate_from_tokenizer_kwargs": {v: True if r.get("greedy_from_tokenizer_kwargs") == r["greedy"]
+                                               else r.get("greedy_from_tokenizer_kwargs") for v, r in (("5x", a), ("4.57", b))},
             "greedy_5x": a["greedy"], "greedy_457": b["greedy"],
             "rope_theta_5x": a["rope_theta"], "rope_theta_457": b["rope_theta"],
             "classes": {"5x": [a["model_class"], a["tokenizer_class"]], "4.57": [b["model_class"], b["tokenizer_class"]]},

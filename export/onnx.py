@@ -46,7 +46,6 @@ from base.adapters import Adapter, get_adapter
 from base.errors import SurgeonError
 from base.formats import (
     DTYPES,
-    MODELING_FILE,
     ONNX_DATA_FILE,
     ONNX_FILE,
     ONNX_MANIFEST_FILE,
@@ -417,8 +416,6 @@ def _write_beside(directory: Path, model: nn.Module, tokenizer: Any, source_dir:
     """
     from transformers import GenerationConfig
 
-    from base import modeling
-
     config: Any = model.config
     config.save_pretrained(directory)
     generation = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(config)
@@ -426,11 +423,9 @@ def _write_beside(directory: Path, model: nn.Module, tokenizer: Any, source_dir:
     tokenizer.save_pretrained(directory)
     if spec.cache_heads:
         (directory / "config.json").write_text(json.dumps(uniform_config(config, spec), indent=2, sort_keys=True) + "\n")
-    elif is_per_layer(config):
-        shutil.copyfile(Path(modeling.__file__), directory / MODELING_FILE)
     if source_dir is not None and (source_dir / REPORT_FILE).is_file():
         shutil.copyfile(source_dir / REPORT_FILE, directory / REPORT_FILE)
-    make_portable(directory)
+    make_portable(directory)  # with modeling_surgeon.py beside a per-layer config
 
 
 def _write_card(directory: Path, out: Path, manifest: dict, source: str | None, source_dir: Path | None) -> None:

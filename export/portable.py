@@ -1,4 +1,4 @@
-"""Make a written checkpoint read the same in both transformers generations (4.x and 5.x).
+"""Make a written checkpoint read the same in both transformers generations (4.x and 5.x), with no missing code.
 
 transformers 5 saves RoPE settings only under ``rope_parameters`` and names the tokenizer class
 ``TokenizersBackend``. transformers 4.57 reads neither: it falls back to ``rope_theta`` 10,000
@@ -12,7 +12,16 @@ the files carry both spellings:
   transformers 5 reads ``rope_parameters`` first, so the copies change nothing there.
 - ``tokenizer_config.json``: ``tokenizer_class`` ``PreTrainedTokenizerFast`` instead of
   ``TokenizersBackend``. Both load the same ``tokenizer.json``; in transformers 5 the name is an
-  alias of ``TokenizersBackend``, in 4.57 it is the generic fast tokenizer.
+  alias of ``TokenizersBackend``, in 4.57 it is the generic fast tokenizer, and that one returns
+  ``token_type_ids`` unless told otherwise, which ``model.generate(**tokenizer(prompt))`` then
+  refuses (``model_kwargs are not used: ['token_type_ids']``). So the file also names the inputs
+  a causal LM takes, ``model_input_names: ["input_ids", "attention_mask"]``, in both generations.
+
+Every directory also gets its code right: a per-layer config (``surgeon_*``) gets our own
+``base/modeling.py`` as ``modeling_surgeon.py`` (never a copy of a source's file, which anyone may
+have changed and which would run under ``trust_remote_code=True``), and every ``auto_map`` entry
+(``config.json``, ``tokenizer_config.json``) whose code file is not in the directory, or lives in
+another repository (``repo--module.Class``), is dropped: the output never points at missing code.
 
 Checked for real in ``benchmarks/results/transformers_457_check.json``.
 """
@@ -20,10 +29,15 @@ Checked for real in ``benchmarks/results/transformers_457_check.json``.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+from base import modeling
+from base.formats import MODELING_FILE
+
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # what a causal LM's forward and generate take
 V5_ONLY_TOKENIZER_CLASSES = ("TokenizersBackend",)
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -58,19 +72,47 @@ def portable_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def portable_tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
-    """``tokenizer_config`` with a tokenizer class both generations resolve."""
+    """``tokenizer_config`` with a tokenizer class both generations resolve, returning only the inputs a causal LM takes."""
+    out = {**config, "model_input_names": MODEL_INPUT_NAMES}
     if config.get("tokenizer_class") in V5_ONLY_TOKENIZER_CLASSES:
-        return {**config, "tokenizer_class": PORTABLE_TOKENIZER_CLASS}
-    return config
+        out["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    return out
+
+
+def present_code(config: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``config`` without the ``auto_map`` entries whose code is not a file in ``directory``.
+
+    Example:
+        >>> present_code({"auto_map": {"AutoConfig": "configuration_x.XConfig"}, "model_type": "x"}, Path("/nonexistent"))
+        {'model_type': 'x'}
+    """
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return config
+
+    def here(ref: object) -> bool:  # "module.Class"; a tokenizer's entry is a [slow, fast] pair, either may be None
+        if isinstance(ref, (list, tuple)):
+            return all(r is None or here(r) for r in ref)
+        return (isinstance(ref, str) and "--" not in ref and "." in ref
+                and (directory / (ref.rsplit(".", 1)[0].replace(".", "/") + ".py")).is_file())
+
+    kept = {k: v for k, v in auto_map.items() if here(v)}
+    out = {k: v for k, v in config.items() if k != "auto_map"}
+    return {**out, "auto_map": kept} if kept else out
 
 
 def make_portable(directory: Path) -> None:
-    """Rewrite ``config.json`` and ``tokenizer_config.json`` in ``directory`` (where present) as above."""
+    """Rewrite ``config.json`` and ``tokenizer_config.json`` in ``directory`` (where present) as above,
+    after copying our modeling file beside a per-layer config."""
+    config = directory / "config.json"
+    if config.is_file() and str(json.loads(config.read_text()).get("model_type", "")).startswith(
+            modeling.MODEL_TYPE_PREFIX):
+        shutil.copyfile(Path(modeling.__file__), directory / MODELING_FILE)
     for name, convert in (("config.json", portable_config), ("tokenizer_config.json", portable_tokenizer_config)):
         path = directory / name
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
-        new = convert(data)
+        new = present_code(convert(data), directory)
         if new != data:
             path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")

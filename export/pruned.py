@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -155,9 +154,7 @@ def save_pruned_checkpoint(
         skeleton = _skeleton_with_weights(model, config)
         skeleton.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-        if not stock:
-            shutil.copyfile(Path(modeling.__file__), tmp / MODELING_FILE)
-        make_portable(tmp)
+        make_portable(tmp)  # with modeling_surgeon.py beside a per-layer config
         report.update(
             format_version=REPORT_VERSION,
             checkpoint_format="uniform" if stock else "per-layer",
@@ -225,7 +222,7 @@ def shrink_and_save(
     if cfg.uniform and len(set(layer_shapes(model, adapter))) > 1:
         if plan is not None:
             raise SurgeonError("--uniform from layers of different sizes works on their zero groups only, not a given plan")
-        grow_(model, adapter, _common_shape(model, adapter))  # zeros: the outputs do not change
+        grow_(model, adapter, _common_shape(model, adapter))  # zeros: the same function, up to float32 rounding
     plan = plan if plan is not None else find_zero_groups(model, adapter)
     if cfg.uniform:
         plan = uniform_plan(model, adapter, plan, costs, multiple=cfg.align)

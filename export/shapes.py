@@ -10,8 +10,9 @@ lowest-cost kept groups go first):
 - :func:`uniform_plan` gives every layer the same sizes (the largest kept in any layer, rounded up
   to a valid stock configuration), so that unmodified transformers can load the result.
 
-Groups brought back are kept as they are in the model; for a masked model they are zeros, so the
-outputs do not change. Without costs, :func:`magnitude_costs` ranks groups by a weight-norm proxy
+Groups brought back are kept as they are in the model; for a masked model they are zeros, which add
+nothing in exact arithmetic (in float32 the other matmul shapes round differently: the logits move
+slightly, and :func:`export.pruned.shrink_and_save` measures by how much). Without costs, :func:`magnitude_costs` ranks groups by a weight-norm proxy
 that is zero exactly for groups that contribute nothing.
 """
 

@@ -58,7 +58,7 @@ FORMAT_VERSION = 1
 README_FILE = "README.md"
 OWN_FILES = (PACK_WEIGHTS_FILE, PACK_MANIFEST_FILE, README_FILE)
 EXTRA_FILES = (REPORT_FILE,)  # copied from the source directory when present
-# Never copied: a per-layer directory gets our own base/modeling.py (:func:`write_modeling`), not the
+# Never copied: a per-layer directory gets our own base/modeling.py (:func:`export.portable.make_portable`), not the
 # source's file, which may have been changed by anyone and would run under trust_remote_code=True.
 NOT_COPIED = (*OWN_FILES, MODELING_FILE)
 log = logging.getLogger(__name__)
@@ -254,8 +254,7 @@ def pack_checkpoint(lm: LoadedModel, out: Path, cfg: PackConfig, *, force: bool 
         for name in EXTRA_FILES:
             if (lm.path / name).is_file():
                 shutil.copyfile(lm.path / name, tmp / name)
-        write_modeling(tmp)
-        make_portable(tmp)
+        make_portable(tmp)  # with our own modeling_surgeon.py beside a per-layer config
         back = read_compressed(tmp, check_manifest=False)
         for key, p in packed.items():
             got, want = back.packed[key].dense(), state[key]
@@ -278,14 +277,6 @@ def pack_checkpoint(lm: LoadedModel, out: Path, cfg: PackConfig, *, force: bool 
     with torch.no_grad(), quiet_transformers():
         write_atomically(out, force, fill)
     return manifest
-
-
-def write_modeling(directory: Path) -> None:
-    """Our own ``base/modeling.py`` as ``modeling_surgeon.py`` beside a per-layer config (never a copy of a source's)."""
-    from base import modeling
-
-    if str(read_config(directory)["model_type"]).startswith(modeling.MODEL_TYPE_PREFIX):
-        shutil.copyfile(Path(modeling.__file__), directory / MODELING_FILE)
 
 
 def _source_report(directory: Path) -> dict:
@@ -454,8 +445,7 @@ def densify(directory: Path, out: Path, *, force: bool = False) -> dict:
         for item in directory.iterdir():
             if item.is_file() and item.name not in NOT_COPIED:
                 shutil.copyfile(item, tmp / item.name)
-        write_modeling(tmp)
-        make_portable(tmp)
+        make_portable(tmp)  # with our own modeling_surgeon.py beside a per-layer config
         write_card(tmp, title=f"{Path(out).name}: a dense checkpoint unpacked from a {ckpt.manifest.get('layout')} pack",
                    source=str(directory), report=_source_report(directory), source_dir=directory,
                    tags=["sparse"], usage=["A plain safetensors checkpoint with the values the pack held "

@@ -16,8 +16,12 @@ Two details differ from ONNX Runtime:
   rewritten by its own next run, by which time the other request has consumed them.
 
 Compiled for the ``CPU`` device with ``INFERENCE_NUM_THREADS`` set to the project's ``--threads``,
-one stream, the latency hint, and ``INFERENCE_PRECISION_HINT`` f32: on CPUs with bf16 or fp16
-units OpenVINO would otherwise compute in lower precision by default.
+one stream, the latency hint, and ``INFERENCE_PRECISION_HINT`` set to the precision the export was
+asked for (f32 for a float32 export, f16 for a float16 one): on CPUs with bf16 units (AVX512-BF16,
+AMX) OpenVINO would otherwise compute a float32 model in bf16 by default (issue #32: logits off by ~1.8 on the
+default model through optimum-intel). The precision the compiled model reports it runs in is
+recorded in ``describe()`` (``onnx.precision``), so a bench JSON says what was measured; a CPU
+without f16 units may run an f16 request in f32, and the record then says f32.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from runtime.ort import KEEP, MIN_CHUNK, PAST, GraphBackend, _int64, load_graph
 VERSION = "2026.4.1"  # the pinned release (pyproject's openvino extra, constraints.txt)
 INSTALL = f"pip install 'surgeon-export[openvino]' (or: pip install openvino=={VERSION})"
 PREFILL_TOKENS = 0  # one pass per prompt; chunks vs one pass is not measured yet (benchmarks/openvino_chunks.py)
+PRECISION = {"float32": "f32", "float16": "f16"}  # the export's dtype -> OpenVINO's INFERENCE_PRECISION_HINT
 
 
 def import_openvino() -> Any:
@@ -72,8 +77,9 @@ class OpenVinoBackend(GraphBackend):
         dtype = None if past is None else {"f32": np.float32, "f16": np.float16}.get(past.get_element_type().get_type_name())
         logits = model.outputs[0].get_partial_shape()[-1] if model.outputs else None
         self._pair_cache(shapes, outputs, dtype, logits.get_length() if logits is not None and logits.is_static else None)
+        asked = PRECISION[np.dtype(self.dtype or np.float32).name]  # never OpenVINO's own default (bf16 on some CPUs)
         self.properties = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-                           "INFERENCE_PRECISION_HINT": "f32"}
+                           "INFERENCE_PRECISION_HINT": asked}
         self.compiled = core.compile_model(model, "CPU", self.properties)
         self.requests = [self.compiled.create_infer_request() for _ in range(2)]  # they take turns (module docstring)
         self.turn = 0
@@ -81,8 +87,10 @@ class OpenVinoBackend(GraphBackend):
         self._ov = ov
 
     def runtime_facts(self) -> dict:
-        return {"openvino": self.version, "device": "CPU",
-                "properties": {k: _text(self.compiled.get_property(k)) for k in self.properties}}
+        """The compiled model's properties as it reports them; ``precision``: what it computes in."""
+        properties = {k: _text(self.compiled.get_property(k)) for k in self.properties}
+        return {"openvino": self.version, "device": "CPU", "precision": properties["INFERENCE_PRECISION_HINT"],
+                "precision_asked": self.properties["INFERENCE_PRECISION_HINT"], "properties": properties}
 
     def reset(self, batch_size: int) -> None:
         self.past = [self._ov.Tensor(np.zeros(shape, dtype=self.dtype)) for shape in self.empty_shapes(batch_size)]

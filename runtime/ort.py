@@ -18,8 +18,9 @@ while a single row gains nothing from chunks under 512 tokens.
 
 CPU uses the CPU execution provider; ``cuda`` the CUDA provider (``onnxruntime-gpu``). The backend
 runs with as many intra-op threads as torch uses (``--threads``). For ``describe``, parameters,
-zeros and bytes are counted in the graph's initializers; decoder linears are the initializers
-``surgeon_onnx.json`` names.
+zeros and bytes are counted in the graph's initializers, and a NaN or infinite one is refused,
+naming it (a benchmark loads every model before it measures any, so it stops before measuring);
+decoder linears are the initializers ``surgeon_onnx.json`` names.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from base.errors import SurgeonError
 from base.formats import ONNX_DATA_FILE, ONNX_FILE, ONNX_MANIFEST_FILE
-from base.loading import load_tokenizer
+from base.loading import check_finite, load_tokenizer
 from export.flops import flops_table
 from runtime.backend import CachedLogits, hf_config, pruning_config
 
@@ -146,6 +147,8 @@ class GraphBackend(CachedLogits):
             if tensor.data_type not in FLOAT_TYPES:
                 continue  # shapes and other integer constants are not parameters
             array = numpy_helper.to_array(tensor)
+            if not np.isfinite(array).all():  # at load, before a benchmark measures any model (names the tensor)
+                check_finite([(tensor.name, torch.tensor(array))], self.directory)
             zeros = int((array == 0).sum())
             counts["total"] += array.size
             counts["total_zeros"] += zeros

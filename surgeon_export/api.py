@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 from base import distributed as dist
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
-from base.files import check_writable, write_text_atomic
+from base.files import check_writable, resumable, write_text_atomic
 from base.formats import REPORT_FILE
 from base.integrity import source_identity
 from base.lazy import LazyModel, open_lazy
@@ -406,13 +407,14 @@ def prune_streamed(
                 "calibration": calibration.origin if calibration else None,
                 "windows": int(calibration.ids.shape[0]) if calibration else 0}
     stream = StreamedLayers(lazy, Path(out), settings, force=force, writer=dist.is_main())  # rank 0 writes
-    report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
-                    spill=stream.partial / "surgeon", progress=progress)
-    report.calibration = calibration.origin if calibration else None
-    report.bos = calibration.bos is not None if calibration else None
-    if dist.active():
-        report.distributed = dist.rank_report(report.seconds)
-    written = stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
+    with resumable(stream.partial, stream.out) if dist.is_main() else nullcontext():  # Ctrl-C names what stays
+        report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
+                        spill=stream.partial / "surgeon", progress=progress)
+        report.calibration = calibration.origin if calibration else None
+        report.bos = calibration.bos is not None if calibration else None
+        if dist.active():
+            report.distributed = dist.rank_report(report.seconds)
+        written = stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
     if check is None:
         free = available_memory()
         check = not dist.active() and free is not None and 2 * lazy.weights.nbytes(torch.float32) < free
@@ -537,7 +539,7 @@ class RunConfig:
     text: Path | None = None
     data_dir: Path | None = None
     onnx: bool = True
-    runtimes: bool = True  # also benchmark the pruned model on every installed optional runtime
+    runtimes: bool = True  # also benchmark dense and pruned on every installed optional runtime
     recover: RecoverConfig | None = None  # distil the pruned model from the dense one before saving it
     recover_windows: int = 256
     recover_data: str = "calibration"
@@ -581,23 +583,31 @@ def run(cfg: RunConfig) -> dict:
     extra = {"recover": {k: v for k, v in recovered.to_dict().items() if k != "losses"}} if recovered else None
     written = save(lm, pruned_dir, report, extra=extra, force=True)
     del lm
+    # Like with like: on every runtime the dense model runs beside the pruned one (dense first: the
+    # runtime's baseline, benchmarks/run.py). Its perplexity is measured once, on torch: the exports
+    # are checked against torch, and the same-runtime ratio names the perplexity it uses.
     models = [ModelSpec(label="dense", spec=cfg.model), ModelSpec(label="pruned", spec=str(pruned_dir))]
     if cfg.onnx:
-        onnx_dir = cfg.out / "pruned-onnx"
-        log.info("3/%d exporting the pruned model to ONNX (%s)", steps, onnx_dir)
-        manifest = export_onnx(load(pruned_dir), onnx_dir, force=True)
-        log.info("exported in %.0f s; ONNX Runtime vs torch: largest logit difference %.1e",
-                 manifest["export_seconds"], manifest["verification"]["max_abs_diff"])
-        models.append(ModelSpec(label="pruned-onnx", spec=str(onnx_dir), backend="onnxruntime"))
-        if "openvino" in runtimes:  # the same export, compiled by OpenVINO
-            models.append(ModelSpec(label="pruned-openvino", spec=str(onnx_dir), backend="openvino"))
+        log.info("3/%d exporting the dense and the pruned model to ONNX (%s)", steps, cfg.out)
+        for name, source in (("dense", cfg.model), ("pruned", pruned_dir)):
+            onnx_dir = cfg.out / f"{name}-onnx"
+            manifest = export_onnx(load(source), onnx_dir, force=True)
+            log.info("%s exported in %.0f s; ONNX Runtime vs torch: largest logit difference %.1e",
+                     name, manifest["export_seconds"], manifest["verification"]["max_abs_diff"])
+        for runtime in ("onnxruntime", *(["openvino"] if "openvino" in runtimes else [])):  # OpenVINO: the same exports
+            suffix = "onnx" if runtime == "onnxruntime" else runtime
+            models += [ModelSpec(label=f"dense-{suffix}", spec=str(cfg.out / "dense-onnx"), backend=runtime,
+                                 perplexity=False),
+                       ModelSpec(label=f"pruned-{suffix}", spec=str(cfg.out / "pruned-onnx"), backend=runtime)]
     skipped = {}
     if "llama.cpp" in runtimes:
-        gguf_file = cfg.out / "pruned-f32.gguf"
-        log.info("%d/%d writing the pruned model as GGUF for llama.cpp (%s)", steps - 1, steps, gguf_file)
+        log.info("%d/%d writing the dense and the pruned model as GGUF for llama.cpp (%s)", steps - 1, steps, cfg.out)
         try:
-            export_gguf(pruned_dir, gguf_file, tensor_type="f32", force=True)
-            models.append(ModelSpec(label="pruned-llama.cpp", spec=str(gguf_file), backend="llama.cpp"))
+            export_gguf(pruned_dir, cfg.out / "pruned-f32.gguf", tensor_type="f32", force=True)
+            export_gguf(cfg.model, cfg.out / "dense-f32.gguf", tensor_type="f32", force=True)
+            models += [ModelSpec(label="dense-llama.cpp", spec=str(cfg.out / "dense-f32.gguf"), backend="llama.cpp",
+                                 perplexity=False),
+                       ModelSpec(label="pruned-llama.cpp", spec=str(cfg.out / "pruned-f32.gguf"), backend="llama.cpp")]
         except SurgeonError as exc:  # a family or tokenizer GGUF cannot express: the rest of the job stands
             skipped["llama.cpp"] = str(exc)
             log.warning("llama.cpp skipped: %s", exc)

@@ -30,6 +30,7 @@ from typing import Annotated, Optional  # noqa: E402
 import typer  # noqa: E402
 
 from base.errors import SurgeonError, check_choice  # noqa: E402
+from base.files import interrupted_message  # noqa: E402
 from surgeon.sds import SDSConfig  # noqa: E402
 
 if _previous_sigint is not None:
@@ -341,7 +342,7 @@ def shrink_cmd(
     model: ModelArg = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the smaller checkpoint here.")] = None,
     align: Annotated[int, typer.Option(help="Round every kept size to a multiple of N (1: off).", min=1)] = 1,
-    rounding: Annotated[str, typer.Option(help="Which multiple --align picks: up (keeps outputs), down or nearest.")] = "up",
+    rounding: Annotated[str, typer.Option(help="Which multiple --align picks: up (brings back only zero groups: the same function, up to float32 rounding), down or nearest.")] = "up",
     uniform: Annotated[bool, typer.Option("--uniform", help="Same sizes in every layer: a stock-architecture checkpoint.")] = False,
     force: Force = False,
     quiet: Quiet = False,
@@ -385,8 +386,8 @@ def run_cmd(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
     text: Annotated[Optional[Path], typer.Option(help="Calibrate and evaluate on this text instead of WikiText-2.")] = None,
     data_dir: DataDir = None,
-    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the pruned model to ONNX and benchmark it on ONNX Runtime.")] = True,
-    runtimes: Annotated[bool, typer.Option("--runtimes/--no-runtimes", help="Also benchmark the pruned model on every installed optional runtime: OpenVINO (the ONNX export) and llama.cpp (a float32 GGUF written beside it).")] = True,
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the dense and the pruned model to ONNX and benchmark both on ONNX Runtime (pruned against dense on the same runtime).")] = True,
+    runtimes: Annotated[bool, typer.Option("--runtimes/--no-runtimes", help="Also benchmark dense and pruned on every installed optional runtime: OpenVINO (the ONNX exports) and llama.cpp (float32 GGUF files written beside them).")] = True,
     recover: Recover = False,
     recover_steps: RecoverSteps = RECOVER_STEPS,
     recover_lr: RecoverLr = None,
@@ -629,7 +630,7 @@ def info_cmd(model: ModelArg = None, quiet: Quiet = False, as_json: AsJson = Fal
 @app.command("bench")
 def bench_cmd(
     models: Annotated[Optional[list[str]], typer.Argument(
-        help="Models as [LABEL=]PATH (or 'default'); the first is the baseline of every ratio.")] = None,
+        help="Models as [LABEL=]PATH (or 'default'); the first is the baseline of every ratio, and the first on each backend that runtime's baseline too (ratios on the same runtime).")] = None,
     backend: Annotated[Optional[list[str]], typer.Option(help="Backend for all models, or once per model.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, float16 on CUDA), float32, float16 or bfloat16.")] = "auto",
@@ -654,7 +655,7 @@ def bench_cmd(
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Perplexity, prefill latency, decode tokens/s, memory and size of models; ratios to the first."""
+    """Perplexity, prefill latency, decode tokens/s, memory and size of models; ratios to the first, and to the first on the same backend."""
     import torch
 
     from benchmarks.gate import gate_table, parse_tolerance
@@ -693,7 +694,8 @@ def main() -> None:
 
     Command-line mistakes that typer catches (a value that is not a number, an unknown option) are
     user errors too: one ``error:`` line, not a boxed usage text. Ctrl-C says that nothing was
-    written (every output goes through a temporary path) and exits with 130.
+    written (every output goes through a temporary path), or which resumable directory a streamed run
+    keeps and how to resume or remove it, and exits with 130.
     """
     try:
         _run_app()
@@ -712,7 +714,7 @@ def _run_app() -> None:
     try:
         code = app(standalone_mode=False)  # a typer.Exit comes back as its exit code
         if code == INTERRUPTED:  # typer caught a KeyboardInterrupt: every output goes through a temporary path
-            typer.echo("interrupted; nothing was written", err=True)
+            typer.echo(interrupted_message(), err=True)
         sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode ends
     except NoArgsIsHelpError as exc:  # the command alone: its help, as --help prints it
         typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
@@ -721,7 +723,7 @@ def _run_app() -> None:
         typer.echo(f"error: {exc.format_message().strip().splitlines()[0]}", err=True)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
-        typer.echo("interrupted; nothing was written", err=True)
+        typer.echo(interrupted_message(), err=True)
         sys.exit(130)
     except SurgeonError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -6,7 +6,9 @@ error) and ``OUT/CASE.safetensors`` (rank 0: the final decoder-linear weights).
 
 ``python -m tests.dist_worker cli ARGS...`` runs ``surgeon-export ARGS...``; with ``TEST_FAULT=kill``
 (``stall``) the rank ``TEST_FAULT_RANK`` (default 1) kills itself (stops responding) right after its
-first decoder layer, which is what a crashed (hung) node looks like to the others.
+first decoder layer, which is what a crashed (hung) node looks like to the others; with
+``TEST_FAULT=kill-busy`` it kills itself while the others sleep outside any collective, so that under
+torchrun the launcher's SIGTERM reaches them before a failed collective could.
 """
 
 from __future__ import annotations
@@ -75,9 +77,11 @@ def run_cli(args: list[str]) -> None:
         def failing(layer, batches):  # type: ignore[no-untyped-def]
             out = real(layer, batches)
             if os.environ.get("RANK") == os.environ.get("TEST_FAULT_RANK", "1"):
-                if fault == "kill":
+                if fault.startswith("kill"):
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(3600)  # "stall": alive, but never joins the next collective
+            elif fault == "kill-busy":  # the others are busy (not in a collective) when the launcher stops them
+                time.sleep(60)
             return out
 
         surgeon.driver.run_layer = failing

@@ -269,3 +269,68 @@ def test_flops_ratio_uses_the_nearest_length() -> None:
     assert _flops_ratio(a, b, 130) == 0.5
     assert _flops_ratio(a, b, 500) == 0.8
     assert _flops_ratio({}, b, 128) is None
+
+
+def test_a_nan_in_a_later_model_stops_the_run_before_anything_is_measured(models: dict, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every model is loaded and checked (config, tensors finite) before the first measurement: an ONNX
+    export holding a NaN initializer, second in the list, stops the run before the first is measured."""
+    import onnx
+    from onnx import numpy_helper
+
+    from benchmarks.worker import InlineClient
+    from export.onnx import OnnxConfig, export_onnx
+
+    lm = load_model(models["dense"])
+    good, bad = tmp_path / "good-onnx", tmp_path / "nan-onnx"
+    export_onnx(lm.model, lm.tokenizer, good, OnnxConfig(verify=False))
+    export_onnx(lm.model, lm.tokenizer, bad, OnnxConfig(verify=False))
+    name = json.loads((bad / "surgeon_onnx.json").read_text())["decoder_linears"]["model.layers.1.mlp.down_proj"]["initializer"]
+    proto = onnx.load(str(bad / "model.onnx"))
+    tensor = next(t for t in proto.graph.initializer if t.name == name)
+    array = numpy_helper.to_array(tensor).copy()
+    array.flat[7] = float("nan")
+    tensor.CopyFrom(numpy_helper.from_array(array, name))
+    onnx.save(proto, str(bad / "model.onnx"))
+    ops = []
+    real = InlineClient.call
+    monkeypatch.setattr(InlineClient, "call", lambda self, r: ops.append(r["op"]) or real(self, r))
+    cfg = config(models, models=[ModelSpec("good", str(good), "onnxruntime"), ModelSpec("bad", str(bad), "onnxruntime")])
+    with pytest.raises(SurgeonError, match=rf"nan-onnx: tensor {name} holds 1 NaN value\(s\); the checkpoint is damaged"):
+        run_benchmark(cfg)
+    assert ops == ["load", "load"]  # nothing measured
+
+
+def test_each_runtime_compares_pruned_with_dense_on_that_runtime(models: dict, tmp_path: Path) -> None:
+    """Like with like: the first model on each backend is its runtime's baseline; later ones get ratios to it
+    (size, perplexity, every cell), beside the cross-runtime ratios to the first model; a runtime baseline
+    run without perplexity takes the first model's, named in the ratio."""
+    from benchmarks.report import markdown
+    from export.onnx import OnnxConfig, export_onnx
+
+    for name in ("dense", "pruned"):
+        lm = load_model(models[name])
+        export_onnx(lm.model, lm.tokenizer, tmp_path / f"{name}-onnx", OnnxConfig(verify=False))
+    specs = [ModelSpec("dense", str(models["dense"])), ModelSpec("pruned", str(models["pruned"])),
+             ModelSpec("dense-onnx", str(tmp_path / "dense-onnx"), "onnxruntime", perplexity=False),
+             ModelSpec("pruned-onnx", str(tmp_path / "pruned-onnx"), "onnxruntime")]
+    result = run_benchmark(config(models, models=specs, prefill=[(1, 8)], decode=[1]))
+    dense, pruned, dense_onnx, pruned_onnx = result["models"]
+    assert [m["runtime_baseline"] for m in result["models"]] == ["dense", "dense", "dense-onnx", "dense-onnx"]
+    assert dense["ratios_same_runtime"] is None and dense_onnx["ratios_same_runtime"] is None
+    assert dense_onnx["perplexity"] is None  # not evaluated: the same weights as dense
+    assert pruned["ratios_same_runtime"] == {**pruned["ratios"], "perplexity_against": "dense"}
+    same, cross = pruned_onnx["ratios_same_runtime"], pruned_onnx["ratios"]
+    for kind, cell in (("prefill", "1x8"), ("decode", "b1")):
+        mine, ref, base = (m[kind][0] for m in (pruned_onnx, dense_onnx, dense))
+        assert same[kind][cell]["throughput"] == mine["tokens_per_s"]["median"] / ref["tokens_per_s"]["median"]
+        assert same[kind][cell]["latency"] == mine["seconds"]["median"] / ref["seconds"]["median"]
+        assert cross[kind][cell]["throughput"] == mine["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
+    assert same["bytes_on_disk"] == pruned_onnx["artefact"]["bytes_on_disk"] / dense_onnx["artefact"]["bytes_on_disk"]
+    assert same["perplexity"] == pruned_onnx["perplexity"]["perplexity"] / dense["perplexity"]["perplexity"]
+    assert same["perplexity_against"] == "dense"
+    md = markdown(result)
+    row = (f"| pruned-onnx | onnxruntime | dense-onnx | {same['bytes_on_disk']:.3f}× | {same['perplexity']:.3f}× "
+           f"(vs dense) | {same['prefill']['1x8']['throughput']:.2f}× | {same['decode']['b1']['throughput']:.2f}× |")
+    assert row in md.splitlines(), md
+    assert "| model | backend | against | size × | ppl × | prefill 1×8 speed-up | decode b1 speed-up |" in md

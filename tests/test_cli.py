@@ -163,20 +163,25 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     bench = json.loads((out / "benchmark.json").read_text())
     from surgeon_export.api import installed_runtimes
 
-    extra = {"openvino": "pruned-openvino", "llama.cpp": "pruned-llama.cpp"}
+    extra = {"openvino": "openvino", "llama.cpp": "llama.cpp"}
     ran = [r for r in installed_runtimes() if r not in payload["runtimes_skipped"]]
     assert "openvino" in ran or "openvino" not in installed_runtimes()
     # the tiny test tokenizer has no BPE merges, which llama.cpp needs: skipped with the reason, the job stands
     assert "llama.cpp" not in payload["runtimes_skipped"] or "merges" in payload["runtimes_skipped"]["llama.cpp"]
-    assert [m["label"] for m in bench["models"]] == ["dense", "pruned", "pruned-onnx", *(extra[r] for r in ran)]
-    for model in bench["models"][3:]:  # every installed runtime runs the same pruned model
-        assert model["perplexity"]["perplexity"] == pytest.approx(bench["models"][1]["perplexity"]["perplexity"], rel=1e-3)
+    suffixes = ["onnx", *(extra[r] for r in ran)]  # like with like: dense before pruned on every runtime
+    assert [m["label"] for m in bench["models"]] == ["dense", "pruned", *(f"{k}-{s}" for s in suffixes
+                                                                         for k in ("dense", "pruned"))]
+    for dense, pruned in zip(bench["models"][2::2], bench["models"][3::2]):  # every runtime runs the same pruned model
+        assert pruned["perplexity"]["perplexity"] == pytest.approx(bench["models"][1]["perplexity"]["perplexity"], rel=1e-3)
+        assert dense["perplexity"] is None and dense["backend"] == pruned["backend"]  # evaluated once, on torch
+        assert pruned["runtime_baseline"] == dense["label"] and pruned["ratios_same_runtime"]["parameters"] < 1.0
     assert bench["models"][1]["ratios"]["parameters"] < 1.0
     assert (out / "pruned" / "config.json").is_file()
     assert payload["prune"]["config"]["scoring"] == "surgeon" and payload["prune"]["config"]["allocation"] == "uniform"
     assert len({layer.mlp.gate_proj.out_features for layer in load_model(out / "pruned").model.model.layers}) == 1
-    onnx_model = bench["models"][2]
+    onnx_model = bench["models"][3]
     assert onnx_model["backend"] == "onnxruntime" and (out / "pruned-onnx" / "model.onnx").is_file()
+    assert (out / "dense-onnx" / "model.onnx").is_file()
     assert onnx_model["perplexity"]["perplexity"] == pytest.approx(bench["models"][1]["perplexity"]["perplexity"], rel=1e-4)
     again = run_cli("run", str(tiny_llama_dir), "--out", str(out), "--quiet")
     assert again.returncode == 2 and "not empty" in again.stderr

@@ -197,6 +197,46 @@ def test_a_failed_rank_stops_the_others_and_nothing_is_written(tiny: tuple[Path,
     assert ranks[1][0] in (None, -9)  # the faulty rank was killed (by itself, or at the end of the test)
 
 
+def test_under_torchrun_a_killed_rank_is_named_by_the_others(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """torchrun SIGTERMs the surviving ranks as soon as one dies (here while they are busy, outside any
+    collective): each still prints our one line naming the dead rank and exits with 2; torchrun's own
+    summary follows in the launcher's process."""
+    model, text = tiny
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tests.dist_worker",
+         "cli", "prune", str(model), "--method", "sparsegpt", "--sparsity", "0.5", "--calib-samples", "16", "--seq-len",
+         "16", "--calib-text", str(text), "--out", str(tmp_path / "out"), "--no-eval", "--quiet", "--dist-timeout", "60"],
+        cwd=ROOT, env=rank_env(0, 1, 0, TEST_FAULT="kill-busy"), capture_output=True, text=True, timeout=300)
+    err = done.stderr
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert ours == ["error: rank 0 of 2: rank 1 of 2 stopped, and the launcher stopped this rank; nothing was written"], err
+    assert "exitcode  : 2 " in err.split("rank      : 0 (local_rank: 0)", 1)[1], err  # rank 0 ended with our code
+    assert err.count("Traceback") == 1 and "ChildFailedError" in err, err  # torchrun's own, nothing of ours
+    assert not (tmp_path / "out").exists()
+
+
+def test_dead_ranks_are_found_by_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # ended and reaped: its pid is free
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while dist._process_gone(zombie.pid) is False:  # ended, not yet reaped: a zombie counts as gone
+        time.sleep(0.01)
+    host = dist._host_digest()
+    monkeypatch.setattr(dist, "_PEERS", [(host, os.getpid()), (host, gone.pid), (host + 1, gone.pid),
+                                         (host, os.getppid()), (host, zombie.pid)])
+    monkeypatch.setattr(dist, "world_size", lambda: 5)
+    assert dist.dead_ranks() == [1, 4]  # rank 2 is on another host: not checkable from here
+    failure = dist._failure(RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"),
+                            "all-reduce")
+    assert str(failure) == "rank 0 of 5: ranks 1, 4 of 5 stopped (Read error: Connection reset by peer); nothing was written"
+    zombie.wait()
+    monkeypatch.setattr(dist, "_REPORTED", [False])
+    with pytest.raises(dist.DistributedError, match="^rank 0 of 5: ranks 1, 4 of 5 stopped, and the launcher stopped"):
+        dist._terminated(15, None)
+    with pytest.raises(SystemExit):  # once reported, a second SIGTERM just ends the process
+        dist._terminated(15, None)
+
+
 def test_assign_and_shards_without_a_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     assert dist.assign({"a": 1.0, "b": 5.0}) == {"a": 0, "b": 0}  # one process: everything is rank 0's
     assert dist.shard_bounds(7, 4) == (0, 7)

@@ -334,3 +334,67 @@ def test_main_job_speed_joins_the_card(equal_dir: Path, tmp_path: Path) -> None:
     assert "## Measured after writing" in text and "decode b1: 1.12x" in text
     assert read_front_matter(copy / CARD_FILE)["library_name"] == "transformers"
     assert json.loads((copy / "surgeon_report.json").read_text())["measured"] == lines
+
+
+# 7. No missing code, and the tokenizer inputs generate() takes -------------------------------------------
+
+
+def test_no_writer_leaves_an_auto_map_to_missing_code(per_layer_dir: Path, tmp_path: Path) -> None:
+    """A source whose config and tokenizer config name custom code (in its directory, or in another
+    repository): no output references code it does not hold; a per-layer output gets our own file."""
+    from base import modeling
+    from export.onnx import OnnxConfig, export_onnx
+    from export.sparse_checkpoint import PackConfig, pack_checkpoint
+    from surgeon_export import api
+
+    source = tmp_path / "source"
+    model, tok = make_tiny_llama()
+    model.save_pretrained(source)
+    tok.save_pretrained(source)
+    for name, auto_map in (("config.json", {"AutoConfig": "configuration_custom.CustomConfig",
+                                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+                                            "AutoModel": "org/repo--modeling_custom.CustomModel"}),
+                           ("tokenizer_config.json", {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})):
+        data = json.loads((source / name).read_text())
+        (source / name).write_text(json.dumps({**data, "auto_map": auto_map}))
+    (source / "modeling_custom.py").write_text("raise SystemExit('custom code ran')\n")
+    lm = load_model(source)
+    cfg = api.build_config("magnitude", sparsity=0.5)
+    api.save(lm, tmp_path / "masked", api.prune(lm, cfg))
+    api.prune_streamed(source, cfg, tmp_path / "streamed")
+    pack_checkpoint(load_model(tmp_path / "masked"), tmp_path / "packed", PackConfig("csr"))
+    export_onnx(lm.model, lm.tokenizer, tmp_path / "onnx", OnnxConfig(verify=False))
+    for out in ("masked", "streamed", "packed", "onnx"):
+        for name in ("config.json", "tokenizer_config.json"):
+            assert "auto_map" not in json.loads((tmp_path / out / name).read_text()), (out, name)
+        assert not list((tmp_path / out).glob("*custom*")), out
+    api.prune_streamed(per_layer_dir, cfg, tmp_path / "streamed-per-layer")  # keeps the per-layer config
+    config = json.loads((tmp_path / "streamed-per-layer" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_surgeon.")
+    assert (tmp_path / "streamed-per-layer" / MODELING_FILE).read_bytes() == Path(modeling.__file__).read_bytes()
+
+
+def test_every_written_tokenizer_returns_only_what_generate_takes(equal_dir: Path, per_layer_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """transformers 4.57's generic fast tokenizer returns token_type_ids unless tokenizer_config.json
+    names the inputs, and generate(**tokenizer(...)) then refuses them: every directory we write names them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import surgeon  # noqa: F401  (registers the per-layer model types)
+    from export.onnx import OnnxConfig, export_onnx
+
+    lm = load_model(equal_dir)
+    export_onnx(lm.model, lm.tokenizer, tmp_path / "onnx", OnnxConfig(verify=False))
+    for directory in (equal_dir, per_layer_dir, tmp_path / "onnx"):
+        tok_config = json.loads((directory / "tokenizer_config.json").read_text())
+        assert tok_config["model_input_names"] == ["input_ids", "attention_mask"], directory
+        tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        assert sorted(tok("The quick brown fox", return_tensors="pt")) == ["attention_mask", "input_ids"], directory
+    for directory in (equal_dir, per_layer_dir):
+        tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False).eval()
+        enc = tok("The quick brown fox", return_tensors="pt")
+        with torch.no_grad():
+            by_kwargs = model.generate(**enc, max_new_tokens=4, do_sample=False)
+            by_ids = model.generate(enc["input_ids"], max_new_tokens=4, do_sample=False)
+        assert torch.equal(by_kwargs, by_ids) and by_kwargs.shape[1] == enc["input_ids"].shape[1] + 4

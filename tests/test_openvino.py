@@ -167,3 +167,17 @@ def test_default_model_matches_torch(default_onnx: tuple) -> None:
     want = generate(torch_dec, prompts, cfg)
     got = generate(ov_dec, prompts, cfg)
     assert got.tokens == want.tokens and [len(t) for t in got.tokens] == [32, 32]
+
+
+@pytest.mark.parametrize("dtype, asked", [("float32", "f32"), ("float16", "f16")])
+def test_the_precision_asked_for_is_set_and_recorded(dtype: str, asked: str, tmp_path: Path) -> None:
+    """OpenVINO's CPU default is bf16 on CPUs with AVX512-BF16: the export's precision is always asked
+    for explicitly, and what the compiled model reports it runs in goes into describe() (the bench JSON)."""
+    _, out = _export_dir(tmp_path, "llama", "stock", dtype=dtype)
+    backend = load_backend("openvino", str(out), threads=1)
+    assert backend.properties["INFERENCE_PRECISION_HINT"] == asked
+    facts = backend.describe()["onnx"]
+    ran = backend.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    assert facts["precision_asked"] == asked and facts["precision"] == ran
+    if dtype == "float32":
+        assert ran == "f32"  # honoured on every CPU

@@ -201,3 +201,41 @@ def test_every_streamed_layer_returns_its_memory(tmp_path: Path, monkeypatch: py
     assert lazy.model.get_input_embeddings().weight.is_meta
     base.env.trim_heap()  # the real one: glibc's malloc_trim here, nothing where there is none
     assert base.env._MALLOC_TRIM is not None
+
+
+def test_ctrl_c_says_what_stays_and_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`prune --streaming` interrupted keeps its finished layers in .NAME.partial: the message names it, its
+    size and both ways on (the same command resumes; rm -r removes it); then the same command finishes."""
+    from surgeon_export.cli import main
+
+    src, out = model_dir(tmp_path), tmp_path / "out"
+    capsys.readouterr()
+    real = StreamedLayers.leave
+
+    def interrupted_after_layer_1(self: StreamedLayers, index: int, layer: torch.nn.Module, records: dict | None) -> None:
+        real(self, index, layer, records)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    def run() -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["surgeon-export", "prune", str(src), "--method", "magnitude", "--sparsity",
+                                          "0.5", "--streaming", "--out", str(out), "--no-eval", "--quiet"])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        return int(exc.value.code or 0), capsys.readouterr().err
+
+    monkeypatch.setattr(StreamedLayers, "leave", interrupted_after_layer_1)
+    code, err = run()
+    partial = tmp_path / ".out.partial"
+    size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+    assert code == 130 and size > 0
+    assert err.strip() == (f"interrupted; nothing was written to {out}, but {partial} ({size / 1e3:.0f} kB, the work "
+                           "finished so far) is kept to resume: run the same command again to go on from there, or "
+                           f"remove it (rm -r {partial}) to free the space")
+    monkeypatch.setattr(StreamedLayers, "leave", real)
+    code, err = run()
+    assert code == 0 and not partial.exists() and (out / "config.json").is_file(), err
+    from base.files import interrupted_message
+
+    assert interrupted_message() == "interrupted; nothing was written"  # the finished run keeps nothing
