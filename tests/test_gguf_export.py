@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+import gguf  # a hard dependency: never skipped
 import numpy as np
 import pytest
 import torch
@@ -23,8 +24,6 @@ from export.gguf import export_gguf
 from export.pruned import ShrinkConfig, shrink_and_save
 from tests.conftest import make_tokenizer, tiny_llama_config
 from tests.test_surgery import make_model
-
-gguf = pytest.importorskip("gguf")
 
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
 # GGUF name pattern -> Hugging Face name pattern, written out here rather than taken from gguf's map.
