@@ -28,6 +28,7 @@ from base.adapters import Adapter
 from base.distributed import env_world_size, world_size
 from base.errors import SurgeonError, check_choice
 from base.patterns import NMPattern, check_sparsity
+from surgeon.curvature.activations import leading_positions_left_out
 from surgeon.driver import (
     PRUNERS,
     LayerStream,
@@ -157,6 +158,7 @@ def prune_(
     stream: LayerStream | None = None,
     spill: Path | None = None,
     progress: bool = True,
+    leading_bos: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place as ``config`` says; returns the report.
 
@@ -169,6 +171,9 @@ def prune_(
             (:class:`export.streaming.StreamedLayers`); ``model`` then has its layers on meta.
         spill: LLM Surgeon with ``stream``: the directory for its layer walk's files and resume state
             (:mod:`surgeon.streamed_surgeon`).
+        leading_bos: the windows lead with BOS: every calibration statistic (input moments, K-FAC's ``A`` and
+            ``G``, SDS's pairs) leaves that position out (:func:`~surgeon.curvature.activations.
+            leading_positions_left_out`; measured in docs/llm_surgeon.md, "BOS"). The loss keeps it.
 
     Structured runs record the removed groups in ``report.removal`` (a
     :class:`~base.surgery.RemovalPlan` as a dict), which the smaller checkpoint is cut by.
@@ -176,6 +181,13 @@ def prune_(
     check_model(model, adapter, config)
     if needs_calibration(config) and windows is None:
         raise SurgeonError("this pruning config needs calibration windows")
+    with leading_positions_left_out(1 if leading_bos and windows is not None else 0):
+        return _prune(model, adapter, windows, config, checkpoint_dir, binding, stream, spill, progress)
+
+
+def _prune(model: nn.Module, adapter: Adapter, windows: torch.Tensor | None, config: Config,
+           checkpoint_dir: Path | None, binding: dict | None, stream: LayerStream | None, spill: Path | None,
+           progress: bool) -> PruneReport:
     if stream is not None:
         check_streamable(config)
     if isinstance(config, SurgeonConfig) and config.between_shots is not None and world_size() > 1:

@@ -36,7 +36,7 @@ from surgeon.baselines.magnitude import prune_magnitude
 from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.baselines.wanda import prune_wanda
 from surgeon.calibrate import capture_layer_inputs, input_moments, run_layer
-from surgeon.curvature.activations import SecondMoment
+from surgeon.curvature.activations import SecondMoment, calibration_positions
 from surgeon.sds import LayerPruner, SDSConfig, pair_moments, refine_linear, self_stats
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def prune_sequential_(
     stream.captured()
     dense_stream = refine is not None and refine.teacher == "dense"
     t_batches = list(batches) if dense_stream else batches  # run_layer consumes its list: two streams, two lists
-    n_tokens = int(windows.numel()) if needs_data else 0
+    n_tokens = int(calibration_positions(windows[..., None]).numel()) if needs_data else 0  # behind the statistics
     # One pass collects every group's statistics; true-sequential re-collects each group's after
     # the groups before it were pruned (q/k/v, then o, then gate/up, then down).
     # SDS always re-collects: its refit weights are tuned to their inputs, and o_proj / down_proj

@@ -51,7 +51,7 @@ from base.distributed import all_reduce_sum, sum_over_ranks
 from base.errors import SurgeonError
 from surgeon.baselines.common import Target
 from surgeon.calibrate import LayerBatch, _hidden
-from surgeon.curvature.activations import SecondMoment, all_reduce_
+from surgeon.curvature.activations import SecondMoment, all_reduce_, calibration_positions
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class _Cross:
         self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def update(self, x_t: torch.Tensor, x_s: torch.Tensor) -> None:
-        x_t, x_s = (x.detach().reshape(-1, x.shape[-1]).float() for x in (x_t, x_s))
+        x_t, x_s = (calibration_positions(x.detach()).reshape(-1, x.shape[-1]).float() for x in (x_t, x_s))
         prod = x_t.T @ x_s
         if not torch.isfinite(prod).all():
             raise FloatingPointError("non-finite values in calibration activations")
@@ -152,7 +152,8 @@ def pair_moments(
             lambda _m, args, _o, key=("t", group[0]): seen.__setitem__(key, args[0])))
         for name in group:
             handles.append(teacher.get_submodule(name).register_forward_hook(
-                lambda _m, _a, out, name=name: energy.__setitem__(name, energy[name] + float(out.double().pow(2).sum()))))
+                lambda _m, _a, out, name=name: energy.__setitem__(
+                    name, energy[name] + float(calibration_positions(out).double().pow(2).sum()))))
     outputs: list[LayerBatch] = []
     tokens = 0
     try:
@@ -165,7 +166,7 @@ def pair_moments(
                 x_s, x_t = seen.pop(("s", group[0])), seen.pop(("t", group[0]))
                 moments[group].update(x_s)
                 cross[group].update(x_t, x_s)
-            tokens += s_b.hidden.shape[0] * s_b.hidden.shape[1]
+            tokens += calibration_positions(s_b.hidden).shape[0] * calibration_positions(s_b.hidden).shape[1]
     finally:
         for h in handles:
             h.remove()

@@ -145,7 +145,8 @@ def prune(
         binding = {"source model": source_identity(lm.path / "config.json", weight_files(lm.path)),
                    "seed": seed, "calibration": calibration.origin if calibration else None}
     report = prune_(lm.model, lm.adapter, calibration.ids if calibration else None, config,
-                    checkpoint_dir=checkpoint, binding=binding, progress=progress)
+                    checkpoint_dir=checkpoint, binding=binding, progress=progress,
+                    leading_bos=calibration is not None and calibration.bos is not None)
     report.calibration = calibration.origin if calibration else None
     report.bos = calibration.bos is not None if calibration else None
     if dist.active():
@@ -409,7 +410,8 @@ def prune_streamed(
     stream = StreamedLayers(lazy, Path(out), settings, force=force, writer=dist.is_main())  # rank 0 writes
     with resumable(stream.partial, stream.out) if dist.is_main() else nullcontext():  # Ctrl-C names what stays
         report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
-                        spill=stream.partial / "surgeon", progress=progress)
+                        spill=stream.partial / "surgeon", progress=progress,
+                        leading_bos=calibration is not None and calibration.bos is not None)
         report.calibration = calibration.origin if calibration else None
         report.bos = calibration.bos is not None if calibration else None
         if dist.active():

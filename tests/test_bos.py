@@ -75,3 +75,51 @@ def test_bos_tokenizer_windows_lead_with_bos(bos_dir: Path, text_file: Path, tmp
     report = api.prune(lm, api.build_config("wanda", sparsity=0.5), calibration=calib)
     written = api.save(lm, tmp_path / "pruned", report)
     assert written["bos"] is True
+
+
+def test_statistics_leave_out_the_leading_position_only_when_asked() -> None:
+    """SecondMoment of ``[B, T, d]`` inside leading_positions_left_out(1) is that of ``x[:, 1:]``, exactly;
+    outside it, of every position; 2-D inputs (no window axis) are never cut."""
+    from surgeon.curvature.activations import SecondMoment, leading_positions_left_out
+
+    x = torch.randn(3, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    whole, left_out, flat = SecondMoment(5), SecondMoment(5), SecondMoment(5)
+    whole.update(x)
+    with leading_positions_left_out(1):
+        left_out.update(x)
+        flat.update(x.reshape(-1, 5))
+    rest = x[:, 1:].reshape(-1, 5)
+    assert torch.equal(left_out.finalize(), rest.T @ rest / rest.shape[0]) and left_out.count == 18
+    assert whole.count == 21 and flat.count == 21
+
+
+def test_a_massive_bos_activation_does_not_move_bos_first_statistics(bos_dir: Path, text_file: Path) -> None:
+    """The BOS position is left out of the statistics of BOS-first windows: a BOS embedding turned into one
+    massive feature (as trained BOS-first models have; it survives the norm as one channel of ~sqrt(hidden))
+    leaves layer 0's q/k/v pruned exactly as before (their inputs at the other positions do not see BOS), where
+    with BOS counted it moves them."""
+    from surgeon.curvature.activations import leading_positions_left_out
+
+    def pruned(massive: bool, keep_bos_in: bool) -> dict[str, torch.Tensor]:
+        lm = api.load(bos_dir)
+        bos = lm.tokenizer.bos_token_id
+        if massive:
+            with torch.no_grad():
+                row = lm.model.get_input_embeddings().weight[bos]
+                row.zero_()
+                row[0] = 1000.0
+        calib = api.calibrate(lm, 4, seq_len=T, text=text_file)
+        if keep_bos_in:  # the statistics before issue #29's choice: every position
+            from surgeon.api import prune_
+            with leading_positions_left_out(0):
+                prune_(lm.model, lm.adapter, calib.ids, api.build_config("wanda", sparsity=0.5), progress=False)
+        else:
+            api.prune(lm, api.build_config("wanda", sparsity=0.5), calibration=calib)
+        layer = lm.adapter.decoder_layers(lm.model)[0]
+        return {n: lm.adapter.linear(layer, n).weight == 0 for n in lm.adapter.kv_rows + lm.adapter.head_rows}
+
+    plain = pruned(False, keep_bos_in=False)
+    for name, mask in pruned(True, keep_bos_in=False).items():
+        assert torch.equal(mask, plain[name]), name
+    counted, plain_counted = pruned(True, keep_bos_in=True), pruned(False, keep_bos_in=True)
+    assert any(not torch.equal(counted[n], plain_counted[n]) for n in counted)

@@ -7,11 +7,36 @@ and the input factor of LLM Surgeon's Kronecker curvature.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 from base.distributed import all_reduce_sum, sum_over_ranks, world_size
+
+_LEADING = [0]  # positions at the start of every window that calibration statistics leave out
+
+
+@contextmanager
+def leading_positions_left_out(n: int) -> Iterator[None]:
+    """Within: every calibration statistic leaves out the first ``n`` positions of each window.
+
+    Used with ``n = 1`` where the windows lead with BOS (the tokenizer's convention, Gemma's): the same
+    token in every window, whose activations in trained models are massive ("attention sink") and
+    swamp the second moments of the data, says nothing about the text (docs/llm_surgeon.md, "BOS").
+    A process-wide setting, not a context variable: autograd may run backward hooks on other threads.
+    """
+    before, _LEADING[0] = _LEADING[0], n
+    try:
+        yield
+    finally:
+        _LEADING[0] = before
+
+
+def calibration_positions(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, T, ...]`` without the leading positions statistics leave out (unchanged by default)."""
+    n = _LEADING[0]
+    return x[:, n:] if n and x.dim() >= 3 else x
 
 
 class SecondMoment:
@@ -32,8 +57,8 @@ class SecondMoment:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        """Add a batch of vectors ``x`` of shape ``[..., dim]``."""
-        x = x.detach().reshape(-1, x.shape[-1])  # [tokens, dim]
+        """Add a batch of vectors ``x`` of shape ``[..., dim]`` (``[B, T, dim]``: less the leading positions left out)."""
+        x = calibration_positions(x.detach()).reshape(-1, x.shape[-1])  # [tokens, dim]
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
         xtx = x.square().sum(0) if self.diagonal else x.T @ x  # [dim] or [dim, dim]
