@@ -64,7 +64,7 @@ def test_pair_moments_equal_explicit_activations() -> None:
             p.mul_(0.9)
     windows = windows_for(model)
     batches = capture_layer_inputs(model, LLAMA, windows, batch_size=4)
-    t_batches = [type(b)(b.hidden + 0.1, b.kwargs) for b in batches]  # a different teacher stream
+    t_batches = [b.at(b.index, b.hidden + 0.1) for b in batches]  # a different teacher stream
     student, t_layer = model.model.layers[0], teacher.model.layers[0]
     stats, outs = pair_moments(student, t_layer, LLAMA, batches, t_batches, LLAMA.input_groups, teacher_outputs=True)
     for name in ("self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
