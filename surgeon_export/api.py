@@ -51,7 +51,7 @@ from export.onnx import export_onnx as _export_onnx
 from export.pruned import ShrinkConfig, shrink_and_save
 from export.sparse_checkpoint import PackConfig, densify, pack_checkpoint
 from export.streaming import StreamedLayers
-from runtime.backend import load_backend
+from runtime.backend import backend_python, load_backend
 from runtime.generate import (
     Generation,
     GenerationConfig,
@@ -565,6 +565,28 @@ def generate_text(
     out = generate(decoder, ids, cfg)
     return out, [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens], cfg
 
+
+def setup_vllm(target: Path | None = None, quiet: bool = False) -> Path:
+    """Create vLLM's own environment (``surgeon-export vllm-setup``; :func:`runtime.vllm.setup_env`)."""
+    from runtime.vllm import setup_env
+
+    return setup_env(target, quiet=quiet)
+
+
+def rerun_in(python: str) -> None:
+    """Replace this process by the same command line run by ``python`` (vLLM's environment), with
+    this checkout first on its path; its output and exit code are the command's."""
+    import os
+    import sys
+
+    from runtime.vllm import worker_env
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(python, [python, "-m", "surgeon_export", *sys.argv[1:]], worker_env())
+
+
+__all__ += ["backend_python", "rerun_in", "setup_vllm"]
 
 __all__ += ["MemoryPlan", "check_align", "init_distributed", "Perplexity", "RemovalPlan", "count_parameters", "generate_text", "memory_plan",
             "needs_head", "open_lazy", "parse_bytes", "prune_streamed"]
