@@ -89,7 +89,7 @@ def perplexity(
         if not torch.isfinite(nll):
             raise FloatingPointError("non-finite loss during perplexity evaluation")
         total_nll += float(nll)
-        total_tokens += targets.numel()
+        total_tokens += batch[:, 1:].numel()
         bar.update(batch.shape[0])
     bar.close()
     mean = total_nll / total_tokens

@@ -92,7 +92,7 @@ def backend_python(name: str) -> str | None:
     ``vllm`` where vLLM is not installed here (a SurgeonError if it has not been created)."""
     if name != "vllm":
         return None
-    from runtime.vllm import backend_python as vllm_python
+    from runtime.vllm_env import backend_python as vllm_python
 
     return vllm_python()
 

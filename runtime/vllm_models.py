@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
@@ -63,11 +62,11 @@ class SurgeonMistralForCausalLM(MistralForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SurgeonMistralDecoderLayer)
 
 
-class SurgeonUnsupported(nn.Module):
-    """A per-layer family vLLM cannot build with our sizes yet: refused with one line."""
+class SurgeonUnsupported(LlamaForCausalLM):
+    """A per-layer family vLLM cannot build with our sizes yet: refused with one line when loaded
+    (a text-generation class to vLLM's inspection, so the refusal is ours, not a runner mismatch)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
         arch = (vllm_config.model_config.hf_config.architectures or ["?"])[0]
         raise ValueError(f"{arch}: the surgeon-export vLLM plugin serves per-layer Llama and Mistral checkpoints "
                          "only; write this one with `surgeon-export shrink --uniform` for stock vLLM")

@@ -567,8 +567,8 @@ def generate_text(
 
 
 def setup_vllm(target: Path | None = None, quiet: bool = False) -> Path:
-    """Create vLLM's own environment (``surgeon-export vllm-setup``; :func:`runtime.vllm.setup_env`)."""
-    from runtime.vllm import setup_env
+    """Create vLLM's own environment (``surgeon-export vllm-setup``; :func:`runtime.vllm_env.setup_env`)."""
+    from runtime.vllm_env import setup_env
 
     return setup_env(target, quiet=quiet)
 
@@ -579,7 +579,7 @@ def rerun_in(python: str) -> None:
     import os
     import sys
 
-    from runtime.vllm import worker_env
+    from runtime.vllm_env import worker_env
 
     sys.stdout.flush()
     sys.stderr.flush()
