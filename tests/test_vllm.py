@@ -154,3 +154,24 @@ def test_bench_runs_vllm_worker(models: dict[str, Path], tmp_path: Path) -> None
     ids = eval_tokens(ref.tokenizer, None, None).ids
     want = perplexity(ref.model, ids, seq_len=32, max_windows=2, progress=False).perplexity
     assert model["perplexity"]["perplexity"] == pytest.approx(want, rel=1e-5)
+
+
+def test_environment_pins_and_missing_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's environment: the project's pins but transformers and numpy, vLLM as pyproject's extra pins it;
+    a missing environment is one line naming the command that makes it."""
+    import tomllib
+
+    from base.errors import SurgeonError
+    from runtime import vllm_env
+
+    ours = (vllm_env.REPO / "constraints.txt").read_text().splitlines()
+    theirs = vllm_env.constraints(vllm_env.REPO / "constraints.txt").splitlines()
+    changed = {a: b for a, b in zip(ours, theirs) if a != b}
+    assert changed == {"transformers==5.23.0": "transformers==5.19.0", "numpy==2.4.6": "numpy==2.3.5"}
+    assert theirs[len(ours):] == [vllm_env.VLLM_PACKAGE]
+    extras = tomllib.loads((vllm_env.REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["vllm"] == [vllm_env.VLLM_PACKAGE]
+    monkeypatch.setenv(vllm_env.ENV_VARIABLE, str(tmp_path / "none"))
+    with pytest.raises(SurgeonError, match="surgeon-export vllm-setup"):
+        backend_python("vllm")
+    assert backend_python("torch") is None
