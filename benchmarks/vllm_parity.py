@@ -76,7 +76,8 @@ def _reply(replies: object, value: dict) -> None:
 
 
 def served(request: dict) -> list[dict]:
-    """:func:`serve` run in vLLM's environment; its replies (a SurgeonError-free RuntimeError if it fails)."""
+    """:func:`serve` run in a child process of vLLM's environment; its replies (a RuntimeError with the
+    child's stderr if it fails)."""
     from runtime.vllm_env import backend_python, worker_env
 
     python = backend_python() or sys.executable

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from base.adapters import get_adapter
-from benchmarks import vllm_parity
 from base.loading import load_model
 from base.perplexity import perplexity
 from base.surgery import LayerPlan, RemovalPlan
+from benchmarks import vllm_parity
 from export.pruned import ShrinkConfig, shrink_and_save
 from runtime.backend import backend_python
 from runtime.generate import GenerationConfig, generate
@@ -102,7 +102,7 @@ def test_per_layer_shapes_reach_vllm(models: dict[str, Path], served: dict[str, 
     """The per-layer checkpoint really has per-layer sizes, and vLLM's KV cache sizing counts them."""
     config = json.loads((models["per-layer"] / "config.json").read_text())
     assert list(zip(config["layer_intermediate_sizes"], config["layer_num_attention_heads"],
-                    config["layer_num_key_value_heads"])) == [s for s in PER_LAYER_SIZES]
+                    config["layer_num_key_value_heads"])) == list(PER_LAYER_SIZES)
     assert json.loads((models["uniform"] / "config.json").read_text())["model_type"] == "llama"
     assert served["per-layer"]["describe"]["parameters"]["decoder_linear"] < served["dense"]["describe"]["parameters"]["decoder_linear"]
 
