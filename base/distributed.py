@@ -180,10 +180,11 @@ def is_main() -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group (if any)."""
+    """Leave the process group of several ranks (if any); a one-process group belongs to whoever made
+    it (vLLM's engine makes one and destroys it itself at exit)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if active():
         dist.destroy_process_group()
     _PEERS.clear()
     # after a failure torchrun's SIGTERM may still come while this process ends: it keeps exit code 2

@@ -61,7 +61,8 @@ def perplexity(
 
     Args:
         model: a Hugging Face causal LM, or anything with ``logits(input_ids) -> [B, T, V]`` (every
-            runtime backend, :class:`runtime.backend.Backend`).
+            runtime backend, :class:`runtime.backend.Backend`); one that also has
+            ``token_logprobs(input_ids) -> [B, T - 1]`` (each token's log-probability) is scored by it.
         ids: token ids ``[N]`` (long) of the whole evaluation text.
         max_windows: evaluate the first this many windows; ``None`` for all (``--full``).
         batch_size: windows per forward pass; changes speed and memory, not the result.
@@ -73,18 +74,22 @@ def perplexity(
     """
     windows = eval_windows(ids, seq_len, max_windows, bos)
     logits_of = _hf_logits(model) if isinstance(model, nn.Module) else model.logits
+    token_logprobs = getattr(model, "token_logprobs", None)  # a runtime that scores tokens itself (vLLM)
     total_nll = 0.0  # accumulated in Python float (double precision) over all windows
     total_tokens = 0
     bar = tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=not progress, leave=False)
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size]  # [B, T]
-        logits = logits_of(batch).float()  # [B, T, V]
-        targets = batch[:, 1:].to(logits.device)
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        if token_logprobs is not None:
+            nll = -token_logprobs(batch).sum()  # [B, T - 1] log p(token | tokens before it)
+        else:
+            logits = logits_of(batch).float()  # [B, T, V]
+            targets = batch[:, 1:].to(logits.device)
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         if not torch.isfinite(nll):
             raise FloatingPointError("non-finite loss during perplexity evaluation")
         total_nll += float(nll)
-        total_tokens += targets.numel()
+        total_tokens += batch[:, 1:].numel()
         bar.update(batch.shape[0])
     bar.close()
     mean = total_nll / total_tokens

@@ -31,7 +31,7 @@ from benchmarks import latency
 from benchmarks.gate import SCHEMA_VERSION, check_comparable, compare, load_baseline
 from benchmarks.report import write_outputs
 from benchmarks.worker import InlineClient, OutOfMemory, ProcessClient
-from runtime.backend import check_backend, check_device, resolve_dtype
+from runtime.backend import backend_python, check_backend, check_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     try:
         for m in cfg.models:
             clients.append(InlineClient(m.label) if cfg.isolation == "inline"
-                           else ProcessClient(m.label, quiet=not cfg.progress))
+                           else ProcessClient(m.label, quiet=not cfg.progress, python=backend_python(m.backend)))
         entries = []
         for m, c in zip(cfg.models, clients):
             log.info("loading %s (%s)", m.label, m.backend)

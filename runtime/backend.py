@@ -87,6 +87,16 @@ def register_backend(name: str, load: Loader) -> None:
     BACKENDS[name] = load
 
 
+def backend_python(name: str) -> str | None:
+    """The interpreter backend ``name`` runs in: None for this one; vLLM's own environment for
+    ``vllm`` where vLLM is not installed here (a SurgeonError if it has not been created)."""
+    if name != "vllm":
+        return None
+    from runtime.vllm_env import backend_python as vllm_python
+
+    return vllm_python()
+
+
 def check_backend(name: str) -> Loader:
     """The loader of backend ``name``; a SurgeonError lists the others."""
     if name not in BACKENDS:
@@ -159,5 +169,6 @@ register_backend("torch", _lazy("runtime.torch_backend", "load_torch"))
 register_backend("onnxruntime", _lazy("runtime.ort", "load_onnxruntime"))
 register_backend("openvino", _lazy("runtime.openvino", "load_openvino"))  # pip install surgeon-export[openvino]
 register_backend("llama.cpp", _lazy("runtime.llama_cpp", "load_llama_cpp"))  # GGUF on llama.cpp (extra "llama")
+register_backend("vllm", _lazy("runtime.vllm", "load_vllm"))  # vLLM, in its own environment (docs/vllm.md)
 for _packed in ("torch-24", "torch-24-sparse", "torch-csr"):  # packed checkpoints (surgeon-export pack)
     register_backend(_packed, _lazy("runtime.load", "load_packed", backend=_packed))

@@ -7,6 +7,8 @@ tokens (``cumsum(mask) - 1``), as Hugging Face generation does. Sampling draws f
 ``torch.Generator`` after temperature, top-k and top-p (nucleus, Holtzman et al. 2020) filtering,
 so two backends with the same logits draw the same tokens. Prefill and decode are timed apart
 (:class:`Stopwatch`: CUDA events on GPU), so the benchmark runner times decode with this same loop.
+A backend that schedules its own requests (``vllm``: continuous batching) has a ``generate`` method
+taking the same prompts and config; the loop hands them to it.
 """
 
 from __future__ import annotations
@@ -132,6 +134,9 @@ def generate(decoder: Backend, prompts: Sequence[Sequence[int]], cfg: Generation
     cfg.validate()
     ids, mask = left_pad(prompts, cfg.pad_token_id)
     check_context(decoder.config, ids.shape[1], cfg.max_new_tokens)
+    own = getattr(decoder, "generate", None)
+    if own is not None:  # a runtime with its own scheduler (vLLM): the same settings, its own loop
+        return own(prompts, cfg)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: real tokens count from 0
     batch = ids.shape[0]
     generator = torch.Generator().manual_seed(cfg.seed)

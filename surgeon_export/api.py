@@ -54,7 +54,7 @@ from export.onnx import export_onnx as _export_onnx
 from export.pruned import ShrinkConfig, shrink_and_save
 from export.sparse_checkpoint import PackConfig, densify, pack_checkpoint
 from export.streaming import StreamedLayers
-from runtime.backend import load_backend
+from runtime.backend import backend_python, load_backend
 from runtime.generate import (
     Generation,
     GenerationConfig,
@@ -650,6 +650,22 @@ def generate_text(
     out = generate(decoder, ids, cfg)
     return out, [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens], cfg
 
+
+def setup_vllm(target: Path | None = None, quiet: bool = False) -> Path:
+    """Create vLLM's own environment (``surgeon-export vllm-setup``; :func:`runtime.vllm_env.setup_env`)."""
+    from runtime.vllm_env import setup_env
+
+    return setup_env(target, quiet=quiet)
+
+
+def rerun_in(python: str) -> None:
+    """Replace this process by the same command line run by ``python`` (vLLM's environment)."""
+    from runtime.vllm_env import rerun
+
+    rerun(python, "surgeon_export")
+
+
+__all__ += ["backend_python", "rerun_in", "setup_vllm"]
 
 __all__ += ["MemoryPlan", "check_align", "init_distributed", "Perplexity", "RemovalPlan", "count_parameters", "generate_text", "memory_plan",
             "needs_head", "open_lazy", "parse_bytes", "prune_streamed"]

@@ -550,7 +550,7 @@ def gguf_cmd(
 def generate_cmd(
     model: Annotated[str, typer.Argument(help="Model directory (torch), ONNX export directory (onnxruntime, openvino), .gguf file or directory (llama.cpp), or 'default'.")] = "default",
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")] = None,
-    backend: Annotated[str, typer.Option(help="Runtime backend: torch, onnxruntime, openvino, llama.cpp (and any registered one).")] = "torch",
+    backend: Annotated[str, typer.Option(help="Runtime backend: torch, onnxruntime, openvino, llama.cpp, vllm (and any registered one).")] = "torch",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt at most.")] = 32,
     sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of taking the argmax.")] = False,
@@ -570,6 +570,9 @@ def generate_cmd(
     from surgeon_export import api
 
     _setup(quiet, threads)
+    python = api.backend_python(backend)
+    if python is not None:  # vLLM lives in its own environment: this same command runs there
+        api.rerun_in(python)
     texts = prompt or ["The capital of France is"]
     cfg = api.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed)
@@ -584,6 +587,18 @@ def generate_cmd(
     lines = [f"{r['prompt']!r} -> {r['text']!r}" for r in rows]
     lines.append(f"{backend}: prefill {out.prefill_seconds:.3f} s" + (f", decode {speed:.1f} tokens/s" if speed else ""))
     _emit(payload, as_json, lines)
+
+
+@app.command("vllm-setup")
+def vllm_setup_cmd(
+    target: Annotated[Optional[Path], typer.Option("--env", help="Where to create it (default: $SURGEON_EXPORT_VLLM_ENV, else the model cache).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Create vLLM's own environment (vLLM CPU build, this package, pins vLLM accepts) for --backend vllm."""
+    from surgeon_export import api
+
+    _setup(quiet, None)
+    typer.echo(f"vLLM environment ready: {api.setup_vllm(target, quiet=quiet)}")
 
 
 @app.command("info")

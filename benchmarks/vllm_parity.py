@@ -1,0 +1,160 @@
+"""vLLM against torch on the same models: greedy tokens, log-probabilities, perplexity.
+
+For each model (``LABEL=PATH``, ``default`` for the default model), the torch reference runs here
+(float32, the project's environment) and vLLM (the ``vllm`` backend, float32) in a child process of
+vLLM's own environment (``--serve``: one engine per model, one JSON line per model):
+
+- greedy: ``--new-tokens`` tokens from each of :data:`PROMPTS`, vLLM's scheduler against torch's
+  decode loop; identical or the first position that differs;
+- log-probabilities: the largest |difference| at the last position of the first protocol window
+  (full vocabulary) and of each window token's own log-probability (vLLM's prompt log-probs);
+- perplexity: the first ``--windows`` protocol windows (WikiText-2 test, 512 tokens), relative difference.
+
+    python -m benchmarks.vllm_parity --threads 2 --out benchmarks/results/vllm_parity.json \\
+        dense=default uniform=out/wanda-s80 per-layer=out/wanda-s80-global
+
+The tests (tests/test_vllm.py) use ``--serve`` on tiny models and compare with torch themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+PROMPTS = ["The history of the city of Paris begins", "Photosynthesis is the process by which",
+           "def fibonacci(n):"]
+
+
+def serve(request: dict, replies: object) -> None:
+    """In vLLM's environment: every model of ``request`` on the ``vllm`` backend, one JSON line each.
+
+    ``request``: ``models`` (paths or None), ``prompts`` (token ids), ``new_tokens``, ``window`` (token
+    ids), ``full`` (also every position's log-probabilities of the window), ``ppl`` (``ids`` or None for
+    the evaluation text, ``seq_len``, ``windows``), ``threads``. A model vLLM refuses gets ``error``.
+    """
+    from base.data import eval_tokens
+    from base.errors import SurgeonError
+    from base.perplexity import perplexity
+    from runtime.backend import load_backend
+    from runtime.generate import GenerationConfig, generate
+
+    for path in request["models"]:
+        try:
+            backend = load_backend("vllm", path, threads=request["threads"])
+        except SurgeonError as exc:  # a refused model: its one line
+            _reply(replies, {"path": path, "error": str(exc)})
+            continue
+        prompts = request["prompts"]
+        greedy = generate(backend, prompts, GenerationConfig(max_new_tokens=request["new_tokens"]))
+        sampled = [generate(backend, prompts, GenerationConfig(max_new_tokens=8, do_sample=True, top_k=20, seed=s)).tokens
+                   for s in (0, 0, 1)]
+        window = torch.tensor([request["window"]])
+        backend.reset(1)
+        last = backend.forward(window, torch.ones_like(window), torch.arange(window.shape[1])[None], last_only=True)
+        ppl = request["ppl"]
+        ids = torch.tensor(ppl["ids"]) if ppl["ids"] is not None else eval_tokens(backend.tokenizer, None, None).ids
+        result = perplexity(backend, ids, seq_len=ppl["seq_len"], max_windows=ppl["windows"], progress=False)
+        _reply(replies, {
+            "path": path, "greedy": greedy.tokens, "sampled": sampled, "last_logprobs": last[0, -1].tolist(),
+            "token_logprobs": backend.token_logprobs(window)[0].tolist(),
+            "logprobs": backend.logits(window)[0].tolist() if request.get("full") else None,
+            "perplexity": result.perplexity, "describe": backend.describe(),
+        })
+        del backend
+
+
+def _reply(replies: object, value: dict) -> None:
+    replies.write(json.dumps(value) + "\n")  # type: ignore[attr-defined]
+    replies.flush()  # type: ignore[attr-defined]
+
+
+def served(request: dict) -> list[dict]:
+    """:func:`serve` run in a child process of vLLM's environment; its replies (a RuntimeError with the
+    child's stderr if it fails)."""
+    from runtime.vllm_env import backend_python, worker_env
+
+    python = backend_python() or sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "request.json"
+        file.write_text(json.dumps(request))
+        run = subprocess.run([python, "-m", "benchmarks.vllm_parity", "--serve", str(file)], capture_output=True,
+                             text=True, env={**worker_env(), "OMP_NUM_THREADS": str(request["threads"])})
+    if run.returncode != 0:
+        raise RuntimeError(f"vLLM side failed:\n{run.stderr[-4000:]}")
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+def compare(label: str, spec: str, got: dict, threads: int, windows: int, new_tokens: int, window: list[int],
+            prompts: list[list[int]]) -> dict:
+    """torch's side for one model and the differences to vLLM's ``got``."""
+    from base.data import eval_tokens
+    from base.perplexity import perplexity
+    from runtime.backend import load_backend
+    from runtime.generate import GenerationConfig, generate
+
+    ref = load_backend("torch", None if spec == "default" else spec, threads=threads)
+    want = generate(ref, prompts, GenerationConfig(max_new_tokens=new_tokens)).tokens
+    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(want, got["greedy"])]
+    ids = torch.tensor([window])
+    expected = torch.log_softmax(ref.logits(ids)[0], dim=-1)  # [T, V]
+    own = expected[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+    ppl = perplexity(ref, eval_tokens(ref.tokenizer, None, None).ids, seq_len=len(window), max_windows=windows,
+                     progress=False).perplexity
+    return {"label": label, "spec": spec, "artefact": got["describe"],
+            "greedy": {"prompts": len(prompts), "new_tokens": new_tokens, "identical": want == got["greedy"],
+                       "first_difference": first_diff, "torch": want, "vllm": got["greedy"]},
+            "logprobs": {"last_position_max_abs_difference": float((torch.tensor(got["last_logprobs"]) - expected[-1]).abs().max()),
+                         "token_max_abs_difference": float((torch.tensor(got["token_logprobs"]) - own).abs().max())},
+            "perplexity": {"windows": windows, "seq_len": len(window), "torch": ppl, "vllm": got["perplexity"],
+                           "relative_difference": got["perplexity"] / ppl - 1}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="LABEL=PATH (PATH a model directory or 'default')")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the vLLM side (a request file)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.serve is not None:
+        replies = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)  # stray prints go to stderr; stdout carries the replies only
+        serve(json.loads(args.serve.read_text()), replies)
+        return
+    from base.data import eval_tokens
+    from base.env import environment
+    from base.loading import load_tokenizer, resolve_model_dir
+
+    models = dict(m.split("=", 1) for m in args.models)
+    tokenizer = load_tokenizer(resolve_model_dir(next(iter(models.values())))[0])
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    window = eval_tokens(tokenizer, None, None).ids[:512].tolist()
+    replies = served({"models": [None if v == "default" else v for v in models.values()], "prompts": prompts,
+                      "new_tokens": args.new_tokens, "window": window, "full": False, "threads": args.threads,
+                      "ppl": {"ids": None, "seq_len": len(window), "windows": args.windows}})
+    rows = [compare(label, spec, got, args.threads, args.windows, args.new_tokens, window, prompts)
+            for (label, spec), got in zip(models.items(), replies)]
+    doc = {"kind": "vllm parity", "environment": {**environment("cpu"), "vllm": rows[0]["artefact"]["vllm"]["version"],
+                                                  "transformers_vllm_side": "5.19.0"},
+           "threads": args.threads, "models": rows}
+    assert args.out is not None, "--out is required"
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    for r in rows:
+        print(f"{r['label']}: greedy identical {r['greedy']['identical']} ({r['greedy']['first_difference']}), "
+              f"ppl torch {r['perplexity']['torch']:.4f} vLLM {r['perplexity']['vllm']:.4f} "
+              f"({100 * r['perplexity']['relative_difference']:+.4f}%), max |dlogprob| last "
+              f"{r['logprobs']['last_position_max_abs_difference']:.2e}, tokens {r['logprobs']['token_max_abs_difference']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Our per-layer-shape checkpoints as vLLM models, built from vLLM's own Llama layers.
+
+A ``surgeon_llama`` or ``surgeon_mistral`` checkpoint (``base/modeling.py``) gives every decoder
+layer its own MLP width and its own numbers of query and key/value heads; hidden size, ``head_dim``
+and vocabulary are shared. vLLM's ``LlamaDecoderLayer`` (``vllm/model_executor/models/llama.py``)
+reads all of its sizes from the config it is handed, and ``LlamaModel`` builds every layer through
+a ``layer_type`` factory called with the layer's prefix (``model.layers.{i}``). So the per-layer
+model is vLLM's ``LlamaForCausalLM`` (or ``MistralForCausalLM``) with a layer type that hands layer
+``i`` a shallow copy of the config holding layer ``i``'s sizes (:func:`base.modeling.layer_config`,
+the same copy our transformers classes build their layers from). No forward pass, weight loader or
+attention is written here: QKV and gate/up fusion, the paged KV cache (one cache shape per layer)
+and the weight names are vLLM's own.
+
+Families whose vLLM classes do not take a layer type (Qwen2 and Qwen3 build their layers inside
+``Qwen2Model``/``Qwen3ForCausalLM``), and Gemma and OPT, are registered as classes that refuse with
+one line: without them vLLM would fall back to its Transformers backend and fail far from the cause.
+These classes are registered by :func:`runtime.vllm_plugin.register` (the ``vllm.general_plugins``
+entry point) under the ``architectures`` names our checkpoints carry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+
+from base.modeling import layer_config
+
+def _sized(vllm_config: VllmConfig, prefix: str, config: Any) -> Any:
+    """The config of the layer at ``prefix`` (``...layers.{i}``): the model's, holding layer i's sizes."""
+    return layer_config(config or vllm_config.model_config.hf_config, extract_layer_index(prefix))
+
+
+class SurgeonLlamaDecoderLayer(LlamaDecoderLayer):
+    """vLLM's Llama decoder layer, built with its own layer's sizes."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config: Any = None, **kwargs: Any) -> None:
+        super().__init__(vllm_config, prefix, config=_sized(vllm_config, prefix, config), **kwargs)
+
+
+class SurgeonMistralDecoderLayer(MistralDecoderLayer):
+    """vLLM's Mistral decoder layer, built with its own layer's sizes."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config: Any = None) -> None:
+        super().__init__(vllm_config, prefix, config=_sized(vllm_config, prefix, config))
+
+
+class SurgeonLlamaForCausalLM(LlamaForCausalLM):
+    """A ``surgeon_llama`` checkpoint: vLLM's Llama with per-layer sizes."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SurgeonLlamaDecoderLayer)
+
+
+class SurgeonMistralForCausalLM(MistralForCausalLM):
+    """A ``surgeon_mistral`` checkpoint: vLLM's Mistral with per-layer sizes."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SurgeonMistralDecoderLayer)
+
+
+class SurgeonUnsupported(LlamaForCausalLM):
+    """A per-layer family vLLM cannot build with our sizes yet: refused with one line when loaded
+    (a text-generation class to vLLM's inspection, so the refusal is ours, not a runner mismatch)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        arch = (vllm_config.model_config.hf_config.architectures or ["?"])[0]
+        raise ValueError(f"{arch}: the surgeon-export vLLM plugin serves per-layer Llama and Mistral checkpoints "
+                         "only; write this one with `surgeon-export shrink --uniform` for stock vLLM")
