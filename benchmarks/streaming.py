@@ -343,7 +343,7 @@ def memory_part(work: Path, parts: list[str], threads: int, shots: int = 2) -> l
 
 def memory_markdown(doc: dict) -> str:
     env = doc["environment"]
-    lines = [f"# memory_plan against measured peak RSS (streamed)\n",
+    lines = ["# memory_plan against measured peak RSS (streamed)\n",
              f"{env['device']}, {env['threads']} thread(s), torch {env['torch']}, transformers {env['transformers']}, "
              f"commit {env['git_commit']}, {env['date']}. `python -m benchmarks.streaming memory`; each run its own "
              "process, `--streaming --no-eval --no-check-streaming`; peak RSS is the process's `ru_maxrss`.\n",

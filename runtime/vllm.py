@@ -49,7 +49,7 @@ from base.errors import SurgeonError
 from base.loading import load_tokenizer, resolve_model_dir, weight_files
 from export.flops import flops_table
 from runtime.backend import hf_config, pruning_config, resolve_dtype
-from runtime.generate import GenerationConfig, Generation
+from runtime.generate import Generation, GenerationConfig
 from runtime.vllm_env import VLLM_VERSION, backend_python, env_dir, vllm_importable
 
 KV_TOKENS = 16384  # KV cache room: 32 concurrent requests of 512 tokens

@@ -29,6 +29,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from base.modeling import layer_config
 
+
 def _sized(vllm_config: VllmConfig, prefix: str, config: Any) -> Any:
     """The config of the layer at ``prefix`` (``...layers.{i}``): the model's, holding layer i's sizes."""
     return layer_config(config or vllm_config.model_config.hf_config, extract_layer_index(prefix))
