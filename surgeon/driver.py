@@ -97,6 +97,7 @@ class PruneReport:
     removal: dict | None = None  # structured: the removed groups, a base.surgery.RemovalPlan as a dict
     calibration: str | None = None  # where the calibration windows came from
     bos: bool | None = None  # whether every calibration window led with BOS (the tokenizer's convention)
+    bos_statistics: str | None = None  # with BOS: "include" or "exclude" its position from the statistics
     distributed: dict | None = None  # data-parallel runs: world size, and per rank seconds, peak RSS, collective time
 
     @property
@@ -116,6 +117,8 @@ class PruneReport:
                "shots": self.shots, "layers": self.layers}
         if self.bos is not None:
             out["bos"] = self.bos
+        if self.bos:
+            out["bos_statistics"] = self.bos_statistics
         if self.layer_peak_rss_mib:
             out["layer_peak_rss_mib"] = [round(m, 1) for m in self.layer_peak_rss_mib]
         if self.refine:

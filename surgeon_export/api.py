@@ -118,13 +118,15 @@ def calibrate(
 def prune(
     lm: LoadedModel, config: Config, *, calibration: TokenSource | None = None, calib_samples: int | None = None,
     seq_len: int = 512, seed: int = 0, calib_text: str | Path | None = None, data_dir: str | Path | None = None,
-    checkpoint: Path | None = None, progress: bool = False,
+    checkpoint: Path | None = None, progress: bool = False, bos_statistics: str = "include",
 ) -> PruneReport:
     """Prune ``lm.model`` in place as ``config`` says (:func:`surgeon.api.prune_`), calibrating first if needed.
 
     ``calibration`` given windows; else ``calib_samples`` windows (default: the config's,
     :func:`surgeon.api.calibration_size`) from ``calib_text`` or the corpus. The report's
-    ``calibration`` key says where they came from.
+    ``calibration`` key says where they came from. ``bos_statistics``: where the windows lead with BOS,
+    ``"include"`` its position in the calibration statistics (the default: measured better, docs/llm_surgeon.md
+    "BOS") or ``"exclude"`` it.
 
     Launched with ``torchrun`` (several ranks), every rank calls it alike: the ranks first check
     that they hold the same model, config and windows, then prune data-parallel and end with the
@@ -132,6 +134,7 @@ def prune(
     """
     init_distributed()
     check_model(lm.model, lm.adapter, config)  # before calibration: a bad target fails at once
+    check_choice("--bos-statistics", bos_statistics, ("include", "exclude"))
     if checkpoint is not None and dist.is_main():
         check_writable(Path(checkpoint) / "progress.json", "--checkpoint")
     if calibration is None and needs_calibration(config):
@@ -143,12 +146,14 @@ def prune(
     binding = None
     if checkpoint is not None:  # a resumed run must continue the same model with the same calibration
         binding = {"source model": source_identity(lm.path / "config.json", weight_files(lm.path)),
-                   "seed": seed, "calibration": calibration.origin if calibration else None}
+                   "seed": seed, "calibration": calibration.origin if calibration else None,
+                   "bos_statistics": bos_statistics}
     report = prune_(lm.model, lm.adapter, calibration.ids if calibration else None, config,
                     checkpoint_dir=checkpoint, binding=binding, progress=progress,
-                    leading_bos=calibration is not None and calibration.bos is not None)
+                    leading_bos=_leading_bos(calibration, bos_statistics))
     report.calibration = calibration.origin if calibration else None
     report.bos = calibration.bos is not None if calibration else None
+    report.bos_statistics = bos_statistics
     if dist.active():
         report.distributed = dist.rank_report(report.seconds)
     return report
@@ -376,7 +381,7 @@ def prune_streamed(
     calib_samples: int | None = None,
     seq_len: int = 512, seed: int = 0, calib_text: str | Path | None = None, data_dir: str | Path | None = None,
     extra: dict | None = None, progress: bool = False, force: bool = False, lazy: LazyModel | None = None,
-    check: bool | None = None,
+    check: bool | None = None, bos_statistics: str = "include",
 ) -> dict:
     """Prune a model larger than memory: one decoder layer read, pruned and written at a time.
 
@@ -396,6 +401,7 @@ def prune_streamed(
     in one process).
     """
     check_streamable(config)
+    check_choice("--bos-statistics", bos_statistics, ("include", "exclude"))
     init_distributed()
     lazy = lazy or open_lazy(spec, head=needs_head(config))
     check_model(lazy.model, lazy.adapter, config)
@@ -404,16 +410,17 @@ def prune_streamed(
         calibration = calibration_windows(lazy.model, lazy.tokenizer, n=n, seq_len=seq_len, seed=seed,
                                           text_file=calib_text, data_dir=data_dir, source="wikitext")
     check_ranks(lazy.path, config, calibration)
-    settings = {"config": config.to_dict(), "seed": seed, "seq_len": seq_len,
+    settings = {"config": config.to_dict(), "seed": seed, "seq_len": seq_len, "bos_statistics": bos_statistics,
                 "calibration": calibration.origin if calibration else None,
                 "windows": int(calibration.ids.shape[0]) if calibration else 0}
     stream = StreamedLayers(lazy, Path(out), settings, force=force, writer=dist.is_main())  # rank 0 writes
     with resumable(stream.partial, stream.out) if dist.is_main() else nullcontext():  # Ctrl-C names what stays
         report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
                         spill=stream.partial / "surgeon", progress=progress,
-                        leading_bos=calibration is not None and calibration.bos is not None)
+                        leading_bos=_leading_bos(calibration, bos_statistics))
         report.calibration = calibration.origin if calibration else None
         report.bos = calibration.bos is not None if calibration else None
+        report.bos_statistics = bos_statistics
         if dist.active():
             report.distributed = dist.rank_report(report.seconds)
         written = stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
@@ -427,6 +434,12 @@ def prune_streamed(
 
 
 LAYERWISE_TOLERANCE = 1e-5  # relative; the two paths run the same modules on the same inputs: 0.0 when right
+
+
+def _leading_bos(calibration: TokenSource | None, bos_statistics: str) -> bool:
+    """Whether the statistics leave out each window's first position: it is BOS and ``bos_statistics`` says so."""
+    check_choice("--bos-statistics", bos_statistics, ("include", "exclude"))
+    return calibration is not None and calibration.bos is not None and bos_statistics == "exclude"
 
 
 def check_layerwise(directory: Path, ids: torch.Tensor) -> dict:

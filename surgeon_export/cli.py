@@ -185,6 +185,7 @@ def prune_cmd(
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
     streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Layer by layer: one decoder layer in memory, read from disk and written to --out as it is pruned (every method; LLM Surgeon walks the layers forward and back each shot, its files beside --out). Default: when the whole model would not fit in memory.")] = None,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget for choosing streaming, e.g. 8GiB (default: the memory available).")] = None,
+    bos_statistics: Annotated[str, typer.Option(help="Where calibration windows lead with BOS (the tokenizer's convention, e.g. Gemma's): include its position in the calibration statistics, or exclude it. Measured on the default model with BOS-first windows: including is better for structured pruning (docs/llm_surgeon.md, BOS).")] = "include",
     check_streaming: Annotated[Optional[bool], typer.Option("--check-streaming/--no-check-streaming", help="After a streamed run, load the written model whole and check that every decoder layer's outputs along the layer-at-a-time path equal the model's own forward pass on two calibration windows (warns where they differ). Default: when the whole model fits in half the memory available.")] = None,
     recover: Recover = False,
     recover_steps: RecoverSteps = RECOVER_STEPS,
@@ -265,7 +266,7 @@ def prune_cmd(
                 "streamed runs resume from their partial directory beside --out; --checkpoint is not used")
         written = api.prune_streamed(model, cfg, out, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
                                      calib_text=calib_text, data_dir=data_dir, progress=not quiet, force=force, lazy=lazy,
-                                     check=check_streaming)
+                                     check=check_streaming, bos_statistics=bos_statistics)
         if not dist.is_main():  # rank 0 evaluates, writes and prints
             return
         payload = {**written, "memory_plan": {"whole_bytes": plan.whole, "streamed_bytes": plan.streamed,
@@ -284,7 +285,7 @@ def prune_cmd(
                                          calib_text=calib_text, data_dir=data_dir)
             teacher = api.load(model)
         report = api.prune(lm, cfg, calib_samples=calib_samples, seq_len=seq_len, seed=seed, calib_text=calib_text,
-                           data_dir=data_dir, checkpoint=checkpoint, progress=not quiet)
+                           data_dir=data_dir, checkpoint=checkpoint, progress=not quiet, bos_statistics=bos_statistics)
         if not dist.is_main():  # rank 0 evaluates, writes and prints
             return
         payload = {"model": lm.source, **report.to_dict()}

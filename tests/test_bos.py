@@ -93,14 +93,13 @@ def test_statistics_leave_out_the_leading_position_only_when_asked() -> None:
     assert whole.count == 21 and flat.count == 21
 
 
-def test_a_massive_bos_activation_does_not_move_bos_first_statistics(bos_dir: Path, text_file: Path) -> None:
-    """The BOS position is left out of the statistics of BOS-first windows: a BOS embedding turned into one
-    massive feature (as trained BOS-first models have; it survives the norm as one channel of ~sqrt(hidden))
-    leaves layer 0's q/k/v pruned exactly as before (their inputs at the other positions do not see BOS), where
-    with BOS counted it moves them."""
-    from surgeon.curvature.activations import leading_positions_left_out
+def test_bos_statistics_exclude_leaves_the_bos_position_out(bos_dir: Path, text_file: Path) -> None:
+    """``bos_statistics="exclude"`` leaves BOS out of the statistics of BOS-first windows: a BOS embedding turned
+    into one massive feature (as trained models have at the first position; it survives the norm as one channel of
+    ~sqrt(hidden)) then leaves layer 0's q/k/v pruned exactly as before (their inputs at the other positions do not
+    see BOS); with the default, "include", it moves them. The report records the choice."""
 
-    def pruned(massive: bool, keep_bos_in: bool) -> dict[str, torch.Tensor]:
+    def pruned(massive: bool, bos_statistics: str) -> dict[str, torch.Tensor]:
         lm = api.load(bos_dir)
         bos = lm.tokenizer.bos_token_id
         if massive:
@@ -109,17 +108,28 @@ def test_a_massive_bos_activation_does_not_move_bos_first_statistics(bos_dir: Pa
                 row.zero_()
                 row[0] = 1000.0
         calib = api.calibrate(lm, 4, seq_len=T, text=text_file)
-        if keep_bos_in:  # the statistics before issue #29's choice: every position
-            from surgeon.api import prune_
-            with leading_positions_left_out(0):
-                prune_(lm.model, lm.adapter, calib.ids, api.build_config("wanda", sparsity=0.5), progress=False)
-        else:
-            api.prune(lm, api.build_config("wanda", sparsity=0.5), calibration=calib)
+        report = api.prune(lm, api.build_config("wanda", sparsity=0.5), calibration=calib, bos_statistics=bos_statistics)
+        assert report.to_dict()["bos_statistics"] == bos_statistics
         layer = lm.adapter.decoder_layers(lm.model)[0]
         return {n: lm.adapter.linear(layer, n).weight == 0 for n in lm.adapter.kv_rows + lm.adapter.head_rows}
 
-    plain = pruned(False, keep_bos_in=False)
-    for name, mask in pruned(True, keep_bos_in=False).items():
+    plain = pruned(False, "exclude")
+    for name, mask in pruned(True, "exclude").items():
         assert torch.equal(mask, plain[name]), name
-    counted, plain_counted = pruned(True, keep_bos_in=True), pruned(False, keep_bos_in=True)
+    counted, plain_counted = pruned(True, "include"), pruned(False, "include")
     assert any(not torch.equal(counted[n], plain_counted[n]) for n in counted)
+    with pytest.raises(api.SurgeonError, match="--bos-statistics must be one of include, exclude"):
+        api.prune(api.load(bos_dir), api.build_config("wanda", sparsity=0.5), calib_samples=2, seq_len=T,
+                  calib_text=text_file, bos_statistics="drop")
+
+
+def test_windows_without_bos_ignore_the_choice(tiny_llama_dir: Path, text_file: Path) -> None:
+    """The default model's form (no BOS): both settings give the same tensors, and no bos_statistics is recorded."""
+    results = []
+    for choice in ("include", "exclude"):
+        lm = api.load(tiny_llama_dir)
+        report = api.prune(lm, api.build_config("sparsegpt", sparsity=0.5), calib_samples=4, seq_len=T,
+                           calib_text=text_file, bos_statistics=choice)
+        assert "bos_statistics" not in report.to_dict()
+        results.append(lm.model.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
