@@ -24,10 +24,12 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from base import distributed as dist
+from base.adapters import Adapter
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
 from base.files import check_writable, resumable, write_text_atomic
@@ -148,9 +150,16 @@ def prune(
         binding = {"source model": source_identity(lm.path / "config.json", weight_files(lm.path)),
                    "seed": seed, "calibration": calibration.origin if calibration else None,
                    "bos_statistics": bos_statistics}
-    report = prune_(lm.model, lm.adapter, calibration.ids if calibration else None, config,
-                    checkpoint_dir=checkpoint, binding=binding, progress=progress,
-                    leading_bos=_leading_bos(calibration, bos_statistics))
+    return _prune_recorded(lm.model, lm.adapter, calibration, config, bos_statistics,
+                           checkpoint_dir=checkpoint, binding=binding, progress=progress)
+
+
+def _prune_recorded(model: torch.nn.Module, adapter: Adapter, calibration: TokenSource | None, config: Config,
+                    bos_statistics: str, **kwargs: Any) -> PruneReport:
+    """:func:`surgeon.api.prune_` on ``calibration``'s windows, the report told where they came from, whether
+    they lead with BOS and what the statistics did with it, and (under torchrun) each rank's figures."""
+    report = prune_(model, adapter, calibration.ids if calibration else None, config,
+                    leading_bos=_leading_bos(calibration, bos_statistics), **kwargs)
     report.calibration = calibration.origin if calibration else None
     report.bos = calibration.bos is not None if calibration else None
     report.bos_statistics = bos_statistics
@@ -415,14 +424,8 @@ def prune_streamed(
                 "windows": int(calibration.ids.shape[0]) if calibration else 0}
     stream = StreamedLayers(lazy, Path(out), settings, force=force, writer=dist.is_main())  # rank 0 writes
     with resumable(stream.partial, stream.out) if dist.is_main() else nullcontext():  # Ctrl-C names what stays
-        report = prune_(lazy.model, lazy.adapter, calibration.ids if calibration else None, config, stream=stream,
-                        spill=stream.partial / "surgeon", progress=progress,
-                        leading_bos=_leading_bos(calibration, bos_statistics))
-        report.calibration = calibration.origin if calibration else None
-        report.bos = calibration.bos is not None if calibration else None
-        report.bos_statistics = bos_statistics
-        if dist.active():
-            report.distributed = dist.rank_report(report.seconds)
+        report = _prune_recorded(lazy.model, lazy.adapter, calibration, config, bos_statistics, stream=stream,
+                                 spill=stream.partial / "surgeon", progress=progress)
         written = stream.finish({"model": lazy.source, **(extra or {}), **report.to_dict()})
     if check is None:
         free = available_memory()

@@ -47,9 +47,10 @@ def equal_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def per_layer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama with different sizes in every layer (the per-layer format)."""
+    """A tiny Llama with different sizes in every layer (the per-layer format), with default RoPE (SmolLM2's form:
+    the keys below are those of an unscaled RoPE; tests/families.py's llama carries Llama 3 scaling)."""
     tok = make_tokenizer()
-    model = make_model("llama", dtype=torch.float32, vocab_size=len(tok))
+    model = make_model("llama", dtype=torch.float32, vocab_size=len(tok), rope_scaling=None, rope_theta=10000.0)
     adapter = get_adapter("llama")
     zero_groups_(model, adapter, random_plan(layer_shapes(model, adapter), seed=2))
     out = tmp_path_factory.mktemp("perlayer") / "small"
