@@ -29,7 +29,7 @@ from base.loading import load_model
 from base.perplexity import perplexity
 from surgeon.api import build_config, prune_
 from surgeon.calibrate import capture_layer_inputs, run_layer
-from surgeon.curvature import activations
+from surgeon.curvature.activations import leading_positions_left_out
 
 
 def with_bos(ids: torch.Tensor, bos: int) -> torch.Tensor:
@@ -57,22 +57,6 @@ def first_position_share(lm, windows: torch.Tensor) -> dict:
                 "layers": [round(x, 5) for x in v]} for g, v in shares.items()}
 
 
-class FirstPositionLeftOut:
-    """Statistics without position 0: every second-moment accumulator drops each window's first token."""
-
-    def __enter__(self) -> None:
-        self.update = activations.SecondMoment.update
-        original = self.update
-
-        def update(acc, x):
-            return original(acc, x[:, 1:] if x.dim() == 3 else x)
-
-        activations.SecondMoment.update = update
-
-    def __exit__(self, *exc) -> None:
-        activations.SecondMoment.update = self.update
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--calib", type=int, default=16)
@@ -97,10 +81,7 @@ def main() -> None:
             for left_out in (False, True):
                 m = load_model()
                 t0 = time.perf_counter()
-                if left_out:
-                    with FirstPositionLeftOut():
-                        prune_(m.model, m.adapter, c, cfg, progress=False)
-                else:
+                with leading_positions_left_out(1 if left_out else 0):  # the product's --bos-statistics exclude
                     prune_(m.model, m.adapter, c, cfg, progress=False)
                 ppl = perplexity(m.model, test, max_windows=args.windows, bos=t, progress=False).perplexity
                 key = f"{label}, position 0 {'left out' if left_out else 'included'}"

@@ -166,7 +166,7 @@ def pair_moments(
                 x_s, x_t = seen.pop(("s", group[0])), seen.pop(("t", group[0]))
                 moments[group].update(x_s)
                 cross[group].update(x_t, x_s)
-            tokens += calibration_positions(s_b.hidden).shape[0] * calibration_positions(s_b.hidden).shape[1]
+            tokens += calibration_positions(s_b.hidden).numel() // s_b.hidden.shape[-1]
     finally:
         for h in handles:
             h.remove()

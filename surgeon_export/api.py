@@ -440,8 +440,8 @@ LAYERWISE_TOLERANCE = 1e-5  # relative; the two paths run the same modules on th
 
 
 def _leading_bos(calibration: TokenSource | None, bos_statistics: str) -> bool:
-    """Whether the statistics leave out each window's first position: it is BOS and ``bos_statistics`` says so."""
-    check_choice("--bos-statistics", bos_statistics, ("include", "exclude"))
+    """Whether the statistics leave out each window's first position: it is BOS and ``bos_statistics`` (checked
+    by the callers before any work) says so."""
     return calibration is not None and calibration.bos is not None and bos_statistics == "exclude"
 
 
