@@ -32,7 +32,7 @@ from base import distributed as dist
 from base.adapters import Adapter
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
-from base.files import check_writable, resumable, write_text_atomic
+from base.files import check_writable, interrupted_message, resumable, write_text_atomic
 from base.formats import REPORT_FILE
 from base.integrity import source_identity
 from base.lazy import LazyModel, open_lazy
@@ -45,7 +45,9 @@ from base.loading import (
 )
 from base.perplexity import Perplexity, perplexity
 from base.surgery import RemovalPlan
-from benchmarks.run import BenchConfig, ModelSpec, PplConfig
+from benchmarks.gate import gate_table, parse_tolerance
+from benchmarks.report import markdown
+from benchmarks.run import BenchConfig, ModelSpec, PplConfig, parse_batches, parse_models, parse_prefill, resolve_device
 from benchmarks.run import bench as _bench
 from export.card import add_measurements, benchmark_lines
 from export.checkpoint import prepare_target, save_checkpoint
@@ -108,6 +110,63 @@ def evaluate(
     return result, tokens.origin
 
 
+def evaluate_model(
+    spec: str | Path | None = None, *, text: str | Path | None = None, data_dir: str | Path | None = None,
+    seq_len: int = 512, windows: int | None = 64, batch_size: int = 4, progress: bool = False,
+) -> dict:
+    """The ``eval`` command: load ``spec`` and :func:`evaluate` it; the perplexity with the model, the text,
+    the parameter counts, the seconds taken and the environment."""
+    import time
+
+    from base.env import environment
+
+    start = time.perf_counter()
+    lm = load(spec)
+    result, origin = evaluate(lm, text=text, data_dir=data_dir, seq_len=seq_len, windows=windows,
+                              batch_size=batch_size, progress=progress)
+    return {"model": lm.source, "text": origin, **result.to_dict(),
+            "parameters": count_parameters(lm.model, lm.adapter),
+            "seconds": round(time.perf_counter() - start, 2), "environment": environment()}
+
+
+def info(spec: str | Path | None = None) -> dict:
+    """The ``info`` command: architecture, per-layer shapes (read from the linears: they may differ per
+    layer), parameter counts and measured zeros of a model."""
+    from base.surgery import layer_shapes
+
+    lm = load(spec)
+    config = lm.model.config
+    shapes = layer_shapes(lm.model, lm.adapter)
+    return {"model": lm.source, "path": str(lm.path), "model_type": config.model_type,
+            "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "intermediate_size": max(s.intermediate_size for s in shapes),
+            "num_attention_heads": max(s.num_attention_heads for s in shapes),
+            "num_key_value_heads": max(s.num_key_value_heads for s in shapes),
+            "layer_shapes": [s.to_dict() for s in shapes], "vocab_size": config.vocab_size,
+            "parameters": count_parameters(lm.model, lm.adapter)}
+
+
+def launched_ranks() -> tuple[int, int]:
+    """How this process was launched: (ranks, this rank) from torchrun's environment; (1, 0) alone."""
+    import os
+
+    return dist.env_world_size(), int(os.environ.get("RANK", "0") or 0)
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU threads for torch (None: torch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise SurgeonError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def shutdown_distributed() -> None:
+    """Leave torchrun's process group, if this process joined one."""
+    dist.shutdown()
+
+
 def calibrate(
     lm: LoadedModel, n: int, *, seq_len: int = 512, seed: int = 0, text: str | Path | None = None,
     data_dir: str | Path | None = None,
@@ -139,11 +198,9 @@ def prune(
     check_choice("--bos-statistics", bos_statistics, ("include", "exclude"))
     if checkpoint is not None and dist.is_main():
         check_writable(Path(checkpoint) / "progress.json", "--checkpoint")
-    if calibration is None and needs_calibration(config):
-        n = calib_samples if calib_samples is not None else calibration_size(config)
-        if n < 1:
-            raise SurgeonError(f"--calib-samples must be at least 1, got {n}")
-        calibration = calibrate(lm, n, seq_len=seq_len, seed=seed, text=calib_text, data_dir=data_dir)
+    if calibration is None:
+        calibration = _calibration(lm.model, lm.tokenizer, config, calib_samples, seq_len=seq_len, seed=seed,
+                                   text=calib_text, data_dir=data_dir, held=True)
     check_ranks(lm.path, config, calibration)
     binding = None
     if checkpoint is not None:  # a resumed run must continue the same model with the same calibration
@@ -152,6 +209,27 @@ def prune(
                    "bos_statistics": bos_statistics}
     return _prune_recorded(lm.model, lm.adapter, calibration, config, bos_statistics,
                            checkpoint_dir=checkpoint, binding=binding, progress=progress)
+
+
+def _calibration(model: torch.nn.Module, tokenizer: object, config: Config, n: int | None, *, seq_len: int,
+                 seed: int, text: str | Path | None, data_dir: str | Path | None, held: bool) -> TokenSource | None:
+    """The calibration windows of a prune, one path for whole-model and streamed runs: ``n`` (default: the
+    config's, :func:`surgeon.api.calibration_size`) windows of ``text`` or the corpus, None where the config
+    reads none. A model ``held`` whole samples its own text where no corpus is found; a streamed one (one
+    layer in memory) cannot, and says so."""
+    if not needs_calibration(config):
+        return None
+    n = n if n is not None else calibration_size(config)
+    if n < 1:
+        raise SurgeonError(f"--calib-samples must be at least 1, got {n}")
+    try:
+        return calibration_windows(model, tokenizer, n=n, seq_len=seq_len, seed=seed, text_file=text,
+                                   data_dir=data_dir, source="auto" if held else "wikitext")
+    except SurgeonError as exc:
+        if held or text is not None:
+            raise
+        raise SurgeonError(f"{exc}: a streamed run holds one layer, so it cannot sample calibration text from the "
+                           "model itself; give --calib-text FILE (or --data-dir), or prune with --no-streaming") from None
 
 
 def _prune_recorded(model: torch.nn.Module, adapter: Adapter, calibration: TokenSource | None, config: Config,
@@ -255,6 +333,7 @@ class MemoryPlan:
     reason: str
     outside: int = 0  # of ``streamed``: the tensors outside the decoder layers held in memory (bytes)
     terms: dict[str, int] = field(default_factory=dict)  # the parts of ``streamed`` (memory_plan's docstring)
+    lazy: LazyModel | None = field(default=None, repr=False)  # the model the plan was made for (prune_job)
 
 
 def parse_bytes(text: str) -> int:
@@ -414,10 +493,9 @@ def prune_streamed(
     init_distributed()
     lazy = lazy or open_lazy(spec, head=needs_head(config))
     check_model(lazy.model, lazy.adapter, config)
-    if calibration is None and needs_calibration(config):
-        n = calib_samples if calib_samples is not None else calibration_size(config)
-        calibration = calibration_windows(lazy.model, lazy.tokenizer, n=n, seq_len=seq_len, seed=seed,
-                                          text_file=calib_text, data_dir=data_dir, source="wikitext")
+    if calibration is None:
+        calibration = _calibration(lazy.model, lazy.tokenizer, config, calib_samples, seq_len=seq_len, seed=seed,
+                                   text=calib_text, data_dir=data_dir, held=False)
     check_ranks(lazy.path, config, calibration)
     settings = {"config": config.to_dict(), "seed": seed, "seq_len": seq_len, "bos_statistics": bos_statistics,
                 "calibration": calibration.origin if calibration else None,
@@ -534,11 +612,159 @@ def pack(lm: LoadedModel, out: str | Path, config: PackConfig | None = None, *, 
     return pack_checkpoint(lm, Path(out), config or PackConfig(), force=force)
 
 
+def bench_config(models: list[str], backends: list[str], *, device: str = "auto", prefill: str = "1x128,8x512",
+                 decode: str = "1,8", **options: Any) -> BenchConfig:
+    """The ``bench`` command's config from its text options: models as ``[LABEL=]PATH``, backends (one for all
+    or one per model), prefill cells ``BxL,...``, decode batch sizes ``B,...``; ``options`` as
+    :class:`BenchConfig` takes them (threads: torch's current number)."""
+    check_choice("--isolation", options.get("isolation", "process"), ("process", "inline"))
+    return BenchConfig(models=parse_models(models, backends), device=resolve_device(device),
+                       threads=torch.get_num_threads(), prefill=parse_prefill(prefill), decode=parse_batches(decode),
+                       **options)
+
+
 def bench(config: BenchConfig, out: str | Path, baseline: str | Path | None = None,
           max_regression: float = 0.05, *, force: bool = False) -> dict:
     """Benchmark the models of ``config`` (the first is the baseline); writes JSON, markdown and plots
     (an existing result JSON is replaced only with ``force``)."""
     return _bench(config, Path(out), Path(baseline) if baseline else None, max_regression, force=force)
+
+
+@dataclass
+class PruneJob:
+    """A `prune` run around its pruning config: the model, the calibration, where and whether to stream, what
+    follows (recovery, evaluation, the saved checkpoint). The ``surgeon-export prune`` options, as they are."""
+
+    model: str | Path | None = None  # a model directory, a .gguf file, None: the default model
+    out: Path | None = None  # where the pruned checkpoint goes (None: not saved)
+    calib_samples: int | None = None  # default: the config's (surgeon.api.calibration_size)
+    seq_len: int = 512
+    seed: int = 0
+    calib_text: Path | None = None
+    data_dir: Path | None = None
+    bos_statistics: str = "include"
+    checkpoint: Path | None = None  # whole-model LLM Surgeon: state after every shot, to resume
+    streaming: bool | None = None  # None: when the whole model would not fit (memory_plan)
+    max_memory: int | None = None  # bytes; the budget streaming is chosen against
+    check_streaming: bool | None = None  # prune_streamed's ``check``
+    align: int = 1  # structured: kept sizes rounded up to multiples of this in the saved checkpoint
+    recover: RecoverConfig | None = None  # distil the pruned model from the dense one before saving
+    recover_data: str = "calibration"
+    recover_windows: int = 256
+    evaluate: bool = True  # protocol perplexity of the pruned model
+    force: bool = False
+    progress: bool = False
+    dist_timeout: float | None = None  # under torchrun: seconds a collective waits
+
+
+def prune_job(config: Config, job: PruneJob) -> dict:
+    """The ``prune`` command: check everything, choose streaming (every rank as rank 0 chose), prune,
+    recover, evaluate and save; returns the report as printed (``{}`` on ranks other than 0, which
+    write and print nothing). :func:`run` calls it for its pruning step."""
+    init_distributed(job.dist_timeout)
+    check_choice("--bos-statistics", job.bos_statistics, ("include", "exclude"))
+    if job.align != 1 and (getattr(config, "structured", None) is None or job.out is None):
+        raise SurgeonError("--align rounds the sizes of a --structured run's smaller checkpoint: give --structured and --out")
+    if job.recover is not None:
+        check_choice("--recover-data", job.recover_data, RECOVER_DATA)
+        if job.streaming:
+            raise SurgeonError("--recover trains the whole model; it does not run with --streaming")
+        if dist.active():
+            raise SurgeonError("--recover does not run data-parallel yet (it trains the whole model); run it in one "
+                               "process on the pruned checkpoint")
+    if job.out is not None and dist.is_main():  # rank 0 alone writes
+        prepare_target(job.out, job.force, source=job.model)
+    if job.checkpoint is not None and dist.is_main():
+        check_writable(job.checkpoint / "progress.json", "--checkpoint")
+    plan = _streaming_plan(config, job)
+    if plan is not None and plan.streaming:
+        payload = _prune_streamed_job(config, job, plan)
+    else:
+        del plan  # and its lazy model: the whole model loads now
+        payload = _prune_whole_job(config, job)
+    if not payload:
+        return {}
+    for key in ("layers", "removal"):
+        payload.pop(key, None)
+    if "refine" in payload:
+        payload["refine"].pop("linears", None)
+    from base.env import environment, peak_rss_mib
+
+    return {**payload, "peak_rss_mib": peak_rss_mib(), "environment": environment()}
+
+
+def _streaming_plan(config: Config, job: PruneJob) -> MemoryPlan | None:
+    """Whether ``job`` streams (None: it cannot, e.g. recovery trains the whole model); under torchrun every
+    rank takes rank 0's choice (free memory may differ between nodes)."""
+    lazy = open_lazy(job.model, head=needs_head(config)) if job.streaming is not False and job.recover is None else None
+    n = job.calib_samples or calibration_size(config)
+    plan = memory_plan(lazy, config, n, job.seq_len, streaming=job.streaming,
+                       max_memory=job.max_memory) if lazy is not None else None
+    if dist.active():
+        chosen = dist.broadcast_json(0, bool(plan is not None and plan.streaming))
+        if plan is None or plan.streaming != chosen:
+            lazy = lazy or open_lazy(job.model, head=needs_head(config))
+            plan = memory_plan(lazy, config, n, job.seq_len, streaming=chosen, max_memory=job.max_memory)
+    if plan is not None:
+        plan.lazy = lazy
+    return plan
+
+
+def _prune_streamed_job(config: Config, job: PruneJob, plan: MemoryPlan) -> dict:
+    if job.out is None:
+        raise SurgeonError("streamed pruning writes each layer as it is done: give --out DIR")
+    log.info("streaming, one decoder layer at a time (%s; streamed: about %.1f GiB)", plan.reason, plan.streamed / 2**30)
+    if job.align != 1:
+        raise SurgeonError("--align sizes the smaller checkpoint a whole-model run cuts; a streamed run writes the "
+                           "removed groups as zeros: give --align to `surgeon-export shrink` on its output")
+    if job.checkpoint is not None:
+        log.info("streamed runs resume from their partial directory beside --out; --checkpoint is not used")
+    written = prune_streamed(job.model, config, job.out, calib_samples=job.calib_samples, seq_len=job.seq_len,
+                             seed=job.seed, calib_text=job.calib_text, data_dir=job.data_dir, progress=job.progress,
+                             force=job.force, lazy=plan.lazy, check=job.check_streaming,
+                             bos_statistics=job.bos_statistics)
+    if not dist.is_main():
+        return {}
+    payload = {**written, "memory_plan": {"whole_bytes": plan.whole, "streamed_bytes": plan.streamed,
+                                          "available_bytes": plan.available, "reason": plan.reason}}
+    if job.evaluate:
+        payload["perplexity"] = evaluate(load(job.out), data_dir=job.data_dir, seq_len=job.seq_len,
+                                         progress=job.progress)[0].to_dict()
+    return {**payload, "out": str(job.out)}
+
+
+def _prune_whole_job(config: Config, job: PruneJob) -> dict:
+    lm = load(job.model)
+    check_align(lm, job.align)  # before the pruning, not after it
+    teacher = train = None
+    if job.recover is not None:  # the dense model as the teacher, and the training windows, before pruning changes lm
+        train = recovery_windows(lm, job.recover_windows, seq_len=job.recover.seq_len or job.seq_len,
+                                 data=job.recover_data, seed=job.seed + 1, calib_text=job.calib_text,
+                                 data_dir=job.data_dir)
+        teacher = load(job.model)
+    report = prune(lm, config, calib_samples=job.calib_samples, seq_len=job.seq_len, seed=job.seed,
+                   calib_text=job.calib_text, data_dir=job.data_dir, checkpoint=job.checkpoint,
+                   progress=job.progress, bos_statistics=job.bos_statistics)
+    if not dist.is_main():
+        return {}
+    extra: dict[str, Any] = {}
+    if job.recover is not None and teacher is not None and train is not None:
+        log.info("recovering: %d distillation steps from the dense model (%s)", job.recover.steps, train.origin)
+        recovered = recover(lm, teacher, job.recover, windows=train, progress=job.progress,
+                            checkpoint=job.checkpoint / "recover" if job.checkpoint else None)
+        del teacher
+        extra["recover"] = {k: v for k, v in recovered.to_dict().items() if k != "losses"}
+    if job.evaluate:
+        extra["perplexity"] = evaluate(lm, data_dir=job.data_dir, seq_len=job.seq_len,
+                                       progress=job.progress)[0].to_dict()
+    payload = {"model": lm.source, **report.to_dict(), **extra}
+    if job.out is not None:
+        written = save(lm, job.out, report, align=job.align, extra=extra, force=job.force)
+        if "shrink" in written:  # cut physically (structured without an N:M pattern)
+            payload["remaining_fraction"] = written["shrink"]["remaining_fraction"]
+        payload.update(out=str(job.out), saved_sparsity=written.get("saved_sparsity"),
+                       bytes_on_disk=written.get("bytes_on_disk"))
+    return payload
 
 
 @dataclass
@@ -580,33 +806,21 @@ def run(cfg: RunConfig) -> dict:
     check_choice("--method", cfg.method, ("surgeon", "wanda"))
     config = build_config(cfg.method, structured=cfg.structured, shots=cfg.shots, allocation=cfg.allocation)
     runtimes = installed_runtimes() if cfg.runtimes else []
-    steps = 3 + cfg.onnx + ("llama.cpp" in runtimes)
-    lm = load(cfg.model)
-    calib = calibrate(lm, cfg.calib_samples, seq_len=cfg.seq_len, text=cfg.text, data_dir=cfg.data_dir)
-    teacher = train = None
-    if cfg.recover is not None:  # the dense teacher and its training windows, taken before pruning changes lm
-        teacher = load(cfg.model)
-        train = recovery_windows(lm, cfg.recover_windows, seq_len=cfg.recover.seq_len or cfg.seq_len,
-                                 data=cfg.recover_data, seed=1, calib_text=cfg.text, data_dir=cfg.data_dir)
-    log.info("1/%d structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration tokens (%s)",
-             steps, cfg.method, 100 * cfg.structured, config.shots, cfg.calib_samples, cfg.seq_len, calib.origin)
-    report = prune(lm, config, calibration=calib, progress=cfg.progress)
-    recovered = None
-    if teacher is not None:
-        log.info("recovering: %d distillation steps from the dense model (%s)", cfg.recover.steps, train.origin)
-        recovered = recover(lm, teacher, cfg.recover, windows=train, progress=cfg.progress)
-        del teacher
+    steps = 2 + cfg.onnx + ("llama.cpp" in runtimes)
     pruned_dir = cfg.out / "pruned"
-    log.info("2/%d writing the smaller model to %s", steps, pruned_dir)
-    extra = {"recover": {k: v for k, v in recovered.to_dict().items() if k != "losses"}} if recovered else None
-    written = save(lm, pruned_dir, report, extra=extra, force=True)
-    del lm
+    log.info("1/%d structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration "
+             "tokens; the smaller model goes to %s", steps, cfg.method, 100 * cfg.structured, config.shots,
+             cfg.calib_samples, cfg.seq_len, pruned_dir)
+    pruned = prune_job(config, PruneJob(
+        model=cfg.model, out=pruned_dir, calib_samples=cfg.calib_samples, seq_len=cfg.seq_len, calib_text=cfg.text,
+        data_dir=cfg.data_dir, streaming=False, recover=cfg.recover, recover_data=cfg.recover_data,
+        recover_windows=cfg.recover_windows, evaluate=False, force=True, progress=cfg.progress))
     # Like with like: on every runtime the dense model runs beside the pruned one (dense first: the
     # runtime's baseline, benchmarks/run.py). Its perplexity is measured once, on torch: the exports
     # are checked against torch, and the same-runtime ratio names the perplexity it uses.
     models = [ModelSpec(label="dense", spec=cfg.model), ModelSpec(label="pruned", spec=str(pruned_dir))]
     if cfg.onnx:
-        log.info("3/%d exporting the dense and the pruned model to ONNX (%s)", steps, cfg.out)
+        log.info("2/%d exporting the dense and the pruned model to ONNX (%s)", steps, cfg.out)
         for name, source in (("dense", cfg.model), ("pruned", pruned_dir)):
             onnx_dir = cfg.out / f"{name}-onnx"
             manifest = export_onnx(load(source), onnx_dir, force=True)
@@ -640,11 +854,10 @@ def run(cfg: RunConfig) -> dict:
     )
     result = bench(bench_cfg, cfg.out / "benchmark.json", force=True)  # the run owns cfg.out (checked above)
     add_measurements(pruned_dir, benchmark_lines(result, "pruned"))  # the card gets the speed measured here
-    out = {"prune": {k: v for k, v in report.to_dict().items() if k not in ("layers", "removal")},
-           "remaining_fraction": written["shrink"]["remaining_fraction"], "benchmark": result,
+    out = {"prune": pruned, "remaining_fraction": pruned["remaining_fraction"], "benchmark": result,
            "runtimes_skipped": skipped}
-    if extra:
-        out.update(extra)
+    if "recover" in pruned:
+        out["recover"] = pruned["recover"]
     return out
 
 
@@ -667,6 +880,31 @@ def generate_text(
     return out, [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens], cfg
 
 
+def generate_report(backend: str, model: str | Path | None, prompts: list[str], cfg: GenerationConfig | None = None,
+                    **options: Any) -> dict:
+    """The ``generate`` command: :func:`generate_text` as a report (each prompt's tokens, whether it stopped,
+    its text; prefill seconds and decode tokens/s)."""
+    from dataclasses import asdict
+
+    out, decoded, cfg = generate_text(backend, model, prompts, cfg, **options)
+    rows = [{"prompt": t, "tokens": toks, "stopped": s, "text": d}
+            for t, toks, s, d in zip(prompts, out.tokens, out.stopped, decoded)]
+    speed = len(prompts) * out.steps / out.decode_seconds if out.steps else None
+    return {"model": model, "backend": backend, "config": asdict(cfg), "outputs": rows,
+            "prefill_seconds": out.prefill_seconds, "decode_tokens_per_s": speed}
+
+
+def parse_blocksize(text: str) -> tuple[int, int]:
+    """``pack --blocksize ROWSxCOLS`` as two positive sizes."""
+    try:
+        block = tuple(int(b) for b in text.lower().split("x"))
+    except ValueError:
+        raise SurgeonError(f"--blocksize must be ROWSxCOLS, e.g. 4x4, got {text!r}") from None
+    if len(block) != 2 or min(block) < 1:
+        raise SurgeonError(f"--blocksize must be ROWSxCOLS with positive sizes, got {text!r}")
+    return block  # type: ignore[return-value]
+
+
 def setup_vllm(target: Path | None = None, quiet: bool = False) -> Path:
     """Create vLLM's own environment (``surgeon-export vllm-setup``; :func:`runtime.vllm_env.setup_env`)."""
     from runtime.vllm_env import setup_env
@@ -683,5 +921,8 @@ def rerun_in(python: str) -> None:
 
 __all__ += ["backend_python", "rerun_in", "setup_vllm"]
 
+__all__ += ["PruneJob", "bench_config", "check_choice", "evaluate_model", "gate_table", "generate_report", "info",
+            "interrupted_message", "launched_ranks", "markdown", "parse_blocksize", "parse_tolerance", "prepare_target",
+            "prune_job", "set_threads", "shutdown_distributed"]
 __all__ += ["MemoryPlan", "check_align", "init_distributed", "Perplexity", "RemovalPlan", "count_parameters", "generate_text", "memory_plan",
             "needs_head", "open_lazy", "parse_bytes", "prune_streamed"]

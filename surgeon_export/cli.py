@@ -23,19 +23,15 @@ _previous_sigint = (signal.signal(signal.SIGINT, _interrupted_while_importing)
 
 import json  # noqa: E402
 import logging  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
-from base.errors import SurgeonError, check_choice  # noqa: E402
-from base.files import interrupted_message  # noqa: E402
-from surgeon.sds import SDSConfig  # noqa: E402
-
 if _previous_sigint is not None:
     signal.signal(signal.SIGINT, _previous_sigint)
 INTERRUPTED = 130  # typer turns a KeyboardInterrupt into this exit code
+NOTHING_WRITTEN = "interrupted; nothing was written"
 
 app = typer.Typer(
     name="surgeon-export",
@@ -70,12 +66,22 @@ def recovery_line(r: dict) -> str:
             + (f"; STOPPED, {r['diverged']}: the model before recovery is kept" if r["diverged"] else ""))
 
 
-def recover_config(steps: int, lr: float | None, rank: int, seq_len: int):
-    """The recovery config of the command line (the learning rate's default depends on the form)."""
+def _api():
+    """The API (surgeon_export.api), imported when a command runs: ``--help`` starts without torch."""
     from surgeon_export import api
 
-    return api.RecoverConfig(steps=steps, lr=lr if lr is not None else (1e-3 if rank else 1e-4), rank=rank,
-                             seq_len=seq_len)
+    return api
+
+
+def _error(message: str) -> Exception:
+    """A user mistake found by the command line itself: one ``error:`` line, exit code 2."""
+    return _api().SurgeonError(message)
+
+
+def recover_config(steps: int, lr: float | None, rank: int, seq_len: int):
+    """The recovery config of the command line (the learning rate's default depends on the form)."""
+    return _api().RecoverConfig(steps=steps, lr=lr if lr is not None else (1e-3 if rank else 1e-4), rank=rank,
+                                seq_len=seq_len)
 
 
 DataDir = Annotated[
@@ -87,25 +93,28 @@ DataDir = Annotated[
 def _setup(quiet: bool, threads: int | None, distributed: bool = False) -> bool:
     """Logging and threads; under torchrun (``distributed``: the command runs data-parallel) every rank
     but 0 is quiet. Returns whether this process is quiet."""
-    import torch
-
-    from base.distributed import env_world_size
-
-    world = env_world_size()
+    api = _api()
+    world, rank = api.launched_ranks()
     if world > 1 and not distributed:
-        raise SurgeonError(f"only `prune` runs data-parallel under torchrun ({world} ranks here); run this command "
-                           "in one process")
-    quiet = quiet or (world > 1 and os.environ.get("RANK", "0") != "0")
+        raise _error(f"only `prune` runs data-parallel under torchrun ({world} ranks here); run this command "
+                     "in one process")
+    quiet = quiet or rank != 0
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if quiet else "%(message)s",
         stream=sys.stderr,
     )
-    if threads is not None:
-        if threads < 1:
-            raise SurgeonError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    api.set_threads(threads)
     return quiet
+
+
+def _target(out: Path | None, what: str, force: bool, source: object = None, kind: str = "DIR") -> Path:
+    """``--out``, required, checked before any work (:func:`surgeon_export.api.prepare_target`)."""
+    if out is None:
+        raise _error(f"give --out {kind} for {what}")
+    if kind == "DIR":
+        _api().prepare_target(out, force, source=source)
+    return out
 
 
 def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
@@ -130,76 +139,66 @@ def eval_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Perplexity of a model on the protocol (WikiText-2 test, 512-token windows, first 64)."""
-    from base.env import environment
-    from surgeon_export import api
-
     _setup(quiet, threads)
-    start = time.perf_counter()
-    lm = api.load(model)
-    result, origin = api.evaluate(lm, text=text, data_dir=data_dir, seq_len=seq_len,
-                                  windows=None if full else windows, batch_size=batch_size, progress=not quiet)
-    elapsed = time.perf_counter() - start
-    payload = {
-        "model": lm.source,
-        "text": origin,
-        **result.to_dict(),
-        "parameters": api.count_parameters(lm.model, lm.adapter),
-        "seconds": round(elapsed, 2),
-        "environment": environment(),
-    }
-    _emit(payload, as_json, [
-        f"perplexity {result.perplexity:.3f}  ({result.windows} windows x {seq_len} tokens, "
-        f"{result.tokens} predicted; {Path(origin).name}; {elapsed:.0f} s)",
-        f"model: {lm.source}",
+    r = _api().evaluate_model(model, text=text, data_dir=data_dir, seq_len=seq_len, windows=None if full else windows,
+                              batch_size=batch_size, progress=not quiet)
+    _emit(r, as_json, [
+        f"perplexity {r['perplexity']:.3f}  ({r['windows']} windows x {seq_len} tokens, "
+        f"{r['tokens']} predicted; {Path(r['text']).name}; {r['seconds']:.0f} s)",
+        f"model: {r['model']}",
     ])
+
+
+SDS_HELP = "SDS (--refine sds): "
+PruneOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned checkpoint here.")]
+Method = Annotated[str, typer.Option(help="surgeon (LLM Surgeon), sparsegpt, wanda or magnitude.")]
+Sparsity = Annotated[Optional[float], typer.Option(help="Unstructured: fraction of each linear's weights to remove.")]
+Pattern = Annotated[Optional[str], typer.Option(help="Semi-structured KEPT:BLOCK, e.g. 2:4.")]
+Structured = Annotated[Optional[float], typer.Option(help="surgeon: structured, fraction of decoder-linear weights to keep (e.g. 0.7); combine with --pattern for structured then N:M.")]
+CalibSamples = Annotated[Optional[int], typer.Option(help="Calibration windows (default 64; 16 for surgeon --structured).")]
+Shots = Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")]
+KfacSamples = Annotated[Optional[int], typer.Option(help="surgeon: windows for K-FAC's backward passes (G); A then comes from all --calib-samples, forward only (default 16 for unstructured and N:M, all windows for --structured).")]
+KfacBatch = Annotated[int, typer.Option(help="surgeon: windows per K-FAC forward/backward pass; 2 cuts the default model's K-FAC peak memory from 9.3 to 6.4 GiB for ~10% more K-FAC time, 1 to 5.7 GiB for ~30% (same factors up to rounding).")]
+Allocation = Annotated[Optional[str], typer.Option(help="--structured and surgeon: global (costs compared across layers) or uniform (the same MLP channels in every layer); default: each method's measured best, global for surgeon, uniform for wanda and magnitude --structured (Wanda-style 80%: 50.14 uniform vs 202.1 global).")]
+Correlation = Annotated[str, typer.Option(help="surgeon: joint (exact OBS update of all removals under G x A), rows (per-row updates spread through G) or none (per row, G ignored).")]
+GroupCost = Annotated[str, typer.Option(help="surgeon --structured: output (down/o column costs and updates; default, measured best) or sum (every member of a coupled group).")]
+Fisher = Annotated[str, typer.Option(help="surgeon: empirical or true Fisher.")]
+Checkpoint = Annotated[Optional[Path], typer.Option(help="surgeon: save state after every shot here; rerun to resume.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")]
+CalibText = Annotated[Optional[Path], typer.Option(help="Calibrate on this text file.")]
+Seed = Annotated[int, typer.Option(help="Seed for calibration window offsets.")]
+TrueSequential = Annotated[bool, typer.Option(help="Re-collect inputs after each group of linears.")]
+Refine = Annotated[Optional[str], typer.Option(help="sds: sparse-dense-sparse refinement after the first pruning (unstructured and N:M).")]
+SdsL1 = Annotated[Optional[float], typer.Option(help=SDS_HELP + "L1 weight of the dense step (units of mean |W| x mean input energy; default 0.1).")]
+SdsL2 = Annotated[Optional[float], typer.Option(help=SDS_HELP + "ridge toward the dense weights in the dense step and the adjustment (units of mean input energy; default 0.01, SparseGPT's damping).")]
+SdsEpochs = Annotated[Optional[int], typer.Option(help=SDS_HELP + "dense-step iterations, each a full pass over the calibration statistics (default 100).")]
+SdsAdjustEpochs = Annotated[Optional[int], typer.Option(help=SDS_HELP + "soft mask adjustment iterations after re-pruning (default 100).")]
+SdsTeacher = Annotated[Optional[str], typer.Option(help=SDS_HELP + "what each linear reconstructs: self (the dense weights on the pruned model's inputs; default), layer (the dense layer on the pruned stream) or dense (the dense model's own activations).")]
+Align = Annotated[int, typer.Option(help="structured: round kept sizes up to a multiple of N in the saved checkpoint.", min=1)]
+Evaluate = Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")]
+Streaming = Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Layer by layer: one decoder layer in memory, read from disk and written to --out as it is pruned (every method; LLM Surgeon walks the layers forward and back each shot, its files beside --out). Default: when the whole model would not fit in memory.")]
+MaxMemory = Annotated[Optional[str], typer.Option(help="Memory budget for choosing streaming, e.g. 8GiB (default: the memory available).")]
+BosStatistics = Annotated[str, typer.Option(help="Where calibration windows lead with BOS (the tokenizer's convention, e.g. Gemma's): include its position in the calibration statistics, or exclude it. Measured on the default model with BOS-first windows: including is better for structured pruning (docs/llm_surgeon.md, BOS).")]
+CheckStreaming = Annotated[Optional[bool], typer.Option("--check-streaming/--no-check-streaming", help="After a streamed run, load the written model whole and check that every decoder layer's outputs along the layer-at-a-time path equal the model's own forward pass on two calibration windows (warns where they differ). Default: when the whole model fits in half the memory available.")]
+LoraBetweenShots = Annotated[int, typer.Option(help="surgeon: steps of the masked low-rank update (rank --recover-rank, default 8) between shots, distilled from the dense model; 0: off.")]
+DistTimeout = Annotated[float, typer.Option(help="Under torchrun: seconds a collective waits for the other ranks before every rank stops with an error (docs/distributed.md).")]
 
 
 @app.command("prune")
 def prune_cmd(
-    model: ModelArg = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned checkpoint here.")] = None,
-    method: Annotated[str, typer.Option(help="surgeon (LLM Surgeon), sparsegpt, wanda or magnitude.")] = "sparsegpt",
-    sparsity: Annotated[Optional[float], typer.Option(help="Unstructured: fraction of each linear's weights to remove.")] = None,
-    pattern: Annotated[Optional[str], typer.Option(help="Semi-structured KEPT:BLOCK, e.g. 2:4.")] = None,
-    structured: Annotated[Optional[float], typer.Option(help="surgeon: structured, fraction of decoder-linear weights to keep (e.g. 0.7); combine with --pattern for structured then N:M.")] = None,
-    calib_samples: Annotated[Optional[int], typer.Option(help="Calibration windows (default 64; 16 for surgeon --structured).")] = None,
-    shots: Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")] = 3,
-    kfac_samples: Annotated[Optional[int], typer.Option(help="surgeon: windows for K-FAC's backward passes (G); A then comes from all --calib-samples, forward only (default 16 for unstructured and N:M, all windows for --structured).")] = None,
-    kfac_batch: Annotated[int, typer.Option(help="surgeon: windows per K-FAC forward/backward pass; 2 cuts the default model's K-FAC peak memory from 9.3 to 6.4 GiB for ~10% more K-FAC time, 1 to 5.7 GiB for ~30% (same factors up to rounding).")] = 4,
-    allocation: Annotated[Optional[str], typer.Option(help="--structured and surgeon: global (costs compared across layers) or uniform (the same MLP channels in every layer); default: each method's measured best, global for surgeon, uniform for wanda and magnitude --structured (Wanda-style 80%: 50.14 uniform vs 202.1 global).")] = None,
-    correlation: Annotated[str, typer.Option(help="surgeon: joint (exact OBS update of all removals under G x A), rows (per-row updates spread through G) or none (per row, G ignored).")] = "joint",
-    group_cost: Annotated[str, typer.Option(help="surgeon --structured: output (down/o column costs and updates; default, measured best) or sum (every member of a coupled group).")] = "output",
-    fisher: Annotated[str, typer.Option(help="surgeon: empirical or true Fisher.")] = "empirical",
-    checkpoint: Annotated[Optional[Path], typer.Option(help="surgeon: save state after every shot here; rerun to resume.")] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
-    calib_text: Annotated[Optional[Path], typer.Option(help="Calibrate on this text file.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for calibration window offsets.")] = 0,
-    true_sequential: Annotated[bool, typer.Option(help="Re-collect inputs after each group of linears.")] = False,
-    refine: Annotated[Optional[str], typer.Option(help="sds: sparse-dense-sparse refinement after the first pruning (unstructured and N:M).")] = None,
-    sds_l1: Annotated[float, typer.Option(help="SDS: L1 weight of the dense step (units of mean |W| x mean input energy).")] = SDSConfig.l1,
-    sds_l2: Annotated[float, typer.Option(help="SDS: ridge toward the dense weights in the dense step and the adjustment (units of mean input energy; SparseGPT's damping is 0.01).")] = SDSConfig.l2,
-    sds_epochs: Annotated[int, typer.Option(help="SDS: dense-step iterations (each a full pass over the calibration statistics).")] = SDSConfig.epochs,
-    sds_adjust_epochs: Annotated[int, typer.Option(help="SDS: soft mask adjustment iterations after re-pruning.")] = SDSConfig.adjust_epochs,
-    sds_teacher: Annotated[str, typer.Option(help="SDS: what each linear reconstructs: self (the dense weights on the pruned model's inputs), layer (the dense layer on the pruned stream) or dense (the dense model's own activations).")] = SDSConfig.teacher,
-    align: Annotated[int, typer.Option(help="structured: round kept sizes up to a multiple of N in the saved checkpoint.", min=1)] = 1,
-    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")] = True,
-    streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Layer by layer: one decoder layer in memory, read from disk and written to --out as it is pruned (every method; LLM Surgeon walks the layers forward and back each shot, its files beside --out). Default: when the whole model would not fit in memory.")] = None,
-    max_memory: Annotated[Optional[str], typer.Option(help="Memory budget for choosing streaming, e.g. 8GiB (default: the memory available).")] = None,
-    bos_statistics: Annotated[str, typer.Option(help="Where calibration windows lead with BOS (the tokenizer's convention, e.g. Gemma's): include its position in the calibration statistics, or exclude it. Measured on the default model with BOS-first windows: including is better for structured pruning (docs/llm_surgeon.md, BOS).")] = "include",
-    check_streaming: Annotated[Optional[bool], typer.Option("--check-streaming/--no-check-streaming", help="After a streamed run, load the written model whole and check that every decoder layer's outputs along the layer-at-a-time path equal the model's own forward pass on two calibration windows (warns where they differ). Default: when the whole model fits in half the memory available.")] = None,
-    recover: Recover = False,
-    recover_steps: RecoverSteps = RECOVER_STEPS,
-    recover_lr: RecoverLr = None,
-    recover_rank: RecoverRank = 0,
-    recover_data: RecoverData = "calibration",
-    recover_windows: RecoverWindows = 256,
-    recover_seq_len: RecoverSeqLen = 256,
-    lora_between_shots: Annotated[int, typer.Option(help="surgeon: steps of the masked low-rank update (rank --recover-rank, default 8) between shots, distilled from the dense model; 0: off.")] = 0,
-    data_dir: DataDir = None,
-    force: Force = False,
-    dist_timeout: Annotated[float, typer.Option(help="Under torchrun: seconds a collective waits for the other ranks before every rank stops with an error (docs/distributed.md).")] = 600.0,
-    threads: Threads = None,
-    quiet: Quiet = False,
+    model: ModelArg = None, out: PruneOut = None, method: Method = "sparsegpt", sparsity: Sparsity = None,
+    pattern: Pattern = None, structured: Structured = None, calib_samples: CalibSamples = None, shots: Shots = 3,
+    kfac_samples: KfacSamples = None, kfac_batch: KfacBatch = 4, allocation: Allocation = None,
+    correlation: Correlation = "joint", group_cost: GroupCost = "output", fisher: Fisher = "empirical",
+    checkpoint: Checkpoint = None, seq_len: SeqLen = 512, calib_text: CalibText = None, seed: Seed = 0,
+    true_sequential: TrueSequential = False, refine: Refine = None, sds_l1: SdsL1 = None, sds_l2: SdsL2 = None,
+    sds_epochs: SdsEpochs = None, sds_adjust_epochs: SdsAdjustEpochs = None, sds_teacher: SdsTeacher = None,
+    align: Align = 1, evaluate: Evaluate = True, streaming: Streaming = None, max_memory: MaxMemory = None,
+    bos_statistics: BosStatistics = "include", check_streaming: CheckStreaming = None, recover: Recover = False,
+    recover_steps: RecoverSteps = RECOVER_STEPS, recover_lr: RecoverLr = None, recover_rank: RecoverRank = 0,
+    recover_data: RecoverData = "calibration", recover_windows: RecoverWindows = 256,
+    recover_seq_len: RecoverSeqLen = 256, lora_between_shots: LoraBetweenShots = 0, data_dir: DataDir = None,
+    force: Force = False, dist_timeout: DistTimeout = 600.0, threads: Threads = None, quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally recover, save and evaluate it.
@@ -207,114 +206,40 @@ def prune_cmd(
     Under ``torchrun --nproc-per-node N`` it runs data-parallel: the ranks share the calibration windows and
     the per-linear work, and rank 0 alone evaluates, writes and prints (docs/distributed.md).
     """
-    from base import distributed as dist
-    from base.env import environment, peak_rss_mib
-    from base.files import check_writable
-    from export.checkpoint import prepare_target
-    from surgeon_export import api
-
     quiet = _setup(quiet, threads, distributed=True)
-    api.init_distributed(dist_timeout)
+    api = _api()
     if refine is not None:
-        check_choice("--refine", refine, ("sds",))
-    sds = (api.SDSConfig(l1=sds_l1, l2=sds_l2, epochs=sds_epochs, adjust_epochs=sds_adjust_epochs,
-                         teacher=sds_teacher) if refine else None)  # type: ignore[arg-type]
+        api.check_choice("--refine", refine, ("sds",))
+    sds_options = {"l1": sds_l1, "l2": sds_l2, "epochs": sds_epochs, "adjust_epochs": sds_adjust_epochs,
+                   "teacher": sds_teacher}
+    sds = api.SDSConfig(**{k: v for k, v in sds_options.items() if v is not None}) if refine else None
     if lora_between_shots < 0:
-        raise SurgeonError(f"--lora-between-shots must be 0 (off) or a number of steps, got {lora_between_shots}")
-    between = (recover_config(lora_between_shots, recover_lr, recover_rank or 8, recover_seq_len)
-               if lora_between_shots else None)
+        raise _error(f"--lora-between-shots must be 0 (off) or a number of steps, got {lora_between_shots}")
     cfg = api.build_config(
         method, sparsity=sparsity, pattern=pattern, structured=structured, shots=shots, allocation=allocation,
         correlation=correlation, group_cost=group_cost, fisher=fisher, kfac_samples=kfac_samples,
         kfac_batch=kfac_batch, calib_samples=calib_samples, true_sequential=true_sequential, refine=sds,
-        between_shots=between,
+        between_shots=(recover_config(lora_between_shots, recover_lr, recover_rank or 8, recover_seq_len)
+                       if lora_between_shots else None),
     )
-    if align != 1 and (structured is None or out is None):
-        raise SurgeonError("--align rounds the sizes of a --structured run's smaller checkpoint: give --structured and --out")
-    rcfg = recover_config(recover_steps, recover_lr, recover_rank, recover_seq_len) if recover else None
-    if recover:
-        check_choice("--recover-data", recover_data, api.RECOVER_DATA)
-        if streaming:
-            raise SurgeonError("--recover trains the whole model; it does not run with --streaming")
-        if dist.active():
-            raise SurgeonError("--recover does not run data-parallel yet (it trains the whole model); run it in one "
-                               "process on the pruned checkpoint")
-    if out is not None and dist.is_main():  # rank 0 alone writes
-        prepare_target(out, force, source=model)
-    if checkpoint is not None and dist.is_main():
-        check_writable(checkpoint / "progress.json", "--checkpoint")
-    budget = api.parse_bytes(max_memory) if max_memory is not None else None
-    lazy = api.open_lazy(model, head=api.needs_head(cfg)) if streaming is not False and not recover else None
-    n_calib = calib_samples or api.calibration_size(cfg)
-    plan = api.memory_plan(lazy, cfg, n_calib, seq_len, streaming=streaming,
-                           max_memory=budget) if lazy is not None else None
-    if dist.active():  # all ranks stream or none, as rank 0 chose (free memory may differ between nodes)
-        chosen = dist.broadcast_json(0, bool(plan is not None and plan.streaming))
-        if plan is None or plan.streaming != chosen:
-            lazy = lazy or api.open_lazy(model, head=api.needs_head(cfg))
-            plan = api.memory_plan(lazy, cfg, n_calib, seq_len, streaming=chosen, max_memory=budget)
-    if plan is not None and plan.streaming:
-        if out is None:
-            raise SurgeonError("streamed pruning writes each layer as it is done: give --out DIR")
-        logging.getLogger("surgeon_export").info(
-            "streaming, one decoder layer at a time (%s; streamed: about %.1f GiB)", plan.reason, plan.streamed / 2**30)
-        if align != 1:
-            raise SurgeonError("--align sizes the smaller checkpoint a whole-model run cuts; a streamed run writes the "
-                               "removed groups as zeros: give --align to `surgeon-export shrink` on its output")
-        if checkpoint is not None:
-            logging.getLogger("surgeon_export").info(
-                "streamed runs resume from their partial directory beside --out; --checkpoint is not used")
-        written = api.prune_streamed(model, cfg, out, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
-                                     calib_text=calib_text, data_dir=data_dir, progress=not quiet, force=force, lazy=lazy,
-                                     check=check_streaming, bos_statistics=bos_statistics)
-        if not dist.is_main():  # rank 0 evaluates, writes and prints
-            return
-        payload = {**written, "memory_plan": {"whole_bytes": plan.whole, "streamed_bytes": plan.streamed,
-                                              "available_bytes": plan.available, "reason": plan.reason}}
-        if evaluate:
-            ppl, _ = api.evaluate(api.load(out), data_dir=data_dir, seq_len=seq_len, progress=not quiet)
-            payload["perplexity"] = ppl.to_dict()
-        payload["out"] = str(out)
-    else:
-        del lazy
-        lm = api.load(model)
-        api.check_align(lm, align)  # before the pruning, not after it
-        teacher = train = None
-        if recover:  # the dense model as the teacher, and the training windows, before pruning changes lm
-            train = api.recovery_windows(lm, recover_windows, seq_len=recover_seq_len, data=recover_data, seed=seed + 1,
-                                         calib_text=calib_text, data_dir=data_dir)
-            teacher = api.load(model)
-        report = api.prune(lm, cfg, calib_samples=calib_samples, seq_len=seq_len, seed=seed, calib_text=calib_text,
-                           data_dir=data_dir, checkpoint=checkpoint, progress=not quiet, bos_statistics=bos_statistics)
-        if not dist.is_main():  # rank 0 evaluates, writes and prints
-            return
-        payload = {"model": lm.source, **report.to_dict()}
-        extra = {}
-        if rcfg is not None and teacher is not None and train is not None:
-            recovered = api.recover(lm, teacher, rcfg, windows=train, progress=not quiet,
-                                    checkpoint=checkpoint / "recover" if checkpoint else None)
-            del teacher
-            payload["recover"] = extra["recover"] = {k: v for k, v in recovered.to_dict().items() if k != "losses"}
-        if evaluate:
-            ppl, _ = api.evaluate(lm, data_dir=data_dir, seq_len=seq_len, progress=not quiet)
-            payload["perplexity"] = extra["perplexity"] = ppl.to_dict()
-        if out is not None:
-            written = api.save(lm, out, report, align=align, extra=extra, force=force)
-            if "shrink" in written:  # cut physically (structured without an N:M pattern)
-                payload["remaining_fraction"] = written["shrink"]["remaining_fraction"]
-            payload.update(out=str(out), saved_sparsity=written.get("saved_sparsity"),
-                           bytes_on_disk=written.get("bytes_on_disk"))
-    for key in ("layers", "removal"):
-        payload.pop(key, None)
-    if "refine" in payload:
-        payload["refine"].pop("linears", None)
-    payload["peak_rss_mib"] = peak_rss_mib()
-    payload["environment"] = environment()
-    what = " + ".join(x for x in (
-        f"structured {structured:.0%} kept" if structured is not None else "",
-        str(cfg.pattern) if cfg.pattern else "",
-        f"{sparsity:.0%}" if sparsity is not None else "",
-    ) if x)
+    payload = api.prune_job(cfg, api.PruneJob(
+        model=model, out=out, calib_samples=calib_samples, seq_len=seq_len, seed=seed, calib_text=calib_text,
+        data_dir=data_dir, bos_statistics=bos_statistics, checkpoint=checkpoint, streaming=streaming,
+        max_memory=api.parse_bytes(max_memory) if max_memory is not None else None, check_streaming=check_streaming,
+        align=align, evaluate=evaluate, force=force, progress=not quiet, dist_timeout=dist_timeout,
+        recover=recover_config(recover_steps, recover_lr, recover_rank, recover_seq_len) if recover else None,
+        recover_data=recover_data, recover_windows=recover_windows,
+    ))
+    if payload:  # rank 0 prints; the other ranks of a torchrun job get nothing
+        _emit(payload, as_json, _prune_lines(payload, method, sparsity, structured, cfg.pattern, sds is not None))
+
+
+def _prune_lines(payload: dict, method: str, sparsity: float | None, structured: float | None, pattern: object,
+                 sds: bool) -> list[str]:
+    """What ``prune`` prints: the pruning, SDS, recovery, perplexity and where the model went."""
+    what = " + ".join(x for x in (f"structured {structured:.0%} kept" if structured is not None else "",
+                                  str(pattern) if pattern else "",
+                                  f"{sparsity:.0%}" if sparsity is not None else "") if x)
     lines = [f"{method}{' + SDS' if sds else ''} {what}: decoder-linear sparsity {payload['sparsity']:.2%}, "
              f"pruned in {payload['seconds']:.0f} s{' (streamed)' if payload.get('streamed') else ''}"]
     if sds:
@@ -326,8 +251,9 @@ def prune_cmd(
                      f"{summary['seconds']:.0f} s in refinement")
     if "recover" in payload:
         lines.append(recovery_line(payload["recover"]))
-    if evaluate:
+    if "perplexity" in payload:
         lines.append(f"perplexity {payload['perplexity']['perplexity']:.3f}")
+    out = payload.get("out")
     if out is not None and structured is not None and payload.get("streamed"):
         lines.append(f"saved to {out}: the removed groups are zeros in the source's shapes (`surgeon-export shrink "
                      f"{out} --out DIR` cuts them out)")
@@ -335,7 +261,7 @@ def prune_cmd(
         lines.append(f"saved a smaller model to {out}: {payload['remaining_fraction']:.2%} of decoder-linear weights remain")
     elif out is not None:
         lines.append(f"saved to {out} (sparsity counted in the saved tensors: {payload['saved_sparsity']:.2%})")
-    _emit(payload, as_json, lines)
+    return lines
 
 
 @app.command("shrink")
@@ -350,16 +276,12 @@ def shrink_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Cut the fully zeroed MLP channels and attention heads out of a masked model and save it smaller."""
-    from export.checkpoint import prepare_target
-    from surgeon_export import api
-
     _setup(quiet, None)
-    if out is None:
-        raise SurgeonError("give --out DIR for the smaller checkpoint")
+    api = _api()
     if rounding not in ("up", "down", "nearest"):
-        raise SurgeonError(f"--rounding must be up, down or nearest, got {rounding!r}")
+        raise _error(f"--rounding must be up, down or nearest, got {rounding!r}")
     cfg = api.ShrinkConfig(align=align, rounding=rounding, uniform=uniform)  # type: ignore[arg-type]
-    prepare_target(out, force, source=model)
+    out = _target(out, "the smaller checkpoint", force, model)
     lm = api.load(model)
     api.check_align(lm, align)
     report = api.shrink(lm, out, cfg, force=force)
@@ -402,15 +324,9 @@ def run_cmd(
     as_json: AsJson = False,
 ) -> None:
     """The main job: structured pruning, write the physically smaller model, export it to ONNX, benchmark dense vs pruned."""
-    from benchmarks.report import markdown
-    from surgeon_export import api
-
     _setup(quiet, threads)
-    check_choice("--allocation", allocation, ("uniform", "global"))
-    if recover:
-        check_choice("--recover-data", recover_data, api.RECOVER_DATA)
-        if recover_windows < 1:
-            raise SurgeonError(f"--recover-windows must be at least 1, got {recover_windows}")
+    api = _api()
+    api.check_choice("--allocation", allocation, ("uniform", "global"))
     payload = api.run(api.RunConfig(
         model=model, out=out, structured=structured, method=method, allocation=allocation, shots=shots,
         calib_samples=calib_samples, ppl_windows=ppl_windows, seq_len=seq_len, text=text, data_dir=data_dir,
@@ -419,7 +335,7 @@ def run_cmd(
         recover_windows=recover_windows, recover_data=recover_data,
     ))
     _emit(payload, as_json, [
-        markdown(payload["benchmark"]),
+        api.markdown(payload["benchmark"]),
         f"pruned model: {out / 'pruned'} ({payload['remaining_fraction']:.1%} of decoder-linear weights remain); "
         f"benchmark: {out / 'benchmark.json'}",
         *([recovery_line(payload["recover"])] if "recover" in payload else []),
@@ -438,20 +354,10 @@ def pack_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Pack every decoder linear of a pruned model as N:M (2:4), CSR or BSR (pattern checked in the weights)."""
-    from export.checkpoint import prepare_target
-    from surgeon_export import api
-
     _setup(quiet, None)
-    if out is None:
-        raise SurgeonError("give --out DIR for the compressed checkpoint")
-    try:
-        block = tuple(int(b) for b in blocksize.lower().split("x"))
-    except ValueError:
-        raise SurgeonError(f"--blocksize must be ROWSxCOLS, e.g. 4x4, got {blocksize!r}") from None
-    if len(block) != 2 or min(block) < 1:
-        raise SurgeonError(f"--blocksize must be ROWSxCOLS with positive sizes, got {blocksize!r}")
-    cfg = api.PackConfig(layout=layout, dtype=dtype, blocksize=block)  # type: ignore[arg-type]
-    prepare_target(out, force, source=model)
+    api = _api()
+    cfg = api.PackConfig(layout=layout, dtype=dtype, blocksize=api.parse_blocksize(blocksize))  # type: ignore[arg-type]
+    out = _target(out, "the compressed checkpoint", force, model)
     lm = api.load(model)
     manifest = api.pack(lm, out, cfg, force=force)
     size, lin = manifest["bytes"], manifest["decoder_linear"]
@@ -473,14 +379,9 @@ def densify_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Write a compressed checkpoint back as a normal dense one that plain transformers loads."""
-    from export.checkpoint import prepare_target
-    from surgeon_export import api
-
     _setup(quiet, None)
-    if out is None:
-        raise SurgeonError("give --out DIR for the dense checkpoint")
-    prepare_target(out, force, source=directory)
-    result = api.densify(directory, out, force=force)
+    out = _target(out, "the dense checkpoint", force, directory)
+    result = _api().densify(directory, out, force=force)
     _emit(result, as_json, [f"wrote a dense checkpoint ({result['tensors']} tensors, "
                             f"{result['bytes_on_disk']:,} bytes) to {out}"])
 
@@ -502,19 +403,13 @@ def onnx_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Export a model to ONNX with KV cache (optimum's input/output names), checked against torch."""
-    from base.loading import load_model
-    from export.checkpoint import prepare_target
-    from export.onnx import OnnxConfig, export_onnx
-
     _setup(quiet, threads)
-    if out is None:
-        raise SurgeonError("give --out DIR for the ONNX export")
-    cfg = OnnxConfig(opset=opset, dtype=dtype, external_data=external_data,  # type: ignore[arg-type]
-                     simplify=simplify, optimize=optimize, verify=verify, uniform_cache=uniform_cache)
+    api = _api()
+    cfg = api.OnnxConfig(opset=opset, dtype=dtype, external_data=external_data,  # type: ignore[arg-type]
+                         simplify=simplify, optimize=optimize, verify=verify, uniform_cache=uniform_cache)
     cfg.validate()
-    prepare_target(out, force, source=model)
-    lm = load_model(model)
-    manifest = export_onnx(lm.model, lm.tokenizer, out, cfg, source=lm.source, source_dir=lm.path, force=force)
+    out = _target(out, "the ONNX export", force, model)
+    manifest = api.export_onnx(api.load(model), out, cfg, force=force)
     graph, check = manifest["graph"], manifest.get("verification")
     _emit({k: v for k, v in manifest.items() if k != "decoder_linears"} | {"out": str(out)}, as_json, [
         f"wrote {out} in {manifest['export_seconds']:.0f} s: opset {graph['opset']}, {graph['dtype']}, "
@@ -537,12 +432,9 @@ def gguf_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Export a model to one GGUF file for llama.cpp (Llama and Gemma families; per-layer Llama/Qwen2 shapes as llama.cpp's 'deci'; docs/gguf.md)."""
-    from surgeon_export import api
-
     _setup(quiet, None)
-    if out is None:
-        raise SurgeonError("give --out FILE.gguf for the GGUF export")
-    m = api.export_gguf(model, out, tensor_type=tensor_type, uniform=uniform, force=force, ffn_align=ffn_align)
+    out = _target(out, "the GGUF export", force, kind="FILE.gguf")
+    m = _api().export_gguf(model, out, tensor_type=tensor_type, uniform=uniform, force=force, ffn_align=ffn_align)
     _emit(m, as_json, [f"wrote {out}: llama.cpp '{m['architecture']}', {m['tensor_type']}, {len(m['layers'])} layers, "
                        f"{m['tensor_count']} tensors, {m['bytes'] / 2**20:.1f} MiB"])
 
@@ -566,28 +458,19 @@ def generate_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Generate text with the KV cache on one backend (greedy or sampling, stop tokens, batch)."""
-    from dataclasses import asdict
-
-    from surgeon_export import api
-
     _setup(quiet, threads)
+    api = _api()
     python = api.backend_python(backend)
     if python is not None:  # vLLM lives in its own environment: this same command runs there
         api.rerun_in(python)
-    texts = prompt or ["The capital of France is"]
     cfg = api.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed)
     cfg.validate()  # before the model loads
-    out, decoded, cfg = api.generate_text(backend, model, texts, cfg, stop=tuple(stop) if stop else None,
-                                          device=device, threads=threads, chat=chat)
-    rows = [{"prompt": t, "tokens": toks, "stopped": s, "text": d}
-            for t, toks, s, d in zip(texts, out.tokens, out.stopped, decoded)]
-    speed = len(texts) * out.steps / out.decode_seconds if out.steps else None
-    payload = {"model": model, "backend": backend, "config": asdict(cfg), "outputs": rows,
-               "prefill_seconds": out.prefill_seconds, "decode_tokens_per_s": speed}
-    lines = [f"{r['prompt']!r} -> {r['text']!r}" for r in rows]
-    lines.append(f"{backend}: prefill {out.prefill_seconds:.3f} s" + (f", decode {speed:.1f} tokens/s" if speed else ""))
-    _emit(payload, as_json, lines)
+    r = api.generate_report(backend, model, prompt or ["The capital of France is"], cfg,
+                            stop=tuple(stop) if stop else None, device=device, threads=threads, chat=chat)
+    speed = r["decode_tokens_per_s"]
+    _emit(r, as_json, [*(f"{o['prompt']!r} -> {o['text']!r}" for o in r["outputs"]),
+                       f"{backend}: prefill {r['prefill_seconds']:.3f} s" + (f", decode {speed:.1f} tokens/s" if speed else "")])
 
 
 @app.command("vllm-setup")
@@ -596,50 +479,27 @@ def vllm_setup_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Create vLLM's own environment (vLLM CPU build, this package, pins vLLM accepts) for --backend vllm."""
-    from surgeon_export import api
-
     _setup(quiet, None)
-    typer.echo(f"vLLM environment ready: {api.setup_vllm(target, quiet=quiet)}")
+    typer.echo(f"vLLM environment ready: {_api().setup_vllm(target, quiet=quiet)}")
 
 
 @app.command("info")
 def info_cmd(model: ModelArg = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """Architecture, shapes, parameter counts and measured zeros of a model."""
-    from base.surgery import layer_shapes
-    from surgeon_export import api
-
     _setup(quiet, None)
-    lm = api.load(model)
-    config = lm.model.config
-    counts = api.count_parameters(lm.model, lm.adapter)
-    shapes = layer_shapes(lm.model, lm.adapter)  # read from the linears: per-layer sizes may differ
+    r = _api().info(model)
+    counts = r["parameters"]
 
-    def span(values: list[int]) -> str:
+    def span(key: str) -> str:
+        values = [s[key] for s in r["layer_shapes"]]
         return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
-    widths = [s.intermediate_size for s in shapes]
-    heads = [s.num_attention_heads for s in shapes]
-    kv_heads = [s.num_key_value_heads for s in shapes]
-    payload = {
-        "model": lm.source,
-        "path": str(lm.path),
-        "model_type": config.model_type,
-        "layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": max(widths),
-        "num_attention_heads": max(heads),
-        "num_key_value_heads": max(kv_heads),
-        "layer_shapes": [s.to_dict() for s in shapes],
-        "vocab_size": config.vocab_size,
-        "parameters": counts,
-    }
-    zeros = counts["decoder_linear_zeros"] / counts["decoder_linear"]
-    _emit(payload, as_json, [
-        f"{lm.source}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"intermediate {span(widths)}, {span(heads)} query / {span(kv_heads)} KV heads",
+    _emit(r, as_json, [
+        f"{r['model']}: {r['model_type']}, {r['layers']} layers, hidden {r['hidden_size']}, intermediate "
+        f"{span('intermediate_size')}, {span('num_attention_heads')} query / {span('num_key_value_heads')} KV heads",
         f"parameters {counts['total']:,}; decoder linears {counts['decoder_linear']:,} "
-        f"({zeros:.4%} zeros)",
-        f"weights: {lm.path}",
+        f"({counts['decoder_linear_zeros'] / counts['decoder_linear']:.4%} zeros)",
+        f"weights: {r['path']}",
     ])
 
 
@@ -672,36 +532,21 @@ def bench_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Perplexity, prefill latency, decode tokens/s, memory and size of models; ratios to the first, and to the first on the same backend."""
-    import torch
-
-    from benchmarks.gate import gate_table, parse_tolerance
-    from benchmarks.report import markdown
-    from benchmarks.run import (
-        parse_batches,
-        parse_models,
-        parse_prefill,
-        resolve_device,
-    )
-    from surgeon_export import api
-
     _setup(quiet, threads)
-    check_choice("--isolation", isolation, ("process", "inline"))
-    tolerance = parse_tolerance(max_regression)
-    ppl = None if no_ppl else api.PplConfig(windows=ppl_windows, seq_len=ppl_seq_len, text=str(text) if text else None,
-                                        data_dir=str(data_dir) if data_dir else None)
-    cfg = api.BenchConfig(
-        models=parse_models(models or ["default"], backend or ["torch"]), device=resolve_device(device), dtype=dtype,
-        threads=torch.get_num_threads(), prefill=parse_prefill(prefill), decode=parse_batches(decode),
-        prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, warmup=warmup, seed=seed, ppl=ppl,
-        isolation=isolation, progress=not quiet,  # type: ignore[arg-type]
-    )
-    result = api.bench(cfg, out, baseline, tolerance, force=force)
+    api = _api()
+    cfg = api.bench_config(models or ["default"], backend or ["torch"], device=device, dtype=dtype, prefill=prefill,
+                           decode=decode, prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, warmup=warmup,
+                           seed=seed, isolation=isolation, progress=not quiet,
+                           ppl=None if no_ppl else api.PplConfig(windows=ppl_windows, seq_len=ppl_seq_len,
+                                                                 text=str(text) if text else None,
+                                                                 data_dir=str(data_dir) if data_dir else None))
+    result = api.bench(cfg, out, baseline, api.parse_tolerance(max_regression), force=force)
     written = ", ".join([str(out), result["outputs"]["markdown"], *result["outputs"]["plots"]])
-    _emit(result, as_json, [markdown(result), f"written: {written}"])  # markdown holds any gate table
+    _emit(result, as_json, [api.markdown(result), f"written: {written}"])  # markdown holds any gate table
     gate = result["gate"]
     if gate is not None and not gate["passed"]:
         if as_json:
-            typer.echo(gate_table(gate), err=True)
+            typer.echo(api.gate_table(gate), err=True)
         raise typer.Exit(1)
 
 
@@ -716,9 +561,14 @@ def main() -> None:
     try:
         _run_app()
     finally:  # leave torchrun's process group, if the command joined one
-        dist = sys.modules.get("base.distributed")
-        if dist is not None:
-            dist.shutdown()
+        api = sys.modules.get("surgeon_export.api")
+        if api is not None:
+            api.shutdown_distributed()
+
+
+def _interrupted() -> str:
+    api = sys.modules.get("surgeon_export.api")  # no API yet: nothing can have been written
+    return api.interrupted_message() if api is not None else NOTHING_WRITTEN
 
 
 def _run_app() -> None:
@@ -730,7 +580,7 @@ def _run_app() -> None:
     try:
         code = app(standalone_mode=False)  # a typer.Exit comes back as its exit code
         if code == INTERRUPTED:  # typer caught a KeyboardInterrupt: every output goes through a temporary path
-            typer.echo(interrupted_message(), err=True)
+            typer.echo(_interrupted(), err=True)
         sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode ends
     except NoArgsIsHelpError as exc:  # the command alone: its help, as --help prints it
         typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
@@ -739,13 +589,16 @@ def _run_app() -> None:
         typer.echo(f"error: {exc.format_message().strip().splitlines()[0]}", err=True)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
-        typer.echo(interrupted_message(), err=True)
+        typer.echo(_interrupted(), err=True)
         sys.exit(130)
-    except SurgeonError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
     except FloatingPointError as exc:
         typer.echo(f"error: numerical failure ({exc}); try more damping or other calibration data", err=True)
+        sys.exit(2)
+    except Exception as exc:
+        api = sys.modules.get("surgeon_export.api")  # a SurgeonError comes from the API, so it is imported
+        if api is None or not isinstance(exc, api.SurgeonError):
+            raise
+        typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 
 
