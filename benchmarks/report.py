@@ -41,6 +41,13 @@ def _x(r: float | None, digits: int = 3) -> str:
     return "–" if r is None else f"{r:.{digits}f}×"
 
 
+def _ppl(ppl: dict | None) -> str:
+    """A row's perplexity; one shared from another row (the same weights, parity-checked) says whose."""
+    if ppl is None:
+        return "–"
+    return format(ppl["perplexity"], ".3f") + (f" (= {ppl['shared_from']})" if ppl.get("shared_from") else "")
+
+
 def _cell_ratio(model: dict, kind: str, cell: str, key: str) -> float | None:
     entry = model["ratios"][kind].get(cell)
     return None if entry is None else entry[key]
@@ -65,7 +72,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {m['label']} | {m['backend']} | {a['parameters']['total']:,} | {a['sparsity']:.2%} | "
             f"{_mib(a['bytes_on_disk'])} | {_x(m['ratios']['bytes_on_disk'])} | "
-            f"{'–' if ppl is None else format(ppl['perplexity'], '.3f')} | {_x(m['ratios']['perplexity'])} |")
+            f"{_ppl(ppl)} | {_x(m['ratios']['perplexity'])} |")
     if cfg["prefill"]:
         lines += ["", "Prefill (one forward pass over a synthetic prompt):", "",
                   "| model | batch×length | median ms | min–max ms | tokens/s | peak memory | latency × | speed-up | FLOPs × |",

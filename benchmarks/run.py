@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,7 +47,9 @@ class ModelSpec:
     label: str
     spec: str | None  # a path, or None for the default model
     backend: str = "torch"
-    perplexity: bool = True  # False: not evaluated (the same weights as an evaluated row, on another runtime)
+    # True: evaluated; False: not evaluated; a label: the perplexity of that (evaluated) row, shared because this
+    # row runs the same weights on another runtime, checked against it by its export (ONNX's verification)
+    perplexity: bool | str = True
 
 
 @dataclass
@@ -91,8 +94,12 @@ class BenchConfig:
             raise SurgeonError("--new-tokens and --prompt-len must be at least 1")
         if self.ppl is not None and (self.ppl.windows is not None and self.ppl.windows < 1):
             raise SurgeonError(f"--ppl-windows must be at least 1, got {self.ppl.windows}")
+        labels = {m.label: m for m in self.models}
         for m in self.models:
             check_backend(m.backend)
+            if isinstance(m.perplexity, str) and (m.perplexity not in labels or labels[m.perplexity].perplexity is not True):
+                raise SurgeonError(f"model {m.label} shares the perplexity of {m.perplexity!r}, which is not an "
+                                   "evaluated model of this run")
         missing = [m.spec for m in self.models if m.spec is not None and not Path(m.spec).expanduser().exists()]
         if missing:  # every path before any model loads (loading the others first takes minutes)
             raise SurgeonError(f"model path not found: {', '.join(missing)}")
@@ -262,23 +269,36 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         entries = []
         for m, c in zip(cfg.models, clients):
             log.info("loading %s (%s)", m.label, m.backend)
+            start = time.perf_counter()
             loaded = c.call({"op": "load", "backend": m.backend, "spec": m.spec,
                              "device": cfg.device, "dtype": cfg.dtype, "threads": cfg.threads})
-            entries.append({"label": m.label, "spec": m.spec, "backend": m.backend, **loaded})
+            entries.append({"label": m.label, "spec": m.spec, "backend": m.backend, **loaded,
+                            "wall_seconds": {"load": round(time.perf_counter() - start, 2)}})
             if cfg.isolation == "inline":
                 entries[-1]["memory_method"] += "; inline: the process holds every model of the run"
         for m, c, e in zip(cfg.models, clients, entries):
             e["perplexity"] = None
-            if cfg.ppl is not None and m.perplexity:
+            if cfg.ppl is not None and m.perplexity is True:
                 log.info("perplexity of %s", m.label)
+                start = time.perf_counter()
                 e["perplexity"] = c.call({"op": "perplexity", **asdict(cfg.ppl), "progress": cfg.progress})
+                e["wall_seconds"]["perplexity"] = round(time.perf_counter() - start, 2)
+        by_label = {e["label"]: e for e in entries}
+        for m, e in zip(cfg.models, entries):
+            shared = by_label[m.perplexity]["perplexity"] if isinstance(m.perplexity, str) else None
+            if shared is not None:
+                e["perplexity"] = {**shared, "shared_from": m.perplexity}
         grid = [("prefill", {"batch": b, "length": t}) for b, t in cfg.prefill]
         grid += [("decode", {"batch": b, "length": cfg.prompt_len, "new_tokens": cfg.new_tokens}) for b in cfg.decode]
         for e in entries:
             e["prefill"], e["decode"] = [], []
         for op, args in grid:
             log.info("%s %s", op, _cell_key(op, args))
-            for e, cell in zip(entries, _measure(clients, op, args, cfg)):
+            start = time.perf_counter()
+            measured = _measure(clients, op, args, cfg)
+            seconds = round(time.perf_counter() - start, 2)  # every model's repetitions of the cell, interleaved
+            for e, cell in zip(entries, measured):
+                e["wall_seconds"][f"{op} {_cell_key(op, args)} (all models)"] = seconds
                 if op == "decode" and cell["status"] == "ok":  # each step reads every weight once
                     steps_per_s = cfg.new_tokens / cell["seconds"]["median"]
                     cell["bandwidth_gb_s"] = e["artefact"]["weight_bytes"] * steps_per_s / 1e9

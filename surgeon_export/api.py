@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-from contextlib import nullcontext
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -116,8 +118,6 @@ def evaluate_model(
 ) -> dict:
     """The ``eval`` command: load ``spec`` and :func:`evaluate` it; the perplexity with the model, the text,
     the parameter counts, the seconds taken and the environment."""
-    import time
-
     from base.env import environment
 
     start = time.perf_counter()
@@ -783,7 +783,8 @@ class RunConfig:
     text: Path | None = None
     data_dir: Path | None = None
     onnx: bool = True
-    runtimes: bool = True  # also benchmark dense and pruned on every installed optional runtime
+    runtimes: bool = True  # also benchmark dense and pruned on llama.cpp, when installed
+    openvino: bool = False  # also on OpenVINO (the ONNX exports), when installed: asked for, not by default
     recover: RecoverConfig | None = None  # distil the pruned model from the dense one before saving it
     recover_windows: int = 256
     recover_data: str = "calibration"
@@ -811,35 +812,49 @@ def run(cfg: RunConfig) -> dict:
     log.info("1/%d structured pruning (%s): keep %.0f%% of decoder-linear weights, %d shot(s), %d x %d calibration "
              "tokens; the smaller model goes to %s", steps, cfg.method, 100 * cfg.structured, config.shots,
              cfg.calib_samples, cfg.seq_len, pruned_dir)
-    pruned = prune_job(config, PruneJob(
-        model=cfg.model, out=pruned_dir, calib_samples=cfg.calib_samples, seq_len=cfg.seq_len, calib_text=cfg.text,
-        data_dir=cfg.data_dir, streaming=False, recover=cfg.recover, recover_data=cfg.recover_data,
-        recover_windows=cfg.recover_windows, evaluate=False, force=True, progress=cfg.progress))
+    stages: dict[str, float] = {}  # where the job's time goes (seconds per stage)
+    parity: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        stages[name] = round(time.perf_counter() - start, 1)
+
+    with stage("prune and save"):
+        pruned = prune_job(config, PruneJob(
+            model=cfg.model, out=pruned_dir, calib_samples=cfg.calib_samples, seq_len=cfg.seq_len, calib_text=cfg.text,
+            data_dir=cfg.data_dir, streaming=False, recover=cfg.recover, recover_data=cfg.recover_data,
+            recover_windows=cfg.recover_windows, evaluate=False, force=True, progress=cfg.progress))
     # Like with like: on every runtime the dense model runs beside the pruned one (dense first: the
-    # runtime's baseline, benchmarks/run.py). Its perplexity is measured once, on torch: the exports
-    # are checked against torch, and the same-runtime ratio names the perplexity it uses.
+    # runtime's baseline, benchmarks/run.py). Perplexity is measured on torch and on llama.cpp (its own
+    # kernels and file); the ONNX rows share torch's (the same weights, checked against torch by the export).
     models = [ModelSpec(label="dense", spec=cfg.model), ModelSpec(label="pruned", spec=str(pruned_dir))]
     if cfg.onnx:
         log.info("2/%d exporting the dense and the pruned model to ONNX (%s)", steps, cfg.out)
         for name, source in (("dense", cfg.model), ("pruned", pruned_dir)):
-            onnx_dir = cfg.out / f"{name}-onnx"
-            manifest = export_onnx(load(source), onnx_dir, force=True)
+            with stage(f"onnx export {name}"):
+                manifest = export_onnx(load(source), cfg.out / f"{name}-onnx", force=True)
+            parity[f"{name}-onnx"] = manifest["verification"]["max_abs_diff"]
             log.info("%s exported in %.0f s; ONNX Runtime vs torch: largest logit difference %.1e",
-                     name, manifest["export_seconds"], manifest["verification"]["max_abs_diff"])
-        for runtime in ("onnxruntime", *(["openvino"] if "openvino" in runtimes else [])):  # OpenVINO: the same exports
-            suffix = "onnx" if runtime == "onnxruntime" else runtime
+                     name, manifest["export_seconds"], parity[f"{name}-onnx"])
+        for runtime in ("onnxruntime", *(["openvino"] if cfg.openvino and "openvino" in runtimes else [])):
+            suffix = "onnx" if runtime == "onnxruntime" else runtime  # OpenVINO: the same exports
             models += [ModelSpec(label=f"dense-{suffix}", spec=str(cfg.out / "dense-onnx"), backend=runtime,
-                                 perplexity=False),
-                       ModelSpec(label=f"pruned-{suffix}", spec=str(cfg.out / "pruned-onnx"), backend=runtime)]
+                                 perplexity="dense"),
+                       ModelSpec(label=f"pruned-{suffix}", spec=str(cfg.out / "pruned-onnx"), backend=runtime,
+                                 perplexity="pruned")]
     skipped = {}
     if "llama.cpp" in runtimes:
-        log.info("%d/%d writing the dense and the pruned model as GGUF for llama.cpp (%s)", steps - 1, steps, cfg.out)
+        log.info("%d/%d writing the pruned model as GGUF for llama.cpp (%s; the dense one: once, in the model cache)",
+                 steps - 1, steps, cfg.out / "pruned-gguf")
         try:
-            export_gguf(pruned_dir, cfg.out / "pruned-f32.gguf", tensor_type="f32", force=True)
-            export_gguf(cfg.model, cfg.out / "dense-f32.gguf", tensor_type="f32", force=True)
-            models += [ModelSpec(label="dense-llama.cpp", spec=str(cfg.out / "dense-f32.gguf"), backend="llama.cpp",
-                                 perplexity=False),
-                       ModelSpec(label="pruned-llama.cpp", spec=str(cfg.out / "pruned-f32.gguf"), backend="llama.cpp")]
+            with stage("gguf export pruned"):
+                pruned_gguf = _gguf_with_companion(pruned_dir, cfg.out / "pruned-gguf")
+            with stage("gguf export dense (cached after the first run)"):
+                dense_gguf = _cached_gguf(cfg.model)
+            models += [ModelSpec(label="dense-llama.cpp", spec=str(dense_gguf), backend="llama.cpp", perplexity=False),
+                       ModelSpec(label="pruned-llama.cpp", spec=str(pruned_gguf), backend="llama.cpp")]
         except SurgeonError as exc:  # a family or tokenizer GGUF cannot express: the rest of the job stands
             skipped["llama.cpp"] = str(exc)
             log.warning("llama.cpp skipped: %s", exc)
@@ -852,13 +867,37 @@ def run(cfg: RunConfig) -> dict:
                       data_dir=str(cfg.data_dir) if cfg.data_dir else None),
         progress=cfg.progress,
     )
-    result = bench(bench_cfg, cfg.out / "benchmark.json", force=True)  # the run owns cfg.out (checked above)
+    with stage("benchmark"):
+        result = bench(bench_cfg, cfg.out / "benchmark.json", force=True)  # the run owns cfg.out (checked above)
     add_measurements(pruned_dir, benchmark_lines(result, "pruned"))  # the card gets the speed measured here
     out = {"prune": pruned, "remaining_fraction": pruned["remaining_fraction"], "benchmark": result,
-           "runtimes_skipped": skipped}
+           "onnx_parity_max_abs_logit_diff": parity, "runtimes_skipped": skipped, "stage_seconds": stages}
     if "recover" in pruned:
         out["recover"] = pruned["recover"]
     return out
+
+
+def _gguf_with_companion(model_dir: Path, out: Path) -> Path:
+    """``model_dir`` as ``out/model-f32.gguf`` beside a copy of its config and tokenizer files, the Hugging
+    Face directory the llama.cpp backend takes them from (:func:`runtime.llama_cpp.companion_directory`)."""
+    import shutil
+
+    prepare_target(out, True, source=model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
+            shutil.copy2(f, out / f.name)
+    target = out / "model-f32.gguf"
+    export_gguf(model_dir, target, tensor_type="f32", force=True)
+    return target
+
+
+def _cached_gguf(spec: str | Path | None) -> Path:
+    """The F32 GGUF of a model directory in the model cache, written on first use
+    (:func:`runtime.llama_cpp.gguf_for_directory`: keyed by the files' checksums)."""
+    from runtime.llama_cpp import gguf_for_directory
+
+    return gguf_for_directory(resolve_model_dir(spec)[0], "F32")
 
 
 def generate_text(

@@ -310,7 +310,8 @@ def run_cmd(
     text: Annotated[Optional[Path], typer.Option(help="Calibrate and evaluate on this text instead of WikiText-2.")] = None,
     data_dir: DataDir = None,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the dense and the pruned model to ONNX and benchmark both on ONNX Runtime (pruned against dense on the same runtime).")] = True,
-    runtimes: Annotated[bool, typer.Option("--runtimes/--no-runtimes", help="Also benchmark dense and pruned on every installed optional runtime: OpenVINO (the ONNX exports) and llama.cpp (float32 GGUF files written beside them).")] = True,
+    runtimes: Annotated[bool, typer.Option("--runtimes/--no-runtimes", help="Also benchmark dense and pruned on llama.cpp, when installed (float32 GGUF: the pruned one written to OUT/pruned-gguf, the dense one once into the model cache).")] = True,
+    openvino: Annotated[bool, typer.Option("--openvino/--no-openvino", help="Also benchmark dense and pruned on OpenVINO (the ONNX exports), when installed; off by default to keep the main job short.")] = False,
     recover: Recover = False,
     recover_steps: RecoverSteps = RECOVER_STEPS,
     recover_lr: RecoverLr = None,
@@ -330,7 +331,7 @@ def run_cmd(
     payload = api.run(api.RunConfig(
         model=model, out=out, structured=structured, method=method, allocation=allocation, shots=shots,
         calib_samples=calib_samples, ppl_windows=ppl_windows, seq_len=seq_len, text=text, data_dir=data_dir,
-        onnx=onnx, runtimes=runtimes, progress=not quiet, force=force,
+        onnx=onnx, runtimes=runtimes, openvino=openvino, progress=not quiet, force=force,
         recover=recover_config(recover_steps, recover_lr, recover_rank, recover_seq_len) if recover else None,
         recover_windows=recover_windows, recover_data=recover_data,
     ))

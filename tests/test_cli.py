@@ -156,7 +156,8 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     result = run_cli(
         "run", str(tiny_llama_dir), "--out", str(out), "--text", str(text_file), "--seq-len", "32",
         "--calib-samples", "4", "--ppl-windows", "2", "--structured", "0.7", "--shots", "1", "--json", "--quiet",
-    )  # the default method: LLM Surgeon, the same MLP channels removed in every layer
+        "--openvino",
+    )  # the default method: LLM Surgeon, the same MLP channels removed in every layer; OpenVINO asked for
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert payload["remaining_fraction"] <= 0.7 + 1e-9
@@ -173,8 +174,16 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
                                                                          for k in ("dense", "pruned"))]
     for dense, pruned in zip(bench["models"][2::2], bench["models"][3::2]):  # every runtime runs the same pruned model
         assert pruned["perplexity"]["perplexity"] == pytest.approx(bench["models"][1]["perplexity"]["perplexity"], rel=1e-3)
-        assert dense["perplexity"] is None and dense["backend"] == pruned["backend"]  # evaluated once, on torch
+        assert dense["backend"] == pruned["backend"]
+        if dense["backend"] in ("onnxruntime", "openvino"):  # the same weights as torch's rows, checked by the export
+            assert dense["perplexity"]["shared_from"] == "dense" and pruned["perplexity"]["shared_from"] == "pruned"
+            assert payload["onnx_parity_max_abs_logit_diff"][f"{pruned['label'].split('-')[0]}-onnx"] < 1e-3
+        else:  # llama.cpp: its own kernels and file; the pruned model evaluated there, the dense one once on torch
+            assert dense["perplexity"] is None and "shared_from" not in pruned["perplexity"]
         assert pruned["runtime_baseline"] == dense["label"] and pruned["ratios_same_runtime"]["parameters"] < 1.0
+    assert set(payload["stage_seconds"]) >= {"prune and save", "onnx export dense", "onnx export pruned", "benchmark"}
+    assert all(m["wall_seconds"]["load"] > 0 for m in bench["models"])
+    assert [m["label"] for m in bench["models"] if "perplexity" in m["wall_seconds"]] == ["dense", "pruned"]
     assert bench["models"][1]["ratios"]["parameters"] < 1.0
     assert (out / "pruned" / "config.json").is_file()
     assert payload["prune"]["config"]["scoring"] == "surgeon" and payload["prune"]["config"]["allocation"] == "uniform"
