@@ -169,12 +169,10 @@ def test_a_target_under_a_file_is_refused_before_the_work(command: str, models: 
 def test_a_read_only_parent_is_refused_before_the_work(models: dict[str, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    import base.files
-
-    def refuse(*args: object, **kwargs: object) -> tuple[int, str]:
+    def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(base.files.tempfile, "mkstemp", refuse)  # what a read-only mount does, even to root
+    monkeypatch.setattr(Path, "touch", refuse)  # the probe file: what a read-only mount does, even to root
     loaded = []
     monkeypatch.setattr("base.loading._load_hf_dir", lambda *a, **k: loaded.append(a))
     code, _, err = cli(monkeypatch, capsys, "onnx", str(models["good"]), "--out", str(tmp_path / "x"), "--quiet")
