@@ -1,7 +1,9 @@
 """Writing files safely: one atomic writer for a file, one for a directory, one name for their temporaries.
 
-Every writer of ours (checkpoints, packs, ONNX and GGUF exports, the model cache, benchmark results,
-the pieces of resumable state) goes through :func:`write_file` or :func:`write_dir`:
+Every writer of ours (checkpoints, packs, ONNX exports, the model cache, benchmark results, model
+cards, the pieces of resumable state) goes through :func:`write_file` or :func:`write_dir`; the GGUF
+writer (which streams into a path of its own) and streamed pruning's resumable directory use their
+parts, :func:`temp_path` and :func:`install_dir`:
 
 - the output is built under a hidden temporary sibling of the target, ``.NAME.tmp-PID-XXXXXXXX``
   (:func:`temp_path`), and renamed into place: a reader sees the old output or the new one, never a part;

@@ -10,10 +10,11 @@ the directory into place, so ``--out`` never holds a half-written checkpoint.
 
 Resume: ``progress.json`` in the partial directory (a :class:`base.resume.ResumeState`) records the
 source's identity (config, every safetensors header and size, and a digest of each file's first and
-last MiB), the pruning settings, each finished layer's records and its shard's checksum. A rerun with the same source and settings reads the
-finished layers back from their shards, replays them to rebuild the next layer's inputs, and goes
-on from the first unfinished layer, so an interrupted run ends with the same tensors as an
-uninterrupted one. Other settings or another source: a one-line error naming the difference.
+last MiB), the pruning settings, each finished layer's records and its shard's checksum. A rerun
+with the same source and settings reads the finished layers back from their shards, replays them to
+rebuild the next layer's inputs, and goes on from the first unfinished layer, so an interrupted run
+ends with the same tensors as an uninterrupted one. Other settings or another source: a one-line
+error naming the difference.
 
 Streamed LLM Surgeon (:mod:`surgeon.streamed_surgeon`) walks the layers several times per shot and
 keeps its files and resume state in ``surgeon/`` inside the partial directory; it hands each layer

@@ -431,7 +431,8 @@ def binding_of(cfg: SurgeonConfig, linears: dict[str, nn.Linear], windows: torch
 
 
 def _save_checkpoint(
-    state: ResumeState, shots_done: int, shots: list[dict], linears: dict[str, nn.Linear], keep: dict[str, torch.Tensor],
+    state: ResumeState, shots_done: int, shots: list[dict], linears: dict[str, nn.Linear],
+    keep: dict[str, torch.Tensor],
 ) -> None:
     """Write weights and masks of this shot (a new piece), then ``progress.json`` naming it; the older
     piece is removed after that, so a kill at any point leaves a progress file and the state it names."""

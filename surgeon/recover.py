@@ -18,10 +18,11 @@ and biases stay frozen.
 
 Divergence (a non-finite loss, or the smoothed loss above its starting value for ``patience``
 steps in a row) stops the run and restores the weights it started from; a model with a non-finite
-weight is never returned. ``checkpoint_dir`` makes the run resumable (:class:`base.resume.ResumeState`):
-trained tensors and AdamW's state as safetensors (never a pickle) every ``save_every`` steps, bound to
-the config, the seed, the training windows and the starting weights; the batch order depends only on the seed, so a resumed run takes the
-same batches as an uninterrupted one and ends bit-identical to it.
+weight is never returned. ``checkpoint_dir`` makes the run resumable
+(:class:`base.resume.ResumeState`): trained tensors and AdamW's state as safetensors (never a
+pickle) every ``save_every`` steps, bound to the config, the seed, the training windows and the
+starting weights; the batch order depends only on the seed, so a resumed run takes the same batches
+as an uninterrupted one and ends bit-identical to it.
 """
 
 from __future__ import annotations
@@ -277,7 +278,8 @@ def recover_(
                                           fused=True)
             first, state = 0, None
             if checkpoint_dir is not None:  # bound to the starting weights, the config and the training windows
-                binding = {"source model": _fingerprint(params), "config": cfg.to_dict(), "windows": list(windows.shape),
+                binding = {"source model": _fingerprint(params), "config": cfg.to_dict(),
+                           "windows": list(windows.shape),
                            "data": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()}
                 state, first = _resume(checkpoint_dir, binding, params, optimizer, report)
                 report.resumed_from = first

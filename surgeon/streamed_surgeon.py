@@ -125,7 +125,8 @@ def _batches(model: nn.Module, adapter: Adapter, windows: torch.Tensor, cfg: Sur
     return _Batches(first, len(first) - (n_k % bs > 0), kfac, ids, starts)
 
 
-def _save_factors(spill: ResumeState, adapter: Adapter, i: int, factors: dict[str, KronFactor], names: list[str]) -> None:
+def _save_factors(spill: ResumeState, adapter: Adapter, i: int, factors: dict[str, KronFactor],
+                  names: list[str]) -> None:
     """``A`` (once per input group) and ``G`` of the named linears of layer ``i``."""
     tensors = {f"G.{n}": factors[n].G for n in names}
     for group in _groups(adapter, i):

@@ -229,7 +229,8 @@ def test_resume_state_refuses_another_run_or_damaged_pieces_in_one_line(tmp_path
     assert re.search(message, line), line
 
 
-def test_a_write_error_of_a_piece_is_one_line_naming_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_write_error_of_a_piece_is_one_line_naming_the_target(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import base.resume
 
     def full(tensors: dict, path: str) -> None:
