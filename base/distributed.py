@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from base.errors import SurgeonError
+from base.errors import SurgeonError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def init_from_env(timeout: float | None = None) -> bool:
         raise SurgeonError(f"cannot join the process group: {exc}") from None
     except RuntimeError as exc:  # the rendezvous timed out or was refused
         raise DistributedError(f"cannot join the process group of {env_world_size()} ranks "
-                               f"({_first_line(exc)})") from None
+                               f"({first_line(exc)})") from None
     _REPORTED[0] = False
     _PEERS[:] = [(int(h), int(p)) for h, p in gather_rows([_host_digest(), os.getpid()])]
     if threading.current_thread() is threading.main_thread():
@@ -193,11 +193,6 @@ def shutdown() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _failure(exc: BaseException, what: str) -> DistributedError:
     """One line for a failed collective: who stopped, or the timeout."""
     text = str(exc).lower()
@@ -207,7 +202,7 @@ def _failure(exc: BaseException, what: str) -> DistributedError:
         return DistributedError(f"rank {me} of {n}: a collective ({what}) timed out after {_TIMEOUT[0]:.0f} s "
                                 "waiting for the other ranks; nothing was written")
     other = _who_stopped() or (f"rank {1 - me} of 2 stopped" if n == 2 else f"another of the {n} ranks stopped")
-    reason = _first_line(exc)
+    reason = first_line(exc)
     if "] " in reason:  # gloo's "[file.cc:537] Read error ...": the part after the source location
         reason = reason.split("] ", 1)[1]
     return DistributedError(f"rank {me} of {n}: {other} ({reason.split('. This is', 1)[0]}); nothing was written")

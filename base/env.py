@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from base.formats import dtype_name
+
 
 def _version(package: str) -> str | None:
     try:
@@ -123,7 +125,7 @@ def environment(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
         "onnxruntime": _version("onnxruntime"),
         "surgeon_export": _version("surgeon-export"),
         "python": platform.python_version(),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "threads": torch.get_num_threads(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),

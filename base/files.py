@@ -1,35 +1,46 @@
-"""Writing files safely: check the target before the work, name our temporaries, clean stale ones.
+"""Writing files safely: one atomic writer for a file, one for a directory, one name for their temporaries.
 
-Every writer (checkpoints, ONNX, packs, the model cache, benchmark results, resumable state) builds
-its output under a hidden temporary name beside the target and renames it into place. Three things
-are shared here so that they are done once:
+Every writer of ours (checkpoints, packs, ONNX exports, the model cache, benchmark results, model
+cards, the pieces of resumable state) goes through :func:`write_file` or :func:`write_dir`; the GGUF
+writer (which streams into a path of its own) and streamed pruning's resumable directory use their
+parts, :func:`temp_path` and :func:`install_dir`:
 
-- :func:`check_writable`: refuse a target whose parent cannot be written *before* minutes of
-  pruning or export, not with an ``OSError`` traceback after them (a probe file is created and
-  removed, because ``os.access`` says yes to root on a read-only mount);
-- :func:`temp_prefix` and :func:`clean_stale`: temporaries are named ``.NAME.tmp-PID-XXXXXXXX``,
-  so a later run can tell ours from anything else, and remove those whose process is gone (a kill
-  during a write cannot run any cleanup);
-- :func:`write_error`: a failed write (disk full, read-only file system, a safetensors I/O error)
-  becomes one :class:`SurgeonError` line naming the target and the reason.
+- the output is built under a hidden temporary sibling of the target, ``.NAME.tmp-PID-XXXXXXXX``
+  (:func:`temp_path`), and renamed into place: a reader sees the old output or the new one, never a part;
+- an existing directory is replaced safely (:func:`install_dir`): moved aside to
+  ``.NAME.old-PID-XXXXXXXX``, the new one renamed in, then the old one removed (put back if the rename
+  fails);
+- before writing, :func:`clean_stale` removes what a killed run left beside the same target (a kill
+  runs no cleanup): temporaries whose process is gone, and an old copy moved aside (put back where the
+  target is missing, removed where it is there);
+- a failed write (disk full, read-only file system, a safetensors I/O error) is one line
+  (:func:`write_error`) naming the target and the reason, with no temporary left.
 
-Resumable runs (streamed pruning) keep their finished work in a hidden directory on purpose; they
-run inside :func:`resumable`, so that Ctrl-C's message (:func:`interrupted_message`) says
-what stays, where, and how to resume or remove it, instead of "nothing was written".
+:func:`check_writable` refuses a target whose parent cannot be written *before* minutes of pruning or
+export, not with an ``OSError`` traceback after them (a probe file is created and removed, because
+``os.access`` says yes to root on a read-only mount). :func:`read_json` reads a JSON file of ours or
+the user's with a one-line error for a file that is not JSON.
+
+Resumable runs (streamed pruning) keep their finished work in a hidden directory on purpose
+(:mod:`base.resume`); they run inside :func:`resumable`, so that Ctrl-C's message
+(:func:`interrupted_message`) says what stays, where, and how to resume or remove it, instead of
+"nothing was written".
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from base.errors import SurgeonError
 
@@ -44,14 +55,27 @@ def _restart_clock() -> None:
 
 
 os.register_at_fork(after_in_child=_restart_clock)  # a forked child is a new process: its own start
-_STALE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[A-Za-z0-9_]+$")
-LEGACY_MKSTEMP = re.compile(r"^tmp[a-z0-9_]{8}\.tmp$")  # tempfile.mkstemp(suffix=".tmp"), before pids were recorded
-LEGACY_AGE = 3600.0  # seconds: a temporary without a pid untouched this long is no one's
+# ``tmp``: a temporary being written; ``old``: an output moved aside while its replacement is renamed in.
+_OURS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 
 
-def temp_prefix(name: str) -> str:
-    """The prefix of our temporary sibling for target ``name``: hidden, with this process's id."""
-    return f".{name}.tmp-{os.getpid()}-"
+class WriteError(SurgeonError):
+    """A write that failed (disk full, read-only, an I/O error): one line naming the target."""
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def temp_path(target: Path) -> Path:
+    """A fresh name for a temporary sibling of ``target`` (not created): hidden, with this process's id,
+    so that :func:`clean_stale` can tell ours from anything else and whose process is gone.
+
+    Example:
+        >>> temp_path(Path("out/model.gguf")).name.startswith(f".model.gguf.tmp-{os.getpid()}-")
+        True
+    """
+    return _sibling(Path(target), "tmp")
 
 
 def check_writable(target: Path, what: str = "output") -> None:
@@ -63,12 +87,12 @@ def check_writable(target: Path, what: str = "output") -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise SurgeonError(f"cannot write {what} {target}: {parent} is not a directory")
+    probe = temp_path(parent / "probe")
     try:
-        fd, probe = tempfile.mkstemp(prefix=temp_prefix("probe"), dir=parent)
+        probe.touch(exist_ok=False)
     except OSError as exc:
         raise SurgeonError(f"cannot write {what} {target}: {parent}: {exc.strerror or exc}") from None
-    os.close(fd)
-    os.unlink(probe)
+    probe.unlink()
 
 
 _RESUMABLE: list[tuple[Path, Path]] = []  # the resumable directory of the run in progress, and its output
@@ -112,27 +136,107 @@ def interrupted_message() -> str:
             f"(rm -r {directory}) to free the space")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling (:func:`temp_prefix`) renamed into place:
-    readers see the old file or the new one, never a part; a failed write is one line."""
+def write_file(path: Path, content: str | bytes | Callable[[Path], object], *, target: Path | None = None) -> None:
+    """Write the file ``path`` atomically: into a temporary sibling (:func:`temp_path`), renamed into place.
+
+    Args:
+        content: text (UTF-8), bytes, or a function that writes the file at the path it is given
+            (``lambda p: save_file(tensors, str(p))``); the path does not exist yet.
+        target: what a failed write's one line names (default ``path``).
+
+    Stale temporaries of ``path`` are removed first; a failed write leaves no temporary and the old
+    file as it was, and is one :class:`WriteError` line.
+
+    Example:
+        >>> import tempfile; d = Path(tempfile.mkdtemp())
+        >>> write_file(d / "a.json", '{"x": 1}'); (d / "a.json").read_text()
+        '{"x": 1}'
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
+    tmp = temp_path(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path.parent, path.name)
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
         os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise write_error(exc, path) from None
+    except Exception as exc:
+        if is_write_error(exc):
+            raise write_error(exc, target or path) from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def write_error(exc: BaseException, target: Path) -> SurgeonError:
+write_text_atomic = write_file  # the name surgeon_export/api.py imports
+
+
+def write_dir(target: Path, fill: Callable[[Path], object], *, replace: bool = True) -> None:
+    """Write the directory ``target`` atomically: ``fill`` writes into a fresh temporary sibling, which
+    is renamed into place.
+
+    Args:
+        fill: writes the directory's files into the (existing, empty) directory it is given.
+        replace: an existing ``target`` is replaced (:func:`install_dir`); False: it is kept and ours
+            dropped (another process wrote the same thing first, e.g. the model cache).
+
+    A failed write is one :class:`WriteError` line; no temporary stays, and a replaced directory
+    comes back.
+    """
+    target = Path(target)
+    tmp = temp_path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target.parent, target.name)
+        tmp.mkdir()
+        fill(tmp)
+        if replace:
+            install_dir(tmp, target)
+        else:
+            try:
+                os.replace(tmp, target)
+            except OSError:  # there already: another process finished first; its copy is as good as ours
+                if not target.is_dir():
+                    raise
+    except Exception as exc:
+        if is_write_error(exc):
+            raise write_error(exc, target) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_dir(built: Path, target: Path) -> None:
+    """Rename the finished directory ``built`` to ``target``, replacing an existing ``target`` safely.
+
+    The old ``target`` is moved aside (``.NAME.old-PID-XXXXXXXX``) and removed only once the new one is
+    in place; if that rename fails, it comes back. A kill between the two renames leaves it aside, and
+    the next :func:`clean_stale` of ``target`` puts it back.
+    """
+    old = _sibling(target, "old") if target.exists() else None
+    if old is not None:
+        os.replace(target, old)
+    try:
+        os.replace(built, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_error(exc: BaseException, target: Path) -> WriteError:
     """One line for a failed write (``OSError`` or safetensors' I/O error) of ``target``."""
     text = str(exc).strip()
     reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "StorageFull" in text:
         reason = "no space left on device"
-    return SurgeonError(f"cannot write {target}: {reason}; nothing was written")
+    return WriteError(f"cannot write {target}: {reason}; nothing was written")
 
 
 def is_write_error(exc: BaseException) -> bool:
@@ -140,6 +244,14 @@ def is_write_error(exc: BaseException) -> bool:
     from safetensors import SafetensorError
 
     return isinstance(exc, (OSError, SafetensorError))
+
+
+def read_json(path: Path) -> Any:
+    """The content of the JSON file ``path``; a file that is not valid JSON (or not UTF-8) is one line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SurgeonError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _alive(pid: int) -> bool:
@@ -154,29 +266,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(directory: Path, name: str | None = None, legacy: re.Pattern[str] | None = None) -> list[Path]:
-    """Remove our stale temporaries in ``directory`` (``.NAME.tmp-PID-XXXX``, for target ``name`` or
-    any): only those whose process is gone and that are older than this process. ``legacy``: also
-    names without a pid, when older than this process and untouched for :data:`LEGACY_AGE`."""
+def clean_stale(directory: Path, name: str | None = None) -> list[Path]:
+    """Clear up what killed runs left in ``directory`` beside target ``name`` (or any): only entries
+    whose process is gone and that are older than this process.
+
+    A temporary (``.NAME.tmp-PID-XXXX``) is removed. An old output moved aside (``.NAME.old-PID-XXXX``,
+    :func:`install_dir`) is put back where ``NAME`` is missing, else removed. Returns the entries handled.
+    """
     directory = Path(directory)
-    removed: list[Path] = []
+    handled: list[Path] = []
     if not directory.is_dir():
-        return removed
+        return handled
     for entry in directory.iterdir():
-        match = _STALE.match(entry.name)
-        old = legacy is not None and legacy.match(entry.name) is not None
-        if not old and (match is None or (name is not None and match["name"] != name) or _alive(int(match["pid"]))):
+        match = _OURS.match(entry.name)
+        if match is None or (name is not None and match["name"] != name) or _alive(int(match["pid"])):
             continue
         try:
-            mtime = entry.lstat().st_mtime
-            if mtime >= PROCESS_START or (old and time.time() - mtime < LEGACY_AGE):
+            if entry.lstat().st_mtime >= PROCESS_START:
                 continue
-            if entry.is_dir() and not entry.is_symlink():
+            original = directory / match["name"]
+            if match["kind"] == "old" and not os.path.lexists(original):
+                os.replace(entry, original)
+                log.warning("put back %s, moved aside by an interrupted run that was replacing it", original)
+            elif entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
         except OSError:  # gone meanwhile, or not ours to remove: leave it
             continue
-        log.info("removed a stale temporary from an interrupted run: %s", entry)
-        removed.append(entry)
-    return removed
+        log.info("cleared a stale temporary of an interrupted run: %s", entry)
+        handled.append(entry)
+    return handled

@@ -4,6 +4,8 @@
   header and size, and each file's first and last MiB), cheap even for a large model. Resumable
   runs (streamed pruning's ``progress.json``, LLM Surgeon's ``--checkpoint``) record it and refuse
   to go on with another model.
+- :func:`file_digest`: the SHA-256 of a whole file (a GGUF file's cache key, a piece of resumable
+  state, :mod:`base.resume`).
 - :func:`tensor_checksums` / :func:`verify_checksums`: the SHA-256 of every tensor's bytes as
   stored in a safetensors file (read by the header's offsets, never parsed into tensors), recorded
   by the writers of our own formats (compressed packs, the GGUF conversion cache) and checked on
@@ -36,6 +38,15 @@ def source_identity(config: Path, files: Iterable[Path]) -> str:
             h.update(fh.read(1 << 20))
             fh.seek(max(0, size - (1 << 20)))
             h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read a chunk at a time."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 

@@ -25,6 +25,7 @@ from base.errors import SurgeonError
 from base.loading import (
     check_checkpoint,
     check_finite,
+    check_shapes,
     config_errors,
     error_reason,
     load_tokenizer,
@@ -170,50 +171,16 @@ def open_lazy(spec: str | Path | None = None, *, dtype: torch.dtype = torch.floa
         except config_errors() as exc:  # a config transformers cannot build a model from (tests/test_fuzz.py)
             raise SurgeonError(f"cannot load the config of {directory}: {error_reason(exc)}") from None
     weights = LazyWeights(files)
-    _check_shapes(directory, model, weights)
+    check_shapes(directory, model, weights.shapes)  # before any layer is read: never a half-loaded or cut-down model
     lazy = LazyModel(model.eval(), load_tokenizer(directory), adapter, directory, source, weights, dtype)
     layers = adapter.layers + "."
     left = set()  # an untied LM head the caller does not need
     output = model.get_output_embeddings()
     if not head and output is not None and not getattr(model.config, "tie_word_embeddings", False):
         left = {name for name, p in model.named_parameters() if p is output.weight}
-    state = {}
-    for key in model.state_dict():
-        if key.startswith(layers) or key in left:
-            continue
-        if key in weights.where:
-            state[key] = weights.get(key, dtype)
-        elif not _tied(model, key):
-            raise SurgeonError(f"{directory}: tensor {key} is missing from the checkpoint")
-    expected = set(model.state_dict())
-    unexpected = sorted(k for k in weights.where if k not in expected)
-    if unexpected:  # e.g. num_hidden_layers below the stored layers: refused as load_model refuses it
-        raise SurgeonError(f"{directory}: tensor {unexpected[0]} is not part of the model config.json describes "
-                           f"({len(unexpected)} unexpected tensors)")
+    state = {key: weights.get(key, dtype) for key in model.state_dict()
+             if not key.startswith(layers) and key not in left and key in weights.where}
     model.load_state_dict(state, assign=True, strict=False)
     model.tie_weights()
     materialise_buffers(model)  # the rotary inv_freq; decoder layers hold no such buffers
     return lazy
-
-
-def _tied(model: nn.Module, key: str) -> bool:
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return False
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return key in tied
-
-
-def _check_shapes(directory: Path, model: nn.Module, weights: LazyWeights) -> None:
-    """Every tensor the config describes is stored with its shape, and nothing else is: before any layer
-    is read, so a config that does not match the checkpoint never yields a half-loaded or cut-down model."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for key, shape in expected.items():
-        if key not in weights.where:
-            if not _tied(model, key):
-                raise SurgeonError(f"{directory}: tensor {key} is missing from the checkpoint")
-        elif weights.shapes[key] != shape:
-            raise SurgeonError(f"{directory}: tensor {key} has shape {list(weights.shapes[key])}, but config.json "
-                               f"says {list(shape)}")
-    extra = sorted(k for k in weights.where if k not in expected)
-    if extra:
-        raise SurgeonError(f"{directory}: tensor {extra[0]} is not part of the model config.json describes")

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,16 +29,10 @@ import torch
 from torch import nn
 
 from base.adapters import ADAPTERS, PER_LAYER_PREFIX, Adapter, get_adapter
-from base.errors import SurgeonError
-from base.files import (
-    check_writable,
-    clean_stale,
-    is_write_error,
-    temp_prefix,
-    write_error,
-)
+from base.errors import SurgeonError, first_line
+from base.files import WriteError, check_writable, read_json, temp_path, write_dir
 from base.formats import GGUF_METADATA_SHA_KEY, GGUF_TENSOR_SHA_KEY, GGUF_TRUE_FFN_KEY
-from base.integrity import tensor_checksums, verify_checksums
+from base.integrity import file_digest, tensor_checksums, verify_checksums
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +126,7 @@ def read_config(directory: Path) -> dict:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise SurgeonError(f"{directory} is not a Hugging Face model directory (no config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SurgeonError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json(config_path)
     if not isinstance(config, dict) or "model_type" not in config:
         raise SurgeonError(f"{config_path}: no model_type; not a transformers config")
     return config
@@ -250,7 +240,7 @@ def check_loading_info(directory: Path, model: nn.Module, info: dict) -> None:
         key, stored, expected = mismatched[0]
         raise SurgeonError(f"{directory}: tensor {key} has shape {list(stored)}, but config.json says "
                            f"{list(expected)} ({len(mismatched)} tensors differ)")
-    missing = sorted(k for k in info.get("missing_keys", []) if not _is_tied(model, k))
+    missing = sorted(set(info.get("missing_keys", [])) - tied_keys(model))
     if missing:
         raise SurgeonError(f"{directory}: tensor {missing[0]} is missing from the checkpoint ({len(missing)} "
                            "missing); refusing to initialise it randomly")
@@ -268,7 +258,7 @@ def load_tokenizer(directory: Path) -> object:
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except config_errors() as exc:  # the tokenizer reads config.json too
-        raise SurgeonError(f"cannot load tokenizer from {directory}: {_first_line(exc)}") from None
+        raise SurgeonError(f"cannot load tokenizer from {directory}: {first_line(exc)}") from None
 
 
 def check_per_layer_checkpoint(directory: Path, config: dict, files: list[Path]) -> None:
@@ -300,22 +290,43 @@ def check_per_layer_checkpoint(directory: Path, config: dict, files: list[Path])
             raise SurgeonError(f"{config_path}: {_last_line(exc)}") from None
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(parsed, trust_remote_code=False)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if not _is_tied(skeleton, k)}
-    actual: dict[str, tuple[int, ...]] = {}
+    stored: dict[str, tuple[int, ...]] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():
-                actual[key] = tuple(st.get_slice(key).get_shape())
+                stored[key] = tuple(st.get_slice(key).get_shape())
+    check_shapes(directory, skeleton, stored)
+
+
+def tied_keys(model: nn.Module) -> set[str]:
+    """The state-dict names that share another one's tensor (an LM head tied to the embeddings), which a
+    checkpoint need not store: transformers' ``all_tied_weights_keys``, empty unless the config ties them."""
+    return set(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def check_shapes(directory: Path, skeleton: nn.Module, stored: dict[str, tuple[int, ...]]) -> None:
+    """Check what a checkpoint stores against the model its config.json describes, before any tensor is read.
+
+    Every tensor of ``skeleton`` (built from the config, on the meta device) must be stored with its
+    shape (a tied one may be left out), and nothing else may be; the first difference is one line
+    naming the tensor. Shapes are never guessed from the weights.
+
+    Args:
+        stored: name -> shape of every stored tensor (from the safetensors headers, or a pack's metadata).
+    """
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    tied = tied_keys(skeleton)
     for key, shape in expected.items():
-        if key not in actual:
-            raise SurgeonError(f"{directory}: tensor {key} {list(shape)} is missing from the checkpoint")
-        if actual[key] != shape:
-            raise SurgeonError(
-                f"{directory}: tensor {key} has shape {list(actual[key])}, but config.json says {list(shape)}"
-            )
-    extra = sorted(k for k in actual if k not in expected and not _is_tied(skeleton, k))
-    if extra:
-        raise SurgeonError(f"{directory}: tensor {extra[0]} is not part of the model config.json describes")
+        if key not in stored:
+            if key not in tied:
+                raise SurgeonError(f"{directory}: tensor {key} {list(shape)} is missing from the checkpoint")
+        elif tuple(stored[key]) != shape:
+            raise SurgeonError(f"{directory}: tensor {key} has shape {list(stored[key])}, but config.json says "
+                               f"{list(shape)}")
+    extra = sorted(k for k in stored if k not in expected)
+    if extra:  # e.g. num_hidden_layers below the stored layers: they would be silently dropped
+        raise SurgeonError(f"{directory}: tensor {extra[0]} is not part of the model config.json describes "
+                           f"({len(extra)} unexpected tensors)")
 
 
 # What transformers raises while building a model from a bad config.json: its strict config dataclasses'
@@ -339,24 +350,12 @@ def config_errors() -> tuple[type[BaseException], ...]:
 
 def error_reason(exc: BaseException) -> str:
     """One line saying why: the last line of a (multi-line) validation error, else the first."""
-    return _last_line(exc) if isinstance(exc, _strict_error()) else _first_line(exc)
+    return _last_line(exc) if isinstance(exc, _strict_error()) else first_line(exc)
 
 
 def _last_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1].strip() if text else type(exc).__name__
-
-
-def _is_tied(model: nn.Module, key: str) -> bool:
-    return key.startswith("lm_head") and bool(getattr(model.config, "tie_word_embeddings", False))
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_gguf(path: Path) -> Any:
@@ -370,7 +369,7 @@ def open_gguf(path: Path) -> Any:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises many types on a damaged file; all mean one thing
-        raise SurgeonError(f"cannot read GGUF file {path}: {_first_line(exc)}") from None
+        raise SurgeonError(f"cannot read GGUF file {path}: {first_line(exc)}") from None
     verify_gguf_checksums(reader, path)
     return reader
 
@@ -437,30 +436,20 @@ def _cached_gguf(gguf: Path) -> Path:
     hint = f" (set ${CACHE_ENV} to a writable directory)"
     try:
         check_writable(target, "the model cache")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(target.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
     except SurgeonError as exc:
         raise SurgeonError(f"{exc}{hint}") from None
-    except OSError as exc:
-        raise SurgeonError(f"{write_error(exc, target)}{hint}") from None
-    try:
+
+    def fill(tmp: Path) -> None:
         _convert_gguf(gguf, tmp)
         checksums = {f.name: tensor_checksums(f) for f in weight_files(tmp)}  # checked on every later load
         (tmp / "surgeon_source.json").write_text(
             json.dumps({"gguf": str(gguf), "sha256": digest, "format": CACHE_FORMAT, "checksums": checksums}, indent=2)
         )
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first; its copy is as good as ours
-            if not (target / "surgeon_source.json").is_file():
-                raise
-    except Exception as exc:  # disk full or a read-only cache: one line, the temporary removed below
-        if is_write_error(exc):
-            raise SurgeonError(f"{write_error(exc, target)}{hint}") from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        write_dir(target, fill, replace=False)  # another process finished first: its copy is as good as ours
+    except WriteError as exc:  # disk full or a read-only cache
+        raise WriteError(f"{exc}{hint}") from None
     return target
 
 
@@ -477,7 +466,7 @@ def _cache_verified(target: Path) -> bool:
         checksums = None
     if not isinstance(checksums, dict):
         log.warning("the cached conversion %s has no checksums (an older surgeon-export built it): rebuilding it", target)
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = temp_path(target)  # out of the way at once; a kill while it is removed leaves a stale temporary
         os.replace(target, old)
         shutil.rmtree(old, ignore_errors=True)
         return False
@@ -511,7 +500,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
                                                       trust_remote_code=False)
         except Exception as exc:  # gguf's reader raises many types on bad files; all mean one thing
-            raise SurgeonError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from None
+            raise SurgeonError(f"cannot read GGUF file {gguf}: {first_line(exc)}") from None
     adapter = get_adapter(loaded.config.model_type)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -587,11 +576,6 @@ def quiet_transformers() -> Iterator[None]:
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def count_parameters(model: nn.Module, adapter: Adapter) -> dict[str, int]:

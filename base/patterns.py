@@ -45,10 +45,11 @@ class NMPattern:
         return cls(n_zero=block - kept, block=block)
 
     def check_shape(self, d_in: int, name: str = "weight") -> None:
-        """Raise unless a layer with ``d_in`` inputs splits into whole blocks."""
+        """Raise unless a layer with ``d_in`` inputs splits into whole blocks (the one check of an N:M
+        shape: pruning targets, packing, packed metadata)."""
         if d_in % self.block:
             raise SurgeonError(
-                f"{name}: {d_in} input columns are not divisible by the {self} block size {self.block}"
+                f"{name}: {d_in} input columns are not a multiple of the {self} block size {self.block}"
             )
 
     def mask_from_scores(self, scores: torch.Tensor) -> torch.Tensor:

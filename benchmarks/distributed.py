@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from base.env import environment
-from benchmarks.report import atomic_write
+from base.files import write_file
 
 CONFIGS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # ranks, threads per rank
 TARGET = 0.6  # issue #18: 2 ranks x 1 thread within 0.6x the wall time of 1 rank x 1 thread
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         ppl = [runs[n].get("perplexity") for n in ("1x1", "2x1")]
         if all(ppl):
             doc["perplexity_relative_difference"] = abs(ppl[1] - ppl[0]) / ppl[0]
-    atomic_write(args.out, json.dumps(doc, indent=2).encode())
-    atomic_write(args.out.with_suffix(".md"), markdown(doc).encode())
+    write_file(args.out, json.dumps(doc, indent=2))
+    write_file(args.out.with_suffix(".md"), markdown(doc))
     print(markdown(doc))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

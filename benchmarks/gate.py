@@ -9,10 +9,10 @@ more than ``max_regression``: for lower-is-better metrics (perplexity, latency r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from base.errors import SurgeonError
+from base.files import read_json
 
 SCHEMA_VERSION = 1  # of the benchmark result document (docs/benchmarks.md); the gate reads this version only
 
@@ -33,10 +33,7 @@ def load_baseline(path: Path) -> dict:
     """Read and check a stored benchmark JSON (one-line SurgeonError when missing or malformed)."""
     if not path.is_file():
         raise SurgeonError(f"baseline file not found: {path}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SurgeonError(f"baseline file {path} is not valid JSON ({exc})") from None
+    doc = read_json(path)
     if not isinstance(doc, dict) or "schema_version" not in doc:
         raise SurgeonError(f"baseline file {path} is not a benchmark result (no schema_version)")
     if doc["schema_version"] != SCHEMA_VERSION:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import atomic_write
+from base.files import write_file
 
 PREFILL = [(1, 128), (1, 2048), (8, 512), (16, 2048)]
 DECODE = [1, 8, 32, 64]
@@ -130,7 +130,7 @@ def run(spec: Path, out: Path, device: str = "cuda", quick: bool = False, steps:
                 _step(summary, name, fn)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2).encode())
+    write_file(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

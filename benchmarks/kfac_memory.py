@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from base.env import environment
-from benchmarks.report import atomic_write
+from base.files import write_file
 
 
 def measure(batch: int, windows: int, factors_out: Path) -> dict:
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['batch']} | {r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['max_rel_diff_vs_first']:.1e} |"
               for r in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
-    atomic_write(args.out, json.dumps(result, indent=2).encode())
+    write_file(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_file(args.out, json.dumps(result, indent=2))
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 from base.data import eval_tokens
 from base.env import environment
+from base.files import write_file
 from base.perplexity import perplexity
 from runtime.backend import Backend, load_backend
 from runtime.generate import GenerationConfig, generate
@@ -118,9 +118,7 @@ def main() -> None:
         doc = {"kind": "llama.cpp parity", "environment": {**environment("cpu"), "llama_cpp_python":
                                                            r["artefact"]["llama_cpp"]["llama_cpp_python"]},
                "threads": args.threads, "variants": rows}
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, args.out)
+        write_file(args.out, json.dumps(doc, indent=2) + "\n")
         p = r.get("perplexity")
         ppl = (f"ppl torch {p['torch']['perplexity']:.3f} llama.cpp {p['llama_cpp']['perplexity']:.3f} "
                f"({100 * p['relative_difference']:+.3f}%), ") if p else ""

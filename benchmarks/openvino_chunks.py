@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from base.env import environment
+from base.files import write_file
 from benchmarks.latency import time_prefill
 from runtime.openvino import OpenVinoBackend
 
@@ -44,9 +45,7 @@ def main() -> None:
         del backend
     payload = {"export": args.export, "threads": args.threads, "environment": environment(torch.device("cpu")),
                "openvino": __import__("openvino").get_version(), "rows": rows}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.rename(args.out)
+    write_file(args.out, json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from benchmarks.report import _png, atomic_write
+from base.files import write_file
+from benchmarks.report import _png
 from surgeon.sds import SDSConfig
 
 RUNS = Path(__file__).resolve().parent / "results" / "prune_runs"
@@ -252,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no such directory: {args.runs}", file=sys.stderr)
         return 2
     rows, benched = collect_all(args.runs)
-    atomic_write(args.runs / "SUMMARY.md", markdown(rows, benched, notes(args.runs)).encode())
+    write_file(args.runs / "SUMMARY.md", markdown(rows, benched, notes(args.runs)))
     png = plot(rows)
     if png is not None:
-        atomic_write(args.runs / "ppl_vs_size.png", png)
+        write_file(args.runs / "ppl_vs_size.png", png)
     print(f"{len(rows)} runs -> {args.runs / 'SUMMARY.md'}")
     return 0
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 
 from base.env import environment
+from base.files import write_file
 from benchmarks import prune_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -200,14 +200,6 @@ def bench_cell(cell: str, model_dir: Path, backends: list[str], work: Path, out_
     return record
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def markdown(results: dict) -> str:
     env = results["environment"]
     lines = [
@@ -306,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                 record["bench"] = bench_cell(cell, save_to, backends, work, out_json, args.threads, bench_args, args.model)
             shutil.rmtree(cell_dir, ignore_errors=True)
             results["cells"][cell] = record
-            write_atomic(args.out, json.dumps(results, indent=2))
-            write_atomic(args.out.with_suffix(".md"), markdown(results))
+            write_file(args.out, json.dumps(results, indent=2))
+            write_file(args.out.with_suffix(".md"), markdown(results))
             if args.out.parent.resolve() == RUNS.resolve():
                 prune_report.main(["--runs", str(RUNS)])
     finally:

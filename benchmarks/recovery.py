@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from base.env import environment
+from base.files import write_file
 from surgeon.recover import RecoverConfig
 
 OTHER_DOMAIN = Path(__file__).with_name("data") / "licenses.txt.gz"
@@ -123,9 +124,7 @@ def main() -> None:
               "dense": None if args.skip_dense else evaluate(se, se.load(), other), "cases": []}
     for name in args.cases:
         result["cases"].append(run_case(se, name, args, other))
-        tmp = args.out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.out)
+        write_file(args.out, json.dumps(result, indent=2))
         print(json.dumps({k: v for k, v in result["cases"][-1].items() if k not in ("prune_config",)}
                          | {"recover": {k: v for k, v in result["cases"][-1].get("recover", {}).items() if k != "losses"}}))
 

@@ -1,36 +1,21 @@
 """Turn a benchmark result into files: the JSON record, a markdown table and PNG plots.
 
-Everything is rendered in memory first and each file is written to a temporary sibling and renamed
-into place, the JSON last: a JSON file on disk is always complete, and its presence means the
-markdown and plots next to it belong to it.
+Everything is rendered in memory first and each file is written atomically
+(:func:`base.files.write_file`), the JSON last: a JSON file on disk is always complete, and its
+presence means the markdown and plots next to it belong to it.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from base.files import write_file
 from benchmarks.gate import gate_table
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: the rename is atomic
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _mib(n: int | None) -> str:
@@ -220,6 +205,6 @@ def write_outputs(result: dict, json_path: Path) -> list[Path]:
     result["outputs"] = {"markdown": md_path.name, "plots": [p.name for p in files]}
     files[md_path] = markdown(result).encode()
     files[json_path] = (json.dumps(result, indent=2) + "\n").encode()  # last: complete or absent
-    for path, data in files.items():
-        atomic_write(path, data)
+    for path, data in files.items():  # a failed write is one line naming the result
+        write_file(path, data, target=json_path)
     return list(files)

@@ -27,7 +27,7 @@ from typing import Literal
 
 from base.env import environment
 from base.errors import SurgeonError
-from base.files import check_writable, write_error
+from base.files import check_writable
 from benchmarks import latency
 from benchmarks.gate import SCHEMA_VERSION, check_comparable, compare, load_baseline
 from benchmarks.report import write_outputs
@@ -351,8 +351,5 @@ def bench(cfg: BenchConfig, out: Path, baseline: Path | None = None, max_regress
     cfg.validate()
     result = run_benchmark(cfg)
     result["gate"] = None if stored is None else compare(result, stored, max_regression, str(baseline))
-    try:
-        write_outputs(result, out)
-    except OSError as exc:  # disk full or read-only: one line (each file is written through a temporary)
-        raise write_error(exc, out) from None
+    write_outputs(result, out)  # disk full or read-only: one line naming ``out``
     return result

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from base.env import environment
+from base.files import write_file
 from base.patterns import NMPattern
 from benchmarks.latency import summarize
-from benchmarks.report import atomic_write
 from runtime.semi_structured import (
     choose_backend,
     cuda_paired,
@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(repeat=args.repeat, threads=args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
-    atomic_write(args.out.with_suffix(".md"), text.encode())
-    atomic_write(args.out, json.dumps(result, indent=2).encode())
+    write_file(args.out.with_suffix(".md"), text)
+    write_file(args.out, json.dumps(result, indent=2))
     print(text)
     return 0
 

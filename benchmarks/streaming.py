@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -45,6 +44,8 @@ import torch
 from safetensors.torch import save_file
 
 from base.env import environment
+from base.files import write_dir, write_file
+from base.loading import tied_keys
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied embeddings
     "smollm2-360m": (960, 2560, 32, 15, 5, 64, 49152, True),
@@ -106,12 +107,9 @@ def write_random(config: Any, out: Path, seed: int = 0, dtype: torch.dtype = tor
         return out
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    tied = set((getattr(skeleton, "_tied_weights_keys", None) or {})) if config.tie_word_embeddings else set()
+    tied = tied_keys(skeleton)
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
     n_layers = config.num_hidden_layers
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
     identity = 0.0 if config.model_type.startswith("gemma") else 1.0
 
@@ -120,18 +118,20 @@ def write_random(config: Any, out: Path, seed: int = 0, dtype: torch.dtype = tor
             return (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
         return torch.full(shape, identity if "norm" in name else 0.0, dtype=dtype)
 
-    prefix = "model.layers."
-    weight_map = {}
-    for i in range(n_layers + 1):  # the decoder layers, then everything else
-        inside = (lambda k: k.startswith(f"{prefix}{i}.")) if i < n_layers else (lambda k: not k.startswith(prefix))
-        tensors = {k: tensor(k, shape) for k, shape in shapes.items() if inside(k)}
-        name = f"model-{i + 1:05d}-of-{n_layers + 1:05d}.safetensors"
-        save_file(tensors, str(tmp / name))
-        weight_map.update(dict.fromkeys(tensors, name))
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config.save_pretrained(tmp)
-    (tokenizer or load_tokenizer(resolve_model_dir(None)[0])).save_pretrained(tmp)
-    os.replace(tmp, out)
+    def fill(tmp: Path) -> None:
+        prefix = "model.layers."
+        weight_map = {}
+        for i in range(n_layers + 1):  # the decoder layers, then everything else
+            inside = (lambda k: k.startswith(f"{prefix}{i}.")) if i < n_layers else (lambda k: not k.startswith(prefix))
+            tensors = {k: tensor(k, shape) for k, shape in shapes.items() if inside(k)}
+            name = f"model-{i + 1:05d}-of-{n_layers + 1:05d}.safetensors"
+            save_file(tensors, str(tmp / name))
+            weight_map.update(dict.fromkeys(tensors, name))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        config.save_pretrained(tmp)
+        (tokenizer or load_tokenizer(resolve_model_dir(None)[0])).save_pretrained(tmp)
+
+    write_dir(out, fill)
     return out
 
 
@@ -390,12 +390,9 @@ def main() -> None:
                           "WikiText-2 valid unless --prune-args says otherwise; ladder: 8 x 512 tokens of a repeated sentence",
            "prune_args": args.prune_args,
            "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, args.out)
+    write_file(args.out, json.dumps(doc, indent=2))
     if args.part == "memory":
-        args.out.with_suffix(".md").write_text(memory_markdown(doc))
+        write_file(args.out.with_suffix(".md"), memory_markdown(doc))
 
 
 if __name__ == "__main__":

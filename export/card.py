@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from base.files import write_file
+
 CARD_FILE = "README.md"
 TAG = "surgeon-export"
 # The default model (base/loading.py) on the Hub, and its licence.
@@ -187,26 +189,19 @@ def write_card(directory: Path, name: str = CARD_FILE, **kwargs: Any) -> str:
 def add_measurements(directory: Path, lines: list[str]) -> None:
     """Add numbers measured after the write (e.g. the main job's benchmark) to the card and the report.
 
-    Each file is rewritten through a temporary sibling and renamed, so a reader sees the old or the new
-    file, never half of one.
+    Each file is rewritten atomically (:func:`base.files.write_file`), so a reader sees the old or the
+    new file, never half of one.
     """
-    import os
-
     from base.formats import REPORT_FILE
-
-    def replace(path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
 
     report_path = directory / REPORT_FILE
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         report["measured"] = [*(report.get("measured") or []), *lines]
-        replace(report_path, json.dumps(report, indent=2))
+        write_file(report_path, json.dumps(report, indent=2))
     card = directory / CARD_FILE
     if card.is_file():
-        replace(card, card.read_text().rstrip("\n") + "\n\n## Measured after writing\n\n"
+        write_file(card, card.read_text().rstrip("\n") + "\n\n## Measured after writing\n\n"
                 + "".join(f"- {line}\n" for line in lines))
 
 

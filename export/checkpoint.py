@@ -2,16 +2,13 @@
 
 The directory holds ``config.json``, safetensors weights, the tokenizer files and
 ``surgeon_report.json`` (what was pruned, how, and the zeros counted in the saved tensors). It is
-built in a temporary sibling directory and renamed into place, so an interrupted write never leaves
-a half-written checkpoint at the target path.
+built in a temporary sibling directory and renamed into place (:func:`base.files.write_dir`), so an
+interrupted write never leaves a half-written checkpoint at the target path.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,13 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from base.errors import SurgeonError
-from base.files import (
-    check_writable,
-    clean_stale,
-    is_write_error,
-    temp_prefix,
-    write_error,
-)
+from base.files import check_writable, write_dir
 from base.formats import REPORT_FILE
 from base.loading import quiet_transformers
 from export.card import write_card
@@ -88,34 +79,12 @@ def saved_accounting(directory: Path, linear_names: list[str], numel: int) -> di
     }
 
 
-def write_atomically(out: Path, force: bool, fill: Callable[[Path], None]) -> None:
-    """Create ``out`` by letting ``fill`` write into a temporary sibling directory, then renaming."""
-    out = out.expanduser()
+def write_atomically(out: Path, force: bool, fill: Callable[[Path], object]) -> None:
+    """Create the output directory ``out``: checked first (:func:`prepare_target`), then built by ``fill``
+    in a temporary sibling and renamed into place (:func:`base.files.write_dir`)."""
+    out = Path(out).expanduser()
     prepare_target(out, force)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(out.parent, out.name)
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
-    except OSError as exc:
-        raise write_error(exc, out) from None
-    old = None
-    try:
-        fill(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")  # not cleaned as stale: it may be the only copy
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except Exception as exc:  # disk full, read-only mount, safetensors' I/O error: one line, no temporary left
-        if old is not None and not out.exists():
-            os.replace(old, out)  # the replaced checkpoint comes back
-            old = None
-        if is_write_error(exc):
-            raise write_error(exc, out) from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    write_dir(out, fill)
 
 
 def save_checkpoint(

@@ -86,7 +86,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -99,7 +98,7 @@ import torch
 
 from base.adapters import ADAPTERS, PER_LAYER_PREFIX, GgufArch, get_adapter
 from base.errors import SurgeonError
-from base.files import check_writable, clean_stale, temp_prefix, write_error
+from base.files import check_writable, clean_stale, temp_path, write_error
 from base.formats import GGUF_METADATA_SHA_KEY, GGUF_TENSOR_SHA_KEY, GGUF_TRUE_FFN_KEY, REPORT_FILE
 from base.loading import (
     check_finite,
@@ -286,8 +285,9 @@ def export_gguf(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent, out.name)
-    # A fresh sibling name (the writer creates it, so the file gets the usual permissions), renamed at the end.
-    tmp = out.with_name(f"{temp_prefix(out.name)}{uuid.uuid4().hex[:8]}")
+    clean_stale(out.parent, card_path(out).name)
+    # Fresh sibling names (the writer creates them, so the files get the usual permissions), renamed at the end.
+    tmp, card_tmp = temp_path(out), temp_path(card_path(out))
     with _quiet_gguf():
         writer = gguf.GGUFWriter(None, model.arch)
     try:
@@ -308,7 +308,6 @@ def export_gguf(
                 writer.write_tensor_data(data)
         writer.close()
         _seal(tmp, digests)
-        card_tmp = tmp.with_suffix(".md.tmp")
         _write_gguf_card(card_tmp, out, model_dir, source, qtype.name, model.arch)
         os.replace(card_tmp, card_path(out))  # the card first: a .gguf is never there without it
         os.replace(tmp, out)
@@ -318,7 +317,7 @@ def export_gguf(
         except OSError:  # the disk that failed the write may fail the flush too
             pass
         tmp.unlink(missing_ok=True)
-        tmp.with_suffix(".md.tmp").unlink(missing_ok=True)
+        card_tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise write_error(exc, out) from None
         raise

@@ -34,7 +34,6 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +42,8 @@ import torch
 from torch import nn
 
 from base.adapters import Adapter, get_adapter
-from base.errors import SurgeonError
+from base.env import _version
+from base.errors import SurgeonError, first_line
 from base.formats import (
     DTYPES,
     ONNX_DATA_FILE,
@@ -207,7 +207,7 @@ def _trace(model: nn.Module, spec: GraphSpec, opset: int, workdir: Path) -> Any:
                               dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True,
                               dynamo=False)
     except torch.onnx.errors.OnnxExporterError as exc:  # an operator the exporter cannot write at this opset
-        message = _first_line(exc).split(" [Caused by")[0].removeprefix("Unsupported: ").strip()
+        message = first_line(exc).split(" [Caused by")[0].removeprefix("Unsupported: ").strip()
         if isinstance(exc, torch.onnx.errors.UnsupportedOperatorError) or "opset" in message.lower():
             raise SurgeonError(f"opset {opset} is too old for this graph: {message}") from None
         raise SurgeonError(f"ONNX export failed: {message}") from None
@@ -298,7 +298,7 @@ def _check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise RuntimeError(f"the exported graph fails onnx.checker: {_first_line(exc)}") from None
+        raise RuntimeError(f"the exported graph fails onnx.checker: {first_line(exc)}") from None
 
 
 def linear_sparsity(W: np.ndarray) -> dict[str, int]:
@@ -440,15 +440,3 @@ def _write_card(directory: Path, out: Path, manifest: dict, source: str | None, 
                library="onnxruntime", tags=["onnx"], notes=notes,
                usage=["`surgeon-export generate DIR --backend onnxruntime`, or optimum's ORTModelForCausalLM "
                       "(optimum's input and output names)."])
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

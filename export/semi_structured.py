@@ -69,8 +69,7 @@ def check_nm(W: torch.Tensor, pattern: NMPattern, name: str) -> None:
         raise SurgeonError(f"{name}: {pattern} packing needs a 2-D weight, got shape {list(W.shape)}")
     rows, cols = W.shape
     m = pattern.block
-    if cols % m:
-        raise SurgeonError(f"{name}: {cols} input columns are not a multiple of the {pattern} block size {m}")
+    pattern.check_shape(cols, name)
     zeros = (W.reshape(rows, cols // m, m) == 0).sum(-1)  # [R, C/M]
     bad = zeros < pattern.n_zero
     if bool(bad.any()):
@@ -98,8 +97,9 @@ def _check_parts(values: torch.Tensor, index: torch.Tensor, what: str, index_col
                  shape: tuple[int, int], dtype: torch.dtype, pattern: NMPattern, name: str) -> None:
     """The shapes and dtypes of a packed N:M weight's ``values`` and uint8 ``index`` against its metadata."""
     m, kept = pattern.block, pattern.block - pattern.n_zero
-    if len(shape) != 2 or shape[1] % m or min(shape) < 1:
-        raise SurgeonError(f"{name}: {pattern} shape {list(shape)} is not [rows, cols] with cols a multiple of {m}")
+    if len(shape) != 2 or min(shape) < 1:
+        raise SurgeonError(f"{name}: {pattern} shape {list(shape)} is not [rows, cols]")
+    pattern.check_shape(shape[1], name)
     rows, cols = shape
     if tuple(values.shape) != (rows, cols // m * kept):
         raise SurgeonError(f"{name}: values have shape {list(values.shape)}, expected {[rows, cols // m * kept]} "

@@ -36,11 +36,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from base.errors import SurgeonError
-from base.formats import DTYPES, MODELING_FILE, PACK_MANIFEST_FILE, PACK_WEIGHTS_FILE
+from base.files import read_json
+from base.formats import DTYPES, MODELING_FILE, PACK_MANIFEST_FILE, PACK_WEIGHTS_FILE, dtype_name
 from base.integrity import tensor_checksums, verify_checksums
 from base.loading import (
     LoadedModel,
     check_safetensors,
+    check_shapes,
     config_errors,
     error_reason,
     quiet_transformers,
@@ -63,10 +65,6 @@ EXTRA_FILES = (REPORT_FILE,)  # copied from the source directory when present
 NOT_COPIED = (*OWN_FILES, MODELING_FILE)
 log = logging.getLogger(__name__)
 LAYOUTS: tuple[str, ...] = ("2:4", "csr", "bsr")  # and any other N:M as "K:M" (4:8, 1:4, ...)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def nm_pattern(layout: object) -> NMPattern | None:
@@ -305,10 +303,7 @@ def _read_manifest(directory: Path) -> dict:
     if not path.is_file():
         raise SurgeonError(f"{directory} is not a compressed checkpoint ({PACK_MANIFEST_FILE} missing; write one "
                            "with `surgeon-export pack`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SurgeonError(f"{path}: not valid JSON ({exc})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SurgeonError(f"{path}: not a {FORMAT} manifest")
     return manifest
@@ -398,8 +393,8 @@ def read_compressed(directory: Path, *, check_manifest: bool = True) -> Compress
             raise SurgeonError(f"{key}: stored both dense and packed in {path.name}")
         packed[key] = PackedTensor(key, layout, shape, dtype, {p: stored.pop(n) for p, n in names.items()}, block)
     skeleton = build_skeleton(directory)
-    _check_shapes(directory, skeleton, {**{k: tuple(v.shape) for k, v in stored.items()},
-                                        **{k: p.shape for k, p in packed.items()}})
+    check_shapes(directory, skeleton, {**{k: tuple(v.shape) for k, v in stored.items()},
+                                       **{k: p.shape for k, p in packed.items()}})
     if check_manifest:  # after the structure checks, so a malformed file gets its own message
         _verify(path, manifest)
     return CompressedCheckpoint(directory, config, manifest, stored, packed, skeleton)
@@ -412,20 +407,6 @@ def _verify(path: Path, manifest: dict) -> None:
                     "pack it again to add them", path.parent / PACK_MANIFEST_FILE)
         return
     verify_checksums(path, manifest["checksums"], PACK_MANIFEST_FILE)
-
-
-def _check_shapes(directory: Path, skeleton: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    tied = set(getattr(skeleton, "all_tied_weights_keys", {}) or {})
-    for key, shape in shapes.items():
-        if key not in expected:
-            raise SurgeonError(f"{directory}: tensor {key} is not part of the model config.json describes")
-        if tuple(shape) != expected[key]:
-            raise SurgeonError(f"{directory}: tensor {key} has shape {list(shape)}, but config.json says "
-                               f"{list(expected[key])}")
-    missing = [k for k in expected if k not in shapes and k not in tied]
-    if missing:
-        raise SurgeonError(f"{directory}: tensor {missing[0]} {list(expected[missing[0]])} is missing from the checkpoint")
 
 
 def densify(directory: Path, out: Path, *, force: bool = False) -> dict:

@@ -8,12 +8,13 @@ hidden sibling of the target (``.NAME.partial``) and freed. What lies outside th
 writes the index, config, tokenizer and report (zeros counted in the written files) and renames
 the directory into place, so ``--out`` never holds a half-written checkpoint.
 
-Resume: ``progress.json`` in the partial directory records the source's identity (config, every
-safetensors header and size, and a digest of each file's first and last MiB), the pruning
-settings, and each finished layer's records. A rerun with the same source and settings reads the
-finished layers back from their shards, replays them to rebuild the next layer's inputs, and goes
-on from the first unfinished layer, so an interrupted run ends with the same tensors as an
-uninterrupted one. Other settings or another source: a one-line error naming the difference.
+Resume: ``progress.json`` in the partial directory (a :class:`base.resume.ResumeState`) records the
+source's identity (config, every safetensors header and size, and a digest of each file's first and
+last MiB), the pruning settings, each finished layer's records and its shard's checksum. A rerun
+with the same source and settings reads the finished layers back from their shards, replays them to
+rebuild the next layer's inputs, and goes on from the first unfinished layer, so an interrupted run
+ends with the same tensors as an uninterrupted one. Other settings or another source: a one-line
+error naming the difference.
 
 Streamed LLM Surgeon (:mod:`surgeon.streamed_surgeon`) walks the layers several times per shot and
 keeps its files and resume state in ``surgeon/`` inside the partial directory; it hands each layer
@@ -30,28 +31,27 @@ a bfloat16 source); the pruning itself runs in float32.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from base.distributed import broadcast_from, broadcast_json
 from base.env import trim_heap
-from base.errors import SurgeonError
-from base.files import is_write_error, write_error
+from base.files import install_dir, is_write_error, write_error, write_file
 from base.formats import REPORT_FILE
 from base.integrity import source_identity as checkpoint_identity
 from base.lazy import LazyModel
+from base.loading import tied_keys
+from base.resume import ResumeState
 from export.card import write_card
 from export.checkpoint import REPORT_VERSION, prepare_target, saved_accounting
 from export.portable import make_portable
 
 PROGRESS_FILE = "progress.json"
-PROGRESS_VERSION = 1
+PROGRESS_VERSION = 2  # 2: base.resume (the shards' checksums)
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -71,7 +71,7 @@ class StreamedLayers:
         """``writer``: this process writes the checkpoint. The other ranks of a data-parallel run
         (``writer=False``) read the same source and prune alike, write nothing, and take the layers an
         earlier run finished from rank 0."""
-        self.lazy, self.out, self.writer = lazy, Path(out).expanduser(), writer
+        self.lazy, self.out = lazy, Path(out).expanduser()
         if writer:
             prepare_target(self.out, force)
         self.force = force
@@ -79,51 +79,28 @@ class StreamedLayers:
         self.total = self.num_layers + 1  # one shard per layer, one for the rest
         self.dtype = lazy.weights.dtype()  # shards keep the source's dtype
         self.partial = self.out.parent / f".{self.out.name}.partial"
-        self.progress = {"version": PROGRESS_VERSION, "identity": source_identity(lazy), "settings": settings,
-                         "layers": {}}
-        if writer:
-            self._resume()
-        finished = broadcast_json(0, {str(k): v for k, v in self.progress["layers"].items()})  # rank 0's, to all
-        self.progress["layers"] = {int(k): v for k, v in finished.items()}
-
-    def _resume(self) -> None:
-        path = self.partial / PROGRESS_FILE
-        if not path.is_file():
-            shutil.rmtree(self.partial, ignore_errors=True)  # a run killed before its first layer
-            self.partial.mkdir(parents=True)
-            self._save_progress()
-            return
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SurgeonError(f"cannot resume from {self.partial}: {exc}; remove it to start over") from None
-        if old.get("version") != PROGRESS_VERSION or old.get("identity") != self.progress["identity"]:
-            raise SurgeonError(f"{self.partial} holds a run of another source model; remove it to start over")
-        if old.get("settings") != self.progress["settings"]:
-            changed = sorted(k for k in {**old.get("settings", {}), **self.progress["settings"]}
-                             if old.get("settings", {}).get(k) != self.progress["settings"].get(k))
-            raise SurgeonError(f"{self.partial} holds a run with other settings ({', '.join(changed)}); "
-                               "rerun with the same options or remove it to start over")
-        self.progress["layers"] = {int(k): v for k, v in old["layers"].items()}
-
-    def _save_progress(self) -> None:
-        tmp = self.partial / (PROGRESS_FILE + ".tmp")
-        try:
-            tmp.write_text(json.dumps({**self.progress, "layers": {str(k): v for k, v in self.progress["layers"].items()}}))
-            os.replace(tmp, self.partial / PROGRESS_FILE)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise write_error(exc, self.out) from None
+        self.layers: dict[int, dict] = {}  # the finished layers' records
+        self.state: ResumeState | None = None
+        if writer:  # bound to the source's identity and the settings; the shards are its pieces
+            self.state = ResumeState.open(self.partial, PROGRESS_FILE, PROGRESS_VERSION,
+                                          {"source model": source_identity(lazy), **settings},
+                                          pieces="model-*.safetensors", target=self.out)
+            if self.state.resumed:
+                self.layers = {int(k): v for k, v in self.state.data["layers"].items()}
+            else:
+                self.state.save(layers={})
+        finished = broadcast_json(0, {str(k): v for k, v in self.layers.items()})  # rank 0's, to all
+        self.layers = {int(k): v for k, v in finished.items()}
 
     # -- surgeon.driver.LayerStream --
     def enter(self, index: int) -> nn.Module:
-        if index in self.progress["layers"]:  # pruned by an earlier run: read it back from its shard
+        if index in self.layers:  # pruned by an earlier run: read it back from its shard
             import copy
 
             layer = copy.deepcopy(self.lazy.adapter.decoder_layers(self.lazy.model)[index])
             prefix = self.lazy.layer_prefix(index)
-            if self.writer:
-                saved = load_file(str(self.partial / shard_name(index, self.total)))
+            if self.state is not None:
+                saved = self.state.tensors(shard_name(index, self.total))
                 state = {k.removeprefix(prefix): v.to(self.lazy.dtype).contiguous() for k, v in saved.items()}
             else:  # another rank of a data-parallel run: rank 0 sends the layer
                 state = {k: torch.empty(v.shape, dtype=self.lazy.dtype) for k, v in layer.state_dict().items()}
@@ -138,37 +115,26 @@ class StreamedLayers:
         return self.lazy.read_layer(index)
 
     def finished(self, index: int) -> dict | None:
-        return self.progress["layers"].get(index)
+        return self.layers.get(index)
 
     def leave(self, index: int, layer: nn.Module, records: dict | None) -> None:
         if records is not None:
-            self.progress["layers"][index] = records
-            if self.writer:
+            self.layers[index] = records
+            if self.state is not None:
                 prefix = self.lazy.layer_prefix(index)
-                tensors = {prefix + k: v.detach().to(self.dtype).contiguous() for k, v in layer.state_dict().items()}
-                self._write(shard_name(index, self.total), tensors)
-                self._save_progress()
+                self.state.put_tensors(shard_name(index, self.total),
+                                       {prefix + k: v.to(self.dtype) for k, v in layer.state_dict().items()})
+                self.state.save(layers={str(k): v for k, v in self.layers.items()})
         self.lazy.release(index)
 
     def captured(self) -> None:
         self.lazy.release_embeddings()
 
     # -- the end --
-    def _write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = self.partial / (name + ".tmp")
-        try:
-            save_file(tensors, str(tmp))
-            os.replace(tmp, self.partial / name)
-        except Exception as exc:  # disk full, read-only: one line; finished layers stay for the resume
-            tmp.unlink(missing_ok=True)
-            if is_write_error(exc):
-                raise write_error(exc, self.out) from None
-            raise
-
     def finish(self, report: dict) -> dict:
         """Write the rest shard, index, config, tokenizer and report, then move the checkpoint into place
         (another rank of a data-parallel run writes nothing and gets the report)."""
-        if not self.writer:
+        if self.state is None:
             return {**report, "streamed": True}
         try:
             return self._finish(report)
@@ -179,9 +145,9 @@ class StreamedLayers:
 
     def _finish(self, report: dict) -> dict:
         model: Any = self.lazy.model
-        if len(self.progress["layers"]) != self.num_layers:
+        if len(self.layers) != self.num_layers:
             raise RuntimeError("finish() before every layer was written")
-        tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
+        tied = tied_keys(model)
         layers = self.lazy.adapter.layers + "."
         # The walk is over: the float32 embeddings and LM head go before their copies are read (held beside
         # them, a 262k x 640 embedding was 0.67 GB of the end's peak).
@@ -193,7 +159,8 @@ class StreamedLayers:
         # layer-wise methods left on disk included), in the source's dtype as every shard.
         rest = {k: self.lazy.weights.get(k, self.dtype).contiguous() for k in model.state_dict()
                 if not k.startswith(layers) and k not in tied}
-        self._write(shard_name(self.num_layers, self.total), rest)
+        write_file(self.partial / shard_name(self.num_layers, self.total), lambda path: save_file(rest, str(path)),
+                   target=self.out)
         weight_map = {}
         for i in range(self.total):
             name = shard_name(i, self.total)
@@ -210,7 +177,7 @@ class StreamedLayers:
             model.generation_config.save_pretrained(self.partial)
         self.lazy.tokenizer.save_pretrained(self.partial)
         linears = list(self.lazy.adapter.decoder_linears(model))
-        numel = sum(r["numel"] for done in self.progress["layers"].values() for r in done["layers"].values())
+        numel = sum(r["numel"] for done in self.layers.values() for r in done["layers"].values())
         report = {**report, "streamed": True, "format_version": REPORT_VERSION,
                   **saved_accounting(self.partial, linears, numel)}
         (self.partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
@@ -221,11 +188,5 @@ class StreamedLayers:
                           "safetensors with an index)."])
         (self.partial / PROGRESS_FILE).unlink()
         prepare_target(self.out, self.force)
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.partial, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        install_dir(self.partial, self.out)
         return report

@@ -46,11 +46,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from base.env import _version
 from base.errors import SurgeonError
 from base.formats import GGUF_TRUE_FFN_KEY
+from base.integrity import file_digest
 from base.loading import (
     cache_dir,
-    file_digest,
     load_tokenizer,
     open_gguf,
     resolve_model_dir,
@@ -369,7 +370,7 @@ class LlamaCppBackend(CachedLogits):
             "dtype": FILE_DTYPES.get(linear, linear.lower()),
             "flops_per_token": flops_table(self.config),
             "llama_cpp": {
-                "llama_cpp_python": _version(), "architecture": info["architecture"],
+                "llama_cpp_python": _version("llama-cpp-python"), "architecture": info["architecture"],
                 "tensor_types": info["tensor_types"], "file_type": info["file_type"],
                 "kv_cache": "f32" if self.kv_type == GGML_TYPE_F32 else "f16",
                 "flash_attn": "off" if self.flash_attn == FLASH_ATTN_DISABLED else "auto",
@@ -377,15 +378,6 @@ class LlamaCppBackend(CachedLogits):
                 "n_threads": self.threads, "n_threads_batch": self.threads, "tokenizer": str(self.directory),
             },
         }
-
-
-def _version() -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version("llama-cpp-python")
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _free(lib: Any, handles: dict[str, Any]) -> None:

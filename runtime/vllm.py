@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from base.errors import SurgeonError
+from base.formats import dtype_name
 from base.loading import load_tokenizer, resolve_model_dir, weight_files
 from export.flops import flops_table
 from runtime.backend import hf_config, pruning_config, resolve_dtype
@@ -201,7 +202,7 @@ class VllmBackend:
             "parameters": counts,
             "sparsity": counts["decoder_linear_zeros"] / counts["decoder_linear"],
             "pruning": pruning_config(self.directory),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
             "flops_per_token": flops_table(self.config),
             "vllm": {"version": VLLM_VERSION, "architecture": (self.config.architectures or ["?"])[0],
                      "startup_seconds": round(self.startup_seconds, 2), "max_model_len": self.max_model_len,

@@ -26,10 +26,7 @@ writes the checkpoint.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -37,15 +34,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from base.adapters import Adapter
 from base.distributed import assign, broadcast_json, is_main, rank, share
 from base.errors import SurgeonError
-from base.files import is_write_error, write_error
-from base.integrity import tensor_checksums, verify_checksums
+from base.formats import dtype_name
 from base.patterns import NMPattern, check_sparsity
+from base.resume import ResumeState
 from surgeon import structures
 from surgeon.baselines.sparsegpt import prune_sparsegpt
 from surgeon.calibrate import FisherKind, input_factors, kfac_factors
@@ -68,7 +64,7 @@ log = logging.getLogger(__name__)
 
 Allocation = Literal["global", "uniform"]
 RowSolver = Literal["sparsegpt", "exact"]
-CHECKPOINT_VERSION = 2  # 2: progress.json binds the source, calibration and settings; state per shot
+CHECKPOINT_VERSION = 3  # 2: progress.json binds the source, calibration and settings; state per shot; 3: base.resume
 PROGRESS = "progress.json"
 
 
@@ -195,10 +191,11 @@ def prune_surgeon_(
     report = PruneReport(config=cfg.to_dict())
     keep = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in linears.items()}
     targets = cfg.shot_targets()
-    first = 0
-    bound = binding_of(cfg, linears, windows, binding) if checkpoint_dir is not None else {}
+    first, state = 0, None
     if checkpoint_dir is not None:  # rank 0 reads the checkpoint and hands the state to every rank
-        first, report.shots = _resume(checkpoint_dir, bound, linears, keep) if is_main() else (0, [])
+        if is_main():
+            state, first, report.shots = _resume(checkpoint_dir, binding_of(cfg, linears, windows, binding), linears,
+                                                 keep)
         first, report.shots = broadcast_json(0, [first, report.shots])
         if first:
             _share(linears, keep, dict.fromkeys(linears, 0))
@@ -234,8 +231,8 @@ def prune_surgeon_(
                  time.perf_counter() - t0)
         if between_shots is not None and shot + 1 < len(targets):
             report.shots[-1]["between_shots"] = between_shots(shot, keep)
-        if checkpoint_dir is not None and is_main():
-            _save_checkpoint(checkpoint_dir, bound, shot + 1, report.shots, linears, keep)
+        if state is not None:
+            _save_checkpoint(state, shot + 1, report.shots, linears, keep)
     for name, m in linears.items():
         report.record(name, m)
     if cfg.structured is not None:
@@ -421,114 +418,49 @@ def _structured_step(
 
 def binding_of(cfg: SurgeonConfig, linears: dict[str, nn.Linear], windows: torch.Tensor,
                extra: dict | None = None) -> dict:
-    """What a checkpoint's shots depend on: the config, the linears' shapes and dtype, the calibration
-    windows (a digest of their tokens), and the caller's ``extra`` (source identity, seed, ...)."""
+    """What a checkpoint's shots depend on (:class:`base.resume.ResumeState`): the config, the linears'
+    shapes and dtype, the calibration windows (a digest of their tokens), and the caller's ``extra``
+    (source identity, seed, ...)."""
     tokens = windows.detach().to("cpu", torch.int64).contiguous()
     return {
         "config": cfg.to_dict(),
-        "linears": {n: [*m.weight.shape, str(m.weight.dtype).removeprefix("torch.")] for n, m in linears.items()},
+        "linears": {n: [*m.weight.shape, dtype_name(m.weight.dtype)] for n, m in linears.items()},
         "calibration windows": [list(tokens.shape), hashlib.sha256(tokens.numpy().tobytes()).hexdigest()],
         **(extra or {}),
     }
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    """Names of the bound settings that differ (``config.shots``, ``seed``, ``source model``, ...)."""
-    names = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if key == "config" and isinstance(a, dict) and isinstance(b, dict):
-            names += [f"config.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            names.append(key)
-    return names
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` a temporary sibling of ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _save_checkpoint(
-    directory: Path, binding: dict, shots_done: int, shots: list[dict],
-    linears: dict[str, nn.Linear], keep: dict[str, torch.Tensor],
+    state: ResumeState, shots_done: int, shots: list[dict], linears: dict[str, nn.Linear],
+    keep: dict[str, torch.Tensor],
 ) -> None:
-    """Write weights and masks of this shot (a new file), then ``progress.json`` naming it, then drop the
-    older state: a kill at any point leaves a progress file and the state it names, both whole. A failed
-    write (disk full, read-only) is one line, its temporary removed."""
-    tensors = {f"{n}.weight": m.weight.detach().contiguous() for n, m in linears.items()}
+    """Write weights and masks of this shot (a new piece), then ``progress.json`` naming it; the older
+    piece is removed after that, so a kill at any point leaves a progress file and the state it names."""
+    tensors = {f"{n}.weight": m.weight for n, m in linears.items()}
     tensors.update({f"{n}.keep": k.to(torch.uint8) for n, k in keep.items()})
-    state = directory / f"state-{shots_done}.safetensors"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(state, lambda tmp: save_file(tensors, tmp))
-        meta = {"version": CHECKPOINT_VERSION, "binding": binding, "shots_done": shots_done, "shots": shots,
-                "state": state.name, "checksums": tensor_checksums(state)}
-        _write_atomic(directory / PROGRESS, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
-    except Exception as exc:
-        if is_write_error(exc):
-            raise write_error(exc, directory) from None
-        raise
-    _clean(directory, keep_state=state.name)
-
-
-def _clean(directory: Path, keep_state: str | None) -> None:
-    """Remove temporaries of interrupted writes and state files no progress file names."""
-    for f in directory.iterdir():
-        stale_state = f.name.startswith("state") and f.name.endswith(".safetensors") and f.name != keep_state
-        if f.is_file() and (f.name.endswith(".tmp") or stale_state):
-            f.unlink(missing_ok=True)
+    name = f"state-{shots_done}.safetensors"
+    state.forget("state-*")
+    state.put_tensors(name, tensors)
+    state.save(shots_done=shots_done, shots=shots, state=name)
 
 
 def _resume(
     directory: Path, binding: dict, linears: dict[str, nn.Linear], keep: dict[str, torch.Tensor]
-) -> tuple[int, list[dict]]:
-    """Restore the last finished shot from ``directory`` if it was made with the same ``binding``.
-
-    A checkpoint of another model, other settings or other calibration windows is refused with one
-    line naming what differs, before anything is loaded.
-    """
-    progress_file = directory / PROGRESS
-    if not progress_file.is_file():
-        if directory.is_dir():
-            _clean(directory, keep_state=None)
-        return 0, []
+) -> tuple[ResumeState, int, list[dict]]:
+    """Open the checkpoint in ``directory`` and restore its last finished shot, if it was made with the
+    same ``binding``; anything else is one line naming what differs, before anything is loaded."""
+    state = ResumeState.open(directory, PROGRESS, CHECKPOINT_VERSION, binding, pieces="state-*.safetensors")
+    if not state.resumed:
+        return state, 0, []
     try:
-        meta = json.loads(progress_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SurgeonError(f"cannot resume from {directory}: {progress_file.name} is unreadable ({exc}); "
-                           "remove it to start over") from None
-    if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION or not isinstance(meta.get("binding"), dict):
-        raise SurgeonError(f"checkpoint in {directory} was written by another surgeon-export version; "
-                           "remove it to start over")
-    changed = _differences(meta["binding"], binding)
-    if changed:
-        model = [c for c in changed if c in ("source model", "linears")]
-        others = [c for c in changed if c not in model]
-        what = " and ".join(x for x in ("another model" if model else "",
-                                         f"other settings ({', '.join(others)})" if others else "") if x)
-        raise SurgeonError(f"checkpoint in {directory} was made with {what}; rerun with the same model and "
-                           "options or remove it to start over")
-    state_file = directory / str(meta.get("state"))
-    try:
-        verify_checksums(state_file, meta.get("checksums"), str(progress_file))
-        state = load_file(str(state_file))
-        shots_done, shots = int(meta["shots_done"]), list(meta["shots"])
-        restored = {name: (state[f"{name}.weight"], state[f"{name}.keep"].bool()) for name in linears}
-    except SurgeonError as exc:
-        raise SurgeonError(f"cannot resume from {directory}: {exc}") from None
+        saved = state.tensors(str(state.data["state"]))
+        shots_done, shots = int(state.data["shots_done"]), list(state.data["shots"])
+        restored = {name: (saved[f"{name}.weight"], saved[f"{name}.keep"].bool()) for name in linears}
     except Exception as exc:  # a damaged checkpoint must not be half-applied
         raise SurgeonError(f"cannot resume from {directory}: {type(exc).__name__}: {exc}") from None
-    _clean(directory, keep_state=state_file.name)
     with torch.no_grad():
         for name, m in linears.items():
             m.weight.copy_(restored[name][0])
             keep[name] = restored[name][1]
     log.info("resuming after shot %d from %s", shots_done, directory)
-    return shots_done, shots
+    return state, shots_done, shots

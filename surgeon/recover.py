@@ -18,19 +18,18 @@ and biases stay frozen.
 
 Divergence (a non-finite loss, or the smoothed loss above its starting value for ``patience``
 steps in a row) stops the run and restores the weights it started from; a model with a non-finite
-weight is never returned. ``checkpoint_dir`` makes the run resumable: trained tensors and AdamW's
-state as safetensors (never a pickle) every ``save_every`` steps, bound to the config, the seed and
-the starting weights; the batch order depends only on the seed, so a resumed run takes the
-same batches as an uninterrupted one and ends bit-identical to it.
+weight is never returned. ``checkpoint_dir`` makes the run resumable
+(:class:`base.resume.ResumeState`): trained tensors and AdamW's state as safetensors (never a
+pickle) every ``save_every`` steps, bound to the config, the seed, the training windows and the
+starting weights; the batch order depends only on the seed, so a resumed run takes the same batches
+as an uninterrupted one and ends bit-identical to it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,18 +38,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from base.adapters import Adapter
 from base.errors import SurgeonError
+from base.resume import ResumeState
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "recover_state.json"
-TENSORS_FILE = "recover_tensors.safetensors"
+STATE_FILE = "recover_state.json"  # with the trained tensors and AdamW's moments in recover-STEP.safetensors
+STATE_VERSION = 2  # 2: base.resume (pieces with checksums)
 
 
 @dataclass
@@ -277,11 +276,12 @@ def recover_(
             # loop took a quarter of each step)
             optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                           fused=True)
-            first = 0
-            binding = {"config": cfg.to_dict(), "start": _fingerprint(params), "windows": list(windows.shape),
-                       "data": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()}
-            if checkpoint_dir is not None:
-                first = _resume(checkpoint_dir, binding, params, optimizer, report)
+            first, state = 0, None
+            if checkpoint_dir is not None:  # bound to the starting weights, the config and the training windows
+                binding = {"source model": _fingerprint(params), "config": cfg.to_dict(),
+                           "windows": list(windows.shape),
+                           "data": hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()}
+                state, first = _resume(checkpoint_dir, binding, params, optimizer, report)
                 report.resumed_from = first
             bar = tqdm(range(first, cfg.steps), desc="recover", unit="step", disable=not progress)
             for step in bar:
@@ -312,8 +312,8 @@ def recover_(
                 if rising >= cfg.patience:
                     report.diverged = f"the loss rose above its start for {cfg.patience} steps (step {step + 1})"
                     break
-                if checkpoint_dir is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-                    _save(checkpoint_dir, binding, params, optimizer, report, step + 1)
+                if state is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                    _save(state, params, optimizer, report, step + 1)
         bad = [n for n, p in student.named_parameters() if not torch.isfinite(p).all()]
         if bad and report.diverged is None:
             report.diverged = f"non-finite weights after training ({bad[0]})"
@@ -329,54 +329,46 @@ def recover_(
     return report
 
 
-def _save(directory: Path, binding: dict, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+def _save(state: ResumeState, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
           report: RecoverReport, step: int) -> None:
-    """Trained tensors and AdamW's moments (safetensors) and the step (JSON), each written then renamed."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Trained tensors and AdamW's moments as a new piece, then the state naming it (the older piece goes after)."""
     tensors: dict[str, Tensor] = {}
     for (name, p) in params.items():
-        tensors[f"param/{name}"] = p.detach().contiguous().cpu()
-        state = optimizer.state.get(p, {})
+        tensors[f"param/{name}"] = p.detach().cpu()
+        moments = optimizer.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                tensors[f"{key}/{name}"] = state[key].contiguous().cpu()
-        if "step" in state:
-            tensors[f"step/{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
-    tmp = directory / f".{TENSORS_FILE}.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / TENSORS_FILE)
-    meta = {"binding": binding, "step": step, "losses": report.losses}
-    tmp_meta = directory / f".{STATE_FILE}.tmp"
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, directory / STATE_FILE)
+            if key in moments:
+                tensors[f"{key}/{name}"] = moments[key].cpu()
+        if "step" in moments:
+            tensors[f"step/{name}"] = torch.as_tensor(moments["step"], dtype=torch.float32).reshape(1)
+    piece = f"recover-{step}.safetensors"
+    state.forget("recover-*")
+    state.put_tensors(piece, tensors)
+    state.save(step=step, losses=report.losses, tensors=piece)
 
 
 def _resume(directory: Path, binding: dict, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-            report: RecoverReport) -> int:
-    """The step to continue from (0 without a checkpoint); a checkpoint of another run is refused."""
-    state_path = directory / STATE_FILE
-    if not state_path.is_file():
-        return 0
+            report: RecoverReport) -> tuple[ResumeState, int]:
+    """The checkpoint's state and the step to continue from (0 without one); a checkpoint of another run is
+    refused in one line."""
+    state = ResumeState.open(directory, STATE_FILE, STATE_VERSION, binding, pieces="recover-*.safetensors")
+    if not state.resumed:
+        return state, 0
     try:
-        meta = json.loads(state_path.read_text())
-        tensors = load_file(str(directory / TENSORS_FILE))
-    except (OSError, ValueError) as exc:
-        raise SurgeonError(f"recovery checkpoint {directory} is unreadable ({exc}); remove it to start over") from exc
-    if meta.get("binding") != binding:
-        old = meta.get("binding") or {}
-        diff = [k for k in binding if old.get(k) != binding[k]]
-        raise SurgeonError(f"recovery checkpoint {directory} belongs to another run (differs in: "
-                           f"{', '.join(diff) or 'format'}); remove it or use another --checkpoint")
+        tensors = state.tensors(str(state.data["tensors"]))
+        step, losses = int(state.data["step"]), [float(x) for x in state.data["losses"]]
+        saved = {name: tensors[f"param/{name}"] for name in params}
+    except Exception as exc:  # a damaged checkpoint must not be half-applied
+        raise SurgeonError(f"cannot resume from {directory}: {type(exc).__name__}: {exc}") from None
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[f"param/{name}"])
+            p.copy_(saved[name])
     # AdamW's state is created lazily; give it the saved moments so the next step equals an uninterrupted one
     for name, p in params.items():
         if f"exp_avg/{name}" in tensors:
             optimizer.state[p] = {"step": torch.tensor(float(tensors[f"step/{name}"][0])),
                                   "exp_avg": tensors[f"exp_avg/{name}"].clone(),
                                   "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].clone()}
-    report.losses = list(meta["losses"])
-    report.steps = int(meta["step"])
-    log.info("recovery resumes after step %d from %s", report.steps, directory)
-    return int(meta["step"])
+    report.losses, report.steps = losses, step
+    log.info("recovery resumes after step %d from %s", step, directory)
+    return state, step

@@ -27,14 +27,14 @@ ranks the candidates, and **update** walks the layers once more, applying the se
 layer's factors read back. Each shot's weights and masks go to ``state-{shot}-{l}``; the next shot
 starts from them. **finish** writes each layer's final weights to the stream (the checkpoint shard).
 
-Resume: ``state.json`` names the shot, the phase and how many layers of it are done; every step
-writes its files first (atomically) and the state after, so a kill at any moment reruns at most the
-step it interrupted, from files that are whole, and ends bit-identical to an uninterrupted run.
+Resume: ``state.json`` (a :class:`base.resume.ResumeState`) names the shot, the phase and how many
+layers of it are done, and the checksum of every file the walk still needs; every step writes its
+files first (atomically) and the state after, so a kill at any moment reruns at most the step it
+interrupted, from files that are whole, and ends bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -44,8 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -53,7 +51,7 @@ from base.adapters import Adapter
 from base.distributed import world_size
 from base.env import PeakWindow
 from base.errors import SurgeonError
-from base.files import is_write_error, write_error
+from base.resume import ResumeState
 from base.surgery import LayerPlan, RemovalPlan
 from surgeon import structures
 from surgeon.calibrate import (
@@ -71,8 +69,6 @@ from surgeon.llm_surgeon import (
     Remaining,
     SurgeonConfig,
     Target,
-    _differences,
-    _write_atomic,
     binding_of,
     element_costs_of,
     element_prune_,
@@ -86,7 +82,7 @@ from surgeon.prune.threshold import GlobalThreshold, global_threshold
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: base.resume (the pieces' checksums)
 STREAMED_ONE_PROCESS = ("streamed LLM Surgeon runs in one process (its layer walk is not data-parallel yet); run it "
                         "without torchrun, or use --no-streaming")
 # A shot's phases, in order: forward, head, reverse (LLM Surgeon), select, update (global allocations), done.
@@ -129,58 +125,19 @@ def _batches(model: nn.Module, adapter: Adapter, windows: torch.Tensor, cfg: Sur
     return _Batches(first, len(first) - (n_k % bs > 0), kfac, ids, starts)
 
 
-class _Spill:
-    """The spill directory: tensors and JSON written atomically, a full disk reported in one line."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = Path(directory)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise write_error(exc, self.dir) from None
-        for f in self.dir.glob("*.tmp"):  # an interrupted write
-            f.unlink(missing_ok=True)
-
-    def _write(self, name: str, write: Any) -> None:
-        try:
-            _write_atomic(self.dir / name, write)
-        except Exception as exc:
-            if is_write_error(exc):
-                raise write_error(exc, self.dir) from None
-            raise
-
-    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        data = {k: v.detach().contiguous() for k, v in tensors.items()}
-        self._write(name + ".safetensors", lambda tmp: save_file(data, tmp))
-
-    def load(self, name: str, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-        with safe_open(str(self.dir / f"{name}.safetensors"), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
-
-    def save_json(self, name: str, data: Any) -> None:
-        self._write(name, lambda tmp: Path(tmp).write_text(json.dumps(data)))
-
-    def load_json(self, name: str) -> Any:
-        return json.loads((self.dir / name).read_text())
-
-    def remove(self, *patterns: str) -> None:
-        for pattern in patterns:
-            for f in self.dir.glob(pattern):
-                f.unlink(missing_ok=True)
-
-
-def _save_factors(spill: _Spill, adapter: Adapter, i: int, factors: dict[str, KronFactor], names: list[str]) -> None:
+def _save_factors(spill: ResumeState, adapter: Adapter, i: int, factors: dict[str, KronFactor],
+                  names: list[str]) -> None:
     """``A`` (once per input group) and ``G`` of the named linears of layer ``i``."""
     tensors = {f"G.{n}": factors[n].G for n in names}
     for group in _groups(adapter, i):
         used = [n for n in group if n in names]
         if used:
             tensors[f"A.{group[0]}"] = factors[used[0]].A
-    spill.save(f"factors-{i}", tensors)
+    spill.put_tensors(f"factors-{i}.safetensors", tensors)
 
 
-def _load_factors(spill: _Spill, adapter: Adapter, i: int) -> dict[str, KronFactor]:
-    tensors = spill.load(f"factors-{i}")
+def _load_factors(spill: ResumeState, adapter: Adapter, i: int) -> dict[str, KronFactor]:
+    tensors = spill.tensors(f"factors-{i}.safetensors")
     return {n: KronFactor(tensors[f"A.{group[0]}"], tensors[f"G.{n}"])
             for group in _groups(adapter, i) for n in group if f"G.{n}" in tensors}
 
@@ -202,36 +159,21 @@ class _Walk:
         self.linears = adapter.decoder_linears(model)  # meta tensors where streamed: shapes only
         self.sizes = {name: m.weight.numel() for name, m in self.linears.items()}
         self.targets = cfg.shot_targets()
-        self.spill = _Spill(spill)
-        self.binding = binding_of(cfg, self.linears, self.windows, {"streamed": True})
-        self.state = self._load_state()
+        self.spill = ResumeState.open(spill, STATE, STATE_VERSION, binding_of(cfg, self.linears, self.windows,
+                                                                             {"streamed": True}))
+        self.state = self.spill.data  # the walk's own fields, saved with the spill's pieces
+        if self.spill.resumed:
+            log.info("resuming streamed LLM Surgeon at shot %d, %s, after %d layers", self.state["shot"] + 1,
+                     self.state["phase"], self.state["done"])
+        else:
+            self.state.update(shot=0, phase="forward", done=0, shots=[], removed={}, seconds={}, layer_seconds={},
+                              layer_rss={})
         self.batches: _Batches | None = None
         self.window: PeakWindow | None = None  # the peak memory of the current layer step
 
     # -- state --
-    def _load_state(self) -> dict:
-        path = self.spill.dir / STATE
-        if not path.is_file():
-            return {"version": STATE_VERSION, "binding": self.binding, "shot": 0, "phase": "forward", "done": 0,
-                    "shots": [], "removed": {}, "seconds": {}, "layer_seconds": {}, "layer_rss": {}}
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SurgeonError(f"cannot resume from {self.spill.dir}: {STATE} is unreadable ({exc}); "
-                               "remove it to start over") from None
-        if state.get("version") != STATE_VERSION or not isinstance(state.get("binding"), dict):
-            raise SurgeonError(f"{self.spill.dir} was written by another surgeon-export version; remove it to start over")
-        changed = _differences(state["binding"], self.binding)
-        if changed:
-            raise SurgeonError(f"{self.spill.dir} holds a run with other settings ({', '.join(changed)}); rerun "
-                               "with the same options or remove it to start over")
-        log.info("resuming streamed LLM Surgeon at shot %d, %s, after %d layers", state["shot"] + 1, state["phase"],
-                 state["done"])
-        return state
-
     def _save_state(self, **changes: Any) -> None:
-        self.state.update(changes)
-        self.spill.save_json(STATE, self.state)
+        self.spill.save(**changes)
 
     def _layer_done(self, i: int, seconds: float) -> None:
         """Record the step on layer ``i`` as done: its time, and its peak memory (the largest of any step
@@ -255,7 +197,7 @@ class _Walk:
         linears = {full: self.adapter.linear(layer, n) for full, n in zip(self._names(i), self.adapter.linear_names)}
         if shot == 0:
             return layer, linears, {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in linears.items()}
-        saved = self.spill.load(f"state-{shot}-{i}")
+        saved = self.spill.tensors(f"state-{shot}-{i}.safetensors")
         with torch.no_grad():
             for name, m in linears.items():
                 m.weight.copy_(saved[f"{name}.weight"])
@@ -267,7 +209,7 @@ class _Walk:
         if keep is not None:
             tensors = {f"{n}.weight": m.weight for n, m in linears.items()}
             tensors.update({f"{n}.keep": k.to(torch.uint8) for n, k in keep.items()})
-            self.spill.save(f"state-{shot}-{i}", tensors)
+            self.spill.put_tensors(f"state-{shot}-{i}.safetensors", tensors)
             self.state["removed"][str(i)] = sum(int((~k).sum()) for k in keep.values())
         self.stream.leave(i, layer, None)
 
@@ -275,7 +217,7 @@ class _Walk:
         """The stored inputs of layer ``i`` (``n``: the last layer's outputs) for the carried batches ``which``."""
         assert self.batches is not None
         which = which if which is not None else list(range(len(self.batches.first)))
-        saved = self.spill.load(f"hidden-{i}", [str(j) for j in which])
+        saved = self.spill.tensors(f"hidden-{i}.safetensors", [str(j) for j in which])
         return [self.batches.first[j].at(i, saved[str(j)]) for j in which]
 
     def _tqdm(self, it: Any, desc: str) -> Any:
@@ -290,7 +232,7 @@ class _Walk:
         if b.first:
             if self.state["done"] == 0:
                 carry = b.first
-                self.spill.save("hidden-0", {str(j): x.hidden for j, x in enumerate(carry)})
+                self.spill.put_tensors("hidden-0.safetensors", {str(j): x.hidden for j, x in enumerate(carry)})
             else:
                 carry = self._hidden(self.state["done"])
         for i in self._tqdm(range(self.state["done"], self.n), f"shot {shot + 1}: forward"):
@@ -308,11 +250,11 @@ class _Walk:
                     structures.apply_(self.model, self.adapter, self._uniform(found, target), None, keep)
                     changed = keep
                 else:
-                    self.spill.save_json(f"candidates-{i}.json", [_candidate(c) for c in found])
+                    self.spill.put_json(f"candidates-{i}.json", [_candidate(c) for c in found])
             elif A:
-                self.spill.save(f"A-{i}", {f"A.{g[0]}": A[g[0]] for g in _groups(self.adapter, i)})
+                self.spill.put_tensors(f"A-{i}.safetensors", {f"A.{g[0]}": A[g[0]] for g in _groups(self.adapter, i)})
             if carry:
-                self.spill.save(f"hidden-{i + 1}", {str(j): x.hidden for j, x in enumerate(carry)})
+                self.spill.put_tensors(f"hidden-{i + 1}.safetensors", {str(j): x.hidden for j, x in enumerate(carry)})
             self._leave(i, layer, shot + 1, linears, changed)
             del layer, linears, keep, A
             self._layer_done(i, time.perf_counter() - t0)
@@ -330,7 +272,7 @@ class _Walk:
                 h = final_hidden(self.model, self.adapter, h_in)  # [B, T, H]
                 h.backward(head_gradient(self.model, h.detach(), ids, fisher=self.cfg.fisher, gen=gen))
             grads[str(j)] = h_in.grad
-        self.spill.save(f"grad-{self.n}", grads)
+        self.spill.put_tensors(f"grad-{self.n}.safetensors", grads)
 
     def _reverse(self, shot: int, target: Target) -> None:
         """Down through the layers: ``A``/``G`` per layer; local targets pruned at once, global ones scored."""
@@ -341,13 +283,13 @@ class _Walk:
         for i in self._tqdm(range(self.n - 1 - self.state["done"], -1, -1), f"shot {shot + 1}: reverse"):
             t0 = time.perf_counter()
             layer, linears, keep = self._enter(i, shot)
-            saved = self.spill.load(f"grad-{i + 1}", [str(j) for j in b.kfac])
+            saved = self.spill.tensors(f"grad-{i + 1}.safetensors", [str(j) for j in b.kfac])
             A_mom, G_mom, grads = layer_kfac(layer, self.adapter, self._hidden(i, b.kfac),
                                              [saved[str(j)] for j in b.kfac], inputs=not split)
             del saved
             names = self._names(i)
             if split:
-                A_saved = self.spill.load(f"A-{i}")
+                A_saved = self.spill.tensors(f"A-{i}.safetensors")
                 A = {n: A_saved[f"A.{g[0]}"] for g in _groups(self.adapter, i) for n in g}
             else:
                 A = {f"{self.adapter.layers}.{i}.{n}": a for n, a in finalize_shared(A_mom, consume=True).items()}
@@ -363,20 +305,20 @@ class _Walk:
                                       cfg.group_cost)
                     changed = keep
                 else:
-                    self.spill.save_json(f"candidates-{i}.json", [_candidate(c) for c in found])
+                    self.spill.put_json(f"candidates-{i}.json", [_candidate(c) for c in found])
                     _save_factors(self.spill, self.adapter, i, factors, self._update_needs(i))
             elif is_local(target, cfg):
                 element_prune_(linears, target, damped, keep, cfg)
                 changed = keep
             else:
-                self.spill.save(f"costs-{i}", dict(element_costs_of(linears, damped, keep)))
+                self.spill.put_tensors(f"costs-{i}.safetensors", dict(element_costs_of(linears, damped, keep)))
                 _save_factors(self.spill, self.adapter, i, factors, names)
             del damped, factors
-            self.spill.save(f"grad-{i}", {str(j): g for j, g in zip(b.kfac, grads, strict=True)})
+            self.spill.put_tensors(f"grad-{i}.safetensors", {str(j): g for j, g in zip(b.kfac, grads, strict=True)})
             self._leave(i, layer, shot + 1, linears, changed)
             del layer, linears, keep, grads
+            self.spill.forget(f"grad-{i + 1}.safetensors")  # removed once the state no longer names it
             self._layer_done(i, time.perf_counter() - t0)
-            self.spill.remove(f"grad-{i + 1}.safetensors")
 
     def _update_needs(self, i: int) -> list[str]:
         """The linears whose factors a structured update uses (``output``: only o and down move)."""
@@ -400,7 +342,7 @@ class _Walk:
 
         def costs() -> Iterator[tuple[str, torch.Tensor]]:
             for i in range(self.n):
-                yield from self.spill.load(f"costs-{i}").items()
+                yield from self.spill.tensors(f"costs-{i}.safetensors").items()
 
         cut = global_threshold(costs, self.sizes, target, self.cfg.max_layer_sparsity)  # type: ignore[arg-type]
         self._save_state(phase="update", done=0, cut={"value": cut.value, "capped": cut.capped})
@@ -494,11 +436,11 @@ class _Walk:
             })
             log.info("shot %d/%d: sparsity %.2f%% (%.0f s, streamed)", shot + 1, len(self.targets), 100 * removed,
                      self.state["seconds"][str(shot)])
+            self.spill.forget(f"state-{shot}-*", "hidden-*", "grad-*", "A-*", "costs-*", "factors-*", "candidates-*")
             self._save_state(shot=shot + 1, phase="forward", done=0, removed={}, cut=None, chosen=None)
-            self.spill.remove(f"state-{shot}-*", "hidden-*", "grad-*", "A-*", "costs-*", "factors-*", "candidates-*")
         self._finish(report)
         report.seconds = time.perf_counter() - start
-        shutil.rmtree(self.spill.dir, ignore_errors=True)
+        shutil.rmtree(self.spill.directory, ignore_errors=True)
         return report
 
 

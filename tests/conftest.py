@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +112,28 @@ def cached_logits(decoder: object, chunks: list[torch.Tensor]) -> torch.Tensor:
         out.append(decoder.forward(chunk, mask, torch.arange(seen, seen + t).expand(batch, t)))  # type: ignore[attr-defined]
         seen += t
     return torch.cat(out, dim=1)
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (a child run to completion)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def killed_writers_temporary(target: Path, directory: bool = False) -> Path:
+    """What a writer of ``target`` killed mid-write leaves beside it (base/files.py's name, a process
+    that is gone, an hour old): the next run's cleaner for ``target`` must remove it."""
+    temporary = target.with_name(f".{target.name}.tmp-{dead_pid()}-abcd1234")
+    if directory:
+        temporary.mkdir(parents=True)
+        (temporary / "model.safetensors").write_bytes(b"half")
+    else:
+        temporary.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_bytes(b"half")
+    old = time.time() - 3600
+    os.utime(temporary, (old, old))
+    return temporary
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:

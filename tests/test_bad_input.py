@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from base.errors import SurgeonError
-from tests.conftest import CORPUS, make_tiny_llama
+from tests.conftest import CORPUS, dead_pid, make_tiny_llama
 
 NAN_TENSOR = "model.layers.1.mlp.down_proj.weight"
 
@@ -169,12 +169,10 @@ def test_a_target_under_a_file_is_refused_before_the_work(command: str, models: 
 def test_a_read_only_parent_is_refused_before_the_work(models: dict[str, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    import base.files
-
-    def refuse(*args: object, **kwargs: object) -> tuple[int, str]:
+    def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(base.files.tempfile, "mkstemp", refuse)  # what a read-only mount does, even to root
+    monkeypatch.setattr(Path, "touch", refuse)  # the probe file: what a read-only mount does, even to root
     loaded = []
     monkeypatch.setattr("base.loading._load_hf_dir", lambda *a, **k: loaded.append(a))
     code, _, err = cli(monkeypatch, capsys, "onnx", str(models["good"]), "--out", str(tmp_path / "x"), "--quiet")
@@ -230,14 +228,7 @@ def test_the_model_cache_refuses_an_unwritable_directory(tmp_path: Path, monkeyp
     assert f"{blocker} is not a directory (set $SURGEON_EXPORT_CACHE to a writable directory)" in line, line
 
 
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_stale_temporaries_are_removed_on_the_next_run(tmp_path: Path) -> None:
-    from base.files import LEGACY_MKSTEMP, clean_stale
     from export.checkpoint import write_atomically
 
     gone, old = dead_pid(), time.time() - 7200
@@ -255,14 +246,6 @@ def test_stale_temporaries_are_removed_on_the_next_run(tmp_path: Path) -> None:
     os.utime(fresh, (time.time() + 60, time.time() + 60))
     write_atomically(tmp_path / "out", False, lambda tmp: (tmp / "f").write_text("new"))
     assert listing(tmp_path) == sorted([live.name, fresh.name, foreign.name, "out"])
-
-    ckpt = tmp_path / "checkpoint"  # a 0-byte mkstemp file of the old checkpoint writer
-    ckpt.mkdir()
-    (ckpt / "tmpab12cd34.tmp").write_bytes(b"")
-    (ckpt / "tmpnew00000.tmp").write_bytes(b"")
-    os.utime(ckpt / "tmpab12cd34.tmp", (old, old))
-    assert clean_stale(ckpt, legacy=LEGACY_MKSTEMP) == [ckpt / "tmpab12cd34.tmp"]
-    assert listing(ckpt) == ["tmpnew00000.tmp"]  # recent: may be in use
 
 
 # --- 4. tracebacks and silent acceptances -------------------------------------------------------------------------
@@ -477,7 +460,7 @@ def test_bench_disk_full_while_writing_results(models: dict[str, Path], tmp_path
     def full(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(benchmarks.report, "atomic_write", full)
+    monkeypatch.setattr(Path, "write_bytes", full)  # every result file is bytes through base.files.write_file
     monkeypatch.setattr(benchmarks.report, "markdown", lambda result: "")
     monkeypatch.setattr(benchmarks.report, "plot_quality", lambda result: None)
     monkeypatch.setattr(benchmarks.report, "plot_speedup", lambda result: None)
@@ -509,16 +492,16 @@ def test_disk_full_during_a_streamed_prune_is_one_line(models: dict[str, Path], 
     """A full disk while a layer's shard is written: one line, nothing at --out, no temporary shard left."""
     from safetensors import SafetensorError
 
-    import export.streaming as streaming
+    import base.resume
 
     def full(tensors: dict, path: str) -> None:
         Path(path).write_bytes(b"partial")
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
-    monkeypatch.setattr(streaming, "save_file", full)
+    monkeypatch.setattr(base.resume, "save_file", full)  # a layer's shard
     out = tmp_path / "pruned"
     code, _, err = cli(monkeypatch, capsys, "prune", str(models["good"]), "--method", "magnitude", "--sparsity", "0.5",
                        "--streaming", "--no-eval", "--out", str(out), "--quiet")
     assert one_line_error(code, err) == f"error: cannot write {out}: no space left on device; nothing was written"
     assert not out.exists()
-    assert not [p for p in tmp_path.rglob("*.tmp")]  # the half-written shard is gone (the resume folder may stay)
+    assert not [p for p in tmp_path.rglob(".*.tmp-*")]  # the half-written shard is gone (the resume folder may stay)

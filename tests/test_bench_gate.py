@@ -66,7 +66,7 @@ def test_nothing_in_common_is_an_error() -> None:
     "content, message",
     [
         (None, "baseline file not found"),
-        ("{not json", "is not valid JSON"),
+        ("{not json", "old.json: not valid JSON"),
         ('{"models": []}', "no schema_version"),
         ('{"schema_version": 99, "models": []}', "schema_version 99"),
         ('{"schema_version": 1, "models": [{"label": "x"}]}', "is malformed"),
@@ -134,5 +134,5 @@ def test_cli_malformed_baseline_exits_2_before_measuring(cli_models: Path, tmp_p
     out = tmp_path / "res" / "new.json"
     assert run_main(monkeypatch, cli_models, out, "--baseline", str(bad)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: baseline file {bad} is not valid JSON") and "\n" not in err
+    assert err.startswith(f"error: {bad}: not valid JSON") and "\n" not in err
     assert not out.parent.exists()

@@ -17,7 +17,7 @@ from base.loading import load_model
 from export.streaming import StreamedLayers
 from surgeon.sds import SDSConfig
 from surgeon_export import api
-from tests.conftest import make_tiny_llama, tensors
+from tests.conftest import killed_writers_temporary, make_tiny_llama, tensors
 
 SDS = SDSConfig(epochs=3, adjust_epochs=3)
 
@@ -102,17 +102,20 @@ def test_an_interrupted_run_resumes_to_the_same_tensors(tmp_path: Path, monkeypa
     assert sorted(p.name for p in partial.glob("*.safetensors")) == ["model-00001-of-00004.safetensors",
                                                                      "model-00002-of-00004.safetensors"]
     assert not (tmp_path / "twice").exists()
-    (partial / "model-00003-of-00004.safetensors.tmp").write_bytes(b"half")  # a kill inside a write
+    killed = killed_writers_temporary(partial / "model-00003-of-00004.safetensors")  # a kill inside a write
+    (partial / "model-00004-of-00004.safetensors").write_bytes(b"half")  # a kill before the progress named it
     monkeypatch.setattr(StreamedLayers, "leave", real)
     entered = []
     real_enter = StreamedLayers.enter
-    monkeypatch.setattr(StreamedLayers, "enter", lambda self, i: entered.append((i, i in self.progress["layers"]))
+    monkeypatch.setattr(StreamedLayers, "enter", lambda self, i: entered.append((i, self.finished(i) is not None))
                         or real_enter(self, i))
     api.prune_streamed(src, cfg, tmp_path / "twice", calib_samples=4, seq_len=16)
     assert entered == [(0, True), (1, True), (2, False)]  # layers 0 and 1 were read back, not pruned again
     a, b = tensors(tmp_path / "once"), tensors(tmp_path / "twice")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not partial.exists()
+    assert not partial.exists() and not (tmp_path / "twice" / killed.name).exists()
+    listing = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("once", "twice")]
+    assert listing[0] == listing[1]  # nothing a killed run left came along
 
 
 def test_resume_refuses_other_settings_or_another_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,13 +128,13 @@ def test_resume_refuses_other_settings_or_another_source(tmp_path: Path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         api.prune_streamed(src, api.build_config("wanda", sparsity=0.5), tmp_path / "out", calib_samples=4, seq_len=16)
     monkeypatch.undo()
-    with pytest.raises(SurgeonError, match=r"holds a run with other settings \(config, seed\)"):
+    with pytest.raises(SurgeonError, match=r"made with other settings \(config.sparsity, seed\); rerun"):
         api.prune_streamed(src, api.build_config("wanda", sparsity=0.6), tmp_path / "out", calib_samples=4,
                            seq_len=16, seed=1)
     other, tokenizer = make_tiny_llama(seed=5, num_hidden_layers=3)
     other.save_pretrained(tmp_path / "other")
     tokenizer.save_pretrained(tmp_path / "other")
-    with pytest.raises(SurgeonError, match="holds a run of another source model"):
+    with pytest.raises(SurgeonError, match="made with another model; rerun"):
         api.prune_streamed(tmp_path / "other", api.build_config("wanda", sparsity=0.5), tmp_path / "out",
                            calib_samples=4, seq_len=16)
 
