@@ -172,7 +172,6 @@ def write_file(path: Path, content: str | bytes | Callable[[Path], object], *, t
         tmp.unlink(missing_ok=True)
 
 
-write_text_atomic = write_file  # the name surgeon_export/api.py imports
 
 
 def write_dir(target: Path, fill: Callable[[Path], object], *, replace: bool = True) -> None:

@@ -86,10 +86,9 @@ def main() -> None:
 
     record["environment"] = {"python": sys.version.split()[0], "torch": torch.__version__, "threads": 1,
                              "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}-w")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, args.out)
+    from base.files import write_file
+
+    write_file(args.out, json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

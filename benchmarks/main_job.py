@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return done.returncode
     result = json.loads(done.stdout)
     from base.env import environment  # the machine and versions of the record
+    from base.files import write_file
     from benchmarks.report import markdown
 
     seconds = round(wall)
@@ -56,15 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         "runtimes_skipped": result["runtimes_skipped"],
         "benchmark": result["benchmark"],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     stages = "\n".join(f"| {k} | {v:.0f} |" for k, v in result["stage_seconds"].items())
     md = (f"# Main job: `{record['command'].strip()}`\n\nWall clock **{record['wall_clock']}** "
           f"({args.note or 'machine state not noted'}; {os.cpu_count()} cores); the stages:\n\n"
           f"| stage | seconds |\n| --- | ---: |\n{stages}\n\n" + markdown(result["benchmark"]))
-    for path, text in ((args.out, json.dumps(record, indent=2)), (args.out.with_suffix(".md"), md)):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-w")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_file(args.out, json.dumps(record, indent=2))
+    write_file(args.out.with_suffix(".md"), md)
     print(f"main job: {record['wall_clock']}; stages {result['stage_seconds']}")
     return 0
 

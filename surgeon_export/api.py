@@ -34,7 +34,7 @@ from base import distributed as dist
 from base.adapters import Adapter
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
-from base.files import check_writable, interrupted_message, resumable, write_text_atomic
+from base.files import check_writable, interrupted_message, resumable, write_file
 from base.formats import REPORT_FILE
 from base.integrity import source_identity
 from base.lazy import LazyModel, open_lazy
@@ -510,7 +510,7 @@ def prune_streamed(
         check = not dist.active() and free is not None and 2 * lazy.weights.nbytes(torch.float32) < free
     if check and calibration is not None and dist.is_main():
         written["layerwise_check"] = check_layerwise(Path(out), calibration.ids[:2])
-        write_text_atomic(Path(out) / REPORT_FILE, json.dumps(written, indent=2))
+        write_file(Path(out) / REPORT_FILE, json.dumps(written, indent=2))
     return written
 
 
