@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 CELLS = {
-    "main job (run --no-runtimes: prune, smaller model, ONNX, bench)": ["run", "--no-runtimes", "--out", "{tmp}/run"],
+    "main job (run --no-runtimes --no-onnx: prune, smaller model, bench)": ["run", "--no-runtimes", "--no-onnx", "--out",
+                                                                           "{tmp}/run"],
     "Wanda 50% (prune --method wanda --sparsity 0.5)": ["prune", "--method", "wanda", "--sparsity", "0.5"],
     "SparseGPT 2:4 (prune --method sparsegpt --pattern 2:4)": ["prune", "--method", "sparsegpt", "--pattern", "2:4"],
     "streamed Wanda 50% (prune --streaming --out)": ["prune", "--method", "wanda", "--sparsity", "0.5", "--streaming",
@@ -37,7 +38,7 @@ CELLS = {
 def numbers(cell: str, result: dict) -> dict:
     """The numbers of one cell's JSON result that a refactor must not change."""
     if cell.startswith("main job"):
-        rows = {r["label"]: r for r in result["benchmark"]["results"]}
+        rows = {r["label"]: r for r in result["benchmark"]["models"]}
         return {"remaining_fraction": result["remaining_fraction"],
                 **{f"{label} perplexity": row["perplexity"]["perplexity"] for label, row in rows.items()
                    if row.get("perplexity")}}
@@ -60,7 +61,11 @@ def run_tree(tree: Path) -> dict:
         if done.returncode != 0:
             cells[cell] = {"error": done.stderr.strip().splitlines()[-1:], "seconds": round(seconds)}
             continue
-        cells[cell] = {**numbers(cell, json.loads(done.stdout)), "seconds": round(seconds)}
+        result = json.loads(done.stdout)
+        try:
+            cells[cell] = {**numbers(cell, result), "seconds": round(seconds)}
+        except (KeyError, TypeError) as exc:  # keep the run's output: minutes of work
+            cells[cell] = {"error": f"unread result ({exc!r})", "result": result, "seconds": round(seconds)}
         print(f"{tree}: {cell}: {cells[cell]}", flush=True)
     commit = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip()
