@@ -53,6 +53,7 @@ _STATS = {"seconds": 0.0, "calls": 0, "bytes": 0}
 _TIMEOUT = [DEFAULT_TIMEOUT]
 _PEERS: list[tuple[int, int]] = []  # (host digest, pid) of every rank, rank by rank, once the group is joined
 _REPORTED = [False]  # a DistributedError was raised: a later SIGTERM just ends the process
+_IDLE_LOGGED: set[tuple[int, int, int]] = set()  # (windows, batch size, world) whose idle ranks were logged
 T = TypeVar("T")
 
 
@@ -334,7 +335,8 @@ def batches_of(n: int, batch_size: int, what: str = "calibration windows") -> li
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     starts = range(0, n, batch_size)
     world = world_size()
-    if len(starts) < world and rank() == 0:
+    if len(starts) < world and rank() == 0 and (n, batch_size, world) not in _IDLE_LOGGED:
+        _IDLE_LOGGED.add((n, batch_size, world))
         log.warning("%d %s make %d batch%s of %d for %d ranks: ranks %d-%d have no batch to run (the result does "
                     "not depend on it; smaller batches give them some)", n, what, len(starts),
                     "es" * (len(starts) != 1), batch_size, world, len(starts), world - 1)

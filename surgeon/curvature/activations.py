@@ -45,8 +45,9 @@ class SecondMoment(OrderedSum):
     Each batch's ``x^T x`` is formed in the activations' own dtype (float32 matmuls are several
     times faster than float64 on CPU, and one batch's sum is short), then added into a float64
     running sum so that many batches lose nothing (in place: no float64 copy of the batch's sum).
-    The batches are added in their global order on any number of ranks (:class:`~base.distributed.
-    OrderedSum`; the passes run them through :func:`~base.distributed.over_batches`).
+    The batches are added in their global order on any number of ranks
+    (:class:`~base.distributed.OrderedSum`; the passes run them through
+    :func:`~base.distributed.over_batches`).
 
     ``diagonal``: only ``diag(A)``, the mean squares of the features, as a ``[dim]`` vector: all that
     Wanda reads, without the ``dim²`` matrix (0.97 GB in float64 at a Llama-2-7B ``down_proj``) or
