@@ -337,9 +337,10 @@ def batches_of(n: int, batch_size: int, what: str = "calibration windows") -> li
     world = world_size()
     if len(starts) < world and rank() == 0 and (n, batch_size, world) not in _IDLE_LOGGED:
         _IDLE_LOGGED.add((n, batch_size, world))
-        log.warning("%d %s make %d batch%s of %d for %d ranks: ranks %d-%d have no batch to run (the result does "
-                    "not depend on it; smaller batches give them some)", n, what, len(starts),
-                    "es" * (len(starts) != 1), batch_size, world, len(starts), world - 1)
+        idle = f"rank {world - 1} has" if len(starts) == world - 1 else f"ranks {len(starts)}-{world - 1} have"
+        log.warning("%d %s make %d batch%s of %d for %d ranks: %s no batch to run (the result does not depend on "
+                    "it; smaller batches give them some)", n, what, len(starts), "es" * (len(starts) != 1), batch_size,
+                    world, idle)
     return [(s, min(s + batch_size, n)) for s in starts[rank()::world]]
 
 
