@@ -1,16 +1,18 @@
-"""Data-parallel pruning over ``torch.distributed``: ranks, window shards, reductions, owners, broadcasts.
+"""Data-parallel pruning over ``torch.distributed``: ranks, calibration batches, ordered sums, owners, broadcasts.
 
 Launched with ``torchrun --nproc-per-node N [--nnodes M ...] -m surgeon_export prune ...`` (or any
-script that calls the Python API under torchrun), every rank runs the same pruning code on its own
-contiguous share of the calibration windows (:func:`split_windows`). The statistics each method
-needs are summed over the ranks (:func:`all_reduce_sum`), the per-linear work is split by estimated
-cost (:func:`assign`) and its results are sent from the rank that computed them to every other
-(:func:`broadcast_from`), so every rank ends with the same model; rank 0 alone writes outputs.
+script that calls the Python API under torchrun), every rank runs the same pruning code on its share
+of the calibration batches (:func:`batches_of`: the batches one process forms, dealt round-robin).
+The statistics each method needs are :class:`OrderedSum` s, one term per batch added in the batches'
+global order whatever the number of ranks (:func:`over_batches`), so they come out bit-identical on
+1, 2 or N ranks; the per-linear work is split by estimated cost (:func:`assign`) and its results are
+sent from the rank that computed them to every other (:func:`broadcast_from`), so every rank ends
+with the same model, one process's; rank 0 alone writes outputs.
 
 With one process (no ``WORLD_SIZE`` above 1 in the environment and no process group) every
-function here is a no-op: the rank is 0, the world size 1, a shard is all windows, every item is
-owned by rank 0, reductions and broadcasts change nothing. The single-process code path *is* the
-distributed one.
+function here is a no-op: the rank is 0, the world size 1, every batch is this rank's, a term is
+added to its sum at once, every item is owned by rank 0, broadcasts change nothing. The
+single-process code path *is* the distributed one.
 
 Backends: gloo for CPU tensors, NCCL for CUDA tensors when CUDA is available (one process group
 ``cpu:gloo,cuda:nccl``; each collective goes to the backend of its tensors' device). Every
@@ -36,7 +38,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +53,7 @@ _STATS = {"seconds": 0.0, "calls": 0, "bytes": 0}
 _TIMEOUT = [DEFAULT_TIMEOUT]
 _PEERS: list[tuple[int, int]] = []  # (host digest, pid) of every rank, rank by rank, once the group is joined
 _REPORTED = [False]  # a DistributedError was raised: a later SIGTERM just ends the process
+_IDLE_LOGGED: set[tuple[int, int, int]] = set()  # (windows, batch size, world) whose idle ranks were logged
 T = TypeVar("T")
 
 
@@ -230,23 +233,6 @@ def reset_stats() -> None:
     _STATS.update(seconds=0.0, calls=0, bytes=0)
 
 
-def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum each tensor over every rank, in place (the result is the same on every rank).
-
-    Reductions of float64 statistics stay float64: each rank adds its own batches in float64 first,
-    then the ranks' partial sums are added (a different order of float64 additions than one process
-    takes; see docs/distributed.md).
-    """
-    if not active():
-        return
-    import torch.distributed as dist
-
-    for t in tensors:
-        if not t.is_contiguous():
-            raise ValueError("all_reduce_sum needs contiguous tensors (it reduces in place)")
-        _collective("all-reduce", t.numel() * t.element_size(), lambda t=t: dist.all_reduce(t))
-
-
 def broadcast_from(owner: int, tensors: Sequence[torch.Tensor]) -> None:
     """Overwrite ``tensors`` on every rank with rank ``owner``'s, in place (bool tensors travel as bytes)."""
     if not active():
@@ -275,11 +261,15 @@ def broadcast_json(owner: int, value: Any) -> Any:
     return json.loads(buf.numpy().tobytes().decode()) if rank() != owner else value
 
 
-def sum_over_ranks(values: Sequence[float]) -> list[float]:
-    """Plain numbers (token counts, energies) summed over every rank, as float64."""
-    t = torch.tensor(list(values), dtype=torch.float64)
-    all_reduce_sum([t])
-    return t.tolist()
+def sum_over_ranks(values: Sequence[int]) -> list[int]:
+    """Integers (token counts) summed over every rank: exact in any order (float64 holds them up to 2^53)."""
+    if not active():
+        return [int(v) for v in values]
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    _collective("all-reduce", t.numel() * 8, lambda: dist.all_reduce(t))
+    return [int(v) for v in t.tolist()]
 
 
 def gather_rows(values: Sequence[float]) -> list[list[float]]:
@@ -322,42 +312,133 @@ def check_same(parts: Mapping[str, str]) -> None:
                            "the same command, model and data")
 
 
-def shard_bounds(n: int, batch_size: int, what: str = "calibration windows") -> tuple[int, int]:
-    """This rank's contiguous share ``[lo, hi)`` of ``n`` windows, cut at multiples of ``batch_size`` when possible.
+def batches_of(n: int, batch_size: int, what: str = "calibration windows") -> list[tuple[int, int]]:
+    """This rank's calibration batches, as window ranges ``[lo, hi)``.
 
-    One process batches the windows ``batch_size`` at a time; cutting at the same batch boundaries
-    gives every rank exactly the batches one process would form, so each batch's float32 statistics
-    are bit-identical and only the float64 order in which the batches are added differs. With fewer
-    batches than ranks the windows are split evenly instead (logged: the batches then differ).
-
-    Raises:
-        SurgeonError: fewer windows than ranks (naming both).
+    The batches are the ones one process forms, ``batch_size`` consecutive windows by global index
+    (the last may be shorter), whatever the number of ranks, and batch ``b`` is rank ``b mod world``'s:
+    each batch's forward pass and float32 statistics are the same on any number of ranks, and the
+    ranks' ``k``-th batches are consecutive, which :func:`over_batches` adds in order. Ranks beyond the
+    number of batches get none (logged): they wait in the calibration passes and still take their
+    share of the per-linear work.
 
     Example:
-        >>> shard_bounds(6, 2)  # one process: every window
-        (0, 6)
+        >>> batches_of(5, 2)  # one process: every batch
+        [(0, 2), (2, 4), (4, 5)]
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    starts = range(0, n, batch_size)
     world = world_size()
-    if world == 1:
-        return 0, n
-    if n < world:
-        raise SurgeonError(f"{n} {what} cannot be shared by {world} ranks: each rank needs at least one "
-                           f"(give {world} or more, or start fewer ranks)")
-    batches = -(-n // batch_size)
-    r = rank()
-    if batches >= world:
-        lo, hi = (min(round(k * batches / world) * batch_size, n) for k in (r, r + 1))
-        return lo, hi
-    if r == 0:
-        log.warning("%d %s in %d batches of %d for %d ranks: split evenly, so the batches (and their float32 "
-                    "sums) differ from one process's", n, what, batches, batch_size, world)
-    return round(r * n / world), round((r + 1) * n / world)
+    if len(starts) < world and rank() == 0 and (n, batch_size, world) not in _IDLE_LOGGED:
+        _IDLE_LOGGED.add((n, batch_size, world))
+        idle = f"rank {world - 1} has" if len(starts) == world - 1 else f"ranks {len(starts)}-{world - 1} have"
+        log.warning("%d %s make %d batch%s of %d for %d ranks: %s no batch to run (the result does not depend on "
+                    "it; smaller batches give them some)", n, what, len(starts), "es" * (len(starts) != 1), batch_size,
+                    world, idle)
+    return [(s, min(s + batch_size, n)) for s in starts[rank()::world]]
 
 
-def split_windows(windows: torch.Tensor, batch_size: int, what: str = "calibration windows") -> torch.Tensor:
-    """This rank's share of ``windows`` ``[N, T]`` (:func:`shard_bounds`); all of them with one process."""
-    lo, hi = shard_bounds(int(windows.shape[0]), batch_size, what)
-    return windows[lo:hi]
+class OrderedSum:
+    """A float64 sum of one term per calibration batch, added in the batches' global order on any number of ranks.
+
+    One process adds each batch's term as it comes: ``sum += term`` (a float32 term is widened exactly,
+    then added in float64). With several ranks, each rank keeps its batch's term until the round of
+    :func:`over_batches` ends; then the rows of the sum are shared out, each rank adds every rank's
+    term to its rows in rank order, which is the batches' order (:func:`batches_of`), and at the end
+    every rank's rows go to every rank. Each float64 addition is then the one one process makes, in
+    the same order: the sums are bit-identical on 1, 2 or N ranks.
+
+    Args:
+        shape: the terms' shape; the rows (first axis) are what the ranks share out.
+        dtype: the terms' dtype, which a rank without a batch in a round must know (it receives the
+            others' terms); taken from the first term when not given.
+    """
+
+    def __init__(self, shape: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
+        self.sum = torch.zeros(*shape, dtype=torch.float64, device=device)
+        self.count = 0  # items behind the sum (tokens), summed over the ranks at the end
+        self.dtype = dtype
+        self.term: torch.Tensor | None = None  # this rank's term of the current round (several ranks only)
+        self.complete = not active()  # every rank's terms are in ``sum`` (one process: always)
+
+    def add(self, term: torch.Tensor, count: int = 0) -> None:
+        """This rank's term for its current batch (``count`` items behind it)."""
+        if term.shape != self.sum.shape:
+            raise ValueError(f"a term of shape {tuple(term.shape)} for a sum of shape {tuple(self.sum.shape)}")
+        self.count += count
+        self.dtype = term.dtype
+        if not active():
+            self.sum.add_(term)
+            return
+        if self.term is not None:
+            raise RuntimeError("a calibration statistic got two terms from one batch")
+        self.term = term.contiguous()
+
+
+def _row_bounds(rows: int) -> list[tuple[int, int]]:
+    """Each rank's rows ``[lo, hi)`` of a sum with ``rows`` rows (as even as they go; empty where fewer rows than ranks)."""
+    world = world_size()
+    return [(r * rows // world, (r + 1) * rows // world) for r in range(world)]
+
+
+def _fold(s: OrderedSum, present: Sequence[int]) -> None:
+    """End of a round: the terms of the ``present`` ranks, split by rows, to the ranks that add them, in rank order."""
+    import torch.distributed as dist
+
+    bounds = _row_bounds(s.sum.shape[0])
+    lo, hi = bounds[rank()]
+    if (s.term is not None) != (rank() in present):
+        raise RuntimeError("a calibration statistic got no term from this rank's batch")
+    if s.dtype is None:
+        raise RuntimeError("a calibration statistic's dtype must be known on every rank")
+    rest = tuple(s.sum.shape[1:])
+    send = s.term if s.term is not None else torch.empty((0, *rest), dtype=s.dtype, device=s.sum.device)
+    send_rows = [b - a for a, b in bounds] if s.term is not None else [0] * len(bounds)
+    recv_rows = [hi - lo if r in present else 0 for r in range(len(bounds))]
+    out = torch.empty((sum(recv_rows), *rest), dtype=s.dtype, device=s.sum.device)  # [present x rows, ...]
+    _collective("all-to-all", send.numel() * send.element_size(),
+                lambda: dist.all_to_all_single(out, send, recv_rows, send_rows))
+    s.term = None
+    if hi > lo:
+        mine = s.sum[lo:hi]
+        for part in out.split(hi - lo):  # rank order: the batches' order
+            mine.add_(part)
+
+
+def over_batches(items: Sequence[T], sums: Iterable[OrderedSum]) -> Iterator[T]:
+    """This rank's batches ``items`` one at a time, each one's terms added to ``sums`` in the batches' global order.
+
+    With one process: ``items`` as they are (each term was added at once). With several ranks every
+    rank runs as many rounds as the rank with the most batches: after each round (one where this rank
+    had no batch too) the round's terms are added (:class:`OrderedSum`, one all-to-all per sum);
+    after the last, every rank's rows of each sum go to every rank, and the counts are summed.
+    ``sums`` (shared ones once) must come in the same order on every rank.
+
+    Example:
+        >>> acc = OrderedSum([2])
+        >>> for x in over_batches([1.0, 2.0], [acc]):
+        ...     acc.add(torch.full([2], x))
+        >>> acc.sum.tolist()
+        [3.0, 3.0]
+    """
+    sums = list({id(s): s for s in sums}.values())
+    if not active():
+        yield from items
+        return
+    counts = [int(row[0]) for row in gather_rows([len(items)])]
+    for j in range(max(counts)):
+        if j < len(items):
+            yield items[j]
+        present = [r for r, c in enumerate(counts) if j < c]
+        for s in sums:
+            _fold(s, present)
+    for s in sums:
+        for r, (lo, hi) in enumerate(_row_bounds(s.sum.shape[0])):
+            if hi > lo:
+                broadcast_from(r, [s.sum[lo:hi]])
+    for s, total in zip(sums, sum_over_ranks([s.count for s in sums])):
+        s.count, s.complete = total, True
 
 
 def assign(costs: Mapping[str, float]) -> dict[str, int]:

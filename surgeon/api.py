@@ -64,6 +64,7 @@ def build_config(
     fisher: str = "empirical",
     kfac_samples: int | None = None,
     kfac_batch: int = 4,
+    calib_batch: int = 8,
     calib_samples: int | None = None,
     true_sequential: bool = False,
     refine: SDSConfig | None = None,
@@ -76,6 +77,8 @@ def build_config(
     update); ``pattern`` may be added to ``structured`` for LLM Surgeon. ``allocation`` defaults
     to each method's measured best: ``global`` for LLM Surgeon, ``uniform`` for the structured
     baselines (Wanda-style channel scores at 80% kept: 50.14 uniform, 202.1 global).
+    ``kfac_batch`` (LLM Surgeon and the structured baselines) and ``calib_batch`` (the layer-wise
+    methods) are the windows per calibration batch: the unit that ranks share under torchrun.
     """
     if method not in METHODS:
         raise SurgeonError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -97,6 +100,8 @@ def build_config(
         raise SurgeonError(f"--calib-samples must be at least 1, got {calib_samples}")
     if kfac_batch < 1:
         raise SurgeonError(f"--kfac-batch must be at least 1, got {kfac_batch}")
+    if calib_batch < 1:
+        raise SurgeonError(f"the calibration batch must be at least 1 window, got {calib_batch}")
     target_sparsity = check_sparsity(sparsity) if sparsity is not None else None
     target_pattern = NMPattern.parse(pattern) if isinstance(pattern, str) else pattern
     if method == "surgeon" or structured is not None:
@@ -113,7 +118,7 @@ def build_config(
             kfac_windows=kfac_samples, batch_size=kfac_batch, refine=refine, between_shots=between_shots,
         )
     return PruneConfig(method=method, sparsity=target_sparsity, pattern=target_pattern,  # type: ignore[arg-type]
-                       true_sequential=true_sequential, refine=refine)
+                       batch_size=calib_batch, true_sequential=true_sequential, refine=refine)
 
 
 def calibration_size(config: Config) -> int:

@@ -10,10 +10,11 @@ stores each layer's inputs on the way up, :func:`head_gradient` starts the backw
 head, :func:`layer_kfac` recomputes one layer from its stored inputs and pushes the gradient
 through it). Both use :func:`head_gradient`, so the two give the same factors.
 
-In a process group (:mod:`base.distributed`) the functions that take ``windows`` work on this
-rank's share of them, and those that take batches are given this rank's batches; every statistic
-they return is summed over all ranks, so each rank gets what one process would compute (up to the
-order of float64 additions).
+In a process group (:mod:`base.distributed`) the functions that take ``windows`` run this rank's
+batches of them (:func:`~base.distributed.batches_of`: the batches one process forms, dealt
+round-robin), and those that take batches are given this rank's; every statistic they return adds
+the batches of all ranks in their global order (:func:`~base.distributed.over_batches`), so each
+rank gets, bit for bit, what one process computes.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 from base.adapters import Adapter
-from base.distributed import shard_bounds
-from surgeon.curvature.activations import SecondMoment, all_reduce_
+from base.distributed import batches_of, over_batches
+from surgeon.curvature.activations import SecondMoment
 from surgeon.curvature.kfac import KronFactor
 
 
@@ -75,7 +76,6 @@ def capture_layer_inputs(
     input through: the embeddings, masks and rotary embeddings are computed as the model computes them
     (per layer type), and no decoder layer runs, so the layers may be on the meta device (streaming).
     """
-    lo, hi = shard_bounds(int(windows.shape[0]), batch_size)
     layers = list(adapter.decoder_layers(model))
     hidden0: list[torch.Tensor] = []
     per_layer: list[dict[str, Any]] = []
@@ -96,9 +96,9 @@ def capture_layer_inputs(
     device = next(p for p in model.parameters() if not p.is_meta).device
     captured: list[LayerBatch] = []
     try:
-        for start in range(lo, hi, batch_size):
+        for lo, hi in batches_of(int(windows.shape[0]), batch_size):
             try:
-                model(input_ids=windows[start : min(start + batch_size, hi)].to(device), use_cache=False)
+                model(input_ids=windows[lo:hi].to(device), use_cache=False)
             except StopForward:
                 pass
             if len(per_layer) != len(layers):
@@ -179,17 +179,16 @@ def input_moments(
     handles = []
     for group in groups if groups is not None else adapter.input_groups:
         lead = layer.get_submodule(group[0])
-        moment = SecondMoment(lead.in_features, device=lead.weight.device, diagonal=diagonal)
+        moment = SecondMoment(lead.in_features, device=lead.weight.device, diagonal=diagonal, dtype=lead.weight.dtype)
         for name in group:
             moments[name] = moment
         handles.append(lead.register_forward_hook(lambda _m, args, _out, acc=moment: acc.update(args[0])))
     try:
-        for b in batches:
+        for b in over_batches(batches, moments.values()):  # every rank's batches, in their global order
             layer(b.hidden, **b.kwargs)
     finally:
         for h in handles:
             h.remove()
-    all_reduce_(moments.values())  # this rank's batches -> every rank's
     return moments
 
 
@@ -281,15 +280,16 @@ def kfac_factors(
     The LM head runs a chunk of tokens at a time (:func:`head_gradient`), as in the streamed walk.
     Memory is ``O(d_in² + d_out²)`` per linear; batches stream. Linears sharing an input share one
     ``A`` tensor. The true Fisher's labels are drawn per batch from ``seed`` and the batch's first
-    window, so a rank's share of the windows draws what one process draws for them.
+    window, so a rank's batches draw what one process draws for them.
 
     Returns:
         ``{module name: KronFactor(A [d_in, d_in], G [d_out, d_out])}``, float64 means per token.
     """
-    lo, hi = shard_bounds(int(windows.shape[0]), batch_size, "K-FAC windows")  # before any hook: it may refuse
+    mine = batches_of(int(windows.shape[0]), batch_size, "K-FAC windows")
     linears = adapter.decoder_linears(model)
     A_acc, handles = _hook_inputs(model, adapter)
-    G_acc = {name: SecondMoment(m.out_features, device=m.weight.device) for name, m in linears.items()}
+    G_acc = {name: SecondMoment(m.out_features, device=m.weight.device, dtype=m.weight.dtype)
+             for name, m in linears.items()}
     for name, module in linears.items():
         handles.append(module.register_full_backward_hook(
             lambda _m, _gin, gout, acc=G_acc[name]: acc.update(gout[0])
@@ -305,11 +305,11 @@ def kfac_factors(
     embed = model.get_input_embeddings()
     handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
     try:
-        starts = range(lo, hi, batch_size)
-        for start in tqdm(starts, desc=f"K-FAC ({fisher} Fisher)", unit="batch", disable=not progress):
-            batch = windows[start : min(start + batch_size, hi)].to(device)  # [B, T]
+        rounds = over_batches(mine, [*A_acc.values(), *G_acc.values()])  # every rank's batches, in global order
+        for lo, hi in tqdm(rounds, total=len(mine), desc=f"K-FAC ({fisher} Fisher)", unit="batch", disable=not progress):
+            batch = windows[lo:hi].to(device)  # [B, T]
             hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state  # [B, T, H]
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + start) if fisher == "true" else None
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + lo) if fisher == "true" else None
             hidden.backward(head_gradient(model, hidden, batch, fisher=fisher, gen=gen))
     finally:
         for h in handles:
@@ -317,7 +317,6 @@ def kfac_factors(
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)
-    all_reduce_([*A_acc.values(), *G_acc.values()])  # this rank's windows -> every rank's
     A = finalize_shared(A_acc)
     return {name: KronFactor(A=A[name], G=G_acc[name].finalize()) for name in linears}
 
@@ -327,16 +326,16 @@ def input_factors(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = False
 ) -> dict[str, torch.Tensor]:
     """Second moment ``A`` ``[d_in, d_in]`` of the inputs of every decoder linear, forward passes only."""
-    lo, hi = shard_bounds(int(windows.shape[0]), batch_size)
+    mine = batches_of(int(windows.shape[0]), batch_size)
     A_acc, handles = _hook_inputs(model, adapter)
     device = next(model.parameters()).device
     try:
-        for start in tqdm(range(lo, hi, batch_size), desc="input statistics", unit="batch", disable=not progress):
-            model(input_ids=windows[start : min(start + batch_size, hi)].to(device), use_cache=False)
+        rounds = over_batches(mine, A_acc.values())  # every rank's batches, in global order
+        for lo, hi in tqdm(rounds, total=len(mine), desc="input statistics", unit="batch", disable=not progress):
+            model(input_ids=windows[lo:hi].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    all_reduce_(A_acc.values())
     return finalize_shared(A_acc)
 
 
@@ -419,7 +418,7 @@ def _hook_inputs(model: nn.Module, adapter: Adapter) -> tuple[dict[str, SecondMo
     for index, layer in enumerate(adapter.decoder_layers(model)):
         for group in adapter.input_groups:
             lead = layer.get_submodule(group[0])
-            acc = SecondMoment(lead.in_features, device=lead.weight.device)
+            acc = SecondMoment(lead.in_features, device=lead.weight.device, dtype=lead.weight.dtype)
             for member in group:
                 A_acc[f"{adapter.layers}.{index}.{member}"] = acc
             handles.append(lead.register_forward_hook(lambda _m, args, _out, acc=acc: acc.update(args[0])))

@@ -5,9 +5,10 @@ each layer l, the inputs of its linears are accumulated (second moment ``A``), e
 pruned from those statistics, and the layer's outputs are recomputed with the *pruned* weights
 to become the inputs of layer l+1. Magnitude pruning needs no data and skips the forward passes.
 
-Data-parallel (:mod:`base.distributed`, ``torchrun``): each rank runs its own share of the
-calibration windows through the layers, the input statistics are summed over the ranks at every
-layer (inside :func:`~surgeon.calibrate.input_moments` / :func:`~surgeon.sds.pair_moments`), each
+Data-parallel (:mod:`base.distributed`, ``torchrun``): each rank runs its own calibration batches
+through the layers (the batches one process forms, dealt round-robin), the input statistics add
+every rank's batches in their global order at every layer, bit for bit as one process adds them
+(inside :func:`~surgeon.calibrate.input_moments` / :func:`~surgeon.sds.pair_moments`), each
 linear is pruned (and refined) by the rank :func:`~base.distributed.assign` gives it, and its
 weights are then broadcast, so every rank goes on with the same layer.
 """
@@ -300,6 +301,7 @@ def prune_sequential_(
                 moments = input_moments(layer, adapter, batches, step, diagonal=cfg.statistics == "diagonal") \
                     if needs_data else {}
             means: dict[int, torch.Tensor] = {}  # A per shared accumulator, finalised once, in place
+            records: dict[str, dict] = {}  # SDS: this rank's linears' records, reported in the linears' order below
             for name, linear in linears.items():
                 full = f"{adapter.layers}.{index}.{name}"
                 names.append(full)
@@ -313,7 +315,7 @@ def prune_sequential_(
                     else:  # the model holds the first round already
                         W1 = W.clone()
                         target = cfg.pattern if cfg.pattern is not None else float((W == 0).sum()) / W.numel()
-                    W_new, report.refine[full] = refine_linear(
+                    W_new, records[full] = refine_linear(
                         t_layer.get_submodule(name).weight.data, W1, stats[name], target, REPRUNERS[cfg.method],
                         refine, full)
                 else:
@@ -324,7 +326,7 @@ def prune_sequential_(
             for name, linear in linears.items():
                 full = f"{adapter.layers}.{index}.{name}"
                 if refine:
-                    report.refine[full] = broadcast_json(owners[name], report.refine.get(full))
+                    report.refine[full] = broadcast_json(owners[name], records.get(full))
                 report.record(full, linear)
             moments = stats = means = {}  # free this step's statistics before the next step collects its own
         del t_layer

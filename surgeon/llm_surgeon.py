@@ -16,11 +16,11 @@ Steps 3-4 are per-layer functions (:func:`element_prune_`, :func:`layer_candidat
 :func:`surgeon.prune.threshold.global_threshold`), so :mod:`surgeon.streamed_surgeon` runs the same
 shots with the curvature collected one layer at a time, for a model larger than memory.
 
-Data-parallel (:mod:`base.distributed`): K-FAC's passes run on each rank's share of the windows
-and ``A``, ``G`` are summed over the ranks; each linear's costs and update (each layer's group
-costs and updates, structured) are computed by the rank :func:`~base.distributed.assign` gives it
-and broadcast (global allocation shares every cost, then all ranks select alike); rank 0 alone
-writes the checkpoint.
+Data-parallel (:mod:`base.distributed`): K-FAC's passes run each rank's batches of the windows
+and ``A``, ``G`` add every rank's batches in their global order (bit-identical to one process);
+each linear's costs and update (each layer's group costs and updates, structured) are computed by
+the rank :func:`~base.distributed.assign` gives it and broadcast (global allocation shares every
+cost, then all ranks select alike); rank 0 alone writes the checkpoint.
 """
 
 from __future__ import annotations

@@ -47,11 +47,11 @@ import torch
 from torch import nn
 
 from base.adapters import Adapter
-from base.distributed import all_reduce_sum, sum_over_ranks
+from base.distributed import OrderedSum, over_batches
 from base.errors import SurgeonError
 from surgeon.baselines.common import Target
 from surgeon.calibrate import LayerBatch, _hidden
-from surgeon.curvature.activations import SecondMoment, all_reduce_, calibration_positions
+from surgeon.curvature.activations import SecondMoment, calibration_positions
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +103,18 @@ def self_stats(A: torch.Tensor, W0: torch.Tensor, tokens: int) -> PairStats:
     return PairStats(A, A, float(((W @ A) * W).sum()), tokens)
 
 
-class _Cross:
-    """Running ``sum x_t^T x_s`` over tokens (float32 products, float64 sum)."""
+class _Cross(OrderedSum):
+    """Running ``sum x_t^T x_s`` over tokens (float32 products per batch, float64 sum in the batches' order)."""
 
     def __init__(self, dim: int, device: torch.device) -> None:
-        self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        super().__init__((dim, dim), device, torch.float32)
 
     def update(self, x_t: torch.Tensor, x_s: torch.Tensor) -> None:
         x_t, x_s = (calibration_positions(x.detach()).reshape(-1, x.shape[-1]).float() for x in (x_t, x_s))
         prod = x_t.T @ x_s
         if not torch.isfinite(prod).all():
             raise FloatingPointError("non-finite values in calibration activations")
-        self.sum += prod.to(torch.float64)
+        self.add(prod)
 
 
 @torch.no_grad()
@@ -132,19 +132,22 @@ def pair_moments(
 
     Batch by batch, the teacher layer runs on the teacher stream and the student layer on the
     student stream (same windows, so tokens pair up); in a process group each rank runs its own
-    batches and the statistics are summed over the ranks. With ``teacher_outputs`` the teacher layer's
-    outputs are returned as the next layer's teacher stream (the same forward pass).
+    batches and the statistics add every rank's batches in their global order
+    (:func:`~base.distributed.over_batches`). With ``teacher_outputs`` the teacher layer's outputs
+    are returned as the next layer's teacher stream (the same forward pass).
     """
     if student is teacher:
         raise ValueError("the teacher layer must be a separate module (a copy of the dense layer)")
     seen: dict[tuple[str, str], torch.Tensor] = {}
-    energy = {name: 0.0 for group in groups for name in group}
+    names = [name for group in groups for name in group]
+    batch_energy = torch.zeros(len(names), dtype=torch.float64)  # [linears], this batch's ||W0 x||^2
+    energy = OrderedSum([len(names)], dtype=torch.float64)  # and over the batches, with the token count
     moments: dict[tuple[str, ...], SecondMoment] = {}
     cross: dict[tuple[str, ...], _Cross] = {}
     handles = []
     for group in groups:
         lead = student.get_submodule(group[0])
-        moments[group] = SecondMoment(lead.in_features, device=lead.weight.device)
+        moments[group] = SecondMoment(lead.in_features, device=lead.weight.device, dtype=lead.weight.dtype)
         cross[group] = _Cross(lead.in_features, lead.weight.device)
         handles.append(lead.register_forward_hook(
             lambda _m, args, _o, key=("s", group[0]): seen.__setitem__(key, args[0])))
@@ -152,12 +155,13 @@ def pair_moments(
             lambda _m, args, _o, key=("t", group[0]): seen.__setitem__(key, args[0])))
         for name in group:
             handles.append(teacher.get_submodule(name).register_forward_hook(
-                lambda _m, _a, out, name=name: energy.__setitem__(
-                    name, energy[name] + float(calibration_positions(out).double().pow(2).sum()))))
+                lambda _m, _a, out, i=names.index(name): batch_energy.__setitem__(
+                    i, float(calibration_positions(out).double().pow(2).sum()))))
     outputs: list[LayerBatch] = []
-    tokens = 0
+    sums = [*moments.values(), *cross.values(), energy]
     try:
-        for s_b, t_b in zip(s_batches, t_batches, strict=True):
+        for s_b, t_b in over_batches(list(zip(s_batches, t_batches, strict=True)), sums):
+            batch_energy.zero_()
             out = teacher(t_b.hidden, **t_b.kwargs)
             if teacher_outputs:
                 outputs.append(t_b.then(_hidden(out)))
@@ -166,21 +170,16 @@ def pair_moments(
                 x_s, x_t = seen.pop(("s", group[0])), seen.pop(("t", group[0]))
                 moments[group].update(x_s)
                 cross[group].update(x_t, x_s)
-            tokens += calibration_positions(s_b.hidden).numel() // s_b.hidden.shape[-1]
+            energy.add(batch_energy.clone(), calibration_positions(s_b.hidden).numel() // s_b.hidden.shape[-1])
     finally:
         for h in handles:
             h.remove()
-    # In a process group each rank ran its own batches: sum the statistics over every rank.
-    all_reduce_(moments.values())
-    all_reduce_sum([c.sum for c in cross.values()])
-    names = list(energy)
-    *energies, total = sum_over_ranks([*(energy[n] for n in names), tokens])
-    energy, tokens = dict(zip(names, energies)), int(total)
+    tokens = energy.count
     stats = {}
     for group in groups:
         A, C = moments[group].finalize(), cross[group].sum / tokens
         for name in group:
-            stats[name] = PairStats(A, C, energy[name] / tokens, tokens)
+            stats[name] = PairStats(A, C, float(energy.sum[names.index(name)]) / tokens, tokens)
     return stats, (outputs if teacher_outputs else None)
 
 

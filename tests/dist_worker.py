@@ -1,8 +1,9 @@
 """One rank of a data-parallel test run (tests/test_distributed.py); RANK, WORLD_SIZE, MASTER_* as torchrun sets them.
 
-``python -m tests.dist_worker cases SPEC.json OUT`` prunes the model of SPEC once per case through the
-Python API and writes ``OUT/rank-R.json`` (each case's report, a digest of the final weights, or its
-error) and ``OUT/CASE.safetensors`` (rank 0: the final decoder-linear weights).
+``python -m tests.dist_worker cases SPEC.json OUT`` prunes the model of SPEC (or the case's own) once per
+case through the Python API and writes ``OUT/rank-R.json`` (each case's report, a digest of the final
+weights, or its error); a case with ``terms`` instead adds them, one row per batch, into an
+:class:`~base.distributed.OrderedSum` over this rank's batches and records the sum.
 
 ``python -m tests.dist_worker cli ARGS...`` runs ``surgeon-export ARGS...``; with ``TEST_FAULT=kill``
 (``stall``) the rank ``TEST_FAULT_RANK`` (default 1) kills itself (stops responding) right after its
@@ -33,9 +34,20 @@ def weights_digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def run_cases(spec_file: Path, out: Path) -> None:
-    from safetensors.torch import save_file
+def ordered_sum(terms: list[list[float]]) -> dict:
+    """The rows of ``terms`` (float32, one per batch of one window) added by :func:`base.distributed.over_batches`."""
+    import torch
 
+    from base.distributed import OrderedSum, batches_of, over_batches
+
+    rows = torch.tensor(terms, dtype=torch.float32)  # [batches, n]
+    acc = OrderedSum([rows.shape[1]], dtype=torch.float32)
+    for lo, _ in over_batches(batches_of(rows.shape[0], 1), [acc]):
+        acc.add(rows[lo], count=1)
+    return {"sum": acc.sum.tolist(), "count": acc.count}
+
+
+def run_cases(spec_file: Path, out: Path) -> None:
     from base import distributed as dist
     from base.errors import SurgeonError
     from base.loading import load_model
@@ -47,12 +59,15 @@ def run_cases(spec_file: Path, out: Path) -> None:
     rank = dist.rank()
     results = {}
     for case in spec["cases"]:
+        if "terms" in case:
+            results[case["name"]] = ordered_sum(case["terms"])
+            continue
         kwargs = dict(case["config"])
         for key, values in case.get("by_rank", {}).items():  # a rank started with other arguments
             kwargs[key] = values[rank]
         if "refine" in kwargs:
             kwargs["refine"] = SDSConfig(**kwargs["refine"])
-        lm = load_model(spec["model"])
+        lm = load_model(case.get("model", spec["model"]))
         try:
             report = api.prune(lm, api.build_config(kwargs.pop("method"), **kwargs), calib_samples=case["calib_samples"],
                                seq_len=case["seq_len"], calib_text=spec.get("calib_text"),
@@ -60,10 +75,7 @@ def run_cases(spec_file: Path, out: Path) -> None:
         except SurgeonError as exc:
             results[case["name"]] = {"error": str(exc)}
             continue
-        linears = {f"{n}.weight": m.weight.data for n, m in lm.adapter.decoder_linears(lm.model).items()}
         results[case["name"]] = {"digest": weights_digest(dict(lm.model.state_dict())), "report": report.to_dict()}
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in linears.items()}, str(out / f"{case['name']}.safetensors"))
     (out / f"rank-{rank}.json").write_text(json.dumps(results))
 
 

@@ -7,12 +7,12 @@ and the input factor of LLM Surgeon's Kronecker curvature.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-from base.distributed import all_reduce_sum, sum_over_ranks, world_size
+from base.distributed import OrderedSum
 
 _LEADING = [0]  # positions at the start of every window that calibration statistics leave out
 
@@ -39,33 +39,38 @@ def calibration_positions(x: torch.Tensor) -> torch.Tensor:
     return x[:, n:] if n and x.dim() >= 3 else x
 
 
-class SecondMoment:
-    """Running ``sum x x^T`` and token count; ``finalize()`` returns the mean ``A``.
+class SecondMoment(OrderedSum):
+    """Running ``sum x x^T`` and token count over calibration batches; ``finalize()`` returns the mean ``A``.
 
     Each batch's ``x^T x`` is formed in the activations' own dtype (float32 matmuls are several
     times faster than float64 on CPU, and one batch's sum is short), then added into a float64
     running sum so that many batches lose nothing (in place: no float64 copy of the batch's sum).
+    The batches are added in their global order on any number of ranks
+    (:class:`~base.distributed.OrderedSum`; the passes run them through
+    :func:`~base.distributed.over_batches`).
 
     ``diagonal``: only ``diag(A)``, the mean squares of the features, as a ``[dim]`` vector: all that
     Wanda reads, without the ``dim²`` matrix (0.97 GB in float64 at a Llama-2-7B ``down_proj``) or
-    its ``tokens · dim²`` product.
+    its ``tokens · dim²`` product. ``dtype``: the activations' dtype (the layer's weights'), which
+    sets the batches' terms: float64 for float64 activations, float32 otherwise; by default, each
+    batch's own.
     """
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu", *, diagonal: bool = False) -> None:
+    def __init__(self, dim: int, device: torch.device | str = "cpu", *, diagonal: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
+        term = None if dtype is None else torch.float64 if dtype == torch.float64 else torch.float32
+        super().__init__((dim,) if diagonal else (dim, dim), device, term)
         self.diagonal = diagonal
-        self.sum = torch.zeros(*((dim,) if diagonal else (dim, dim)), dtype=torch.float64, device=device)
-        self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of vectors ``x`` of shape ``[..., dim]`` (``[B, T, dim]``: less the leading positions left out)."""
         x = calibration_positions(x.detach()).reshape(-1, x.shape[-1])  # [tokens, dim]
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
+        dtype = self.dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
+        x = x.to(dtype)
         xtx = x.square().sum(0) if self.diagonal else x.T @ x  # [dim] or [dim, dim]
         if not torch.isfinite(xtx).all():
             raise FloatingPointError("non-finite values in calibration activations")
-        self.sum.add_(xtx)  # float32 -> float64 element by element, exactly as xtx.to(float64) would
-        self.count += x.shape[0]
+        self.add(xtx, x.shape[0])
 
     def finalize(self, *, consume: bool = False) -> torch.Tensor:
         """Mean second moment ``A`` of shape ``[dim, dim]`` (float64; ``[dim]``, its diagonal, when ``diagonal``).
@@ -73,24 +78,11 @@ class SecondMoment:
         ``consume``: divide the running sum in place and hand it over (no second ``dim²`` copy; the
         accumulator is spent), for factors as large as Llama-2-7B's (``11008²`` float64: 0.97 GB each).
         """
+        if not self.complete:
+            raise RuntimeError("a second moment was finalised before every rank's batches were added (over_batches)")
         if self.count == 0:
             raise ValueError("no calibration tokens were accumulated")
         if consume:
             mean, self.sum, self.count = self.sum.div_(self.count), torch.empty(0), 0
             return mean
         return self.sum / self.count
-
-
-def all_reduce_(moments: Iterable[SecondMoment]) -> None:
-    """Sum the accumulators over every rank of a process group, in place (no-op with one process).
-
-    Each rank has added its own calibration batches; afterwards every rank holds the sums and token
-    counts of all of them. Shared accumulators (linears reading one input) are reduced once, in the
-    order first met, which is the same on every rank.
-    """
-    unique = list({id(m): m for m in moments}.values())
-    if world_size() == 1 or not unique:
-        return
-    all_reduce_sum([m.sum for m in unique])
-    for m, count in zip(unique, sum_over_ranks([m.count for m in unique])):
-        m.count = int(count)
