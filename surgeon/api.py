@@ -101,7 +101,7 @@ def build_config(
     if kfac_batch < 1:
         raise SurgeonError(f"--kfac-batch must be at least 1, got {kfac_batch}")
     if calib_batch < 1:
-        raise SurgeonError(f"the calibration batch must be at least 1 window, got {calib_batch}")
+        raise SurgeonError(f"--calib-batch must be at least 1, got {calib_batch}")
     target_sparsity = check_sparsity(sparsity) if sparsity is not None else None
     target_pattern = NMPattern.parse(pattern) if isinstance(pattern, str) else pattern
     if method == "surgeon" or structured is not None:

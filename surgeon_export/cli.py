@@ -158,6 +158,7 @@ Structured = Annotated[Optional[float], typer.Option(help="surgeon: structured, 
 CalibSamples = Annotated[Optional[int], typer.Option(help="Calibration windows (default 64; 16 for surgeon --structured).")]
 Shots = Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")]
 KfacSamples = Annotated[Optional[int], typer.Option(help="surgeon: windows for K-FAC's backward passes (G); A then comes from all --calib-samples, forward only (default 16 for unstructured and N:M, all windows for --structured).")]
+CalibBatch = Annotated[int, typer.Option(help="sparsegpt, wanda, magnitude: windows per forward pass of the layer-wise statistics (under torchrun, the unit the ranks share: ranks beyond the number of batches wait).")]
 KfacBatch = Annotated[int, typer.Option(help="surgeon: windows per K-FAC forward/backward pass; 2 cuts the default model's K-FAC peak memory from 9.3 to 6.4 GiB for ~10% more K-FAC time, 1 to 5.7 GiB for ~30% (same factors up to rounding).")]
 Allocation = Annotated[Optional[str], typer.Option(help="--structured and surgeon: global (costs compared across layers) or uniform (the same MLP channels in every layer); default: each method's measured best, global for surgeon, uniform for wanda and magnitude --structured (Wanda-style 80%: 50.14 uniform vs 202.1 global).")]
 Correlation = Annotated[str, typer.Option(help="surgeon: joint (exact OBS update of all removals under G x A), rows (per-row updates spread through G) or none (per row, G ignored).")]
@@ -188,7 +189,8 @@ DistTimeout = Annotated[float, typer.Option(help="Under torchrun: seconds a coll
 def prune_cmd(
     model: ModelArg = None, out: PruneOut = None, method: Method = "sparsegpt", sparsity: Sparsity = None,
     pattern: Pattern = None, structured: Structured = None, calib_samples: CalibSamples = None, shots: Shots = 3,
-    kfac_samples: KfacSamples = None, kfac_batch: KfacBatch = 4, allocation: Allocation = None,
+    kfac_samples: KfacSamples = None, kfac_batch: KfacBatch = 4, calib_batch: CalibBatch = 8,
+    allocation: Allocation = None,
     correlation: Correlation = "joint", group_cost: GroupCost = "output", fisher: Fisher = "empirical",
     checkpoint: Checkpoint = None, seq_len: SeqLen = 512, calib_text: CalibText = None, seed: Seed = 0,
     true_sequential: TrueSequential = False, refine: Refine = None, sds_l1: SdsL1 = None, sds_l2: SdsL2 = None,
@@ -218,7 +220,8 @@ def prune_cmd(
     cfg = api.build_config(
         method, sparsity=sparsity, pattern=pattern, structured=structured, shots=shots, allocation=allocation,
         correlation=correlation, group_cost=group_cost, fisher=fisher, kfac_samples=kfac_samples,
-        kfac_batch=kfac_batch, calib_samples=calib_samples, true_sequential=true_sequential, refine=sds,
+        kfac_batch=kfac_batch, calib_batch=calib_batch, calib_samples=calib_samples, true_sequential=true_sequential,
+        refine=sds,
         between_shots=(recover_config(lora_between_shots, recover_lr, recover_rank or 8, recover_seq_len)
                        if lora_between_shots else None),
     )
