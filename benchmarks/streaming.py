@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from base.adapters import get_adapter
 from base.env import environment
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied embeddings
@@ -113,7 +114,7 @@ def write_random(config: Any, out: Path, seed: int = 0, dtype: torch.dtype = tor
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
-    identity = 0.0 if config.model_type.startswith("gemma") else 1.0
+    identity = 1.0 - get_adapter(config.model_type).norm_offset  # the norm weight w with norm_offset + w = 1
 
     def tensor(name: str, shape: tuple) -> torch.Tensor:
         if len(shape) > 1:
