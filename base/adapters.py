@@ -6,8 +6,13 @@ says which linears share a structured group (ALGORITHMS.md, "Structured removal 
 layer"): the rows of ``gate``/``up`` (``fc1`` in OPT) and the columns of ``down`` (``fc2``) are
 the MLP channels; the rows of ``q`` and columns of ``o`` are the query heads; the rows of ``k``
 and ``v`` are the key/value groups. Model types prefixed ``surgeon_`` are our per-layer-shape
-variants of each family (``base/modeling.py``); their layout is the family's own. Each adapter
-also says how llama.cpp runs its model types (:class:`GgufArch`, used by ``export/gguf.py``).
+variants of each family (``base/modeling.py``, which owns that prefix, :class:`~base.modeling.LayerShape`
+and the reader of per-layer sizes, being shipped standalone with checkpoints); their layout is the
+family's own.
+
+All knowledge of a family lives here: besides the layout, its quirks (Gemma's RMSNorm ``x * (1 + w)``,
+Gemma 3's RoPE key for transformers 4.x) and, for each stock model type (:class:`ModelType`), its
+per-layer-shape classes and how llama.cpp runs it (:class:`GgufArch`, applied by ``export/gguf.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +22,9 @@ from typing import Any
 
 from torch import nn
 
+from base import modeling
 from base.errors import SurgeonError
-
-PER_LAYER_PREFIX = "surgeon_"  # model_type prefix of the per-layer-shape variants (base/modeling.py)
-
+from base.modeling import MODEL_TYPE_PREFIX, LayerShape, config_layer_shapes, stock_model_type
 
 # GGUF tensor kinds (gguf.MODEL_TENSOR names) of one decoder layer: the attention and MLP of every family.
 _LAYER_CORE = ("ATTN_NORM", "ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_GATE", "FFN_UP", "FFN_DOWN")
@@ -41,7 +45,7 @@ class GgufArch:
     optional_tensors: tuple[str, ...] = ()  # read when present
     per_layer: bool = False  # creates each layer with its own sizes (deci); else all with layer 0's
     permute_qk: bool = False  # NORM RoPE (interleaved pairs): Q/K rows reordered from rotate-half
-    norm_offset: float = 0.0  # added to every RMSNorm weight (Hugging Face Gemma: x * (1 + w); llama.cpp: x * w)
+    square_q: bool = False  # creates attn_q and attn_output as hidden x hidden (qwen2): no query head may go
     output_tensor: bool = True  # reads output.weight (gemma, gemma2: always token_embd, tied)
     swa_period: int = 0  # reads sliding_window and a per-layer sliding_window_pattern (0: no sliding layers);
     # its default pattern (load_swa_pattern): layer i slides unless i % period == period - 1
@@ -61,20 +65,29 @@ class GgufArch:
 LLAMA_CPP_LLAMA = GgufArch("llama", _weights(*_LAYER_CORE, "FFN_NORM"), _BIASES, permute_qk=True, rope_freqs=True)
 LLAMA_CPP_DECI = GgufArch("deci", _weights(*_LAYER_CORE, "FFN_NORM"), _BIASES, per_layer=True, permute_qk=True,
                           rope_freqs=True)
-LLAMA_CPP_QWEN2 = GgufArch("qwen2", _weights(*_LAYER_CORE, "FFN_NORM") + _BIASES[:3])
+LLAMA_CPP_QWEN2 = GgufArch("qwen2", _weights(*_LAYER_CORE, "FFN_NORM") + _BIASES[:3], square_q=True)
 LLAMA_CPP_QWEN3 = GgufArch("qwen3", _weights(*_LAYER_CORE, "FFN_NORM", "ATTN_Q_NORM", "ATTN_K_NORM"))
 _GEMMA2_LAYER = _weights(*_LAYER_CORE, "ATTN_POST_NORM", "FFN_PRE_NORM", "FFN_POST_NORM")
-LLAMA_CPP_GEMMA = GgufArch("gemma", _weights(*_LAYER_CORE, "FFN_NORM"), norm_offset=1.0, output_tensor=False,
-                           reads_back=False)
+LLAMA_CPP_GEMMA = GgufArch("gemma", _weights(*_LAYER_CORE, "FFN_NORM"), output_tensor=False, reads_back=False)
 LLAMA_CPP_GEMMA2 = GgufArch(
-    "gemma2", _GEMMA2_LAYER, norm_offset=1.0, output_tensor=False, swa_period=2, swa_rope_scaled=True,
+    "gemma2", _GEMMA2_LAYER, output_tensor=False, swa_period=2, swa_rope_scaled=True,
     softcaps=("attn_logit_softcapping", "final_logit_softcapping"), softcaps_always=True,
     q_scale_into="ATTN_Q", wide_scale_layers=46, reads_back=False,
 )
 LLAMA_CPP_GEMMA3 = GgufArch(
-    "gemma3", _GEMMA2_LAYER + _weights("ATTN_Q_NORM", "ATTN_K_NORM"), norm_offset=1.0, swa_period=6,
+    "gemma3", _GEMMA2_LAYER + _weights("ATTN_Q_NORM", "ATTN_K_NORM"), swa_period=6,
     softcaps=("final_logit_softcapping",), q_scale_into="ATTN_Q_NORM", wide_scale_layers=62, reads_back=False,
 )
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """One stock ``model_type`` of a family: its per-layer-shape classes and how llama.cpp runs it."""
+
+    name: str
+    per_layer: Any  # base/modeling.py's causal LM for layers of different sizes (its config: ``config_class``)
+    gguf: GgufArch | None = None  # the llama.cpp architecture of uniform layers (None: llama.cpp lacks it)
+    rope_local_base_key: str | None = None  # transformers 4.x's top-level key for the sliding layers' RoPE base
 
 
 def _join(prefix: str, name: str) -> str:
@@ -86,7 +99,7 @@ class Adapter:
     """Module layout of a decoder-only family (names relative to the model root, or to one layer)."""
 
     family: str
-    model_types: tuple[str, ...]  # stock model types; the ``surgeon_`` variants are accepted too
+    types: tuple[ModelType, ...]  # stock model types; their ``surgeon_`` variants are accepted too
     layers: str = "model.layers"
     final: tuple[str, ...] = ("model.norm",)  # what runs between the last decoder layer and the LM head, in order
     attn: str = "self_attn"
@@ -107,9 +120,8 @@ class Adapter:
     # optimum's dummy past key/value generator for the stock config (what optimum-onnx registers:
     # Llama, Mistral, Qwen2 and Qwen3 the Mistral one, Gemma its own, OPT the default one).
     optimum_past_generator: str = "MistralDummyPastKeyValuesGenerator"
-    # llama.cpp: the architecture of each stock model type, and the one for layers of different sizes
-    # (None: llama.cpp cannot run this family / per-layer shapes of it).
-    gguf: tuple[tuple[str, GgufArch], ...] = ()
+    norm_offset: float = 0.0  # Hugging Face's RMSNorm computes x * (norm_offset + w) (Gemma: 1; llama.cpp: x * w)
+    # llama.cpp's architecture for layers of different sizes (None: llama.cpp cannot run them in this family).
     gguf_per_layer: GgufArch | None = None
 
     @property
@@ -149,13 +161,34 @@ class Adapter:
         return (_join(self.mlp, self.down),)
 
     @property
+    def model_types(self) -> tuple[str, ...]:
+        """Stock model types of the family."""
+        return tuple(t.name for t in self.types)
+
+    @property
     def all_model_types(self) -> tuple[str, ...]:
         """Stock model types and their per-layer-shape ``surgeon_`` variants."""
-        return self.model_types + tuple(PER_LAYER_PREFIX + t for t in self.model_types)
+        return self.model_types + tuple(MODEL_TYPE_PREFIX + t for t in self.model_types)
+
+    def model_type(self, model_type: str) -> ModelType:
+        """What the family knows of a stock or ``surgeon_`` model type."""
+        stock = stock_model_type(model_type)
+        for t in self.types:
+            if t.name == stock:
+                return t
+        raise SurgeonError(f"model type {model_type!r} is not of the {self.family} family")
 
     def gguf_arch(self, model_type: str) -> GgufArch | None:
         """The llama.cpp architecture of a stock or ``surgeon_`` model type (None: llama.cpp lacks it)."""
-        return dict(self.gguf).get(model_type.removeprefix(PER_LAYER_PREFIX))
+        return self.model_type(model_type).gguf
+
+    def config_shapes(self, config: object) -> list[LayerShape]:
+        """Every decoder layer's sizes as a config (object or ``config.json`` dict) gives them: the per-layer
+        lists of a ``surgeon_*`` config, else the global sizes (:func:`base.modeling.config_layer_shapes`)."""
+        try:
+            return config_layer_shapes(config, self.intermediate_key, self.grouped_kv)
+        except ValueError as exc:
+            raise SurgeonError(str(exc)) from None
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The model's list of decoder layers."""
@@ -194,12 +227,8 @@ class Adapter:
 
     def per_layer_classes(self, model_type: str) -> tuple[Any, Any]:
         """The per-layer-shape ``(config class, causal LM class)`` of a stock or ``surgeon_`` model type."""
-        from base.modeling import PER_LAYER_CLASSES
-
-        stock = model_type.removeprefix(PER_LAYER_PREFIX)
-        if stock not in self.model_types or stock not in PER_LAYER_CLASSES:
-            raise SurgeonError(f"no per-layer model class for {model_type!r} in the {self.family} family")
-        return PER_LAYER_CLASSES[stock]
+        model_cls = self.model_type(model_type).per_layer
+        return model_cls.config_class, model_cls
 
     def head_dim(self, config: object) -> int:
         """Size of one attention head: the config's explicit ``head_dim``, else hidden / heads."""
@@ -209,18 +238,32 @@ class Adapter:
         return int(config.hidden_size) // int(config.num_attention_heads)  # type: ignore[attr-defined]
 
 
-LLAMA = Adapter(family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"),
-                gguf=(("llama", LLAMA_CPP_LLAMA), ("mistral", LLAMA_CPP_LLAMA), ("qwen2", LLAMA_CPP_QWEN2),
-                      ("qwen3", LLAMA_CPP_QWEN3)),
-                gguf_per_layer=LLAMA_CPP_DECI)
+LLAMA = Adapter(
+    family="llama",
+    types=(
+        ModelType("llama", modeling.SurgeonLlamaForCausalLM, LLAMA_CPP_LLAMA),
+        ModelType("mistral", modeling.SurgeonMistralForCausalLM, LLAMA_CPP_LLAMA),
+        ModelType("qwen2", modeling.SurgeonQwen2ForCausalLM, LLAMA_CPP_QWEN2),
+        ModelType("qwen3", modeling.SurgeonQwen3ForCausalLM, LLAMA_CPP_QWEN3),
+    ),
+    gguf_per_layer=LLAMA_CPP_DECI,
+)
 # Gemma's extra norms (pre/post feed-forward, and Gemma3's q_norm/k_norm within head_dim) act on the
 # hidden size or within a head, neither of which structured removal ever cuts.
-GEMMA = Adapter(family="gemma", model_types=("gemma", "gemma2", "gemma3_text"),
-                optimum_past_generator="GemmaDummyPastKeyValuesGenerator",
-                gguf=(("gemma", LLAMA_CPP_GEMMA), ("gemma2", LLAMA_CPP_GEMMA2), ("gemma3_text", LLAMA_CPP_GEMMA3)))
+GEMMA = Adapter(
+    family="gemma",
+    types=(
+        ModelType("gemma", modeling.SurgeonGemmaForCausalLM, LLAMA_CPP_GEMMA),
+        ModelType("gemma2", modeling.SurgeonGemma2ForCausalLM, LLAMA_CPP_GEMMA2),
+        ModelType("gemma3_text", modeling.SurgeonGemma3ForCausalLM, LLAMA_CPP_GEMMA3,
+                  rope_local_base_key="rope_local_base_freq"),
+    ),
+    optimum_past_generator="GemmaDummyPastKeyValuesGenerator",
+    norm_offset=1.0,
+)
 OPT = Adapter(
     family="opt",
-    model_types=("opt",),
+    types=(ModelType("opt", modeling.SurgeonOPTForCausalLM),),
     layers="model.decoder.layers",
     final=("model.decoder.final_layer_norm", "model.decoder.project_out"),  # either may be None (OPT-350m)
     mlp="",
@@ -251,5 +294,17 @@ def get_adapter(model_type: str) -> Adapter:
             return adapter
     raise SurgeonError(
         f"unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())} "
-        f"(and their {PER_LAYER_PREFIX}* per-layer-shape variants)"
+        f"(and their {MODEL_TYPE_PREFIX}* per-layer-shape variants)"
     )
+
+
+def find_model_type(model_type: str) -> ModelType | None:
+    """What the adapters know of a stock or ``surgeon_`` model type (None: not a supported one)."""
+    stock = stock_model_type(model_type)
+    return next((t for a in ADAPTERS for t in a.types if t.name == stock), None)
+
+
+def gguf_architectures() -> dict[str, GgufArch]:
+    """Every llama.cpp architecture our GGUF writer targets, by name."""
+    archs = [t.gguf for a in ADAPTERS for t in a.types] + [a.gguf_per_layer for a in ADAPTERS]
+    return {arch.name: arch for arch in archs if arch is not None}

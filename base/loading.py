@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from base.adapters import ADAPTERS, PER_LAYER_PREFIX, Adapter, get_adapter
+from base.adapters import Adapter, get_adapter, gguf_architectures
 from base.errors import SurgeonError, first_line
 from base.files import WriteError, check_writable, read_json, temp_path, write_dir
 from base.formats import GGUF_METADATA_SHA_KEY, GGUF_TENSOR_SHA_KEY, GGUF_TRUE_FFN_KEY
 from base.integrity import file_digest, tensor_checksums, verify_checksums
+from base.modeling import MODEL_TYPE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def check_checkpoint(directory: Path) -> tuple[dict, Adapter, list[Path]]:
     files = weight_files(directory)
     for f in files:
         check_safetensors(f)
-    if str(config["model_type"]).startswith(PER_LAYER_PREFIX):
+    if str(config["model_type"]).startswith(MODEL_TYPE_PREFIX):
         check_per_layer_checkpoint(directory, config, files)
     return config, adapter, files
 
@@ -417,7 +418,7 @@ def _check_reads_back(reader: Any, path: Path) -> None:
     if GGUF_TENSOR_SHA_KEY not in reader.fields:
         return
     arch = str(reader.fields["general.architecture"].contents())
-    if any(a.name == arch and not a.reads_back for adapter in ADAPTERS for _, a in adapter.gguf):
+    if arch in gguf_architectures() and not gguf_architectures()[arch].reads_back:
         raise SurgeonError(f"{path} is a '{arch}' GGUF file for llama.cpp (its query scale folded into the weights); "
                            "transformers cannot read it back exactly: use the model directory it was written from")
 

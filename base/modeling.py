@@ -27,12 +27,17 @@ the unpruned model; the per-layer lists are what every layer is built from.
 
 This file imports only torch and transformers, so a checkpoint can ship a copy of it for
 ``trust_remote_code=True``; with surgeon-export installed, ``import surgeon`` registers the same
-classes with ``AutoConfig`` and ``AutoModelForCausalLM`` and no code from a checkpoint runs.
+classes with ``AutoConfig`` and ``AutoModelForCausalLM`` and no code from a checkpoint runs. Being
+standalone, it owns what the rest of surgeon-export reads from it: the ``surgeon_`` model-type prefix
+(:data:`MODEL_TYPE_PREFIX`), :class:`LayerShape` and the one reader of per-layer sizes from a config
+(:func:`config_layer_shapes`). Which stock model types use which class is said by each family's
+adapter (``base/adapters.py``).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -58,8 +63,82 @@ from transformers import (
 )
 
 FORMAT_VERSION = 1
-MODEL_TYPE_PREFIX = "surgeon_"
+MODEL_TYPE_PREFIX = "surgeon_"  # model_type of a per-layer-shape variant: the prefix, then the stock model_type
 LAYER_FIELDS = ("layer_intermediate_sizes", "layer_num_attention_heads", "layer_num_key_value_heads")
+
+
+def stock_model_type(model_type: str) -> str:
+    """The stock model type of a ``surgeon_*`` one (a stock one unchanged)."""
+    return model_type.removeprefix(MODEL_TYPE_PREFIX)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Sizes of one decoder layer: MLP width, query heads, key/value heads."""
+
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+        }
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def config_layer_shapes(config: Any, intermediate_key: str = "intermediate_size",
+                        grouped_kv: bool = True) -> list[LayerShape]:
+    """Every decoder layer's sizes as a config gives them: its per-layer lists (:data:`LAYER_FIELDS`)
+    where it has them, else the global sizes in every layer. ``ValueError`` names a bad field.
+
+    Args:
+        config: a transformers config (stock or ``surgeon_*``) or its ``config.json`` as a dict.
+        intermediate_key: the family's config field for the MLP width (``ffn_dim`` in OPT).
+        grouped_kv: False where the family has one key/value head per query head (OPT).
+
+    Example:
+        >>> config_layer_shapes({"num_hidden_layers": 2, "intermediate_size": 8, "num_attention_heads": 4,
+        ...                      "num_key_value_heads": 2, "layer_intermediate_sizes": [8, 5]})[1]
+        LayerShape(intermediate_size=5, num_attention_heads=4, num_key_value_heads=2)
+    """
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    n = get("num_hidden_layers")
+    if not _positive(n):
+        raise ValueError(f"config field num_hidden_layers must be a positive integer, got {n!r}")
+    heads = get("num_attention_heads")
+    kv = (get("num_key_value_heads") or heads) if grouped_kv else heads
+    columns = []
+    for field, key, default in zip(LAYER_FIELDS, (intermediate_key, "num_attention_heads", "num_key_value_heads"),
+                                   (get(intermediate_key), heads, kv)):
+        value = get(field)
+        if value is None:
+            if not _positive(default):
+                raise ValueError(f"config field {key} must be a positive integer, got {default!r}")
+            value = [default] * n
+        if not isinstance(value, list) or len(value) != n:
+            raise ValueError(f"config field {field} must be a list of {n} sizes (one per layer), got {value!r}")
+        if not all(_positive(x) for x in value):
+            raise ValueError(f"config field {field} must hold positive integers, got {value!r}")
+        columns.append(value)
+    shapes = [LayerShape(*sizes) for sizes in zip(*columns)]
+    for i, s in enumerate(shapes):
+        if s.num_attention_heads % s.num_key_value_heads or (not grouped_kv
+                                                             and s.num_attention_heads != s.num_key_value_heads):
+            raise ValueError(f"config layer {i}: {s.num_attention_heads} query heads cannot be grouped over "
+                             f"{s.num_key_value_heads} key/value heads")
+    return shapes
+
+
+def layer_fields(shapes: list[LayerShape]) -> dict[str, list[int]]:
+    """The per-layer config fields (:data:`LAYER_FIELDS`) that describe ``shapes``."""
+    return dict(zip(LAYER_FIELDS, ([s.intermediate_size for s in shapes], [s.num_attention_heads for s in shapes],
+                                   [s.num_key_value_heads for s in shapes])))
 
 
 class PerLayerConfigMixin:
@@ -89,23 +168,8 @@ class PerLayerConfigMixin:
             # Only a config built without per-layer sizes lands here: the global head count is the
             # unpruned one, so this is the family's own head size.
             cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        n = cfg.num_hidden_layers
-        kv_default = cfg.num_key_value_heads if self.grouped_kv else cfg.num_attention_heads
-        defaults = (getattr(cfg, self.intermediate_key), cfg.num_attention_heads, kv_default)
-        for field, default in zip(LAYER_FIELDS, defaults):
-            value = getattr(cfg, field)
-            if value is None:
-                value = [int(default)] * n
-                setattr(cfg, field, value)
-            if not isinstance(value, list) or len(value) != n:
-                raise ValueError(f"config field {field} must be a list of {n} sizes (one per layer), got {value!r}")
-            if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value):
-                raise ValueError(f"config field {field} must hold positive integers, got {value!r}")
-        for i, (heads, kv) in enumerate(zip(cfg.layer_num_attention_heads, cfg.layer_num_key_value_heads)):
-            if heads % kv != 0 or (not self.grouped_kv and heads != kv):
-                raise ValueError(
-                    f"config layer {i}: {heads} query heads cannot be grouped over {kv} key/value heads"
-                )
+        for field, value in layer_fields(config_layer_shapes(self, self.intermediate_key, self.grouped_kv)).items():
+            setattr(cfg, field, value)
         if given is not None and _normalised(given) != _normalised(self._per_layer_mapping()):
             raise ValueError("config field per_layer_config disagrees with layer_intermediate_sizes / "
                              "layer_num_attention_heads / layer_num_key_value_heads")
@@ -256,21 +320,15 @@ class SurgeonOPTForCausalLM(OPTPerLayerModelMixin, OPTForCausalLM):
     config_class = SurgeonOPTConfig
 
 
-# Stock model_type -> (per-layer config class, per-layer causal LM class).
-PER_LAYER_CLASSES: dict[str, tuple[Any, Any]] = {
-    "llama": (SurgeonLlamaConfig, SurgeonLlamaForCausalLM),
-    "mistral": (SurgeonMistralConfig, SurgeonMistralForCausalLM),
-    "qwen2": (SurgeonQwen2Config, SurgeonQwen2ForCausalLM),
-    "qwen3": (SurgeonQwen3Config, SurgeonQwen3ForCausalLM),
-    "gemma": (SurgeonGemmaConfig, SurgeonGemmaForCausalLM),
-    "gemma2": (SurgeonGemma2Config, SurgeonGemma2ForCausalLM),
-    "gemma3_text": (SurgeonGemma3TextConfig, SurgeonGemma3ForCausalLM),
-    "opt": (SurgeonOPTConfig, SurgeonOPTForCausalLM),
-}
+# Every per-layer causal LM (its config is its ``config_class``); the adapters say which stock model type uses which.
+PER_LAYER_MODELS: tuple[Any, ...] = (
+    SurgeonLlamaForCausalLM, SurgeonMistralForCausalLM, SurgeonQwen2ForCausalLM, SurgeonQwen3ForCausalLM,
+    SurgeonGemmaForCausalLM, SurgeonGemma2ForCausalLM, SurgeonGemma3ForCausalLM, SurgeonOPTForCausalLM,
+)
 
 
 def register() -> None:
     """Make ``AutoConfig``/``AutoModelForCausalLM`` know every ``surgeon_*`` model type (idempotent)."""
-    for config_cls, model_cls in PER_LAYER_CLASSES.values():
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    for model_cls in PER_LAYER_MODELS:
+        AutoConfig.register(model_cls.config_class.model_type, model_cls.config_class, exist_ok=True)
+        AutoModelForCausalLM.register(model_cls.config_class, model_cls, exist_ok=True)

@@ -26,22 +26,7 @@ from torch import Tensor, nn
 
 from base.adapters import Adapter
 from base.errors import SurgeonError
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """Sizes of one decoder layer: MLP width, query heads, key/value heads."""
-
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "intermediate_size": self.intermediate_size,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-        }
+from base.modeling import LayerShape, layer_fields
 
 
 @dataclass(frozen=True)
@@ -364,9 +349,8 @@ def grow_(model: nn.Module, adapter: Adapter, target: LayerShape) -> list[LayerS
 def set_config_shapes(config: object, shapes: list[LayerShape], head_dim: int) -> None:
     """Record per-layer sizes (and an explicit ``head_dim``) on a config, as base/modeling.py reads them."""
     config.head_dim = head_dim  # type: ignore[attr-defined]
-    config.layer_intermediate_sizes = [s.intermediate_size for s in shapes]  # type: ignore[attr-defined]
-    config.layer_num_attention_heads = [s.num_attention_heads for s in shapes]  # type: ignore[attr-defined]
-    config.layer_num_key_value_heads = [s.num_key_value_heads for s in shapes]  # type: ignore[attr-defined]
+    for field_name, value in layer_fields(shapes).items():
+        setattr(config, field_name, value)
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from base.adapters import get_adapter
 from base.env import environment
 from base.files import write_dir, write_file
 from base.loading import tied_keys
@@ -111,7 +112,7 @@ def write_random(config: Any, out: Path, seed: int = 0, dtype: torch.dtype = tor
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
     n_layers = config.num_hidden_layers
     gen = torch.Generator().manual_seed(seed)
-    identity = 0.0 if config.model_type.startswith("gemma") else 1.0
+    identity = 1.0 - get_adapter(config.model_type).norm_offset  # the norm weight w with norm_offset + w = 1
 
     def tensor(name: str, shape: tuple) -> torch.Tensor:
         if len(shape) > 1:

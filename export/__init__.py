@@ -7,5 +7,6 @@
 - ``flops.py``: matmul FLOPs per token of a (shrunk) config.
 - ``onnx.py``, ``onnx_graph.py``, ``onnx_simplify.py``: ONNX decoder graph with KV cache (optimum's
   names, per-layer KV heads), shape folding, verification against torch.
-- ``gguf.py``: one GGUF file for llama.cpp (Llama family; per-layer shapes as llama.cpp's ``deci``).
+- ``gguf.py``: one GGUF file for llama.cpp (Llama and Gemma families; per-layer shapes as llama.cpp's
+  ``deci``); ``gguf_tokenizer.py``: the tokenizer as GGUF metadata.
 """

@@ -44,25 +44,22 @@ def matmul_flops_per_token(config: Any, seq_len: int) -> dict[str, float]:
     if seq_len < 1:
         raise ValueError(f"seq_len must be at least 1, got {seq_len}")
     adapter = get_adapter(config.model_type)
-    n_layers = int(config.num_hidden_layers)
+    shapes = adapter.config_shapes(config)
+    n_layers = len(shapes)
     hidden = int(config.hidden_size)
     hd = adapter.head_dim(config)
-    kv_default = config.num_key_value_heads if adapter.grouped_kv else config.num_attention_heads
-    widths = getattr(config, "layer_intermediate_sizes", None) or [getattr(config, adapter.intermediate_key)] * n_layers
-    heads = getattr(config, "layer_num_attention_heads", None) or [config.num_attention_heads] * n_layers
-    kv_heads = getattr(config, "layer_num_key_value_heads", None) or [kv_default] * n_layers
     window = getattr(config, "sliding_window", None)
     # Without layer_types (Mistral) a configured window applies to every layer.
     layer_types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * n_layers
     mlp_linears = len(adapter.channel_rows) + len(adapter.channel_cols)
     linears = attention = 0.0
-    for i in range(n_layers):
-        linears += 2 * hidden * hd * (2 * heads[i] + 2 * kv_heads[i])
-        linears += 2 * hidden * widths[i] * mlp_linears
+    for i, s in enumerate(shapes):
+        linears += 2 * hidden * hd * (2 * s.num_attention_heads + 2 * s.num_key_value_heads)
+        linears += 2 * hidden * s.intermediate_size * mlp_linears
         context = (seq_len + 1) / 2
         if layer_types[i] == "sliding_attention" and window:
             context = sum(min(t, window) for t in range(1, seq_len + 1)) / seq_len
-        attention += 4 * heads[i] * hd * context
+        attention += 4 * s.num_attention_heads * hd * context
     proj = int(getattr(config, "word_embed_proj_dim", None) or hidden)
     lm_head = 2.0 * proj * config.vocab_size + (2 * 2 * hidden * proj if proj != hidden else 0)
     return {"linears": linears, "attention": attention, "lm_head": lm_head, "total": linears + attention + lm_head}

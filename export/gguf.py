@@ -33,10 +33,8 @@ The mapping, decided from llama.cpp's own sources (ggml-org/llama.cpp):
   ``Qwen3Model`` (``qwen2``/``qwen3``, ``LLAMA_ROPE_TYPE_NEOX``) are written unpermuted.
 - ``TextModel.prepare_tensors``: 1-D tensors and ``*_norm.weight`` stay F32; a tensor whose rows
   are not a multiple of the Q8_0 block (32) falls back to F16 (``gguf.QuantError``).
-- Tokenizer: ``get_vocab_base`` / ``_set_vocab_gpt2`` (tokens in id order, ``[PAD{i}]`` for ids
-  the tokenizer lacks, added tokens CONTROL or USER_DEFINED, ``gguf.SpecialVocab`` for merges,
-  special ids and ``tokenizer.chat_template``) and ``get_vocab_base_pre`` (the sha256 of the
-  token ids of a fixed text picks ``tokenizer.ggml.pre``; ``smollm`` for SmolLM/SmolLM2).
+- Tokenizer: ``get_vocab_base`` / ``_set_vocab_gpt2`` and ``get_vocab_base_pre``, in
+  :mod:`export.gguf_tokenizer`.
 
 - ``src/models/gemma.cpp``, ``gemma2.cpp``, ``gemma3.cpp`` (llama.cpp's Gemma, Gemma 2, Gemma 3
   text): every layer is created with layer 0's sizes (``LLAMA_LOAD_LOCALS``), so per-layer shapes are
@@ -89,14 +87,13 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from base.adapters import ADAPTERS, PER_LAYER_PREFIX, GgufArch, get_adapter
+from base.adapters import ADAPTERS, GgufArch, get_adapter
 from base.errors import SurgeonError
 from base.files import check_writable, clean_stale, temp_path, write_error
 from base.formats import GGUF_METADATA_SHA_KEY, GGUF_TENSOR_SHA_KEY, GGUF_TRUE_FFN_KEY, REPORT_FILE
@@ -105,51 +102,15 @@ from base.loading import (
     check_safetensors,
     gguf_metadata_digest,
     gguf_tensor_digest,
-    load_tokenizer,
     read_config,
     weight_files,
 )
+from base.modeling import MODEL_TYPE_PREFIX, LayerShape, stock_model_type
+from export.gguf_tokenizer import GgufVocab, read_vocab, write_vocab
 
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0")
 Q8_0_BLOCK = 32
 FFN_ALIGN = 32  # MLP widths padded with zero channels to this multiple (the module docstring says why)
-
-# convert_hf_to_gguf.py, get_vocab_base_pre: this text's token ids identify the BPE pre-tokenizer.
-CHKTXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f "
-    "(multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 "
-    "3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
-    "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
-    "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
-    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
-    "'D you like some tea? We'Ve a'lL"
-)
-# The hashes of convert_hf_to_gguf.py's table for Llama-family tokenizers (name in llama-vocab.cpp).
-KNOWN_PRE_TOKENIZERS = {
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3-8B
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM-135M, SmolLM2
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5-7B
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-Embedding-0.6B
-    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
-    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral-Nemo
-    "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": "falcon3",  # Falcon3 (Llama)
-    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
-}
-
-
-@dataclass(frozen=True)
-class LayerSizes:
-    """One decoder layer's sizes as llama.cpp reads them."""
-
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-
-    def to_dict(self) -> dict[str, int]:
-        return {"intermediate_size": self.intermediate_size, "num_attention_heads": self.num_attention_heads,
-                "num_key_value_heads": self.num_key_value_heads}
-
 
 @dataclass
 class _Model:
@@ -165,8 +126,9 @@ class _Model:
     rope_theta: float
     rope_type: str
     rope: dict[str, Any]
-    layers: list[LayerSizes]
+    layers: list[LayerShape]
     tied: bool
+    norm_offset: float = 0.0  # added to every RMSNorm weight (the family's x * (norm_offset + w); llama.cpp: x * w)
     ffn_align: int = 1
     sliding: list[bool] = field(default_factory=list)  # per layer: sliding-window attention (Gemma 2/3)
     sliding_window: int = 0
@@ -178,7 +140,7 @@ class _Model:
     def arch(self) -> str:
         return self.target.name
 
-    def ffn_width(self, s: LayerSizes) -> int:
+    def ffn_width(self, s: LayerShape) -> int:
         """The MLP width written: ``s.intermediate_size`` rounded up to :attr:`ffn_align`."""
         return -(-s.intermediate_size // self.ffn_align) * self.ffn_align
 
@@ -215,17 +177,6 @@ class _Tensor:
 
         block, size = gguf.GGML_QUANT_SIZES[self.qtype]
         return math.prod(self.shape) // block * size
-
-
-@dataclass
-class _Vocab:
-    tokens: list[str]
-    toktypes: list[int]
-    pre: str
-    add_bos: bool
-    add_eos: bool
-    add_space_prefix: bool | None
-    special: Any = field(repr=False)  # gguf.SpecialVocab
 
 
 def export_gguf(
@@ -281,7 +232,7 @@ def export_gguf(
         check_safetensors(f)
     sources = _index(files)
     tensors = _plan_tensors(model, sources, qtype)
-    vocab = _vocab(model_dir, model.vocab_size)
+    vocab = read_vocab(model_dir, model.vocab_size)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent, out.name)
@@ -340,7 +291,7 @@ def export_gguf(
         "vocab_size": model.vocab_size,
         "tied_embeddings": model.tied,
         "qk_permuted": model.permute_qk,
-        "norm_offset": model.target.norm_offset,
+        "norm_offset": model.norm_offset,
         "query_scale_folded": model.q_scale,
         "sliding_layers": model.sliding,
         "tokenizer_pre": vocab.pre,
@@ -457,36 +408,22 @@ def path_name(out: Path) -> str:
 
 def _describe(config: dict, uniform: bool) -> _Model:
     model_type = str(config["model_type"])
-    stock = model_type.removeprefix(PER_LAYER_PREFIX)
+    stock = stock_model_type(model_type)
     try:
         adapter = get_adapter(model_type)
     except SurgeonError:
         adapter = None
     target = adapter.gguf_arch(model_type) if adapter is not None else None
     if adapter is None or target is None:
-        supported = ", ".join(t for a in ADAPTERS for t, _ in a.gguf)
+        supported = ", ".join(t.name for a in ADAPTERS for t in a.types if t.gguf is not None)
         raise SurgeonError(
             f"GGUF export does not support architecture {model_type!r}; supported: {supported} "
-            f"(and their {PER_LAYER_PREFIX}* per-layer-shape variants)"
+            f"(and their {MODEL_TYPE_PREFIX}* per-layer-shape variants)"
         )
     hidden = _int(config, "hidden_size")
-    n_layers = _int(config, "num_hidden_layers")
     heads = _int(config, "num_attention_heads")
-    kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // heads)
-    if model_type.startswith(PER_LAYER_PREFIX):
-        lists = [config.get(k) for k in ("layer_intermediate_sizes", "layer_num_attention_heads",
-                                          "layer_num_key_value_heads")]
-        if not all(isinstance(v, list) and len(v) == n_layers for v in lists):
-            raise SurgeonError(f"{model_type} config needs layer_intermediate_sizes, layer_num_attention_heads "
-                               f"and layer_num_key_value_heads with {n_layers} entries each")
-        layers = [LayerSizes(int(f), int(h), int(k)) for f, h, k in zip(*lists)]
-    else:
-        layers = [LayerSizes(_int(config, "intermediate_size"), heads, kv_heads)] * n_layers
-    for i, s in enumerate(layers):
-        if min(s.intermediate_size, s.num_attention_heads, s.num_key_value_heads) < 1 \
-                or s.num_attention_heads % s.num_key_value_heads:
-            raise SurgeonError(f"layer {i}: sizes {s.to_dict()} are not a valid attention layout")
+    layers = adapter.config_shapes(config)
     if head_dim % 2:
         raise SurgeonError(f"head_dim {head_dim} is odd; RoPE needs an even head size")
 
@@ -524,7 +461,7 @@ def _describe(config: dict, uniform: bool) -> _Model:
         vocab_size=_int(config, "vocab_size"),
         context_length=_int(config, "max_position_embeddings"),
         rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_type=rope_type,
-        rope=full, layers=layers, tied=bool(config.get("tie_word_embeddings", False)),
+        rope=full, layers=layers, tied=bool(config.get("tie_word_embeddings", False)), norm_offset=adapter.norm_offset,
     )
     if not target.output_tensor and not model.tied:
         raise SurgeonError(f"llama.cpp's '{target.name}' always uses the embeddings as the LM head, but "
@@ -640,7 +577,7 @@ _LAYER_ORDER = ("ATTN_NORM", "ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "ATTN_Q_N
                 "FFN_NORM", "FFN_PRE_NORM", "FFN_GATE", "FFN_UP", "FFN_DOWN", "FFN_POST_NORM")
 
 
-def _expected_shape(kind: str, suffix: str, m: _Model, s: LayerSizes) -> tuple[int, ...]:
+def _expected_shape(kind: str, suffix: str, m: _Model, s: LayerShape) -> tuple[int, ...]:
     """The Hugging Face shape of one layer tensor, from config.json."""
     q, kv, hd, h, ff = s.num_attention_heads * m.head_dim, s.num_key_value_heads * m.head_dim, m.head_dim, m.hidden, \
         s.intermediate_size
@@ -660,7 +597,7 @@ def _plan_tensors(m: _Model, sources: dict[str, tuple[Path, tuple[int, ...], str
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[m.arch.upper()], len(m.layers))
     required = {tuple(k.split(".")) for k in m.target.layer_tensors}
     allowed = required | {tuple(k.split(".")) for k in m.target.optional_tensors}
-    offset = m.target.norm_offset
+    offset = m.norm_offset
     layer_tensors: list[dict[tuple[str, str], _Tensor]] = [{} for _ in m.layers]
     globals_: dict[str, _Tensor] = {}
     for key, (_, shape, dtype) in sorted(sources.items()):
@@ -696,10 +633,11 @@ def _plan_tensors(m: _Model, sources: dict[str, tuple[Path, tuple[int, ...], str
                 f"{sizes.num_attention_heads} heads x {m.head_dim} give {shape[0]}; shrink without removing query "
                 "heads, or with --uniform"
             )
-        if m.arch == "qwen2" and kind in ("ATTN_Q", "ATTN_OUT") and sizes.num_attention_heads * m.head_dim != m.hidden:
+        if m.target.square_q and kind in ("ATTN_Q", "ATTN_OUT") and sizes.num_attention_heads * m.head_dim != m.hidden:
             raise SurgeonError(
-                f"llama.cpp's 'qwen2' needs heads x head_dim = hidden_size ({m.hidden}), got "
-                f"{sizes.num_attention_heads} x {m.head_dim}; Qwen2 with removed query heads has no llama.cpp layout"
+                f"llama.cpp's '{m.arch}' needs heads x head_dim = hidden_size ({m.hidden}), got "
+                f"{sizes.num_attention_heads} x {m.head_dim}; {stock_model_type(m.model_type)} with removed query "
+                "heads has no llama.cpp layout"
             )
         pad = m.ffn_width(sizes) - sizes.intermediate_size
         if kind in ("FFN_GATE", "FFN_UP") and pad:  # rows (and bias entries) are MLP channels
@@ -834,120 +772,10 @@ def _encode(t: _Tensor, sources: dict[str, tuple[Path, tuple[int, ...], str]], h
     return gguf.quants.quantize(data.to(torch.float32).contiguous().numpy(), t.qtype)
 
 
-# --- tokenizer ----------------------------------------------------------------------------------
-
-
-def _vocab(model_dir: Path, vocab_size: int) -> _Vocab:
-    """convert_hf_to_gguf.py's get_vocab_base + _set_vocab_gpt2, for BPE ``tokenizer.json`` files."""
-    import gguf
-
-    tj_path = model_dir / "tokenizer.json"
-    if not tj_path.is_file():
-        raise SurgeonError(f"{model_dir}: no tokenizer.json; GGUF export writes BPE (gpt2-style) tokenizers only, yet")
-    try:
-        tj = json.loads(tj_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SurgeonError(f"{tj_path}: not valid JSON ({exc})") from None
-    bpe = tj.get("model") or {}
-    if bpe.get("type") != "BPE" or bpe.get("byte_fallback"):
-        fallback = " with byte fallback" if bpe.get("byte_fallback") else ""
-        raise SurgeonError(f"{tj_path}: a {bpe.get('type')} tokenizer{fallback}; "
-                           "GGUF export writes byte-level BPE (gpt2-style) tokenizers only, yet")
-    tokenizer: Any = load_tokenizer(model_dir)
-    pre = _pre_tokenizer(tokenizer, tj, tj_path)
-
-    vocab = tokenizer.get_vocab()
-    reverse = {i: tok for tok, i in vocab.items()}
-    if vocab and max(reverse) >= vocab_size:
-        raise SurgeonError(f"the tokenizer (as transformers loads it) has token {reverse[max(reverse)]!r} with id "
-                           f"{max(reverse)}, beyond config.json's vocab_size {vocab_size}")
-    added = tokenizer.get_added_vocab()
-    added_decoder = tokenizer.added_tokens_decoder
-    tokens: list[str] = []
-    toktypes: list[int] = []
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            toktypes.append(gguf.TokenType.UNUSED)
-            continue
-        token = reverse[i]
-        if token in added:
-            if not added_decoder[i].normalized:  # llama.cpp expects pre-normalised added tokens
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            if added_decoder[i].special or _looks_special(token):
-                toktypes.append(gguf.TokenType.CONTROL)
-            else:
-                token = token.replace("\u2581", " ")
-                toktypes.append(gguf.TokenType.USER_DEFINED)
-        else:
-            toktypes.append(gguf.TokenType.NORMAL)
-        tokens.append(token)
-    dupes = [t for t, n in Counter(tokens).items() if n > 1]
-    if dupes:
-        raise SurgeonError(f"token {dupes[0]!r} appears twice in the vocabulary; llama.cpp needs unique tokens")
-
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        raise SurgeonError(f"{tj_path}: no BPE merges; llama.cpp's gpt2 tokenizer needs them")
-    # What transformers does, measured, rather than parsed from the post-processor.
-    probe = tokenizer.encode("a", add_special_tokens=True)
-    plain = tokenizer.encode("a", add_special_tokens=False)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    add_bos = bos is not None and len(probe) > len(plain) and probe[0] == bos
-    add_eos = eos is not None and len(probe) > len(plain) and probe[-1] == eos
-    special.add_special_token.update(bos=add_bos, eos=add_eos)
-    config_path = model_dir / "tokenizer_config.json"
-    add_space_prefix = None
-    if config_path.is_file():
-        add_space_prefix = json.loads(config_path.read_text(encoding="utf-8")).get("add_prefix_space")
-    return _Vocab(tokens, [int(t) for t in toktypes], pre, add_bos, add_eos,
-                  add_space_prefix if isinstance(add_space_prefix, bool) else None, special)
-
-
-def _looks_special(token: str) -> bool:
-    """convert_hf_to_gguf.py, does_token_look_special."""
-    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-            or (token.startswith("<|") and token.endswith("|>"))
-            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
-            or (token.startswith("<unused") and token.endswith(">")))
-
-
-def _pre_tokenizer(tokenizer: Any, tj: dict, path: Path) -> str:
-    """``tokenizer.ggml.pre``: convert_hf_to_gguf's hash table first, else the structure of tokenizer.json.
-
-    The structural cases are the two whose llama.cpp regexes (llama-vocab.cpp, ``LLAMA_VOCAB_PRE_TYPE_GPT2``
-    and ``_SMOLLM``) are exactly what the tokenizers library runs for them: a plain ByteLevel pre-tokenizer
-    with the GPT-2 regex ("gpt-2"), and Digits(individual) then ByteLevel ("smollm").
-    """
-    chkhsh = sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
-    if chkhsh in KNOWN_PRE_TOKENIZERS:
-        return KNOWN_PRE_TOKENIZERS[chkhsh]
-    model = tj.get("model") or {}
-    plain_bpe = (tj.get("normalizer") is None and not model.get("ignore_merges")
-                 and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix"))
-
-    def byte_level(p: Any) -> bool:
-        return isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True) \
-            and not p.get("add_prefix_space", False)
-
-    pre = tj.get("pre_tokenizer")
-    if plain_bpe and byte_level(pre):
-        return "gpt-2"
-    if plain_bpe and isinstance(pre, dict) and pre.get("type") == "Sequence":
-        steps = pre.get("pretokenizers") or []
-        if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
-                and byte_level(steps[1]):
-            return "smollm"
-    raise SurgeonError(
-        f"{path}: BPE pre-tokenizer not recognised (chkhsh {chkhsh[:16]}...); GGUF export knows "
-        f"{', '.join(sorted(set(KNOWN_PRE_TOKENIZERS.values())))} by hash, and plain ByteLevel/Digits+ByteLevel"
-    )
-
-
 # --- metadata -----------------------------------------------------------------------------------
 
 
-def _write_metadata(writer: Any, m: _Model, vocab: _Vocab, qtype: Any, name: str) -> None:
+def _write_metadata(writer: Any, m: _Model, vocab: GgufVocab, qtype: Any, name: str) -> None:
     """TextModel/LlamaModel/DeciModel.set_gguf_parameters, then the vocabulary (_set_vocab_gpt2)."""
     import gguf
 
@@ -984,14 +812,7 @@ def _write_metadata(writer: Any, m: _Model, vocab: _Vocab, qtype: Any, name: str
     writer.add_vocab_size(m.vocab_size)
     writer.add_file_type(_file_type(qtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.toktypes)
-    if vocab.add_space_prefix is not None:
-        writer.add_add_space_prefix(vocab.add_space_prefix)
-    vocab.special.add_to_gguf(writer, quiet=True)
+    write_vocab(writer, vocab)
 
 
 def read_gguf_metadata(path: Path | str) -> dict[str, Any]:
@@ -1003,6 +824,6 @@ def read_gguf_metadata(path: Path | str) -> dict[str, Any]:
 
 
 __all__: list[str] = [
-    "FFN_ALIGN", "TENSOR_TYPES", "LayerSizes", "check_gguf_target", "export_gguf", "permute_qk",
+    "FFN_ALIGN", "TENSOR_TYPES", "check_gguf_target", "export_gguf", "permute_qk",
     "read_gguf_metadata",
 ]

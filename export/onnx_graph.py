@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from base.adapters import PER_LAYER_PREFIX, Adapter, get_adapter
+from base.adapters import Adapter, get_adapter
+from base.modeling import MODEL_TYPE_PREFIX, stock_model_type
 from base.surgery import layer_shapes
 
 INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -119,7 +120,7 @@ def uniform_config(config: Any, spec: GraphSpec) -> dict[str, Any]:
     shapes remain readable. It describes the graph's interface; no weights are loaded from it.
     """
     out = config.to_dict()
-    out["model_type"] = str(config.model_type).removeprefix(PER_LAYER_PREFIX)
+    out["model_type"] = stock_model_type(str(config.model_type))
     out["architectures"] = [a.removeprefix("Surgeon") for a in out.get("architectures") or []]
     out.pop("auto_map", None)
     # transformers' per_layer_config would make the stock config heterogeneous, and stock code (optimum,
@@ -132,7 +133,7 @@ def uniform_config(config: Any, spec: GraphSpec) -> dict[str, Any]:
 
 def is_per_layer(config: Any) -> bool:
     """Whether ``config`` is one of our per-layer-shape (``surgeon_*``) configs."""
-    return str(config.model_type).startswith(PER_LAYER_PREFIX)
+    return str(config.model_type).startswith(MODEL_TYPE_PREFIX)
 
 
 def optimum_past_generator(config: Any, batch: int, past: int) -> Any:

@@ -8,7 +8,8 @@ the files carry both spellings:
 
 - ``config.json``: ``rope_theta`` (and ``rope_scaling`` when the RoPE type is not ``default``) at the
   top level, copied from ``rope_parameters``; for configs with one RoPE setting per attention type
-  (Gemma 2/3), the full-attention one, plus Gemma 3's ``rope_local_base_freq`` for the sliding one.
+  (Gemma 2/3), the full-attention one, plus the sliding one under the key its adapter names
+  (Gemma 3's ``rope_local_base_freq``).
   transformers 5 reads ``rope_parameters`` first, so the copies change nothing there.
 - ``tokenizer_config.json``: ``tokenizer_class`` ``PreTrainedTokenizerFast`` instead of
   ``TokenizersBackend``. Both load the same ``tokenizer.json``; in transformers 5 the name is an
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from base import modeling
+from base.adapters import find_model_type
 from base.formats import MODELING_FILE
 
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
@@ -50,8 +52,10 @@ def legacy_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if FULL in params or SLIDING in params:  # one setting per attention type
         full, sliding = params.get(FULL) or {}, params.get(SLIDING) or {}
-        if "rope_theta" in sliding and config.get("model_type", "").removeprefix("surgeon_") == "gemma3_text":
-            out["rope_local_base_freq"] = sliding["rope_theta"]
+        model_type = find_model_type(str(config.get("model_type", "")))
+        local_key = model_type.rope_local_base_key if model_type is not None else None
+        if "rope_theta" in sliding and local_key is not None:
+            out[local_key] = sliding["rope_theta"]
         params = full or sliding
     if "rope_theta" in params:
         out["rope_theta"] = params["rope_theta"]

@@ -79,9 +79,7 @@ def per_layer_config(model: nn.Module, adapter: Adapter) -> Any:
     config = config_cls(
         **d,
         head_dim=hd,
-        layer_intermediate_sizes=[s.intermediate_size for s in shapes],
-        layer_num_attention_heads=[s.num_attention_heads for s in shapes],
-        layer_num_key_value_heads=[s.num_key_value_heads for s in shapes],
+        **modeling.layer_fields(shapes),
         surgeon_format_version=modeling.FORMAT_VERSION,
     )
     module = Path(MODELING_FILE).stem

@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from base.adapters import PER_LAYER_PREFIX, Adapter
+from base.adapters import Adapter
 from base.errors import SurgeonError
-from base.modeling import LAYER_FIELDS
+from base.modeling import LAYER_FIELDS, stock_model_type
 from base.surgery import (
     LayerCosts,
     LayerPlan,
@@ -280,7 +280,7 @@ def stock_config(config: Any, adapter: Adapter, shape: LayerShape, head_dim: int
     from transformers import AutoConfig
 
     d = config.to_dict()
-    stock_type = str(d.pop("model_type")).removeprefix(PER_LAYER_PREFIX)
+    stock_type = stock_model_type(str(d.pop("model_type")))
     for key in (*LAYER_FIELDS, "surgeon_format_version", "auto_map", "architectures", "transformers_version"):
         d.pop(key, None)
     d[adapter.intermediate_key] = shape.intermediate_size

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from base.adapters import get_adapter
 from base.errors import SurgeonError
 from base.formats import dtype_name
 from base.loading import load_tokenizer, resolve_model_dir, weight_files
@@ -241,10 +242,9 @@ def count_weights(directory: Path) -> dict[str, int]:
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     """Bytes of keys and values one token takes over all layers (per-layer KV heads where given)."""
-    layers = int(config.num_hidden_layers)
-    kv = getattr(config, "layer_num_key_value_heads", None) or [config.num_key_value_heads] * layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * sum(kv) * int(head_dim) * torch.tensor([], dtype=dtype).element_size()
+    adapter = get_adapter(str(config.model_type))
+    kv = sum(s.num_key_value_heads for s in adapter.config_shapes(config))
+    return 2 * kv * adapter.head_dim(config) * torch.tensor([], dtype=dtype).element_size()
 
 
 @dataclass

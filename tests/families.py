@@ -77,6 +77,8 @@ def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float64, *
     """A seeded tiny causal LM of ``family`` with random (non-zero) biases and norm weights, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from base.adapters import get_adapter
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).to(dtype).eval()
     with torch.no_grad():
@@ -84,8 +86,8 @@ def make_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float64, *
             if isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.normal_(0, 0.1)
         for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:  # not all ones (or zeros, Gemma's 1 + w): each norm matters
-                p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
+            if "norm" in name and p.dim() == 1:  # not the identity (1, Gemma's 1 + w: 0): each norm matters
+                p.normal_(1.0 - get_adapter(family).norm_offset, 0.1)
     return model
 
 

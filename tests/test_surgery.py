@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from base.adapters import GEMMA, LLAMA, OPT, get_adapter, supported_model_types
+from base.adapters import GEMMA, LLAMA, OPT, find_model_type, get_adapter, gguf_architectures, supported_model_types
 from base.errors import SurgeonError
 from base.surgery import (
     LayerCosts,
@@ -282,6 +282,69 @@ def test_adapters_describe_each_family() -> None:
     with pytest.raises(SurgeonError, match="unsupported architecture 'gpt2'; supported: llama, .*gemma.*, opt"):
         get_adapter("gpt2")
     assert supported_model_types()[0] == "llama"
+
+
+def test_adapters_name_their_per_layer_classes_and_quirks() -> None:
+    """Each stock model type's per-layer classes (base/modeling.py) extend its stock ones with the adapter's
+    layout, and every per-layer class belongs to exactly one model type."""
+    from transformers import AutoConfig
+
+    from base import modeling
+
+    named = []
+    for adapter in (LLAMA, GEMMA, OPT):
+        for model_type in adapter.model_types:
+            config_cls, model_cls = adapter.per_layer_classes(model_type)
+            assert adapter.per_layer_classes(f"surgeon_{model_type}") == (config_cls, model_cls)
+            assert config_cls.model_type == modeling.MODEL_TYPE_PREFIX + model_type and model_cls.config_class is config_cls
+            assert issubclass(config_cls, type(AutoConfig.for_model(model_type)))
+            assert (config_cls.intermediate_key, config_cls.grouped_kv) == (adapter.intermediate_key, adapter.grouped_kv)
+            assert model_cls.layers_path == adapter.layers
+            named.append(model_cls)
+    assert sorted(named, key=str) == sorted(modeling.PER_LAYER_MODELS, key=str) and len(set(named)) == len(named)
+    with pytest.raises(SurgeonError, match="'opt' is not of the llama family"):
+        LLAMA.per_layer_classes("opt")
+    assert (LLAMA.norm_offset, GEMMA.norm_offset, OPT.norm_offset) == (0.0, 1.0, 0.0)  # Gemma: x * (1 + w)
+    assert [t.name for t in GEMMA.types if t.rope_local_base_key] == ["gemma3_text"]
+    assert find_model_type("surgeon_gemma3_text") is GEMMA.model_type("gemma3_text") and find_model_type("gpt2") is None
+    assert [t.name for t in LLAMA.types if t.gguf is not None and t.gguf.square_q] == ["qwen2"]
+    assert OPT.gguf_arch("opt") is None and set(gguf_architectures()) == {
+        "llama", "deci", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_shapes_agree_with_the_linears(family: str) -> None:
+    """The one reader of per-layer sizes gives what the linears hold: stock configs, a shrunk model's config,
+    and the per-layer config written for it (object and config.json dict)."""
+    from export.pruned import per_layer_config
+
+    model = make_model(family)
+    adapter = get_adapter(family)
+    kv = 6 if family == "opt" else 2  # OPT: one key/value head per query head
+    assert adapter.config_shapes(model.config) == [LayerShape(40, 6, kv)] * 3 == layer_shapes(model, adapter)
+    shrink_(model, adapter, random_plan(layer_shapes(model, adapter), seed=3))
+    shapes = layer_shapes(model, adapter)
+    assert len(set(shapes)) > 1
+    assert adapter.config_shapes(model.config) == shapes
+    config = per_layer_config(model, adapter)
+    assert adapter.config_shapes(config) == shapes == adapter.config_shapes(config.to_dict())
+
+
+def test_config_shapes_name_a_bad_field() -> None:
+    stock = {"num_hidden_layers": 3, "intermediate_size": 40, "num_attention_heads": 6, "num_key_value_heads": 2}
+    assert LLAMA.config_shapes(stock) == [LayerShape(40, 6, 2)] * 3
+    assert OPT.config_shapes({**stock, "ffn_dim": 8}) == [LayerShape(8, 6, 6)] * 3
+    for changes, message in (
+        ({"intermediate_size": None}, "config field intermediate_size must be a positive integer, got None"),
+        ({"num_hidden_layers": 0}, "config field num_hidden_layers must be a positive integer, got 0"),
+        ({"layer_intermediate_sizes": [4, 4]}, r"layer_intermediate_sizes must be a list of 3 sizes"),
+        ({"layer_num_attention_heads": [6, True, 6]}, "layer_num_attention_heads must hold positive integers"),
+        ({"layer_num_key_value_heads": [2, 4, 2]}, "config layer 1: 6 query heads cannot be grouped over 4"),
+    ):
+        with pytest.raises(SurgeonError, match=message):
+            LLAMA.config_shapes({**stock, **changes})
+    with pytest.raises(SurgeonError, match="config layer 0: 6 query heads cannot be grouped over 2"):
+        OPT.config_shapes({**stock, "ffn_dim": 8, "layer_num_key_value_heads": [2, 2, 2]})
 
 
 def test_flops_count_shrunk_layers() -> None:

@@ -130,7 +130,7 @@ def test_uniform_checkpoint_is_stock(family: str, checkpoints: dict) -> None:
 def test_transformers_alone_loads_all_three_formats(checkpoints: dict, tmp_path: Path) -> None:
     modeling = (Path(__file__).parents[1] / "base" / "modeling.py").read_text()
     imports = [line for line in modeling.splitlines() if line.startswith(("import ", "from "))]
-    assert all(line.split()[1].split(".")[0] in ("__future__", "copy", "typing", "torch", "transformers")
+    assert all(line.split()[1].split(".")[0] in ("__future__", "copy", "dataclasses", "typing", "torch", "transformers")
                for line in imports), imports
     script = tmp_path / "load_remote.py"
     script.write_text(REMOTE_SCRIPT)
