@@ -2,8 +2,8 @@
 ``interrupted; nothing was written`` and 130 for Ctrl-C), before the work where it can be, and
 leaves nothing half-written.
 
-Most commands run in this process through :func:`surgeon_export.cli.main` (fast); the Ctrl-C tests
-send a real SIGINT to a subprocess. Unwritable targets: the tests run as root, for whom ``chmod``
+Most commands run in this process (:func:`tests.cli_runner.run_cli`, fast); the Ctrl-C tests send a
+real SIGINT to a new interpreter, on purpose. Unwritable targets: the tests run as root, for whom ``chmod``
 does not stop a write, so a target *under a regular file* (``file.txt/sub``) stands for an
 unwritable parent (refused by the same probe), and a monkeypatched ``mkstemp`` raising ``EACCES``
 for a read-only one; a full disk is a monkeypatched write raising ``ENOSPC``.
@@ -24,25 +24,16 @@ import pytest
 import torch
 
 from base.errors import SurgeonError
+from tests.cli_runner import run_cli
 from tests.conftest import CORPUS, dead_pid, make_tiny_llama
 
 NAN_TENSOR = "model.layers.1.mlp.down_proj.weight"
 
 
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run ``surgeon-export ARGS`` in this process: exit code, stdout, stderr."""
-    from surgeon_export.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["surgeon-export", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out = capsys.readouterr()
-    return int(exc.value.code or 0), out.out, out.err
-
-
-def one_line_error(code: int, err: str) -> str:
+def one_line_error(done: subprocess.CompletedProcess) -> str:
     """The error line, after checking the shape of a user error (exit 2, one line, no traceback)."""
-    assert code == 2, err
+    err = done.stderr
+    assert done.returncode == 2, err
     assert "Traceback" not in err and err.startswith("error: ") and err.strip().count("\n") == 0, err
     return err.strip()
 
@@ -99,13 +90,12 @@ NAN_COMMANDS = {
 
 @pytest.mark.parametrize("command", sorted(NAN_COMMANDS))
 def test_a_nan_weight_is_refused_by_every_command(command: str, models: dict[str, Path], tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     args = [a.replace("{out}", str(out)) for a in NAN_COMMANDS[command]]
     args.insert(1, str(models["nan"]))
-    code, _, err = cli(monkeypatch, capsys, *args, "--quiet")
-    line = one_line_error(code, err)  # generate and bench add "backend torch cannot run MODEL: " in front
+    done = run_cli(*args, "--quiet")
+    line = one_line_error(done)  # generate and bench add "backend torch cannot run MODEL: " in front
     assert line.endswith(f" {models['nan']}: tensor {NAN_TENSOR} holds 1 NaN value(s); the checkpoint is damaged"), line
     # nothing written, no temporary left; a streamed prune keeps its hidden resume state (docs/streaming.md)
     assert listing(tmp_path) == ([".out.partial"] if command == "prune-streamed" else [])
@@ -152,37 +142,34 @@ WRITERS = {
 
 @pytest.mark.parametrize("command", sorted(WRITERS))
 def test_a_target_under_a_file_is_refused_before_the_work(command: str, models: dict[str, Path], tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a directory")
     out = blocker / "sub"
     loaded = []
     monkeypatch.setattr("base.loading._load_hf_dir", lambda *a, **k: loaded.append(a))  # the work must not start
     args = [a.format(model=models["good"], out=out, text=models["text"]) for a in WRITERS[command]]
-    code, _, err = cli(monkeypatch, capsys, *args, "--quiet")
-    line = one_line_error(code, err)
+    done = run_cli(*args, "--quiet")
+    line = one_line_error(done)
     assert line.startswith("error: cannot write ") and line.endswith(f"{blocker} is not a directory"), line
     assert not loaded and listing(tmp_path) == ["file.txt"]
 
 
 def test_a_read_only_parent_is_refused_before_the_work(models: dict[str, Path], tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(Path, "touch", refuse)  # the probe file: what a read-only mount does, even to root
     loaded = []
     monkeypatch.setattr("base.loading._load_hf_dir", lambda *a, **k: loaded.append(a))
-    code, _, err = cli(monkeypatch, capsys, "onnx", str(models["good"]), "--out", str(tmp_path / "x"), "--quiet")
-    assert one_line_error(code, err) == f"error: cannot write output {tmp_path / 'x'}: {tmp_path}: Permission denied"
+    done = run_cli("onnx", str(models["good"]), "--out", str(tmp_path / "x"), "--quiet")
+    assert one_line_error(done) == f"error: cannot write output {tmp_path / 'x'}: {tmp_path}: Permission denied"
     assert not loaded
 
 
 def test_disk_full_during_the_write_leaves_nothing(models: dict[str, Path], tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import PreTrainedModel
 
     def full(self: object, directory: str | Path, **kwargs: object) -> None:
@@ -191,9 +178,9 @@ def test_disk_full_during_the_write_leaves_nothing(models: dict[str, Path], tmp_
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
     out = tmp_path / "pruned"
-    code, _, err = cli(monkeypatch, capsys, "prune", str(models["good"]), "--method", "magnitude", "--sparsity", "0.5",
-                       "--no-eval", "--out", str(out), "--quiet")
-    assert one_line_error(code, err) == f"error: cannot write {out}: no space left on device; nothing was written"
+    done = run_cli("prune", str(models["good"]), "--method", "magnitude", "--sparsity", "0.5", "--no-eval", "--out",
+                   str(out), "--quiet")
+    assert one_line_error(done) == f"error: cannot write {out}: no space left on device; nothing was written"
     assert listing(tmp_path) == []
 
 
@@ -215,16 +202,15 @@ def test_a_safetensors_write_error_is_one_line_and_the_old_output_stays(tmp_path
     assert listing(tmp_path) == ["ckpt"] and listing(out) == ["old.txt"]
 
 
-def test_the_model_cache_refuses_an_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_model_cache_refuses_an_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from base.loading import default_gguf
 
     default_gguf()  # the default model is installed (the project's install step)
     blocker = tmp_path / "file.txt"
     blocker.write_text("")
     monkeypatch.setenv("SURGEON_EXPORT_CACHE", str(blocker / "cache"))
-    code, _, err = cli(monkeypatch, capsys, "info", "--quiet")
-    line = one_line_error(code, err)
+    done = run_cli("info", "--quiet")
+    line = one_line_error(done)
     assert f"{blocker} is not a directory (set $SURGEON_EXPORT_CACHE to a writable directory)" in line, line
 
 
@@ -251,21 +237,19 @@ def test_stale_temporaries_are_removed_on_the_next_run(tmp_path: Path) -> None:
 # --- 4. tracebacks and silent acceptances -------------------------------------------------------------------------
 
 
-def test_bad_devices(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                     capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(monkeypatch, capsys, "generate", str(models["good"]), "--device", "tpu", "--quiet")
-    assert one_line_error(code, err) == "error: --device tpu: choose cpu, cuda or cuda:N"
+def test_bad_devices(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    done = run_cli("generate", str(models["good"]), "--device", "tpu", "--quiet")
+    assert one_line_error(done) == "error: --device tpu: choose cpu, cuda or cuda:N"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    code, _, err = cli(monkeypatch, capsys, "generate", str(models["good"]), "--device", "cuda", "--quiet")
-    assert one_line_error(code, err) == "error: --device cuda: no CUDA GPU is visible"
-    code, _, err = cli(monkeypatch, capsys, "bench", str(models["good"]), "--device", "tpu", "--quiet")
-    assert one_line_error(code, err) == "error: --device tpu: choose cpu, cuda or cuda:N"
+    done = run_cli("generate", str(models["good"]), "--device", "cuda", "--quiet")
+    assert one_line_error(done) == "error: --device cuda: no CUDA GPU is visible"
+    done = run_cli("bench", str(models["good"]), "--device", "tpu", "--quiet")
+    assert one_line_error(done) == "error: --device tpu: choose cpu, cuda or cuda:N"
 
 
-def test_chat_without_a_template(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(monkeypatch, capsys, "generate", str(models["good"]), "--chat", "--quiet")
-    assert one_line_error(code, err) == "error: --chat: this model's tokenizer has no chat template"
+def test_chat_without_a_template(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    done = run_cli("generate", str(models["good"]), "--chat", "--quiet")
+    assert one_line_error(done) == "error: --chat: this model's tokenizer has no chat template"
     from runtime.generate import encode_prompts
     from tests.conftest import make_tokenizer
 
@@ -276,67 +260,61 @@ def test_chat_without_a_template(models: dict[str, Path], monkeypatch: pytest.Mo
 
 
 def test_opset_outside_14_to_20_is_refused_at_parse_time(models: dict[str, Path], tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     for opset, bound in (("10", "greater than or equal to 14"), ("21", "less than or equal to 20")):
-        code, _, err = cli(monkeypatch, capsys, "onnx", str(models["good"]), "--opset", opset, "--out", str(tmp_path / "o"))
-        assert one_line_error(code, err) == f"error: Invalid value for '--opset': Input should be {bound}"
+        done = run_cli("onnx", str(models["good"]), "--opset", opset, "--out", str(tmp_path / "o"))
+        assert one_line_error(done) == f"error: Invalid value for '--opset': Input should be {bound}"
     assert listing(tmp_path) == []
 
 
 def test_out_over_the_working_directory_or_the_source_is_refused(models: dict[str, Path], tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     for out in (".", str(tmp_path.parent)):
-        code, _, err = cli(monkeypatch, capsys, "shrink", str(models["good"]), "--out", out, "--force", "--quiet")
-        assert "it is the working directory, one of its parents or the home directory" in one_line_error(code, err)
+        done = run_cli("shrink", str(models["good"]), "--out", out, "--force", "--quiet")
+        assert "it is the working directory, one of its parents or the home directory" in one_line_error(done)
     for out in (models["good"], models["good"].parent):
-        code, _, err = cli(monkeypatch, capsys, "onnx", str(models["good"]), "--out", str(out), "--force", "--quiet")
-        assert one_line_error(code, err) == f"error: refusing to write over {out}: it holds the input model {models['good']}"
+        done = run_cli("onnx", str(models["good"]), "--out", str(out), "--force", "--quiet")
+        assert one_line_error(done) == f"error: refusing to write over {out}: it holds the input model {models['good']}"
     assert (models["good"] / "model.safetensors").is_file()
 
 
 def test_align_is_checked_before_the_pruning(models: dict[str, Path], tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import surgeon_export.api as api
 
     pruned = []
     monkeypatch.setattr(api, "prune", lambda *a, **k: pruned.append(a))
     base = ["prune", str(models["good"]), "--method", "surgeon", "--structured", "0.8", "--no-eval", "--quiet"]
     for align in ("0", "-4"):
-        code, _, err = cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "o"), "--align", align)
-        assert one_line_error(code, err) == "error: Invalid value for '--align': Input should be greater than or equal to 1"
-    code, _, err = cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "o"), "--align", "4096")
-    assert one_line_error(code, err) == "error: --align 4096: layer 0 has only 64 MLP channels"
-    code, _, err = cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "o"), "--align", "7")
-    assert one_line_error(code, err) == ("error: --align 7: layer 0 has 2 KV heads; aligned attention widths "
+        done = run_cli(*base, "--out", str(tmp_path / "o"), "--align", align)
+        assert one_line_error(done) == "error: Invalid value for '--align': Input should be greater than or equal to 1"
+    done = run_cli(*base, "--out", str(tmp_path / "o"), "--align", "4096")
+    assert one_line_error(done) == "error: --align 4096: layer 0 has only 64 MLP channels"
+    done = run_cli(*base, "--out", str(tmp_path / "o"), "--align", "7")
+    assert one_line_error(done) == ("error: --align 7: layer 0 has 2 KV heads; aligned attention widths "
                                          "need multiples of 7 KV heads")
-    code, _, err = cli(monkeypatch, capsys, *base, "--align", "8")
-    assert one_line_error(code, err).startswith("error: --align rounds the sizes of a --structured run")
+    done = run_cli(*base, "--align", "8")
+    assert one_line_error(done).startswith("error: --align rounds the sizes of a --structured run")
     assert not pruned and listing(tmp_path) == []
-    code, _, err = cli(monkeypatch, capsys, "shrink", str(models["good"]), "--out", str(tmp_path / "s"), "--align", "0")
-    assert "'--align'" in one_line_error(code, err)
+    done = run_cli("shrink", str(models["good"]), "--out", str(tmp_path / "s"), "--align", "0")
+    assert "'--align'" in one_line_error(done)
 
 
-def test_generate_beyond_the_context_is_refused(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(monkeypatch, capsys, "generate", str(models["good"]), "-p", "The quick brown fox",
-                       "--max-new-tokens", "200", "--quiet")
-    line = one_line_error(code, err)
+def test_generate_beyond_the_context_is_refused(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    done = run_cli("generate", str(models["good"]), "-p", "The quick brown fox", "--max-new-tokens", "200", "--quiet")
+    line = one_line_error(done)
     assert line.endswith("plus --max-new-tokens 200 exceeds the model's context of 128 tokens; shorten the prompt "
                          "or lower --max-new-tokens"), line
 
 
-def test_config_and_tensors_that_disagree_are_named(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(monkeypatch, capsys, "info", str(models["layers"]), "--quiet")
-    assert one_line_error(code, err) == (
+def test_config_and_tensors_that_disagree_are_named(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    done = run_cli("info", str(models["layers"]), "--quiet")
+    assert one_line_error(done) == (
         f"error: {models['layers']}: tensor model.layers.1.input_layernorm.weight is not part of the model "
         "config.json describes (9 unexpected tensors, e.g. a num_hidden_layers below the stored layers)")
-    code, _, err = cli(monkeypatch, capsys, "info", str(models["inter"]), "--quiet")
-    assert one_line_error(code, err) == (
+    done = run_cli("info", str(models["inter"]), "--quiet")
+    assert one_line_error(done) == (
         f"error: {models['inter']}: tensor model.layers.0.mlp.down_proj.weight has shape [32, 64], "
         "but config.json says [32, 48] (6 tensors differ)")
     from base.lazy import open_lazy
@@ -346,20 +324,18 @@ def test_config_and_tensors_that_disagree_are_named(models: dict[str, Path], mon
 
 
 def test_bench_refuses_to_overwrite_and_checks_every_path_first(models: dict[str, Path], tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import benchmarks.run
 
     ran = []
     monkeypatch.setattr(benchmarks.run, "run_benchmark", lambda cfg: ran.append(cfg))
     result = tmp_path / "b.json"
     result.write_text('{"old": true}')
-    code, _, err = cli(monkeypatch, capsys, "bench", str(models["good"]), "--out", str(result), "--quiet")
-    assert one_line_error(code, err) == f"error: result file exists: {result} (use --force to replace it)"
+    done = run_cli("bench", str(models["good"]), "--out", str(result), "--quiet")
+    assert one_line_error(done) == f"error: result file exists: {result} (use --force to replace it)"
     missing = tmp_path / "missing"
-    code, _, err = cli(monkeypatch, capsys, "bench", str(models["good"]), str(missing), "--out",
-                       str(tmp_path / "c.json"), "--quiet")
-    assert one_line_error(code, err) == f"error: model path not found: {missing}"
+    done = run_cli("bench", str(models["good"]), str(missing), "--out", str(tmp_path / "c.json"), "--quiet")
+    assert one_line_error(done) == f"error: model path not found: {missing}"
     assert not ran and result.read_text() == '{"old": true}'
 
 
@@ -487,8 +463,7 @@ def test_quiet_hides_the_gguf_conversion_bar(capsys: pytest.CaptureFixture[str])
 
 
 def test_disk_full_during_a_streamed_prune_is_one_line(models: dict[str, Path], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk while a layer's shard is written: one line, nothing at --out, no temporary shard left."""
     from safetensors import SafetensorError
 
@@ -500,8 +475,8 @@ def test_disk_full_during_a_streamed_prune_is_one_line(models: dict[str, Path], 
 
     monkeypatch.setattr(base.resume, "save_file", full)  # a layer's shard
     out = tmp_path / "pruned"
-    code, _, err = cli(monkeypatch, capsys, "prune", str(models["good"]), "--method", "magnitude", "--sparsity", "0.5",
+    done = run_cli("prune", str(models["good"]), "--method", "magnitude", "--sparsity", "0.5",
                        "--streaming", "--no-eval", "--out", str(out), "--quiet")
-    assert one_line_error(code, err) == f"error: cannot write {out}: no space left on device; nothing was written"
+    assert one_line_error(done) == f"error: cannot write {out}: no space left on device; nothing was written"
     assert not out.exists()
     assert not [p for p in tmp_path.rglob(".*.tmp-*")]  # the half-written shard is gone (the resume folder may stay)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from base.errors import SurgeonError
 from benchmarks.gate import compare, gate_table, load_baseline, parse_tolerance
-from surgeon_export.cli import main
+from tests.cli_runner import run_cli
 from tests.conftest import CORPUS, make_tiny_llama
 
 
@@ -91,48 +91,42 @@ def cli_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run_main(monkeypatch: pytest.MonkeyPatch, root: Path, out: Path, *extra: str) -> int:
-    args = ["surgeon-export", "bench", f"dense={root / 'dense'}", f"pruned={root / 'pruned'}",
-            "--prefill", "1x8", "--decode", "1", "--new-tokens", "2", "--prompt-len", "8",
-            "--text", str(root / "text.txt"), "--ppl-seq-len", "32", "--ppl-windows", "2",
-            "--isolation", "inline", "--quiet", "--out", str(out), *extra]
-    monkeypatch.setattr(sys, "argv", args)
-    with pytest.raises(SystemExit) as exc:
-        main()
-    return int(exc.value.code or 0)
+def bench(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``surgeon-export bench`` of the dense and the pruned tiny model, a few cells, results in ``out``."""
+    return run_cli("bench", f"dense={root / 'dense'}", f"pruned={root / 'pruned'}", "--prefill", "1x8", "--decode", "1",
+                   "--new-tokens", "2", "--prompt-len", "8", "--text", str(root / "text.txt"), "--ppl-seq-len", "32",
+                   "--ppl-windows", "2", "--isolation", "inline", "--quiet", "--out", str(out), *extra)
 
 
-def test_cli_gate_exit_codes(cli_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_main(monkeypatch, cli_models, tmp_path / "first.json") == 0
+def test_cli_gate_exit_codes(cli_models: Path, tmp_path: Path) -> None:
+    done = bench(cli_models, tmp_path / "first.json")
+    assert done.returncode == 0, done.stderr
     first = json.loads((tmp_path / "first.json").read_text())
     ppl = first["models"][1]["perplexity"]["perplexity"]
-    capsys.readouterr()
 
     generous = doc(10.0, 0.01, 10 * ppl)  # the stored run was far worse: passes
     generous["models"][0]["perplexity"]["perplexity"] = 1e9
     for m in generous["models"]:
         m["perplexity"]["windows"] = 2
     (tmp_path / "generous.json").write_text(json.dumps(generous))
-    assert run_main(monkeypatch, cli_models, tmp_path / "ok.json", "--baseline", str(tmp_path / "generous.json")) == 0
-    assert "passed" in capsys.readouterr().out
+    done = bench(cli_models, tmp_path / "ok.json", "--baseline", str(tmp_path / "generous.json"))
+    assert done.returncode == 0 and "passed" in done.stdout, done.stderr
 
     strict = doc(1e-3, 1e3, ppl)  # the stored ratios were 1000x better: fails with a diff table
     (tmp_path / "strict.json").write_text(json.dumps(strict))
-    code = run_main(monkeypatch, cli_models, tmp_path / "bad.json", "--baseline", str(tmp_path / "strict.json"),
-                    "--max-regression", "10%")
-    out = capsys.readouterr().out
-    assert code == 1 and "FAILED" in out and "| pruned | prefill 1x8 latency ratio |" in out and "regressed" in out
+    done = bench(cli_models, tmp_path / "bad.json", "--baseline", str(tmp_path / "strict.json"),
+                 "--max-regression", "10%")
+    out = done.stdout
+    assert done.returncode == 1 and "FAILED" in out and "| pruned | prefill 1x8 latency ratio |" in out and "regressed" in out
     assert json.loads((tmp_path / "bad.json").read_text())["gate"]["passed"] is False
 
 
-def test_cli_malformed_baseline_exits_2_before_measuring(cli_models: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_malformed_baseline_exits_2_before_measuring(cli_models: Path, tmp_path: Path) -> None:
     bad = tmp_path / "old.json"
     bad.write_text("{truncated")
     out = tmp_path / "res" / "new.json"
-    assert run_main(monkeypatch, cli_models, out, "--baseline", str(bad)) == 2
-    err = capsys.readouterr().err.strip()
+    done = bench(cli_models, out, "--baseline", str(bad))
+    err = done.stderr.strip()
+    assert done.returncode == 2, err
     assert err.startswith(f"error: {bad}: not valid JSON") and "\n" not in err
     assert not out.parent.exists()

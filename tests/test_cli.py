@@ -1,10 +1,10 @@
-"""The CLI as a user meets it: exit codes, one-line errors, JSON output."""
+"""The CLI as a user meets it: exit codes, one-line errors, JSON output. Commands run in this process
+(tests/cli_runner.py); :func:`test_a_real_process_exits_2_with_one_line` runs them in a new interpreter
+on purpose, for the real exit path."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +12,7 @@ import pytest
 from base.data import tokenize
 from base.loading import load_model
 from base.perplexity import perplexity
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "surgeon_export.cli", *args], capture_output=True, text=True, timeout=300,
-    )
+from tests.cli_runner import run_cli, run_cli_process
 
 
 def test_help_lists_subcommands() -> None:
@@ -39,6 +34,20 @@ def test_user_errors_are_one_line_exit_2(args: tuple[str, ...], message: str) ->
     assert out.returncode == 2
     assert out.stderr.strip() == message
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("info", "/no/such/dir"), "error: model path not found: /no/such/dir"),  # a SurgeonError
+        (("eval", "--bogus"), "error: No such option: --bogus"),  # click's usage error
+    ],
+)
+def test_a_real_process_exits_2_with_one_line(args: tuple[str, ...], message: str) -> None:
+    """In a new interpreter on purpose: the exit code and stderr as the interpreter's own exit leaves them."""
+    out = run_cli_process(*args)
+    assert out.returncode == 2 and out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
+    assert out.stdout == ""
 
 
 def test_eval_window_too_long_and_bad_text(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -207,6 +216,22 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     assert recovered["steps"] == saved["steps"] == 3 and recovered["diverged"] is None
     assert recovered["trained_parameters"] > 0
     assert not (tmp_path / "job2" / "pruned-onnx").exists()
+
+
+@pytest.mark.parametrize("streaming", ["--no-streaming", "--streaming"])
+def test_uniform_target_beyond_the_mlp_channels_is_one_line(streaming: str, tiny_llama_dir: Path, text_file: Path,
+                                                            tmp_path: Path) -> None:
+    """``--allocation uniform`` takes MLP channels only: 20% remaining needs more than every layer's channels down to
+    the floor, refused in one line (whole-model and streamed)."""
+    out = tmp_path / "out"
+    done = run_cli("prune", str(tiny_llama_dir), "--method", "wanda", "--structured", "0.2", "--allocation", "uniform",
+                   "--calib-text", str(text_file), "--calib-samples", "4", "--seq-len", "32", "--no-eval", streaming,
+                   "--out", str(out), "--quiet")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "error: structured target cannot be reached with MLP channels alone under the floors\n"
+    # nothing at --out; a streamed run keeps its hidden resume state, as after any failure (docs/streaming.md)
+    kept = [".out.partial"] if streaming == "--streaming" else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*kept, "text.txt", "tiny-llama"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -14,6 +14,7 @@ import pytest
 
 from base import data
 from base.errors import SurgeonError
+from tests.cli_runner import run_cli_process
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("base", "surgeon", "export", "runtime", "benchmarks", "surgeon_export")
@@ -47,18 +48,20 @@ def test_data_dir_still_overrides_the_packaged_copy(tmp_path: Path, monkeypatch:
     assert data.corpus(data.EVAL_FILE, None)[1] == str(tmp_path / data.EVAL_FILE)
 
 
-def test_eval_runs_from_a_copy_with_no_shared_folder(tmp_path: Path, tiny_llama_dir: Path) -> None:
+def test_eval_runs_from_a_copy_with_no_shared_folder(tmp_path: Path, tiny_llama_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """In new interpreters on purpose: the copy's packages, not this checkout's, are the ones imported."""
     root = tmp_path / "elsewhere"
     for package in PACKAGES:
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "results"))
     assert not any((p / "shared").exists() for p in root.parents)
-    env = {k: v for k, v in os.environ.items() if k != data.DATA_ENV} | {"PYTHONPATH": str(root)}
-    where = subprocess.run([sys.executable, "-c", "import base.data; print(base.data.CORPORA)"], cwd=root, env=env,
-                           capture_output=True, text=True, timeout=300)
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    env = {"PYTHONPATH": str(root)}
+    where = subprocess.run([sys.executable, "-c", "import base.data; print(base.data.CORPORA)"], cwd=root,
+                           env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert where.stdout.strip() == str(root / "base" / "corpora")  # the copy, not this checkout
-    out = subprocess.run([sys.executable, "-m", "surgeon_export.cli", "eval", str(tiny_llama_dir), "--seq-len", "32",
-                          "--windows", "3", "--json", "--quiet"], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = run_cli_process("eval", str(tiny_llama_dir), "--seq-len", "32", "--windows", "3", "--json", "--quiet",
+                          cwd=root, env=env)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["text"].startswith("wikitext-2-raw/wiki.test.raw (packaged copy") and result["windows"] == 3

@@ -20,6 +20,7 @@ from base.surgery import LayerPlan, RemovalPlan, layer_shapes, zero_groups_
 from export.card import CARD_FILE, lineage, read_front_matter, shape_runs
 from export.portable import legacy_rope_keys, portable_config
 from export.pruned import ShrinkConfig, per_layer_config, shrink_and_save
+from tests.cli_runner import run_cli
 from tests.conftest import make_tiny_llama, make_tokenizer
 from tests.test_surgery import IDS, make_model, random_plan
 
@@ -229,8 +230,7 @@ def test_shrink_uniform_from_per_layer_checkpoint(family: str, tmp_path: Path) -
 
 
 def test_shrink_uniform_cli_from_per_layer_checkpoint(per_layer_dir: Path, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "surgeon_export", "shrink", str(per_layer_dir), "--uniform",
-                           "--out", str(tmp_path / "u"), "--json", "--quiet"], capture_output=True, text=True, timeout=300)
+    done = run_cli("shrink", str(per_layer_dir), "--uniform", "--out", str(tmp_path / "u"), "--json", "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
     payload = json.loads(done.stdout)
     assert payload["checkpoint_format"] == "uniform"
@@ -273,8 +273,7 @@ def test_cards_beside_prune_pack_densify_onnx_gguf(tmp_path: Path) -> None:
     LlamaForCausalLM(tiny_llama_config(len(tok))).save_pretrained(tiny_llama_dir)
     tok.save_pretrained(tiny_llama_dir)
     def cli(*args: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "surgeon_export", *args, "--quiet"], capture_output=True,
-                              text=True, timeout=600)
+        done = run_cli(*args, "--quiet")
         assert done.returncode == 0, done.stderr[-2000:]
 
     pruned, packed, dense = tmp_path / "pruned", tmp_path / "packed", tmp_path / "dense"

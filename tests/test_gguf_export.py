@@ -22,6 +22,7 @@ from base.errors import SurgeonError
 from base.surgery import LayerPlan, RemovalPlan
 from export.gguf import export_gguf
 from export.pruned import ShrinkConfig, shrink_and_save
+from tests.cli_runner import run_cli
 from tests.conftest import make_tokenizer, tiny_llama_config
 from tests.test_surgery import make_model
 
@@ -524,28 +525,21 @@ def test_config_disagreeing_with_tensors_is_named(llama_dir: Path, tmp_path: Pat
 
 
 def test_cli_gguf(llama_dir: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "surgeon_export.cli", "gguf", str(llama_dir), *args],
-                              capture_output=True, text=True, timeout=300)
-
     out = tmp_path / "tiny.gguf"
-    done = cli("--type", "f32", "--out", str(out), "--json", "--quiet")
+    done = run_cli("gguf", str(llama_dir), "--type", "f32", "--out", str(out), "--json", "--quiet")
     assert done.returncode == 0, done.stderr
     manifest = json.loads(done.stdout)
     assert manifest["architecture"] == "llama" and out.is_file() and manifest["source"] == str(llama_dir)
-    again = cli("--out", str(out), "--quiet")
+    again = run_cli("gguf", str(llama_dir), "--out", str(out), "--quiet")
     assert again.returncode == 2 and again.stderr.startswith("error: output file exists")
-    bad = cli("--type", "q4_k", "--out", str(tmp_path / "x.gguf"))
+    bad = run_cli("gguf", str(llama_dir), "--type", "q4_k", "--out", str(tmp_path / "x.gguf"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "q8_0" in bad.stderr.lower()
-    loud = cli("--out", str(tmp_path / "loud.gguf"))  # progress on: ours only, none of the gguf package's
+    loud = run_cli("gguf", str(llama_dir), "--out", str(tmp_path / "loud.gguf"))  # progress on: ours only, none of the gguf package's
     assert loud.returncode == 0, loud.stderr
     assert "Endian" not in loud.stderr + loud.stdout and "Writing the following" not in loud.stderr + loud.stdout
     assert "wrote" in loud.stdout
     weights = (llama_dir / "model.safetensors").read_bytes()
-    inside = cli("--out", str(llama_dir / "model.safetensors"), "--force")
+    inside = run_cli("gguf", str(llama_dir), "--out", str(llama_dir / "model.safetensors"), "--force")
     assert inside.returncode == 2 and inside.stderr.startswith("error: --out") and inside.stderr.count("\n") == 1
     assert (llama_dir / "model.safetensors").read_bytes() == weights
 

@@ -10,7 +10,6 @@ CLI and the one-line errors. The default model (``slow``): F32, F16 and Q8_0 fil
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from base.perplexity import perplexity
 from export.gguf import export_gguf
 from runtime.backend import load_backend
 from runtime.generate import GenerationConfig, generate
+from tests.cli_runner import run_cli
 from tests.conftest import CORPUS, make_tokenizer, tiny_llama_config
 from tests.test_gguf_export import PER_LAYER_PLAN, PER_LAYER_SIZES, per_layer, save, save_gemma, with_nan
 
@@ -315,8 +315,7 @@ def test_info_on_damaged_gguf_files_is_one_line(llama_dir: Path, tmp_path: Path)
         with pytest.raises(SurgeonError) as excinfo:
             resolve_model_dir(path)
         assert message in one_line(excinfo) and str(path) in str(excinfo.value)
-    done = subprocess.run([sys.executable, "-m", "surgeon_export.cli", "info", str(tmp_path / "foreign-nan.gguf"), "--quiet"],
-                          capture_output=True, text=True, timeout=300)
+    done = run_cli("info", str(tmp_path / "foreign-nan.gguf"), "--quiet")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
 
 
@@ -343,24 +342,18 @@ def test_bench_runner_measures_llama_cpp(llama_dir: Path, tmp_path: Path) -> Non
 def test_cli_generate_on_llama_cpp(llama_dir: Path, tmp_path: Path) -> None:
     needs_llama_cpp()
     import json
-    import os
 
-    env = {**os.environ, "SURGEON_EXPORT_CACHE": str(tmp_path / "cache")}
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "surgeon_export.cli", *args], check=False, capture_output=True,
-                              text=True, timeout=300, env=env)
-
+    env = {"SURGEON_EXPORT_CACHE": str(tmp_path / "cache")}
     prompt = "The quick brown fox"
-    out = cli("generate", str(llama_dir), "--backend", "llama.cpp", "--prompt", prompt, "--max-new-tokens", "6",
-              "--threads", "1", "--quiet", "--json")
+    out = run_cli("generate", str(llama_dir), "--backend", "llama.cpp", "--prompt", prompt, "--max-new-tokens", "6",
+                  "--threads", "1", "--quiet", "--json", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""  # no llama.cpp log
     cpp = json.loads(out.stdout)
-    ref = json.loads(cli("generate", str(llama_dir), "--prompt", prompt, "--max-new-tokens", "6", "--threads", "1",
-                         "--quiet", "--json").stdout)
+    ref = json.loads(run_cli("generate", str(llama_dir), "--prompt", prompt, "--max-new-tokens", "6", "--threads", "1",
+                             "--quiet", "--json", env=env).stdout)
     assert cpp["outputs"][0]["tokens"] == ref["outputs"][0]["tokens"]
-    bad = cli("generate", str(tmp_path / "none.gguf"), "--backend", "llama.cpp", "--prompt", "x", "--quiet")
+    bad = run_cli("generate", str(tmp_path / "none.gguf"), "--backend", "llama.cpp", "--prompt", "x", "--quiet", env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
 
 

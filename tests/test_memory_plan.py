@@ -14,6 +14,7 @@ from base.adapters import get_adapter
 from base.lazy import LazyModel, LazyWeights, open_lazy
 from benchmarks.streaming import gemma3_270m_config
 from surgeon.calibrate import HEAD_CHUNK
+from surgeon.sds import SDSConfig
 from surgeon_export import api
 from tests.families import FAMILIES, save_family
 
@@ -57,9 +58,8 @@ def test_every_family_counts_its_embeddings_head_and_boundary(family: str, tmp_p
         assert plan.streamed == peak(t, surgeon)
 
 
-def test_gemma3_270m_shapes_on_the_meta_device() -> None:
-    """Issue #29's model and command (8 x 512, K-FAC batch 1): what the old estimate left out (the process,
-    a 262k tokenizer, the reading of the bfloat16 embedding) is counted, and the embedding once (tied)."""
+def gemma3_270m_lazy() -> LazyModel:
+    """Gemma3-270m's shapes on the meta device, its embedding stored in bfloat16 as in the real checkpoint."""
     config = gemma3_270m_config()
     from transformers import AutoModelForCausalLM
 
@@ -67,7 +67,17 @@ def test_gemma3_270m_shapes_on_the_meta_device() -> None:
         model = AutoModelForCausalLM.from_config(config)
     weights = LazyWeights([])
     weights.dtypes = {"model.embed_tokens.weight": "BF16"}  # the real checkpoint's dtype
-    lazy = LazyModel(model, None, get_adapter(config.model_type), Path("."), "meta", weights, torch.float32)
+    return LazyModel(model, None, get_adapter(config.model_type), Path("."), "meta", weights, torch.float32)
+
+
+# One Gemma3-270m decoder layer's float32 weights: q, k + v, o, gate + up + down, q/k norms, 4 layer norms.
+GEMMA3_LAYER = 4 * (1024 * 640 + 2 * 256 * 640 + 640 * 1024 + 3 * 2048 * 640 + 2 * 256 + 4 * 640)
+
+
+def test_gemma3_270m_shapes_on_the_meta_device() -> None:
+    """Issue #29's model and command (8 x 512, K-FAC batch 1): what the old estimate left out (the process,
+    a 262k tokenizer, the reading of the bfloat16 embedding) is counted, and the embedding once (tied)."""
+    lazy = gemma3_270m_lazy()
     V, H, T, N = 262144, 640, 512, 8
     plan = api.memory_plan(lazy, SURGEON, N, T, streaming=True)
     t = plan.terms
@@ -79,10 +89,34 @@ def test_gemma3_270m_shapes_on_the_meta_device() -> None:
     G = 1024**2 + 2 * 256**2 + 640**2 + 2 * 2048**2 + 640**2  # q, k, v, o, gate, up, down
     assert t["statistics"] == 3 * 8 * (A + G)
     assert t["activations"] == 4 * 1 * T * (8 * H + 4 * 2048 + 2 * 4 * T)
-    layer = 4 * (1024 * 640 + 2 * 256 * 640 + 640 * 1024 + 3 * 2048 * 640 + 2 * 256 + 4 * 640)
-    assert t["layer"] == 2 * layer
+    assert t["layer"] == 2 * GEMMA3_LAYER
     assert plan.streamed == peak(t, True)
     assert t["head"] == 4 * 4 * HEAD_CHUNK  # 32 tokens of 262k logits a chunk
     assert plan.streamed == 2**20 * 500 + 1024 * V + t["outside"] + max(t["reading"], t["boundary"] + t["layer"] + t["statistics"] + t["activations"] + t["head"])
     wanda = api.memory_plan(lazy, WANDA, N, T, streaming=True)
     assert wanda.terms["outside"] == t["outside"] and wanda.streamed == peak(wanda.terms, False)
+
+
+@pytest.mark.parametrize("method, kwargs, layers, statistics", [
+    ("magnitude", dict(sparsity=0.5), 2, 0),
+    ("wanda", dict(sparsity=0.5), 2, 8 * (640 + 1024 + 640 + 2048)),  # diag(A) of each input group
+    ("sparsegpt", dict(pattern="2:4"), 2, 8 * (2 * 640**2 + 1024**2 + 2048**2 + 2 * 2048**2)),
+    ("wanda", dict(sparsity=0.5, refine=SDSConfig()), 3, 8 * (2 * 640**2 + 1024**2 + 2048**2 + 2 * 2048**2)),
+])
+def test_layer_wise_step_as_docs_streaming_md_writes_it(method: str, kwargs: dict, layers: int,
+                                                         statistics: int) -> None:
+    """The layer-wise methods' step on Gemma3-270m's shapes, term by term as docs/streaming.md's formula:
+    ``layer`` 2 L (3 L with SDS), ``statistics`` (magnitude none, Wanda ``8 Σ d_in``, SparseGPT and SDS
+    ``8 (Σ d_in² + 2 d_max²)``), ``activations`` ``4 b T (4 H + 3 I)``, ``boundary`` ``4 N T H`` (x2 with SDS)."""
+    V, H, I, T, N = 262144, 640, 2048, 512, 16
+    cfg = api.build_config(method, **kwargs)
+    plan = api.memory_plan(gemma3_270m_lazy(), cfg, N, T, streaming=True)
+    t = plan.terms
+    sds = 2 if "refine" in kwargs else 1
+    assert t["layer"] == layers * GEMMA3_LAYER and t["statistics"] == statistics
+    assert t["activations"] == 4 * 8 * T * (4 * H + 3 * I)  # a batch of 8 of the 16 windows
+    assert t["boundary"] == sds * 4 * N * T * H
+    assert t["outside"] == 4 * (V * H + H) and "head" not in t
+    assert plan.streamed == t["process"] + t["tokenizer"] + max(
+        t["outside"] + max(t["reading"], t["boundary"]),
+        t["layer"] + t["statistics"] + t["activations"] + t["boundary"], t["writing"])

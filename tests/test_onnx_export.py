@@ -29,6 +29,7 @@ from runtime.backend import load_backend
 from runtime.generate import GenerationConfig, generate
 from runtime.ort import OrtBackend
 from runtime.torch_backend import TorchBackend
+from tests.cli_runner import run_cli
 from tests.conftest import cached_logits, make_tokenizer
 from tests.test_surgery import make_model
 from tests.test_surgery_checkpoint import _masked
@@ -235,24 +236,20 @@ def test_interrupted_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_cli_onnx_and_generate(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    from typer.testing import CliRunner
-
-    from surgeon_export.cli import app
-
     out = tmp_path / "tiny-onnx"
-    done = CliRunner().invoke(app, ["onnx", str(tiny_llama_dir), "--out", str(out), "--json", "--quiet"])
-    assert done.exit_code == 0, done.output
+    done = run_cli("onnx", str(tiny_llama_dir), "--out", str(out), "--json", "--quiet")
+    assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
     assert payload["graph"]["opset"] == 17 and payload["verification"]["max_abs_diff"] < 1e-4
-    again = CliRunner().invoke(app, ["onnx", str(tiny_llama_dir), "--out", str(out)])
-    assert isinstance(again.exception, SurgeonError) and "output directory is not empty" in str(again.exception)
-    missing = CliRunner().invoke(app, ["onnx", str(tmp_path), "--out", str(tmp_path / "x")])
-    assert isinstance(missing.exception, SurgeonError) and "not a Hugging Face model directory" in str(missing.exception)
+    again = run_cli("onnx", str(tiny_llama_dir), "--out", str(out))
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "output directory is not empty" in again.stderr
+    missing = run_cli("onnx", str(tmp_path), "--out", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "not a Hugging Face model directory" in missing.stderr
     texts = {}
     for backend, model in (("torch", tiny_llama_dir), ("onnxruntime", out)):
-        run = CliRunner().invoke(app, ["generate", str(model), "--backend", backend, "-p", "The quick brown",
-                                       "-p", "Sparse", "--max-new-tokens", "12", "--json", "--quiet"])
-        assert run.exit_code == 0, run.output
+        run = run_cli("generate", str(model), "--backend", backend, "-p", "The quick brown", "-p", "Sparse",
+                      "--max-new-tokens", "12", "--json", "--quiet")
+        assert run.returncode == 0, run.stderr
         texts[backend] = [o["tokens"] for o in json.loads(run.stdout)["outputs"]]
     assert texts["torch"] == texts["onnxruntime"] and all(texts["torch"])
 

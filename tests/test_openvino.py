@@ -8,7 +8,6 @@ KV head count), exported by ``surgeon-export onnx``; the slow test runs the defa
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,13 +18,13 @@ from base.errors import SurgeonError
 from benchmarks.run import BenchConfig, ModelSpec, PplConfig, run_benchmark
 from runtime.backend import load_backend
 from runtime.generate import GenerationConfig, generate
+from tests.cli_runner import run_cli
 from tests.conftest import CORPUS
 from tests.conftest import cached_logits as _logits
 from tests.test_onnx_export import _export_dir
 
 VARIANTS = ("stock", "per-layer")
 PROMPTS = [[5, 9, 14, 2, 33, 8, 70], [11, 3], [40, 41, 42, 43]]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +96,12 @@ def test_cache_passes_between_requests_without_copy(exports: dict) -> None:
 
 
 def test_generate_and_bench_through_the_runner(exports: dict, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from surgeon_export.cli import app
-
     checkpoint, out = exports["per-layer"]
     texts = {}
     for backend, model in (("torch", checkpoint), ("openvino", out)):
-        run = CliRunner().invoke(app, ["generate", str(model), "--backend", backend, "-p", "The quick brown",
-                                       "-p", "Sparse", "--max-new-tokens", "12", "--threads", "1", "--json", "--quiet"])
-        assert run.exit_code == 0, run.output
+        run = run_cli("generate", str(model), "--backend", backend, "-p", "The quick brown", "-p", "Sparse",
+                      "--max-new-tokens", "12", "--threads", "1", "--json", "--quiet")
+        assert run.returncode == 0, run.stderr
         texts[backend] = [o["tokens"] for o in json.loads(run.stdout)["outputs"]]
     assert texts["torch"] == texts["openvino"] and all(texts["torch"])
     (tmp_path / "text.txt").write_text(CORPUS * 40)
@@ -139,11 +134,10 @@ def test_bad_input(exports: dict, tiny_llama_dir: Path, monkeypatch: pytest.Monk
         load_backend("openvino", out)
 
 
-def test_cli_without_openvino_is_one_line(exports: dict) -> None:
+def test_cli_without_openvino_is_one_line(exports: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     _, out = exports["stock"]
-    code = ("import sys; sys.modules['openvino'] = None; from surgeon_export.cli import main; "
-            f"sys.argv = ['surgeon-export', 'generate', {str(out)!r}, '--backend', 'openvino', '-p', 'x']; main()")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
+    run = run_cli("generate", str(out), "--backend", "openvino", "-p", "x")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip() == ("error: backend openvino needs the openvino package: "
                                   "pip install 'surgeon-export[openvino]' (or: pip install openvino==2026.4.1)")

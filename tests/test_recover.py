@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from surgeon.recover import (
     recover_,
     structure_masks,
 )
+from tests.cli_runner import run_cli
 from tests.conftest import CORPUS, make_tiny_llama
 
 
@@ -231,12 +230,9 @@ def test_cli_prune_recover_writes_a_model_that_keeps_its_pattern(tmp_path: Path,
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "surgeon_export.cli", "prune", str(tiny_llama_dir), "--method", "wanda",
-         "--pattern", "2:4", "--calib-samples", "4", "--seq-len", "32", "--calib-text", str(text_file),
-         "--recover", "--recover-steps", "6", "--recover-windows", "4", "--recover-seq-len", "32",
-         "--no-eval", "--out", str(out), "--json", "-q"],
-        capture_output=True, text=True, timeout=300)
+    result = run_cli("prune", str(tiny_llama_dir), "--method", "wanda", "--pattern", "2:4", "--calib-samples", "4",
+                     "--seq-len", "32", "--calib-text", str(text_file), "--recover", "--recover-steps", "6",
+                     "--recover-windows", "4", "--recover-seq-len", "32", "--no-eval", "--out", str(out), "--json", "-q")
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert payload["recover"]["steps"] == 6 and payload["recover"]["diverged"] is None
@@ -252,10 +248,8 @@ def test_cli_prune_recover_writes_a_model_that_keeps_its_pattern(tmp_path: Path,
 def test_cli_recover_without_data_is_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "surgeon_export.cli", "prune", str(tiny_llama_dir), "--method", "magnitude",
-         "--sparsity", "0.5", "--recover", "--recover-seq-len", "32", "--data-dir", str(empty), "--no-eval", "-q"],
-        capture_output=True, text=True, timeout=300)
+    result = run_cli("prune", str(tiny_llama_dir), "--method", "magnitude", "--sparsity", "0.5", "--recover",
+                     "--recover-seq-len", "32", "--data-dir", str(empty), "--no-eval", "-q")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "calibration" in lines[0], result.stderr

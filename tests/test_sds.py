@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,14 +181,16 @@ def _held_out_error(model: torch.nn.Module, dense: torch.nn.Module, windows: tor
     return float((got - want).pow(2).sum() / want.pow(2).sum())
 
 
-@pytest.mark.parametrize("method,target", [("sparsegpt", P24), ("wanda", P24), ("sparsegpt", 0.6)])
-def test_driver_sds_beats_one_shot_on_held_out_windows(method: str, target: object) -> None:
+@pytest.mark.parametrize("method,target,teacher", [("sparsegpt", P24, "self"), ("wanda", P24, "self"),
+                                                   ("sparsegpt", 0.6, "self"), ("sparsegpt", P24, "layer")])
+def test_driver_sds_beats_one_shot_on_held_out_windows(method: str, target: object, teacher: str) -> None:
     dense, _ = make_tiny_llama(intermediate_size=128)
     calib, held_out = windows_for(dense, n=24, seq_len=32), windows_for(dense, n=8, seq_len=32, seed=7)
     kw = dict(pattern=target) if isinstance(target, NMPattern) else dict(sparsity=target)
     one_shot, refined = copy.deepcopy(dense), copy.deepcopy(dense)
     prune_sequential_(one_shot, LLAMA, calib, PruneConfig(method, **kw), progress=False)
-    report = prune_sequential_(refined, LLAMA, calib, PruneConfig(method, refine=SDSConfig(), **kw), progress=False)
+    report = prune_sequential_(refined, LLAMA, calib, PruneConfig(method, refine=SDSConfig(teacher=teacher), **kw),
+                               progress=False)
     for name, linear in LLAMA.decoder_linears(refined).items():
         if isinstance(target, NMPattern):
             assert target.holds(linear.weight != 0), name
@@ -232,3 +235,61 @@ def test_teacher_without_refinement_and_magnitude_without_data_are_refused() -> 
                           teacher=dense, progress=False)
     with pytest.raises(SurgeonError, match="calibration"):
         prune_sequential_(dense, LLAMA, None, PruneConfig("magnitude", 0.5, refine=SDSConfig()), progress=False)
+
+
+def _layer_input(model: torch.nn.Module, index: int, windows: torch.Tensor) -> SimpleNamespace:
+    """What decoder layer ``index`` of ``model`` gets on ``windows`` (its input stream), as a batch for :func:`_inputs`."""
+    seen = SimpleNamespace()
+
+    def hook(_m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.hidden, seen.kwargs = args[0], kwargs
+
+    handle = model.model.layers[index].register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)  # no cache: the layer can be called again with these arguments
+    handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("teacher", ["self", "layer", "dense"])
+def test_each_sds_teacher_reconstructs_its_own_target(teacher: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statistics every linear's SDS gets, against explicit activations of the finished models. The student's
+    inputs are the pruned model's own (each linear sees the linears before it in their final state: SDS re-collects
+    per group). The teacher's: the same inputs for "self"; the dense layer run on the pruned model's stream for
+    "layer" (the same as the student's for q/k/v and gate/up, whose inputs no pruned linear of the layer touched yet;
+    not for o_proj / down_proj: errors earlier in the layer are corrected); the dense model's own for "dense"."""
+    import surgeon.driver
+
+    dense, _ = make_tiny_llama()
+    windows = windows_for(dense, n=8, seq_len=16)
+    stats: dict[str, PairStats] = {}
+    real = surgeon.driver.refine_linear
+
+    def record(W0: torch.Tensor, W1: torch.Tensor, pair: PairStats, *args: object) -> tuple:
+        stats[str(args[-1])] = pair
+        return real(W0, W1, pair, *args)
+
+    monkeypatch.setattr(surgeon.driver, "refine_linear", record)
+    model = copy.deepcopy(dense)
+    cfg = PruneConfig("sparsegpt", pattern=P24, refine=SDSConfig(teacher=teacher, epochs=20, adjust_epochs=20))
+    report = prune_sequential_(model, LLAMA, windows, cfg, progress=False)
+    assert report.to_dict()["config"]["refine"]["teacher"] == teacher and len(stats) == 14
+    same_input = {}
+    for index in range(2):
+        student_in = _layer_input(model, index, windows)
+        teacher_in = student_in if teacher == "layer" else _layer_input(dense, index, windows)
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+            xs, _ = _inputs(model.model.layers[index], name, [student_in])
+            xt = xs if teacher == "self" else _inputs(dense.model.layers[index], name, [teacher_in])[0]
+            full = f"model.layers.{index}.{name}"
+            W0, got, n = dense.get_submodule(full).weight.detach().double(), stats[full], xs.shape[0]
+            torch.testing.assert_close(got.A, xs.T @ xs / n, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.C, xt.T @ xs / n, rtol=1e-5, atol=1e-6)
+            assert got.y == pytest.approx(float((xt @ W0.T).pow(2).sum()) / n, rel=1e-5)
+            assert got.tokens == n == windows.numel()
+            same_input[index, name] = torch.allclose(got.C, got.A, rtol=1e-5, atol=1e-6)
+    # what tells the three apart: the teacher's inputs equal the student's where nothing it corrects came before
+    assert same_input[1, "self_attn.q_proj"] == (teacher != "dense")  # the stream after a pruned layer
+    assert same_input[0, "self_attn.o_proj"] == (teacher == "self")  # after this layer's pruned q/k/v
+    assert same_input[0, "self_attn.q_proj"]  # the embeddings: the same stream for every teacher
+

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from export.sparse_csr import check_compressed, pack_bsr, pack_csr, unpack_compr
 from runtime.backend import BACKENDS, load_backend
 from runtime.load import PackedBackend, load_compressed
 from runtime.sparse_linear import SparseLinear, sparse_linear
+from tests.cli_runner import run_cli
 from tests.conftest import make_tiny_llama
 from tests.test_semi_structured import IDS, pruned_24_dir
 
@@ -269,10 +268,6 @@ def test_densify_loads_in_plain_transformers_with_identical_logits(packed24: tup
     dense = AutoModelForCausalLM.from_pretrained(directory.parent / "dense").eval()
     with torch.no_grad():
         assert torch.equal(dense(IDS).logits, model(IDS).logits)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "surgeon_export.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_pack_and_densify(tmp_path: Path, tiny_llama_dir: Path) -> None:

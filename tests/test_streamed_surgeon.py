@@ -27,6 +27,7 @@ from surgeon.calibrate import head_gradient, kfac_factors
 from surgeon.prune.threshold import kth_smallest
 from surgeon.sds import SDSConfig
 from surgeon_export import api
+from tests.cli_runner import run_cli
 from tests.conftest import CORPUS, make_tiny_llama, tensors
 
 PHASES = ("forward", "head", "reverse", "select", "update", "done")  # of a shot, in order (state.json)
@@ -229,19 +230,20 @@ def test_interrupted_while_writing_the_checkpoint(src: Path, tmp_path: Path, mon
 
 def test_kill_9_and_rerun_the_same_command(src: Path, tmp_path: Path) -> None:
     """A real ``kill -9`` of ``surgeon-export prune --method surgeon --streaming`` in its second shot's
-    reverse walk (or later); the same command again finishes with the uninterrupted run's tensors."""
+    reverse walk (or later); the same command again finishes with the uninterrupted run's tensors. The killed run
+    is a new interpreter on purpose (SIGKILL ends a process); the rerun runs in this one."""
     model, tokenizer = make_tiny_llama(num_hidden_layers=6)
     model.save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
     options = dict(calib_samples=8, seq_len=32, calib_text=CALIB["calib_text"])
     cfg = api.build_config("surgeon", sparsity=0.5, shots=3, kfac_batch=1)
     api.prune_streamed(tmp_path / "src", cfg, tmp_path / "once", **options)  # the same run, uninterrupted
-    command = [sys.executable, "-m", "surgeon_export.cli", "prune", str(tmp_path / "src"), "--method", "surgeon",
-               "--sparsity", "0.5", "--shots", "3", "--kfac-batch", "1", "--calib-samples", "8", "--seq-len", "32",
-               "--calib-text", str(options["calib_text"]), "--no-eval", "--streaming", "--out", str(tmp_path / "twice"),
-               "--json", "--quiet"]
+    args = ["prune", str(tmp_path / "src"), "--method", "surgeon", "--sparsity", "0.5", "--shots", "3", "--kfac-batch",
+            "1", "--calib-samples", "8", "--seq-len", "32", "--calib-text", str(options["calib_text"]), "--no-eval",
+            "--streaming", "--out", str(tmp_path / "twice"), "--json", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "surgeon_export", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
     state = tmp_path / ".twice.partial" / "surgeon" / "state.json"
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
@@ -256,7 +258,7 @@ def test_kill_9_and_rerun_the_same_command(src: Path, tmp_path: Path) -> None:
         time.sleep(0.002)
     assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (tmp_path / "twice").exists()
-    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    again = run_cli(*args)
     assert again.returncode == 0, again.stderr
     a, b = tensors(tmp_path / "once"), tensors(tmp_path / "twice")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from base.loading import load_model
 from export.streaming import StreamedLayers
 from surgeon.sds import SDSConfig
 from surgeon_export import api
+from tests.cli_runner import run_cli
 from tests.conftest import killed_writers_temporary, make_tiny_llama, tensors
 
 SDS = SDSConfig(epochs=3, adjust_epochs=3)
@@ -171,24 +170,20 @@ def test_cli_streams_when_asked_and_by_budget(tmp_path: Path) -> None:
     common = ["--method", "sparsegpt", "--sparsity", "0.5", "--calib-samples", "4", "--seq-len", "16", "--no-eval",
               "--json", "--quiet"]
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "surgeon_export.cli", "prune", str(src), *args], capture_output=True,
-                              text=True, timeout=300)
-
     # a budget between the two estimates (memory_plan counts the process's ~500 MiB in both; the tiny model's
     # whole-model need is 171 KB above its streamed one): streaming is chosen
     lazy = open_lazy(src)
     plan = api.memory_plan(lazy, api.build_config("sparsegpt", sparsity=0.5), 4, 16)
     assert plan.streamed < plan.whole
-    streamed = cli("--out", str(tmp_path / "a"), "--max-memory", str((plan.streamed + plan.whole) // 2), *common)
+    streamed = run_cli("prune", str(src), "--out", str(tmp_path / "a"), "--max-memory", str((plan.streamed + plan.whole) // 2), *common)
     assert streamed.returncode == 0, streamed.stderr
     result = json.loads(streamed.stdout)
     assert result["streamed"] and "allowed" in result["memory_plan"]["reason"]
-    whole = cli("--out", str(tmp_path / "b"), "--no-streaming", *common)
+    whole = run_cli("prune", str(src), "--out", str(tmp_path / "b"), "--no-streaming", *common)
     assert whole.returncode == 0 and "streamed" not in json.loads(whole.stdout)
     a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in b)
-    missing = cli("--streaming", *common)
+    missing = run_cli("prune", str(src), "--streaming", *common)
     assert missing.returncode == 2 and missing.stderr.strip() == (
         "error: streamed pruning writes each layer as it is done: give --out DIR")
 
@@ -212,14 +207,10 @@ def test_every_streamed_layer_returns_its_memory(tmp_path: Path, monkeypatch: py
     assert base.env._MALLOC_TRIM is not None
 
 
-def test_ctrl_c_says_what_stays_and_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_ctrl_c_says_what_stays_and_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`prune --streaming` interrupted keeps its finished layers in .NAME.partial: the message names it, its
     size and both ways on (the same command resumes; rm -r removes it); then the same command finishes."""
-    from surgeon_export.cli import main
-
     src, out = model_dir(tmp_path), tmp_path / "out"
-    capsys.readouterr()
     real = StreamedLayers.leave
 
     def interrupted_after_layer_1(self: StreamedLayers, index: int, layer: torch.nn.Module, records: dict | None) -> None:
@@ -228,11 +219,9 @@ def test_ctrl_c_says_what_stays_and_how_to_resume(tmp_path: Path, monkeypatch: p
             raise KeyboardInterrupt
 
     def run() -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["surgeon-export", "prune", str(src), "--method", "magnitude", "--sparsity",
-                                          "0.5", "--streaming", "--out", str(out), "--no-eval", "--quiet"])
-        with pytest.raises(SystemExit) as exc:
-            main()
-        return int(exc.value.code or 0), capsys.readouterr().err
+        done = run_cli("prune", str(src), "--method", "magnitude", "--sparsity", "0.5", "--streaming", "--out", str(out),
+                       "--no-eval", "--quiet")
+        return done.returncode, done.stderr
 
     monkeypatch.setattr(StreamedLayers, "leave", interrupted_after_layer_1)
     code, err = run()

@@ -13,8 +13,6 @@ within 1e-5 relative; ``generate --backend vllm`` on the CLI and ``bench --backe
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from runtime.backend import backend_python
 from runtime.generate import GenerationConfig, generate
 from runtime.torch_backend import TorchBackend
 from runtime.vllm_env import worker_env
+from tests.cli_runner import run_cli_process
 from tests.conftest import make_tokenizer
 from tests.test_gguf_export import PER_LAYER_PLAN, PER_LAYER_SIZES, per_layer
 from tests.test_surgery import make_model
@@ -120,15 +119,12 @@ def test_unsupported_family_is_one_line(served: dict[str, dict]) -> None:
     assert "SurgeonQwen2ForCausalLM" in error and "--uniform" in error and "\n" not in error
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "surgeon_export", *args], capture_output=True, text=True,
-                          env={**worker_env(), "OMP_NUM_THREADS": "1"}, timeout=600)
-
-
 def test_generate_cli_runs_in_vllm_environment(models: dict[str, Path]) -> None:
-    """``generate --backend vllm`` from this environment re-runs in vLLM's and gives torch's greedy tokens."""
-    run = cli("generate", str(models["per-layer"]), "--backend", "vllm", "-p", "hello world", "-p", "the cat",
-              "--max-new-tokens", "12", "--stop", "1", "--json", "--quiet")
+    """``generate --backend vllm`` from this environment re-runs in vLLM's and gives torch's greedy tokens (in a new
+    interpreter on purpose: the command replaces its process by one of vLLM's environment, ``exec``)."""
+    run = run_cli_process("generate", str(models["per-layer"]), "--backend", "vllm", "-p", "hello world", "-p",
+                          "the cat", "--max-new-tokens", "12", "--stop", "1", "--json", "--quiet",
+                          env={**worker_env(), "OMP_NUM_THREADS": "1"}, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout)
     ref = torch_reference(models["per-layer"])
@@ -138,11 +134,13 @@ def test_generate_cli_runs_in_vllm_environment(models: dict[str, Path]) -> None:
 
 
 def test_bench_runs_vllm_worker(models: dict[str, Path], tmp_path: Path) -> None:
-    """``bench --backend vllm``: the worker runs in vLLM's environment; perplexity equals torch's."""
+    """``bench --backend vllm``: the worker runs in vLLM's environment; perplexity equals torch's (a new interpreter
+    as for generate: the command replaces its process)."""
     out = tmp_path / "bench.json"
-    run = cli("bench", str(models["per-layer"]), "--backend", "vllm", "--prefill", "1x16", "--decode", "2",
-              "--prompt-len", "8", "--new-tokens", "4", "--ppl-windows", "2", "--ppl-seq-len", "32", "--out", str(out),
-              "--quiet", "--threads", "1", "--device", "cpu")
+    run = run_cli_process("bench", str(models["per-layer"]), "--backend", "vllm", "--prefill", "1x16", "--decode", "2",
+                          "--prompt-len", "8", "--new-tokens", "4", "--ppl-windows", "2", "--ppl-seq-len", "32",
+                          "--out", str(out), "--quiet", "--threads", "1", "--device", "cpu",
+                          env={**worker_env(), "OMP_NUM_THREADS": "1"}, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     model = json.loads(out.read_text())["models"][0]
     assert model["artefact"]["vllm"]["architecture"] == "SurgeonLlamaForCausalLM"
