@@ -552,10 +552,10 @@ def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *,
     """
     if not dist.is_main():
         return {}
-    out = Path(out)
-    full = {"model": lm.source, **(extra or {}), **(report.to_dict() if report else {})}
     if layout != "default" and (report is None or report.removal is None or report.config.get("pattern")):
         raise SurgeonError(f"--layout {layout} lays out a structured run's smaller checkpoint; this one keeps its shapes")
+    out = Path(out)
+    full = {"model": lm.source, **(extra or {}), **(report.to_dict() if report else {})}
     if report is not None and report.removal is not None and report.config.get("pattern"):
         # Cutting a removed input column shifts the columns after it: down_proj's N:M blocks would no
         # longer line up. The removed groups stay as zeros, every N:M block intact.
