@@ -16,6 +16,8 @@ plugins off, isolated Python, no module of ours imported) and compared with torc
     python -m benchmarks.vllm_parity --threads 2 --out benchmarks/results/vllm_parity.json \\
         dense=default uniform=out/wanda-s80 per-layer=out/wanda-s80-global nas=out/nas@out/wanda-s90-global
 
+``--mlp-only PRUNED OUT`` writes the per-layer model of the Nemotron-NAS row (:func:`mlp_only`).
+
 The tests (tests/test_vllm.py) use ``--serve`` on tiny models and compare with torch themselves.
 """
 
@@ -139,6 +141,28 @@ def stock_perplexity(got: dict, ids: torch.Tensor, windows: list[list[int]], seq
                       progress=False).perplexity
 
 
+def mlp_only(pruned: Path, out: Path, align: int = 1) -> dict:
+    """The MLP channels a structured Wanda or magnitude run removed (``pruned``'s ``removal``: these
+    baselines update no weight), cut from the default model (its source) with every attention head
+    kept; ``align`` rounds the widths up (:class:`export.pruned.ShrinkConfig`). A per-layer model that
+    fits the Nemotron-NAS layout: those runs remove query heads too, and no option prunes MLP channels only."""
+    from base.formats import REPORT_FILE
+    from base.loading import load_model
+    from base.surgery import LayerPlan, RemovalPlan
+    from export.pruned import ShrinkConfig, shrink_and_save
+
+    report = json.loads((pruned / REPORT_FILE).read_text())
+    if report["config"].get("scoring") not in ("wanda", "magnitude") or "removal" not in report:
+        raise SystemExit(f"{pruned}: not a structured Wanda or magnitude run (LLM Surgeon updates the weights it keeps)")
+    lm = load_model(None)
+    if report["model"] != lm.source:
+        raise SystemExit(f"{pruned} was pruned from {report['model']}, not the default model")
+    removal = RemovalPlan.from_dict(report["removal"])
+    plan = RemovalPlan({i: LayerPlan.of(channels=p.channels) for i, p in removal.layers.items() if p.channels})
+    return shrink_and_save(lm.model, lm.tokenizer, lm.adapter, out, ShrinkConfig(align=align), plan=plan,
+                           report={"model": lm.source, "plan": f"the MLP channels {pruned} removed, every head kept"})
+
+
 def compare(label: str, spec: str, got: dict, threads: int, windows: int, new_tokens: int, window: list[int],
             prompts: list[list[int]]) -> dict:
     """torch's side for one model and the differences to vLLM's ``got``."""
@@ -172,8 +196,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the vLLM side (a request file)
+    parser.add_argument("--mlp-only", nargs=2, type=Path, metavar=("PRUNED", "OUT"), help="write mlp_only(PRUNED) to OUT")
+    parser.add_argument("--align", type=int, default=1, help="--mlp-only: round the MLP widths up to multiples of this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.mlp_only is not None:
+        written = mlp_only(*args.mlp_only, align=args.align)
+        print(f"{args.mlp_only[1]}: MLP widths {[layer['intermediate_size'] for layer in written['layers']]}, "
+              f"{written['shrink']['remaining_fraction']:.2%} of decoder-linear weights")
+        return
     if args.serve is not None:
         replies = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)  # stray prints go to stderr; stdout carries the replies only

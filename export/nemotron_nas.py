@@ -23,8 +23,7 @@ format (the default layout) takes every shape, served by our vLLM plugin (docs/v
 SGLang (read in ``sgl-project/sglang``'s ``srt/models/nemotron_nas.py`` and
 ``srt/configs/model_config.py``, not run here) reads an MLP's width only from ``ffn_mult`` and
 refuses KV-head counts that differ between layers ("Variable GQA (VGQA) is not yet supported");
-:func:`nas_layout` says in ``sglang`` why a checkpoint does not fit it (``--align 256`` gives
-widths that ``ffn_mult`` expresses).
+:func:`nas_layout` says in ``sglang`` why a checkpoint does not fit it.
 """
 
 from __future__ import annotations
@@ -156,7 +155,7 @@ def _sglang(shapes: list, silent: list[tuple[bool, bool]], blocks: list[dict], c
     widths = [i for i, b in enumerate(blocks) if "intermediate_size" in b["ffn"]]
     if widths:
         reasons.append(f"the MLP widths of layers {widths} are not multiples of {FFN_MULT_MULTIPLE} (SGLang reads only "
-                       f"ffn_mult; --align {FFN_MULT_MULTIPLE} gives such widths)")
+                       f"ffn_mult, which gives such widths)")
     if getattr(config, "mlp_bias", False):
         reasons.append("its MLPs have biases (SGLang's DeciLM MLP has none)")
     return "; ".join(reasons) or None

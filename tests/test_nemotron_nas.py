@@ -210,3 +210,20 @@ def test_mistral_without_window_and_other_refusals(tmp_path: Path, monkeypatch: 
     with pytest.raises(SurgeonError, match="lays out a structured run's smaller checkpoint"):
         api.save(api.LoadedModel.__new__(api.LoadedModel), tmp_path / "y", None, layout="nemotron-nas")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_structured_run_saved_in_the_layout(tiny_llama_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """``api.save(..., layout="nemotron-nas")``: a structured run's smaller checkpoint in the layout, its
+    blocks the sizes the run kept (Wanda, uniform allocation: MLP channels only)."""
+    import surgeon_export.api as api
+
+    lm = load_model(tiny_llama_dir)
+    report = api.prune(lm, api.build_config("wanda", structured=0.8, allocation="uniform"), calib_text=text_file,
+                       calib_samples=8, seq_len=16)
+    written = api.save(lm, tmp_path / "nas", report, layout="nemotron-nas")
+    assert written["checkpoint_format"] == "nemotron-nas" and written["shrink"]["layout"] == "nemotron-nas"
+    config = json.loads((tmp_path / "nas" / "config.json").read_text())
+    widths = [layer["intermediate_size"] for layer in written["layers"]]
+    assert widths[0] < 64 and config["num_attention_heads"] == 4
+    assert config["block_configs"] == [{"attention": {"no_op": False, "n_heads_in_group": 2},
+                                        "ffn": {"no_op": False, "intermediate_size": w}} for w in widths]
