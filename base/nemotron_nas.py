@@ -50,7 +50,7 @@ class Section:
 class BlockConfig:
     """One decoder layer: ``attention`` and ``ffn`` sections."""
 
-    def __init__(self, attention: dict[str, Any] | Section, ffn: dict[str, Any] | Section, **_: Any) -> None:
+    def __init__(self, attention: dict[str, Any] | Section, ffn: dict[str, Any] | Section) -> None:
         self.attention = attention if isinstance(attention, Section) else Section(**attention)
         self.ffn = ffn if isinstance(ffn, Section) else Section(**ffn)
 
