@@ -14,7 +14,7 @@ plugins off, isolated Python, no module of ours imported) and compared with torc
 - perplexity: the first ``--windows`` protocol windows (WikiText-2 test, 512 tokens), relative difference.
 
     python -m benchmarks.vllm_parity --threads 2 --out benchmarks/results/vllm_parity.json \\
-        dense=default uniform=out/wanda-s80 per-layer=out/wanda-s80-global nas=out/nas@out/wanda-s90-global
+        dense=default uniform=out/wanda-s80 per-layer=out/wanda-s80-global nemotron-nas=out/wanda90-mlp-nas@out/wanda90-mlp
 
 ``--mlp-only PRUNED OUT`` writes the per-layer model of the Nemotron-NAS row (:func:`mlp_only`).
 
