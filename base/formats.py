@@ -10,6 +10,7 @@ import torch
 
 REPORT_FILE = "surgeon_report.json"  # beside pruned weights: what was pruned, how, measured in the saved files
 MODELING_FILE = "modeling_surgeon.py"  # a copy of base/modeling.py beside per-layer-shape checkpoints
+NAS_CONFIG_FILE = "configuration_nemotron_nas.py"  # a copy of base/nemotron_nas.py beside Nemotron-NAS checkpoints
 ONNX_FILE = "model.onnx"  # the decoder graph of an ONNX export directory
 ONNX_DATA_FILE = "model.onnx_data"  # its external weights, when written
 ONNX_MANIFEST_FILE = "surgeon_onnx.json"  # beside the graph: export settings, decoder-linear initializers

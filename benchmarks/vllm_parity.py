@@ -2,7 +2,10 @@
 
 For each model (``LABEL=PATH``, ``default`` for the default model), the torch reference runs here
 (float32, the project's environment) and vLLM (the ``vllm`` backend, float32) in a child process of
-vLLM's own environment (``--serve``: one engine per model, one JSON line per model):
+vLLM's own environment (``--serve``: one engine per model, one JSON line per model). A checkpoint in
+the Nemotron-NAS layout (``LABEL=NAS_DIR@TORCH_DIR``: ``shrink TORCH_DIR --layout nemotron-nas --out
+NAS_DIR``) is served by stock vLLM with nothing of ours (:func:`served_stock`, ``benchmarks/vllm_stock.py``:
+plugins off, isolated Python, no module of ours imported) and compared with torch on ``TORCH_DIR``:
 
 - greedy: ``--new-tokens`` tokens from each of :data:`PROMPTS`, vLLM's scheduler against torch's
   decode loop; identical or the first position that differs;
@@ -11,7 +14,9 @@ vLLM's own environment (``--serve``: one engine per model, one JSON line per mod
 - perplexity: the first ``--windows`` protocol windows (WikiText-2 test, 512 tokens), relative difference.
 
     python -m benchmarks.vllm_parity --threads 2 --out benchmarks/results/vllm_parity.json \\
-        dense=default uniform=out/wanda-s80 per-layer=out/wanda-s80-global
+        dense=default uniform=out/wanda-s80 per-layer=out/wanda-s80-global nemotron-nas=out/wanda90-mlp-nas@out/wanda90-mlp
+
+``--mlp-only PRUNED OUT`` writes the per-layer model of the Nemotron-NAS row (:func:`mlp_only`).
 
 The tests (tests/test_vllm.py) use ``--serve`` on tiny models and compare with torch themselves.
 """
@@ -28,6 +33,10 @@ from pathlib import Path
 
 import torch
 
+STOCK = Path(__file__).with_name("vllm_stock.py")  # stock vLLM with nothing of ours
+OURS = ("base", "surgeon", "export", "runtime", "benchmarks", "surgeon_export")  # our top-level packages (pyproject)
+STOCK_MAX_MODEL_LEN = 2048
+STOCK_KV_CACHE_BYTES = 256 * 2**20  # 5,600 tokens of the default model in float32
 PROMPTS = ["The history of the city of Paris begins", "Photosynthesis is the process by which",
            "def fibonacci(n):"]
 
@@ -91,6 +100,69 @@ def served(request: dict) -> list[dict]:
     return [json.loads(line) for line in run.stdout.splitlines()]
 
 
+def served_stock(request: dict) -> dict:
+    """``benchmarks/vllm_stock.py`` on ``request`` (its docstring) in vLLM's environment: isolated Python
+    (``-I``: no ``PYTHONPATH``, not this checkout), plugins off; its reply (a RuntimeError with the
+    child's stderr if it fails)."""
+    from runtime.vllm_env import backend_python
+
+    python = backend_python() or sys.executable
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "request.json"
+        file.write_text(json.dumps({"max_model_len": STOCK_MAX_MODEL_LEN, "kv_cache_bytes": STOCK_KV_CACHE_BYTES,
+                                    **request, "ours": list(OURS)}))
+        run = subprocess.run([python, "-I", str(STOCK), str(file)], capture_output=True, text=True, cwd=tmp,
+                             env={**env, "VLLM_PLUGINS": "", "OMP_NUM_THREADS": str(request["threads"])})
+    if run.returncode != 0:
+        raise RuntimeError(f"stock vLLM failed:\n{run.stderr[-4000:]}")
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+class Replayed:
+    """A scorer that gives back the token log-probabilities another process computed for these windows, so
+    :func:`base.perplexity.perplexity` scores them as it scores every backend."""
+
+    def __init__(self, windows: list[list[int]], logprobs: list[list[float]]) -> None:
+        self.table = {tuple(w): lp for w, lp in zip(windows, logprobs)}
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a replayed scorer has each token's log-probability only")
+
+    def token_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.table[tuple(row)] for row in input_ids.tolist()], dtype=torch.float64)  # [B, T - 1]
+
+
+def stock_perplexity(got: dict, ids: torch.Tensor, windows: list[list[int]], seq_len: int, count: int | None) -> float:
+    """The protocol perplexity of :func:`served_stock`'s ``window_logprobs`` for ``windows`` (cut from ``ids``)."""
+    from base.perplexity import perplexity
+
+    return perplexity(Replayed(windows, got["window_logprobs"]), ids, seq_len=seq_len, max_windows=count,
+                      progress=False).perplexity
+
+
+def mlp_only(pruned: Path, out: Path, align: int = 1) -> dict:
+    """The MLP channels a structured Wanda or magnitude run removed (``pruned``'s ``removal``: these
+    baselines update no weight), cut from the default model (its source) with every attention head
+    kept; ``align`` rounds the widths up (:class:`export.pruned.ShrinkConfig`). A per-layer model that
+    fits the Nemotron-NAS layout: those runs remove query heads too, and no option prunes MLP channels only."""
+    from base.formats import REPORT_FILE
+    from base.loading import load_model
+    from base.surgery import LayerPlan, RemovalPlan
+    from export.pruned import ShrinkConfig, shrink_and_save
+
+    report = json.loads((pruned / REPORT_FILE).read_text())
+    if report["config"].get("scoring") not in ("wanda", "magnitude") or "removal" not in report:
+        raise SystemExit(f"{pruned}: not a structured Wanda or magnitude run (LLM Surgeon updates the weights it keeps)")
+    lm = load_model(None)
+    if report["model"] != lm.source:
+        raise SystemExit(f"{pruned} was pruned from {report['model']}, not the default model")
+    removal = RemovalPlan.from_dict(report["removal"])
+    plan = RemovalPlan({i: LayerPlan.of(channels=p.channels) for i, p in removal.layers.items() if p.channels})
+    return shrink_and_save(lm.model, lm.tokenizer, lm.adapter, out, ShrinkConfig(align=align), plan=plan,
+                           report={"model": lm.source, "plan": f"the MLP channels {pruned} removed, every head kept"})
+
+
 def compare(label: str, spec: str, got: dict, threads: int, windows: int, new_tokens: int, window: list[int],
             prompts: list[list[int]]) -> dict:
     """torch's side for one model and the differences to vLLM's ``got``."""
@@ -124,8 +196,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the vLLM side (a request file)
+    parser.add_argument("--mlp-only", nargs=2, type=Path, metavar=("PRUNED", "OUT"), help="write mlp_only(PRUNED) to OUT")
+    parser.add_argument("--align", type=int, default=1, help="--mlp-only: round the MLP widths up to multiples of this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.mlp_only is not None:
+        written = mlp_only(*args.mlp_only, align=args.align)
+        print(f"{args.mlp_only[1]}: MLP widths {[layer['intermediate_size'] for layer in written['layers']]}, "
+              f"{written['shrink']['remaining_fraction']:.2%} of decoder-linear weights")
+        return
     if args.serve is not None:
         replies = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)  # stray prints go to stderr; stdout carries the replies only
@@ -134,16 +213,31 @@ def main() -> None:
     from base.data import eval_tokens
     from base.env import environment
     from base.loading import load_tokenizer, resolve_model_dir
+    from base.perplexity import eval_windows
 
     models = dict(m.split("=", 1) for m in args.models)
-    tokenizer = load_tokenizer(resolve_model_dir(next(iter(models.values())))[0])
+    stock = {label: spec.split("@", 1) for label, spec in models.items() if "@" in spec}  # NAS_DIR, TORCH_DIR
+    ours = {label: spec for label, spec in models.items() if label not in stock}
+    tokenizer = load_tokenizer(resolve_model_dir(next(iter(models.values())).split("@")[-1])[0])
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    window = eval_tokens(tokenizer, None, None).ids[:512].tolist()
-    replies = served({"models": [None if v == "default" else v for v in models.values()], "prompts": prompts,
-                      "new_tokens": args.new_tokens, "window": window, "full": False, "threads": args.threads,
-                      "ppl": {"ids": None, "seq_len": len(window), "windows": args.windows}})
-    rows = [compare(label, spec, got, args.threads, args.windows, args.new_tokens, window, prompts)
-            for (label, spec), got in zip(models.items(), replies)]
+    ids = eval_tokens(tokenizer, None, None).ids
+    window = ids[:512].tolist()
+    replies = dict(zip(ours, served({"models": [None if v == "default" else v for v in ours.values()],
+                                     "prompts": prompts, "new_tokens": args.new_tokens, "window": window,
+                                     "full": False, "threads": args.threads,
+                                     "ppl": {"ids": None, "seq_len": len(window), "windows": args.windows}})
+                              if ours else []))
+    ppl_windows = eval_windows(ids, len(window), args.windows).tolist()
+    for label, (nas, _) in stock.items():
+        got = served_stock({"model": nas, "prompts": prompts, "new_tokens": args.new_tokens, "window": window,
+                            "windows": ppl_windows, "threads": args.threads})
+        if got["describe"]["ours_imported"]:
+            raise SystemExit(f"{label}: stock vLLM imported modules of ours: {got['describe']['ours_imported']}")
+        replies[label] = {**got, "perplexity": stock_perplexity(got, ids, ppl_windows, len(window), args.windows)}
+    rows = [compare(label, stock[label][1] if label in stock else spec, replies[label], args.threads, args.windows,
+                    args.new_tokens, window, prompts) | ({"served_from": stock[label][0], "route": "stock vLLM, no plugin"}
+                                                         if label in stock else {"route": "vllm backend"})
+            for label, spec in models.items()]
     doc = {"kind": "vllm parity", "environment": {**environment("cpu"), "vllm": rows[0]["artefact"]["vllm"]["version"],
                                                   "transformers_vllm_side": "5.19.0"},
            "threads": args.threads, "models": rows}

@@ -19,8 +19,9 @@ the files carry both spellings:
   a causal LM takes, ``model_input_names: ["input_ids", "attention_mask"]``, in both generations.
 
 Every directory also gets its code right: a per-layer config (``surgeon_*``) gets our own
-``base/modeling.py`` as ``modeling_surgeon.py`` (never a copy of a source's file, which anyone may
-have changed and which would run under ``trust_remote_code=True``), and every ``auto_map`` entry
+``base/modeling.py`` as ``modeling_surgeon.py``, a Nemotron-NAS config our own ``base/nemotron_nas.py``
+as ``configuration_nemotron_nas.py`` (never a copy of a source's file, which anyone may have changed
+and which would run under ``trust_remote_code=True``), and every ``auto_map`` entry
 (``config.json``, ``tokenizer_config.json``) whose code file is not in the directory, or lives in
 another repository (``repo--module.Class``), is dropped: the output never points at missing code.
 
@@ -34,9 +35,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from base import modeling
+from base import modeling, nemotron_nas
 from base.adapters import find_model_type
-from base.formats import MODELING_FILE
+from base.formats import MODELING_FILE, NAS_CONFIG_FILE
 
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # what a causal LM's forward and generate take
@@ -105,13 +106,22 @@ def present_code(config: dict[str, Any], directory: Path) -> dict[str, Any]:
     return {**out, "auto_map": kept} if kept else out
 
 
+def _own_code(model_type: str) -> tuple[Path, str] | None:
+    """Our source file a config of ``model_type`` needs beside it, and its name there (None: none)."""
+    if model_type.startswith(modeling.MODEL_TYPE_PREFIX):
+        return Path(modeling.__file__), MODELING_FILE
+    if model_type == nemotron_nas.MODEL_TYPE:
+        return Path(nemotron_nas.__file__), NAS_CONFIG_FILE
+    return None
+
+
 def make_portable(directory: Path) -> None:
     """Rewrite ``config.json`` and ``tokenizer_config.json`` in ``directory`` (where present) as above,
-    after copying our modeling file beside a per-layer config."""
+    after copying our code file beside a config that needs one (:func:`_own_code`)."""
     config = directory / "config.json"
-    if config.is_file() and str(json.loads(config.read_text()).get("model_type", "")).startswith(
-            modeling.MODEL_TYPE_PREFIX):
-        shutil.copyfile(Path(modeling.__file__), directory / MODELING_FILE)
+    code = _own_code(str(json.loads(config.read_text()).get("model_type", ""))) if config.is_file() else None
+    if code is not None:
+        shutil.copyfile(code[0], directory / code[1])
     for name, convert in (("config.json", portable_config), ("tokenizer_config.json", portable_tokenizer_config)):
         path = directory / name
         if not path.is_file():

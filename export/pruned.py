@@ -1,6 +1,6 @@
 """Write a structurally pruned model as a checkpoint that is physically smaller.
 
-Two formats, both a Hugging Face directory with ``config.json``, safetensors weights, the tokenizer
+Three formats, each a Hugging Face directory with ``config.json``, safetensors weights, the tokenizer
 files and ``surgeon_report.json`` (what was removed, how, and what was measured in the written
 files), written atomically by :func:`export.checkpoint.write_atomically`:
 
@@ -12,7 +12,11 @@ files), written atomically by :func:`export.checkpoint.write_atomically`:
   transformers, vLLM or llama.cpp's converter (choose the sizes with
   :func:`export.shapes.uniform_plan` before shrinking). Written whenever every layer ends up with
   the same sizes and the stock config accepts them, asked for or not: a per-layer format that
-  describes equal layers would only cost every other tool its support.
+  describes equal layers would only cost every other tool its support;
+- Nemotron-NAS (``layout="nemotron-nas"``, asked for): NVIDIA's ``DeciLMForCausalLM`` layout with
+  our config class beside it, which stock vLLM (and SGLang, for the shapes it reads) serves with
+  nothing of ours installed; Llama and Mistral whose layers all have the same number of query heads
+  (:mod:`export.nemotron_nas` says exactly which shapes fit, and refuses the others in one line).
 
 Per-layer configs also carry transformers' ``per_layer_config`` mapping (``base/modeling.py``).
 Both formats carry the keys transformers 4.x reads (:mod:`export.portable`) and a model card
@@ -29,7 +33,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -50,8 +54,12 @@ from base.surgery import (
 from export.card import write_card
 from export.checkpoint import REPORT_VERSION, saved_accounting, write_atomically
 from export.compress import find_zero_groups
+from export.nemotron_nas import check_family, nas_layout
 from export.portable import make_portable
 from export.shapes import Rounding, align_plan, stock_config, uniform_plan
+
+Layout = Literal["default", "nemotron-nas"]
+LAYOUTS: tuple[str, ...] = ("default", "nemotron-nas")
 
 
 @dataclass
@@ -62,6 +70,10 @@ class ShrinkConfig:
     rounding: Rounding = "up"  # which multiple --align picks: up (lossless for masked models), down, nearest
     uniform: bool = False  # same sizes in every layer, stock architecture
     check_tokens: int = 16  # measure the largest logit change on this many tokens (0: skip)
+    layout: Layout = "default"  # default (per-layer, or stock where the layers are equal) or nemotron-nas
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout, self.uniform)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,8 +124,9 @@ def save_pruned_checkpoint(
     uniform: bool = False,
     force: bool = False,
     source_dir: Path | None = None,
+    layout: Layout = "default",
 ) -> dict:
-    """Save a shrunk ``model`` (per-layer or uniform format) with its tokenizer; returns the report.
+    """Save a shrunk ``model`` (per-layer, uniform or Nemotron-NAS format) with its tokenizer; returns the report.
 
     Args:
         model: a causal LM after :func:`base.surgery.shrink_` (or any supported model).
@@ -125,13 +138,19 @@ def save_pruned_checkpoint(
             it the stock architecture is still written when the layers are equal and it fits).
         force: replace a non-empty ``out``.
         source_dir: the directory the model was loaded from (its card's lineage is inherited).
+        layout: "nemotron-nas" writes NVIDIA's Nemotron-NAS layout (refused in one line where the shapes
+            do not fit it, :func:`export.nemotron_nas.nas_layout`); "default" the formats above.
 
     Example:
         >>> save_pruned_checkpoint(model, tok, LLAMA, Path("small"), report={"method": "zeros"})  # doctest: +SKIP
     """
+    check_layout(layout, uniform)
     shapes = layer_shapes(model, adapter)
     hd = adapter.head_dim(model.config)
-    if uniform:
+    nas = nas_layout(model, adapter) if layout == "nemotron-nas" else None
+    if nas is not None:
+        config = per_layer_config(model, adapter)  # the weights' skeleton; config.json is the Nemotron-NAS one
+    elif uniform:
         if len(set(shapes)) != 1:
             distinct = sorted({(s.intermediate_size, s.num_attention_heads, s.num_key_value_heads) for s in shapes})
             raise SurgeonError(
@@ -141,22 +160,31 @@ def save_pruned_checkpoint(
         config = stock_config(_config(model), adapter, shapes[0], hd)
     else:
         config = _stock_if_equal(model, adapter, shapes, hd) or per_layer_config(model, adapter)
-    stock = not str(config.model_type).startswith(modeling.MODEL_TYPE_PREFIX)
-    linears = adapter.decoder_linears(model)
+    stock = nas is None and not str(config.model_type).startswith(modeling.MODEL_TYPE_PREFIX)
+    dropped = nas.dropped if nas is not None else ()
+    linears = {name: m for name, m in adapter.decoder_linears(model).items() if not name.startswith(dropped)}
     linear_names = list(linears)
     numel = sum(m.weight.numel() for m in linears.values())
     itemsize = next(model.parameters()).element_size()
     report = dict(report or {})
+    if nas is not None:
+        report["nemotron_nas"] = {"no_op_attention": nas.no_op_attention, "no_op_ffn": nas.no_op_ffn,
+                                  "sglang": nas.sglang or "fits"}
 
     def fill(tmp: Path) -> None:
         skeleton = _skeleton_with_weights(model, config)
-        skeleton.save_pretrained(tmp)
+        if nas is None:
+            skeleton.save_pretrained(tmp)
+        else:  # without the tensors of no_op blocks, under the Nemotron-NAS config (all keys: no class defaults needed)
+            skeleton.save_pretrained(tmp, state_dict={k: v for k, v in skeleton.state_dict().items()
+                                                      if not k.startswith(dropped)})
+            nas.config.to_json_file(tmp / "config.json", use_diff=False)
         tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-        make_portable(tmp)  # with modeling_surgeon.py beside a per-layer config
+        make_portable(tmp)  # with our code file beside a per-layer or Nemotron-NAS config
         report.update(
             format_version=REPORT_VERSION,
-            checkpoint_format="uniform" if stock else "per-layer",
-            model_type=config.model_type,
+            checkpoint_format="nemotron-nas" if nas is not None else "uniform" if stock else "per-layer",
+            model_type=nas.config.model_type if nas is not None else config.model_type,
             head_dim=hd,
             layers=[s.to_dict() for s in shapes],
             decoder_linear_bytes=numel * itemsize,
@@ -165,14 +193,28 @@ def save_pruned_checkpoint(
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         write_card(tmp, title=f"{Path(out).name}: a physically smaller {adapter.family} model",
                    source=report.get("model"), report=report, source_dir=source_dir, tags=["structured-pruning"],
-                   usage=_usage(stock))
+                   usage=_usage(stock, nas is not None))
 
     with torch.no_grad(), quiet_transformers():
         write_atomically(out, force, fill)
     return report
 
 
-def _usage(stock: bool) -> list[str]:
+def check_layout(layout: str, uniform: bool) -> None:
+    """Refuse an unknown layout, or two layouts at once, in one line."""
+    if layout not in LAYOUTS:
+        raise SurgeonError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if uniform and layout != "default":
+        raise SurgeonError(f"--uniform writes the stock architecture and --layout {layout} another one: give one of them")
+
+
+def _usage(stock: bool, nas: bool) -> list[str]:
+    if nas:
+        return ["NVIDIA's Nemotron-NAS layout (`DeciLMForCausalLM`, one `block_configs` entry per layer), with our "
+                "config class in `configuration_nemotron_nas.py`: `vllm serve DIR --trust-remote-code` (or "
+                "`vllm.LLM(DIR, trust_remote_code=True)`) with nothing of surgeon-export installed; SGLang where "
+                "`surgeon_report.json`'s `nemotron_nas.sglang` says it fits. transformers and surgeon-export read "
+                "the per-layer checkpoint this was written from, not this one."]
     if stock:
         return ["The family's stock architecture (every layer has the same sizes): plain "
                 "`AutoModelForCausalLM.from_pretrained(DIR)` loads it, as do other tools that read the stock config."]
@@ -214,6 +256,8 @@ def shrink_and_save(
     Example:
         >>> shrink_and_save(lm.model, lm.tokenizer, lm.adapter, Path("small"), ShrinkConfig(align=64))  # doctest: +SKIP
     """
+    if cfg.layout == "nemotron-nas":
+        check_family(_config(model))  # the family before any work; the shapes once shrunk
     before = sum(m.weight.numel() for m in adapter.decoder_linears(model).values())
     ids = _check_ids(model, cfg.check_tokens)
     reference = _logits(model, ids)
@@ -241,7 +285,7 @@ def shrink_and_save(
         },
     }
     return save_pruned_checkpoint(model, tokenizer, adapter, out, report=full, uniform=cfg.uniform, force=force,
-                                  source_dir=source_dir)
+                                  source_dir=source_dir, layout=cfg.layout)
 
 
 def _common_shape(model: nn.Module, adapter: Adapter) -> LayerShape:

@@ -542,15 +542,18 @@ def check_layerwise(directory: Path, ids: torch.Tensor) -> dict:
 
 
 def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *, align: int = 1,
-         extra: dict | None = None, force: bool = False) -> dict:
+         extra: dict | None = None, force: bool = False, layout: str = "default") -> dict:
     """Write the pruned model: structured runs physically smaller (cut by ``report.removal``), others masked.
 
-    ``extra`` joins the written report (the CLI adds the model, calibration and perplexity).
+    ``extra`` joins the written report (the CLI adds the model, calibration and perplexity); ``layout``
+    ``"nemotron-nas"`` writes a structured run's smaller checkpoint in that layout (:class:`ShrinkConfig`).
     Returns the report as written (``saved_sparsity``, ``bytes_on_disk``, ``shrink`` for structured).
     In a data-parallel run only rank 0 writes; the other ranks write nothing and get ``{}``.
     """
     if not dist.is_main():
         return {}
+    if layout != "default" and (report is None or report.removal is None or report.config.get("pattern")):
+        raise SurgeonError(f"--layout {layout} lays out a structured run's smaller checkpoint; this one keeps its shapes")
     out = Path(out)
     full = {"model": lm.source, **(extra or {}), **(report.to_dict() if report else {})}
     if report is not None and report.removal is not None and report.config.get("pattern"):
@@ -559,7 +562,7 @@ def save(lm: LoadedModel, out: str | Path, report: PruneReport | None = None, *,
         log.warning("structured removal with an N:M pattern: the removed groups are saved as zeros, not cut "
                     "(cutting columns would break the %s blocks)", report.config["pattern"])
     elif report is not None and report.removal is not None:  # zeroed groups become smaller matrices
-        return shrink_and_save(lm.model, lm.tokenizer, lm.adapter, out, ShrinkConfig(align=align),
+        return shrink_and_save(lm.model, lm.tokenizer, lm.adapter, out, ShrinkConfig(align=align, layout=layout),  # type: ignore[arg-type]
                                plan=RemovalPlan.from_dict(report.removal), report=full, force=force,
                                source_dir=lm.path)
     return save_checkpoint(lm.model, lm.tokenizer, out, full, list(lm.adapter.decoder_linears(lm.model)), force=force,

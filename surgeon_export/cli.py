@@ -274,6 +274,7 @@ def shrink_cmd(
     align: Annotated[int, typer.Option(help="Round every kept size to a multiple of N (1: off).", min=1)] = 1,
     rounding: Annotated[str, typer.Option(help="Which multiple --align picks: up (brings back only zero groups: the same function, up to float32 rounding), down or nearest.")] = "up",
     uniform: Annotated[bool, typer.Option("--uniform", help="Same sizes in every layer: a stock-architecture checkpoint.")] = False,
+    layout: Annotated[str, typer.Option(help="default (per-layer sizes, served by our vLLM plugin; stock where the layers are equal) or nemotron-nas (NVIDIA's DeciLMForCausalLM: stock vLLM serves it with --trust-remote-code; needs the same query heads in every layer, docs/vllm.md).")] = "default",
     force: Force = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -283,7 +284,7 @@ def shrink_cmd(
     api = _api()
     if rounding not in ("up", "down", "nearest"):
         raise _error(f"--rounding must be up, down or nearest, got {rounding!r}")
-    cfg = api.ShrinkConfig(align=align, rounding=rounding, uniform=uniform)  # type: ignore[arg-type]
+    cfg = api.ShrinkConfig(align=align, rounding=rounding, uniform=uniform, layout=layout)  # type: ignore[arg-type]
     out = _target(out, "the smaller checkpoint", force, model)
     lm = api.load(model)
     api.check_align(lm, align)
@@ -291,11 +292,13 @@ def shrink_cmd(
     shrink = report["shrink"]
     payload = {"model": lm.source, "out": str(out), **{k: v for k, v in shrink.items() if k != "manifest"},
                "checkpoint_format": report["checkpoint_format"], "layers": report["layers"],
-               "bytes_on_disk": report["bytes_on_disk"]}
+               "bytes_on_disk": report["bytes_on_disk"], **{k: report[k] for k in ("nemotron_nas",) if k in report}}
     _emit(payload, as_json, [
         f"decoder linears: {shrink['decoder_linear_params_before']:,} -> {shrink['decoder_linear_params_after']:,} "
         f"parameters ({shrink['remaining_fraction']:.2%}); largest logit change {shrink['max_logit_change']:.2e}",
         f"saved {report['checkpoint_format']} checkpoint to {out}",
+        *([f"serve it with `vllm serve {out} --trust-remote-code`; SGLang: {report['nemotron_nas']['sglang']}"]
+          if "nemotron_nas" in report else []),
     ])
 
 

@@ -8,6 +8,9 @@ per-layer-shape one (different MLP widths, query heads and KV heads per layer) t
 a per-layer Qwen2 refused in one line. Greedy tokens equal torch's (float32, 3 prompts x 32 tokens),
 log-probabilities (last position, every position, each token's) within :data:`ATOL`, perplexity
 within 1e-5 relative; ``generate --backend vllm`` on the CLI and ``bench --backend vllm`` run it.
+And a checkpoint in the Nemotron-NAS layout (``shrink --layout nemotron-nas``) served by stock vLLM
+with nothing of ours (plugins off, isolated Python: :func:`benchmarks.vllm_parity.served_stock`)
+against torch on the per-layer checkpoint it was written from.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from base.adapters import get_adapter
 from base.loading import load_model
-from base.perplexity import perplexity
+from base.perplexity import eval_windows, perplexity
 from base.surgery import LayerPlan, RemovalPlan
 from benchmarks import vllm_parity
 from export.pruned import ShrinkConfig, shrink_and_save
@@ -31,6 +34,7 @@ from runtime.vllm_env import worker_env
 from tests.cli_runner import run_cli_process
 from tests.conftest import make_tokenizer
 from tests.test_gguf_export import PER_LAYER_PLAN, PER_LAYER_SIZES, per_layer
+from tests.test_nemotron_nas import NAS_BLOCKS, write_nas
 from tests.test_surgery import make_model
 
 # Measured here: largest |log-prob difference| vLLM vs torch about 1e-6 (float32, summation order);
@@ -111,6 +115,40 @@ def test_sampling_is_seeded(served: dict[str, dict]) -> None:
     same, again, other = served["per-layer"]["sampled"]
     assert same == again and same != other
     assert all(0 <= t < 320 for row in same + other for t in row)
+
+
+@pytest.fixture(scope="module")
+def stock_nas(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A per-layer checkpoint, its Nemotron-NAS layout (tests/test_nemotron_nas.py's model at head_dim 32), and
+    what stock vLLM gave for the latter (plugins off, isolated Python, one engine)."""
+    per_layer_dir, nas = write_nas(tmp_path_factory.mktemp("vllm-nas"), make_tokenizer(vocab_size=320), **SHAPE)
+    windows = eval_windows(torch.tensor(WINDOW * 3), len(WINDOW), None).tolist()
+    got = vllm_parity.served_stock({"model": str(nas), "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "window": WINDOW,
+                                    "full": True, "windows": windows, "threads": 1, "max_model_len": 128,
+                                    "kv_cache_bytes": 64 * 2**20})
+    return per_layer_dir, nas, got
+
+
+def test_nemotron_nas_served_by_stock_vllm(stock_nas: tuple[Path, Path, dict]) -> None:
+    """Per-layer MLP widths (one as ffn_mult), per-layer KV heads, a no_op MLP and a no_op attention: stock vLLM,
+    with no plugin and no module of ours imported, gives torch's greedy tokens and log-probabilities."""
+    per_layer_dir, nas, got = stock_nas
+    assert json.loads((nas / "config.json").read_text())["block_configs"] == NAS_BLOCKS
+    assert got["describe"]["ours_imported"] == [] and got["describe"]["vllm"]["plugins"] == ""
+    assert got["describe"]["vllm"]["architecture"] == "DeciLMForCausalLM"
+    assert got["describe"]["vllm"]["config_class"].startswith("transformers_modules.")  # the shipped file, run as remote code
+    ref = torch_reference(per_layer_dir)
+    assert got["greedy"] == generate(ref, PROMPTS, GenerationConfig(max_new_tokens=NEW_TOKENS)).tokens
+    assert len({tuple(row) for row in got["greedy"]}) == len(PROMPTS)
+    window = torch.tensor([WINDOW])
+    expected = torch.log_softmax(ref.logits(window)[0], dim=-1)  # [T, V]
+    torch.testing.assert_close(torch.tensor(got["logprobs"]), expected, atol=ATOL, rtol=0)
+    own = expected[:-1].gather(-1, window[0, 1:, None])[:, 0]  # [T - 1]
+    torch.testing.assert_close(torch.tensor(got["token_logprobs"], dtype=torch.float64), own.double(), atol=ATOL, rtol=0)
+    ids = torch.tensor(WINDOW * 3)
+    windows = eval_windows(ids, len(WINDOW), None).tolist()
+    want = perplexity(ref.model, ids, seq_len=len(WINDOW), progress=False).perplexity
+    assert vllm_parity.stock_perplexity(got, ids, windows, len(WINDOW), None) == pytest.approx(want, rel=1e-5)
 
 
 def test_unsupported_family_is_one_line(served: dict[str, dict]) -> None:
