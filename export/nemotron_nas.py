@@ -34,10 +34,10 @@ from typing import Any
 
 from torch import nn
 
-from base.adapters import PER_LAYER_PREFIX, Adapter
+from base.adapters import Adapter
 from base.errors import SurgeonError
 from base.formats import NAS_CONFIG_FILE
-from base.modeling import LAYER_FIELDS
+from base.modeling import LAYER_FIELDS, stock_model_type
 from base.nemotron_nas import ARCHITECTURE, NemotronNasConfig
 from base.surgery import layer_shapes
 from export.compress import silent_blocks
@@ -81,7 +81,7 @@ def ffn_entry(width: int, hidden_size: int) -> dict[str, Any]:
 
 def check_family(config: Any) -> None:
     """Refuse, in one line, a model whose family the Nemotron-NAS layout cannot describe."""
-    model_type = str(config.model_type).removeprefix(PER_LAYER_PREFIX)
+    model_type = stock_model_type(str(config.model_type))
     if model_type not in MODEL_TYPES:
         raise SurgeonError(f"--layout nemotron-nas writes Llama and Mistral models (DeciLM is a Llama decoder), not "
                            f"{model_type}: use the default layout")

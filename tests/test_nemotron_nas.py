@@ -25,9 +25,10 @@ from base.surgery import LayerPlan, RemovalPlan, zero_groups_
 from export.compress import silent_blocks
 from export.nemotron_nas import ffn_entry, ffn_mult_width
 from export.pruned import ShrinkConfig, shrink_and_save
+from tests.cli_runner import run_cli
 from tests.conftest import make_tokenizer
 from tests.families import make_model
-from tests.test_bad_input import cli, one_line_error
+from tests.test_bad_input import one_line_error
 
 NAS_MASK = RemovalPlan({
     0: LayerPlan.of(channels=range(5), heads=[1, 2, 4, 5]),  # 295 channels; 2 heads in 2 KV groups
@@ -186,8 +187,8 @@ def test_refusals_are_one_line_and_write_nothing(case: str, message: str, tmp_pa
     tok.save_pretrained(source)
     capsys.readouterr()  # the writing's progress bars
     out = tmp_path / "nas"
-    code, _, err = cli(monkeypatch, capsys, "shrink", str(source), "--out", str(out), "--layout", "nemotron-nas", "--quiet")
-    assert one_line_error(code, err) == f"error: {message}"
+    done = run_cli("shrink", str(source), "--out", str(out), "--layout", "nemotron-nas", "--quiet")
+    assert one_line_error(done) == f"error: {message}"
     assert not out.exists()
 
 
@@ -203,8 +204,8 @@ def test_mistral_without_window_and_other_refusals(tmp_path: Path, monkeypatch: 
     assert report["model_type"] == "nemotron-nas" and report["shrink"]["max_logit_change"] < 1e-5
     assert json.loads((tmp_path / "m" / "config.json").read_text())["block_configs"] == NAS_BLOCKS
     capsys.readouterr()
-    code, _, err = cli(monkeypatch, capsys, "shrink", str(tmp_path / "m"), "--out", str(tmp_path / "x"), "--layout", "nas")
-    assert one_line_error(code, err) == "error: --layout must be one of default, nemotron-nas, got 'nas'"
+    done = run_cli("shrink", str(tmp_path / "m"), "--out", str(tmp_path / "x"), "--layout", "nas")
+    assert one_line_error(done) == "error: --layout must be one of default, nemotron-nas, got 'nas'"
     with pytest.raises(SurgeonError, match="^--uniform writes the stock architecture and --layout nemotron-nas another"):
         ShrinkConfig(uniform=True, layout="nemotron-nas")
     with pytest.raises(SurgeonError, match="lays out a structured run's smaller checkpoint"):
