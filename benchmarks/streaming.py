@@ -148,14 +148,19 @@ def write_random_llama(out: Path, shape: tuple, layers: int | None, seed: int = 
     return write_random(config, out, seed)
 
 
-def run_prune(model: str | None, out: Path, args: list[str], threads: int, *, sample: bool = False) -> dict:
-    """``surgeon-export prune`` in its own process; its JSON plus wall time. ``sample``: the process's resident
-    memory read every 0.1 s (``VmRSS``) and charged to the step its progress output last named
-    (``rss_by_phase_mib``: the peak in each; ``after X``: once bar X finished, before the next began)."""
+def run_prune(model: str | None, out: Path, args: list[str], threads: int, *, sample: bool = False,
+              ranks: int = 1) -> dict:
+    """``surgeon-export prune`` in its own process (``ranks`` > 1: under ``torchrun --standalone``, each rank with
+    ``threads`` threads; the report's ``distributed`` has every rank's peak RSS and collective bytes); its JSON
+    plus wall time. ``sample``: the process's resident memory read every 0.1 s (``VmRSS``) and charged to the
+    step its progress output last named (``rss_by_phase_mib``: the peak in each; ``after X``: once bar X
+    finished, before the next began)."""
     import re
     import threading
 
-    cmd = [sys.executable, "-m", "surgeon_export.cli", "prune", *([model] if model else []), *args, "--out", str(out),
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m",
+               "surgeon_export"] if ranks > 1 else [sys.executable, "-m", "surgeon_export.cli"])
+    cmd = [*launch, "prune", *([model] if model else []), *args, "--out", str(out),
            "--force", "--json", "--threads", str(threads), *([] if sample else ["--quiet"])]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -262,7 +267,7 @@ def default_part(work: Path, methods: list[str], extra: list[str], threads: int,
 
 
 def ladder_part(work: Path, names: list[str], methods: list[str], layers: int | None, threads: int,
-                extra: list[str]) -> list[dict]:
+                extra: list[str], ranks: int = 1, keep: bool = False) -> list[dict]:
     rows = []
     for name in names:
         model = write_random_llama(work / f"{name}{'-' + str(layers) + 'l' if layers else ''}", SHAPES[name], layers)
@@ -271,9 +276,10 @@ def ladder_part(work: Path, names: list[str], methods: list[str], layers: int | 
         for method in methods:
             out = work / f"{model.name}-{method}"
             r = run_prune(str(model), out, [*METHODS[method], "--streaming", "--calib-samples", "8", "--no-eval",
-                                            "--calib-text", str(work / "random.txt"), *extra], threads)
+                                            "--calib-text", str(work / "random.txt"), *extra], threads, ranks=ranks)
             per_layer = r.get("layer_seconds") or []
             rows.append({"model": name, "layers": n_layers, "settings": " ".join([*METHODS[method], *extra]),
+                         "ranks": ranks, "threads_per_rank": threads, "distributed": r.get("distributed"),
                          "weights_on_disk_bytes": disk, "method": method, "peak_rss_mib": r.get("peak_rss_mib"),
                          "wall_seconds": round(r["wall_seconds"], 1), "prune_seconds": r.get("seconds"),
                          "seconds_per_layer": per_layer, "layer_peak_rss_mib": r.get("layer_peak_rss_mib"),
@@ -287,9 +293,20 @@ def ladder_part(work: Path, names: list[str], methods: list[str], layers: int | 
                     "layers": full, "seconds": round(rest + full * sum(per_layer) / len(per_layer), 1),
                     "peak_rss_mib": r.get("peak_rss_mib"),
                     "note": "seconds: time outside the layer steps + layers x the mean measured seconds per layer"}
+            if keep and "error" not in r:  # the checkpoint written, loaded back (meta weights: its config and index)
+                rows[-1]["checkpoint"] = loadable(out)
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "seconds_per_layer"}), flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(out, ignore_errors=True)
     return rows
+
+
+def loadable(directory: Path) -> dict:
+    """What a written checkpoint holds and whether ``surgeon-export info`` reads it (its size on disk, tensors)."""
+    cmd = [sys.executable, "-m", "surgeon_export.cli", "info", str(directory), "--json", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return {"path": str(directory), "bytes_on_disk": sum(f.stat().st_size for f in directory.glob("*.safetensors")),
+            "info_exit_code": proc.returncode, "info": json.loads(proc.stdout) if proc.returncode == 0 else proc.stderr[-500:]}
 
 
 MEMORY_PARTS = ("default", "families", "gemma3-270m")
@@ -367,7 +384,9 @@ def main() -> None:
     parser.add_argument("--methods", default="wanda,sparsegpt", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--prune-args", default="", help="more prune options for every run, e.g. '--shots 1'")
     parser.add_argument("--eval", action="store_true", help="default: protocol perplexity of both outputs")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="threads (per rank with --ranks)")
+    parser.add_argument("--ranks", type=int, default=1, help="ladder: run each prune under torchrun on this many ranks")
+    parser.add_argument("--keep", action="store_true", help="ladder: keep the checkpoints written (and check them)")
     parser.add_argument("--shots", type=int, default=2, help="memory: LLM Surgeon's shots on the Gemma3-270m shapes")
     parser.add_argument("--modes", default="no-streaming,streaming",
                         help="default: which modes to run (streaming alone: no whole-model run to compare with)")
@@ -384,7 +403,7 @@ def main() -> None:
         rows = memory_part(args.work, (args.only or ",".join(MEMORY_PARTS)).split(","), args.threads, args.shots)
     else:
         rows = ladder_part(args.work, (args.only or ",".join(SHAPES)).split(","), args.methods.split(","), args.layers,
-                           args.threads, extra)
+                           args.threads, extra, args.ranks, args.keep)
     doc = {"kind": "surgeon-export streaming benchmark", "part": args.part, "environment": environment(),
            "note": "ladder models: Llama shapes with seeded random bfloat16 weights (not the real models)",
            "calibration": "default: the method's default windows (64 x 512; LLM Surgeon structured 16 x 512) of "

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from base.adapters import Adapter
-from base.distributed import env_world_size, world_size
+from base.distributed import world_size
 from base.errors import SurgeonError, check_choice
 from base.patterns import NMPattern, check_sparsity
 from surgeon.curvature.activations import leading_positions_left_out
@@ -39,7 +39,7 @@ from surgeon.driver import (
 from surgeon.llm_surgeon import SurgeonConfig, prune_surgeon_
 from surgeon.recover import RecoverConfig, recover_
 from surgeon.sds import SDSConfig
-from surgeon.streamed_surgeon import STREAMED_ONE_PROCESS, prune_surgeon_streamed_
+from surgeon.streamed_surgeon import prune_surgeon_streamed_
 
 METHODS = ("surgeon", *PRUNERS)  # surgeon, magnitude, wanda, sparsegpt
 Config = PruneConfig | SurgeonConfig
@@ -143,13 +143,10 @@ def check_model(model: nn.Module, adapter: Adapter, config: Config) -> None:
 
 
 def check_streamable(config: Config) -> None:
-    """Refuse what does not run streamed (one layer in memory) yet: SDS or low-rank updates after LLM Surgeon,
-    and streamed LLM Surgeon under torchrun."""
+    """Refuse what does not run streamed (one layer in memory) yet: SDS or low-rank updates after LLM Surgeon."""
     if isinstance(config, SurgeonConfig) and (config.refine is not None or config.between_shots is not None):
         raise SurgeonError("LLM Surgeon with --refine sds or --lora-between-shots does not run streamed yet (both need "
                            "the whole pruned model); use --no-streaming")
-    if isinstance(config, SurgeonConfig) and max(world_size(), env_world_size()) > 1:
-        raise SurgeonError(STREAMED_ONE_PROCESS)
 
 
 def prune_(

@@ -19,6 +19,7 @@ rank gets, bit for bit, what one process computes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,10 +68,12 @@ class LayerBatch:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 8
+    model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 8,
+    ranges: list[tuple[int, int]] | None = None,
 ) -> list[LayerBatch]:
     """Inputs of decoder layer 0 for every batch of ``windows`` ``[N, T]`` (of this rank's share of them in a
-    process group), with the keyword arguments the model hands each decoder layer.
+    process group; ``ranges``: these window ranges instead), with the keyword arguments the model hands
+    each decoder layer.
 
     The model's own forward pass runs with every decoder layer replaced by a recorder that passes its
     input through: the embeddings, masks and rotary embeddings are computed as the model computes them
@@ -96,7 +99,7 @@ def capture_layer_inputs(
     device = next(p for p in model.parameters() if not p.is_meta).device
     captured: list[LayerBatch] = []
     try:
-        for lo, hi in batches_of(int(windows.shape[0]), batch_size):
+        for lo, hi in ranges if ranges is not None else batches_of(int(windows.shape[0]), batch_size):
             try:
                 model(input_ids=windows[lo:hi].to(device), use_cache=False)
             except StopForward:
@@ -341,57 +344,70 @@ def input_factors(
 
 @torch.no_grad()
 def layer_forward(
-    layer: nn.Module, adapter: Adapter, batches: list[LayerBatch], moment_batches: int = 0
+    layer: nn.Module, adapter: Adapter, batches: list[LayerBatch], moment_batches: int = 0, *, moments: bool = False,
 ) -> tuple[list[LayerBatch], dict[str, SecondMoment]]:
-    """Outputs of ``layer`` for each batch, and the input moments ``A`` of its linears over the first
-    ``moment_batches`` batches (keyed by name in the layer; linears sharing an input share one)."""
-    moments: dict[str, SecondMoment] = {}
-    handles = []
-    active = [False]
-    if moment_batches:
-        for group in adapter.input_groups:
-            lead = layer.get_submodule(group[0])
-            moment = SecondMoment(lead.in_features, device=lead.weight.device)
-            moments.update(dict.fromkeys(group, moment))
-            handles.append(lead.register_forward_hook(
-                lambda _m, args, _out, acc=moment: acc.update(args[0]) if active[0] else None))
-    outputs = []
+    """Outputs of ``layer`` for each batch, and with ``moments`` the input moments ``A`` of its linears over
+    the first ``moment_batches`` batches (keyed by name in the layer; linears sharing an input share one).
+
+    In a process group every rank takes part when ``moments`` is set, with or without batches of its own:
+    the moments add every rank's first batches in their global order (:func:`~base.distributed.over_batches`).
+    """
+    outputs: list[LayerBatch] = []
+    active = [True]
+    accs, handles = _moment_hooks(layer, adapter.input_groups, active) if moments else ({}, [])
     try:
-        for j, b in enumerate(batches):
-            active[0] = j < moment_batches
+        for b in over_batches(batches[:moment_batches], accs.values()) if moments else ():
+            outputs.append(b.then(_hidden(layer(b.hidden, **b.kwargs))))
+        active[0] = False
+        for b in batches[len(outputs):]:
             outputs.append(b.then(_hidden(layer(b.hidden, **b.kwargs))))
     finally:
         for h in handles:
             h.remove()
-    return outputs, moments
+    return outputs, accs
+
+
+def _moment_hooks(layer: nn.Module, groups: Iterable[Sequence[str]],
+                  active: list[bool] | None = None) -> tuple[dict[str, SecondMoment], list]:
+    """Forward hooks adding each input group's input into one :class:`SecondMoment`, keyed by every member's
+    name (while ``active[0]``, when given), and their handles."""
+    moments: dict[str, SecondMoment] = {}
+    handles = []
+    for group in groups:
+        lead = layer.get_submodule(group[0])
+        acc = SecondMoment(lead.in_features, device=lead.weight.device, dtype=lead.weight.dtype)
+        moments.update(dict.fromkeys(group, acc))
+        handles.append(lead.register_forward_hook(
+            lambda _m, args, _out, acc=acc: acc.update(args[0]) if active is None or active[0] else None))
+    return moments, handles
 
 
 def layer_kfac(
     layer: nn.Module, adapter: Adapter, batches: list[LayerBatch], grads: list[torch.Tensor], *, inputs: bool = True,
+    names: Sequence[str] | None = None,
 ) -> tuple[dict[str, SecondMoment], dict[str, SecondMoment], list[torch.Tensor]]:
     """One layer's share of :func:`kfac_factors`: activation checkpointing at layer granularity.
 
     The layer's forward pass is recomputed from its stored inputs ``batches`` and the gradient with
     respect to its outputs (``grads``, ``[B, T, H]`` per batch, from the layer above or
-    :func:`head_gradient`) is pushed through it: hooks collect ``G`` of every linear and, with
-    ``inputs``, ``A``, exactly as in the whole model's backward pass.
+    :func:`head_gradient`) is pushed through it: hooks collect ``G`` of the linears ``names`` (names in
+    the layer; default: every linear) and, with ``inputs``, ``A`` of their input groups, exactly as in
+    the whole model's backward pass. In a process group these are this rank's batches, and every rank
+    takes part (with or without batches): the factors add every rank's in their global order.
 
     Returns:
         ``(A, G, input_grads)``: moments keyed by name in the layer (``A`` empty without ``inputs``),
         and the gradient with respect to the layer's input for each batch (the layer below's ``grads``).
     """
+    wanted = list(names) if names is not None else list(adapter.linear_names)
     A: dict[str, SecondMoment] = {}
-    handles = []
+    handles: list = []
     if inputs:
-        for group in adapter.input_groups:
-            lead = layer.get_submodule(group[0])
-            moment = SecondMoment(lead.in_features, device=lead.weight.device)
-            A.update(dict.fromkeys(group, moment))
-            handles.append(lead.register_forward_hook(lambda _m, args, _out, acc=moment: acc.update(args[0])))
+        A, handles = _moment_hooks(layer, [g for g in adapter.input_groups if any(n in wanted for n in g)])
     G: dict[str, SecondMoment] = {}
-    for name in adapter.linear_names:
+    for name in wanted:
         linear = adapter.linear(layer, name)
-        G[name] = SecondMoment(linear.out_features, device=linear.weight.device)
+        G[name] = SecondMoment(linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
         handles.append(linear.register_full_backward_hook(lambda _m, _gin, gout, acc=G[name]: acc.update(gout[0])))
     requires = [p.requires_grad for p in layer.parameters()]
     for p in layer.parameters():
@@ -399,7 +415,7 @@ def layer_kfac(
     input_grads = []
     try:
         with torch.enable_grad():
-            for b, g in zip(batches, grads, strict=True):
+            for b, g in over_batches(list(zip(batches, grads, strict=True)), [*A.values(), *G.values()]):
                 x = b.hidden.detach().requires_grad_()  # [B, T, H]
                 torch.autograd.backward(_hidden(layer(x, **b.kwargs)), g)
                 input_grads.append(x.grad)

@@ -48,7 +48,7 @@ from torch import nn
 from tqdm import tqdm
 
 from base.adapters import Adapter
-from base.distributed import world_size
+from base.distributed import assign, batches_of, gather_rows, rank, share, sum_over_ranks, world_size
 from base.env import PeakWindow
 from base.errors import SurgeonError
 from base.resume import ResumeState
@@ -75,6 +75,7 @@ from surgeon.llm_surgeon import (
     is_local,
     layer_candidates,
     structured_budget,
+    surgeon_cost,
     uniform_choice,
 )
 from surgeon.prune.threshold import GlobalThreshold, global_threshold
@@ -83,9 +84,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 STATE_VERSION = 2  # 2: base.resume (the pieces' checksums)
-STREAMED_ONE_PROCESS = ("streamed LLM Surgeon runs in one process (its layer walk is not data-parallel yet); run it "
-                        "without torchrun, or use --no-streaming")
-# A shot's phases, in order: forward, head, reverse (LLM Surgeon), select, update (global allocations), done.
+PHASES = ("forward", "head", "reverse", "select", "update", "done")  # a shot's, in order (select, update: global)
 
 
 @dataclass
@@ -93,9 +92,10 @@ class _Batches:
     """The calibration batches the forward walk carries, and which of them feed what.
 
     ``A`` batches (the first ``a_count``) are every window in ``batch_size`` batches when ``A`` comes
-    from more windows than ``G`` (or for Wanda's scores); the K-FAC batches (``kfac``: indices into
-    the carried batches, with their token ids) are the whole-model K-FAC pass's batches. Where they
-    coincide they are carried once; a ragged last K-FAC batch is carried on its own.
+    from more windows than ``G`` (or for Wanda's scores: ``moments``); the K-FAC batches (``kfac``:
+    indices into the carried batches, with their token ids) are the whole-model K-FAC pass's batches.
+    Where they coincide they are carried once; a ragged last K-FAC batch is carried on its own. In a
+    process group these are this rank's batches (:func:`~base.distributed.batches_of`), possibly none.
     """
 
     first: list[LayerBatch]  # inputs of layer 0
@@ -103,26 +103,26 @@ class _Batches:
     kfac: list[int]
     ids: list[torch.Tensor]  # token ids of each K-FAC batch [B, T]
     starts: list[int]  # index of each K-FAC batch's first window (seeds the true Fisher's labels)
+    moments: bool = False  # the forward walk collects A (on every rank, whatever its batches)
 
 
 def _batches(model: nn.Module, adapter: Adapter, windows: torch.Tensor, cfg: SurgeonConfig) -> _Batches:
-    bs, n = cfg.batch_size, windows.shape[0]
+    bs, n = cfg.batch_size, int(windows.shape[0])
     if cfg.scoring == "magnitude":
         return _Batches([], 0, [], [], [])
+    mine = batches_of(n, bs)
     if cfg.scoring == "wanda":
-        first = capture_layer_inputs(model, adapter, windows, bs)
-        return _Batches(first, len(first), [], [], [])
+        first = capture_layer_inputs(model, adapter, windows, ranges=mine)
+        return _Batches(first, len(first), [], [], [], moments=True)
     n_k = n if cfg.kfac_windows is None else min(cfg.kfac_windows, n)
-    starts = list(range(0, n_k, bs))
-    ids = [windows[:n_k][s : s + bs] for s in starts]
+    kfac = batches_of(n_k, bs, "K-FAC windows")
+    ids, starts = [windows[lo:hi] for lo, hi in kfac], [lo for lo, _ in kfac]
     if n_k == n:  # A and G from the same windows: A in the reverse walk, as in the whole-model pass
-        return _Batches(capture_layer_inputs(model, adapter, windows, bs), 0, list(range(len(starts))), ids, starts)
-    first = capture_layer_inputs(model, adapter, windows, bs)
-    kfac = list(range(n_k // bs))
-    if n_k % bs:
-        first += capture_layer_inputs(model, adapter, windows[n_k - n_k % bs : n_k], bs)
-        kfac.append(len(first) - 1)
-    return _Batches(first, len(first) - (n_k % bs > 0), kfac, ids, starts)
+        return _Batches(capture_layer_inputs(model, adapter, windows, ranges=mine), 0, list(range(len(kfac))), ids, starts)
+    ragged = [r for r in kfac if r not in mine]  # a last K-FAC batch shorter than batch_size: carried on its own
+    first = capture_layer_inputs(model, adapter, windows, ranges=mine + ragged)
+    index = [mine.index(r) if r in mine else len(mine) + ragged.index(r) for r in kfac]
+    return _Batches(first, len(mine), index, ids, starts, moments=True)
 
 
 def _save_factors(spill: ResumeState, adapter: Adapter, i: int, factors: dict[str, KronFactor],
@@ -159,6 +159,9 @@ class _Walk:
         self.linears = adapter.decoder_linears(model)  # meta tensors where streamed: shapes only
         self.sizes = {name: m.weight.numel() for name, m in self.linears.items()}
         self.targets = cfg.shot_targets()
+        self.root = spill  # removed at the end; in a process group each rank walks in a directory of its own
+        if world_size() > 1:  # its own batches' hidden states and gradients (ranks may not share a disk)
+            spill = spill / f"rank-{rank()}-of-{world_size()}"
         self.spill = ResumeState.open(spill, STATE, STATE_VERSION, binding_of(cfg, self.linears, self.windows,
                                                                              {"streamed": True}))
         self.state = self.spill.data  # the walk's own fields, saved with the spill's pieces
@@ -175,6 +178,39 @@ class _Walk:
     def _save_state(self, **changes: Any) -> None:
         self.spill.save(**changes)
 
+    @staticmethod
+    def _sync() -> None:
+        """Wait for every rank (a no-op in one process): called after a step's files are written and before
+        the state says it is done, so no rank's state is ever more than one step ahead of another's."""
+        sum_over_ranks([0])
+
+    def _position(self) -> tuple[int, int, int]:
+        return self.state["shot"], PHASES.index(self.state["phase"]), self.state["done"]
+
+    def _agree(self) -> bool:
+        """Bring every rank to the same step before a resumed walk goes on (a no-op in one process).
+
+        A rank killed between the barrier of a step and its state is one step behind the others, whose
+        files of that step are still there (a step's inputs are forgotten a step late): the ranks ahead
+        go back to it and every rank redoes it. A rank left at the end of a shot (``done``) whose
+        others began the next one ends its shot alone (that takes no collective): True for that rank.
+        """
+        if world_size() == 1:
+            return False
+        rows = [tuple(int(v) for v in row) for row in gather_rows(self._position())]
+        behind = min(rows)
+        if behind[0] != max(rows)[0]:
+            if max(rows)[0] != behind[0] + 1 or any(r[0] == behind[0] and r[1] != PHASES.index("done") for r in rows) \
+                    or any(r[0] > behind[0] and r[1:] != (0, 0) for r in rows):
+                raise SurgeonError(f"the ranks' streamed LLM Surgeon walks are too far apart to resume together "
+                                   f"(shot, phase, layers done per rank: {rows}); remove {self.root} and start again")
+            return self._position()[0] == behind[0]  # those at the end of the earlier shot finish it alone
+        if self._position() != behind:
+            log.info("rank %d goes back to shot %d, %s after %d layers, where rank %d stopped", rank(), behind[0] + 1,
+                     PHASES[behind[1]], behind[2], rows.index(behind))
+            self._save_state(phase=PHASES[behind[1]], done=behind[2])
+        return False
+
     def _layer_done(self, i: int, seconds: float) -> None:
         """Record the step on layer ``i`` as done: its time, and its peak memory (the largest of any step
         on that layer; the window opens when the step enters the layer)."""
@@ -182,6 +218,7 @@ class _Walk:
         self.state["layer_seconds"][key] = self.state["layer_seconds"].get(key, 0.0) + seconds
         if self.window is not None:
             self.state["layer_rss"][key] = max(self.state["layer_rss"].get(key, 0.0), self.window.peak_mib())
+        self._sync()
         self._save_state(done=self.state["done"] + 1)
 
     # -- layers --
@@ -229,7 +266,8 @@ class _Walk:
         assert self.batches is not None
         cfg, b = self.cfg, self.batches
         carry: list[LayerBatch] = []
-        if b.first:
+        calibrated = cfg.scoring != "magnitude"  # (in a process group a rank may have no batch of its own)
+        if calibrated:
             if self.state["done"] == 0:
                 carry = b.first
                 self.spill.put_tensors("hidden-0.safetensors", {str(j): x.hidden for j, x in enumerate(carry)})
@@ -239,8 +277,8 @@ class _Walk:
             t0 = time.perf_counter()
             layer, linears, keep = self._enter(i, shot)
             A: dict[str, torch.Tensor] = {}
-            if carry:
-                carry, moments = layer_forward(layer, self.adapter, carry, b.a_count)
+            if calibrated:
+                carry, moments = layer_forward(layer, self.adapter, carry, b.a_count, moments=b.moments)
                 A = {f"{self.adapter.layers}.{i}.{n}": a for n, a in finalize_shared(moments, consume=True).items()}
                 del moments
             changed = None
@@ -253,7 +291,7 @@ class _Walk:
                     self.spill.put_json(f"candidates-{i}.json", [_candidate(c) for c in found])
             elif A:
                 self.spill.put_tensors(f"A-{i}.safetensors", {f"A.{g[0]}": A[g[0]] for g in _groups(self.adapter, i)})
-            if carry:
+            if calibrated:
                 self.spill.put_tensors(f"hidden-{i + 1}.safetensors", {str(j): x.hidden for j, x in enumerate(carry)})
             self._leave(i, layer, shot + 1, linears, changed)
             del layer, linears, keep, A
@@ -278,54 +316,116 @@ class _Walk:
         """Down through the layers: ``A``/``G`` per layer; local targets pruned at once, global ones scored."""
         assert self.batches is not None
         cfg, b = self.cfg, self.batches
-        split = b.a_count > 0
         lam_G = cfg.damping_G(target)
+        needs = self._needs(target)
         for i in self._tqdm(range(self.n - 1 - self.state["done"], -1, -1), f"shot {shot + 1}: reverse"):
             t0 = time.perf_counter()
             layer, linears, keep = self._enter(i, shot)
             saved = self.spill.tensors(f"grad-{i + 1}.safetensors", [str(j) for j in b.kfac])
             A_mom, G_mom, grads = layer_kfac(layer, self.adapter, self._hidden(i, b.kfac),
-                                             [saved[str(j)] for j in b.kfac], inputs=not split)
+                                             [saved[str(j)] for j in b.kfac], inputs=not b.moments, names=needs)
             del saved
-            names = self._names(i)
-            if split:
+            prefix = f"{self.adapter.layers}.{i}."
+            if b.moments:
                 A_saved = self.spill.tensors(f"A-{i}.safetensors")
                 A = {n: A_saved[f"A.{g[0]}"] for g in _groups(self.adapter, i) for n in g}
             else:
-                A = {f"{self.adapter.layers}.{i}.{n}": a for n, a in finalize_shared(A_mom, consume=True).items()}
-            factors = {full: KronFactor(A[full], G_mom[n].finalize(consume=True))
-                       for full, n in zip(names, self.adapter.linear_names)}
+                A = {prefix + n: a for n, a in finalize_shared(A_mom, consume=True).items()}
+            factors = {prefix + n: KronFactor(A[prefix + n], G_mom[n].finalize(consume=True)) for n in needs}
             del A_mom, G_mom, A
             damped = LazyDamped(factors, cfg.lam_A, lam_G, cache=2)
             changed = None
             if isinstance(target, Remaining):
-                found = layer_candidates(self.model, self.adapter, i, keep, cfg, damped)
+                found = self._candidates(i, keep, damped)
                 if is_local(target, cfg):
-                    structures.apply_(self.model, self.adapter, self._uniform(found, target), damped, keep,
-                                      cfg.group_cost)
+                    self._apply(i, linears, self._uniform(found, target), damped, keep)
                     changed = keep
                 else:
                     self.spill.put_json(f"candidates-{i}.json", [_candidate(c) for c in found])
-                    _save_factors(self.spill, self.adapter, i, factors, self._update_needs(i))
+                    _save_factors(self.spill, self.adapter, i, factors, self._mine(i, target))
             elif is_local(target, cfg):
-                element_prune_(linears, target, damped, keep, cfg)
+                self._element_prune(linears, target, damped, keep)
                 changed = keep
             else:
-                self.spill.put_tensors(f"costs-{i}.safetensors", dict(element_costs_of(linears, damped, keep)))
-                _save_factors(self.spill, self.adapter, i, factors, names)
+                self.spill.put_tensors(f"costs-{i}.safetensors", self._element_costs(linears, damped, keep))
+                _save_factors(self.spill, self.adapter, i, factors, self._mine(i, target))
             del damped, factors
             self.spill.put_tensors(f"grad-{i}.safetensors", {str(j): g for j, g in zip(b.kfac, grads, strict=True)})
             self._leave(i, layer, shot + 1, linears, changed)
             del layer, linears, keep, grads
-            self.spill.forget(f"grad-{i + 1}.safetensors")  # removed once the state no longer names it
+            # a step late: a rank that goes back one step (_agree) still finds the gradient it started from
+            self.spill.forget(f"grad-{i + 2}.safetensors")  # removed once the state no longer names it
             self._layer_done(i, time.perf_counter() - t0)
 
-    def _update_needs(self, i: int) -> list[str]:
-        """The linears whose factors a structured update uses (``output``: only o and down move)."""
-        if self.cfg.group_cost == "sum":
-            return self._names(i)
+    # -- one layer's work, split between the ranks (all of it rank 0's in one process) --
+    def _needs(self, target: Target) -> list[str]:
+        """The linears (names in a layer) whose factors a shot uses: with structured output-side costs
+        (``group_cost="output"``) only o and down are scored and moved, so only their ``G`` is collected."""
+        if isinstance(target, Remaining) and self.cfg.group_cost == "output":
+            names = structures.LayerNames.of(self.adapter, 0)
+            return [n.removeprefix(f"{self.adapter.layers}.0.") for n in (names.o, names.down)]
+        return list(self.adapter.linear_names)
+
+    def _parts(self, i: int) -> tuple[dict[str, list[str]], dict[str, int]]:
+        """Layer ``i``'s structured work in two parts, the MLP channels and the heads: the linears each moves
+        and its owner (split by the linears' cost, :func:`~base.distributed.assign`)."""
         names = structures.LayerNames.of(self.adapter, i)
-        return [names.o, names.down]
+        parts = {"channel": [*names.channel_rows, names.down], "heads": [names.q, *names.kv, names.o]}
+        return parts, assign({k: sum(surgeon_cost(self.linears[n]) for n in v) for k, v in parts.items()})
+
+    def _element_owners(self, linears: dict[str, nn.Linear]) -> dict[str, int]:
+        return assign({n: surgeon_cost(m) for n, m in linears.items()})
+
+    def _mine(self, i: int, target: Target) -> list[str]:
+        """The linears of layer ``i`` whose factors this rank's share of the update reads."""
+        needs = [f"{self.adapter.layers}.{i}.{n}" for n in self._needs(target)]
+        if isinstance(target, Remaining):
+            parts, owners = self._parts(i)
+            return [n for n in needs if any(n in parts[k] for k in parts if owners[k] == rank())]
+        owners = self._element_owners({n: self.linears[n] for n in self._names(i)})
+        return [n for n in needs if owners[n] == rank()]
+
+    def _candidates(self, i: int, keep: dict[str, torch.Tensor], damped: LazyDamped) -> list[structures.Candidate]:
+        """Layer ``i``'s coupled groups and their costs, each part's computed by its owner and shared."""
+        parts, owners = self._parts(i)
+        mine = tuple(k for k in parts if owners[k] == rank())
+        costs = structures.group_costs(self.model, self.adapter, i, "surgeon", damped, None, self.cfg.group_cost, mine)
+        sizes = {"channel": self.linears[parts["channel"][-1]].in_features,
+                 "heads": self.adapter.head_layout(self.model.config)[0]}
+        shared = {k: [c.to(torch.float64).contiguous() if c is not None else torch.empty(sizes[k], dtype=torch.float64)]
+                  for k, c in zip(parts, costs, strict=True)}
+        share(shared, owners)
+        return layer_candidates(self.model, self.adapter, i, keep, self.cfg,
+                                costs=(shared["channel"][0], shared["heads"][0]))
+
+    def _apply(self, i: int, linears: dict[str, nn.Linear], chosen: list[structures.Candidate],
+               damped: LazyDamped | None, keep: dict[str, torch.Tensor]) -> None:
+        """Remove the ``chosen`` groups of layer ``i``: each part by its owner, its linears then shared."""
+        parts, owners = self._parts(i)
+        if damped is None:  # the baselines only zero: every rank alike
+            structures.apply_(self.model, self.adapter, chosen, None, keep)
+            return
+        structures.apply_(self.model, self.adapter, [c for c in chosen if owners[c.kind] == rank()], damped, keep,
+                          self.cfg.group_cost)
+        moved = [k for k in parts if any(c.kind == k for c in chosen)]
+        share({n: [linears[n].weight.data, keep[n]] for k in moved for n in parts[k]},
+              {n: owners[k] for k in moved for n in parts[k]})
+
+    def _element_prune(self, linears: dict[str, nn.Linear], target: Target, damped: LazyDamped,
+                       keep: dict[str, torch.Tensor], cut: GlobalThreshold | None = None) -> None:
+        owners = self._element_owners(linears)
+        element_prune_({n: m for n, m in linears.items() if owners[n] == rank()}, target, damped, keep,  # type: ignore[arg-type]
+                       self.cfg, cut)
+        share({n: [m.weight.data, keep[n]] for n, m in linears.items()}, owners)
+
+    def _element_costs(self, linears: dict[str, nn.Linear], damped: LazyDamped,
+                       keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every linear's element costs (each computed by its owner, then shared: every rank selects alike)."""
+        owners = self._element_owners(linears)
+        costs = dict(element_costs_of({n: m for n, m in linears.items() if owners[n] == rank()}, damped, keep))
+        costs = {n: costs.get(n, torch.empty(m.weight.shape, dtype=torch.float64)) for n, m in linears.items()}
+        share({n: [c] for n, c in costs.items()}, owners)
+        return costs
 
     def _uniform(self, found: list[structures.Candidate], target: Target) -> list[structures.Candidate]:
         assert isinstance(target, Remaining)
@@ -357,11 +457,11 @@ class _Walk:
                       if cfg.scoring == "surgeon" else None)
             if isinstance(target, Remaining):
                 chosen = [_uncandidate(c["layer"], c) for c in self.state["chosen"] if c["layer"] == i]
-                structures.apply_(self.model, self.adapter, chosen, damped, keep, cfg.group_cost)
+                self._apply(i, linears, chosen, damped, keep)
             else:
                 assert damped is not None
                 cut = GlobalThreshold(self.state["cut"]["value"], self.state["cut"]["capped"])
-                element_prune_(linears, target, damped, keep, cfg, cut)  # type: ignore[arg-type]
+                self._element_prune(linears, target, damped, keep, cut)
             self._leave(i, layer, shot + 1, linears, keep)
             del layer, linears, keep, damped
             self._layer_done(i, time.perf_counter() - t0)
@@ -402,7 +502,9 @@ class _Walk:
         report = PruneReport(config=cfg.to_dict())
         total = sum(self.sizes.values())
         # Every layer written already: killed after the walk removed its spill directory; only the end is left.
-        first = len(self.targets) if all(self.stream.finished(i) for i in range(self.n)) else self.state["shot"]
+        written = all(self.stream.finished(i) for i in range(self.n))  # the same on every rank (rank 0's stream)
+        alone = False if written else self._agree()
+        first = len(self.targets) if written else self.state["shot"]
         if first < len(self.targets):
             self.batches = _batches(self.model, self.adapter, self.windows, cfg)
         for shot in range(first, len(self.targets)):
@@ -427,6 +529,9 @@ class _Walk:
             if self.state["phase"] == "update":
                 self._update(shot, target)
                 self._save_state(phase="done", done=0)
+            if not alone:  # no rank forgets the shot's files while another may still go back into it
+                self._sync()
+            alone = False
             self.state["seconds"][str(shot)] = self.state["seconds"].get(str(shot), 0.0) + time.perf_counter() - t0
             removed = sum(self.state["removed"].values()) / total
             self.state["shots"].append({
@@ -440,7 +545,12 @@ class _Walk:
             self._save_state(shot=shot + 1, phase="forward", done=0, removed={}, cut=None, chosen=None)
         self._finish(report)
         report.seconds = time.perf_counter() - start
+        self._sync()  # every layer written (by rank 0) before any rank's spill directory goes
         shutil.rmtree(self.spill.directory, ignore_errors=True)
+        if self.root != self.spill.directory:
+            self._sync()
+            if rank() == 0:
+                shutil.rmtree(self.root, ignore_errors=True)
         return report
 
 
@@ -467,8 +577,6 @@ def prune_surgeon_streamed_(
         spill: a directory for the walk's files (hidden states, gradients, costs, factors, each shot's
             weights) and its resume state; removed when the run ends.
     """
-    if world_size() > 1:
-        raise SurgeonError(STREAMED_ONE_PROCESS)
     if cfg.refine is not None or cfg.between_shots is not None:
         raise SurgeonError("SDS refinement and low-rank updates between shots do not run streamed yet; use --no-streaming")
     if cfg.structured is not None:

@@ -75,9 +75,10 @@ GroupCost = Literal["sum", "output"]
 def group_costs(
     model: nn.Module, adapter: Adapter, i: int, scoring: Scoring,
     damped: Mapping[str, DampedKron] | None = None, A: dict[str, Tensor] | None = None,
-    group_cost: GroupCost = "sum",
-) -> tuple[Tensor, Tensor]:
-    """Costs of layer ``i``'s MLP channels ``[inter]`` and query heads ``[n_heads]``.
+    group_cost: GroupCost = "sum", parts: tuple[str, ...] = ("channel", "heads"),
+) -> tuple[Tensor | None, Tensor | None]:
+    """Costs of layer ``i``'s MLP channels ``[inter]`` and query heads ``[n_heads]`` (None for a kind not in
+    ``parts``: with LLM Surgeon's scores, another rank's share of the layer's work).
 
     ``surgeon``: the second-order costs above (needs ``damped`` factors). Baselines on the same
     groups: ``magnitude`` sums the L2 norms of a group's rows and columns; ``wanda`` scores the
@@ -90,15 +91,21 @@ def group_costs(
     n_heads, _, head_dim = adapter.head_layout(model.config)
     if scoring == "surgeon":
         assert damped is not None
-        dq, do, dd = damped[names.q], damped[names.o], damped[names.down]
-        channels = col_costs(W_down, dd.G, dd.A_inv)
-        heads = torch.stack([cols_cost(W_o, do.G, do.A_inv, head_rows(torch.tensor([h]), head_dim))
-                             for h in range(n_heads)])
-        if group_cost == "sum":
-            for name, W in zip(names.channel_rows, W_rows):
-                channels = channels + row_costs(W, damped[name].A, damped[name].G_inv)
-            heads = heads + torch.stack([rows_cost(W_q, dq.A, dq.G_inv, head_rows(torch.tensor([h]), head_dim))
-                                         for h in range(n_heads)])
+        channels = heads = None  # the factors (and their inverses) of a kind are touched only where asked
+        if "channel" in parts:
+            dd = damped[names.down]
+            channels = col_costs(W_down, dd.G, dd.A_inv)
+            if group_cost == "sum":
+                for name, W in zip(names.channel_rows, W_rows):
+                    channels = channels + row_costs(W, damped[name].A, damped[name].G_inv)
+        if "heads" in parts:
+            do = damped[names.o]
+            heads = torch.stack([cols_cost(W_o, do.G, do.A_inv, head_rows(torch.tensor([h]), head_dim))
+                                 for h in range(n_heads)])
+            if group_cost == "sum":
+                dq = damped[names.q]
+                heads = heads + torch.stack([rows_cost(W_q, dq.A, dq.G_inv, head_rows(torch.tensor([h]), head_dim))
+                                             for h in range(n_heads)])
     elif scoring == "magnitude":
         channels = sum(W.norm(dim=1) for W in W_rows) + W_down.norm(dim=0)
         heads = (W_q.reshape(n_heads, -1).norm(dim=1)

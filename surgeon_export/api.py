@@ -429,8 +429,8 @@ def memory_plan(lazy: LazyModel, config: Config, windows: int, seq_len: int, *, 
 def _surgeon_streamed(lazy: LazyModel, config: SurgeonConfig, windows: int, seq_len: int) -> dict[str, int]:
     """Streamed LLM Surgeon's terms besides the layer and the tensors outside the layers (bytes).
 
-    ``statistics``: one layer's K-FAC factors in float64 (``A`` per shared input, ``G`` per linear) three
-    times over (the accumulators, and the rescaled, damped and inverted pair of the linears being
+    ``statistics``: one layer's K-FAC factors in float64 (``A`` per shared input, ``G`` per linear; of o and
+    down alone for structured output-side costs) three times over (the accumulators, and the rescaled, damped and inverted pair of the linears being
     pruned); ``boundary``: the forward walk's hidden states (in and out) of the windows it carries;
     ``activations``: one K-FAC batch's recomputed activations (hidden-sized tensors, the MLP's, the
     attention scores); ``head``: the LM head's chunk of logits with its softmax and gradient.
@@ -439,8 +439,11 @@ def _surgeon_streamed(lazy: LazyModel, config: SurgeonConfig, windows: int, seq_
 
     model, adapter = lazy.model, lazy.adapter
     layer = adapter.decoder_layers(model)[0]
-    A = sum(adapter.linear(layer, g[0]).in_features ** 2 for g in adapter.input_groups)
-    G = sum(adapter.linear(layer, n).out_features ** 2 for n in adapter.linear_names)
+    used = list(adapter.linear_names)  # structured output-side shots collect G of o and down alone
+    if config.structured is not None and config.pattern is None and config.group_cost == "output":
+        used = [adapter.head_cols[0], adapter.channel_cols[0]]
+    A = sum(adapter.linear(layer, g[0]).in_features ** 2 for g in adapter.input_groups if set(g) & set(used))
+    G = sum(adapter.linear(layer, n).out_features ** 2 for n in used)
     hidden = int(model.config.hidden_size)
     inter = adapter.linear(layer, adapter.channel_rows[0]).out_features
     heads = adapter.head_layout(model.config)[0]
@@ -485,8 +488,8 @@ def prune_streamed(
     with the removed groups as zeros, not cut). The checkpoint is written shard by shard into a hidden
     sibling of ``out`` and renamed at the end; an interrupted run resumes from its last finished layer
     step (:mod:`export.streaming`). Returns the report as written. Under torchrun every rank streams
-    and shares each layer's work; rank 0 alone writes (docs/distributed.md; streamed LLM Surgeon runs
-    in one process).
+    and shares each layer's work; rank 0 alone writes (docs/distributed.md; streamed LLM Surgeon
+    too, each rank with a spill directory of its own).
     """
     check_streamable(config)
     check_choice("--bos-statistics", bos_statistics, ("include", "exclude"))

@@ -3,7 +3,10 @@
 ``python -m tests.dist_worker cases SPEC.json OUT`` prunes the model of SPEC (or the case's own) once per
 case through the Python API and writes ``OUT/rank-R.json`` (each case's report, a digest of the final
 weights, or its error); a case with ``terms`` instead adds them, one row per batch, into an
-:class:`~base.distributed.OrderedSum` over this rank's batches and records the sum.
+:class:`~base.distributed.OrderedSum` over this rank's batches and records the sum; a case with ``out``
+prunes streamed (:func:`surgeon_export.api.prune_streamed`) into that directory, rank 0 recording the
+digest of the tensors written. With ``TEST_FAULT=kill-sync`` rank ``TEST_FAULT_RANK`` (default 1) kills
+itself right after streamed LLM Surgeon's ``TEST_FAULT_AT``-th barrier (``_Walk._sync``).
 
 ``python -m tests.dist_worker cli ARGS...`` runs ``surgeon-export ARGS...``; with ``TEST_FAULT=kill``
 (``stall``) the rank ``TEST_FAULT_RANK`` (default 1) kills itself (stops responding) right after its
@@ -67,6 +70,9 @@ def run_cases(spec_file: Path, out: Path) -> None:
             kwargs[key] = values[rank]
         if "refine" in kwargs:
             kwargs["refine"] = SDSConfig(**kwargs["refine"])
+        if "out" in case:
+            results[case["name"]] = streamed_case(spec, case, api.build_config(kwargs.pop("method"), **kwargs))
+            continue
         lm = load_model(case.get("model", spec["model"]))
         try:
             report = api.prune(lm, api.build_config(kwargs.pop("method"), **kwargs), calib_samples=case["calib_samples"],
@@ -79,9 +85,40 @@ def run_cases(spec_file: Path, out: Path) -> None:
     (out / f"rank-{rank}.json").write_text(json.dumps(results))
 
 
+def streamed_case(spec: dict, case: dict, config: object) -> dict:
+    from base import distributed as dist
+    from base.errors import SurgeonError
+    from surgeon_export import api
+    from tests.conftest import tensors
+
+    try:
+        report = api.prune_streamed(case.get("model", spec["model"]), config, case["out"],  # type: ignore[arg-type]
+                                    calib_samples=case["calib_samples"], seq_len=case["seq_len"],
+                                    calib_text=spec.get("calib_text"), check=False)
+    except SurgeonError as exc:
+        return {"error": str(exc)}
+    digest = weights_digest(tensors(Path(case["out"]))) if dist.is_main() else None
+    return {"digest": digest, "report": report}
+
+
+def fail_at_sync() -> None:
+    """``TEST_FAULT=kill-sync``: this rank (``TEST_FAULT_RANK``) dies right after the ``TEST_FAULT_AT``-th barrier."""
+    import surgeon.streamed_surgeon as streamed
+
+    real, count = streamed._Walk._sync, [0]
+
+    def sync() -> None:
+        real()
+        count[0] += 1
+        if count[0] == int(os.environ["TEST_FAULT_AT"]) and os.environ.get("RANK") == os.environ.get("TEST_FAULT_RANK", "1"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    streamed._Walk._sync = staticmethod(sync)  # type: ignore[method-assign]
+
+
 def run_cli(args: list[str]) -> None:
     fault = os.environ.get("TEST_FAULT")
-    if fault:
+    if fault and fault != "kill-sync":
         import surgeon.driver
 
         real = surgeon.driver.run_layer
@@ -104,6 +141,8 @@ def run_cli(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("TEST_FAULT") == "kill-sync":
+        fail_at_sync()
     if sys.argv[1] == "cases":
         run_cases(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
