@@ -301,12 +301,23 @@ def ladder_part(work: Path, names: list[str], methods: list[str], layers: int | 
     return rows
 
 
+LOAD_CHECK = """
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM
+t0 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+with torch.no_grad():
+    logits = model(input_ids=torch.arange(1, 9)[None]).logits
+print(json.dumps({"parameters": sum(p.numel() for p in model.parameters()), "logits_finite": bool(logits.isfinite().all()),
+                  "load_and_forward_seconds": round(time.perf_counter() - t0, 1)}))
+"""
+
+
 def loadable(directory: Path) -> dict:
-    """What a written checkpoint holds and whether ``surgeon-export info`` reads it (its size on disk, tensors)."""
-    cmd = [sys.executable, "-m", "surgeon_export.cli", "info", str(directory), "--json", "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    """The checkpoint written, loaded by transformers in bfloat16 (its own dtype) and run on 8 tokens."""
+    proc = subprocess.run([sys.executable, "-c", LOAD_CHECK, str(directory)], capture_output=True, text=True)
     return {"path": str(directory), "bytes_on_disk": sum(f.stat().st_size for f in directory.glob("*.safetensors")),
-            "info_exit_code": proc.returncode, "info": json.loads(proc.stdout) if proc.returncode == 0 else proc.stderr[-500:]}
+            "transformers_load": json.loads(proc.stdout) if proc.returncode == 0 else proc.stderr[-500:]}
 
 
 MEMORY_PARTS = ("default", "families", "gemma3-270m")

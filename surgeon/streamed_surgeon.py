@@ -21,7 +21,8 @@ Then each layer's removals are chosen and its weights updated with the shared st
 at once in the reverse walk, after the layer passed its gradient down. A global allocation needs
 every layer's costs first: the reverse walk writes each linear's element costs (``costs-{l}``) or
 the layer's coupled-group candidates (``candidates-{l}.json``) and the factors the update will need
-(``factors-{l}``); **select** then finds the global threshold in a few passes over the costs on disk
+(``factors-{l}``; with output-side group costs just o's and down's damped ``A^-1``, ``inverses-{l}``:
+1.1 GB a Llama-2-7B layer, not 1.4); **select** then finds the global threshold in a few passes over the costs on disk
 (:func:`surgeon.prune.threshold.global_threshold`: exact radix selection, one linear in memory) or
 ranks the candidates, and **update** walks the layers once more, applying the selection with each
 layer's factors read back. Each shot's weights and masks go to ``state-{shot}-{l}``; the next shot
@@ -38,7 +39,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ from surgeon.calibrate import (
     layer_forward,
     layer_kfac,
 )
-from surgeon.curvature.kfac import KronFactor, LazyDamped
+from surgeon.curvature.kfac import DampedKron, KronFactor, LazyDamped
 from surgeon.driver import LayerStream, PruneReport
 from surgeon.llm_surgeon import (
     Remaining,
@@ -342,7 +343,11 @@ class _Walk:
                     changed = keep
                 else:
                     self.spill.put_json(f"candidates-{i}.json", [_candidate(c) for c in found])
-                    _save_factors(self.spill, self.adapter, i, factors, self._mine(i, target))
+                    if cfg.group_cost == "output":  # the update moves o's and down's columns: A_inv is all it reads
+                        self.spill.put_tensors(f"inverses-{i}.safetensors",
+                                               {n: damped[n].A_inv for n in self._mine(i, target)})
+                    else:
+                        _save_factors(self.spill, self.adapter, i, factors, self._mine(i, target))
             elif is_local(target, cfg):
                 self._element_prune(linears, target, damped, keep)
                 changed = keep
@@ -399,7 +404,7 @@ class _Walk:
                                 costs=(shared["channel"][0], shared["heads"][0]))
 
     def _apply(self, i: int, linears: dict[str, nn.Linear], chosen: list[structures.Candidate],
-               damped: LazyDamped | None, keep: dict[str, torch.Tensor]) -> None:
+               damped: Mapping[str, DampedKron] | None, keep: dict[str, torch.Tensor]) -> None:
         """Remove the ``chosen`` groups of layer ``i``: each part by its owner, its linears then shared."""
         parts, owners = self._parts(i)
         if damped is None:  # the baselines only zero: every rank alike
@@ -453,8 +458,13 @@ class _Walk:
         for i in self._tqdm(range(self.state["done"], self.n), f"shot {shot + 1}: update"):
             t0 = time.perf_counter()
             layer, linears, keep = self._enter(i, shot)
-            damped = (LazyDamped(_load_factors(self.spill, self.adapter, i), cfg.lam_A, cfg.damping_G(target), cache=2)
-                      if cfg.scoring == "surgeon" else None)
+            damped: Mapping[str, DampedKron] | None = None
+            if cfg.scoring == "surgeon" and isinstance(target, Remaining) and cfg.group_cost == "output":
+                empty = torch.empty(0)  # column updates read A_inv alone (structures.apply_)
+                damped = {n: DampedKron(empty, empty, A_inv, empty)
+                          for n, A_inv in self.spill.tensors(f"inverses-{i}.safetensors").items()}
+            elif cfg.scoring == "surgeon":
+                damped = LazyDamped(_load_factors(self.spill, self.adapter, i), cfg.lam_A, cfg.damping_G(target), cache=2)
             if isinstance(target, Remaining):
                 chosen = [_uncandidate(c["layer"], c) for c in self.state["chosen"] if c["layer"] == i]
                 self._apply(i, linears, chosen, damped, keep)
@@ -541,7 +551,8 @@ class _Walk:
             })
             log.info("shot %d/%d: sparsity %.2f%% (%.0f s, streamed)", shot + 1, len(self.targets), 100 * removed,
                      self.state["seconds"][str(shot)])
-            self.spill.forget(f"state-{shot}-*", "hidden-*", "grad-*", "A-*", "costs-*", "factors-*", "candidates-*")
+            self.spill.forget(f"state-{shot}-*", "hidden-*", "grad-*", "A-*", "costs-*", "factors-*", "inverses-*",
+                             "candidates-*")
             self._save_state(shot=shot + 1, phase="forward", done=0, removed={}, cut=None, chosen=None)
         self._finish(report)
         report.seconds = time.perf_counter() - start
