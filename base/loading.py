@@ -32,7 +32,7 @@ from base.adapters import Adapter, get_adapter, gguf_architectures
 from base.errors import SurgeonError, first_line
 from base.files import WriteError, check_writable, read_json, temp_path, write_dir
 from base.formats import GGUF_METADATA_SHA_KEY, GGUF_TENSOR_SHA_KEY, GGUF_TRUE_FFN_KEY
-from base.integrity import file_digest, tensor_checksums, verify_checksums
+from base.integrity import all_finite, file_digest, tensor_checksums, verify_checksums
 from base.modeling import MODEL_TYPE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -216,20 +216,10 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: Path | str)
     """Refuse NaN or infinite weights at load, naming the tensor: they would pass silently through
     inspection and export and surface later as empty generations or blamed calibration data."""
     for name, tensor in tensors:
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if tensor.is_floating_point() and not all_finite(tensor):
             bad = tensor.detach()[~torch.isfinite(tensor.detach())]
             kinds = " and ".join(k for k, hit in (("NaN", bool(bad.isnan().any())), ("infinite", bool(bad.isinf().any()))) if hit)
             raise SurgeonError(f"{where}: tensor {name} holds {bad.numel()} {kinds} value(s); the checkpoint is damaged")
-
-
-FINITE_CHUNK = 1 << 22  # elements checked at a time
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every element is finite, a chunk at a time: ``torch.isfinite`` of a whole float tensor
-    makes an ``abs`` copy and two masks of its size (0.8 GB for a 262k x 640 float32 embedding)."""
-    flat = tensor.detach().reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
 
 
 def check_loading_info(directory: Path, model: nn.Module, info: dict) -> None:

@@ -40,6 +40,7 @@ from base.adapters import Adapter
 from base.distributed import assign, broadcast_json, is_main, rank, share
 from base.errors import SurgeonError
 from base.formats import dtype_name
+from base.integrity import all_finite
 from base.patterns import NMPattern, check_sparsity
 from base.resume import ResumeState
 from surgeon import structures
@@ -340,7 +341,7 @@ def _share(linears: Mapping[str, nn.Linear], keep: dict[str, torch.Tensor], owne
 
 
 def _store(m: nn.Linear, W: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         raise FloatingPointError(f"non-finite weights after the update of {name}")
     m.weight.copy_(W.to(m.weight.dtype))
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from base.adapters import Adapter
 from base.errors import SurgeonError
+from base.integrity import all_finite
 from base.surgery import LayerPlan, RemovalPlan, head_rows
 from surgeon.curvature.kfac import DampedKron
 from surgeon.prune.costs import col_costs, cols_cost, row_costs, rows_cost
@@ -260,7 +261,7 @@ def _remove(
 
 
 def _set(model: nn.Module, name: str, W: Tensor) -> None:
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         raise FloatingPointError(f"non-finite weights after the structured update of {name}")
     param = model.get_submodule(name).weight
     param.copy_(W.to(param.dtype))

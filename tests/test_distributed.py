@@ -203,7 +203,8 @@ def test_every_method_gives_the_same_bits_on_1_2_and_3_ranks(tiny: tuple[Path, P
 
 
 # Streamed LLM Surgeon (and the structured baselines its walk runs): every target, allocation and group cost,
-# A from more windows than G with a ragged last K-FAC batch, the true Fisher; 5 windows in batches of 2.
+# A from more windows than G with a ragged last K-FAC batch, the true Fisher; 5 windows in batches of 2
+# (and of 4).
 STREAMED = [
     ("unstructured", {"method": "surgeon", "sparsity": 0.5, "shots": 2, **KFAC}),
     ("unstructured-uniform", {"method": "surgeon", "sparsity": 0.5, "shots": 1, "allocation": "uniform", **KFAC}),
@@ -215,6 +216,9 @@ STREAMED = [
     ("true-fisher", {"method": "surgeon", "sparsity": 0.4, "shots": 1, "fisher": "true", **KFAC}),
     ("wanda-structured", {"method": "wanda", "structured": 0.8, **KFAC}),
     ("magnitude-structured", {"method": "magnitude", "structured": 0.8}),
+    # batches of 4: 2 batches, so the third rank has none in any walk (and wanda's A on 3 ranks likewise)
+    ("one-batch-each", {"method": "surgeon", "structured": 0.7, "shots": 1}),
+    ("wanda-structured-idle-rank", {"method": "wanda", "structured": 0.8}),
 ]
 
 

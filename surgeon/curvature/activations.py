@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from base.distributed import OrderedSum
+from base.integrity import all_finite
 
 _LEADING = [0]  # positions at the start of every window that calibration statistics leave out
 
@@ -68,7 +69,7 @@ class SecondMoment(OrderedSum):
         dtype = self.dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
         x = x.to(dtype)
         xtx = x.square().sum(0) if self.diagonal else x.T @ x  # [dim] or [dim, dim]
-        if not torch.isfinite(xtx).all():
+        if not all_finite(xtx):
             raise FloatingPointError("non-finite values in calibration activations")
         self.add(xtx, x.shape[0])
 

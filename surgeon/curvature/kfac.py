@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from base.integrity import all_finite
 from surgeon.curvature.activations import SecondMoment
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ def damp(M: Tensor, lam: float) -> Tensor:
     scale = M.diagonal().mean()
     # An all-zero diagonal (a dead layer) has no scale of its own: damp absolutely instead.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return M + lam * scale * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    out = M.clone()  # one copy, its diagonal raised: not an identity, its product and a sum of d² each
+    out.diagonal().add_(lam * scale)
+    return out
 
 
 def inverse_spd(M: Tensor, lam: float = 0.01, max_tries: int = 8) -> tuple[Tensor, float]:
@@ -110,9 +113,10 @@ def inverse_spd(M: Tensor, lam: float = 0.01, max_tries: int = 8) -> tuple[Tenso
         1e-06
     """
     M = M.to(torch.float64)  # float64: damped factors of LLM layers have condition numbers ~1e6+
-    if not torch.isfinite(M).all():
+    if not all_finite(M):
         raise FloatingPointError("non-finite values in a curvature factor")
-    M = (M + M.T) / 2  # symmetrise: accumulated float sums are symmetric only up to rounding
+    M = M + M.T  # symmetrise: accumulated float sums are symmetric only up to rounding
+    M.mul_(0.5)  # (exactly the halving of (M + M.T) / 2, without a second d² temporary)
     lam_try = lam
     for attempt in range(max_tries):
         L, info = torch.linalg.cholesky_ex(damp(M, lam_try))
