@@ -471,9 +471,9 @@ def share(items: Mapping[str, Sequence[torch.Tensor]], owners: Mapping[str, int]
 
 def rank_report(seconds: float) -> dict:
     """Every rank's wall seconds, peak RSS and collective time (a collective: call it on every rank)."""
-    import resource
+    from base.env import peak_rss_mib
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+    peak = peak_rss_mib()  # the whole run's, whatever per-layer windows reset the kernel's mark
     stats = collective_stats()
     rows = gather_rows([seconds, peak, stats["collective_seconds"], stats["collectives"], stats["collective_bytes"]])
     return {"world_size": world_size(), "ranks": [

@@ -121,6 +121,7 @@ def inverse_spd(M: Tensor, lam: float = 0.01, max_tries: int = 8) -> tuple[Tenso
     for attempt in range(max_tries):
         L, info = torch.linalg.cholesky_ex(damp(M, lam_try))
         if int(info) == 0:
+            del M  # the symmetrised factor is done with: one d² matrix less beside L and its inverse
             return torch.cholesky_inverse(L), lam_try
         new_lam = lam_try * 10 if lam_try > 0 else 1e-6  # from no damping, start at 1e-6 relative
         log.warning(
