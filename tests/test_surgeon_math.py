@@ -311,6 +311,33 @@ def test_damp_adds_relative_diagonal() -> None:
     torch.testing.assert_close(damp(M, 0.5), M + 0.5 * 4.0 * torch.eye(2, dtype=F64))
 
 
+def test_damp_and_inverse_equal_the_plain_formulas_bit_for_bit() -> None:
+    """damp raises a copy's diagonal and inverse_spd symmetrises with one temporary: the same bits as
+    ``M + lam·mean(diag)·I`` and ``(M + Mᵀ) / 2`` (the copies they replaced)."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(300, 64, generator=gen, dtype=F64)
+    M = X.T @ X / 300 + 1e-9 * torch.randn(64, 64, generator=gen, dtype=F64)  # not exactly symmetric
+    for lam in (0.0, 0.01, 0.37):
+        assert torch.equal(damp(M, lam), M + lam * M.diagonal().mean() * torch.eye(64, dtype=F64))
+    S = (M + M.T) / 2
+    M_inv, lam = inverse_spd(M, 0.01)
+    assert lam == 0.01
+    assert torch.equal(M_inv, torch.cholesky_inverse(torch.linalg.cholesky(S + 0.01 * S.diagonal().mean() * torch.eye(64, dtype=F64))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite(dtype: torch.dtype) -> None:
+    from base.integrity import all_finite
+
+    t = torch.randn(5, 7).to(dtype)
+    assert all_finite(t) and all_finite(t[:0]) and all_finite(torch.arange(4))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[3, 2] = bad
+        assert not all_finite(u), (dtype, bad)
+        assert not all_finite(u.T)  # any layout
+
+
 def test_inverse_spd_retries_singular_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     v = torch.arange(1.0, 5.0, dtype=F64)
     M = torch.outer(v, v)  # rank one: Cholesky fails without damping
