@@ -271,8 +271,9 @@ def test_streamed_surgeon_gives_the_same_bits_on_1_2_and_3_ranks(tiny: tuple[Pat
 
 
 # Barriers of one 2-shot global structured run on the 3-layer model: 3 forward, 3 reverse, 3 update and the
-# shot's end per shot, then two at the end; a kill right after each kind of step.
-KILL_AT = [1, 4, 7, 10, 21]
+# shot's end per shot, then two at the end; a kill right after a reverse, an update and a shot-end step and at the end
+# (going back from a forward step is the same as from a reverse one).
+KILL_AT = [4, 7, 10, 21]
 
 
 def test_streamed_surgeon_resumes_on_every_rank_after_a_rank_died(tiny: tuple[Path, Path], tmp_path: Path) -> None:
