@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    work = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/default2"); work.mkdir(exist_ok=True)
+    work = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/default2")
+    work.mkdir(exist_ok=True)
     args = ["prune", "--method", "surgeon", "--structured", "0.8", "--streaming", "--no-eval", "--json", "--quiet",
             "--threads", "1", "--force"]
     runs = {}
@@ -33,7 +34,7 @@ def main() -> None:
         proc = subprocess.run([*launch, *args, "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - t
         if proc.returncode != 0:
-            print(proc.stderr[-3000:]); sys.exit(1)
+            sys.exit(proc.stderr[-3000:])
         r = json.loads(proc.stdout)
         runs[name] = {"command": " ".join(["torchrun --standalone --nproc-per-node 2 -m surgeon_export" if "ranks" in name
                                            else "surgeon-export", *args, "--out", str(out)]),
