@@ -334,7 +334,11 @@ class _Walk:
                 A = {prefix + n: a for n, a in finalize_shared(A_mom, consume=True).items()}
             factors = {prefix + n: KronFactor(A[prefix + n], G_mom[n].finalize(consume=True)) for n in needs}
             del A_mom, G_mom, A
-            damped = LazyDamped(factors, cfg.lam_A, lam_G, cache=2)
+            # structured output-side costs: only o and down, each prepared once; nothing reads the factors after
+            consume = isinstance(target, Remaining) and cfg.group_cost == "output"
+            damped = LazyDamped(factors, cfg.lam_A, lam_G, cache=2, consume=consume)
+            if consume:
+                factors = {}
             changed = None
             if isinstance(target, Remaining):
                 found = self._candidates(i, keep, damped)

@@ -66,11 +66,16 @@ def rescale(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
         >>> float(A), float(G)  # both sqrt(8 * 2); the product A * G stays 16
         (4.0, 4.0)
     """
+    c = _balance(A, G)
+    return A * c, G / c
+
+
+def _balance(A: Tensor, G: Tensor) -> Tensor:
+    """The ``c`` of :func:`rescale`."""
     norm_A, norm_G = A.norm(), G.norm()
     if norm_A == 0 or norm_G == 0:
         raise ValueError("cannot rescale Kronecker factors: one of them is zero")
-    c = torch.sqrt(norm_G / norm_A)  # c·‖A‖ = ‖G‖/c = sqrt(‖A‖·‖G‖)
-    return A * c, G / c
+    return torch.sqrt(norm_G / norm_A)  # c·‖A‖ = ‖G‖/c = sqrt(‖A‖·‖G‖)
 
 
 def damp(M: Tensor, lam: float) -> Tensor:
@@ -85,12 +90,16 @@ def damp(M: Tensor, lam: float) -> Tensor:
         tensor([[2.3000, 1.0000],
                 [1.0000, 4.3000]])
     """
+    return damp_(M.clone(), lam)  # one copy, its diagonal raised: not an identity, its product and a sum of d² each
+
+
+def damp_(M: Tensor, lam: float) -> Tensor:
+    """:func:`damp` in place: ``M``'s diagonal raised by ``lam·mean(diag M)``; returns ``M``."""
     scale = M.diagonal().mean()
     # An all-zero diagonal (a dead layer) has no scale of its own: damp absolutely instead.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    out = M.clone()  # one copy, its diagonal raised: not an identity, its product and a sum of d² each
-    out.diagonal().add_(lam * scale)
-    return out
+    M.diagonal().add_(lam * scale)
+    return M
 
 
 def inverse_spd(M: Tensor, lam: float = 0.01, max_tries: int = 8) -> tuple[Tensor, float]:
@@ -115,13 +124,13 @@ def inverse_spd(M: Tensor, lam: float = 0.01, max_tries: int = 8) -> tuple[Tenso
     M = M.to(torch.float64)  # float64: damped factors of LLM layers have condition numbers ~1e6+
     if not all_finite(M):
         raise FloatingPointError("non-finite values in a curvature factor")
-    M = M + M.T  # symmetrise: accumulated float sums are symmetric only up to rounding
-    M.mul_(0.5)  # (exactly the halving of (M + M.T) / 2, without a second d² temporary)
     lam_try = lam
     for attempt in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(damp(M, lam_try))
+        S = M + M.T  # symmetrise: accumulated float sums are symmetric only up to rounding
+        S.mul_(0.5)  # (exactly the halving of (M + M.T) / 2, without a second d² temporary)
+        L, info = torch.linalg.cholesky_ex(damp_(S, lam_try))  # damped in place: one d² beside M and L
+        del S
         if int(info) == 0:
-            del M  # the symmetrised factor is done with: one d² matrix less beside L and its inverse
             return torch.cholesky_inverse(L), lam_try
         new_lam = lam_try * 10 if lam_try > 0 else 1e-6  # from no damping, start at 1e-6 relative
         log.warning(
@@ -153,11 +162,24 @@ def prepare(A: Tensor, G: Tensor, lam_A: float = 0.01, lam_G: float = 0.01) -> D
     return _prepare(A, G, lam_A, lam_G)[0]
 
 
-def _prepare(A: Tensor, G: Tensor, lam_A: float, lam_G: float) -> tuple[DampedKron, float, float]:
-    """:func:`prepare`, and the dampings it ended up using (raised where Cholesky needed it)."""
-    A, G = rescale(A.to(torch.float64), G.to(torch.float64))
+def _prepare(A: Tensor, G: Tensor, lam_A: float, lam_G: float, *,
+             in_place: bool = False) -> tuple[DampedKron, float, float]:
+    """:func:`prepare`, and the dampings it ended up using (raised where Cholesky needed it).
+
+    ``in_place``: float64 ``A`` and ``G`` become the returned damped factors (rescaled and damped in place,
+    the same values): no ``d²`` copy of either, for factors nothing else reads.
+    """
+    if in_place and A.dtype == G.dtype == torch.float64:
+        c = _balance(A, G)  # rescale's, applied in place: A * c and G / c, the same bits
+        A.mul_(c)
+        G.div_(c)
+    else:
+        in_place = False
+        A, G = rescale(A.to(torch.float64), G.to(torch.float64))
     A_inv, lam_A = inverse_spd(A, lam_A)
     G_inv, lam_G = inverse_spd(G, lam_G)
+    if in_place:
+        return DampedKron(damp_(A, lam_A), damp_(G, lam_G), A_inv, G_inv), lam_A, lam_G
     return DampedKron(damp(A, lam_A), damp(G, lam_G), A_inv, G_inv), lam_A, lam_G
 
 
@@ -172,8 +194,18 @@ class LazyDamped(Mapping[str, DampedKron]):
     damping is factorised once, and its warning logged once.
     """
 
-    def __init__(self, factors: KronFactors, lam_A: float, lam_G: float, cache: int = 8) -> None:
-        self._factors, self._size = factors, cache
+    def __init__(self, factors: KronFactors, lam_A: float, lam_G: float, cache: int = 8, *,
+                 consume: bool = False) -> None:
+        """``consume``: the factors are this object's alone (the caller keeps no use for them): each is turned
+        into its damped factor in place where no other linear shares it, saving its two ``d²`` copies, and
+        cannot be prepared a second time (``cache`` must then hold every linear used)."""
+        self._factors, self._size = (dict(factors) if consume else factors), cache
+        self._consume = consume
+        uses: dict[int, int] = {}
+        for f in factors.values():
+            for t in (f.A, f.G):
+                uses[id(t)] = uses.get(id(t), 0) + 1
+        self._alone = {n for n, f in factors.items() if uses[id(f.A)] == 1 and uses[id(f.G)] == 1}
         self._cache: OrderedDict[str, DampedKron] = OrderedDict()
         self._lams: dict[str, tuple[float, float]] = {}  # per linear: the dampings that worked
         self._default = (lam_A, lam_G)
@@ -183,7 +215,12 @@ class LazyDamped(Mapping[str, DampedKron]):
             self._cache.move_to_end(name)
             return self._cache[name]
         f = self._factors[name]
-        damped, lam_A, lam_G = _prepare(f.A, f.G, *self._lams.get(name, self._default))
+        if f is None:
+            raise RuntimeError(f"the factors of {name} were consumed and dropped from the cache")
+        in_place = self._consume and name in self._alone
+        if self._consume:
+            self._factors[name] = None  # type: ignore[index]
+        damped, lam_A, lam_G = _prepare(f.A, f.G, *self._lams.get(name, self._default), in_place=in_place)
         self._lams[name] = (lam_A, lam_G)
         self._cache[name] = damped
         while len(self._cache) > self._size:
