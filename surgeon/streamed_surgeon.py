@@ -335,7 +335,7 @@ class _Walk:
             factors = {prefix + n: KronFactor(A[prefix + n], G_mom[n].finalize(consume=True)) for n in needs}
             del A_mom, G_mom, A
             # structured output-side costs: only o and down, each prepared once; nothing reads the factors after
-            consume = isinstance(target, Remaining) and cfg.group_cost == "output"
+            consume = self._output_side(target)
             damped = LazyDamped(factors, cfg.lam_A, lam_G, cache=2, consume=consume)
             if consume:
                 factors = {}
@@ -347,7 +347,7 @@ class _Walk:
                     changed = keep
                 else:
                     self.spill.put_json(f"candidates-{i}.json", [_candidate(c) for c in found])
-                    if cfg.group_cost == "output":  # the update moves o's and down's columns: A_inv is all it reads
+                    if consume:  # the update moves o's and down's columns: A_inv is all it reads
                         self.spill.put_tensors(f"inverses-{i}.safetensors",
                                                {n: damped[n].A_inv for n in self._mine(i, target)})
                     else:
@@ -370,10 +370,13 @@ class _Walk:
     def _needs(self, target: Target) -> list[str]:
         """The linears (names in a layer) whose factors a shot uses: with structured output-side costs
         (``group_cost="output"``) only o and down are scored and moved, so only their ``G`` is collected."""
-        if isinstance(target, Remaining) and self.cfg.group_cost == "output":
-            names = structures.LayerNames.of(self.adapter, 0)
-            return [n.removeprefix(f"{self.adapter.layers}.0.") for n in (names.o, names.down)]
+        if self._output_side(target):
+            return [self.adapter.head_cols[0], self.adapter.channel_cols[0]]
         return list(self.adapter.linear_names)
+
+    def _output_side(self, target: Target) -> bool:
+        """A structured shot with output-side costs: o's and down's factors alone are used, each prepared once."""
+        return isinstance(target, Remaining) and self.cfg.group_cost == "output"
 
     def _parts(self, i: int) -> tuple[dict[str, list[str]], dict[str, int]]:
         """Layer ``i``'s structured work in two parts, the MLP channels and the heads: the linears each moves
@@ -463,7 +466,7 @@ class _Walk:
             t0 = time.perf_counter()
             layer, linears, keep = self._enter(i, shot)
             damped: Mapping[str, DampedKron] | None = None
-            if cfg.scoring == "surgeon" and isinstance(target, Remaining) and cfg.group_cost == "output":
+            if cfg.scoring == "surgeon" and self._output_side(target):
                 empty = torch.empty(0)  # column updates read A_inv alone (structures.apply_)
                 damped = {n: DampedKron(empty, empty, A_inv, empty)
                           for n, A_inv in self.spill.tensors(f"inverses-{i}.safetensors").items()}
