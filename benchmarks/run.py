@@ -37,6 +37,7 @@ from runtime.backend import backend_python, check_backend, check_device, resolve
 log = logging.getLogger(__name__)
 
 MIN_REPEAT = 5  # the protocol's minimum number of timed repetitions
+SHARE_TOLERANCE = 1e-3  # relative perplexity difference on the check windows under which a share stands
 Isolation = Literal["process", "inline"]
 
 
@@ -50,6 +51,9 @@ class ModelSpec:
     # True: evaluated; False: not evaluated; a label: the perplexity of that (evaluated) row, shared because this
     # row runs the same weights on another runtime, checked against it by its export (ONNX's verification)
     perplexity: bool | str = True
+    # with a label: first measure this row's perplexity on its first N windows and the label's on the same ones;
+    # shared when they agree within SHARE_TOLERANCE, else this row is evaluated in full (llama.cpp's own kernels)
+    check_windows: int = 0
 
 
 @dataclass
@@ -100,6 +104,9 @@ class BenchConfig:
             if isinstance(m.perplexity, str) and (m.perplexity not in labels or labels[m.perplexity].perplexity is not True):
                 raise SurgeonError(f"model {m.label} shares the perplexity of {m.perplexity!r}, which is not an "
                                    "evaluated model of this run")
+            if m.check_windows < 0 or (m.check_windows and not isinstance(m.perplexity, str)):
+                raise SurgeonError(f"model {m.label}: check_windows checks a shared perplexity (a label), "
+                                   f"got {m.check_windows} with perplexity={m.perplexity!r}")
         missing = [m.spec for m in self.models if m.spec is not None and not Path(m.spec).expanduser().exists()]
         if missing:  # every path before any model loads (loading the others first takes minutes)
             raise SurgeonError(f"model path not found: {', '.join(missing)}")
@@ -284,9 +291,15 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                 e["perplexity"] = c.call({"op": "perplexity", **asdict(cfg.ppl), "progress": cfg.progress})
                 e["wall_seconds"]["perplexity"] = round(time.perf_counter() - start, 2)
         by_label = {e["label"]: e for e in entries}
-        for m, e in zip(cfg.models, entries):
+        clients_by_label = {m.label: c for m, c in zip(cfg.models, clients)}
+        for m, c, e in zip(cfg.models, clients, entries):
             shared = by_label[m.perplexity]["perplexity"] if isinstance(m.perplexity, str) else None
-            if shared is not None:
+            if shared is not None and m.check_windows:
+                assert cfg.ppl is not None and isinstance(m.perplexity, str)
+                start = time.perf_counter()
+                e["perplexity"] = _checked_share(m, c, clients_by_label[m.perplexity], shared, cfg.ppl)
+                e["wall_seconds"]["perplexity"] = round(time.perf_counter() - start, 2)
+            elif shared is not None:
                 e["perplexity"] = {**shared, "shared_from": m.perplexity}
         grid = [("prefill", {"batch": b, "length": t}) for b, t in cfg.prefill]
         grid += [("decode", {"batch": b, "length": cfg.prompt_len, "new_tokens": cfg.new_tokens}) for b in cfg.decode]
@@ -324,6 +337,23 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         "config": {**asdict(cfg), "models": [asdict(m) for m in cfg.models]},
         "models": entries,
     }
+
+
+def _checked_share(m: ModelSpec, mine: InlineClient | ProcessClient, theirs: InlineClient | ProcessClient,
+                   shared: dict, ppl: PplConfig) -> dict:
+    """``m``'s perplexity: the shared row's, when both agree on the first ``m.check_windows`` windows within
+    :data:`SHARE_TOLERANCE` (recorded as ``check``); else ``m``'s own over every window of the protocol."""
+    windows = m.check_windows if ppl.windows is None else min(m.check_windows, ppl.windows)
+    few = {**asdict(ppl), "windows": windows, "progress": False}
+    own, other = mine.call({"op": "perplexity", **few}), theirs.call({"op": "perplexity", **few})
+    difference = abs(own["perplexity"] / other["perplexity"] - 1)
+    check = {"windows": windows, "perplexity": own["perplexity"], "against": other["perplexity"],
+             "relative_difference": difference, "tolerance": SHARE_TOLERANCE}
+    if difference <= SHARE_TOLERANCE:
+        return {**shared, "shared_from": m.perplexity, "check": check}
+    log.warning("%s: perplexity on %d windows differs from %s's by %.1e (over %.0e): evaluated in full",
+                m.label, windows, m.perplexity, difference, SHARE_TOLERANCE)
+    return {**mine.call({"op": "perplexity", **asdict(ppl), "progress": False}), "check": check}
 
 
 def bench(cfg: BenchConfig, out: Path, baseline: Path | None = None, max_regression: float = 0.05,

@@ -799,6 +799,9 @@ class RunConfig:
     force: bool = False
 
 
+LLAMA_CPP_CHECK_WINDOWS = 4  # the main job's llama.cpp row: its perplexity checked on these windows, then shared
+
+
 def installed_runtimes() -> list[str]:
     """The optional runtime backends whose packages are installed (``openvino``, ``llama.cpp``)."""
     import importlib.util
@@ -833,8 +836,9 @@ def run(cfg: RunConfig) -> dict:
             data_dir=cfg.data_dir, streaming=False, recover=cfg.recover, recover_data=cfg.recover_data,
             recover_windows=cfg.recover_windows, evaluate=False, force=True, progress=cfg.progress))
     # Like with like: on every runtime the dense model runs beside the pruned one (dense first: the
-    # runtime's baseline, benchmarks/run.py). Perplexity is measured on torch and on llama.cpp (its own
-    # kernels and file); the ONNX rows share torch's (the same weights, checked against torch by the export).
+    # runtime's baseline, benchmarks/run.py). Perplexity is measured on torch; the ONNX rows share torch's (the
+    # same weights, checked against torch by the export), and so does llama.cpp's pruned row (its own kernels and
+    # file) once its perplexity on the first windows agrees with torch's (else it is measured in full).
     models = [ModelSpec(label="dense", spec=cfg.model), ModelSpec(label="pruned", spec=str(pruned_dir))]
     if cfg.onnx:
         log.info("2/%d exporting the dense and the pruned model to ONNX (%s)", steps, cfg.out)
@@ -860,7 +864,8 @@ def run(cfg: RunConfig) -> dict:
             with stage("gguf export dense (cached after the first run)"):
                 dense_gguf = _cached_gguf(cfg.model)
             models += [ModelSpec(label="dense-llama.cpp", spec=str(dense_gguf), backend="llama.cpp", perplexity=False),
-                       ModelSpec(label="pruned-llama.cpp", spec=str(pruned_gguf), backend="llama.cpp")]
+                       ModelSpec(label="pruned-llama.cpp", spec=str(pruned_gguf), backend="llama.cpp",
+                                 perplexity="pruned", check_windows=LLAMA_CPP_CHECK_WINDOWS)]
         except SurgeonError as exc:  # a family or tokenizer GGUF cannot express: the rest of the job stands
             skipped["llama.cpp"] = str(exc)
             log.warning("llama.cpp skipped: %s", exc)

@@ -334,3 +334,28 @@ def test_each_runtime_compares_pruned_with_dense_on_that_runtime(models: dict, t
            f"(vs dense) | {same['prefill']['1x8']['throughput']:.2f}× | {same['decode']['b1']['throughput']:.2f}× |")
     assert row in md.splitlines(), md
     assert "| model | backend | against | size × | ppl × | prefill 1×8 speed-up | decode b1 speed-up |" in md
+
+
+def test_a_shared_perplexity_is_checked_on_a_few_windows_first(models: dict) -> None:
+    """``check_windows``: a row sharing another's perplexity measures its own on the first windows and takes
+    the share only when both agree within SHARE_TOLERANCE; a row that differs is evaluated in full instead."""
+    from benchmarks.report import markdown
+    from benchmarks.run import SHARE_TOLERANCE
+
+    specs = [ModelSpec("dense", str(models["dense"])), ModelSpec("pruned", str(models["pruned"])),
+             ModelSpec("dense-again", str(models["dense"]), perplexity="dense", check_windows=2),
+             ModelSpec("pruned-as-dense", str(models["pruned"]), perplexity="dense", check_windows=2)]
+    result = run_benchmark(config(models, models=specs, prefill=[(1, 8)], decode=[1]))
+    dense, pruned, again, wrong = (m["perplexity"] for m in result["models"])
+    assert again["shared_from"] == "dense" and again["perplexity"] == dense["perplexity"]
+    assert again["check"]["windows"] == 2 and again["check"]["relative_difference"] == 0.0  # the same model
+    lm = load_model(models["dense"])  # the check's figure: the library's perplexity on the first 2 windows
+    ids = tokenize(lm.tokenizer, models["text"].read_text())
+    two = perplexity(lm.model, ids, seq_len=32, max_windows=2, progress=False).perplexity
+    assert again["check"]["perplexity"] == pytest.approx(two, rel=1e-9) and two != dense["perplexity"]
+    assert "shared_from" not in wrong and wrong["check"]["relative_difference"] > SHARE_TOLERANCE
+    assert wrong["perplexity"] == pruned["perplexity"] and wrong["windows"] == 3  # measured in full, not shared
+    md = markdown(result)
+    assert f"{again['perplexity']:.3f} (= dense, 0.0e+00 on 2 windows)" in md
+    with pytest.raises(SurgeonError, match="check_windows checks a shared perplexity"):
+        run_benchmark(config(models, models=[ModelSpec("dense", str(models["dense"]), check_windows=2)]))

@@ -187,8 +187,8 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
         if dense["backend"] in ("onnxruntime", "openvino"):  # the same weights as torch's rows, checked by the export
             assert dense["perplexity"]["shared_from"] == "dense" and pruned["perplexity"]["shared_from"] == "pruned"
             assert payload["onnx_parity_max_abs_logit_diff"][f"{pruned['label'].split('-')[0]}-onnx"] < 1e-3
-        else:  # llama.cpp: its own kernels and file; the pruned model evaluated there, the dense one once on torch
-            assert dense["perplexity"] is None and "shared_from" not in pruned["perplexity"]
+        else:  # llama.cpp: its own kernels and file; the pruned row checked against torch on a few windows
+            assert dense["perplexity"] is None and pruned["perplexity"]["check"]["windows"] >= 1
         assert pruned["runtime_baseline"] == dense["label"] and pruned["ratios_same_runtime"]["parameters"] < 1.0
     assert set(payload["stage_seconds"]) >= {"prune and save", "onnx export dense", "onnx export pruned", "benchmark"}
     assert all(m["wall_seconds"]["load"] > 0 for m in bench["models"])
