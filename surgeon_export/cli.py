@@ -24,9 +24,10 @@ _previous_sigint = (signal.signal(signal.SIGINT, _interrupted_while_importing)
 import json  # noqa: E402
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Annotated, Optional  # noqa: E402
 
 import typer  # noqa: E402
+
+from surgeon_export import options as o  # noqa: E402
 
 if _previous_sigint is not None:
     signal.signal(signal.SIGINT, _previous_sigint)
@@ -40,23 +41,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-ModelArg = Annotated[
-    Optional[str],
-    typer.Argument(help="Hugging Face model directory or .gguf file; default: SmolLM2-135M-Instruct."),
-]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log messages.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
-Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")]
-Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")]
-Recover = Annotated[bool, typer.Option("--recover/--no-recover", help="After pruning, distil the pruned model from the dense one (KL on logits), the pruned structure frozen (docs/recovery.md).")]
-RecoverSteps = Annotated[int, typer.Option(help="--recover: training steps (one window each).")]
-RecoverLr = Annotated[Optional[float], typer.Option(help="--recover: peak learning rate (default 1e-4 for the kept weights, 1e-3 with --recover-rank).")]
-RecoverRank = Annotated[int, typer.Option(help="--recover: 0 trains the kept weights directly; R > 0 trains masked low-rank adapters of rank R, merged at the end.")]
-RecoverData = Annotated[str, typer.Option(help="--recover: calibration (WikiText-2 validation or --calib-text; never the evaluation split) or generated (text the dense model samples itself).")]
-RecoverWindows = Annotated[int, typer.Option(help="--recover: training windows of --recover-seq-len tokens.")]
-RecoverSeqLen = Annotated[int, typer.Option(help="--recover: tokens per training window.")]
-RECOVER_STEPS = 200  # about 15 CPU-minutes on the default model (docs/recovery.md)
 
 
 def recovery_line(r: dict) -> str:
@@ -82,12 +66,6 @@ def recover_config(steps: int, lr: float | None, rank: int, seq_len: int):
     """The recovery config of the command line (the learning rate's default depends on the form)."""
     return _api().RecoverConfig(steps=steps, lr=lr if lr is not None else (1e-3 if rank else 1e-4), rank=rank,
                                 seq_len=seq_len)
-
-
-DataDir = Annotated[
-    Optional[Path],
-    typer.Option(help="Directory with wikitext-2-raw/wiki.test.raw and wikitext-2/valid.txt (default: $SURGEON_EXPORT_DATA, else the copies packaged with surgeon-export)."),
-]
 
 
 def _setup(quiet: bool, threads: int | None, distributed: bool = False) -> bool:
@@ -127,16 +105,9 @@ def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: ModelArg = None,
-    text: Annotated[Optional[Path], typer.Option(help="Evaluate on this text file instead of WikiText-2 test.")] = None,
-    data_dir: DataDir = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
-    windows: Annotated[int, typer.Option(help="Evaluate the first N windows.")] = 64,
-    full: Annotated[bool, typer.Option("--full", help="Evaluate every window of the text.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
-    threads: Threads = None,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
+    model: o.ModelArg = None, text: o.EvalText = None, data_dir: o.DataDir = None, seq_len: o.EvalSeqLen = 512,
+    windows: o.EvalWindows = 64, full: o.EvalFull = False, batch_size: o.EvalBatchSize = 4, threads: o.Threads = None,
+    quiet: o.Quiet = False, as_json: o.AsJson = False,
 ) -> None:
     """Perplexity of a model on the protocol (WikiText-2 test, 512-token windows, first 64)."""
     _setup(quiet, threads)
@@ -149,59 +120,23 @@ def eval_cmd(
     ])
 
 
-SDS_HELP = "SDS (--refine sds): "
-PruneOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the pruned checkpoint here.")]
-Method = Annotated[str, typer.Option(help="surgeon (LLM Surgeon), sparsegpt, wanda or magnitude.")]
-Sparsity = Annotated[Optional[float], typer.Option(help="Unstructured: fraction of each linear's weights to remove.")]
-Pattern = Annotated[Optional[str], typer.Option(help="Semi-structured KEPT:BLOCK, e.g. 2:4.")]
-Structured = Annotated[Optional[float], typer.Option(help="surgeon: structured, fraction of decoder-linear weights to keep (e.g. 0.7); combine with --pattern for structured then N:M.")]
-CalibSamples = Annotated[Optional[int], typer.Option(help="Calibration windows (default 64; 16 for surgeon --structured).")]
-Shots = Annotated[int, typer.Option(help="surgeon: pruning shots, each re-estimating the curvature.")]
-KfacSamples = Annotated[Optional[int], typer.Option(help="surgeon: windows for K-FAC's backward passes (G); A then comes from all --calib-samples, forward only (default 16 for unstructured and N:M, all windows for --structured).")]
-CalibBatch = Annotated[int, typer.Option(help="sparsegpt, wanda, magnitude: windows per forward pass of the layer-wise statistics (under torchrun, the unit the ranks share: ranks beyond the number of batches wait).")]
-KfacBatch = Annotated[int, typer.Option(help="surgeon: windows per K-FAC forward/backward pass; 2 cuts the default model's K-FAC peak memory from 9.3 to 6.4 GiB for ~10% more K-FAC time, 1 to 5.7 GiB for ~30% (same factors up to rounding).")]
-Allocation = Annotated[Optional[str], typer.Option(help="--structured and surgeon: global (costs compared across layers) or uniform (the same MLP channels in every layer); default: each method's measured best, global for surgeon, uniform for wanda and magnitude --structured (Wanda-style 80%: 50.14 uniform vs 202.1 global).")]
-Correlation = Annotated[str, typer.Option(help="surgeon: joint (exact OBS update of all removals under G x A), rows (per-row updates spread through G) or none (per row, G ignored).")]
-GroupCost = Annotated[str, typer.Option(help="surgeon --structured: output (down/o column costs and updates; default, measured best) or sum (every member of a coupled group).")]
-Fisher = Annotated[str, typer.Option(help="surgeon: empirical or true Fisher.")]
-Checkpoint = Annotated[Optional[Path], typer.Option(help="surgeon: save state after every shot here; rerun to resume.")]
-SeqLen = Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")]
-CalibText = Annotated[Optional[Path], typer.Option(help="Calibrate on this text file.")]
-Seed = Annotated[int, typer.Option(help="Seed for calibration window offsets.")]
-TrueSequential = Annotated[bool, typer.Option(help="Re-collect inputs after each group of linears.")]
-Refine = Annotated[Optional[str], typer.Option(help="sds: sparse-dense-sparse refinement after the first pruning (unstructured and N:M).")]
-SdsL1 = Annotated[Optional[float], typer.Option(help=SDS_HELP + "L1 weight of the dense step (units of mean |W| x mean input energy; default 0.1).")]
-SdsL2 = Annotated[Optional[float], typer.Option(help=SDS_HELP + "ridge toward the dense weights in the dense step and the adjustment (units of mean input energy; default 0.01, SparseGPT's damping).")]
-SdsEpochs = Annotated[Optional[int], typer.Option(help=SDS_HELP + "dense-step iterations, each a full pass over the calibration statistics (default 100).")]
-SdsAdjustEpochs = Annotated[Optional[int], typer.Option(help=SDS_HELP + "soft mask adjustment iterations after re-pruning (default 100).")]
-SdsTeacher = Annotated[Optional[str], typer.Option(help=SDS_HELP + "what each linear reconstructs: self (the dense weights on the pruned model's inputs; default), layer (the dense layer on the pruned stream) or dense (the dense model's own activations).")]
-Align = Annotated[int, typer.Option(help="structured: round kept sizes up to a multiple of N in the saved checkpoint.", min=1)]
-Evaluate = Annotated[bool, typer.Option("--eval/--no-eval", help="Perplexity of the pruned model (protocol).")]
-Streaming = Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Layer by layer: one decoder layer in memory, read from disk and written to --out as it is pruned (every method; LLM Surgeon walks the layers forward and back each shot, its files beside --out). Default: when the whole model would not fit in memory.")]
-MaxMemory = Annotated[Optional[str], typer.Option(help="Memory budget for choosing streaming, e.g. 8GiB (default: the memory available).")]
-BosStatistics = Annotated[str, typer.Option(help="Where calibration windows lead with BOS (the tokenizer's convention, e.g. Gemma's): include its position in the calibration statistics, or exclude it. Measured on the default model with BOS-first windows: including is better for structured pruning (docs/llm_surgeon.md, BOS).")]
-CheckStreaming = Annotated[Optional[bool], typer.Option("--check-streaming/--no-check-streaming", help="After a streamed run, load the written model whole and check that every decoder layer's outputs along the layer-at-a-time path equal the model's own forward pass on two calibration windows (warns where they differ). Default: when the whole model fits in half the memory available.")]
-LoraBetweenShots = Annotated[int, typer.Option(help="surgeon: steps of the masked low-rank update (rank --recover-rank, default 8) between shots, distilled from the dense model; 0: off.")]
-DistTimeout = Annotated[float, typer.Option(help="Under torchrun: seconds a collective waits for the other ranks before every rank stops with an error (docs/distributed.md).")]
-
-
 @app.command("prune")
 def prune_cmd(
-    model: ModelArg = None, out: PruneOut = None, method: Method = "sparsegpt", sparsity: Sparsity = None,
-    pattern: Pattern = None, structured: Structured = None, calib_samples: CalibSamples = None, shots: Shots = 3,
-    kfac_samples: KfacSamples = None, kfac_batch: KfacBatch = 4, calib_batch: CalibBatch = 8,
-    allocation: Allocation = None,
-    correlation: Correlation = "joint", group_cost: GroupCost = "output", fisher: Fisher = "empirical",
-    checkpoint: Checkpoint = None, seq_len: SeqLen = 512, calib_text: CalibText = None, seed: Seed = 0,
-    true_sequential: TrueSequential = False, refine: Refine = None, sds_l1: SdsL1 = None, sds_l2: SdsL2 = None,
-    sds_epochs: SdsEpochs = None, sds_adjust_epochs: SdsAdjustEpochs = None, sds_teacher: SdsTeacher = None,
-    align: Align = 1, evaluate: Evaluate = True, streaming: Streaming = None, max_memory: MaxMemory = None,
-    bos_statistics: BosStatistics = "include", check_streaming: CheckStreaming = None, recover: Recover = False,
-    recover_steps: RecoverSteps = RECOVER_STEPS, recover_lr: RecoverLr = None, recover_rank: RecoverRank = 0,
-    recover_data: RecoverData = "calibration", recover_windows: RecoverWindows = 256,
-    recover_seq_len: RecoverSeqLen = 256, lora_between_shots: LoraBetweenShots = 0, data_dir: DataDir = None,
-    force: Force = False, dist_timeout: DistTimeout = 600.0, threads: Threads = None, quiet: Quiet = False,
-    as_json: AsJson = False,
+    model: o.ModelArg = None, out: o.PruneOut = None, method: o.Method = "sparsegpt", sparsity: o.Sparsity = None,
+    pattern: o.Pattern = None, structured: o.Structured = None, calib_samples: o.CalibSamples = None,
+    shots: o.Shots = 3, kfac_samples: o.KfacSamples = None, kfac_batch: o.KfacBatch = 4, calib_batch: o.CalibBatch = 8,
+    allocation: o.Allocation = None, correlation: o.Correlation = "joint", group_cost: o.GroupCost = "output",
+    fisher: o.Fisher = "empirical", checkpoint: o.Checkpoint = None, seq_len: o.SeqLen = 512,
+    calib_text: o.CalibText = None, seed: o.Seed = 0, true_sequential: o.TrueSequential = False,
+    refine: o.Refine = None, sds_l1: o.SdsL1 = None, sds_l2: o.SdsL2 = None, sds_epochs: o.SdsEpochs = None,
+    sds_adjust_epochs: o.SdsAdjustEpochs = None, sds_teacher: o.SdsTeacher = None, align: o.Align = 1,
+    evaluate: o.Evaluate = True, streaming: o.Streaming = None, max_memory: o.MaxMemory = None,
+    bos_statistics: o.BosStatistics = "include", check_streaming: o.CheckStreaming = None, recover: o.Recover = False,
+    recover_steps: o.RecoverSteps = o.RECOVER_STEPS, recover_lr: o.RecoverLr = None, recover_rank: o.RecoverRank = 0,
+    recover_data: o.RecoverData = "calibration", recover_windows: o.RecoverWindows = 256,
+    recover_seq_len: o.RecoverSeqLen = 256, lora_between_shots: o.LoraBetweenShots = 0, data_dir: o.DataDir = None,
+    force: o.Force = False, dist_timeout: o.DistTimeout = 600.0, threads: o.Threads = None, quiet: o.Quiet = False,
+    as_json: o.AsJson = False,
 ) -> None:
     """Prune a model (LLM Surgeon, or SparseGPT / Wanda / magnitude layer by layer); optionally recover, save and evaluate it.
 
@@ -269,15 +204,9 @@ def _prune_lines(payload: dict, method: str, sparsity: float | None, structured:
 
 @app.command("shrink")
 def shrink_cmd(
-    model: ModelArg = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the smaller checkpoint here.")] = None,
-    align: Annotated[int, typer.Option(help="Round every kept size to a multiple of N (1: off).", min=1)] = 1,
-    rounding: Annotated[str, typer.Option(help="Which multiple --align picks: up (brings back only zero groups: the same function, up to float32 rounding), down or nearest.")] = "up",
-    uniform: Annotated[bool, typer.Option("--uniform", help="Same sizes in every layer: a stock-architecture checkpoint.")] = False,
-    layout: Annotated[str, typer.Option(help="default (per-layer sizes, served by our vLLM plugin; stock where the layers are equal) or nemotron-nas (NVIDIA's DeciLMForCausalLM: stock vLLM serves it with --trust-remote-code; needs the same query heads in every layer, docs/vllm.md).")] = "default",
-    force: Force = False,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
+    model: o.ModelArg = None, out: o.ShrinkOut = None, align: o.ShrinkAlign = 1, rounding: o.ShrinkRounding = "up",
+    uniform: o.ShrinkUniform = False, layout: o.ShrinkLayout = "default", force: o.Force = False,
+    quiet: o.Quiet = False, as_json: o.AsJson = False,
 ) -> None:
     """Cut the fully zeroed MLP channels and attention heads out of a masked model and save it smaller."""
     _setup(quiet, None)
@@ -304,31 +233,14 @@ def shrink_cmd(
 
 @app.command("run")
 def run_cmd(
-    model: ModelArg = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the pruned model and the benchmark.")] = Path("surgeon-out"),
-    structured: Annotated[float, typer.Option(help="Fraction of decoder-linear weights to keep.")] = 0.8,
-    method: Annotated[str, typer.Option(help="Structured scores: surgeon (LLM Surgeon: K-FAC costs, correlated updates) or wanda (Wanda-style channel scores, no update).")] = "surgeon",
-    allocation: Annotated[str, typer.Option(help="uniform (the same MLP channels in every layer; measured best at 80%) or global (channels and heads compete across layers; surgeon only).")] = "uniform",
-    shots: Annotated[int, typer.Option(help="LLM Surgeon shots.")] = 3,
-    calib_samples: Annotated[int, typer.Option(help="Calibration windows of 512 tokens.")] = 16,
-    ppl_windows: Annotated[int, typer.Option(help="Perplexity windows in the benchmark (protocol: 64).")] = 64,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
-    text: Annotated[Optional[Path], typer.Option(help="Calibrate and evaluate on this text instead of WikiText-2.")] = None,
-    data_dir: DataDir = None,
-    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Also export the dense and the pruned model to ONNX and benchmark both on ONNX Runtime (pruned against dense on the same runtime).")] = True,
-    runtimes: Annotated[bool, typer.Option("--runtimes/--no-runtimes", help="Also benchmark dense and pruned on llama.cpp, when installed (float32 GGUF: the pruned one written to OUT/pruned-gguf, the dense one once into the model cache).")] = True,
-    openvino: Annotated[bool, typer.Option("--openvino/--no-openvino", help="Also benchmark dense and pruned on OpenVINO (the ONNX exports), when installed; off by default to keep the main job short.")] = False,
-    recover: Recover = False,
-    recover_steps: RecoverSteps = RECOVER_STEPS,
-    recover_lr: RecoverLr = None,
-    recover_rank: RecoverRank = 0,
-    recover_data: RecoverData = "calibration",
-    recover_windows: RecoverWindows = 256,
-    recover_seq_len: RecoverSeqLen = 256,
-    force: Force = False,
-    threads: Threads = None,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
+    model: o.ModelArg = None, out: o.RunOut = Path("surgeon-out"), structured: o.RunStructured = 0.8,
+    method: o.RunMethod = "surgeon", allocation: o.RunAllocation = "uniform", shots: o.RunShots = 3,
+    calib_samples: o.RunCalibSamples = 16, ppl_windows: o.RunPplWindows = 64, seq_len: o.RunSeqLen = 512,
+    text: o.RunText = None, data_dir: o.DataDir = None, onnx: o.RunOnnx = True, runtimes: o.RunRuntimes = True,
+    openvino: o.RunOpenvino = False, recover: o.Recover = False, recover_steps: o.RecoverSteps = o.RECOVER_STEPS,
+    recover_lr: o.RecoverLr = None, recover_rank: o.RecoverRank = 0, recover_data: o.RecoverData = "calibration",
+    recover_windows: o.RecoverWindows = 256, recover_seq_len: o.RecoverSeqLen = 256, force: o.Force = False,
+    threads: o.Threads = None, quiet: o.Quiet = False, as_json: o.AsJson = False,
 ) -> None:
     """The main job: structured pruning, write the physically smaller model, export it to ONNX, benchmark dense vs pruned."""
     _setup(quiet, threads)
@@ -351,14 +263,8 @@ def run_cmd(
 
 @app.command("pack")
 def pack_cmd(
-    model: ModelArg = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the compressed checkpoint here.")] = None,
-    layout: Annotated[str, typer.Option("--format", help="2:4 or another N:M such as 4:8 (semi-structured), csr or bsr (unstructured).")] = "2:4",
-    dtype: Annotated[Optional[str], typer.Option(help="Store as float32, float16 or bfloat16 (default: as loaded, float32).")] = None,
-    blocksize: Annotated[str, typer.Option(help="bsr: block ROWSxCOLS dividing every decoder linear.")] = "4x4",
-    force: Force = False,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
+    model: o.ModelArg = None, out: o.PackOut = None, layout: o.PackLayout = "2:4", dtype: o.PackDtype = None,
+    blocksize: o.PackBlocksize = "4x4", force: o.Force = False, quiet: o.Quiet = False, as_json: o.AsJson = False,
 ) -> None:
     """Pack every decoder linear of a pruned model as N:M (2:4), CSR or BSR (pattern checked in the weights)."""
     _setup(quiet, None)
@@ -379,11 +285,8 @@ def pack_cmd(
 
 @app.command("densify")
 def densify_cmd(
-    directory: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `surgeon-export pack`.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the dense checkpoint here.")] = None,
-    force: Force = False,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
+    directory: o.DensifyDirectory, out: o.DensifyOut = None, force: o.Force = False, quiet: o.Quiet = False,
+    as_json: o.AsJson = False,
 ) -> None:
     """Write a compressed checkpoint back as a normal dense one that plain transformers loads."""
     _setup(quiet, None)
@@ -395,19 +298,10 @@ def densify_cmd(
 
 @app.command("onnx")
 def onnx_cmd(
-    model: ModelArg = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the ONNX export directory here.")] = None,
-    dtype: Annotated[str, typer.Option(help="Weights and KV cache of the graph: float32 or float16.")] = "float32",
-    opset: Annotated[int, typer.Option(help="ONNX opset, 14 to 20.", min=14, max=20)] = 17,
-    external_data: Annotated[str, typer.Option(help="Weights in model.onnx_data: auto (above 1 GiB), always or never.")] = "auto",
-    simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Fold traced shape arithmetic into constants.")] = True,
-    optimize: Annotated[bool, typer.Option("--optimize", help="Also fuse with onnxruntime's transformer optimizer (ONNX Runtime-only ops).")] = False,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare ONNX Runtime with torch before keeping the graph.")] = True,
-    uniform_cache: Annotated[bool, typer.Option("--uniform-cache", help="Per-layer shapes: one KV-head count at the graph boundary and a stock config, for optimum's ORTModelForCausalLM.")] = False,
-    force: Force = False,
-    threads: Threads = None,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
+    model: o.ModelArg = None, out: o.OnnxOut = None, dtype: o.OnnxDtype = "float32", opset: o.OnnxOpset = 17,
+    external_data: o.OnnxExternalData = "auto", simplify: o.OnnxSimplify = True, optimize: o.OnnxOptimize = False,
+    verify: o.OnnxVerify = True, uniform_cache: o.OnnxUniformCache = False, force: o.Force = False,
+    threads: o.Threads = None, quiet: o.Quiet = False, as_json: o.AsJson = False,
 ) -> None:
     """Export a model to ONNX with KV cache (optimum's input/output names), checked against torch."""
     _setup(quiet, threads)
@@ -429,14 +323,9 @@ def onnx_cmd(
 
 @app.command("gguf")
 def gguf_cmd(
-    model: ModelArg = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The .gguf file to write.")] = None,
-    tensor_type: Annotated[str, typer.Option("--type", help="Weight type: f32, f16, bf16 or q8_0.")] = "f16",
-    uniform: Annotated[bool, typer.Option("--uniform", help="Refuse per-layer shapes: the stock llama.cpp architecture only (llama, qwen2, qwen3, gemma, gemma2, gemma3).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
-    ffn_align: Annotated[int, typer.Option("--ffn-align", help="Pad MLP widths with zero channels to a multiple of this, for llama.cpp's fast matmul (1: never).")] = 32,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
+    model: o.ModelArg = None, out: o.GgufOut = None, tensor_type: o.GgufTensorType = "f16",
+    uniform: o.GgufUniform = False, force: o.GgufForce = False, ffn_align: o.GgufFfnAlign = 32, quiet: o.Quiet = False,
+    as_json: o.AsJson = False,
 ) -> None:
     """Export a model to one GGUF file for llama.cpp (Llama and Gemma families; per-layer Llama/Qwen2 shapes as llama.cpp's 'deci'; docs/gguf.md)."""
     _setup(quiet, None)
@@ -448,21 +337,11 @@ def gguf_cmd(
 
 @app.command("generate")
 def generate_cmd(
-    model: Annotated[str, typer.Argument(help="Model directory (torch), ONNX export directory (onnxruntime, openvino), .gguf file or directory (llama.cpp), or 'default'.")] = "default",
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")] = None,
-    backend: Annotated[str, typer.Option(help="Runtime backend: torch, onnxruntime, openvino, llama.cpp, vllm (and any registered one).")] = "torch",
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt at most.")] = 32,
-    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of taking the argmax.")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Sample from the smallest set with this probability (1: all).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    stop: Annotated[Optional[list[int]], typer.Option(help="Stop token id (repeatable; default: the model's EOS).")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")] = False,
-    threads: Threads = None,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
+    model: o.GenerateModel = "default", prompt: o.GeneratePrompt = None, backend: o.GenerateBackend = "torch",
+    device: o.GenerateDevice = "cpu", max_new_tokens: o.GenerateMaxNewTokens = 32, sample: o.GenerateSample = False,
+    temperature: o.GenerateTemperature = 1.0, top_k: o.GenerateTopK = 0, top_p: o.GenerateTopP = 1.0,
+    seed: o.GenerateSeed = 0, stop: o.GenerateStop = None, chat: o.GenerateChat = False, threads: o.Threads = None,
+    quiet: o.Quiet = False, as_json: o.AsJson = False,
 ) -> None:
     """Generate text with the KV cache on one backend (greedy or sampling, stop tokens, batch)."""
     _setup(quiet, threads)
@@ -482,8 +361,7 @@ def generate_cmd(
 
 @app.command("vllm-setup")
 def vllm_setup_cmd(
-    target: Annotated[Optional[Path], typer.Option("--env", help="Where to create it (default: $SURGEON_EXPORT_VLLM_ENV, else the model cache).")] = None,
-    quiet: Quiet = False,
+    target: o.VllmSetupTarget = None, quiet: o.Quiet = False,
 ) -> None:
     """Create vLLM's own environment (vLLM CPU build, this package, pins vLLM accepts) for --backend vllm."""
     _setup(quiet, None)
@@ -491,7 +369,9 @@ def vllm_setup_cmd(
 
 
 @app.command("info")
-def info_cmd(model: ModelArg = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
+def info_cmd(
+    model: o.ModelArg = None, quiet: o.Quiet = False, as_json: o.AsJson = False,
+) -> None:
     """Architecture, shapes, parameter counts and measured zeros of a model."""
     _setup(quiet, None)
     r = _api().info(model)
@@ -512,31 +392,14 @@ def info_cmd(model: ModelArg = None, quiet: Quiet = False, as_json: AsJson = Fal
 
 @app.command("bench")
 def bench_cmd(
-    models: Annotated[Optional[list[str]], typer.Argument(
-        help="Models as [LABEL=]PATH (or 'default'); the first is the baseline of every ratio, and the first on each backend that runtime's baseline too (ratios on the same runtime).")] = None,
-    backend: Annotated[Optional[list[str]], typer.Option(help="Backend for all models, or once per model.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, float16 on CUDA), float32, float16 or bfloat16.")] = "auto",
-    prefill: Annotated[str, typer.Option(help="Prefill cells BATCHxLENGTH, comma-separated ('none' to skip).")] = "1x128,8x512",
-    decode: Annotated[str, typer.Option(help="Decode batch sizes, comma-separated ('none' to skip).")] = "1,8",
-    new_tokens: Annotated[int, typer.Option(help="Timed greedy decode steps per repetition.")] = 128,
-    prompt_len: Annotated[int, typer.Option(help="Synthetic prompt length before decoding.")] = 128,
-    repeat: Annotated[int, typer.Option(help="Timed repetitions per cell (at least 5).")] = 5,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up repetitions per cell.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic prompts.")] = 0,
-    ppl_windows: Annotated[int, typer.Option(help="Perplexity on the first N windows.")] = 64,
-    ppl_seq_len: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 512,
-    no_ppl: Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity.")] = False,
-    text: Annotated[Optional[Path], typer.Option(help="Perplexity on this text file instead of WikiText-2 test.")] = None,
-    data_dir: DataDir = None,
-    isolation: Annotated[str, typer.Option(help="process (one worker per model) or inline.")] = "process",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Result JSON; .md and .png files go beside it.")] = Path("benchmark.json"),
-    baseline: Annotated[Optional[Path], typer.Option(help="Stored result JSON to gate against (exit 1 on regression).")] = None,
-    max_regression: Annotated[str, typer.Option(help="Allowed worsening per gated metric, e.g. 5% or 0.05.")] = "5%",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out result file.")] = False,
-    threads: Threads = None,
-    quiet: Quiet = False,
-    as_json: AsJson = False,
+    models: o.BenchModels = None, backend: o.BenchBackend = None, device: o.BenchDevice = "auto",
+    dtype: o.BenchDtype = "auto", prefill: o.BenchPrefill = "1x128,8x512", decode: o.BenchDecode = "1,8",
+    new_tokens: o.BenchNewTokens = 128, prompt_len: o.BenchPromptLen = 128, repeat: o.BenchRepeat = 5,
+    warmup: o.BenchWarmup = 1, seed: o.BenchSeed = 0, ppl_windows: o.BenchPplWindows = 64,
+    ppl_seq_len: o.BenchPplSeqLen = 512, no_ppl: o.BenchNoPpl = False, text: o.BenchText = None,
+    data_dir: o.DataDir = None, isolation: o.BenchIsolation = "process", out: o.BenchOut = Path("benchmark.json"),
+    baseline: o.BenchBaseline = None, max_regression: o.BenchMaxRegression = "5%", force: o.BenchForce = False,
+    threads: o.Threads = None, quiet: o.Quiet = False, as_json: o.AsJson = False,
 ) -> None:
     """Perplexity, prefill latency, decode tokens/s, memory and size of models; ratios to the first, and to the first on the same backend."""
     _setup(quiet, threads)
