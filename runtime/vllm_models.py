@@ -11,9 +11,15 @@ the same copy our transformers classes build their layers from). No forward pass
 attention is written here: QKV and gate/up fusion, the paged KV cache (one cache shape per layer)
 and the weight names are vLLM's own.
 
-Families whose vLLM classes do not take a layer type (Qwen2 and Qwen3 build their layers inside
-``Qwen2Model``/``Qwen3ForCausalLM``), and Gemma and OPT, are registered as classes that refuse with
-one line: without them vLLM would fall back to its Transformers backend and fail far from the cause.
+Qwen2 and Qwen3 build their layers inside ``Qwen2Model``, which their causal-LM classes name
+directly (no layer type to hand in), and vLLM's Qwen2 attention takes ``head_dim`` as hidden size over
+query heads (wrong once heads are removed). Both are served on vLLM's ``LlamaModel`` instead: Qwen2's
+decoder is Llama's with biases on q, k and v and none on o, which vLLM's Llama layer builds from
+``qkv_bias`` (its InternLM3 switch); Qwen3's is vLLM's own ``Qwen3DecoderLayer`` (per-head q/k norms,
+``head_dim`` from the config), which ``LlamaModel`` calls as it calls its own layers. Both keep their
+family's RoPE default (theta 1e6 when the config names none). Gemma and OPT are registered as classes
+that refuse with one line: without them vLLM would fall back to its Transformers backend and fail far
+from the cause.
 These classes are registered by :func:`runtime.vllm_plugin.register` (the ``vllm.general_plugins``
 entry point) under the ``architectures`` names our checkpoints carry.
 """
@@ -25,7 +31,9 @@ from typing import Any
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.transformers_utils.config import set_default_rope_theta
 
 from base.modeling import layer_config
 
@@ -49,6 +57,24 @@ class SurgeonMistralDecoderLayer(MistralDecoderLayer):
         super().__init__(vllm_config, prefix, config=_sized(vllm_config, prefix, config))
 
 
+class SurgeonQwen2DecoderLayer(LlamaDecoderLayer):
+    """A Qwen2 decoder layer with its own sizes: vLLM's Llama layer with biases on q, k and v only."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config: Any = None) -> None:
+        sized = _sized(vllm_config, prefix, config)
+        sized.attention_bias, sized.qkv_bias = False, True  # o_proj has no bias in Qwen2
+        set_default_rope_theta(sized, default_theta=1000000)  # as vLLM's Qwen2 layer does
+        super().__init__(vllm_config, prefix, config=sized)
+
+
+class SurgeonQwen3DecoderLayer(Qwen3DecoderLayer):
+    """vLLM's Qwen3 decoder layer with its own sizes, called as ``LlamaModel`` calls its layers."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config: Any = None) -> None:
+        super().__init__(_sized(vllm_config, prefix, config), cache_config=vllm_config.cache_config,
+                         quant_config=vllm_config.quant_config, prefix=prefix)
+
+
 class SurgeonLlamaForCausalLM(LlamaForCausalLM):
     """A ``surgeon_llama`` checkpoint: vLLM's Llama with per-layer sizes."""
 
@@ -63,11 +89,25 @@ class SurgeonMistralForCausalLM(MistralForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SurgeonMistralDecoderLayer)
 
 
+class SurgeonQwen2ForCausalLM(LlamaForCausalLM):
+    """A ``surgeon_qwen2`` checkpoint: vLLM's Llama model with Qwen2 layers of per-layer sizes."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SurgeonQwen2DecoderLayer)
+
+
+class SurgeonQwen3ForCausalLM(LlamaForCausalLM):
+    """A ``surgeon_qwen3`` checkpoint: vLLM's Llama model with vLLM's Qwen3 layers of per-layer sizes."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SurgeonQwen3DecoderLayer)
+
+
 class SurgeonUnsupported(LlamaForCausalLM):
     """A per-layer family vLLM cannot build with our sizes yet: refused with one line when loaded
     (a text-generation class to vLLM's inspection, so the refusal is ours, not a runner mismatch)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         arch = (vllm_config.model_config.hf_config.architectures or ["?"])[0]
-        raise ValueError(f"{arch}: the surgeon-export vLLM plugin serves per-layer Llama and Mistral checkpoints "
-                         "only; write this one with `surgeon-export shrink --uniform` for stock vLLM")
+        raise ValueError(f"{arch}: the surgeon-export vLLM plugin serves per-layer Llama, Mistral, Qwen2 and Qwen3 "
+                         "checkpoints only; write this one with `surgeon-export shrink --uniform` for stock vLLM")

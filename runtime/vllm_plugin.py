@@ -14,9 +14,10 @@ with nothing copied into the model directory and no ``trust_remote_code``. It do
 
 from __future__ import annotations
 
-SERVED = ("SurgeonLlamaForCausalLM", "SurgeonMistralForCausalLM")  # built from vLLM's Llama/Mistral layers
-REFUSED = ("SurgeonQwen2ForCausalLM", "SurgeonQwen3ForCausalLM", "SurgeonGemmaForCausalLM",
-           "SurgeonGemma2ForCausalLM", "SurgeonGemma3ForCausalLM", "SurgeonOPTForCausalLM")  # one-line refusal
+SERVED = ("SurgeonLlamaForCausalLM", "SurgeonMistralForCausalLM",  # built from vLLM's own layers
+          "SurgeonQwen2ForCausalLM", "SurgeonQwen3ForCausalLM")
+REFUSED = ("SurgeonGemmaForCausalLM", "SurgeonGemma2ForCausalLM", "SurgeonGemma3ForCausalLM",
+           "SurgeonOPTForCausalLM")  # one-line refusal
 
 
 def register() -> None:

@@ -4,8 +4,8 @@ vLLM runs in its own environment (``surgeon-export vllm-setup``, runtime/vllm_en
 it), so the vLLM side runs in a child process of that environment's Python
 (:func:`benchmarks.vllm_parity.served`, one engine per model) and the torch side here. Tiny models (head_dim 32: vLLM's CPU attention takes
 32, 64, 80, ... only): the dense stock Llama and a uniformly shrunk one through stock vLLM, a
-per-layer-shape one (different MLP widths, query heads and KV heads per layer) through the plugin,
-a per-layer Qwen2 refused in one line. Greedy tokens equal torch's (float32, 3 prompts x 32 tokens),
+per-layer-shape Llama, Qwen2 and Qwen3 (different MLP widths, query heads and KV heads per layer)
+through the plugin, a per-layer Gemma refused in one line. Greedy tokens equal torch's (float32, 3 prompts x 32 tokens),
 log-probabilities (last position, every position, each token's) within :data:`ATOL`, perplexity
 within 1e-5 relative; ``generate --backend vllm`` on the CLI and ``bench --backend vllm`` run it.
 And a checkpoint in the Nemotron-NAS layout (``shrink --layout nemotron-nas``) served by stock vLLM
@@ -63,7 +63,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
                     plan=UNIFORM_PLAN)
     return {"dense": dense, "uniform": root / "uniform",
             "per-layer": per_layer("llama", tok, root, PER_LAYER_PLAN, **SHAPE),
-            "qwen2": per_layer("qwen2", tok, root, PER_LAYER_PLAN, **SHAPE)}
+            "qwen2": per_layer("qwen2", tok, root, PER_LAYER_PLAN, **SHAPE),
+            "qwen3": per_layer("qwen3", tok, root, PER_LAYER_PLAN, **SHAPE),
+            "gemma": per_layer("gemma", tok, root, PER_LAYER_PLAN, **SHAPE)}
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +82,14 @@ def torch_reference(path: Path) -> TorchBackend:
     return TorchBackend.of(load_model(path))
 
 
-@pytest.mark.parametrize("label", ["dense", "uniform", "per-layer"])
+ARCHITECTURES = {"dense": "LlamaForCausalLM", "uniform": "LlamaForCausalLM", "per-layer": "SurgeonLlamaForCausalLM",
+                 "qwen2": "SurgeonQwen2ForCausalLM", "qwen3": "SurgeonQwen3ForCausalLM"}
+
+
+@pytest.mark.parametrize("label", list(ARCHITECTURES))
 def test_vllm_matches_torch(label: str, models: dict[str, Path], served: dict[str, dict]) -> None:
-    """Greedy tokens equal; log-probabilities and perplexity agree; the architecture is ours only where per-layer."""
+    """Greedy tokens equal; log-probabilities and perplexity agree; the architecture is ours only where per-layer
+    (per-layer Qwen2 with q/k/v biases and sliding windows on its later layers; Qwen3 with q/k norms)."""
     got = served[label]
     assert "error" not in got, got.get("error")
     ref = torch_reference(models[label])
@@ -96,7 +103,7 @@ def test_vllm_matches_torch(label: str, models: dict[str, Path], served: dict[st
     torch.testing.assert_close(torch.tensor(got["token_logprobs"], dtype=torch.float64), own.double(), atol=ATOL, rtol=0)
     want = perplexity(ref.model, torch.tensor(WINDOW * 3), seq_len=len(WINDOW), progress=False).perplexity
     assert got["perplexity"] == pytest.approx(want, rel=1e-5)
-    assert got["describe"]["vllm"]["architecture"] == ("SurgeonLlamaForCausalLM" if label == "per-layer" else "LlamaForCausalLM")
+    assert got["describe"]["vllm"]["architecture"] == ARCHITECTURES[label]
     assert got["describe"]["parameters"]["total"] == sum(p.numel() for p in ref.model.state_dict().values()) \
         - (ref.model.config.tie_word_embeddings * ref.model.lm_head.weight.numel())
 
@@ -152,9 +159,9 @@ def test_nemotron_nas_served_by_stock_vllm(stock_nas: tuple[Path, Path, dict]) -
 
 
 def test_unsupported_family_is_one_line(served: dict[str, dict]) -> None:
-    """A per-layer Qwen2 is refused by the plugin in one line that names the way out."""
-    error = served["qwen2"].get("error", "")
-    assert "SurgeonQwen2ForCausalLM" in error and "--uniform" in error and "\n" not in error
+    """A per-layer Gemma is refused by the plugin in one line that names the way out."""
+    error = served["gemma"].get("error", "")
+    assert "SurgeonGemmaForCausalLM" in error and "--uniform" in error and "\n" not in error
 
 
 def test_generate_cli_runs_in_vllm_environment(models: dict[str, Path]) -> None:
