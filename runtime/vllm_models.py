@@ -75,32 +75,25 @@ class SurgeonQwen3DecoderLayer(Qwen3DecoderLayer):
                          quant_config=vllm_config.quant_config, prefix=prefix)
 
 
-class SurgeonLlamaForCausalLM(LlamaForCausalLM):
-    """A ``surgeon_llama`` checkpoint: vLLM's Llama with per-layer sizes."""
+def _per_layer(name: str, model: type, layer_type: type, doc: str) -> type:
+    """The vLLM causal LM ``model`` (one that takes a ``layer_type``) building its layers with ``layer_type``."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SurgeonLlamaDecoderLayer)
+    def __init__(self: Any, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        model.__init__(self, vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
-
-class SurgeonMistralForCausalLM(MistralForCausalLM):
-    """A ``surgeon_mistral`` checkpoint: vLLM's Mistral with per-layer sizes."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SurgeonMistralDecoderLayer)
+    return type(name, (model,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
-class SurgeonQwen2ForCausalLM(LlamaForCausalLM):
-    """A ``surgeon_qwen2`` checkpoint: vLLM's Llama model with Qwen2 layers of per-layer sizes."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SurgeonQwen2DecoderLayer)
-
-
-class SurgeonQwen3ForCausalLM(LlamaForCausalLM):
-    """A ``surgeon_qwen3`` checkpoint: vLLM's Llama model with vLLM's Qwen3 layers of per-layer sizes."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SurgeonQwen3DecoderLayer)
+SurgeonLlamaForCausalLM = _per_layer("SurgeonLlamaForCausalLM", LlamaForCausalLM, SurgeonLlamaDecoderLayer,
+                                     "A ``surgeon_llama`` checkpoint: vLLM's Llama with per-layer sizes.")
+SurgeonMistralForCausalLM = _per_layer("SurgeonMistralForCausalLM", MistralForCausalLM, SurgeonMistralDecoderLayer,
+                                       "A ``surgeon_mistral`` checkpoint: vLLM's Mistral with per-layer sizes.")
+SurgeonQwen2ForCausalLM = _per_layer("SurgeonQwen2ForCausalLM", LlamaForCausalLM, SurgeonQwen2DecoderLayer,
+                                     "A ``surgeon_qwen2`` checkpoint: vLLM's Llama model with Qwen2 layers of "
+                                     "per-layer sizes.")
+SurgeonQwen3ForCausalLM = _per_layer("SurgeonQwen3ForCausalLM", LlamaForCausalLM, SurgeonQwen3DecoderLayer,
+                                     "A ``surgeon_qwen3`` checkpoint: vLLM's Llama model with vLLM's Qwen3 layers "
+                                     "of per-layer sizes.")
 
 
 class SurgeonUnsupported(LlamaForCausalLM):
