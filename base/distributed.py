@@ -445,7 +445,8 @@ def assign(costs: Mapping[str, float]) -> dict[str, int]:
     """The rank that does each item's work: greedy bin-packing by estimated cost, the same on every rank.
 
     Items go, most expensive first (ties in the given order), to the rank with the least work so
-    far (ties to the lower rank); with one process everything is rank 0's.
+    far (ties to the higher rank: rank 0 also writes the shards and evaluates, so the heaviest item
+    goes elsewhere); with one process everything is rank 0's.
 
     Example:
         >>> assign({"a": 3.0, "b": 1.0})  # one process
@@ -455,7 +456,7 @@ def assign(costs: Mapping[str, float]) -> dict[str, int]:
     load = [0.0] * world
     owner: dict[str, int] = {}
     for name in sorted(costs, key=lambda k: -costs[k]):  # sorted() is stable: ties keep their order
-        r = min(range(world), key=lambda i: (load[i], i))
+        r = min(range(world), key=lambda i: (load[i], -i))
         owner[name] = r
         load[r] += costs[name]
     return {name: owner[name] for name in costs}
