@@ -278,9 +278,12 @@ def ladder_part(work: Path, names: list[str], methods: list[str], layers: int | 
             r = run_prune(str(model), out, [*METHODS[method], "--streaming", "--calib-samples", "8", "--no-eval",
                                             "--calib-text", str(work / "random.txt"), *extra], threads, ranks=ranks)
             per_layer = r.get("layer_seconds") or []
+            # under torchrun the prune's own report is rank 0's: the run's peak is the largest rank's
+            peak = max((x["peak_rss_mib"] for x in (r.get("distributed") or {}).get("ranks", [])),
+                       default=r.get("peak_rss_mib"))
             rows.append({"model": name, "layers": n_layers, "settings": " ".join([*METHODS[method], *extra]),
                          "ranks": ranks, "threads_per_rank": threads, "distributed": r.get("distributed"),
-                         "weights_on_disk_bytes": disk, "method": method, "peak_rss_mib": r.get("peak_rss_mib"),
+                         "weights_on_disk_bytes": disk, "method": method, "peak_rss_mib": peak,
                          "wall_seconds": round(r["wall_seconds"], 1), "prune_seconds": r.get("seconds"),
                          "seconds_per_layer": per_layer, "layer_peak_rss_mib": r.get("layer_peak_rss_mib"),
                          "sparsity": r.get("sparsity"), "memory_plan": r.get("memory_plan"), "error": r.get("error")})
@@ -291,7 +294,7 @@ def ladder_part(work: Path, names: list[str], methods: list[str], layers: int | 
                 rest = (r.get("seconds") or 0.0) - sum(per_layer)
                 rows[-1]["extrapolated_full_model"] = {
                     "layers": full, "seconds": round(rest + full * sum(per_layer) / len(per_layer), 1),
-                    "peak_rss_mib": r.get("peak_rss_mib"),
+                    "peak_rss_mib": peak,
                     "note": "seconds: time outside the layer steps + layers x the mean measured seconds per layer"}
             if keep and "error" not in r:  # the checkpoint written, loaded back (meta weights: its config and index)
                 rows[-1]["checkpoint"] = loadable(out)
