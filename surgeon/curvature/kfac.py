@@ -178,9 +178,8 @@ def _prepare(A: Tensor, G: Tensor, lam_A: float, lam_G: float, *,
         A, G = rescale(A.to(torch.float64), G.to(torch.float64))
     A_inv, lam_A = inverse_spd(A, lam_A)
     G_inv, lam_G = inverse_spd(G, lam_G)
-    if in_place:
-        return DampedKron(damp_(A, lam_A), damp_(G, lam_G), A_inv, G_inv), lam_A, lam_G
-    return DampedKron(damp(A, lam_A), damp(G, lam_G), A_inv, G_inv), lam_A, lam_G
+    damped = damp_ if in_place else damp
+    return DampedKron(damped(A, lam_A), damped(G, lam_G), A_inv, G_inv), lam_A, lam_G
 
 
 class LazyDamped(Mapping[str, DampedKron]):
