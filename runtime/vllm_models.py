@@ -17,18 +17,29 @@ query heads (wrong once heads are removed). Both are served on vLLM's ``LlamaMod
 decoder is Llama's with biases on q, k and v and none on o, which vLLM's Llama layer builds from
 ``qkv_bias`` (its InternLM3 switch); Qwen3's is vLLM's own ``Qwen3DecoderLayer`` (per-head q/k norms,
 ``head_dim`` from the config), which ``LlamaModel`` calls as it calls its own layers. Both keep their
-family's RoPE default (theta 1e6 when the config names none). Gemma and OPT are registered as classes
-that refuse with one line: without them vLLM would fall back to its Transformers backend and fail far
-from the cause.
+family's RoPE default (theta 1e6 when the config names none).
+
+Gemma, Gemma2 and Gemma3 build their layers inside their ``...Model`` with a ``lambda`` naming the
+decoder-layer class of their module (``GemmaDecoderLayer(config, cache_config, quant_config,
+prefix=...)``), and their layers read every size from that config (``head_dim`` included, the
+sliding window from ``config.layer_types[i]``). Their per-layer models are vLLM's own causal-LM classes
+built while that module name is bound to a subclass handing layer ``i`` its sized config
+(:func:`_built_with`); the name is restored when the constructor returns, so a stock Gemma in the same
+process is untouched. The embedding scale, the four norms, soft-capping, the two RoPE bases and the
+weight loader stay vLLM's. OPT is registered as a class that refuses with one line (vLLM's OPT derives
+``head_dim`` from hidden size over heads, wrong once heads are removed): without it vLLM would fall
+back to its Transformers backend and fail far from the cause.
 These classes are registered by :func:`runtime.vllm_plugin.register` (the ``vllm.general_plugins``
 entry point) under the ``architectures`` names our checkpoints carry.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 from vllm.config import VllmConfig
+from vllm.model_executor.models import gemma, gemma2, gemma3
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
@@ -96,11 +107,50 @@ SurgeonQwen3ForCausalLM = _per_layer("SurgeonQwen3ForCausalLM", LlamaForCausalLM
                                      "of per-layer sizes.")
 
 
+def _sized_layer(stock: type) -> type:
+    """A subclass of a Gemma-style decoder layer class ``stock(config, cache_config, quant_config, prefix)``
+    built with its own layer's sizes."""
+
+    def __init__(self: Any, config: Any, cache_config: Any = None, quant_config: Any = None, prefix: str = "") -> None:
+        stock.__init__(self, layer_config(config, extract_layer_index(prefix)), cache_config, quant_config,
+                       prefix=prefix)
+
+    return type(f"Surgeon{stock.__name__}", (stock,), {"__init__": __init__, "__module__": __name__})
+
+
+def _built_with(name: str, model: type, module: ModuleType, layer_name: str, doc: str) -> type:
+    """vLLM's causal LM ``model``, whose module builds its layers through the global ``module.<layer_name>``,
+    constructed while that name is bound to the sized subclass (restored afterwards, also on errors)."""
+    sized = _sized_layer(getattr(module, layer_name))
+
+    def __init__(self: Any, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        stock = getattr(module, layer_name)
+        setattr(module, layer_name, sized)
+        try:
+            model.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        finally:
+            setattr(module, layer_name, stock)
+
+    return type(name, (model,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+SurgeonGemmaForCausalLM = _built_with("SurgeonGemmaForCausalLM", gemma.GemmaForCausalLM, gemma, "GemmaDecoderLayer",
+                                      "A ``surgeon_gemma`` checkpoint: vLLM's Gemma with per-layer sizes.")
+SurgeonGemma2ForCausalLM = _built_with("SurgeonGemma2ForCausalLM", gemma2.Gemma2ForCausalLM, gemma2,
+                                       "Gemma2DecoderLayer",
+                                       "A ``surgeon_gemma2`` checkpoint: vLLM's Gemma2 with per-layer sizes.")
+SurgeonGemma3ForCausalLM = _built_with("SurgeonGemma3ForCausalLM", gemma3.Gemma3ForCausalLM, gemma3,
+                                       "Gemma3DecoderLayer",
+                                       "A ``surgeon_gemma3_text`` checkpoint: vLLM's Gemma3 (text) with per-layer "
+                                       "sizes.")
+
+
 class SurgeonUnsupported(LlamaForCausalLM):
     """A per-layer family vLLM cannot build with our sizes yet: refused with one line when loaded
     (a text-generation class to vLLM's inspection, so the refusal is ours, not a runner mismatch)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         arch = (vllm_config.model_config.hf_config.architectures or ["?"])[0]
-        raise ValueError(f"{arch}: the surgeon-export vLLM plugin serves per-layer Llama, Mistral, Qwen2 and Qwen3 "
-                         "checkpoints only; write this one with `surgeon-export shrink --uniform` for stock vLLM")
+        raise ValueError(f"{arch}: the surgeon-export vLLM plugin serves per-layer Llama, Mistral, Qwen2, Qwen3, "
+                         "Gemma, Gemma2 and Gemma3 checkpoints only; write this one with "
+                         "`surgeon-export shrink --uniform` for stock vLLM")

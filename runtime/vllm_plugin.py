@@ -15,9 +15,9 @@ with nothing copied into the model directory and no ``trust_remote_code``. It do
 from __future__ import annotations
 
 SERVED = ("SurgeonLlamaForCausalLM", "SurgeonMistralForCausalLM",  # built from vLLM's own layers
-          "SurgeonQwen2ForCausalLM", "SurgeonQwen3ForCausalLM")
-REFUSED = ("SurgeonGemmaForCausalLM", "SurgeonGemma2ForCausalLM", "SurgeonGemma3ForCausalLM",
-           "SurgeonOPTForCausalLM")  # one-line refusal
+          "SurgeonQwen2ForCausalLM", "SurgeonQwen3ForCausalLM",
+          "SurgeonGemmaForCausalLM", "SurgeonGemma2ForCausalLM", "SurgeonGemma3ForCausalLM")
+REFUSED = ("SurgeonOPTForCausalLM",)  # one-line refusal
 
 
 def register() -> None:

@@ -2,10 +2,11 @@
 
 vLLM runs in its own environment (``surgeon-export vllm-setup``, runtime/vllm_env.py; CI creates
 it), so the vLLM side runs in a child process of that environment's Python
-(:func:`benchmarks.vllm_parity.served`, one engine per model) and the torch side here. Tiny models (head_dim 32: vLLM's CPU attention takes
-32, 64, 80, ... only): the dense stock Llama and a uniformly shrunk one through stock vLLM, a
-per-layer-shape Llama, Qwen2 and Qwen3 (different MLP widths, query heads and KV heads per layer)
-through the plugin, a per-layer Gemma refused in one line. Greedy tokens equal torch's (float32, 3 prompts x 32 tokens),
+(:func:`benchmarks.vllm_parity.served`, one engine per model) and the torch side here. Tiny models
+(head_dim 32: vLLM's CPU attention takes 32, 64, 80, ... only): the dense stock Llama and a uniformly
+shrunk one through stock vLLM, a per-layer-shape Llama, Qwen2, Qwen3, Gemma, Gemma2 and Gemma3
+(different MLP widths, query heads and KV heads per layer) through the plugin, a per-layer OPT refused
+in one line. Greedy tokens equal torch's (float32, 3 prompts x 32 tokens),
 log-probabilities (last position, every position, each token's) within :data:`ATOL`, perplexity
 within 1e-5 relative; ``generate --backend vllm`` on the CLI and ``bench --backend vllm`` run it.
 And a checkpoint in the Nemotron-NAS layout (``shrink --layout nemotron-nas``) served by stock vLLM
@@ -40,10 +41,15 @@ from tests.test_surgery import make_model
 # Measured here: largest |log-prob difference| vLLM vs torch about 1e-6 (float32, summation order);
 # the bound leaves room for other CPUs' kernels.
 ATOL = 1e-4
+# Gemma (v1): ours 7.7e-5, and stock vLLM's GemmaForCausalLM on the dense tiny Gemma 5.5e-5 (session 18, same
+# machine): vLLM's own difference from transformers there, not the plugin's; the bound keeps room above both.
+TOLERANCE = {"gemma": 3e-4}
 PROMPTS = [[5, 17, 40, 99, 3, 250, 61], [7, 8], [300, 12, 12, 12, 55, 91, 2, 140, 33, 8, 19]]
 WINDOW = [(7 * i * i + 3 * i + 11) % 320 for i in range(24)]
 NEW_TOKENS = 32
 SHAPE = dict(head_dim=32, initializer_range=0.4, max_position_embeddings=128)  # a head size vLLM's CPU build runs; spread logits
+OPT_PLAN = RemovalPlan({0: LayerPlan.of(channels=range(5)), 2: LayerPlan.of(heads=[0, 3])})  # no KV groups in OPT
+GEMMAS = ("gemma", "gemma2", "gemma3_text")
 UNIFORM_PLAN = RemovalPlan({i: LayerPlan.of(channels=range(3 * i, 3 * i + 8), heads=[2, 5]) for i in range(3)})
 
 
@@ -65,7 +71,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "per-layer": per_layer("llama", tok, root, PER_LAYER_PLAN, **SHAPE),
             "qwen2": per_layer("qwen2", tok, root, PER_LAYER_PLAN, **SHAPE),
             "qwen3": per_layer("qwen3", tok, root, PER_LAYER_PLAN, **SHAPE),
-            "gemma": per_layer("gemma", tok, root, PER_LAYER_PLAN, **SHAPE)}
+            **{family: per_layer(family, tok, root, PER_LAYER_PLAN, **SHAPE) for family in GEMMAS},
+            "opt": per_layer("opt", tok, root, OPT_PLAN, **SHAPE)}
 
 
 @pytest.fixture(scope="module")
@@ -83,26 +90,29 @@ def torch_reference(path: Path) -> TorchBackend:
 
 
 ARCHITECTURES = {"dense": "LlamaForCausalLM", "uniform": "LlamaForCausalLM", "per-layer": "SurgeonLlamaForCausalLM",
-                 "qwen2": "SurgeonQwen2ForCausalLM", "qwen3": "SurgeonQwen3ForCausalLM"}
+                 "qwen2": "SurgeonQwen2ForCausalLM", "qwen3": "SurgeonQwen3ForCausalLM",
+                 "gemma": "SurgeonGemmaForCausalLM", "gemma2": "SurgeonGemma2ForCausalLM",
+                 "gemma3_text": "SurgeonGemma3ForCausalLM"}
 
 
 @pytest.mark.parametrize("label", list(ARCHITECTURES))
 def test_vllm_matches_torch(label: str, models: dict[str, Path], served: dict[str, dict]) -> None:
     """Greedy tokens equal; log-probabilities and perplexity agree; the architecture is ours only where per-layer
-    (per-layer Qwen2 with q/k/v biases and sliding windows on its later layers; Qwen3 with q/k norms)."""
+    (per-layer Qwen2 with q/k/v biases and sliding windows on its later layers; Qwen3 with q/k norms; Gemma's scaled
+    embeddings and 1 + w norms, Gemma2's soft-capping and alternating windows, Gemma3's two RoPE bases)."""
     got = served[label]
     assert "error" not in got, got.get("error")
     ref = torch_reference(models[label])
     assert got["greedy"] == generate(ref, PROMPTS, GenerationConfig(max_new_tokens=NEW_TOKENS)).tokens
     assert len({tuple(row) for row in got["greedy"]}) == len(PROMPTS)  # not a degenerate model: every row differs
-    window = torch.tensor([WINDOW])
+    window, atol = torch.tensor([WINDOW]), TOLERANCE.get(label, ATOL)
     expected = torch.log_softmax(ref.logits(window)[0], dim=-1)  # [T, V]
-    torch.testing.assert_close(torch.tensor(got["logprobs"]), expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(torch.tensor(got["last_logprobs"]), expected[-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.tensor(got["logprobs"]), expected, atol=atol, rtol=0)
+    torch.testing.assert_close(torch.tensor(got["last_logprobs"]), expected[-1], atol=atol, rtol=0)
     own = expected[:-1].gather(-1, window[0, 1:, None])[:, 0]  # [T - 1]
-    torch.testing.assert_close(torch.tensor(got["token_logprobs"], dtype=torch.float64), own.double(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.tensor(got["token_logprobs"], dtype=torch.float64), own.double(), atol=atol, rtol=0)
     want = perplexity(ref.model, torch.tensor(WINDOW * 3), seq_len=len(WINDOW), progress=False).perplexity
-    assert got["perplexity"] == pytest.approx(want, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(want, rel=atol / 10)  # 1e-5 but for Gemma
     assert got["describe"]["vllm"]["architecture"] == ARCHITECTURES[label]
     assert got["describe"]["parameters"]["total"] == sum(p.numel() for p in ref.model.state_dict().values()) \
         - (ref.model.config.tie_word_embeddings * ref.model.lm_head.weight.numel())
@@ -159,9 +169,9 @@ def test_nemotron_nas_served_by_stock_vllm(stock_nas: tuple[Path, Path, dict]) -
 
 
 def test_unsupported_family_is_one_line(served: dict[str, dict]) -> None:
-    """A per-layer Gemma is refused by the plugin in one line that names the way out."""
-    error = served["gemma"].get("error", "")
-    assert "SurgeonGemmaForCausalLM" in error and "--uniform" in error and "\n" not in error
+    """A per-layer OPT is refused by the plugin in one line that names the way out."""
+    error = served["opt"].get("error", "")
+    assert "SurgeonOPTForCausalLM" in error and "--uniform" in error and "\n" not in error
 
 
 def test_generate_cli_runs_in_vllm_environment(models: dict[str, Path]) -> None:
