@@ -198,9 +198,10 @@ def run_prune(model: str | None, out: Path, args: list[str], threads: int, *, sa
     wall = time.perf_counter() - start
     stderr = streams["stderr"].decode(errors="replace").strip()
     sampled = {"rss_by_phase_mib": {k: round(v) for k, v in peaks.items()}} if sample else {}
-    if proc.returncode != 0:
-        return {"error": stderr.splitlines()[-1] if stderr else f"exit {proc.returncode}", "wall_seconds": wall,
-                **sampled}
+    if proc.returncode != 0:  # our one line (under torchrun the last line is torchrun's own banner), else the last
+        lines = stderr.splitlines()
+        ours = [line for line in lines if line.startswith("error: ")]
+        return {"error": (ours or lines or [f"exit {proc.returncode}"])[-1], "wall_seconds": wall, **sampled}
     result = json.loads(streams["stdout"])
     result.pop("environment", None)
     return {**result, "wall_seconds": wall, **sampled}

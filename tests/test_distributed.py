@@ -420,3 +420,12 @@ def test_other_commands_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SurgeonError, match="only `prune` runs data-parallel under torchrun"):
         cli._setup(False, None)
+
+
+def test_streaming_benchmark_keeps_our_error_line_under_torchrun(tmp_path: Path) -> None:
+    """benchmarks/streaming.py's prune runner records the product's one ``error:`` line, not torchrun's banner
+    (the last line of a failed torchrun: the 7B run of session 18 was recorded as ``====...``)."""
+    from benchmarks.streaming import run_prune
+
+    r = run_prune(str(tmp_path / "missing"), tmp_path / "out", ["--method", "wanda", "--sparsity", "0.5"], 1, ranks=2)
+    assert r["error"].startswith("error: ") and "missing" in r["error"], r
