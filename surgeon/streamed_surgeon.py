@@ -610,8 +610,56 @@ def prune_surgeon_streamed_(
     requires = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in requires:
         p.requires_grad_(False)  # gradients through activations only: none into the LM head or norms
+    if windows is not None and rank() == 0:
+        _check_disk(spill, spill_bytes(model, adapter, cfg, *windows.shape))
     try:
         return _Walk(model, adapter, windows, cfg, stream, spill, progress).run()
     finally:
         for p, r in requires:
             p.requires_grad_(r)
+
+
+def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows: int, seq_len: int,
+                ranks: int | None = None) -> int:
+    """The most disk the walk's files take on this machine, ``ranks`` ranks (default: torchrun's
+    ``LOCAL_WORLD_SIZE``) each with a spill directory of its own (docs/streaming.md, "Scratch disk").
+
+    The boundary hidden states and two gradients, float32, every window once (``(L + 3) N T H``); each
+    layer's state after an update, its weights in float32 and its masks as bytes (``5 P`` per rank;
+    from the second shot on the previous shot's states too, until the update ends); and, under global
+    allocation, each layer's curvature from the reverse walk until the update has read it (freed a
+    layer late): down's and o's damped ``A^-1`` in float64 for structured output-side costs, else an
+    upper bound of every factor and the element costs (``8 (d_in² + d_out² + d_in d_out)`` per linear).
+    The peak is the larger of the reverse walk's end and the update's end.
+    """
+    import os
+
+    ranks = ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    linears = adapter.decoder_linears(model)
+    layers = len(adapter.decoder_layers(model))
+    hidden = 4 * (layers + 3) * windows * seq_len * int(model.config.hidden_size)
+    copies = 1 if cfg.shots == 1 else 2
+    states = 5 * sum(m.in_features * m.out_features for m in linears.values()) * ranks
+    if cfg.allocation == "uniform" or (cfg.pattern is not None and cfg.structured is None and cfg.sparsity is None):
+        curvature = 0  # each layer pruned on the way: nothing waits for the update
+    elif cfg.structured is not None and cfg.group_cost == "output":
+        ends = (f".{adapter.channel_cols[0]}", f".{adapter.head_cols[0]}")
+        curvature = sum(8 * m.in_features ** 2 for n, m in linears.items() if n.endswith(ends))
+    else:
+        curvature = sum(8 * (m.in_features ** 2 + m.out_features ** 2 + m.in_features * m.out_features)
+                        for m in linears.values())
+    late = 2 * curvature // layers  # the last two layers' curvature, still there when the update ends
+    return hidden + max(curvature + (copies - 1) * states, copies * states + late)
+
+
+def _check_disk(spill: Path, need: int) -> None:
+    """Log what the walk's files will take; warn when the spill's file system has less free (a resumed
+    run's own files are part of ``need``, and the estimate is an upper bound: this warns, not refuses)."""
+    where = next(p for p in (spill, *spill.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    log.info("streamed LLM Surgeon: its files in %s reach about %.1f GiB (%.1f GiB free there)", spill,
+             need / 2**30, free / 2**30)
+    if need > free:
+        log.warning("the walk's files need about %.1f GiB of disk by the end of a shot and %s has %.1f GiB free: "
+                    "the run will stop on a full disk (it resumes once there is room)", need / 2**30, where,
+                    free / 2**30)

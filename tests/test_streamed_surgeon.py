@@ -210,6 +210,30 @@ def test_update_frees_each_layers_inverses(src: Path, tmp_path: Path, monkeypatc
     assert n >= 2 and seen == [(i, list(range(i, n))) for i in range(n)]
 
 
+@pytest.mark.parametrize("kwargs", [dict(structured=0.7, shots=1), dict(structured=0.7, shots=2),
+                                    dict(sparsity=0.5, shots=2)], ids=["structured", "structured-2-shots", "unstructured"])
+def test_spill_estimate_bounds_the_walks_files(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture, kwargs: dict) -> None:
+    """``spill_bytes`` is at least the tensors the walk keeps on disk at any layer step (and not wildly more),
+    and a file system with less free space than it gets a warning before any work."""
+    cfg = api.build_config("surgeon", **kwargs)
+    most = {"bytes": 0}
+    real_done = streamed._Walk._layer_done
+
+    def done(self: streamed._Walk, i: int, seconds: float) -> None:
+        real_done(self, i, seconds)
+        most["bytes"] = max(most["bytes"], sum(f.stat().st_size for f in self.spill.directory.glob("*.safetensors")))
+
+    monkeypatch.setattr(streamed._Walk, "_layer_done", done)
+    lm = load_model(src)
+    need = streamed.spill_bytes(lm.model, lm.adapter, cfg, CALIB["calib_samples"], CALIB["seq_len"], ranks=1)
+    monkeypatch.setattr(streamed.shutil, "disk_usage", lambda p: type("Usage", (), {"free": need - 1})())
+    with caplog.at_level("INFO", logger="surgeon.streamed_surgeon"):
+        api.prune_streamed(src, cfg, tmp_path / "out", **CALIB)
+    assert 0 < most["bytes"] <= need < 3 * most["bytes"], (most["bytes"], need)
+    assert any(r.levelname == "WARNING" and "full disk" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("where", ["writing layer 1", "after the last layer"])
 def test_interrupted_while_writing_the_checkpoint(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   where: str) -> None:
