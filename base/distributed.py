@@ -69,6 +69,12 @@ def env_world_size() -> int:
         raise SurgeonError(f"WORLD_SIZE must be a number, got {os.environ['WORLD_SIZE']!r}") from None
 
 
+def local_world_size() -> int:
+    """``LOCAL_WORLD_SIZE`` as torchrun sets it (1 when unset or not a number): the ranks on this machine."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def init_from_env(timeout: float | None = None) -> bool:
     """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_*``).
 

@@ -49,7 +49,16 @@ from torch import nn
 from tqdm import tqdm
 
 from base.adapters import Adapter
-from base.distributed import assign, batches_of, gather_rows, rank, share, sum_over_ranks, world_size
+from base.distributed import (
+    assign,
+    batches_of,
+    gather_rows,
+    local_world_size,
+    rank,
+    share,
+    sum_over_ranks,
+    world_size,
+)
 from base.env import PeakWindow
 from base.errors import SurgeonError
 from base.resume import ResumeState
@@ -632,9 +641,7 @@ def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows:
     upper bound of every factor and the element costs (``8 (d_in² + d_out² + d_in d_out)`` per linear).
     The peak is the larger of the reverse walk's end and the update's end.
     """
-    import os
-
-    ranks = ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    ranks = ranks or local_world_size()
     linears = adapter.decoder_linears(model)
     layers = len(adapter.decoder_layers(model))
     hidden = 4 * (layers + 3) * windows * seq_len * int(model.config.hidden_size)
