@@ -3,8 +3,8 @@
 Decides whether a rank waiting in a streamed LLM Surgeon step could lend its core to the rank that inverts
 down's ``A`` without giving up bit-identity with a one-process run (docs/streaming.md)::
 
-    python benchmarks/threads_bits.py 512 2048 > benchmarks/results/threads_bits.json
-    MKL_CBWR=AVX2,STRICT python benchmarks/threads_bits.py 512 2048
+    python benchmarks/threads_bits.py 512 2048
+    MKL_CBWR=AVX2,STRICT python benchmarks/threads_bits.py 512 2048   # both in benchmarks/results/threads_bits.json
 """
 
 from __future__ import annotations
