@@ -41,8 +41,9 @@ from tests.test_surgery import make_model
 # Measured here: largest |log-prob difference| vLLM vs torch about 1e-6 (float32, summation order);
 # the bound leaves room for other CPUs' kernels.
 ATOL = 1e-4
-# Gemma (v1): ours 7.7e-5, and stock vLLM's GemmaForCausalLM on the dense tiny Gemma 5.5e-5 (vllm_parity_tiny_gemma.json, same
-# machine): vLLM's own difference from transformers there, not the plugin's; the bound keeps room above both.
+# Gemma (v1): ours 7.7e-5, and stock vLLM's GemmaForCausalLM on the dense tiny Gemma 5.5e-5
+# (benchmarks/results/vllm_parity_tiny_gemma.json): vLLM's own difference from transformers there, not the
+# plugin's; the bound keeps room above both.
 TOLERANCE = {"gemma": 3e-4}
 PROMPTS = [[5, 17, 40, 99, 3, 250, 61], [7, 8], [300, 12, 12, 12, 55, 91, 2, 140, 33, 8, 19]]
 WINDOW = [(7 * i * i + 3 * i + 11) % 320 for i in range(24)]
