@@ -151,6 +151,7 @@ class LayerStream(Protocol):
     """Where the driver's layers come from and where they go, one at a time."""
 
     num_layers: int
+    dtype: torch.dtype | None  # the dtype the layers are finally written in (None: kept as they are)
 
     def enter(self, index: int) -> nn.Module:
         """Decoder layer ``index``, ready to run (already pruned if :meth:`finished` says so)."""
@@ -175,6 +176,7 @@ class InMemoryLayers:
         self.layers = adapter.decoder_layers(model)
         self.teachers = adapter.decoder_layers(teacher) if teacher is not None else None
         self.num_layers = len(self.layers)
+        self.dtype = None
 
     def enter(self, index: int) -> nn.Module:
         return self.layers[index]

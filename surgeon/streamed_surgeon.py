@@ -93,7 +93,7 @@ from surgeon.prune.threshold import GlobalThreshold, global_threshold
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
-STATE_VERSION = 2  # 2: base.resume (the pieces' checksums)
+STATE_VERSION = 3  # 2: base.resume (the pieces' checksums); 3: masks as bits, the last states in the stream's dtype
 PHASES = ("forward", "head", "reverse", "select", "update", "done")  # a shot's, in order (select, update: global)
 
 
@@ -248,14 +248,19 @@ class _Walk:
         with torch.no_grad():
             for name, m in linears.items():
                 m.weight.copy_(saved[f"{name}.weight"])
-        return layer, linears, {n: saved[f"{n}.keep"].bool() for n in linears}
+        return layer, linears, {n: _unpack(saved[f"{n}.keep"], m.weight.shape) for n, m in linears.items()}
 
     def _leave(self, i: int, layer: nn.Module, shot: int, linears: dict[str, nn.Linear],
                keep: dict[str, torch.Tensor] | None) -> None:
-        """Write layer ``i``'s weights and masks after ``shot`` shots (``keep`` None: unchanged), release it."""
+        """Write layer ``i``'s weights and masks after ``shot`` shots (``keep`` None: unchanged), release it.
+
+        The masks as bits; the weights in float32 for the next shot, after the last shot in the dtype the
+        stream writes them in (each layer's checkpoint shard holds that rounding, made once either way):
+        a bfloat16 7B model's final states are 13 GB per rank, not 32 (float32 and byte masks)."""
         if keep is not None:
-            tensors = {f"{n}.weight": m.weight for n, m in linears.items()}
-            tensors.update({f"{n}.keep": k.to(torch.uint8) for n, k in keep.items()})
+            last = shot == len(self.targets) and self.stream.dtype is not None
+            tensors = {f"{n}.weight": m.weight.to(self.stream.dtype) if last else m.weight for n, m in linears.items()}
+            tensors.update({f"{n}.keep": _pack(k) for n, k in keep.items()})
             self.spill.put_tensors(f"state-{shot}-{i}.safetensors", tensors)
             self.state["removed"][str(i)] = sum(int((~k).sum()) for k in keep.values())
         self.stream.leave(i, layer, None)
@@ -584,6 +589,19 @@ class _Walk:
         return report
 
 
+def _pack(keep: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as bits, eight to a byte (the first element in the lowest bit)."""
+    flat = keep.flatten().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
+    return (flat << torch.arange(8, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The mask of ``shape`` that :func:`_pack` packed."""
+    flat = (bits.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return flat.flatten()[:shape.numel()].view(shape).bool()
+
+
 def _candidate(c: structures.Candidate, layer: bool = False) -> dict:
     out = {"kind": c.kind, "index": c.index.tolist(), "cost": c.cost, "size": c.size}
     return {"layer": c.layer, **out} if layer else out
@@ -620,7 +638,7 @@ def prune_surgeon_streamed_(
     for p, _ in requires:
         p.requires_grad_(False)  # gradients through activations only: none into the LM head or norms
     if windows is not None and rank() == 0:
-        _check_disk(spill, spill_bytes(model, adapter, cfg, *windows.shape))
+        _check_disk(spill, spill_bytes(model, adapter, cfg, *windows.shape, dtype=stream.dtype))
     try:
         return _Walk(model, adapter, windows, cfg, stream, spill, progress).run()
     finally:
@@ -629,24 +647,27 @@ def prune_surgeon_streamed_(
 
 
 def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows: int, seq_len: int,
-                ranks: int | None = None) -> int:
+                ranks: int | None = None, dtype: torch.dtype | None = None) -> int:
     """The most disk the walk's files take on this machine, ``ranks`` ranks (default: torchrun's
     ``LOCAL_WORLD_SIZE``) each with a spill directory of its own (docs/streaming.md, "Scratch disk").
 
     The boundary hidden states and two gradients, float32, every window once (``(L + 3) N T H``); each
-    layer's state after an update, its weights in float32 and its masks as bytes (``5 P`` per rank;
-    from the second shot on the previous shot's states too, until the update ends); and, under global
-    allocation, each layer's curvature from the reverse walk until the update has read it (freed a
-    layer late): down's and o's damped ``A^-1`` in float64 for structured output-side costs, else an
-    upper bound of every factor and the element costs (``8 (d_in² + d_out² + d_in d_out)`` per linear).
-    The peak is the larger of the reverse walk's end and the update's end.
+    layer's state after a shot per rank, its masks as bits and its weights in float32 (``4.125 P``), after
+    the last shot in ``dtype``, the checkpoint's (None: float32); the previous shot's states too, until the
+    update ends; and, under global allocation, each layer's curvature from the reverse walk until the
+    update has read it (freed a layer late): down's and o's damped ``A^-1`` in float64 for structured
+    output-side costs, else an upper bound of every factor and the element costs (``8 (d_in² + d_out² +
+    d_in d_out)`` per linear). The peak is the larger of the reverse walk's end and the update's end.
     """
     ranks = ranks or local_world_size()
     linears = adapter.decoder_linears(model)
     layers = len(adapter.decoder_layers(model))
     hidden = 4 * (layers + 3) * windows * seq_len * int(model.config.hidden_size)
-    copies = 1 if cfg.shots == 1 else 2
-    states = 5 * sum(m.in_features * m.out_features for m in linears.values()) * ranks
+    params = sum(m.in_features * m.out_features for m in linears.values())
+    final = (torch.empty(0, dtype=dtype or torch.float32).element_size() + 0.125) * params * ranks
+    between = 4.125 * params * ranks  # a state the next shot starts from
+    before = between if cfg.shots > 1 else 0  # the previous shot's, read by this one
+    states = before + (between if cfg.shots > 2 else final)  # at the end of the shot that writes the most
     if cfg.allocation == "uniform" or (cfg.pattern is not None and cfg.structured is None and cfg.sparsity is None):
         curvature = 0  # each layer pruned on the way: nothing waits for the update
     elif cfg.structured is not None and cfg.group_cost == "output":
@@ -656,7 +677,7 @@ def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows:
         curvature = sum(8 * (m.in_features ** 2 + m.out_features ** 2 + m.in_features * m.out_features)
                         for m in linears.values())
     late = 2 * curvature // layers  # the last two layers' curvature, still there when the update ends
-    return hidden + max(curvature + (copies - 1) * states, copies * states + late)
+    return int(hidden + max(curvature + before, states + late))
 
 
 def _check_disk(spill: Path, need: int) -> None:

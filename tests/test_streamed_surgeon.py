@@ -326,3 +326,38 @@ def test_bad_input(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         api.prune_streamed(src, api.build_config("surgeon", sparsity=0.5), tmp_path / "out", **CALIB)
     assert not (tmp_path / "out").exists()
     assert not list((tmp_path / ".out.partial" / "surgeon").glob(".*"))  # no temporary left behind
+
+
+def test_mask_bits_round_trip() -> None:
+    for shape in [(3, 5), (8,), (4, 16), (1, 1), (7, 9)]:
+        keep = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) > 0.5
+        bits = streamed._pack(keep)
+        assert bits.dtype == torch.uint8 and bits.numel() == -(-keep.numel() // 8)
+        assert torch.equal(streamed._unpack(bits, keep.shape), keep)
+
+
+def test_bfloat16_source_last_states_in_its_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bfloat16 source: the walk keeps the states between shots in float32 and the last shot's in bfloat16
+    (masks as bits throughout), and writes whole-model LLM Surgeon's weights rounded to bfloat16 once."""
+    model, tokenizer = make_tiny_llama(num_hidden_layers=3, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    cfg = api.build_config("surgeon", structured=0.7, shots=2)
+    seen: dict[str, set] = {}
+    real_done = streamed._Walk._layer_done
+
+    def done(self: streamed._Walk, i: int, seconds: float) -> None:
+        real_done(self, i, seconds)
+        for f in self.spill.directory.glob("state-*.safetensors"):
+            saved = self.spill.tensors(f.name)
+            seen.setdefault(f.name.split("-")[1], set()).update(
+                (k.rsplit(".", 1)[1], v.dtype) for k, v in saved.items())
+
+    monkeypatch.setattr(streamed._Walk, "_layer_done", done)
+    api.prune_streamed(tmp_path / "src", cfg, tmp_path / "out", **CALIB)
+    assert seen == {"1": {("weight", torch.float32), ("keep", torch.uint8)},
+                    "2": {("weight", torch.bfloat16), ("keep", torch.uint8)}}
+    reference, _ = whole_model(tmp_path / "src", cfg)
+    saved = tensors(tmp_path / "out")
+    for key, value in saved.items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, reference[key].to(torch.bfloat16)), key
