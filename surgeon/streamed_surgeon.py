@@ -52,6 +52,7 @@ from base.adapters import Adapter
 from base.distributed import (
     assign,
     batches_of,
+    broadcast_json,
     gather_rows,
     local_world_size,
     rank,
@@ -254,15 +255,18 @@ class _Walk:
                keep: dict[str, torch.Tensor] | None) -> None:
         """Write layer ``i``'s weights and masks after ``shot`` shots (``keep`` None: unchanged), release it.
 
-        The masks as bits; the weights in float32 for the next shot, after the last shot in the dtype the
-        stream writes them in (each layer's checkpoint shard holds that rounding, made once either way):
-        a bfloat16 7B model's final states are 13 GB per rank, not 32 (float32 and byte masks)."""
+        The masks as bits; the weights in float32 for the next shot. After the last shot only rank 0 keeps
+        them (it writes the checkpoint; :meth:`_finish` sends the other ranks its records), in the dtype the
+        stream writes them in (the shard holds that rounding, made once either way): a bfloat16 7B model's
+        final states are 13.8 GB on one rank, not 32 GB (float32 and byte masks) on each."""
+        last = shot == len(self.targets)
         if keep is not None:
-            last = shot == len(self.targets) and self.stream.dtype is not None
-            tensors = {f"{n}.weight": m.weight.to(self.stream.dtype) if last else m.weight for n, m in linears.items()}
+            self.state["removed"][str(i)] = sum(int((~k).sum()) for k in keep.values())
+        if keep is not None and (not last or rank() == 0):
+            dtype = self.stream.dtype if last and self.stream.dtype is not None else torch.float32
+            tensors = {f"{n}.weight": m.weight.to(dtype) for n, m in linears.items()}
             tensors.update({f"{n}.keep": _pack(k) for n, k in keep.items()})
             self.spill.put_tensors(f"state-{shot}-{i}.safetensors", tensors)
-            self.state["removed"][str(i)] = sum(int((~k).sum()) for k in keep.values())
         self.stream.leave(i, layer, None)
 
     def _hidden(self, i: int, which: list[int] | None = None) -> list[LayerBatch]:
@@ -500,26 +504,27 @@ class _Walk:
             self.spill.forget(f"inverses-{i - 1}.safetensors", f"factors-{i - 1}.safetensors")
             self._layer_done(i, time.perf_counter() - t0)
 
+    def _write(self, i: int, report: PruneReport) -> dict:
+        """Layer ``i``'s final weights to the stream; its records (zeros counted, removal plan, time, peak)."""
+        layer, linears, keep = self._enter(i, len(self.targets))
+        records: dict[str, Any] = {"layers": {}, "refine": {}, "shots": self.state["shots"],
+                                   "seconds": self.state["layer_seconds"].get(str(i), 0.0),
+                                   "peak_rss_mib": self.state["layer_rss"].get(str(i))}
+        for name, m in linears.items():
+            report.record(name, m)
+            records["layers"][name] = report.layers[name]
+        if self.cfg.structured is not None:
+            plan = structures.layer_removal(self.model.config, self.adapter, i, keep)
+            records["removal"] = plan.to_dict() if plan is not None else None
+        self.stream.leave(i, layer, records)
+        return records
+
     def _finish(self, report: PruneReport) -> None:
-        """Each layer's final weights to the stream (the checkpoint), with its records."""
-        shots = len(self.targets)
+        """Each layer's final weights to the stream (the checkpoint, rank 0's), with its records (sent to
+        every rank: the others kept no final states)."""
         removal = RemovalPlan()
         for i in self._tqdm(range(self.n), "write"):
-            done = self.stream.finished(i)
-            if done is None:
-                layer, linears, keep = self._enter(i, shots)
-                records: dict[str, Any] = {"layers": {}, "refine": {}, "shots": self.state["shots"],
-                                           "seconds": self.state["layer_seconds"].get(str(i), 0.0),
-                                           "peak_rss_mib": self.state["layer_rss"].get(str(i))}
-                for name, m in linears.items():
-                    report.record(name, m)
-                    records["layers"][name] = report.layers[name]
-                if self.cfg.structured is not None:
-                    plan = structures.layer_removal(self.model.config, self.adapter, i, keep)
-                    records["removal"] = plan.to_dict() if plan is not None else None
-                self.stream.leave(i, layer, records)
-                done = records
-                del layer, linears, keep
+            done = broadcast_json(0, (self.stream.finished(i) or self._write(i, report)) if rank() == 0 else None)
             report.layers.update(done["layers"])
             report.layer_seconds.append(done["seconds"])
             report.layer_peak_rss_mib.append(done["peak_rss_mib"] or 0.0)
@@ -653,7 +658,7 @@ def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows:
 
     The boundary hidden states and two gradients, float32, every window once (``(L + 3) N T H``); each
     layer's state after a shot per rank, its masks as bits and its weights in float32 (``4.125 P``), after
-    the last shot in ``dtype``, the checkpoint's (None: float32); the previous shot's states too, until the
+    the last shot on rank 0 alone in ``dtype``, the checkpoint's (None: float32); the previous shot's too, until the
     update ends; and, under global allocation, each layer's curvature from the reverse walk until the
     update has read it (freed a layer late): down's and o's damped ``A^-1`` in float64 for structured
     output-side costs, else an upper bound of every factor and the element costs (``8 (d_in² + d_out² +
@@ -664,7 +669,7 @@ def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows:
     layers = len(adapter.decoder_layers(model))
     hidden = 4 * (layers + 3) * windows * seq_len * int(model.config.hidden_size)
     params = sum(m.in_features * m.out_features for m in linears.values())
-    final = (torch.empty(0, dtype=dtype or torch.float32).element_size() + 0.125) * params * ranks
+    final = (torch.empty(0, dtype=dtype or torch.float32).element_size() + 0.125) * params  # rank 0's alone
     between = 4.125 * params * ranks  # a state the next shot starts from
     before = between if cfg.shots > 1 else 0  # the previous shot's, read by this one
     states = before + (between if cfg.shots > 2 else final)  # at the end of the shot that writes the most
