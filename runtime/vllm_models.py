@@ -26,9 +26,9 @@ sliding window from ``config.layer_types[i]``). Their per-layer models are vLLM'
 built while that module name is bound to a subclass handing layer ``i`` its sized config
 (:func:`_built_with`); the name is restored when the constructor returns, so a stock Gemma in the same
 process is untouched. The embedding scale, the four norms, soft-capping, the two RoPE bases and the
-weight loader stay vLLM's. OPT is registered as a class that refuses with one line (vLLM's OPT derives
-``head_dim`` from hidden size over heads, wrong once heads are removed): without it vLLM would fall
-back to its Transformers backend and fail far from the cause.
+weight loader stay vLLM's. OPT is built the same way, with vLLM's ``OPTAttention`` bound to
+:class:`SurgeonOPTAttention` as well (vLLM's derives ``head_dim`` from hidden size over heads, wrong once
+heads are removed).
 These classes are registered by :func:`runtime.vllm_plugin.register` (the ``vllm.general_plugins``
 entry point) under the ``architectures`` names our checkpoints carry.
 """
@@ -38,8 +38,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from vllm.config import VllmConfig
-from vllm.model_executor.models import gemma, gemma2, gemma3
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.models import gemma, gemma2, gemma3, opt
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
@@ -118,18 +119,40 @@ def _sized_layer(stock: type) -> type:
     return type(f"Surgeon{stock.__name__}", (stock,), {"__init__": __init__, "__module__": __name__})
 
 
-def _built_with(name: str, model: type, module: ModuleType, layer_name: str, doc: str) -> type:
+class SurgeonOPTAttention(opt.OPTAttention):
+    """vLLM's OPT attention with its layer's number of heads and the checkpoint's ``head_dim`` (stock vLLM
+    takes hidden size over heads, wrong once heads are removed): built as vLLM builds it for
+    ``heads * head_dim`` wide attention (its ``Attention``, scaling and forward), with q/k/v taking the
+    hidden size in and the output projection giving it back."""
+
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, cache_config: Any = None,
+                 quant_config: Any = None, prefix: str = "") -> None:
+        config = get_current_vllm_config().model_config.hf_config
+        heads, head_dim = config.layer_num_attention_heads[extract_layer_index(prefix)], config.head_dim
+        super().__init__(heads * head_dim, heads, bias, cache_config, quant_config, prefix)
+        self.embed_dim = embed_dim
+        self.qkv_proj = QKVParallelLinear(embed_dim, head_dim, heads, bias=bias, quant_config=quant_config,
+                                          prefix=f"{prefix}.qkv_proj")
+        self.out_proj = RowParallelLinear(heads * head_dim, embed_dim, bias=bias, quant_config=quant_config,
+                                          prefix=f"{prefix}.out_proj")
+
+
+def _built_with(name: str, model: type, module: ModuleType, layer_name: str, doc: str,
+                also: dict[str, type] | None = None) -> type:
     """vLLM's causal LM ``model``, whose module builds its layers through the global ``module.<layer_name>``,
-    constructed while that name is bound to the sized subclass (restored afterwards, also on errors)."""
-    sized = _sized_layer(getattr(module, layer_name))
+    constructed while that name is bound to the sized subclass, and the names in ``also`` to theirs
+    (restored afterwards, also on errors)."""
+    bound = {layer_name: _sized_layer(getattr(module, layer_name)), **(also or {})}
 
     def __init__(self: Any, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        stock = getattr(module, layer_name)
-        setattr(module, layer_name, sized)
+        stock = {k: getattr(module, k) for k in bound}
+        for k, v in bound.items():
+            setattr(module, k, v)
         try:
             model.__init__(self, vllm_config=vllm_config, prefix=prefix)
         finally:
-            setattr(module, layer_name, stock)
+            for k, v in stock.items():
+                setattr(module, k, v)
 
     return type(name, (model,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
@@ -143,14 +166,6 @@ SurgeonGemma3ForCausalLM = _built_with("SurgeonGemma3ForCausalLM", gemma3.Gemma3
                                        "Gemma3DecoderLayer",
                                        "A ``surgeon_gemma3_text`` checkpoint: vLLM's Gemma3 (text) with per-layer "
                                        "sizes.")
-
-
-class SurgeonUnsupported(LlamaForCausalLM):
-    """A per-layer family vLLM cannot build with our sizes yet: refused with one line when loaded
-    (a text-generation class to vLLM's inspection, so the refusal is ours, not a runner mismatch)."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        arch = (vllm_config.model_config.hf_config.architectures or ["?"])[0]
-        raise ValueError(f"{arch}: the surgeon-export vLLM plugin serves per-layer Llama, Mistral, Qwen2, Qwen3, "
-                         "Gemma, Gemma2 and Gemma3 checkpoints only; write this one with "
-                         "`surgeon-export shrink --uniform` for stock vLLM")
+SurgeonOPTForCausalLM = _built_with("SurgeonOPTForCausalLM", opt.OPTForCausalLM, opt, "OPTDecoderLayer",
+                                    "A ``surgeon_opt`` checkpoint: vLLM's OPT with per-layer MLP widths and heads.",
+                                    also={"OPTAttention": SurgeonOPTAttention})

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 SERVED = ("SurgeonLlamaForCausalLM", "SurgeonMistralForCausalLM",  # built from vLLM's own layers
           "SurgeonQwen2ForCausalLM", "SurgeonQwen3ForCausalLM",
-          "SurgeonGemmaForCausalLM", "SurgeonGemma2ForCausalLM", "SurgeonGemma3ForCausalLM")
-REFUSED = ("SurgeonOPTForCausalLM",)  # one-line refusal
+          "SurgeonGemmaForCausalLM", "SurgeonGemma2ForCausalLM", "SurgeonGemma3ForCausalLM",
+          "SurgeonOPTForCausalLM")
 
 
 def register() -> None:
@@ -31,6 +31,3 @@ def register() -> None:
     for arch in SERVED:
         if arch not in known:
             ModelRegistry.register_model(arch, f"runtime.vllm_models:{arch}")
-    for arch in REFUSED:
-        if arch not in known:
-            ModelRegistry.register_model(arch, "runtime.vllm_models:SurgeonUnsupported")
