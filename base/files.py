@@ -95,6 +95,25 @@ def check_writable(target: Path, what: str = "output") -> None:
     probe.unlink()
 
 
+def check_free_disk(target: Path, need: int, what: str, *, resuming: bool = False) -> None:
+    """Refuse, before any work, a run whose files beside ``target`` need more than the free space of its
+    file system (``need`` bytes at the run's peak, ``what`` they are); where the run resumes, its files
+    already there are part of ``need``, so it warns instead. Logs the figure either way."""
+    where = Path(target).expanduser().absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    log.info("%s: about %.1f GiB of disk at the peak (%.1f GiB free in %s)", what, need / 2**30, free / 2**30, where)
+    if need <= free:
+        return
+    message = f"{what}: about {need / 2**30:.1f} GiB of disk at the peak, and {where} has {free / 2**30:.1f} GiB free"
+    if not resuming:
+        raise SurgeonError(f"{message}: free space there or write --out on a larger disk (docs/streaming.md, "
+                           "\"Scratch disk\")")
+    log.warning("%s; this run resumes, so part of it is written already: it may stop on a full disk (it resumes "
+                "once there is room)", message)
+
+
 _RESUMABLE: list[tuple[Path, Path]] = []  # the resumable directory of the run in progress, and its output
 
 

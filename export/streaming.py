@@ -60,6 +60,12 @@ def source_identity(lazy: LazyModel) -> str:
     return checkpoint_identity(lazy.path / "config.json", lazy.weights.where.values())
 
 
+def partial_dir(out: Path) -> Path:
+    """The hidden sibling of ``out`` a streamed run writes (and resumes) in before it is renamed into place."""
+    out = Path(out).expanduser()
+    return out.parent / f".{out.name}.partial"
+
+
 def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
@@ -78,7 +84,7 @@ class StreamedLayers:
         self.num_layers = lazy.num_layers()
         self.total = self.num_layers + 1  # one shard per layer, one for the rest
         self.dtype = lazy.weights.dtype()  # shards keep the source's dtype
-        self.partial = self.out.parent / f".{self.out.name}.partial"
+        self.partial = partial_dir(self.out)
         self.layers: dict[int, dict] = {}  # the finished layers' records
         self.state: ResumeState | None = None
         if writer:  # bound to the source's identity and the settings; the shards are its pieces

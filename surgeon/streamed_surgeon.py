@@ -642,8 +642,6 @@ def prune_surgeon_streamed_(
     requires = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in requires:
         p.requires_grad_(False)  # gradients through activations only: none into the LM head or norms
-    if windows is not None and rank() == 0:
-        _check_disk(spill, spill_bytes(model, adapter, cfg, *windows.shape, dtype=stream.dtype))
     try:
         return _Walk(model, adapter, windows, cfg, stream, spill, progress).run()
     finally:
@@ -652,9 +650,10 @@ def prune_surgeon_streamed_(
 
 
 def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows: int, seq_len: int,
-                ranks: int | None = None, dtype: torch.dtype | None = None) -> int:
+                ranks: int | None = None, dtype: torch.dtype | None = None, checkpoint: int = 0) -> int:
     """The most disk the walk's files take on this machine, ``ranks`` ranks (default: torchrun's
-    ``LOCAL_WORLD_SIZE``) each with a spill directory of its own (docs/streaming.md, "Scratch disk").
+    ``LOCAL_WORLD_SIZE``) each with a spill directory of its own (docs/streaming.md, "Scratch disk");
+    with the ``checkpoint``'s bytes, the run's peak (the checkpoint is written beside the last states).
 
     The boundary hidden states and two gradients, float32, every window once (``(L + 3) N T H``); each
     layer's state after a shot per rank, its masks as bits and its weights in float32 (``4.125 P``), after
@@ -682,17 +681,4 @@ def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows:
         curvature = sum(8 * (m.in_features ** 2 + m.out_features ** 2 + m.in_features * m.out_features)
                         for m in linears.values())
     late = 2 * curvature // layers  # the last two layers' curvature, still there when the update ends
-    return int(hidden + max(curvature + before, states + late))
-
-
-def _check_disk(spill: Path, need: int) -> None:
-    """Log what the walk's files will take; warn when the spill's file system has less free (a resumed
-    run's own files are part of ``need``, and the estimate is an upper bound: this warns, not refuses)."""
-    where = next(p for p in (spill, *spill.parents) if p.exists())
-    free = shutil.disk_usage(where).free
-    log.info("streamed LLM Surgeon: its files in %s reach about %.1f GiB (%.1f GiB free there)", spill,
-             need / 2**30, free / 2**30)
-    if need > free:
-        log.warning("the walk's files need about %.1f GiB of disk by the end of a shot and %s has %.1f GiB free: "
-                    "the run will stop on a full disk (it resumes once there is room)", need / 2**30, where,
-                    free / 2**30)
+    return int(max(hidden + max(curvature + before, states + late), final + checkpoint))

@@ -34,7 +34,7 @@ from base import distributed as dist
 from base.adapters import Adapter
 from base.data import TokenSource, calibration_windows, check_window, eval_tokens
 from base.errors import SurgeonError, check_choice
-from base.files import check_writable, interrupted_message, resumable, write_file
+from base.files import check_free_disk, check_writable, interrupted_message, resumable, write_file
 from base.formats import REPORT_FILE
 from base.integrity import source_identity
 from base.lazy import LazyModel, open_lazy
@@ -59,7 +59,7 @@ from export.onnx import OnnxConfig
 from export.onnx import export_onnx as _export_onnx
 from export.pruned import ShrinkConfig, shrink_and_save
 from export.sparse_checkpoint import PackConfig, densify, pack_checkpoint
-from export.streaming import StreamedLayers
+from export.streaming import StreamedLayers, partial_dir
 from runtime.backend import backend_python, load_backend
 from runtime.generate import (
     Generation,
@@ -82,6 +82,7 @@ from surgeon.driver import PruneConfig, PruneReport
 from surgeon.llm_surgeon import SurgeonConfig
 from surgeon.recover import RecoverConfig, RecoverReport, recover_
 from surgeon.sds import SDSConfig
+from surgeon.streamed_surgeon import spill_bytes
 
 log = logging.getLogger("surgeon_export")
 
@@ -500,6 +501,7 @@ def prune_streamed(
         calibration = _calibration(lazy.model, lazy.tokenizer, config, calib_samples, seq_len=seq_len, seed=seed,
                                    text=calib_text, data_dir=data_dir, held=False)
     check_ranks(lazy.path, config, calibration)
+    _check_disk(lazy, config, calibration, Path(out))
     settings = {"config": config.to_dict(), "seed": seed, "seq_len": seq_len, "bos_statistics": bos_statistics,
                 "calibration": calibration.origin if calibration else None,
                 "windows": int(calibration.ids.shape[0]) if calibration else 0}
@@ -515,6 +517,19 @@ def prune_streamed(
         written["layerwise_check"] = check_layerwise(Path(out), calibration.ids[:2])
         write_file(Path(out) / REPORT_FILE, json.dumps(written, indent=2))
     return written
+
+
+def _check_disk(lazy: LazyModel, config: Config, calibration: TokenSource | None, out: Path) -> None:
+    """Refuse a streamed run, before any work, whose disk cannot hold its peak: the checkpoint (the source's
+    shapes and dtype) and, for LLM Surgeon, the walk's files beside it (:func:`surgeon.streamed_surgeon.
+    spill_bytes`); a run that resumes its own files only warns."""
+    dtype = lazy.weights.dtype()
+    need = lazy.weights.nbytes(dtype)
+    what = "the streamed checkpoint"
+    if isinstance(config, SurgeonConfig) and calibration is not None:
+        need = spill_bytes(lazy.model, lazy.adapter, config, *calibration.ids.shape, dtype=dtype, checkpoint=need)
+        what = "the streamed LLM Surgeon walk's files and the checkpoint"
+    check_free_disk(out, need, what, resuming=partial_dir(out).exists())
 
 
 LAYERWISE_TOLERANCE = 1e-5  # relative; the two paths run the same modules on the same inputs: 0.0 when right

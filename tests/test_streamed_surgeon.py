@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import base.files
 import base.resume
 import surgeon.streamed_surgeon as streamed
 from base.adapters import LLAMA
@@ -214,8 +215,9 @@ def test_update_frees_each_layers_inverses(src: Path, tmp_path: Path, monkeypatc
                                     dict(sparsity=0.5, shots=2)], ids=["structured", "structured-2-shots", "unstructured"])
 def test_spill_estimate_bounds_the_walks_files(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                caplog: pytest.LogCaptureFixture, kwargs: dict) -> None:
-    """``spill_bytes`` is at least the tensors the walk keeps on disk at any layer step (and not wildly more),
-    and a file system with less free space than it gets a warning before any work."""
+    """``spill_bytes`` is at least the tensors the walk keeps on disk at any layer step (and not wildly more);
+    a file system with less free space than the run's peak (the walk's files and the checkpoint) is refused
+    before any work, with nothing written; a run that resumes its own files gets a warning and goes on."""
     cfg = api.build_config("surgeon", **kwargs)
     most = {"bytes": 0}
     real_done = streamed._Walk._layer_done
@@ -225,13 +227,24 @@ def test_spill_estimate_bounds_the_walks_files(src: Path, tmp_path: Path, monkey
         most["bytes"] = max(most["bytes"], sum(f.stat().st_size for f in self.spill.directory.glob("*.safetensors")))
 
     monkeypatch.setattr(streamed._Walk, "_layer_done", done)
-    lm = load_model(src)
+    api.prune_streamed(src, cfg, tmp_path / "out", **CALIB)
+    lm, lazy = load_model(src), open_lazy(src)
     need = streamed.spill_bytes(lm.model, lm.adapter, cfg, CALIB["calib_samples"], CALIB["seq_len"], ranks=1)
-    monkeypatch.setattr(streamed.shutil, "disk_usage", lambda p: type("Usage", (), {"free": need - 1})())
-    with caplog.at_level("INFO", logger="surgeon.streamed_surgeon"):
-        api.prune_streamed(src, cfg, tmp_path / "out", **CALIB)
     assert 0 < most["bytes"] <= need < 3 * most["bytes"], (most["bytes"], need)
+    checkpoint = lazy.weights.nbytes(lazy.weights.dtype())
+    peak = streamed.spill_bytes(lm.model, lm.adapter, cfg, CALIB["calib_samples"], CALIB["seq_len"], ranks=1,
+                                checkpoint=checkpoint)
+    assert peak >= max(need, checkpoint)
+    monkeypatch.setattr(base.files.shutil, "disk_usage", lambda p: type("Usage", (), {"free": peak - 1})())
+    with pytest.raises(SurgeonError, match=r"^the streamed LLM Surgeon walk's files and the checkpoint: about "
+                                           r"[\d.]+ GiB of disk at the peak, and .* has [\d.]+ GiB free: free space"):
+        api.prune_streamed(src, cfg, tmp_path / "refused", **CALIB)
+    assert not list(tmp_path.glob("*refused*"))
+    (tmp_path / ".resumed.partial").mkdir()  # a run that resumes (its files count in the estimate)
+    with caplog.at_level("INFO", logger="base.files"):
+        api.prune_streamed(src, cfg, tmp_path / "resumed", **CALIB)
     assert any(r.levelname == "WARNING" and "full disk" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "resumed" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("where", ["writing layer 1", "after the last layer"])
