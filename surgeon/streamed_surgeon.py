@@ -661,7 +661,9 @@ def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows:
     update ends; and, under global allocation, each layer's curvature from the reverse walk until the
     update has read it (freed a layer late): down's and o's damped ``A^-1`` in float64 for structured
     output-side costs, else an upper bound of every factor and the element costs (``8 (d_in² + d_out² +
-    d_in d_out)`` per linear). The peak is the larger of the reverse walk's end and the update's end.
+    d_in d_out)`` per linear). The peak is the larger of the reverse walk's end and the update's end, plus
+    one layer step's pieces (the update's first state is written while every layer's curvature is still
+    there; the 7B run measured 38.17 GB against 37.65 GB without this term).
     """
     ranks = ranks or local_world_size()
     linears = adapter.decoder_linears(model)
@@ -671,7 +673,8 @@ def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows:
     final = (torch.empty(0, dtype=dtype or torch.float32).element_size() + 0.125) * params  # rank 0's alone
     between = 4.125 * params * ranks  # a state the next shot starts from
     before = between if cfg.shots > 1 else 0  # the previous shot's, read by this one
-    states = before + (between if cfg.shots > 2 else final)  # at the end of the shot that writes the most
+    written = between if cfg.shots > 2 else final  # the states of the shot that writes the most
+    states = before + written
     if cfg.allocation == "uniform" or (cfg.pattern is not None and cfg.structured is None and cfg.sparsity is None):
         curvature = 0  # each layer pruned on the way: nothing waits for the update
     elif cfg.structured is not None and cfg.group_cost == "output":
@@ -681,4 +684,5 @@ def spill_bytes(model: nn.Module, adapter: Adapter, cfg: SurgeonConfig, windows:
         curvature = sum(8 * (m.in_features ** 2 + m.out_features ** 2 + m.in_features * m.out_features)
                         for m in linears.values())
     late = 2 * curvature // layers  # the last two layers' curvature, still there when the update ends
-    return int(max(hidden + max(curvature + before, states + late), final + checkpoint))
+    step = (curvature + written) // layers  # one layer step's pieces on their way (the update's first beside all)
+    return int(max(hidden + max(curvature + before, states + late) + step, final + checkpoint))
