@@ -78,13 +78,19 @@ def temp_path(target: Path) -> Path:
     return _sibling(Path(target), "tmp")
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` (absolute) or its nearest ancestor that exists: where an output not yet made would go."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(target: Path, what: str = "output") -> None:
     """Refuse ``target`` when it could not be written: its nearest existing ancestor is not a
     writable directory. Creates nothing that stays (a probe file is made and removed)."""
     target = Path(target).expanduser().absolute()
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = existing_ancestor(target.parent)
     if not parent.is_dir():
         raise SurgeonError(f"cannot write {what} {target}: {parent} is not a directory")
     probe = temp_path(parent / "probe")
@@ -99,9 +105,7 @@ def check_free_disk(target: Path, need: int, what: str, *, resuming: bool = Fals
     """Refuse, before any work, a run whose files beside ``target`` need more than the free space of its
     file system (``need`` bytes at the run's peak, ``what`` they are); where the run resumes, its files
     already there are part of ``need``, so it warns instead. Logs the figure either way."""
-    where = Path(target).expanduser().absolute()
-    while not where.exists() and where != where.parent:
-        where = where.parent
+    where = existing_ancestor(target)
     free = shutil.disk_usage(where).free
     log.info("%s: about %.1f GiB of disk at the peak (%.1f GiB free in %s)", what, need / 2**30, free / 2**30, where)
     if need <= free:

@@ -262,11 +262,11 @@ class _Walk:
         last = shot == len(self.targets)
         if keep is not None:
             self.state["removed"][str(i)] = sum(int((~k).sum()) for k in keep.values())
-        if keep is not None and (not last or rank() == 0):
-            dtype = self.stream.dtype if last and self.stream.dtype is not None else torch.float32
-            tensors = {f"{n}.weight": m.weight.to(dtype) for n, m in linears.items()}
-            tensors.update({f"{n}.keep": _pack(k) for n, k in keep.items()})
-            self.spill.put_tensors(f"state-{shot}-{i}.safetensors", tensors)
+            if not last or rank() == 0:
+                dtype = self.stream.dtype if last and self.stream.dtype is not None else torch.float32
+                tensors = {f"{n}.weight": m.weight.to(dtype) for n, m in linears.items()}
+                tensors.update({f"{n}.keep": _pack(k) for n, k in keep.items()})
+                self.spill.put_tensors(f"state-{shot}-{i}.safetensors", tensors)
         self.stream.leave(i, layer, None)
 
     def _hidden(self, i: int, which: list[int] | None = None) -> list[LayerBatch]:
