@@ -22,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from base.env import environment  # the machine and versions of the record
+from base.files import write_file
+from benchmarks.report import markdown
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,10 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(done.stderr[-4000:])
         return done.returncode
     result = json.loads(done.stdout)
-    from base.env import environment  # the machine and versions of the record
-    from base.files import write_file
-    from benchmarks.report import markdown
-
     seconds = round(wall)
     record = {
         "command": "surgeon-export run " + " ".join(args.extra),

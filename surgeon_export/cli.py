@@ -234,7 +234,7 @@ def shrink_cmd(
 @app.command("run")
 def run_cmd(
     model: o.ModelArg = None, out: o.RunOut = Path("surgeon-out"), structured: o.RunStructured = 0.8,
-    method: o.RunMethod = "surgeon", allocation: o.RunAllocation = "uniform", shots: o.RunShots = 3,
+    method: o.RunMethod = "surgeon", allocation: o.RunAllocation = "uniform", shots: o.RunShots = 2,
     calib_samples: o.RunCalibSamples = 16, ppl_windows: o.RunPplWindows = 64, seq_len: o.RunSeqLen = 512,
     text: o.RunText = None, data_dir: o.DataDir = None, onnx: o.RunOnnx = True, runtimes: o.RunRuntimes = True,
     openvino: o.RunOpenvino = False, recover: o.Recover = False, recover_steps: o.RecoverSteps = o.RECOVER_STEPS,

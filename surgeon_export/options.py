@@ -77,7 +77,7 @@ RunOut = Annotated[Path, typer.Option("--out", "-o", help="Directory for the pru
 RunStructured = Annotated[float, typer.Option(help="Fraction of decoder-linear weights to keep.")]
 RunMethod = Annotated[str, typer.Option(help="Structured scores: surgeon (LLM Surgeon: K-FAC costs, correlated updates) or wanda (Wanda-style channel scores, no update).")]
 RunAllocation = Annotated[str, typer.Option(help="uniform (the same MLP channels in every layer; measured best at 80%) or global (channels and heads compete across layers; surgeon only).")]
-RunShots = Annotated[int, typer.Option(help="LLM Surgeon shots.")]
+RunShots = Annotated[int, typer.Option(help="LLM Surgeon shots (2 by default: as good as 3 on the default model at 80%, in two thirds of the time; benchmarks/results/main_job_shots.json).")]
 RunCalibSamples = Annotated[int, typer.Option(help="Calibration windows of 512 tokens.")]
 RunPplWindows = Annotated[int, typer.Option(help="Perplexity windows in the benchmark (protocol: 64).")]
 RunSeqLen = Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")]

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from base.errors import SurgeonError
 from base.patterns import NMPattern
+from surgeon.curvature.activations import gram
 from surgeon.curvature.kfac import (
     GradSecondMoment,
     KronFactor,
@@ -369,6 +370,16 @@ def test_grad_second_moment_and_kron_factor() -> None:
     with pytest.raises(ValueError):
         KronFactor(A=torch.eye(3), G=torch.ones(2, 3))
 
+
+
+@pytest.mark.parametrize("d", [5, 255, 256, 577, 1536])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_gram_equals_the_full_product(d: int, dtype: torch.dtype) -> None:
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(d), dtype=dtype)
+    g = gram(x)
+    exact = x.to(F64).T @ x.to(F64)  # the reference in float64, against the float32 product's own rounding
+    torch.testing.assert_close(g.to(F64), exact, **({"rtol": 2e-6, "atol": 1e-4} if dtype == torch.float32 else {}))
+    torch.testing.assert_close(g, x.T @ x, rtol=1e-6, atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 # --- allocation ------------------------------------------------------------------------------
 
