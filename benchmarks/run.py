@@ -54,6 +54,9 @@ class ModelSpec:
     # with a label: first measure this row's perplexity on its first N windows and the label's on the same ones;
     # shared when they agree within SHARE_TOLERANCE, else this row is evaluated in full (llama.cpp's own kernels)
     check_windows: int = 0
+    # evaluated rows: take the perplexity from our cache when the same files were measured the same way before
+    # (benchmarks/worker.py: cached_perplexity), else measure and keep it (the main job's dense model)
+    cache_perplexity: bool = False
 
 
 @dataclass
@@ -107,6 +110,9 @@ class BenchConfig:
             if m.check_windows < 0 or (m.check_windows and not isinstance(m.perplexity, str)):
                 raise SurgeonError(f"model {m.label}: check_windows checks a shared perplexity (a label), "
                                    f"got {m.check_windows} with perplexity={m.perplexity!r}")
+            if m.cache_perplexity and m.perplexity is not True:
+                raise SurgeonError(f"model {m.label}: cache_perplexity keeps an evaluated row's perplexity, "
+                                   f"got perplexity={m.perplexity!r}")
         missing = [m.spec for m in self.models if m.spec is not None and not Path(m.spec).expanduser().exists()]
         if missing:  # every path before any model loads (loading the others first takes minutes)
             raise SurgeonError(f"model path not found: {', '.join(missing)}")
@@ -288,7 +294,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             if cfg.ppl is not None and m.perplexity is True:
                 log.info("perplexity of %s", m.label)
                 start = time.perf_counter()
-                e["perplexity"] = c.call({"op": "perplexity", **asdict(cfg.ppl), "progress": cfg.progress})
+                e["perplexity"] = c.call({"op": "perplexity", **asdict(cfg.ppl), "progress": cfg.progress,
+                                          "cache": m.cache_perplexity})
                 e["wall_seconds"]["perplexity"] = round(time.perf_counter() - start, 2)
         by_label = {e["label"]: e for e in entries}
         clients_by_label = {m.label: c for m, c in zip(cfg.models, clients)}

@@ -17,19 +17,22 @@ numbers then cover every model of the run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 import torch
 
-from base.data import check_window, eval_tokens
+from base.data import TokenSource, check_window, eval_tokens
 from base.errors import SurgeonError
+from base.files import write_file
 from base.perplexity import perplexity
 from benchmarks import latency
 from runtime.backend import Backend, load_backend
@@ -46,6 +49,7 @@ class Worker:
 
     def __init__(self) -> None:
         self.backend: Backend | None = None
+        self.loaded: dict = {}  # the load request, with the dtype and device the backend chose
         self._prompts: dict[tuple[int, int, int], torch.Tensor] = {}  # the last synthetic prompt, reused
 
     def handle(self, request: dict) -> dict:
@@ -69,6 +73,7 @@ class Worker:
             self.backend = backend = load_backend(r["backend"], r["spec"], device=r["device"],
                                                   dtype=r.get("dtype", "auto"), threads=r.get("threads"))
             artefact = backend.describe()
+            self.loaded = {**r, "dtype": artefact["dtype"], "device": str(backend.device)}
             return {"artefact": artefact,
                     "environment": {**environment(backend.device), "dtype": artefact["dtype"]},
                     "memory_method": latency.memory_method(backend.device)}
@@ -80,9 +85,13 @@ class Worker:
         if op == "perplexity":
             check_window(r["seq_len"], backend.config)
             tokens = eval_tokens(backend.tokenizer, r["text"], r["data_dir"])
-            result = perplexity(backend, tokens.ids, seq_len=r["seq_len"], max_windows=r["windows"],
-                                batch_size=r["batch_size"], progress=r["progress"], bos=tokens.bos)
-            return {**result.to_dict(), "text": tokens.origin}
+
+            def measure() -> dict:
+                result = perplexity(backend, tokens.ids, seq_len=r["seq_len"], max_windows=r["windows"],
+                                    batch_size=r["batch_size"], progress=r["progress"], bos=tokens.bos)
+                return {**result.to_dict(), "text": tokens.origin}
+
+            return cached_perplexity(self.loaded, tokens, r, measure) if r.get("cache") else measure()
         if op in ("prefill", "decode"):
             prompt = self._prompt(r["batch"], r["length"], r["seed"], backend.vocab_size)
             latency.reset_peak(backend.device)
@@ -98,6 +107,38 @@ class Worker:
         if key not in self._prompts:
             self._prompts = {key: latency.synthetic_prompt(batch, length, vocab_size, seed)}
         return self._prompts[key]
+
+
+PERPLEXITY_CACHE_FORMAT = 1  # bump when what a cached perplexity means changes
+
+
+def cached_perplexity(loaded: dict, tokens: TokenSource, r: dict, measure: Callable[[], dict]) -> dict:
+    """``measure()``'s perplexity, kept in our cache (``perplexity/`` under :func:`base.loading.cache_dir`) and
+    taken from it while everything that could change the number is the same: the model's files (their
+    SHA-256), the evaluation tokens, windows, window length, batch size, runtime, dtype, device, threads and
+    the library versions. A value taken from the cache says when it was measured (``cached``)."""
+    from base.env import environment
+    from base.loading import cache_dir, directory_digest, resolve_model_dir
+
+    env = {k: v for k, v in environment(loaded["device"]).items() if k not in ("date", "git_commit", "dtype")}
+    key = {"format": PERPLEXITY_CACHE_FORMAT, "model": directory_digest(resolve_model_dir(loaded["spec"])[0]),
+           "tokens": hashlib.sha256(tokens.ids.numpy().tobytes()).hexdigest(), "bos": tokens.bos,
+           "backend": loaded["backend"], "dtype": loaded["dtype"], "environment": env,
+           **{k: r[k] for k in ("windows", "seq_len", "batch_size")}}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_dir() / "perplexity" / f"{name}.json"
+    try:
+        found = json.loads(path.read_text())
+        if found["key"] == key:
+            return {**found["perplexity"], "cached": {"measured": found["measured"], "file": str(path)}}
+    except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: measured again and rewritten
+        pass
+    result = measure()
+    try:
+        write_file(path, json.dumps({"key": key, "measured": environment()["date"], "perplexity": result}, indent=1))
+    except OSError as exc:  # a read-only cache costs the next run the measurement, nothing else
+        logging.getLogger(__name__).warning("perplexity not cached (%s): %s", path, exc)
+    return result
 
 
 class InlineClient:

@@ -35,7 +35,6 @@ equals transformers' on the evaluation text.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import weakref
 from collections import Counter, deque
@@ -49,13 +48,12 @@ from torch import Tensor
 from base.env import _version
 from base.errors import SurgeonError
 from base.formats import GGUF_TRUE_FFN_KEY
-from base.integrity import file_digest
 from base.loading import (
     cache_dir,
+    directory_digest,
     load_tokenizer,
     open_gguf,
     resolve_model_dir,
-    weight_files,
 )
 from export.flops import flops_table
 from export.gguf import export_gguf
@@ -118,13 +116,8 @@ def gguf_for_directory(directory: Path, tensor_type: str) -> Path:
     The key hashes config.json, the tokenizer files and every weight file (their SHA-256), so an
     edited checkpoint gets a new file; :data:`CACHE_FORMAT` invalidates files of an older writer.
     """
-    h = hashlib.sha256(f"llama.cpp-gguf-v{CACHE_FORMAT}-{tensor_type}".encode())
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (directory / name).is_file():
-            h.update(name.encode() + (directory / name).read_bytes())
-    for f in weight_files(directory):
-        h.update(f.name.encode() + file_digest(f).encode())
-    target = cache_dir() / "llama.cpp" / f"{directory.name}-{h.hexdigest()[:16]}-{tensor_type.lower()}.gguf"
+    key = directory_digest(directory, f"llama.cpp-gguf-v{CACHE_FORMAT}-{tensor_type}")
+    target = cache_dir() / "llama.cpp" / f"{directory.name}-{key[:16]}-{tensor_type.lower()}.gguf"
     if not target.is_file():
         log.info("writing %s as %s GGUF for llama.cpp at %s (once)", directory, tensor_type, target)
         export_gguf(directory, target, tensor_type=tensor_type, force=True)  # atomic: temporary sibling, renamed

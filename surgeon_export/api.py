@@ -854,7 +854,10 @@ def run(cfg: RunConfig) -> dict:
     # runtime's baseline, benchmarks/run.py). Perplexity is measured on torch; the ONNX rows share torch's (the
     # same weights, checked against torch by the export), and so does llama.cpp's pruned row (its own kernels and
     # file) once its perplexity on the first windows agrees with torch's (else it is measured in full).
-    models = [ModelSpec(label="dense", spec=cfg.model), ModelSpec(label="pruned", spec=str(pruned_dir))]
+    # The dense model's perplexity is the same work in every run: kept in our cache, keyed by everything that
+    # could change it (benchmarks/worker.py: cached_perplexity), and measured again when anything differs.
+    models = [ModelSpec(label="dense", spec=cfg.model, cache_perplexity=True),
+              ModelSpec(label="pruned", spec=str(pruned_dir))]
     if cfg.onnx:
         log.info("2/%d exporting the dense and the pruned model to ONNX (%s)", steps, cfg.out)
         for name, source in (("dense", cfg.model), ("pruned", pruned_dir)):

@@ -359,3 +359,35 @@ def test_a_shared_perplexity_is_checked_on_a_few_windows_first(models: dict) -> 
     assert f"{again['perplexity']:.3f} (= dense, 0.0e+00 on 2 windows)" in md
     with pytest.raises(SurgeonError, match="check_windows checks a shared perplexity"):
         run_benchmark(config(models, models=[ModelSpec("dense", str(models["dense"]), check_windows=2)]))
+
+
+def test_a_cached_perplexity_is_the_measured_one_and_misses_on_any_change(
+        models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cache_perplexity``: the first run measures and keeps the value; a second run with the same files and
+    settings takes it (saying when it was measured); other settings, other weights or an unreadable cache
+    entry are measured again."""
+    from benchmarks.report import markdown
+
+    monkeypatch.setenv("SURGEON_EXPORT_CACHE", str(tmp_path / "cache"))
+    spec = [ModelSpec("dense", str(models["dense"]), cache_perplexity=True)]
+    small = dict(models=spec, prefill=[(1, 8)], decode=[1])
+    first = run_benchmark(config(models, **small))["models"][0]["perplexity"]
+    assert "cached" not in first
+    entries = list((tmp_path / "cache" / "perplexity").glob("*.json"))
+    assert len(entries) == 1
+    again = run_benchmark(config(models, **small))
+    cached = again["models"][0]["perplexity"]
+    assert cached["cached"]["file"] == str(entries[0]) and cached["perplexity"] == first["perplexity"]
+    assert {k: v for k, v in cached.items() if k != "cached"} == first
+    assert f"{first['perplexity']:.3f} (cached: measured {cached['cached']['measured'][:10]})" in markdown(again)
+    other = run_benchmark(config(models, **small, ppl=PplConfig(windows=2, seq_len=32, text=str(models["text"]))))
+    assert "cached" not in other["models"][0]["perplexity"] and other["models"][0]["perplexity"]["windows"] == 2
+    pruned = [ModelSpec("pruned", str(models["pruned"]), cache_perplexity=True)]
+    assert "cached" not in run_benchmark(config(models, **{**small, "models": pruned}))["models"][0]["perplexity"]
+    entries[0].write_text("{not json")  # a damaged entry is measured again and rewritten
+    remeasured = run_benchmark(config(models, **small))["models"][0]["perplexity"]
+    assert "cached" not in remeasured and remeasured["perplexity"] == first["perplexity"]
+    assert json.loads(entries[0].read_text())["perplexity"]["perplexity"] == first["perplexity"]
+    with pytest.raises(SurgeonError, match="cache_perplexity keeps an evaluated row"):
+        run_benchmark(config(models, models=[*spec, ModelSpec("again", str(models["dense"]), perplexity="dense",
+                                                               cache_perplexity=True)]))
