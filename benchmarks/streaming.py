@@ -98,7 +98,7 @@ def synthetic_tokenizer(vocab: int, seed: int = 0) -> Any:
 def write_random(config: Any, out: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                  tokenizer: Any = None) -> Path:
     """A checkpoint of the model ``config`` describes, with seeded N(0, 0.02) weights in ``dtype`` (norms
-    at their identity: 1, Gemma's ``1 + w`` 0; biases 0), one shard per decoder layer, and ``tokenizer``
+    at their identity: 1, Gemma's ``1 + w`` 0; biases, LayerNorm's too, 0), one shard per decoder layer, and ``tokenizer``
     (default: the default model's, whose ids lie below every vocabulary here)."""
     from transformers import AutoModelForCausalLM
 
@@ -117,10 +117,10 @@ def write_random(config: Any, out: Path, seed: int = 0, dtype: torch.dtype = tor
     def tensor(name: str, shape: tuple) -> torch.Tensor:
         if len(shape) > 1:
             return (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
-        return torch.full(shape, identity if "norm" in name else 0.0, dtype=dtype)
+        return torch.full(shape, identity if "norm" in name and name.endswith("weight") else 0.0, dtype=dtype)
 
     def fill(tmp: Path) -> None:
-        prefix = "model.layers."
+        prefix = f"{get_adapter(config.model_type).layers}."  # one shard per decoder layer
         weight_map = {}
         for i in range(n_layers + 1):  # the decoder layers, then everything else
             inside = (lambda k: k.startswith(f"{prefix}{i}.")) if i < n_layers else (lambda k: not k.startswith(prefix))
