@@ -273,8 +273,10 @@ def kfac_factors(
     fisher: FisherKind = "empirical",
     seed: int = 0,
     progress: bool = False,
+    names: Sequence[str] | None = None,
 ) -> dict[str, KronFactor]:
-    """Kronecker factors ``A`` (inputs) and ``G`` (output gradients) of every decoder linear.
+    """Kronecker factors ``A`` (inputs) and ``G`` (output gradients) of every decoder linear (of the linears
+    ``names``, names in a layer, when given: the others' moments are not formed).
 
     Real forward and backward passes of the language-model loss over ``windows`` ``[N, T]``
     (ALGORITHMS.md, notation). The loss is the *sum* of next-token NLLs, so each token's output
@@ -289,8 +291,8 @@ def kfac_factors(
         ``{module name: KronFactor(A [d_in, d_in], G [d_out, d_out])}``, float64 means per token.
     """
     mine = batches_of(int(windows.shape[0]), batch_size, "K-FAC windows")
-    linears = adapter.decoder_linears(model)
-    A_acc, handles = _hook_inputs(model, adapter)
+    linears = _wanted(model, adapter, names)
+    A_acc, handles = _hook_inputs(model, adapter, names)
     G_acc = {name: SecondMoment(m.out_features, device=m.weight.device, dtype=m.weight.dtype)
              for name, m in linears.items()}
     for name, module in linears.items():
@@ -326,11 +328,13 @@ def kfac_factors(
 
 @torch.no_grad()
 def input_factors(
-    model: nn.Module, adapter: Adapter, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = False
+    model: nn.Module, adapter: Adapter, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = False,
+    names: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Second moment ``A`` ``[d_in, d_in]`` of the inputs of every decoder linear, forward passes only."""
+    """Second moment ``A`` ``[d_in, d_in]`` of the inputs of every decoder linear (of ``names``, names in a
+    layer, and the members of their input groups), forward passes only."""
     mine = batches_of(int(windows.shape[0]), batch_size)
-    A_acc, handles = _hook_inputs(model, adapter)
+    A_acc, handles = _hook_inputs(model, adapter, names)
     device = next(model.parameters()).device
     try:
         rounds = over_batches(mine, A_acc.values())  # every rank's batches, in global order
@@ -427,12 +431,24 @@ def layer_kfac(
     return A, G, input_grads
 
 
-def _hook_inputs(model: nn.Module, adapter: Adapter) -> tuple[dict[str, SecondMoment], list]:
-    """Forward hooks accumulating every decoder linear's input moment; one per input group."""
+def _wanted(model: nn.Module, adapter: Adapter, names: Sequence[str] | None) -> dict[str, nn.Linear]:
+    """The decoder linears (full names) whose name in their layer is one of ``names`` (None: all)."""
+    linears = adapter.decoder_linears(model)
+    if names is None:
+        return linears
+    full = {f"{adapter.layers}.{i}.{n}" for i in range(len(adapter.decoder_layers(model))) for n in names}
+    return {n: m for n, m in linears.items() if n in full}
+
+
+def _hook_inputs(model: nn.Module, adapter: Adapter,
+                 names: Sequence[str] | None = None) -> tuple[dict[str, SecondMoment], list]:
+    """Forward hooks accumulating the input moment of every decoder linear (the input groups holding one of
+    ``names``, names in a layer; None: every group); one per input group."""
     A_acc: dict[str, SecondMoment] = {}
     handles = []
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        for group in adapter.input_groups:
+        for group in adapter.input_groups if names is None else [g for g in adapter.input_groups
+                                                                  if any(n in names for n in g)]:
             lead = layer.get_submodule(group[0])
             acc = SecondMoment(lead.in_features, device=lead.weight.device, dtype=lead.weight.dtype)
             for member in group:

@@ -83,6 +83,7 @@ from surgeon.llm_surgeon import (
     binding_of,
     element_costs_of,
     element_prune_,
+    factor_names,
     is_local,
     layer_candidates,
     structured_budget,
@@ -336,7 +337,7 @@ class _Walk:
         assert self.batches is not None
         cfg, b = self.cfg, self.batches
         lam_G = cfg.damping_G(target)
-        needs = self._needs(target)
+        needs = factor_names(self.adapter, target, self.cfg)
         for i in self._tqdm(range(self.n - 1 - self.state["done"], -1, -1), f"shot {shot + 1}: reverse"):
             t0 = time.perf_counter()
             layer, linears, keep = self._enter(i, shot)
@@ -385,13 +386,6 @@ class _Walk:
             self._layer_done(i, time.perf_counter() - t0)
 
     # -- one layer's work, split between the ranks (all of it rank 0's in one process) --
-    def _needs(self, target: Target) -> list[str]:
-        """The linears (names in a layer) whose factors a shot uses: with structured output-side costs
-        (``group_cost="output"``) only o and down are scored and moved, so only their ``G`` is collected."""
-        if self._output_side(target):
-            return [self.adapter.head_cols[0], self.adapter.channel_cols[0]]
-        return list(self.adapter.linear_names)
-
     def _output_side(self, target: Target) -> bool:
         """A structured shot with output-side costs: o's and down's factors alone are used, each prepared once."""
         return isinstance(target, Remaining) and self.cfg.group_cost == "output"
@@ -408,7 +402,7 @@ class _Walk:
 
     def _mine(self, i: int, target: Target) -> list[str]:
         """The linears of layer ``i`` whose factors this rank's share of the update reads."""
-        needs = [f"{self.adapter.layers}.{i}.{n}" for n in self._needs(target)]
+        needs = [f"{self.adapter.layers}.{i}.{n}" for n in factor_names(self.adapter, target, self.cfg)]
         if isinstance(target, Remaining):
             parts, owners = self._parts(i)
             return [n for n in needs if any(n in parts[k] for k in parts if owners[k] == rank())]

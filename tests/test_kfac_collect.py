@@ -61,3 +61,14 @@ def test_true_fisher_differs_and_is_seeded() -> None:
     torch.testing.assert_close(true1[name].G, true2[name].G)
     torch.testing.assert_close(true1[name].A, emp[name].A)  # inputs do not depend on labels
     assert not torch.allclose(true1[name].G, emp[name].G)
+
+
+def test_named_factors_are_the_full_runs_for_those_linears() -> None:
+    """``names``: only those linears' moments are formed, each equal to the full collection's, bit for bit."""
+    model, _ = make_tiny_llama()
+    windows = torch.randint(2, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    full = kfac_factors(model, LLAMA, windows, batch_size=2)
+    some = kfac_factors(model, LLAMA, windows, batch_size=2, names=["self_attn.o_proj", "mlp.down_proj"])
+    assert sorted(some) == sorted(n for n in full if n.endswith(("o_proj", "down_proj")))
+    for name, f in some.items():
+        assert torch.equal(f.A, full[name].A) and torch.equal(f.G, full[name].G), name

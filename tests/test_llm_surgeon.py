@@ -196,6 +196,33 @@ def test_kfac_windows_split_G_from_few_A_from_all(monkeypatch: pytest.MonkeyPatc
         SurgeonConfig(sparsity=0.5, kfac_windows=0)
 
 
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_structured_output_side_shots_read_only_o_and_down_factors(allocation: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With output-side costs a structured shot forms o's and down's factors alone (``factor_names``), and
+    prunes exactly as with every linear's factors formed."""
+    import surgeon.llm_surgeon as ls
+
+    cfg = SurgeonConfig(structured=0.8, shots=2, allocation=allocation)
+    asked: list = []
+    real = ls.kfac_factors
+
+    def kfac(m, a, w, **kw):
+        asked.append(kw["names"])
+        return real(m, a, w, **kw)
+
+    monkeypatch.setattr(ls, "kfac_factors", kfac)
+    model, _ = make_tiny_llama()
+    prune_surgeon_(model, LLAMA, calib(model), cfg, progress=False)
+    assert asked == [["self_attn.o_proj", "mlp.down_proj"]] * 2
+    monkeypatch.setattr(ls, "factor_names", lambda adapter, target, cfg: list(adapter.linear_names))
+    every, _ = make_tiny_llama()
+    prune_surgeon_(every, LLAMA, calib(every), cfg, progress=False)
+    assert asked[-1] == list(LLAMA.linear_names)
+    for (name, p), q in zip(model.state_dict().items(), every.state_dict().values()):
+        assert torch.equal(p, q), name
+
 def _kept_solve_rows(W: torch.Tensor, A: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Exact per-row OBS, solved directly on the kept weights: row ``w`` with removals ``Q`` and kept ``K``
     minimises ``(w' - w) A (w' - w)^T`` with ``w'_Q = 0`` at ``w'_K = w_K + w_Q A_QK A_KK^-1``."""
