@@ -83,6 +83,9 @@ def run_cases(spec_file: Path, out: Path) -> None:
             continue
         results[case["name"]] = {"digest": weights_digest(dict(lm.model.state_dict())), "report": report.to_dict()}
     (out / f"rank-{rank}.json").write_text(json.dumps(results))
+    # leave the process group as the CLI does (cli.main): a gloo group still alive at interpreter exit may end
+    # the process in std::terminate (SIGABRT, seen once in session 20 on a rank that had written its results)
+    api.shutdown_distributed()
 
 
 def streamed_case(spec: dict, case: dict, config: object) -> dict:
