@@ -799,6 +799,9 @@ class RunConfig:
     allocation: str = "uniform"
     shots: int = 2  # the main job: as good as 3 at 80% on the default model, 2/3 of the time (main_job_shots.json)
     calib_samples: int = 16
+    # kept sizes rounded up to multiples of 8 (zero channels brought back: the same function): an MLP 1126 wide ran
+    # 21% slower than one 1128 wide on this CPU's GEMMs (session 20, docs/llm_surgeon.md)
+    align: int = 8
     ppl_windows: int = 64
     seq_len: int = 512
     text: Path | None = None
@@ -848,7 +851,7 @@ def run(cfg: RunConfig) -> dict:
     with stage("prune and save"):
         pruned = prune_job(config, PruneJob(
             model=cfg.model, out=pruned_dir, calib_samples=cfg.calib_samples, seq_len=cfg.seq_len, calib_text=cfg.text,
-            data_dir=cfg.data_dir, streaming=False, recover=cfg.recover, recover_data=cfg.recover_data,
+            data_dir=cfg.data_dir, streaming=False, align=cfg.align, recover=cfg.recover, recover_data=cfg.recover_data,
             recover_windows=cfg.recover_windows, evaluate=False, force=True, progress=cfg.progress))
     # Like with like: on every runtime the dense model runs beside the pruned one (dense first: the
     # runtime's baseline, benchmarks/run.py). Perplexity is measured on torch; the ONNX rows share torch's (the

@@ -169,7 +169,9 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     )  # the default method: LLM Surgeon, the same MLP channels removed in every layer; OpenVINO asked for
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert payload["remaining_fraction"] <= 0.7 + 1e-9
+    assert payload["prune"]["sparsity"] >= 0.3 - 1e-9  # what pruning removed; the saved sizes are rounded up to
+    widths = {layer.mlp.gate_proj.out_features for layer in load_model(out / "pruned").model.model.layers}
+    assert all(w % 8 == 0 for w in widths) and payload["remaining_fraction"] < 1.0  # multiples of 8 (run --align)
     bench = json.loads((out / "benchmark.json").read_text())
     from surgeon_export.api import installed_runtimes
 
@@ -196,7 +198,7 @@ def test_main_job_prunes_writes_and_benchmarks(tiny_llama_dir: Path, text_file: 
     assert bench["models"][1]["ratios"]["parameters"] < 1.0
     assert (out / "pruned" / "config.json").is_file()
     assert payload["prune"]["config"]["scoring"] == "surgeon" and payload["prune"]["config"]["allocation"] == "uniform"
-    assert len({layer.mlp.gate_proj.out_features for layer in load_model(out / "pruned").model.model.layers}) == 1
+    assert len(widths) == 1
     onnx_model = bench["models"][3]
     assert onnx_model["backend"] == "onnxruntime" and (out / "pruned-onnx" / "model.onnx").is_file()
     assert (out / "dense-onnx" / "model.onnx").is_file()
