@@ -189,7 +189,7 @@ def test_main_job_killed_then_rerun(tiny_llama_dir: Path, text_file: Path, tmp_p
     lm = api.load(tiny_llama_dir)
     calib = api.calibrate(lm, 4, seq_len=16, text=text_file)
     config = api.build_config("surgeon", structured=0.8, shots=2, allocation="uniform")
-    api.save(lm, tmp_path / "ref" / "pruned", api.prune(lm, config, calibration=calib))
+    api.save(lm, tmp_path / "ref" / "pruned", api.prune(lm, config, calibration=calib), align=api.RunConfig().align)
     seconds = time.perf_counter() - start
     ref_pruned = files(tmp_path / "ref" / "pruned", PRUNE_SKIP)
 
