@@ -407,7 +407,7 @@ def layer_kfac(
     A: dict[str, SecondMoment] = {}
     handles: list = []
     if inputs:
-        A, handles = _moment_hooks(layer, [g for g in adapter.input_groups if any(n in wanted for n in g)])
+        A, handles = _moment_hooks(layer, _input_groups(adapter, wanted))
     G: dict[str, SecondMoment] = {}
     for name in wanted:
         linear = adapter.linear(layer, name)
@@ -440,20 +440,21 @@ def _wanted(model: nn.Module, adapter: Adapter, names: Sequence[str] | None) -> 
     return {n: m for n, m in linears.items() if n in full}
 
 
+def _input_groups(adapter: Adapter, names: Sequence[str] | None) -> list[Sequence[str]]:
+    """The input groups holding one of ``names`` (names in a layer; None: every group)."""
+    return list(adapter.input_groups) if names is None else [g for g in adapter.input_groups
+                                                              if any(n in names for n in g)]
+
+
 def _hook_inputs(model: nn.Module, adapter: Adapter,
                  names: Sequence[str] | None = None) -> tuple[dict[str, SecondMoment], list]:
-    """Forward hooks accumulating the input moment of every decoder linear (the input groups holding one of
-    ``names``, names in a layer; None: every group); one per input group."""
+    """:func:`_moment_hooks` on every decoder layer (the input groups of ``names``), keyed by full name."""
     A_acc: dict[str, SecondMoment] = {}
     handles = []
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        for group in adapter.input_groups if names is None else [g for g in adapter.input_groups
-                                                                  if any(n in names for n in g)]:
-            lead = layer.get_submodule(group[0])
-            acc = SecondMoment(lead.in_features, device=lead.weight.device, dtype=lead.weight.dtype)
-            for member in group:
-                A_acc[f"{adapter.layers}.{index}.{member}"] = acc
-            handles.append(lead.register_forward_hook(lambda _m, args, _out, acc=acc: acc.update(args[0])))
+        moments, hooks = _moment_hooks(layer, _input_groups(adapter, names))
+        A_acc.update({f"{adapter.layers}.{index}.{member}": acc for member, acc in moments.items()})
+        handles += hooks
     return A_acc, handles
 
 

@@ -213,7 +213,8 @@ def prune_surgeon_(
             factors = kfac_factors(model, adapter, windows[: cfg.kfac_windows] if split else windows,
                                    batch_size=cfg.batch_size, fisher=cfg.fisher, progress=progress, names=names)
             if split:  # A is cheap (forward passes only): estimate it from every window
-                A_all = input_factors(model, adapter, windows, batch_size=cfg.batch_size, progress=progress, names=names)
+                A_all = input_factors(model, adapter, windows, batch_size=cfg.batch_size, progress=progress,
+                                      names=names)
                 factors = {name: KronFactor(A_all[name], f.G) for name, f in factors.items()}
             t_curv = time.perf_counter() - t0
             damped = LazyDamped(factors, cfg.lam_A, cfg.damping_G(target))
@@ -246,9 +247,14 @@ def factor_names(adapter: Adapter, target: Target, cfg: SurgeonConfig) -> list[s
     """The linears (names in a layer) whose K-FAC factors a shot reads: with structured output-side costs
     (``group_cost="output"``) only o and down are scored and moved, so only their factors are formed (on the
     default model, 55 of the 150 GFLOP of a layer's moments per shot); else every linear's."""
-    if isinstance(target, Remaining) and cfg.group_cost == "output":
+    if output_side(target, cfg):
         return [adapter.head_cols[0], adapter.channel_cols[0]]
     return list(adapter.linear_names)
+
+
+def output_side(target: Target, cfg: SurgeonConfig) -> bool:
+    """A structured shot with output-side costs: o's and down's factors alone are used (and moved)."""
+    return isinstance(target, Remaining) and cfg.group_cost == "output"
 
 
 def is_local(target: Target, cfg: SurgeonConfig) -> bool:

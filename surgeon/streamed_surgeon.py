@@ -86,6 +86,7 @@ from surgeon.llm_surgeon import (
     factor_names,
     is_local,
     layer_candidates,
+    output_side,
     structured_budget,
     surgeon_cost,
     uniform_choice,
@@ -354,7 +355,7 @@ class _Walk:
             factors = {prefix + n: KronFactor(A[prefix + n], G_mom[n].finalize(consume=True)) for n in needs}
             del A_mom, G_mom, A
             # structured output-side costs: only o and down, each prepared once; nothing reads the factors after
-            consume = self._output_side(target)
+            consume = output_side(target, self.cfg)
             damped = LazyDamped(factors, cfg.lam_A, lam_G, cache=2, consume=consume)
             if consume:
                 factors = {}
@@ -386,10 +387,6 @@ class _Walk:
             self._layer_done(i, time.perf_counter() - t0)
 
     # -- one layer's work, split between the ranks (all of it rank 0's in one process) --
-    def _output_side(self, target: Target) -> bool:
-        """A structured shot with output-side costs: o's and down's factors alone are used, each prepared once."""
-        return isinstance(target, Remaining) and self.cfg.group_cost == "output"
-
     def _parts(self, i: int) -> tuple[dict[str, list[str]], dict[str, int]]:
         """Layer ``i``'s structured work in two parts, the MLP channels and the heads: the linears each moves
         and its owner (split by the linears' cost, :func:`~base.distributed.assign`)."""
@@ -478,7 +475,7 @@ class _Walk:
             t0 = time.perf_counter()
             layer, linears, keep = self._enter(i, shot)
             damped: Mapping[str, DampedKron] | None = None
-            if cfg.scoring == "surgeon" and self._output_side(target):
+            if cfg.scoring == "surgeon" and output_side(target, self.cfg):
                 empty = torch.empty(0)  # column updates read A_inv alone (structures.apply_)
                 damped = {n: DampedKron(empty, empty, A_inv, empty)
                           for n, A_inv in self.spill.tensors(f"inverses-{i}.safetensors").items()}

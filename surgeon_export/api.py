@@ -851,8 +851,8 @@ def run(cfg: RunConfig) -> dict:
     with stage("prune and save"):
         pruned = prune_job(config, PruneJob(
             model=cfg.model, out=pruned_dir, calib_samples=cfg.calib_samples, seq_len=cfg.seq_len, calib_text=cfg.text,
-            data_dir=cfg.data_dir, streaming=False, align=cfg.align, recover=cfg.recover, recover_data=cfg.recover_data,
-            recover_windows=cfg.recover_windows, evaluate=False, force=True, progress=cfg.progress))
+            data_dir=cfg.data_dir, streaming=False, align=cfg.align, recover=cfg.recover,
+            recover_data=cfg.recover_data, recover_windows=cfg.recover_windows, evaluate=False, force=True, progress=cfg.progress))
     # Like with like: on every runtime the dense model runs beside the pruned one (dense first: the
     # runtime's baseline, benchmarks/run.py). Perplexity is measured on torch; the ONNX rows share torch's (the
     # same weights, checked against torch by the export), and so does llama.cpp's pruned row (its own kernels and

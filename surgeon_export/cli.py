@@ -235,8 +235,8 @@ def shrink_cmd(
 def run_cmd(
     model: o.ModelArg = None, out: o.RunOut = Path("surgeon-out"), structured: o.RunStructured = 0.8,
     method: o.RunMethod = "surgeon", allocation: o.RunAllocation = "uniform", shots: o.RunShots = 2,
-    calib_samples: o.RunCalibSamples = 16, align: o.Align = 8, ppl_windows: o.RunPplWindows = 64, seq_len: o.RunSeqLen = 512,
-    text: o.RunText = None, data_dir: o.DataDir = None, onnx: o.RunOnnx = True, runtimes: o.RunRuntimes = True,
+    calib_samples: o.RunCalibSamples = 16, align: o.Align = 8, ppl_windows: o.RunPplWindows = 64,
+    seq_len: o.RunSeqLen = 512, text: o.RunText = None, data_dir: o.DataDir = None, onnx: o.RunOnnx = True, runtimes: o.RunRuntimes = True,
     openvino: o.RunOpenvino = False, recover: o.Recover = False, recover_steps: o.RecoverSteps = o.RECOVER_STEPS,
     recover_lr: o.RecoverLr = None, recover_rank: o.RecoverRank = 0, recover_data: o.RecoverData = "calibration",
     recover_windows: o.RecoverWindows = 256, recover_seq_len: o.RecoverSeqLen = 256, force: o.Force = False,
@@ -248,8 +248,8 @@ def run_cmd(
     api.check_choice("--allocation", allocation, ("uniform", "global"))
     payload = api.run(api.RunConfig(
         model=model, out=out, structured=structured, method=method, allocation=allocation, shots=shots,
-        calib_samples=calib_samples, align=align, ppl_windows=ppl_windows, seq_len=seq_len, text=text, data_dir=data_dir,
-        onnx=onnx, runtimes=runtimes, openvino=openvino, progress=not quiet, force=force,
+        calib_samples=calib_samples, align=align, ppl_windows=ppl_windows, seq_len=seq_len, text=text,
+        data_dir=data_dir, onnx=onnx, runtimes=runtimes, openvino=openvino, progress=not quiet, force=force,
         recover=recover_config(recover_steps, recover_lr, recover_rank, recover_seq_len) if recover else None,
         recover_windows=recover_windows, recover_data=recover_data,
     ))
